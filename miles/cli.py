@@ -1,0 +1,116 @@
+"""The ``miles`` command: a thin dispatcher over the package.
+
+Each subcommand imports its implementation lazily, so ``miles validate``,
+``miles plan`` and ``miles submit --dry-run`` never import torch (they run on
+login nodes, where importing torch can take tens of seconds or fail).
+
+A :class:`miles.errors.UserError` is printed without a traceback and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from miles.errors import UserError
+
+_SET_HELP = "override a spec key, e.g. --set rollout.rollout_batch_size=64 (repeatable; TOML value syntax)"
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="the TOML run spec, e.g. configs/quickstart.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE", help=_SET_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="miles",
+        description=(
+            "Slurm-native RL post-training (GRPO) for LLMs. Write one TOML run spec; miles validates it, "
+            "lays it out on nodes and GPUs, renders the sbatch script, runs the loop and resumes after preemption."
+        ),
+        epilog="Docs: docs/spec.md (every key), docs/cli.md (every command), docs/admin.md (the sbatch scripts).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a run spec and its layout; submits nothing",
+                       description="Load the spec strictly, derive the fourth batch knob, plan the layout and report every problem with the fix. Exit 0 when valid, 2 otherwise.")
+    _add_spec_args(p)
+
+    p = sub.add_parser("plan", help="print the Slurm layout of a run spec (components, ranks, engines, ports)",
+                       description="Print the plan: Slurm components, trainer mesh, engines and their placement, the global rank map, ports and the weight-update group. Submits nothing.")
+    _add_spec_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON for machines")
+    p.add_argument("--job-id", type=int, default=None, help="job id to derive ports from (default: a placeholder; the real job derives them from SLURM_JOB_ID)")
+
+    p = sub.add_parser("submit", help="render the sbatch script and submit it to Slurm",
+                       description="Plan the run, write the run directory (resolved spec, plan, script), submit with sbatch and print where to look. With --dry-run print the exact script and submit nothing.")
+    _add_spec_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the exact sbatch script; write and submit nothing")
+    p.add_argument("--test-only", action="store_true", help="ask Slurm (sbatch --test-only) whether and when the job would start; submit nothing")
+
+    p = sub.add_parser("run", help="run the RL loop locally (no Slurm): trainer processes plus engines on this machine",
+                       description="Run the whole loop (sample, score, optimize, sync) on this machine. Started again on the same run directory, it resumes from the newest complete checkpoint.")
+    _add_spec_args(p)
+
+    p = sub.add_parser("status", help="show a submitted run's Slurm state and progress")
+    p.add_argument("run_dir", help="the run directory printed by `miles submit`")
+
+    p = sub.add_parser("cancel", help="cancel a submitted run's Slurm job")
+    p.add_argument("run_dir", help="the run directory printed by `miles submit`")
+
+    p = sub.add_parser("bench", help="measure weight sync, training and rollout against the hardware's limits",
+                       description="Benchmarks; `miles bench SUITE --help` lists each suite's options.", add_help=True)
+    p.add_argument("suite", choices=["sync", "train", "rollout", "loop"], help="what to measure")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("validate", "plan", "submit"):
+        from miles.spec import load_spec
+
+        spec = load_spec(args.spec, args.overrides)
+        from miles import plan as planning
+
+        if args.command == "validate":
+            p = planning.make_plan(spec)
+            print(planning.summary(spec, p))
+            return 0
+        if args.command == "plan":
+            p = planning.make_plan(spec, job_id=args.job_id)
+            print(planning.to_json(p) if args.json else planning.render_table(spec, p))
+            return 0
+        from miles.launch import submission
+
+        return submission.submit(spec, dry_run=args.dry_run, test_only=args.test_only)
+    if args.command == "run":
+        from miles.spec import load_spec
+
+        spec = load_spec(args.spec, args.overrides)
+        from miles.launch import local
+
+        return local.run(spec)
+    if args.command in ("status", "cancel"):
+        from miles.launch import submission
+
+        return submission.status(args.run_dir) if args.command == "status" else submission.cancel(args.run_dir)
+    if args.command == "bench":
+        from miles.bench import main as bench_main
+
+        return bench_main(args.suite, args.args)
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        print(f"miles {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
