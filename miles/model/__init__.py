@@ -1,0 +1,1 @@
+"""Model directories: tiny built-in models written as HF directories (``builtin``)."""

@@ -1,0 +1,139 @@
+"""Tiny built-in models, written as ordinary HF directories.
+
+CPU runs, tests and the quickstart need a model without a model hub. A built-in
+is a transformers config plus a character-level tokenizer; ``materialize``
+writes ``config.json``, ``model.safetensors`` (seeded random weights),
+``tokenizer.json`` and ``tokenizer_config.json`` into a directory, after which
+every consumer (the engines, the actors, the weight sync) loads it through the
+same real loading code as any pretrained checkpoint.
+
+The tokenizer is character level over a small alphabet so that a random model
+starts near a uniform policy over few symbols: on the quickstart's arithmetic
+task a random guess is right about 1 time in 20, a reward GRPO can climb from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from miles.errors import UserError
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+"""Pad, BOS and EOS; ids 0, 1, 2."""
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A built-in model: its alphabet and its transformer shape (Qwen2 architecture)."""
+
+    alphabet: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 128
+
+
+BUILTINS: dict[str, Builtin] = {
+    "tiny-arith": Builtin(
+        alphabet="0123456789+-*=() ",
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=192,
+    ),
+    "small-arith": Builtin(
+        alphabet="0123456789+-*=() ",
+        hidden_size=256,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=768,
+        max_position_embeddings=256,
+    ),
+}
+
+
+def _tokenizer_json(alphabet: str) -> dict[str, object]:
+    """A WordLevel tokenizer that splits text into single characters."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+            for i, t in enumerate(SPECIAL_TOKENS)
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."}, "behavior": "Isolated", "invert": False},
+        "post_processor": None,
+        "decoder": {"type": "Fuse"},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<pad>"},
+    }
+
+
+def vocab_size(name: str) -> int:
+    b = BUILTINS[name]
+    return len(SPECIAL_TOKENS) + len(dict.fromkeys(b.alphabet))
+
+
+def materialize(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "float32") -> Path:
+    """Write built-in ``name`` as an HF directory at ``out_dir`` (atomically) and return the path.
+
+    An existing complete directory is kept as is, so a resumed run loads the same initial
+    weights it started from.
+    """
+    if name not in BUILTINS:
+        raise UserError(f"[model] builtin = {name!r} is not a built-in model; choose one of {sorted(BUILTINS)}")
+    out = Path(out_dir)
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    b = BUILTINS[name]
+    config = Qwen2Config(
+        vocab_size=vocab_size(name),
+        hidden_size=b.hidden_size,
+        intermediate_size=b.intermediate_size,
+        num_hidden_layers=b.num_layers,
+        num_attention_heads=b.num_heads,
+        num_key_value_heads=b.num_kv_heads,
+        max_position_embeddings=b.max_position_embeddings,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype=dtype,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "tokenizer.json").write_text(json.dumps(_tokenizer_json(b.alphabet)))
+        tok = PreTrainedTokenizerFast(
+            tokenizer_file=str(tmp / "tokenizer.json"),
+            pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>",
+        )
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
