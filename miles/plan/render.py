@@ -1,0 +1,187 @@
+"""Human and machine views of a Plan: the validate summary, the ``miles plan`` tables, JSON.
+
+``to_json``/``from_json`` are the format of ``<run_dir>/plan.json``, which
+every rank reads at start; they round-trip exactly. The tables abbreviate the
+rank map of big jobs (first and last rows) so that ``miles plan`` of a
+1024-node job stays readable and fast.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import fields
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from miles.plan.model import Component, Engine, Plan, Ports, TrainerMesh, TrainerRank, WeightUpdateGroup
+from miles.spec.tables import Spec
+
+FORMAT = 1
+"""Version of the plan.json layout; bumped on incompatible changes."""
+
+_ROWS_SHOWN = 8
+"""Rows shown at each end of an abbreviated table."""
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, tuple):
+        return [_plain(x) for x in obj]
+    if hasattr(obj, "__dataclass_fields__"):
+        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+    return obj
+
+
+def to_json(plan: Plan) -> str:
+    """The plan as JSON (``plan.json``); trainer ranks are one compact line each."""
+    head = {"format": FORMAT, **{f.name: _plain(getattr(plan, f.name)) for f in fields(plan) if f.name != "trainer_ranks"}}
+    head["trainer_gpus"] = plan.trainer_gpus
+    head["rollout_gpus"] = plan.rollout_gpus
+    text = json.dumps(head, indent=1)
+    ranks = ",\n  ".join(json.dumps(_plain(r), separators=(",", ":")) for r in plan.trainer_ranks)
+    return text[:-2] + ',\n "trainer_ranks": [\n  ' + ranks + "\n ]\n}"
+
+
+def from_json(text: str) -> Plan:
+    """Rebuild a Plan from :func:`to_json`'s output."""
+    raw = json.loads(text)
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"plan.json format {raw.get('format')!r}, this miles reads format {FORMAT}")
+
+    def tup(x: Any) -> Any:
+        return tuple(x) if isinstance(x, list) else x
+
+    def build(cls: Any, d: dict[str, Any]) -> Any:
+        return cls(**{k: tup(v) for k, v in d.items()})
+
+    return Plan(
+        name=raw["name"], run_dir=raw["run_dir"], mode=raw["mode"], device=raw["device"],
+        components=tuple(build(Component, c) for c in raw["components"]),
+        mesh=build(TrainerMesh, raw["mesh"]),
+        trainer_het_group=raw["trainer_het_group"], engine_het_group=raw["engine_het_group"],
+        trainer_ranks=tuple(TrainerRank(**r) for r in raw["trainer_ranks"]),
+        engines=tuple(build(Engine, e) for e in raw["engines"]),
+        engine_tp=raw["engine_tp"], engines_per_node=raw["engines_per_node"],
+        ports=build(Ports, raw["ports"]),
+        weight_update_groups=tuple(build(WeightUpdateGroup, g) for g in raw["weight_update_groups"]),
+        warnings=tuple(raw["warnings"]), unchecked=tuple(raw["unchecked"]),
+    )
+
+
+def _unit(plan: Plan) -> str:
+    return "GPU" if plan.device == "gpu" else "slot"
+
+
+def _mesh_text(plan: Plan) -> str:
+    m = plan.mesh
+    if m.backend == "fsdp":
+        return f"fsdp DP{m.dp}"
+    text = f"megatron TP{m.tp} PP{m.pp} CP{m.cp} DP{m.dp}"
+    if m.ep > 1 or m.etp != m.tp:
+        text += f" EP{m.ep} ETP{m.etp} expert-DP{m.expert_dp}"
+    return text
+
+
+def summary(spec: Spec, plan: Plan) -> str:
+    """One paragraph for ``miles validate``: what will run where, and what was not checked."""
+    unit = _unit(plan)
+    parts = []
+    for comp in plan.components:
+        per = f"{comp.gpus_per_node} {unit}s" if plan.device == "gpu" else f"{comp.tasks_per_node} {unit}s"
+        parts.append(f"{comp.role} {comp.nodes} node(s) x {per}")
+    t, r = spec.train, spec.rollout
+    total = (r.rollout_batch_size or 0) * (r.n_samples_per_prompt or 0)
+    knobs = (
+        f"{r.rollout_batch_size} prompts x {r.n_samples_per_prompt} samples = {total or '?'} = "
+        f"{t.global_batch_size} per step x {t.num_steps_per_rollout} step(s)"
+    )
+    lines = [
+        f"valid: {spec.source or plan.name}: {plan.mode} ({'het job, ' if plan.mode == 'split' else ''}{', '.join(parts)}); "
+        f"trainers {plan.mesh.world_size} rank(s), {_mesh_text(plan)}; "
+        f"{len(plan.engines)} {spec.rollout.engine} engine(s) of {plan.engine_tp} {unit}(s); "
+        f"batch {knobs}; {len(plan.weight_update_groups)} weight-update group(s) of {plan.weight_update_groups[0].world_size} ranks."
+    ]
+    for w in plan.warnings:
+        lines.append(f"warning: {w}")
+    for u in plan.unchecked:
+        lines.append(f"unchecked: {u}")
+    return "\n".join(lines)
+
+
+def _abbreviated(n: int) -> list[int | None]:
+    """Row indices to show, ``None`` standing for the elided middle."""
+    if n <= 4 * _ROWS_SHOWN:
+        return list(range(n))
+    return [*range(_ROWS_SHOWN), None, *range(n - _ROWS_SHOWN, n)]
+
+
+def render_table(spec: Spec, plan: Plan) -> str:
+    """The ``miles plan`` view: components, mesh, engines, rank map, ports, weight-update groups."""
+    out = io.StringIO()
+    console = Console(file=out, width=120, force_terminal=False, color_system=None, highlight=False, markup=False)
+    unit = _unit(plan)
+    console.print(f"{plan.name}  mode={plan.mode}  run_dir={plan.run_dir}  device={plan.device}")
+
+    t = Table(title="Slurm components", title_justify="left")
+    for col in ("het group", "role", "partition", "nodes", f"{unit}s/node", "tasks/node", "cpus/task", "mem"):
+        t.add_column(col)
+    for comp in plan.components:
+        t.add_row(str(comp.het_group), comp.role, comp.partition or "(default)", str(comp.nodes),
+                  str(comp.gpus_per_node if plan.device == "gpu" else comp.tasks_per_node), str(comp.tasks_per_node),
+                  str(comp.cpus_per_task or "(site)"), comp.mem)
+    console.print(t)
+
+    m = plan.mesh
+    t = Table(title="Trainer mesh", title_justify="left")
+    for col in ("backend", "world", "TP", "PP", "CP", "DP", "EP", "ETP", "expert-DP"):
+        t.add_column(col)
+    t.add_row(m.backend, str(m.world_size), str(m.tp), str(m.pp), str(m.cp), str(m.dp), str(m.ep), str(m.etp), str(m.expert_dp))
+    console.print(t)
+
+    t = Table(title=f"Trainer ranks (het group {plan.trainer_het_group})", title_justify="left")
+    for col in ("rank", "node", "local", unit, "tp", "pp", "cp", "dp"):
+        t.add_column(col)
+    for i in _abbreviated(len(plan.trainer_ranks)):
+        if i is None:
+            t.add_row("...", "", "", "", "", "", "", "")
+            continue
+        r = plan.trainer_ranks[i]
+        t.add_row(str(r.rank), str(r.node), str(r.local_rank), str(r.gpu), str(r.tp), str(r.pp), str(r.cp), str(r.dp))
+    console.print(t)
+
+    t = Table(title=f"Engines ({len(plan.engines)} x TP{plan.engine_tp}, het group {plan.engine_het_group})", title_justify="left")
+    for col in ("engine", "node", f"{unit}s", "group ranks", "http port", "nccl port"):
+        t.add_column(col)
+    for i in _abbreviated(len(plan.engines)):
+        if i is None:
+            t.add_row("...", "", "", "", "", "")
+            continue
+        e = plan.engines[i]
+        t.add_row(str(e.index), str(e.node), ",".join(map(str, e.gpus)), f"{e.ranks[0]}-{e.ranks[-1]}",
+                  str(plan.ports.engine_http[i]), str(plan.ports.engine_nccl[i]))
+    console.print(t)
+
+    p = plan.ports
+    job = str(p.job_id) if p.job_id is not None else "placeholder 0 (the job uses its SLURM_JOB_ID)"
+    t = Table(title=f"Ports (job id {job})", title_justify="left")
+    for col in ("MASTER_PORT", "router", "weight update", "engine http/nccl base"):
+        t.add_column(col)
+    first_engine = f"{p.engine_http[0]}/{p.engine_nccl[0]} (+2 per engine on a node)" if p.engine_http else "-"
+    t.add_row(str(p.master), str(p.router), ",".join(map(str, p.weight_update)), first_engine)
+    console.print(t)
+
+    t = Table(title="Weight-update groups (trainer source rank + every engine GPU)", title_justify="left")
+    for col in ("pp stage", "source rank", "port", "world size", "engine rank offsets"):
+        t.add_column(col)
+    for g in plan.weight_update_groups:
+        offs = g.engine_rank_offsets
+        shown = ",".join(map(str, offs)) if len(offs) <= 16 else ",".join(map(str, offs[:8])) + ",...," + str(offs[-1])
+        t.add_row(str(g.pp_stage), str(g.source_rank), str(g.port), str(g.world_size), shown)
+    console.print(t)
+    for w in plan.warnings:
+        console.print(f"warning: {w}")
+    for u in plan.unchecked:
+        console.print(f"unchecked: {u}")
+    return out.getvalue()

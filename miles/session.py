@@ -1,0 +1,342 @@
+"""Everything one trainer rank holds during a run, and the phases the loop calls.
+
+``miles.loop.run_trainer`` is the loop; this class is what its lines mean. The
+driver (trainer rank 0) additionally owns the dataset, the engine client, the
+reward and the metrics; other ranks hold ``None`` there and receive the rollout
+from the driver.
+
+Exact resume rests on three facts kept here: every random choice is a pure
+function of seeds and the rollout id (prompt order, sampling seeds), the
+checkpoint taken before rollout ``k`` holds the state *as of the start* of
+rollout ``k`` (so a save in the middle of a rollout redoes it from the start),
+and the engines are given the actor's exact weights right after a resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from miles.algo.advantages import AdvantageInputs, compute_advantages
+from miles.ckpt.state import binding_fields, capture_rng, check_resumable, restore_rng
+from miles.ckpt.store import CheckpointStore, write_json_atomic
+from miles.launch.environment import TaskContext
+from miles.metrics import MetricsLog, console_line
+from miles.model.builtin import materialize
+from miles.sample import Sample
+from miles.spec.tables import Spec
+from miles.train.actor import Actor, StepMetrics, TrainerContext, build_actor
+from miles.train.batch import RolloutBatch
+
+log = logging.getLogger("miles.loop")
+
+
+def resolve_model_dir(spec: Spec, run_dir: Path) -> str:
+    """The HF directory both the actor and the engines load: the checkpoint, or the built-in written once."""
+    if spec.model.builtin:
+        return str(materialize(spec.model.builtin, run_dir / "model", seed=spec.run.seed, dtype=spec.model.dtype))
+    return spec.model.hf_checkpoint
+
+
+def control_dir(run_dir: Path) -> Path:
+    """Flag files shared by the batch shell, the launcher and the ranks (``preempt``, ``done``)."""
+    return run_dir / "control"
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@dataclass
+class _RolloutStart:
+    """State captured when a rollout begins, saved if the run stops before the rollout trains."""
+
+    dataset: dict[str, Any] | None
+    rng: dict[str, Any]
+
+
+@dataclass
+class _Timer:
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.phases[f"time/{name}"] = self.phases.get(f"time/{name}", 0.0) + now - since
+        return now
+
+
+class Session:
+    """One trainer rank's view of a run; build it with :meth:`start`."""
+
+    def __init__(self, spec: Spec, task: TaskContext, actor: Actor, num_rollout: int) -> None:
+        self.spec = spec
+        self.task = task
+        self.actor = actor
+        self.num_rollout = num_rollout
+        self.rank = dist.get_rank()
+        self.is_driver = self.rank == 0
+        self.run_dir = Path(task.run_dir)
+        self.store = CheckpointStore(Path(spec.ckpt.save or self.run_dir / "checkpoints"), spec.ckpt.keep_last)
+        self.start_rollout = 0
+        self.weight_version = 0
+        self.timer = _Timer()
+        self._rollout_start: _RolloutStart | None = None
+        self._t = time.perf_counter()
+        self._gen_tokens = 0
+        self._gen_seconds = 0.0
+        self._saved_at: int | None = None
+        self._in_progress: int | None = None
+        self._samples: list[Sample] = []
+        # Driver-only components.
+        self.dataset: Any = None
+        self.engines: Any = None
+        self.reward: Any = None
+        self.metrics: MetricsLog | None = None
+
+    # ------------------------------------------------------------------ start-up
+
+    @classmethod
+    def start(cls, spec: Spec, task: TaskContext) -> Session:
+        """Build the actor and the driver's components, then resume from the newest complete checkpoint."""
+        _install_stop_handlers(control_dir(Path(task.run_dir)))
+        torch.manual_seed(spec.run.seed)
+        run_dir = Path(task.run_dir)
+        if dist.get_rank() == 0:
+            model_dir = resolve_model_dir(spec, run_dir)
+        model_dir = _broadcast(model_dir if dist.get_rank() == 0 else None)
+
+        from miles.session_driver import build_driver  # torch-free parts of the driver live there
+
+        driver = build_driver(spec, task, model_dir) if dist.get_rank() == 0 else None
+        num_rollout = _broadcast(driver.num_rollout if driver is not None else None)
+        device = torch.device(f"cuda:{task.local_rank}" if task.device == "cuda" else "cpu")
+        actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=num_rollout, device=device))
+        run = cls(spec, task, actor, num_rollout)
+        if driver is not None:
+            run.dataset, run.engines, run.reward = driver.dataset, driver.engines, driver.reward
+        run._resume()
+        if run.is_driver:
+            run.metrics = MetricsLog(run_dir, run.start_rollout, spec.run.use_tensorboard, spec.run.plot)
+        return run
+
+    def _resume(self) -> None:
+        """Load the newest complete checkpoint (if any) and give the engines the actor's weights."""
+        found = None
+        if self.is_driver:
+            load_root = Path(self.spec.ckpt.load) if self.spec.ckpt.load else self.store.root
+            found = CheckpointStore(load_root, self.spec.ckpt.keep_last).newest_valid()
+        found = _broadcast(None if found is None else (found[0], str(found[1])))
+        if found is None:
+            return
+        rollout_id, path = found[0], Path(found[1])
+        driver_state = json.loads((path / "driver.json").read_text())
+        check_resumable(driver_state["spec"], self.spec, str(path))
+        self.actor.load(str(path / "actor"))
+        rng_file = path / "rng" / f"rank-{self.rank}.json"
+        if rng_file.exists():
+            restore_rng(json.loads(rng_file.read_text()))
+        self.start_rollout = rollout_id
+        self._saved_at = rollout_id
+        self.weight_version = driver_state["weight_version"]
+        if self.is_driver:
+            self.dataset.load_state_dict(driver_state["dataset"])
+            log.info("resumed from %s at rollout %d", path, rollout_id)
+        self.sync_weights(bump=False)
+
+    # ------------------------------------------------------------------ phases
+
+    def begin_rollout(self, rollout_id: int) -> None:
+        """Remember the state a save before this rollout's training must restore."""
+        self._rollout_start = _RolloutStart(
+            dataset=self.dataset.state_dict() if self.is_driver else None, rng=capture_rng()
+        )
+        self._in_progress = rollout_id
+        self.timer = _Timer()
+        self._t = time.perf_counter()
+        self._rollout_t0 = self._t
+
+    def generate(self, rollout_id: int) -> list[Sample] | None:
+        """Driver: draw ``rollout_batch_size`` prompts and have the engines answer each ``n`` times."""
+        if not self.is_driver:
+            return None
+        from miles.data import expand_groups
+
+        prompts = self.dataset.sample(self.spec.rollout.rollout_batch_size)
+        samples = expand_groups(prompts, self.spec.rollout.n_samples_per_prompt)
+        t0 = time.perf_counter()
+        self.engines.generate(samples, rollout_id=rollout_id, weight_version=self.weight_version)
+        self._gen_seconds = time.perf_counter() - t0
+        self._gen_tokens = sum(len(s.response_ids) for s in samples)
+        self._t = self.timer.add("generate", self._t)
+        return samples
+
+    def score(self, samples: list[Sample] | None) -> dict[str, float]:
+        """Driver: rewards for every sample; then every rank receives the scored rollout."""
+        stats: dict[str, float] = {}
+        if self.is_driver:
+            assert samples is not None
+            stats = asyncio.run(self.reward.score(samples)).metrics()
+        self._t = self.timer.add("reward", self._t)
+        self._samples = _broadcast(samples if self.is_driver else None)
+        return stats
+
+    def prepare_batch(self) -> RolloutBatch:
+        """Tensors of the scored rollout, with old/reference log-probs and advantages."""
+        batch = RolloutBatch.from_samples(self._samples)
+        cfg = self.spec.grpo
+        if self.spec.train.num_steps_per_rollout != 1 or cfg.kl_coef > 0:
+            batch.old_logprobs = self.actor.compute_logprobs(batch)
+        if cfg.use_kl_loss or cfg.kl_coef > 0:
+            batch.ref_logprobs = self.actor.compute_logprobs(batch, model="ref")
+        self._t = self.timer.add("logprobs", self._t)
+        batch.advantages = compute_advantages(
+            cfg,
+            AdvantageInputs(
+                rewards=batch.rewards,
+                group_index=batch.group_index,
+                loss_masks=batch.loss_masks,
+                old_logprobs=batch.old_logprobs,
+                ref_logprobs=batch.ref_logprobs,
+            ),
+        )
+        return batch
+
+    def sync_weights(self, bump: bool = True) -> None:
+        """Give the engines the actor's current weights (collective over the trainer ranks)."""
+        t0 = time.perf_counter()
+        if bump:
+            self._t = self.timer.add("train", self._t)
+            self.weight_version += 1
+        weights = self.actor.named_hf_weights()
+        if self.is_driver:
+            self.engines.sync(weights, version=self.weight_version)
+        else:
+            for _ in weights:  # collective: every rank walks the iterator to the end
+                pass
+        if bump:
+            self._t = self.timer.add("sync", t0)
+
+    def stop_requested(self) -> bool:
+        """Whether any rank saw the preempt flag; agreed by all-reduce at a phase boundary."""
+        flag = torch.tensor([1 if (control_dir(self.run_dir) / "preempt").exists() else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def save_due(self, rollout_id: int) -> bool:
+        interval = self.spec.ckpt.save_interval
+        return interval is not None and (rollout_id + 1) % interval == 0
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, next_rollout: int) -> None:
+        """Collective save of the whole RL state as the checkpoint before ``next_rollout``.
+
+        When ``next_rollout`` is the rollout in progress (a stop before it trained), the
+        data cursor and RNG states are those captured when it began, so a resume redoes it.
+        """
+        t0 = time.perf_counter()
+        partial: Path | None = self.store.partial_dir(next_rollout) if self.is_driver else None
+        partial = Path(_broadcast(str(partial) if partial else None))
+        self.actor.save(str(partial / "actor"))
+        start = self._rollout_start if self._in_progress == next_rollout else None
+        (partial / "rng").mkdir(exist_ok=True)
+        write_json_atomic(partial / "rng" / f"rank-{self.rank}.json", start.rng if start else capture_rng())
+        dist.barrier()
+        if self.is_driver:
+            dataset_state = start.dataset if start else self.dataset.state_dict()
+            write_json_atomic(
+                partial / "driver.json",
+                {
+                    "rollout_id": next_rollout,
+                    "weight_version": self.weight_version,
+                    "actor_step": self.actor.step,
+                    "dataset": dataset_state,
+                    "spec": binding_fields(self.spec),
+                    "rollout_seed": self.spec.rollout.rollout_seed,
+                },
+            )
+            final = self.store.commit(partial, next_rollout)
+            log.info("saved %s in %.2fs", final, time.perf_counter() - t0)
+        dist.barrier()
+        self._saved_at = next_rollout
+
+    def save_and_exit(self, next_rollout: int) -> int:
+        """Save because the job is being preempted, then end this rank cleanly (the batch shell requeues)."""
+        self.save(next_rollout)
+        if self.is_driver:
+            print(f"miles: preempted; saved the state before rollout {next_rollout}; exiting for requeue", flush=True)
+        self._close()
+        return 0
+
+    def log(self, rollout_id: int, reward_stats: dict[str, float], step_metrics: list[StepMetrics]) -> None:
+        """Driver: write this rollout's metrics (deterministic) and perf figures (wall clock)."""
+        self._in_progress = None
+        if not self.is_driver:
+            return
+        assert self.metrics is not None
+        s: list[Sample] = self._samples
+        rewards = [x.reward for x in s]
+        lens = [len(x.response_ids) for x in s]
+        metrics: dict[str, float] = {
+            "rollout/samples": float(len(s)),
+            "rollout/reward_mean": statistics.fmean(rewards),
+            "rollout/reward_std": statistics.pstdev(rewards),
+            "rollout/response_len_mean": statistics.fmean(lens),
+            "rollout/truncated_frac": statistics.fmean(1.0 if x.finish_reason == "length" else 0.0 for x in s),
+            "rollout/weight_version": float(self.weight_version),
+        }
+        metrics.update({f"reward/{k}": float(v) for k, v in reward_stats.items()})
+        keys = sorted({k for m in step_metrics for k in m})
+        for k in keys:
+            metrics[f"train/{k}"] = statistics.fmean(m[k] for m in step_metrics if k in m)
+        perf = dict(self.timer.phases)
+        perf["time/total"] = time.perf_counter() - self._rollout_t0
+        perf["rollout/tokens_per_s"] = self._gen_tokens / self._gen_seconds if self._gen_seconds > 0 else 0.0
+        self.metrics.log(rollout_id, metrics, perf)
+        print(console_line(rollout_id, self.num_rollout, metrics, perf), flush=True)
+
+    def finish(self) -> int:
+        """The run is complete: final save, mark done (no requeue), close."""
+        if self._saved_at != self.num_rollout:
+            self.save(self.num_rollout)
+        if self.is_driver:
+            control_dir(self.run_dir).mkdir(parents=True, exist_ok=True)
+            (control_dir(self.run_dir) / "done").write_text(json.dumps({"num_rollout": self.num_rollout}))
+            print(f"miles: run complete ({self.num_rollout} rollouts); see {self.run_dir}", flush=True)
+        self._close()
+        return 0
+
+    def _close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.engines is not None:
+            self.engines.close()
+
+
+def _install_stop_handlers(control: Path) -> None:
+    """SIGTERM/SIGINT only touch the preempt flag: the ranks act on it at the next boundary."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        control.mkdir(parents=True, exist_ok=True)
+        flag = control / "preempt"
+        if signum == signal.SIGINT and flag.exists():
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        flag.touch()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    os.environ.setdefault("MILES_STOP_FLAG", str(control / "preempt"))

@@ -1,0 +1,175 @@
+"""Cross-field rules of a spec: what no single field's type can say.
+
+Only rules about the spec itself live here; rules about the layout on nodes
+and GPUs (TP x PP x CP x DP = trainer GPUs, heads divisible by TP, ...) are the
+planner's (``miles.plan``). Every rule reports through ``report(table, key,
+message)`` and its message says what to change. The rules, in order:
+
+* ``[run]``: exactly one of ``num_rollout`` / ``num_epoch``; ``name`` usable as a directory name.
+* ``[model]``: exactly one of ``hf_checkpoint`` / ``builtin``.
+* ``[rollout]``: ``prompt_data`` set, a ``.jsonl`` or ``.parquet`` file; exactly one reward
+  (``rm_type`` / ``custom_rm_path`` / ``rm_url``); custom code as ``module:function``;
+  ``rm_url`` is http(s); ``group_rm`` needs ``custom_rm_path``; ``rollout_top_k`` is -1 or >= 1;
+  ``over_sampling_batch_size`` >= ``rollout_batch_size``.
+* ``[eval]``: ``eval_interval`` and ``eval_prompt_data`` go together; eval data files are .jsonl/.parquet.
+* ``[train]``: ``use_dynamic_batch_size`` needs ``max_tokens_per_gpu``.
+* ``[grpo]``: ``kl_loss_coef`` > 0 needs ``use_kl_loss``.
+* ``[optimizer]``: ``min_lr`` <= ``lr``.
+* ``[perf]``: FSDP is data parallel only (tp = pp = cp = ep = 1, no etp); ``sequence_parallel`` needs tp > 1;
+  ``recompute_method`` / ``recompute_num_layers`` need ``recompute_granularity = "full"``.
+* ``[cluster]``: ``mem_per_node`` in Slurm's syntax.
+* ``[slurm]``: ``time`` in Slurm's syntax and longer than ``signal_lead_time``; a container runtime and
+  an image go together; ``container_mounts`` are ``src:dst``; ``env`` names are shell variable names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from miles.spec.tables import Spec
+
+Report = Callable[[str, str, str], None]
+
+_CODE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MEM = re.compile(r"^[0-9]+[KMGT]?$")
+_DATA_SUFFIXES = (".jsonl", ".parquet")
+
+
+def slurm_time_seconds(text: str) -> int | None:
+    """Seconds of a Slurm time limit (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``); -1 for unlimited; None if invalid."""
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return -1
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not m:
+        return None
+    days, a, b, c = m.groups()
+    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        h, mi, s = int(a), int(b or 0), int(c or 0)
+        return int(days) * 86400 + h * 3600 + mi * 60 + s
+    if c is not None:  # HH:MM:SS
+        return int(a) * 3600 + int(b) * 60 + int(c)
+    if b is not None:  # MM:SS
+        return int(a) * 60 + int(b)
+    return int(a) * 60  # MM
+
+
+def _code_path_fix(value: str) -> str:
+    if ":" not in value and "." in value:
+        module, _, func = value.rpartition(".")
+        return f'; write "{module}:{func}"'
+    return ""
+
+
+def check(spec: Spec, report: Report) -> None:
+    """Report every cross-field problem of ``spec`` (whose four knobs may still be unresolved)."""
+    _run_and_model(spec, report)
+    _rollout(spec, report)
+    _eval(spec, report)
+    _train_and_algo(spec, report)
+    _perf(spec, report)
+    _cluster_and_slurm(spec, report)
+
+
+def _run_and_model(spec: Spec, report: Report) -> None:
+    run = spec.run
+    if (run.num_rollout is None) == (run.num_epoch is None):
+        which = "both are set; keep one" if run.num_rollout is not None else "set one, e.g. num_rollout = 100"
+        report("run", "num_rollout" if run.num_rollout is not None else "", f"exactly one of num_rollout or num_epoch sets the run's length: {which}")
+    name = run.name
+    if not name or name in (".", "..") or "/" in name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        report("run", "name", f"{name!r} cannot name a run directory and a Slurm job: use letters, digits, '-', '_' and '.', without '/' or control characters")
+    m = spec.model
+    if bool(m.hf_checkpoint) == bool(m.builtin):
+        if m.hf_checkpoint:
+            report("model", "builtin", "set either hf_checkpoint or builtin, not both: remove one of them")
+        else:
+            report("model", "", 'set the model: hf_checkpoint = "/path/to/hf-model-dir", or builtin = "<name>" for a tiny built-in model')
+
+
+def _rollout(spec: Spec, report: Report) -> None:
+    ro = spec.rollout
+    if not ro.prompt_data:
+        report("rollout", "prompt_data", 'the prompt dataset is required: prompt_data = "/path/to/prompts.jsonl" (or .parquet)')
+    elif not ro.prompt_data.endswith(_DATA_SUFFIXES):
+        report("rollout", "prompt_data", f"{ro.prompt_data!r} must be a .jsonl or .parquet file")
+    rewards = [k for k in ("rm_type", "custom_rm_path", "rm_url") if getattr(ro, k)]
+    if not rewards:
+        report("rollout", "", 'set the reward: one of rm_type (e.g. "math"), custom_rm_path ("module:function") or rm_url')
+    elif len(rewards) > 1:
+        report("rollout", rewards[1], f"set exactly one reward, found {' and '.join(rewards)}: remove all but one")
+    for key in ("custom_rm_path", "dynamic_sampling_filter_path"):
+        value = getattr(ro, key)
+        if value and not _CODE_PATH.match(value):
+            report("rollout", key, f"{value!r} must name importable code as \"module:function\" (e.g. \"my_pkg.rewards:score\"){_code_path_fix(value)}")
+    if ro.rm_url and not re.match(r"^https?://[^\s/]+", ro.rm_url):
+        report("rollout", "rm_url", f"{ro.rm_url!r} must be an http:// or https:// URL, e.g. \"http://reward-host:8000/score\"")
+    if ro.group_rm and not ro.custom_rm_path:
+        report("rollout", "group_rm", "group_rm scores whole groups with a custom reward: set custom_rm_path, or remove group_rm")
+    if ro.rollout_top_k == 0:
+        report("rollout", "rollout_top_k", "0 keeps no token: use -1 to disable top-k, or a value >= 1")
+    rbs = ro.rollout_batch_size
+    if ro.over_sampling_batch_size is not None and rbs is not None and ro.over_sampling_batch_size < rbs:
+        report("rollout", "over_sampling_batch_size",
+               f"must be >= rollout_batch_size ({rbs}), got {ro.over_sampling_batch_size}: each round samples at least a full batch of prompts")
+
+
+def _eval(spec: Spec, report: Report) -> None:
+    ev = spec.eval
+    if ev.eval_interval is not None and not ev.eval_prompt_data:
+        report("eval", "eval_interval", 'evaluation needs data: set eval_prompt_data = { name = "/path/to/eval.jsonl" }, or remove eval_interval')
+    if ev.eval_prompt_data and ev.eval_interval is None:
+        report("eval", "eval_prompt_data", "no evaluation would run: set eval_interval (rollouts between evaluations), or remove eval_prompt_data")
+    for name, path in ev.eval_prompt_data.items():
+        if not path.endswith(_DATA_SUFFIXES):
+            report("eval", "eval_prompt_data", f"dataset {name!r}: {path!r} must be a .jsonl or .parquet file")
+
+
+def _train_and_algo(spec: Spec, report: Report) -> None:
+    tr = spec.train
+    if tr.use_dynamic_batch_size and tr.max_tokens_per_gpu is None:
+        report("train", "use_dynamic_batch_size", "dynamic batching packs micro-batches by tokens: set max_tokens_per_gpu (e.g. 16384)")
+    g = spec.grpo
+    if g.kl_loss_coef > 0 and not g.use_kl_loss:
+        report("grpo", "kl_loss_coef", f"kl_loss_coef = {g.kl_loss_coef} has no effect without use_kl_loss = true: set use_kl_loss = true, or remove kl_loss_coef")
+    o = spec.optimizer
+    if o.min_lr > o.lr:
+        report("optimizer", "min_lr", f"min_lr ({o.min_lr}) must not exceed lr ({o.lr}): lower min_lr or raise lr")
+
+
+def _perf(spec: Spec, report: Report) -> None:
+    p = spec.perf
+    if p.backend == "fsdp":
+        for key in ("tp", "pp", "cp", "ep"):
+            if getattr(p, key) != 1:
+                report("perf", key, f"the fsdp backend is data parallel only: set {key} = 1, or backend = \"megatron\"")
+        if p.etp is not None:
+            report("perf", "etp", 'the fsdp backend is data parallel only: remove etp, or set backend = "megatron"')
+    if p.sequence_parallel and p.tp == 1:
+        report("perf", "sequence_parallel", "sequence parallelism splits over the tensor-parallel group: set tp > 1, or remove sequence_parallel")
+    for key in ("recompute_method", "recompute_num_layers"):
+        if getattr(p, key) is not None and p.recompute_granularity != "full":
+            report("perf", key, f'{key} applies to full recomputation: set recompute_granularity = "full", or remove {key}')
+
+
+def _cluster_and_slurm(spec: Spec, report: Report) -> None:
+    if not _MEM.match(spec.cluster.mem_per_node):
+        report("cluster", "mem_per_node", f"{spec.cluster.mem_per_node!r} is not Slurm memory syntax: use a number with an optional K/M/G/T suffix, e.g. \"512G\", or \"0\" for all")
+    sl = spec.slurm
+    seconds = slurm_time_seconds(sl.time)
+    if seconds is None:
+        report("slurm", "time", f"{sl.time!r} is not a Slurm time: use \"HH:MM:SS\", \"D-HH:MM:SS\" or minutes, e.g. \"04:00:00\"")
+    elif 0 <= seconds <= sl.signal_lead_time:
+        report("slurm", "signal_lead_time", f"the save signal would come {sl.signal_lead_time} s before a time limit of {seconds} s: lower signal_lead_time or raise time")
+    if sl.container_runtime and not sl.container_image:
+        report("slurm", "container_image", f"container_runtime = {sl.container_runtime!r} needs an image: set container_image")
+    if sl.container_image and not sl.container_runtime:
+        report("slurm", "container_runtime", 'container_image is set but no runtime: set container_runtime = "pyxis" or "apptainer"')
+    for mount in sl.container_mounts:
+        src, sep, dst = mount.partition(":")
+        if not (sep and src and dst):
+            report("slurm", "container_mounts", f"{mount!r} must be \"src:dst\" (optionally \"src:dst:ro\")")
+    for key in sl.env:
+        if not _ENV_NAME.match(key):
+            report("slurm", "env", f"{key!r} is not an environment variable name: use letters, digits and '_', not starting with a digit")

@@ -1,0 +1,233 @@
+"""From a rollout's samples to the padded tensors a forward pass eats.
+
+The rollout lives on every trainer rank as a :class:`RolloutBatch` (ragged,
+per-sample tensors in rollout order). Training splits it deterministically:
+
+* step ``s`` (of ``num_steps_per_rollout``) trains samples
+  ``[s * global_batch_size, (s + 1) * global_batch_size)``;
+* DP rank ``r`` of ``dp`` takes the ``r``-th contiguous slice of
+  ``global_batch_size / dp`` samples of that step;
+* its slice is cut into micro-batches of ``micro_batch_size`` samples, or with
+  ``use_dynamic_batch_size`` greedily in order while ``count * longest`` stays
+  within ``max_tokens_per_gpu`` (padded tokens: what a micro-batch costs).
+
+FSDP (and Megatron's DP) run collectives in every forward, so every DP rank
+must run the same number of micro-batches: :func:`plan_micro_batches` plans all
+ranks together and splits the largest micro-batches of the ranks that have
+fewer until the counts agree (or leaves empty ones, which the actor runs as a
+dummy forward, when a rank has fewer samples than others have micro-batches).
+
+A micro-batch is right-padded: ``input_ids [B, T]`` with an attention mask, and
+response-aligned ``[B, R]`` tensors (``R`` = longest response) where position
+``j`` of sample ``i`` is response token ``j``, predicted by the logits at
+sequence position ``prompt_len_i + j - 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from miles.sample import Sample
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout's samples as ragged tensors, identical on every trainer rank."""
+
+    tokens: list[torch.Tensor]
+    """``N`` int64 tensors ``[P_i + R_i]``: prompt ids then response ids."""
+    prompt_lens: list[int]
+    response_lens: list[int]
+    loss_masks: list[torch.Tensor]
+    """``N`` float32 ``[R_i]``: 1 on trained response tokens."""
+    rewards: torch.Tensor
+    """``[N]`` float32."""
+    group_index: list[int]
+    rollout_logprobs: list[torch.Tensor] | None = None
+    """The engine's log-probs ``[R_i]``; ``None`` when the engine returned none."""
+    old_logprobs: list[torch.Tensor] | None = None
+    ref_logprobs: list[torch.Tensor] | None = None
+    advantages: list[torch.Tensor] | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample]) -> RolloutBatch:
+        """Tensors from samples; a sample without response tokens gets a mask of zeros (and trains nothing)."""
+        tokens, plens, rlens, masks, lps = [], [], [], [], []
+        have_lp = all(len(s.response_logprobs) == len(s.response_ids) for s in samples) and bool(samples)
+        for s in samples:
+            if not s.prompt_ids:
+                raise ValueError(f"sample of prompt {s.prompt_index} has no prompt tokens")
+            tokens.append(torch.tensor(list(s.prompt_ids) + list(s.response_ids), dtype=torch.long))
+            plens.append(len(s.prompt_ids))
+            rlens.append(len(s.response_ids))
+            masks.append(torch.ones(len(s.response_ids), dtype=torch.float32))
+            if have_lp:
+                lps.append(torch.tensor(s.response_logprobs, dtype=torch.float32))
+        return cls(
+            tokens=tokens,
+            prompt_lens=plens,
+            response_lens=rlens,
+            loss_masks=masks,
+            rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
+            group_index=[s.group_index for s in samples],
+            rollout_logprobs=lps if have_lp else None,
+        )
+
+    def seq_len(self, i: int) -> int:
+        return self.prompt_lens[i] + self.response_lens[i]
+
+
+def step_indices(n_samples: int, global_batch_size: int, num_steps: int) -> list[list[int]]:
+    """Sample indices of each optimizer step of a rollout (in order; exact division required)."""
+    if global_batch_size * num_steps != n_samples:
+        raise ValueError(
+            f"rollout has {n_samples} samples but global_batch_size {global_batch_size} x num_steps_per_rollout "
+            f"{num_steps} = {global_batch_size * num_steps}"
+        )
+    return [list(range(s * global_batch_size, (s + 1) * global_batch_size)) for s in range(num_steps)]
+
+
+def shard(indices: Sequence[int], dp_size: int) -> list[list[int]]:
+    """Contiguous, balanced slices of ``indices`` for each DP rank (the first ranks get one more when uneven)."""
+    n = len(indices)
+    base, extra = divmod(n, dp_size)
+    out, start = [], 0
+    for r in range(dp_size):
+        size = base + (1 if r < extra else 0)
+        out.append(list(indices[start : start + size]))
+        start += size
+    return out
+
+
+def _split_rank(indices: list[int], lengths: Sequence[int], micro_batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    if max_tokens is None:
+        return [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
+    mbs: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in indices:
+        n = lengths[i]
+        if cur and max(longest, n) * (len(cur) + 1) > max_tokens:
+            mbs.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        mbs.append(cur)
+    return mbs
+
+
+def plan_micro_batches(
+    per_rank: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    *,
+    micro_batch_size: int,
+    max_tokens: int | None = None,
+) -> list[list[list[int]]]:
+    """Micro-batches for every DP rank, with the same count on every rank.
+
+    ``per_rank[r]`` are rank ``r``'s sample indices, ``lengths[i]`` sample
+    ``i``'s sequence length. ``max_tokens`` switches to dynamic batching.
+    """
+    plans = [_split_rank(list(idx), lengths, micro_batch_size, max_tokens) for idx in per_rank]
+    target = max((len(p) for p in plans), default=0)
+    for p in plans:
+        while len(p) < target:
+            big = max(range(len(p)), key=lambda k: (len(p[k]), -k)) if p else -1
+            if big < 0 or len(p[big]) <= 1:
+                p.append([])
+                continue
+            mb = p[big]
+            half = (len(mb) + 1) // 2
+            p[big : big + 1] = [mb[:half], mb[half:]]
+    return plans
+
+
+@dataclass
+class MicroBatch:
+    """Padded tensors of a few samples (see the module docstring for the layout)."""
+
+    indices: list[int]
+    input_ids: torch.Tensor
+    """``[B, T]`` int64, right-padded with ``pad_id``."""
+    attention_mask: torch.Tensor
+    """``[B, T]`` int64."""
+    logit_pos: torch.Tensor
+    """``[B, R]`` int64: sequence position whose logits predict response token ``j`` (0 on padding)."""
+    targets: torch.Tensor
+    """``[B, R]`` int64: the response tokens (0 on padding)."""
+    mask: torch.Tensor
+    """``[B, R]`` float32: loss mask, 0 on padding."""
+    advantages: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    rollout_logprobs: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> MicroBatch:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return MicroBatch(
+            indices=self.indices,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            logit_pos=self.logit_pos.to(device),
+            targets=self.targets.to(device),
+            mask=self.mask.to(device),
+            advantages=mv(self.advantages),
+            old_logprobs=mv(self.old_logprobs),
+            ref_logprobs=mv(self.ref_logprobs),
+            rollout_logprobs=mv(self.rollout_logprobs),
+        )
+
+
+def _pad_ragged(rows: Sequence[torch.Tensor], width: int, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.zeros(len(rows), width, dtype=dtype)
+    for k, r in enumerate(rows):
+        out[k, : r.numel()] = r.to(dtype)
+    return out
+
+
+def collate(batch: RolloutBatch, indices: Sequence[int], pad_id: int = 0) -> MicroBatch:
+    """Pad samples ``indices`` of ``batch`` into a :class:`MicroBatch`; an empty list gives a one-token dummy."""
+    if not indices:
+        one = torch.full((1, 1), pad_id, dtype=torch.long)
+        zero = torch.zeros(1, 1)
+        return MicroBatch([], one, torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                          torch.zeros(1, 1, dtype=torch.long), zero, zero.clone())
+    T = max(batch.seq_len(i) for i in indices)
+    R = max(max(batch.response_lens[i] for i in indices), 1)
+    B = len(indices)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.long)
+    logit_pos = torch.zeros(B, R, dtype=torch.long)
+    for k, i in enumerate(indices):
+        n, p, r = batch.seq_len(i), batch.prompt_lens[i], batch.response_lens[i]
+        input_ids[k, :n] = batch.tokens[i]
+        attn[k, :n] = 1
+        logit_pos[k, :r] = torch.arange(p - 1, p - 1 + r)
+    targets = _pad_ragged([batch.tokens[i][batch.prompt_lens[i] :] for i in indices], R, torch.long)
+    mask = _pad_ragged([batch.loss_masks[i] for i in indices], R, torch.float32)
+
+    def opt(field_: list[torch.Tensor] | None) -> torch.Tensor | None:
+        return None if field_ is None else _pad_ragged([field_[i] for i in indices], R, torch.float32)
+
+    return MicroBatch(
+        indices=list(indices),
+        input_ids=input_ids,
+        attention_mask=attn,
+        logit_pos=logit_pos,
+        targets=targets,
+        mask=mask,
+        advantages=opt(batch.advantages),
+        old_logprobs=opt(batch.old_logprobs),
+        ref_logprobs=opt(batch.ref_logprobs),
+        rollout_logprobs=opt(batch.rollout_logprobs),
+    )

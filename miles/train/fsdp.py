@@ -1,0 +1,297 @@
+"""The FSDP2 actor: an HF causal LM sharded with ``fully_shard`` over the trainer ranks.
+
+Data parallel only (``[perf] backend = "fsdp"``): every decoder layer and the
+root are their own FSDP unit, parameters are fp32 master weights sharded over
+the DP ranks, and with ``[model] dtype`` bfloat16/float16 the forward and
+backward run in that dtype (``MixedPrecisionPolicy``) with gradients reduced
+in fp32. Works on CPU over gloo (world size >= 1) and on GPUs over NCCL.
+
+Determinism: given the same weights, optimizer state, step counter and batch,
+a step is a fixed sequence of ops (no dropout draws: HF configs of the
+supported families have zero dropout, the micro-batch plan is a pure
+function of the batch), so :meth:`FSDPActor.load` followed by
+:meth:`FSDPActor.train` is bit-identical to an uninterrupted run on CPU. On
+CUDA that additionally needs ``torch.use_deterministic_algorithms(True)``
+(embedding backward uses atomics), which the loop may set process-wide.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from miles.algo.loss import LossConfig, LossInputs, aggregation_for, logprobs_and_entropy, policy_loss, token_weights
+from miles.errors import UserError
+from miles.spec.tables import Spec
+from miles.train.actor import StepMetrics, TrainerContext, needs_reference
+from miles.train.batch import MicroBatch, RolloutBatch, collate, plan_micro_batches, shard, step_indices
+from miles.train.optim import build_adamw, lr_at
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_hf_model(model_dir: str, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """An HF causal LM from a directory, in fp32 on the CPU (FSDP moves the shards to the device)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load an HF causal LM from {model_dir!r} ([model] hf_checkpoint): {e}") from e
+    return model
+
+
+def shard_model(model: torch.nn.Module, mesh: DeviceMesh, mp: MixedPrecisionPolicy | None) -> FSDPModule:
+    """``fully_shard`` each decoder layer (the model's ``_no_split_modules`` classes), then the root."""
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    assert isinstance(model, FSDPModule)
+    return model
+
+
+class FSDPActor:
+    """:class:`miles.train.actor.Actor` on FSDP2. Construct it on every trainer rank."""
+
+    def __init__(self, spec: Spec, ctx: TrainerContext) -> None:
+        if spec.train.global_batch_size is None or spec.train.num_steps_per_rollout is None:
+            raise UserError("[train] global_batch_size and num_steps_per_rollout must be resolved before building the actor")
+        self.spec = spec
+        self.ctx = ctx
+        group = ctx.group if ctx.group is not None else dist.group.WORLD
+        assert group is not None, "torch.distributed must be initialised before building the actor"
+        self.group = group
+        self.dp_rank = dist.get_rank(self.group)
+        self.dp_size = dist.get_world_size(self.group)
+        self.device = ctx.device
+        self.param_dtype = DTYPES[spec.model.dtype]
+        self.temperature = spec.rollout.rollout_temperature if spec.rollout.rollout_temperature > 0 else 1.0
+        self.loss_cfg = LossConfig.from_grpo(spec.grpo)
+        self.aggregation = aggregation_for(spec.grpo)
+        self.total_steps = ctx.num_rollout * spec.train.num_steps_per_rollout
+        mesh = DeviceMesh.from_group(self.group, device_type=self.device.type)
+        mp = None
+        if self.param_dtype != torch.float32:
+            mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
+
+        torch.manual_seed(spec.run.seed)
+        hf = load_hf_model(ctx.model_dir, trust_remote_code=spec.model.trust_remote_code)
+        self.hf_config = hf.config
+        self.pad_id = int(getattr(hf.config, "pad_token_id", None) or 0)
+        self.model = shard_model(hf, mesh, mp)
+        self._module(self.model).train()
+        self.ref: FSDPModule | None = None
+        if needs_reference(spec.grpo):
+            ref = load_hf_model(spec.ckpt.ref_load or ctx.model_dir, trust_remote_code=spec.model.trust_remote_code)
+            ref.requires_grad_(False)
+            ref.eval()
+            self.ref = shard_model(ref, mesh, mp)
+        self.optimizer = build_adamw(spec.optimizer, self._module(self.model).named_parameters())
+        self._step = 0
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _module(m: FSDPModule) -> torch.nn.Module:
+        assert isinstance(m, torch.nn.Module)
+        return m
+
+    def _forward(self, model: FSDPModule, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response-token log-probs and entropies ``[B, R]`` in fp32; the LM head runs only from the first response position on."""
+        T = mb.input_ids.shape[1]
+        first = int(mb.logit_pos[mb.mask > 0].min()) if bool((mb.mask > 0).any()) else T - 1
+        keep = T - first
+        out = self._module(model)(
+            input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, logits_to_keep=keep
+        )
+        logits = out.logits  # [B, keep, V]
+        pos = (mb.logit_pos - first).clamp(min=0)
+        sel = torch.gather(logits, 1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        return logprobs_and_entropy(sel, mb.targets, self.temperature)
+
+    def _micro_batch_plan(self, per_rank: list[list[int]], batch: RolloutBatch) -> list[list[list[int]]]:
+        t = self.spec.train
+        lengths = [batch.seq_len(i) for i in range(len(batch))]
+        max_tokens = t.max_tokens_per_gpu if t.use_dynamic_batch_size else None
+        return plan_micro_batches(per_rank, lengths, micro_batch_size=t.micro_batch_size, max_tokens=max_tokens)
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    # -- Actor API -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(self, batch: RolloutBatch, *, model: Literal["actor", "ref"] = "actor") -> list[torch.Tensor]:
+        """See :meth:`miles.train.actor.Actor.compute_logprobs`; each rank scores its slice, then all-gather."""
+        net = self.model if model == "actor" else self.ref
+        if net is None:
+            raise RuntimeError("no reference model: enable [grpo] use_kl_loss or kl_coef to build one")
+        per_rank = shard(list(range(len(batch))), self.dp_size)
+        plan = self._micro_batch_plan(per_rank, batch)[self.dp_rank]
+        local: list[tuple[int, torch.Tensor]] = []
+        for mb_idx in plan:
+            mb = collate(batch, mb_idx, self.pad_id).to(self.device)
+            lp, _ = self._forward(net, mb)
+            for k, i in enumerate(mb_idx):
+                local.append((i, lp[k, : batch.response_lens[i]].detach().to("cpu", torch.float32)))
+        gathered: list[Any] = [None] * self.dp_size
+        dist.all_gather_object(gathered, local, group=self.group)
+        out: list[torch.Tensor | None] = [None] * len(batch)
+        for part in gathered:
+            for i, t in part:
+                out[i] = t
+        assert all(t is not None for t in out)
+        return [t for t in out if t is not None]
+
+    def train(self, batch: RolloutBatch, rollout_id: int) -> list[StepMetrics]:
+        """See :meth:`miles.train.actor.Actor.train`."""
+        t = self.spec.train
+        assert t.global_batch_size is not None and t.num_steps_per_rollout is not None
+        if batch.advantages is None:
+            raise ValueError("batch.advantages must be set before train()")
+        if batch.old_logprobs is None and t.num_steps_per_rollout > 1:
+            raise ValueError("old_logprobs are required with more than one optimizer step per rollout")
+        if self.loss_cfg.use_kl_loss and batch.ref_logprobs is None:
+            raise ValueError("use_kl_loss needs batch.ref_logprobs")
+        if self.loss_cfg.use_tis and batch.rollout_logprobs is None:
+            raise ValueError("use_tis needs the engine's log-probs in every sample")
+        results = []
+        for idx in step_indices(len(batch), t.global_batch_size, t.num_steps_per_rollout):
+            results.append(self._optimizer_step(batch, idx, rollout_id))
+        return results
+
+    def _optimizer_step(self, batch: RolloutBatch, idx: list[int], rollout_id: int) -> StepMetrics:
+        t0 = time.perf_counter()
+        per_rank = shard(idx, self.dp_size)
+        plan = self._micro_batch_plan(per_rank, batch)[self.dp_rank]
+        global_tokens = float(sum(float(batch.loss_masks[i].sum()) for i in idx))
+        module = self._module(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
+        n_tokens = 0
+        for k, mb_idx in enumerate(plan):
+            self.model.set_requires_gradient_sync(k == len(plan) - 1)
+            mb = collate(batch, mb_idx, self.pad_id).to(self.device)
+            lp, ent = self._forward(self.model, mb)
+            if not mb_idx:  # a dummy micro-batch keeps FSDP's collectives in step with the other ranks
+                (lp.sum() * 0.0).backward()
+                continue
+            n_tokens += int(mb.attention_mask.sum())
+            w = token_weights(
+                mb.mask, self.aggregation, global_tokens=global_tokens, global_samples=len(idx),
+                max_response_len=self.spec.rollout.rollout_max_response_len,
+            )
+            assert mb.advantages is not None
+            loss, metrics = policy_loss(
+                self.loss_cfg,
+                LossInputs(
+                    logprobs=lp, advantages=mb.advantages, mask=mb.mask, weights=w, old_logprobs=mb.old_logprobs,
+                    entropy=ent, ref_logprobs=mb.ref_logprobs, rollout_logprobs=mb.rollout_logprobs,
+                ),
+            )
+            # FSDP averages gradients over the DP ranks; the weights already divide by the global count.
+            (loss * self.dp_size).backward()
+            for name, v in metrics.items():
+                if name.endswith("_max"):
+                    sums[name] = torch.maximum(sums[name], v) if name in sums else v
+                elif name.endswith("_min"):
+                    sums[name] = torch.minimum(sums[name], v) if name in sums else v
+                else:
+                    sums[name] = sums.get(name, torch.zeros(())) + v
+        self.model.set_requires_gradient_sync(True)
+
+        clip = self.spec.optimizer.clip_grad
+        params = [p for p in module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=clip if clip > 0 else math.inf)
+        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        lr = lr_at(self.spec.optimizer, self._step, self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self._step += 1
+
+        out = self._reduce_metrics(sums, n_tokens)
+        out.update(grad_norm=grad_norm, lr=lr, step=float(self._step), rollout_id=float(rollout_id),
+                   step_time_s=time.perf_counter() - t0)
+        return out
+
+    def _reduce_metrics(self, sums: dict[str, torch.Tensor], n_tokens: int) -> StepMetrics:
+        names = sorted(n for n in sums if not n.endswith(("_max", "_min")))
+        vec = torch.stack([sums[n].to(torch.float64) for n in names] + [torch.tensor(float(n_tokens), dtype=torch.float64)])
+        vec = vec.to(self.device)
+        dist.all_reduce(vec, group=self.group)
+        out = {n: float(v) for n, v in zip(names, vec[:-1].tolist(), strict=True)}
+        out["train_tokens"] = float(vec[-1])
+        for suffix, op in (("_max", dist.ReduceOp.MAX), ("_min", dist.ReduceOp.MIN)):
+            for n in sorted(n for n in sums if n.endswith(suffix)):
+                v = sums[n].to(torch.float64).reshape(1).to(self.device)
+                dist.all_reduce(v, op=op, group=self.group)
+                out[n] = float(v)
+        return out
+
+    def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """See :meth:`miles.train.actor.Actor.named_hf_weights`; tied weights appear once, under their first name."""
+        module = self._module(self.model)
+        for name, p in module.named_parameters():
+            yield name, self._full(p)
+        for mod_name, mod in module.named_modules():
+            for b_name, b in mod.named_buffers(recurse=False):
+                if b_name in getattr(mod, "_non_persistent_buffers_set", set()) or b is None:
+                    continue
+                yield (f"{mod_name}.{b_name}" if mod_name else b_name), self._full(b)
+
+    def _full(self, t: torch.Tensor) -> torch.Tensor:
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        return full.detach().to(self.param_dtype)
+
+    @torch.no_grad()
+    def update_ref(self) -> None:
+        if self.ref is None:
+            return
+        for p_ref, p in zip(self._module(self.ref).parameters(), self._module(self.model).parameters(), strict=True):
+            p_ref.copy_(p)
+
+    def _state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self._module(self.model), self.optimizer)
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "step": torch.tensor(self._step)}
+        if self.ref is not None:
+            state["ref"] = get_model_state_dict(self._module(self.ref))
+        return state
+
+    def save(self, path: str) -> None:
+        """See :meth:`miles.train.actor.Actor.save`: one DCP checkpoint of model, optimizer, step and reference."""
+        dcp.save(self._state(), checkpoint_id=path, process_group=self.group)
+
+    def load(self, path: str) -> None:
+        state = self._state()
+        dcp.load(state, checkpoint_id=path, process_group=self.group)
+        set_state_dict(
+            self._module(self.model), self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        if self.ref is not None:
+            set_model_state_dict(self._module(self.ref), state["ref"])
+        self._step = int(state["step"])
