@@ -271,8 +271,10 @@ def task_context(env: Mapping[str, str], layout: Layout, *, role: Role | None = 
                  rank0_host: str | None = None) -> TaskContext:
     """Work out this process's :class:`TaskContext` from its environment and the plan's layout."""
     launcher = detect_launcher(env)
-    if env.get("SLURM_JOB_ID", "").isdigit():
-        layout = layout.for_job(int(env["SLURM_JOB_ID"]))
+    # MILES_JOB_ID (the batch shell's SLURM_JOB_ID) is the het leader's id in every step.
+    job_id = env.get("MILES_JOB_ID") or env.get("SLURM_JOB_ID")
+    if job_id and job_id.isdigit():
+        layout = layout.for_job(int(job_id))
     role = role or env.get("MILES_ROLE") or None  # type: ignore[assignment]
     if role not in (None, "trainer", "engine"):
         raise UserError(f"role {role!r}: use trainer or engine")
@@ -302,8 +304,7 @@ def task_context(env: Mapping[str, str], layout: Layout, *, role: Role | None = 
     resolved_run_dir = run_dir or env.get("MILES_RUN_DIR")
     if not resolved_run_dir:
         raise UserError("no run directory: pass --run-dir or set MILES_RUN_DIR")
-    job_id = env.get("SLURM_JOB_ID")
-    restart = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    restart = int(env.get("MILES_RESTART_COUNT") or env.get("SLURM_RESTART_COUNT") or 0)
     return TaskContext(
         role=role_,
         rank=rank,

@@ -125,7 +125,7 @@ def materialize(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "flo
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        torch_dtype=dtype,
+        dtype=dtype,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -81,7 +81,7 @@ def tensor_checksum(t: torch.Tensor) -> str:
     test asserts between the actor and the engines.
     """
     raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    return f"{int.from_bytes(hashlib.sha256(memoryview(raw)).digest()[:8], 'big'):016x}"
+    return f"{int.from_bytes(hashlib.sha256(raw.tobytes()).digest()[:8], 'big'):016x}"
 
 
 class Engine:
@@ -105,9 +105,10 @@ class Engine:
         self.dtype = DTYPES[dtype]
         self.max_batch_size = max_batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=self.dtype, trust_remote_code=trust_remote_code
-        ).to(self.device)
+        )
+        self.model = model.to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)
         cfg = self.model.config
@@ -184,7 +185,7 @@ class Engine:
             )
             for p in params
         ]
-        budget = [min(p.max_new_tokens, self.max_context - len(r.input_ids)) for p, r in zip(params, reqs)]
+        budget = [min(p.max_new_tokens, self.max_context - len(r.input_ids)) for p, r in zip(params, reqs, strict=True)]
         out_ids: list[list[int]] = [[] for _ in range(n)]
         out_lps: list[list[float]] = [[] for _ in range(n)]
         finish: list[dict[str, Any] | None] = [None] * n
@@ -242,10 +243,10 @@ class Engine:
                     finish[i] = {"type": "abort", "message": "Abort before prefill" if step == 0 else "Aborted by pause_generation",
                                  "status_code": None, "err_type": None}
                 break
-            tokens, lps = self._sample(logits, [params[i] for i in active], [gens[i] for i in active],
+            tokens, step_lps = self._sample(logits, [params[i] for i in active], [gens[i] for i in active],
                                        [len(out_ids[i]) for i in active])
             tok_list = tokens.tolist()
-            lp_list = lps.tolist()
+            lp_list = step_lps.tolist()
             keep: list[int] = []
             for row, i in enumerate(active):
                 tok = tok_list[row]
@@ -286,7 +287,7 @@ class Engine:
                 if blocked:
                     logits[row, blocked] = float("-inf")
         greedy = [p.greedy for p in params]
-        temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=logits.device)
+        temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)], device=logits.device)
         logprobs = torch.log_softmax(logits / temps.unsqueeze(1), dim=-1)
         tokens = torch.argmax(logits, dim=-1)
         sampled_rows = [row for row, g in enumerate(greedy) if not g]
@@ -346,7 +347,7 @@ class Engine:
             ids = out_ids[i]
             matched = reason.get("matched")
             text_ids = ids[:-1] if isinstance(matched, int) and not p.no_stop_trim and ids and ids[-1] == matched else ids
-            text = self.tokenizer.decode(text_ids, skip_special_tokens=p.skip_special_tokens)
+            text = str(self.tokenizer.decode(text_ids, skip_special_tokens=p.skip_special_tokens))
             if isinstance(matched, str) and not p.no_stop_trim and matched in text:
                 text = text[: text.index(matched)]
             results.append(GenerationOutput(ids, out_lps[i], reason, text, input_lps[i]))

@@ -91,6 +91,31 @@ def _json_error(message: str, status: int = 400) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status)
 
 
+class _RecordingBody(dict):
+    """A request body that notes every field name read from it.
+
+    The conformance test (tests/unit/rollout/test_server_bodies.py) asserts that every
+    field the server reads is a field of SGLang's request class for that endpoint.
+    """
+
+    def __init__(self, data: dict[str, Any], seen: set[str]) -> None:
+        super().__init__(data)
+        self.seen = seen
+
+    def __getitem__(self, key: str) -> Any:
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self.seen.add(key)
+        return super().__contains__(key)
+
+
 @dataclass
 class _Pending:
     requests: list[GenerationRequest]
@@ -118,6 +143,8 @@ class EngineServer:
         self.weight_version = weight_version
         self.settings = dict(settings or {})
         self.groups: dict[str, Any] = {}
+        self.fields_read: dict[str, set[str]] = {}
+        """Request-body fields read per path (see :class:`_RecordingBody`)."""
         self.paused = False
         self.busy = False
         self._queue: list[_Pending] = []
@@ -187,16 +214,14 @@ class EngineServer:
                 return web.json_response({"error": "Unauthorized"}, status=401)
         return await handler(request)
 
-    @staticmethod
-    async def _body(request: web.Request) -> dict[str, Any]:
-        if not request.can_read_body:
-            return {}
-        data = await request.json()
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        """The JSON body, recording which fields the handler reads (checked against SGLang's classes in tests)."""
+        data = await request.json() if request.can_read_body else None
         if data is None:
-            return {}
+            data = {}
         if not isinstance(data, dict):
             raise web.HTTPBadRequest(text="request body must be a JSON object")
-        return data
+        return _RecordingBody(data, self.fields_read.setdefault(request.path, set()))
 
     # ------------------------------------------------------------------ health and info
 
@@ -255,7 +280,7 @@ class EngineServer:
             outs = await self._submit(reqs, batched=batched, rids=rids)
         except (ValueError, EngineReleased) as e:
             return _json_error(str(e))
-        bodies = [self._output_body(o, r, rid, lp) for o, r, rid, lp in zip(outs, reqs, rids, want_lp)]
+        bodies = [self._output_body(o, r, rid, lp) for o, r, rid, lp in zip(outs, reqs, rids, want_lp, strict=True)]
         return web.json_response(bodies if batched else bodies[0])
 
     def _parse_generate(self, body: dict[str, Any]) -> tuple[list[GenerationRequest], bool, list[str], list[bool]]:
@@ -275,7 +300,8 @@ class EngineServer:
             prompts = [list(map(int, x)) for x in input_ids] if batched else [list(map(int, input_ids))]
         else:
             batched = isinstance(text, list)
-            prompts = [self.engine.encode(str(t)) for t in (text if batched else [text])]
+            texts: list[Any] = text if isinstance(text, list) else [text]
+            prompts = [self.engine.encode(str(t)) for t in texts]
         count = len(prompts)
 
         def per_item(key: str, default: Any) -> list[Any]:
@@ -322,9 +348,9 @@ class EngineServer:
         }
         if want_lp:
             meta["input_token_logprobs"] = [
-                [lp, tok, None] for lp, tok in zip(out.input_logprobs, req.input_ids[max(req.logprob_start_len, 0):])
+                [lp, tok, None] for lp, tok in zip(out.input_logprobs, req.input_ids[max(req.logprob_start_len, 0):], strict=False)
             ]
-            meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(out.output_logprobs, out.output_ids)]
+            meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(out.output_logprobs, out.output_ids, strict=True)]
             meta["output_token_logprobs_length"] = len(out.output_ids)
         meta.update({"reasoning_tokens": 0, "completion_tokens": len(out.output_ids), "cached_tokens": 0})
         return {"text": out.text, "output_ids": out.output_ids, "meta_info": meta}
@@ -512,7 +538,7 @@ class EngineServer:
             dist.broadcast(flat, src=0, group=pg)
             named = unflatten(flat, names, dtypes, shapes)
         elif body.get("load_format") in (None, "auto"):
-            named = [(n, torch.empty(s, dtype=dtype_from_name(d), device=device)) for n, d, s in zip(names, dtypes, shapes)]
+            named = [(n, torch.empty(s, dtype=dtype_from_name(d), device=device)) for n, d, s in zip(names, dtypes, shapes, strict=True)]
             handles = [dist.broadcast(t, src=0, group=pg, async_op=True) for _, t in named]
             for h in handles:
                 h.wait()
@@ -618,9 +644,10 @@ class EngineServer:
         for name in sorted(checksums):
             h.update(name.encode())
             h.update(checksums[name].encode())
-        rank = {"checksums": checksums, "per_gpu_checksum": h.hexdigest(), "parallelism_info": {
+        per_gpu = h.hexdigest()
+        rank = {"checksums": checksums, "per_gpu_checksum": per_gpu, "parallelism_info": {
             "tp_rank": 0, "tp_size": 1, "dp_rank": 0, "dp_size": 1, "pp_rank": 0, "pp_size": 1, "rank": 0, "size": 1}}
-        engine_sum = hashlib.sha256(rank["per_gpu_checksum"].encode()).hexdigest()
+        engine_sum = hashlib.sha256(per_gpu.encode()).hexdigest()
         return web.json_response({"success": True, "message": "Success", "ranks": [rank],
                                   "per_engine_checksum": engine_sum})
 

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from miles.errors import UserError
 from miles.rollout import sglang_protocol as proto
-from miles.rollout.sglang_flags import FLAGS_PATH, load_flags
+from miles.rollout.sglang_flags import FLAGS_PATH, alias_map, load_flags
 from miles.spec.tables import Spec
 
 EngineKind = Literal["sglang", "embedded"]
@@ -87,14 +87,18 @@ def passthrough_args(server_args: Mapping[str, Any], flags: Mapping[str, Mapping
     from miles.spec.passthrough import check_flag  # the loader's check, so both say the same thing
 
     table = dict(flags) if flags is not None else load_flags()
+    names = alias_map(table)
     argv: list[str] = []
-    for key, value in server_args.items():
-        problem = check_flag(key, value, table)
+    for given_key, value in server_args.items():
+        problem = check_flag(given_key, value, table)
         if problem is not None:
-            raise UserError(f"[sglang] {key} {problem} (flags of SGLang from {FLAGS_PATH.name})")
+            raise UserError(f"[sglang] {given_key} {problem} (flags of SGLang from {FLAGS_PATH.name})")
+        key = names[given_key]
         info = table[key]
         kind = info.get("type")
-        if kind == "bool":
+        if info.get("nargs") == "?" and value is True:
+            argv.append(_flag(key))
+        elif kind == "bool":
             if value:
                 argv.append(_flag(key))
             elif info.get("negatable"):
@@ -104,31 +108,12 @@ def passthrough_args(server_args: Mapping[str, Any], flags: Mapping[str, Mapping
                                 "turned off from the command line")
         elif kind == "list":
             items = value if isinstance(value, list) else [value]
-            _check_items(key, items, info)
             argv += [_flag(key), *(str(v) for v in items)]
         elif kind == "json":
             argv += [_flag(key), value if isinstance(value, str) else json.dumps(value)]
         else:
             argv += [_flag(key), str(value)]
     return argv
-
-
-_ITEM_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-    "str": ("a string", lambda v: isinstance(v, str)),
-}
-
-
-def _check_items(key: str, items: Sequence[Any], info: Mapping[str, Any]) -> None:
-    """Each item of a list flag has SGLang's item type and is one of its choices."""
-    words, ok = _ITEM_TYPES.get(str(info.get("item_type", "str")), _ITEM_TYPES["str"])
-    choices = info.get("choices")
-    for i, item in enumerate(items):
-        if not ok(item):
-            raise UserError(f"[sglang] {key}: item {i} ({item!r}) must be {words} (SGLang {_flag(key)})")
-        if choices and item not in choices:
-            raise UserError(f"[sglang] {key}: item {i} ({item!r}) is not one of {', '.join(map(str, choices))}")
 
 
 def sglang_argv(
@@ -217,6 +202,35 @@ def engine_env(gpus: Sequence[int], device: str) -> dict[str, str]:
     return env
 
 
+def engine_launch(
+    spec: Spec,
+    *,
+    index: int,
+    model_path: str,
+    host: str,
+    port: int,
+    api_key: str,
+    log_dir: Path,
+    gpus: Sequence[int] = (),
+    device: str = "cpu",
+    tp_size: int | None = None,
+    nccl_port: int | None = None,
+    python: str | None = None,
+    kind: EngineKind | None = None,
+) -> EngineLaunch:
+    """Engine ``index``: its command (``spec.rollout.engine`` or ``kind``), environment and log file."""
+    kind = kind or spec.rollout.engine
+    seed = spec.rollout.rollout_seed + index
+    if kind == "sglang":
+        argv = sglang_argv(spec, model_path=model_path, host=host, port=port, api_key=api_key, tp_size=tp_size,
+                           seed=seed, nccl_port=nccl_port, python=python)
+    else:
+        argv = embedded_argv(spec, model_path=model_path, host=host, port=port, api_key=api_key, seed=seed,
+                             device=device, python=python)
+    return EngineLaunch(index=index, kind=kind, argv=tuple(argv), env=engine_env(gpus, device), host=host, port=port,
+                        api_key=api_key, log_path=log_dir / f"engine-{index}.log")
+
+
 def plan_launches(
     spec: Spec,
     plan: Any,
@@ -229,25 +243,14 @@ def plan_launches(
     only: Sequence[int] | None = None,
 ) -> list[EngineLaunch]:
     """One :class:`EngineLaunch` per engine of ``plan`` (a ``miles.plan.model.Plan``), or per index in ``only``."""
-    launches = []
-    for engine in plan.engines:
-        if only is not None and engine.index not in only:
-            continue
-        port = int(plan.ports.engine_http[engine.index])
-        seed = spec.rollout.rollout_seed + engine.index
-        device = "cuda" if plan.device == "gpu" else "cpu"
-        kind: EngineKind = spec.rollout.engine
-        if kind == "sglang":
-            nccl = plan.ports.engine_nccl[engine.index] if plan.ports.engine_nccl else None
-            argv = sglang_argv(spec, model_path=model_path, host=host, port=port, api_key=api_key, tp_size=engine.tp,
-                               seed=seed, nccl_port=nccl, python=python)
-        else:
-            argv = embedded_argv(spec, model_path=model_path, host=host, port=port, api_key=api_key, seed=seed,
-                                 device=device, python=python)
-        launches.append(EngineLaunch(index=engine.index, kind=kind, argv=tuple(argv),
-                                     env=engine_env(engine.gpus, device), host=host, port=port, api_key=api_key,
-                                     log_path=log_dir / f"engine-{engine.index}.log"))
-    return launches
+    device = "cuda" if plan.device == "gpu" else "cpu"
+    return [
+        engine_launch(spec, index=e.index, model_path=model_path, host=host, port=int(plan.ports.engine_http[e.index]),
+                      api_key=api_key, log_dir=log_dir, gpus=e.gpus, device=device, tp_size=e.tp,
+                      nccl_port=plan.ports.engine_nccl[e.index] if plan.ports.engine_nccl else None, python=python)
+        for e in plan.engines
+        if only is None or e.index in only
+    ]
 
 
 def health_ok(url: str, api_key: str | None = None, timeout: float = 5.0) -> bool:

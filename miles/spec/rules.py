@@ -6,7 +6,7 @@ planner's (``miles.plan``). Every rule reports through ``report(table, key,
 message)`` and its message says what to change. The rules, in order:
 
 * ``[run]``: exactly one of ``num_rollout`` / ``num_epoch``; ``name`` usable as a directory name.
-* ``[model]``: exactly one of ``hf_checkpoint`` / ``builtin``.
+* ``[model]``: exactly one of ``hf_checkpoint`` / ``builtin``; ``builtin`` names a built-in model (``miles.model.builtin``).
 * ``[rollout]``: ``prompt_data`` set, a ``.jsonl`` or ``.parquet`` file; exactly one reward
   (``rm_type`` / ``custom_rm_path`` / ``rm_url``); custom code as ``module:function``;
   ``rm_url`` is http(s); ``group_rm`` needs ``custom_rm_path``; ``rollout_top_k`` is -1 or >= 1;
@@ -24,6 +24,7 @@ message)`` and its message says what to change. The rules, in order:
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 
@@ -86,6 +87,14 @@ def _run_and_model(spec: Spec, report: Report) -> None:
             report("model", "builtin", "set either hf_checkpoint or builtin, not both: remove one of them")
         else:
             report("model", "", 'set the model: hf_checkpoint = "/path/to/hf-model-dir", or builtin = "<name>" for a tiny built-in model')
+    elif m.builtin:
+        from miles.model.builtin import names  # stdlib only: keeps the planner path free of torch
+
+        known = names()
+        if m.builtin not in known:
+            close = difflib.get_close_matches(m.builtin, known, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            report("model", "builtin", f"unknown built-in model {m.builtin!r}: {hint}the built-ins are {', '.join(known)}")
 
 
 def _rollout(spec: Spec, report: Report) -> None:

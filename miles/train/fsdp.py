@@ -51,7 +51,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_hf_model(model_dir: str, *, trust_remote_code: bool = False) -> torch.nn.Module:
     """An HF causal LM from a directory, in fp32 on the CPU (FSDP moves the shards to the device)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per rank and model drowns the run's log
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, attn_implementation="sdpa"

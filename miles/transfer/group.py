@@ -63,7 +63,7 @@ def join_group(
         [],
         Backend(backend),
         store,
-        group_name=group_name,
+        group_name=group_name,  # type: ignore[arg-type]  # torch's GroupName is a str NewType
         backend_options=None,
         timeout=timeout,
     )

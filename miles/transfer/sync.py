@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from miles.rollout import sglang_protocol as proto
 from miles.transfer.bucket import Bucket, buckets
 from miles.transfer.group import join_group, leave_group
 
@@ -84,7 +85,7 @@ class WeightSync:
         api_key: str | None = None,
         device: str | torch.device = "cpu",
         timeout_s: float = 600.0,
-        pause_mode: str = "abort",
+        pause_mode: proto.PauseMode = "abort",
     ) -> None:
         if not engine_urls:
             raise ValueError("weight sync needs at least one engine URL")
@@ -149,14 +150,14 @@ class WeightSync:
             return
         world = 1 + len(self.engine_urls)
         futures = [
-            self._pool.submit(self._post, url, "/init_weights_update_group", {
-                "master_address": self.master_address,
-                "master_port": self.master_port,
-                "rank_offset": 1 + i,
-                "world_size": world,
-                "group_name": self.group_name,
-                "backend": self.backend,
-            })
+            self._pool.submit(self._post, url, proto.INIT_WEIGHTS_UPDATE_GROUP.path, proto.init_weights_update_group_body(
+                master_address=self.master_address,
+                master_port=self.master_port,
+                rank_offset=1 + i,
+                world_size=world,
+                group_name=self.group_name,
+                backend="nccl" if self.backend == "nccl" else "gloo",
+            ))
             for i, url in enumerate(self.engine_urls)
         ]
         try:
@@ -173,7 +174,8 @@ class WeightSync:
         """Leave the group on both sides; engines that are gone are ignored."""
         if self.group is None:
             return
-        for f in self._post_all("/destroy_weights_update_group", {"group_name": self.group_name}):
+        for f in self._post_all(proto.DESTROY_WEIGHTS_UPDATE_GROUP.path,
+                                proto.destroy_weights_update_group_body(group_name=self.group_name)):
             try:
                 f.result()
             except SyncError:
@@ -191,27 +193,29 @@ class WeightSync:
         version = "" if weight_version is None else str(weight_version)
         start = time.perf_counter()
         total = count = nbuckets = 0
-        self._wait(self._post_all("/pause_generation", {"mode": self.pause_mode}))
+        self._wait(self._post_all(proto.PAUSE_GENERATION.path, proto.pause_generation_body(mode=self.pause_mode)))
         try:
             for bucket, last in _lookahead(buckets(named, self.bucket_bytes)):
-                body: dict[str, Any] = {
-                    **bucket.metadata(),
-                    "group_name": self.group_name,
-                    "load_format": "flattened_bucket",
-                    "flush_cache": last,
-                }
-                if last and version:
-                    body["weight_version"] = version
-                futures = self._post_all("/update_weights_from_distributed", body)
+                meta = bucket.metadata()
+                body = proto.update_weights_from_distributed_body(
+                    names=meta["names"],
+                    dtypes=meta["dtypes"],
+                    shapes=meta["shapes"],
+                    group_name=self.group_name,
+                    flattened_bucket=True,
+                    flush_cache=last,
+                    weight_version=version if last and version else None,
+                )
+                futures = self._post_all(proto.UPDATE_WEIGHTS_FROM_DISTRIBUTED.path, body)
                 flat = bucket.flatten(self.device)
                 dist.broadcast(flat, src=0, group=self.group)
                 self._wait(futures)
                 total += bucket.size
                 count += len(bucket.names)
                 nbuckets += 1
-            self._wait(self._post_all("/flush_cache"))
+            self._wait(self._post_all(proto.FLUSH_CACHE.path))
         finally:
-            self._wait(self._post_all("/continue_generation", {}))
+            self._wait(self._post_all(proto.CONTINUE_GENERATION.path, proto.continue_generation_body()))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return SyncStats(time.perf_counter() - start, total, nbuckets, count, version)

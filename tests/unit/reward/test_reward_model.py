@@ -277,11 +277,11 @@ def test_remote_retries_transient_errors_and_fails_on_4xx() -> None:
         if key == "down":
             return web.Response(status=500, text="broken")
         if key == "slow":
-            await asyncio.sleep(2)
+            await asyncio.sleep(1)
         return web.json_response(0.75)
 
     async def body(url: str) -> RewardStats:
-        model = RewardModel.from_spec(RolloutConfig(rm_url=url, rm_timeout=0.5))
+        model = RewardModel.from_spec(RolloutConfig(rm_url=url, rm_timeout=0.3))
         assert model.remote is not None
         model.remote.backoff = 0.01
         batch = samples(["flaky", "bad", "down", "slow", "plain"])

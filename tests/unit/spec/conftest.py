@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from specfiles import SpecFiles
+
+from tests.unit.spec.specfiles import SpecFiles
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from specfiles import SpecFiles, line_of
 
 from miles import cli
+from tests.unit.spec.specfiles import SpecFiles, line_of
 
 ROOT = Path(__file__).parents[3]
 
@@ -47,3 +47,10 @@ def test_loading_a_spec_does_not_import_torch() -> None:
     code = ("import sys; from miles.spec import load_spec, spec_to_toml; spec_to_toml(load_spec('configs/quickstart.toml')); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def test_validate_good_spec_exits_0(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert cli.main(["validate", "configs/quickstart.toml", "--set", "run.name=qs2"]) == 0
+    out = capsys.readouterr().out
+    assert "configs/quickstart.toml" in out

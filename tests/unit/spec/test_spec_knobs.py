@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from specfiles import DROP, SpecFiles, line_of
 
 from miles.spec import load_spec
 from miles.spec.knobs import resolve
+from tests.unit.spec.specfiles import DROP, SpecFiles, line_of
 
 KNOBS = ("rollout_batch_size", "n_samples_per_prompt", "global_batch_size", "num_steps_per_rollout")
 

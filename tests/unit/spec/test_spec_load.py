@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from specfiles import SpecFiles, line_of, render
 
 from miles.errors import UserError
 from miles.spec import SpecError, load_spec, passthrough
+from tests.unit.spec.specfiles import SpecFiles, line_of, render
 
 
 def test_quickstart_loads() -> None:

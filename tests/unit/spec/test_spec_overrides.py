@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from specfiles import SpecFiles
 
 from miles.spec import load_spec, parse_override
+from tests.unit.spec.specfiles import SpecFiles
 
 
 def test_overrides_apply_before_validation(specs: SpecFiles) -> None:

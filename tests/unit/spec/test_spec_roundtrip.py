@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from specfiles import SpecFiles
 
 from miles.spec import Spec, SpecError, load_spec, passthrough, spec_from_dict, spec_to_dict, spec_to_toml
+from tests.unit.spec.specfiles import SpecFiles
 
 ROOT = Path(__file__).parents[3]
 

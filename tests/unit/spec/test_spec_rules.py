@@ -7,8 +7,7 @@ from typing import Any
 import pytest
 
 from miles.spec import load_spec
-
-from specfiles import DROP, SpecFiles, line_of
+from tests.unit.spec.specfiles import DROP, SpecFiles, line_of
 
 # (id, changes, table, key the message is about (None: the table), a phrase of the fix)
 CASES: list[tuple[str, dict[str, dict[str, Any]], str, str | None, str]] = [
@@ -18,6 +17,7 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str, str | None, str]] = [
     ("name-newline", {"run": {"name": "a\nb"}}, "run", "name", "control characters"),
     ("model-both", {"model": {"hf_checkpoint": "/m"}}, "model", "builtin", "not both: remove one"),
     ("model-neither", {"model": {"builtin": DROP, "dtype": "float32"}}, "model", None, 'hf_checkpoint = "/path/to/hf-model-dir"'),
+    ("model-builtin-unknown", {"model": {"builtin": "tiny-arithm"}}, "model", "builtin", "did you mean 'tiny-arith'?"),
     ("prompt-data-missing", {"rollout": {"prompt_data": DROP}}, "rollout", "prompt_data", 'prompt_data = "/path/to/prompts.jsonl"'),
     ("prompt-data-suffix", {"rollout": {"prompt_data": "p.csv"}}, "rollout", "prompt_data", "must be a .jsonl or .parquet file"),
     ("reward-missing", {"rollout": {"rm_type": DROP}}, "rollout", None, "set the reward: one of rm_type"),

@@ -1,0 +1,277 @@
+"""The rollout client: SGLang /generate over several engines, with balancing, timeouts and retries.
+
+The loop hands a list of :class:`~miles.sample.Sample` to :meth:`RolloutClient.generate`
+and gets their response fields filled. Requests go to SGLang servers or embedded
+engines alike (same protocol). What the client guarantees:
+
+* bounded concurrency (``max_concurrency`` requests in flight over all engines);
+* least-outstanding-requests balancing when there is no router in front;
+* a per-request timeout; a request that fails by connection error, timeout or
+  a 5xx answer is retried with exponential backoff on another engine, and the
+  failed engine is avoided for ``dead_cooldown_s`` (a restarted engine is used
+  again after that); a 4xx answer is the request's own fault and is raised;
+* samples whose generation was aborted (``finish_reason`` abort, e.g. by a pause
+  around a weight sync) are sent again, up to the retry budget;
+* exact resume: each sample's ``sampling_seed`` is a pure function of
+  (``rollout_seed``, ``rollout_id``, the sample's position in the list), and the
+  samples are sent in fixed consecutive chunks of ``chunk_size``, each one
+  batched ``/generate`` request (the embedded engine generates a batched request
+  as exactly one batch). The same rollout therefore produces the same tokens
+  again after a restart.
+
+Use it from synchronous code through :class:`BlockingRolloutClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from miles.errors import UserError
+from miles.rollout import sglang_protocol as proto
+from miles.sample import Sample
+from miles.spec.tables import RolloutConfig
+
+
+class RolloutError(RuntimeError):
+    """Generation failed for good: every retry failed, or an engine rejected a request as invalid."""
+
+
+def sample_seed(rollout_seed: int, rollout_id: int, index: int) -> int:
+    """The ``sampling_seed`` of sample ``index`` of rollout ``rollout_id`` (stable across runs and machines)."""
+    digest = hashlib.sha256(f"miles:{rollout_seed}:{rollout_id}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def sampling_params(cfg: RolloutConfig, seed: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """SGLang ``sampling_params`` for the rollout config (``overrides`` win, e.g. eval's temperature).
+
+    ``no_stop_trim`` keeps a matched stop string in ``text`` so the text the reward
+    reads is the decoding of the tokens the trainer trains on.
+    """
+    kw: dict[str, Any] = {
+        "temperature": cfg.rollout_temperature,
+        "top_p": cfg.rollout_top_p,
+        "top_k": cfg.rollout_top_k,
+        "max_new_tokens": cfg.rollout_max_response_len,
+        "stop": cfg.rollout_stop,
+        "stop_token_ids": cfg.rollout_stop_token_ids,
+        "sampling_seed": seed,
+        "no_stop_trim": True,
+    }
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return proto.sampling_params(**kw)
+
+
+@dataclass
+class _Engine:
+    url: str
+    outstanding: int = 0
+    dead_until: float = 0.0
+    failures: int = 0
+
+
+class _Retriable(Exception):
+    """A failure that another engine (or a later try) may not have."""
+
+
+class RolloutClient:
+    """Async client over engine URLs (``http://host:port``); use ``async with`` or call :meth:`close`."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        api_key: str | None = None,
+        max_concurrency: int = 64,
+        timeout_s: float = 600.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        chunk_size: int = 32,
+        dead_cooldown_s: float = 5.0,
+    ) -> None:
+        if not urls:
+            raise UserError("no engine URLs to send rollouts to")
+        self.engines = [_Engine(u.rstrip("/")) for u in urls]
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.chunk_size = max(1, chunk_size)
+        self.dead_cooldown_s = dead_cooldown_s
+        self.max_concurrency = max_concurrency
+        self._sem: asyncio.Semaphore | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.retries = 0
+        """Requests re-sent so far (a metric for the loop's log)."""
+
+    async def __aenter__(self) -> RolloutClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self._session = aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=0))
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ------------------------------------------------------------------ engines
+
+    def _pick(self, avoid: set[str]) -> _Engine:
+        now = time.monotonic()
+        alive = [e for e in self.engines if e.dead_until <= now and e.url not in avoid]
+        if not alive:
+            alive = [e for e in self.engines if e.dead_until <= now] or sorted(self.engines, key=lambda e: e.dead_until)[:1]
+        return min(alive, key=lambda e: (e.outstanding, e.failures))
+
+    async def _request(self, engine: _Engine, method: str, path: str, body: Any, timeout: float) -> Any:
+        session = self._http()
+        try:
+            async with session.request(method, engine.url + path, json=body,
+                                       timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                text = await resp.text()
+                if resp.status >= 500 or resp.status in (408, 429):
+                    raise _Retriable(f"{engine.url}{path} answered {resp.status}: {text[:300]}")
+                if resp.status >= 400:
+                    raise RolloutError(f"{engine.url}{path} rejected the request ({resp.status}): {text[:500]}")
+                return await resp.json(content_type=None) if text else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+            raise _Retriable(f"{engine.url}{path} failed: {type(e).__name__}: {e}") from e
+
+    async def post(self, path: str, body: Any) -> Any:
+        """POST to the least loaded engine, retrying elsewhere with backoff on engine failure."""
+        self._http()
+        assert self._sem is not None
+        errors: list[str] = []
+        avoid: set[str] = set()
+        for attempt in range(self.max_retries + 1):
+            engine = self._pick(avoid)
+            async with self._sem:
+                engine.outstanding += 1
+                try:
+                    result = await self._request(engine, "POST", path, body, self.timeout_s)
+                    engine.failures = 0
+                    return result
+                except _Retriable as e:
+                    errors.append(str(e))
+                    engine.failures += 1
+                    engine.dead_until = time.monotonic() + self.dead_cooldown_s
+                    avoid.add(engine.url)
+                finally:
+                    engine.outstanding -= 1
+            if attempt < self.max_retries:
+                self.retries += 1
+                await asyncio.sleep(self.backoff_s * (2**attempt) * (0.5 + random.random()))
+        raise RolloutError(f"{path} failed after {self.max_retries + 1} tries: " + " | ".join(errors[-3:]))
+
+    async def call_all(self, path: str, body: Any = None, method: str = "POST") -> list[Any]:
+        """Send one control request to every engine (pause, continue, flush ...); errors are raised."""
+        return list(await asyncio.gather(*(self._request(e, method, path, body or {}, self.timeout_s)
+                                           for e in self.engines)))
+
+    async def wait_healthy(self, deadline_s: float = 600.0, poll_s: float = 1.0) -> None:
+        """Wait until every engine answers /health_generate with 200, or raise naming those that did not."""
+        end = time.monotonic() + deadline_s
+        pending = {e.url: e for e in self.engines}
+        last: dict[str, str] = {}
+        while pending:
+            for url, engine in list(pending.items()):
+                try:
+                    await self._request(engine, "GET", proto.HEALTH_GENERATE.path, None, min(30.0, deadline_s))
+                    del pending[url]
+                except (_Retriable, RolloutError) as e:
+                    last[url] = str(e)
+            if not pending:
+                return
+            if time.monotonic() >= end:
+                detail = "; ".join(f"{u}: {last.get(u, 'no answer')}" for u in pending)
+                raise RolloutError(f"{len(pending)} engine(s) not healthy after {deadline_s:.0f} s: {detail}")
+            await asyncio.sleep(poll_s)
+
+    # ------------------------------------------------------------------ rollouts
+
+    async def generate(
+        self, samples: Sequence[Sample], cfg: RolloutConfig, rollout_id: int, **overrides: Any
+    ) -> None:
+        """Fill ``response_*``, ``finish_reason`` and ``weight_version`` of every sample, in place.
+
+        ``overrides`` replace sampling params (``temperature=``, ``max_new_tokens=`` ... for eval).
+        """
+        seeds = [sample_seed(cfg.rollout_seed, rollout_id, i) for i in range(len(samples))]
+        chunks = [range(s, min(s + self.chunk_size, len(samples))) for s in range(0, len(samples), self.chunk_size)]
+        await asyncio.gather(*(self._generate_chunk(samples, list(c), seeds, cfg, overrides) for c in chunks))
+
+    async def _generate_chunk(
+        self, samples: Sequence[Sample], index: list[int], seeds: list[int], cfg: RolloutConfig,
+        overrides: dict[str, Any],
+    ) -> None:
+        todo = index
+        for attempt in range(self.max_retries + 1):
+            body = proto.generate_body(
+                input_ids=[samples[i].prompt_ids for i in todo],
+                sampling=[sampling_params(cfg, seeds[i], **overrides) for i in todo],
+                return_logprob=True,
+            )
+            outs = await self.post(proto.GENERATE.path, body)
+            if not isinstance(outs, list) or len(outs) != len(todo):
+                raise RolloutError(f"/generate answered {type(outs).__name__} for a batch of {len(todo)}")
+            aborted = []
+            for i, out in zip(todo, outs, strict=True):
+                _fill(samples[i], out)
+                if samples[i].finish_reason == "abort":
+                    aborted.append(i)
+            if not aborted:
+                return
+            todo = aborted
+            if attempt < self.max_retries:
+                self.retries += 1
+                await asyncio.sleep(self.backoff_s * (2**attempt))
+
+
+def _fill(sample: Sample, out: dict[str, Any]) -> None:
+    meta = out.get("meta_info", {})
+    ids = [int(t) for t in out.get("output_ids", [])]
+    lps = [float(x[0]) if x[0] is not None else 0.0 for x in meta.get("output_token_logprobs", [])]
+    sample.response_ids = ids
+    sample.response_logprobs = lps[: len(ids)]
+    sample.response_text = out.get("text") or ""
+    reason = meta.get("finish_reason") or {}
+    sample.finish_reason = str(reason.get("type", "")) if isinstance(reason, dict) else str(reason)
+    version = str(meta.get("weight_version", ""))
+    if version.isdigit():
+        sample.weight_version = int(version)
+
+
+class BlockingRolloutClient:
+    """:class:`RolloutClient` for synchronous callers (the loop): owns a private event loop."""
+
+    def __init__(self, urls: Sequence[str], **kw: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self.client = RolloutClient(urls, **kw)
+
+    def generate(self, samples: Sequence[Sample], cfg: RolloutConfig, rollout_id: int, **overrides: Any) -> None:
+        self._loop.run_until_complete(self.client.generate(samples, cfg, rollout_id, **overrides))
+
+    def wait_healthy(self, deadline_s: float = 600.0) -> None:
+        self._loop.run_until_complete(self.client.wait_healthy(deadline_s))
+
+    def call_all(self, path: str, body: Any = None, method: str = "POST") -> list[Any]:
+        return self._loop.run_until_complete(self.client.call_all(path, body, method))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self.client.close())
+        self._loop.close()

@@ -1,0 +1,97 @@
+"""The driver's half of a session: data, engines, reward (trainer rank 0 only).
+
+The driver is the one trainer rank that talks to the outside world: it reads the
+prompt data, waits for the engines to announce themselves, sends them the
+prompts, scores the responses and pushes the actor's weights to them. Keeping
+these here leaves :mod:`miles.session` about the collective parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from miles.errors import UserError
+from miles.launch import rundir
+from miles.launch.environment import TaskContext
+from miles.sample import Sample
+from miles.spec.tables import Spec
+
+
+def sampling_seed(rollout_seed: int, rollout_id: int, sample_index: int) -> int:
+    """The sampling seed of one sample: a pure function of the run's seed and its position.
+
+    A resumed run asks the engines for the same samples with the same seeds as an
+    uninterrupted one, which is what makes rollouts (and so the run) exactly repeatable.
+    """
+    digest = hashlib.blake2b(f"{rollout_seed}:{rollout_id}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+class EngineFleet:
+    """The driver's handle on every engine: generation through the client, weights through the sync group."""
+
+    def __init__(self, spec: Spec, task: TaskContext, urls: list[str]) -> None:
+        from miles.rollout.client import EngineClient
+        from miles.transfer.sync import WeightSync
+
+        self.spec = spec
+        self.urls = urls
+        self.api_key = task.api_key if hasattr(task, "api_key") else None
+        self.client = EngineClient(urls, api_key=self.api_key)
+        self.sync_group = WeightSync(
+            urls,
+            master_address=task.weight_update_addr,
+            master_port=task.weight_update_port,
+            backend=task.backend,
+            bucket_bytes=spec.rollout.update_weight_buffer_size,
+            api_key=self.api_key,
+            device=f"cuda:{task.local_rank}" if task.device == "cuda" else "cpu",
+        )
+        self.sync_group.connect()
+
+    def generate(self, samples: list[Sample], rollout_id: int, weight_version: int) -> None:
+        """Fill every sample's response fields; each sample is sampled with its own seed."""
+        r = self.spec.rollout
+        seeds = [sampling_seed(r.rollout_seed, rollout_id, i) for i in range(len(samples))]
+        asyncio.run(self.client.generate(samples, r, seeds=seeds, weight_version=weight_version))
+
+    def sync(self, weights: Any, version: int) -> None:
+        self.sync_group.sync(weights, weight_version=version)
+
+    def close(self) -> None:
+        self.sync_group.close()
+
+
+@dataclass
+class Driver:
+    dataset: Any
+    engines: EngineFleet
+    reward: Any
+    num_rollout: int
+
+
+def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> Driver:
+    """Everything the driver owns, built once at start (the engines are waited for here)."""
+    from transformers import AutoTokenizer
+
+    from miles.data import PromptDataset
+    from miles.reward.model import RewardModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
+    dataset = PromptDataset.from_spec(spec.rollout, tokenizer)
+    reward = RewardModel.from_spec(spec.rollout)
+    num_rollout = spec.run.num_rollout
+    if num_rollout is None:
+        assert spec.run.num_epoch is not None and spec.rollout.rollout_batch_size is not None
+        num_rollout = spec.run.num_epoch * len(dataset) // spec.rollout.rollout_batch_size
+        if num_rollout == 0:
+            raise UserError(
+                f"[run] num_epoch = {spec.run.num_epoch} over {len(dataset)} prompts gives no full rollout of "
+                f"rollout_batch_size = {spec.rollout.rollout_batch_size}; raise num_epoch or set num_rollout"
+            )
+    announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id, deadline_s=900.0)
+    engines = EngineFleet(spec, task, [a.url for a in announced])
+    return Driver(dataset=dataset, engines=engines, reward=reward, num_rollout=num_rollout)

@@ -1,0 +1,362 @@
+"""The Megatron-core actor: :class:`miles.train.actor.Actor` with TP, PP and EP.
+
+One ``GPTModel`` pipeline stage per rank, built from the HF directory
+(:mod:`.model`), wrapped in Megatron's ``DistributedDataParallel``. Every
+forward/backward goes through Megatron's pipeline schedules
+(``get_forward_backward_func``), so PP=1 and PP>1 run one code path.
+
+Loss normalisation is miles' own (:func:`miles.algo.loss.token_weights`
+divides by counts over the global batch), so Megatron must not rescale:
+``calculate_per_token_loss`` is on, the loss function reports zero tokens
+(no division in ``finalize_model_grads``) and DDP then sums gradients over DP
+ranks, which adds the micro-batch shares up to the global loss.
+
+Optimizer: on GPUs Megatron's distributed optimizer (fp32 master weights
+sharded over DP, global-norm clipping across TP/PP/EP). On CPUs (CI) that
+wrapper cannot run (it asserts CUDA tensors), so the same AdamW as the FSDP
+backend (:func:`miles.train.optim.build_adamw`) steps on ``main_grad`` with a
+TP/PP-aware gradient norm.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from miles.algo.loss import LossConfig, LossInputs, aggregation_for, policy_loss, token_weights
+from miles.errors import UserError
+from miles.spec.tables import Spec
+from miles.train.actor import StepMetrics, TrainerContext, needs_reference
+from miles.train.batch import MicroBatch, RolloutBatch, collate, plan_micro_batches, shard, step_indices
+from miles.train.megatron.config import DTYPES, check_parallelism, megatron_optimizer_config, read_hf_arch, te_available
+from miles.train.megatron.logprobs import vocab_parallel_logprobs_and_entropy
+from miles.train.megatron.model import build_gpt_model, init_parallel
+from miles.train.megatron.weights import export_hf_weights, load_hf_weights, save_hf_checkpoint
+from miles.train.optim import build_adamw, lr_at
+
+
+class MegatronActor:
+    """:class:`miles.train.actor.Actor` on megatron-core. Construct it on every trainer rank."""
+
+    def __init__(self, spec: Spec, ctx: TrainerContext) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+
+        t = spec.train
+        if t.global_batch_size is None or t.num_steps_per_rollout is None:
+            raise UserError("[train] global_batch_size and num_steps_per_rollout must be resolved before building the actor")
+        if ctx.group is not None and dist.get_world_size(ctx.group) != dist.get_world_size():
+            raise UserError(
+                "the Megatron backend builds its TP/PP/DP groups over the whole torch.distributed world; "
+                "start the trainers in their own world (engines outside it)"
+            )
+        self.spec, self.ctx, self.device = spec, ctx, ctx.device
+        self.arch = read_hf_arch(ctx.model_dir)
+        check_parallelism(self.arch, spec.perf, dist.get_world_size())
+        init_parallel(spec.perf, spec.run.seed)
+        self.dtype = DTYPES[spec.model.dtype]
+        self.use_te = te_available()
+        self.on_cuda = self.device.type == "cuda"
+        self.temperature = spec.rollout.rollout_temperature if spec.rollout.rollout_temperature > 0 else 1.0
+        self.loss_cfg = LossConfig.from_grpo(spec.grpo)
+        self.aggregation = aggregation_for(spec.grpo)
+        self.total_steps = ctx.num_rollout * t.num_steps_per_rollout
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.last_stage = ps.is_pipeline_last_stage()
+        self.pad_id = 0
+
+        model = self._build()
+        self.ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=self.on_cuda
+        )
+        self.model = DistributedDataParallel(config=model.config, ddp_config=self.ddp_config, module=model)
+        model.config.no_sync_func = self.model.no_sync
+        model.config.finalize_model_grads_func = finalize_model_grads
+        self.ref: Any = None
+        if needs_reference(spec.grpo):
+            self.ref = self._build(spec.ckpt.ref_load or ctx.model_dir)
+            self.ref.requires_grad_(False)
+            self.ref.eval()
+        self.optimizer: Any
+        if self.on_cuda:
+            from megatron.core.optimizer import get_megatron_optimizer
+
+            self.optimizer = get_megatron_optimizer(
+                megatron_optimizer_config(spec.optimizer, self.dtype, distributed=True), [self.model]
+            )
+        else:
+            self.optimizer = build_adamw(spec.optimizer, self.model.module.named_parameters())
+        self._step = 0
+
+    def _build(self, model_dir: str | None = None) -> Any:
+        model = build_gpt_model(self.arch, self.spec.perf, self.dtype, self.use_te, self.device)
+        load_hf_weights(model, self.arch, model_dir or self.ctx.model_dir)
+        return model
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    # -- forward -------------------------------------------------------------------------------
+    def _micro_batches(self, batch: RolloutBatch, idx: list[int]) -> list[list[int]]:
+        t = self.spec.train
+        lengths = [batch.seq_len(i) for i in range(len(batch))]
+        max_tokens = t.max_tokens_per_gpu if t.use_dynamic_batch_size else None
+        per_rank = shard(idx, self.dp_size)
+        return plan_micro_batches(per_rank, lengths, micro_batch_size=t.micro_batch_size, max_tokens=max_tokens)[
+            self.dp_rank
+        ]
+
+    def _token_stats(self, output: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response-token log-probs and entropies ``[B, R]`` from this rank's vocabulary slice of the logits."""
+        sel = torch.gather(output, 1, mb.logit_pos.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
+        local_vocab = output.shape[-1]
+        return vocab_parallel_logprobs_and_entropy(
+            sel,
+            mb.targets,
+            vocab_start=self.tp_rank * local_vocab,
+            vocab_size=self.arch.vocab_size,
+            temperature=self.temperature,
+            group=self.tp_group,
+        )
+
+    def _run(self, net: Any, mbs: list[MicroBatch], loss_fn: Any, forward_only: bool) -> list[dict[str, Any]]:
+        """One pass of Megatron's schedule over ``mbs``; returns the loss function's dicts (last stage only)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        it = iter(mbs)
+
+        def forward_step(data_iterator: Iterator[MicroBatch], model: Any) -> tuple[torch.Tensor, Any]:
+            mb = next(data_iterator)
+            b, s = mb.input_ids.shape
+            pos = torch.arange(s, device=self.device).unsqueeze(0).expand(b, -1)
+            out = model(mb.input_ids, pos, None)
+            return out, partial(loss_fn, mb)
+
+        seq = max(int(mb.input_ids.shape[1]) for mb in mbs)
+        store = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=it,
+            model=[net],
+            num_microbatches=len(mbs),
+            seq_length=seq,
+            micro_batch_size=max(int(mb.input_ids.shape[0]) for mb in mbs),
+            forward_only=forward_only,
+        )
+        return list(store) if self.last_stage else []
+
+    def _zero_tokens(self) -> torch.Tensor:
+        return torch.zeros([], dtype=torch.int, device=self.device)
+
+    # -- Actor API -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(self, batch: RolloutBatch, *, model: Literal["actor", "ref"] = "actor") -> list[torch.Tensor]:
+        """See :meth:`miles.train.actor.Actor.compute_logprobs`."""
+        net = self.model if model == "actor" else self.ref
+        if net is None:
+            raise RuntimeError("no reference model: enable [grpo] use_kl_loss or kl_coef to build one")
+        plan = self._micro_batches(batch, list(range(len(batch))))
+        mbs = [collate(batch, idx, self.pad_id).to(self.device) for idx in plan]
+
+        def loss_fn(mb: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+            lp, _ = self._token_stats(output, mb)
+            rows = [(i, lp[k, : batch.response_lens[i]].to("cpu", torch.float32)) for k, i in enumerate(mb.indices)]
+            return lp.sum() * 0.0, self._zero_tokens(), {"rows": rows}
+
+        was_training = net.training
+        net.eval()
+        store = self._run(net, mbs, loss_fn, forward_only=True)
+        net.train(was_training)
+        mine = [row for d in store for row in d["rows"]] if self.tp_rank == 0 else []
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        out: list[torch.Tensor | None] = [None] * len(batch)
+        for part in gathered:
+            for i, lp in part:
+                out[i] = lp
+        assert all(t is not None for t in out)
+        return [t for t in out if t is not None]
+
+    def train(self, batch: RolloutBatch, rollout_id: int) -> list[StepMetrics]:
+        """See :meth:`miles.train.actor.Actor.train`."""
+        t = self.spec.train
+        assert t.global_batch_size is not None and t.num_steps_per_rollout is not None
+        if batch.advantages is None:
+            raise ValueError("batch.advantages must be set before train()")
+        if batch.old_logprobs is None and t.num_steps_per_rollout > 1:
+            raise ValueError("old_logprobs are required with more than one optimizer step per rollout")
+        if self.loss_cfg.use_kl_loss and batch.ref_logprobs is None:
+            raise ValueError("use_kl_loss needs batch.ref_logprobs")
+        return [self._optimizer_step(batch, idx, rollout_id) for idx in step_indices(len(batch), t.global_batch_size, t.num_steps_per_rollout)]
+
+    def _optimizer_step(self, batch: RolloutBatch, idx: list[int], rollout_id: int) -> StepMetrics:
+        t0 = time.perf_counter()
+        plan = self._micro_batches(batch, idx)
+        mbs = [collate(batch, i, self.pad_id).to(self.device) for i in plan]
+        global_tokens = float(sum(float(batch.loss_masks[i].sum()) for i in idx))
+
+        def loss_fn(mb: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+            lp, ent = self._token_stats(output, mb)
+            if not mb.indices:  # a dummy micro-batch keeps the collectives in step with the other DP ranks
+                return lp.sum() * 0.0, self._zero_tokens(), {"metrics": {}, "tokens": 0}
+            w = token_weights(
+                mb.mask, self.aggregation, global_tokens=global_tokens, global_samples=len(idx),
+                max_response_len=self.spec.rollout.rollout_max_response_len,
+            )
+            assert mb.advantages is not None
+            loss, metrics = policy_loss(
+                self.loss_cfg,
+                LossInputs(
+                    logprobs=lp, advantages=mb.advantages, mask=mb.mask, weights=w, old_logprobs=mb.old_logprobs,
+                    entropy=ent, ref_logprobs=mb.ref_logprobs, rollout_logprobs=mb.rollout_logprobs,
+                ),
+            )
+            tokens = int(mb.attention_mask.sum())
+            return loss, self._zero_tokens(), {"metrics": {k: float(v) for k, v in metrics.items()}, "tokens": tokens}
+
+        self.model.zero_grad_buffer()
+        if self.on_cuda:
+            self.optimizer.zero_grad()
+        store = self._run(self.model, mbs, loss_fn, forward_only=False)
+        lr = lr_at(self.spec.optimizer, self._step, self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        if self.on_cuda:
+            ok, grad_norm, _ = self.optimizer.step()
+            if not ok:
+                raise RuntimeError("Megatron optimizer step was skipped (non-finite gradients)")
+        else:
+            grad_norm = self._cpu_step()
+        self._step += 1
+        out = self._reduce_metrics(store)
+        out.update(grad_norm=float(grad_norm or 0.0), lr=lr, step=float(self._step), rollout_id=float(rollout_id),
+                   step_time_s=time.perf_counter() - t0)
+        return out
+
+    def _cpu_step(self) -> float:
+        """AdamW on ``main_grad`` with the global gradient norm over TP and PP (no double counting of replicas)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
+
+        params = [p for p in self.model.module.parameters() if p.requires_grad]
+        sq = torch.zeros((), dtype=torch.float64)
+        for p in params:
+            p.grad = p.main_grad.to(p.dtype)
+            if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
+                sq += p.grad.to(torch.float64).pow(2).sum()
+        dist.all_reduce(sq, group=ps.get_model_parallel_group())
+        norm = math.sqrt(float(sq))
+        clip = self.spec.optimizer.clip_grad
+        if clip > 0 and norm > clip:
+            coeff = clip / (norm + 1e-6)
+            for p in params:
+                assert p.grad is not None
+                p.grad.mul_(coeff)
+        self.optimizer.step()
+        for p in params:
+            p.grad = None
+        return norm
+
+    def _reduce_metrics(self, store: list[dict[str, Any]]) -> StepMetrics:
+        """Sum the micro-batch metric shares (max/min for ``*_max``/``*_min``) over all DP ranks; same on every rank."""
+        from megatron.core import parallel_state as ps
+
+        mine: dict[str, float] = {}
+        tokens = 0
+        if self.last_stage and self.tp_rank == 0 and ps.get_context_parallel_rank() == 0:
+            for d in store:
+                tokens += d["tokens"]
+                for k, v in d["metrics"].items():
+                    if k.endswith("_max"):
+                        mine[k] = max(mine.get(k, -math.inf), v)
+                    elif k.endswith("_min"):
+                        mine[k] = min(mine.get(k, math.inf), v)
+                    else:
+                        mine[k] = mine.get(k, 0.0) + v
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (mine, tokens))
+        out: dict[str, float] = {}
+        total_tokens = 0
+        for part, n in gathered:
+            total_tokens += n
+            for k, v in part.items():
+                if k.endswith("_max"):
+                    out[k] = max(out.get(k, -math.inf), v)
+                elif k.endswith("_min"):
+                    out[k] = min(out.get(k, math.inf), v)
+                else:
+                    out[k] = out.get(k, 0.0) + v
+        out["train_tokens"] = float(total_tokens)
+        return out
+
+    # -- weights -------------------------------------------------------------------------------
+    def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """See :meth:`miles.train.actor.Actor.named_hf_weights`: gathered over TP/EP, sent from each PP stage to rank 0."""
+        return export_hf_weights(self.model.module, self.arch, self.device)
+
+    def save_hf(self, out_dir: str) -> None:
+        """Write the current weights as an HF checkpoint (``[ckpt] save_hf``); collective, rank 0 writes."""
+        save_hf_checkpoint(self.named_hf_weights(), out_dir, self.ctx.model_dir)
+
+    @torch.no_grad()
+    def update_ref(self) -> None:
+        if self.ref is None:
+            return
+        for p_ref, p in zip(self.ref.parameters(), self.model.module.parameters(), strict=True):
+            p_ref.copy_(p)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _sharded_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"model": self.model.module.sharded_state_dict(prefix="model."), "step": self._step}
+        if self.ref is not None:
+            state["ref"] = self.ref.sharded_state_dict(prefix="ref.")
+        if self.on_cuda:
+            state["optimizer"] = self.optimizer.sharded_state_dict(state["model"])
+        return state
+
+    def save(self, path: str) -> None:
+        """See :meth:`miles.train.actor.Actor.save`: ``megatron.core.dist_checkpointing`` (resharding-capable).
+
+        On CPUs the plain AdamW's state goes to one file per rank next to it
+        (resumable with the same mesh only).
+        """
+        from megatron.core import dist_checkpointing
+
+        mdir = os.path.join(path, "megatron")
+        if dist.get_rank() == 0:
+            os.makedirs(mdir, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded_state(), mdir)
+        if not self.on_cuda:
+            torch.save(self.optimizer.state_dict(), os.path.join(path, f"adamw.rank{dist.get_rank()}.pt"))
+        dist.barrier()
+
+    def load(self, path: str) -> None:
+        """Restore what :meth:`save` wrote."""
+        from megatron.core import dist_checkpointing
+
+        state = dist_checkpointing.load(self._sharded_state(), os.path.join(path, "megatron"))
+        self.model.module.load_state_dict(_strip(state["model"], "model."))
+        if self.ref is not None:
+            self.ref.load_state_dict(_strip(state["ref"], "ref."))
+        if self.on_cuda:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(torch.load(os.path.join(path, f"adamw.rank{dist.get_rank()}.pt")))
+        self._step = int(state["step"])
+
+
+def _strip(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}

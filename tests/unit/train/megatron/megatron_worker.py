@@ -1,0 +1,183 @@
+"""One rank of the Megatron backend's CPU tests: ``python megatron_worker.py OUT_DIR WORK_DIR SCENARIO...``.
+
+Started by ``test_megatron_actor.py`` once per rank (world 2, gloo) with
+RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set. Rank 0 ``torch.save``s each
+scenario's results to ``OUT_DIR/<scenario>.pt``. The ``__main__`` guard is
+required: dist_checkpointing starts spawn workers that re-import this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+import cpu_shim  # noqa: E402,F401  (before megatron builds anything)
+from tiny_model import rollout_batch, tiny_spec, write_tiny_qwen2  # noqa: E402
+
+from miles.spec.tables import PerfConfig, Spec  # noqa: E402
+from miles.train.actor import TrainerContext, build_actor  # noqa: E402
+from miles.train.batch import RolloutBatch  # noqa: E402
+
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen2": {"model_type": "qwen2"},
+    "qwen3": {"model_type": "qwen3", "head_dim": 8},
+    "llama": {
+        "model_type": "llama",
+        "max_position_embeddings": 256,
+        "rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    },
+    "qwen3_moe": {"model_type": "qwen3_moe", "head_dim": 8, "moe_intermediate_size": 16, "num_experts": 4,
+                  "num_experts_per_tok": 2, "norm_topk_prob": True},
+}
+
+
+def write_family(path: str, family: str, seed: int = 0) -> None:
+    """A tiny random HF checkpoint of ``family`` (vocab 95: not divisible by TP=2, so padding is exercised)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(FAMILY_CONFIGS[family])
+    model_type = kw.pop("model_type")
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=95, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **kw,
+    )
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).float().save_pretrained(path)
+
+
+def megatron_spec(perf: PerfConfig, **train: object) -> Spec:
+    return dataclasses.replace(tiny_spec(**train), perf=perf)
+
+
+def _prepare(actor: Any, batch: RolloutBatch) -> RolloutBatch:
+    batch.old_logprobs = actor.compute_logprobs(batch)
+    batch.ref_logprobs = actor.compute_logprobs(batch, model="ref")
+    return batch
+
+
+def _weights(actor: Any) -> dict[str, torch.Tensor]:
+    return {n: t.clone() for n, t in actor.named_hf_weights()}
+
+
+def scenario_equiv(work: str, out: dict[str, Any], perf: PerfConfig) -> None:
+    """FSDP (DP=2) and Megatron (``perf``) from the same tiny Qwen2, same rollout: log-probs, losses, weights."""
+    model_dir = os.path.join(work, "qwen2-tied")
+    ctx = TrainerContext(model_dir=model_dir, num_rollout=1, device=torch.device("cpu"))
+    for name, spec in (("fsdp", tiny_spec()), ("megatron", megatron_spec(perf))):
+        actor = build_actor(spec, ctx)
+        batch = _prepare(actor, rollout_batch(1))
+        t0 = time.perf_counter()
+        metrics = actor.train(batch, rollout_id=0)
+        out[name] = {
+            "old_logprobs": batch.old_logprobs, "ref_logprobs": batch.ref_logprobs, "metrics": metrics,
+            "weights": _weights(actor), "train_s": time.perf_counter() - t0,
+        }
+
+
+def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
+    """Every family at TP=2 (Qwen3-MoE at TP=2 x EP=2): HF -> Megatron -> HF bit for bit; log-probs match HF."""
+    from transformers import AutoModelForCausalLM
+
+    from miles.algo.loss import logprobs_and_entropy
+    from miles.train.megatron.config import read_hf_arch
+    from miles.train.megatron.logprobs import vocab_parallel_logprobs_and_entropy
+    from miles.train.megatron.model import build_gpt_model, init_parallel
+    from miles.train.megatron.weights import SafetensorsReader, export_hf_weights, load_hf_weights
+
+    from megatron.core import parallel_state as ps
+
+    for family in FAMILY_CONFIGS:
+        d = os.path.join(work, family)
+        arch = read_hf_arch(d)
+        perf = PerfConfig(tp=2, ep=2, etp=1) if family == "qwen3_moe" else PerfConfig(tp=2)
+        init_parallel(perf, 1234)
+        model = build_gpt_model(arch, perf, torch.float32, False, torch.device("cpu"))
+        load_hf_weights(model, arch, d)
+        exported = {n: t.clone() for n, t in export_hf_weights(model, arch, torch.device("cpu"))}
+        reader = SafetensorsReader(d)
+        ids = torch.randint(0, arch.vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            logits = model(ids, torch.arange(12).unsqueeze(0).expand(2, -1), None)
+            local = logits.shape[-1]
+            lp, ent = vocab_parallel_logprobs_and_entropy(
+                logits[:, :-1], ids[:, 1:], vocab_start=ps.get_tensor_model_parallel_rank() * local,
+                vocab_size=arch.vocab_size, group=ps.get_tensor_model_parallel_group(),
+            )
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+            ref_lp, ref_ent = logprobs_and_entropy(hf(ids).logits[:, :-1], ids[:, 1:])
+        out[family] = {
+            "names": sorted(exported), "hf_names": sorted(reader.files),
+            "mismatched": [n for n in reader.files if n not in exported or not torch.equal(exported[n], reader.get(n))],
+            "lp": lp, "ref_lp": ref_lp, "ent": ent, "ref_ent": ref_ent,
+        }
+
+
+def scenario_resume(work: str, out: dict[str, Any], ckpt: str) -> None:
+    """Megatron TP=2: train, save (dist_checkpointing), train; a fresh actor that loads repeats the second train."""
+    model_dir = os.path.join(work, "qwen2-tied")
+    ctx = TrainerContext(model_dir=model_dir, num_rollout=2, device=torch.device("cpu"))
+    spec = megatron_spec(PerfConfig(tp=2))
+    a = build_actor(spec, ctx)
+    a.train(_prepare(a, rollout_batch(1)), rollout_id=0)
+    if dist.get_rank() == 0:
+        os.makedirs(ckpt, exist_ok=True)
+    dist.barrier()
+    t0 = time.perf_counter()
+    a.save(ckpt)
+    out["save_s"] = time.perf_counter() - t0
+    m_a = a.train(_prepare(a, rollout_batch(2)), rollout_id=1)
+    w_a = _weights(a)
+    b = build_actor(spec, ctx)
+    t0 = time.perf_counter()
+    b.load(ckpt)
+    out["load_s"] = time.perf_counter() - t0
+    out["step_after_load"] = b.step
+    m_b = b.train(_prepare(b, rollout_batch(2)), rollout_id=1)
+    out["metrics"] = (m_a, m_b)
+    out["weights"] = (w_a, _weights(b))
+
+
+def main() -> None:
+    out_dir, work = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if rank == 0:
+        write_tiny_qwen2(os.path.join(work, "qwen2-tied"))
+        for family in FAMILY_CONFIGS:
+            write_family(os.path.join(work, family), family)
+    dist.barrier()
+    for scenario in sys.argv[3:]:
+        out: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        if scenario == "equiv_tp2":
+            scenario_equiv(work, out, PerfConfig(tp=2))
+        elif scenario == "equiv_pp2":
+            scenario_equiv(work, out, PerfConfig(pp=2))
+        elif scenario == "roundtrip":
+            scenario_roundtrip(work, out)
+        elif scenario == "resume":
+            scenario_resume(work, out, os.path.join(work, "ckpt"))
+        else:
+            raise SystemExit(f"unknown scenario {scenario}")
+        out["wall_s"] = time.perf_counter() - t0
+        if rank == 0:
+            torch.save(out, os.path.join(out_dir, f"{scenario}.pt"))
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
