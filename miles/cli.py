@@ -110,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"miles {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        # `miles plan ... | head`: the reader left; not an error of ours.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def run_trainer(spec: Spec, task: TaskContext) -> int:
         batch = run.prepare_batch()
 
         # 3. optimize: num_steps_per_rollout optimizer steps over the rollout
-        step_metrics = run.actor.train(batch, rollout_id)
+        step_metrics = run.train(batch, rollout_id)
 
         # 4. sync: the actor's new weights go to the engines
         run.sync_weights()

@@ -77,7 +77,7 @@ class MetricsLog:
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
         panels = [
             ("rollout/reward_mean", "mean reward"),
-            ("train/kl", "KL to reference"),
+            ("train/kl_loss", "KL to reference"),
             ("train/entropy", "entropy"),
             ("rollout/response_len_mean", "response length (tokens)"),
         ]
@@ -109,5 +109,5 @@ def console_line(rollout_id: int, num_rollout: int, metrics: dict[str, float], p
     return (
         f"rollout {rollout_id + 1}/{num_rollout} | samples {int(metrics.get('rollout/samples', 0))} | "
         f"gen {perf.get('rollout/tokens_per_s', 0.0):.0f} tok/s | reward {metrics.get('rollout/reward_mean', 0.0):.3f} | "
-        f"kl {metrics.get('train/kl', 0.0):.4f} | {phases} | total {perf.get('time/total', 0.0):.2f}s"
+        f"kl {metrics.get('train/kl_loss', 0.0):.4f} | {phases} | total {perf.get('time/total', 0.0):.2f}s"
     )

@@ -14,7 +14,6 @@ and the engines are given the actor's exact weights right after a resume.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from miles import fault
 from miles.algo.advantages import AdvantageInputs, compute_advantages
 from miles.ckpt.state import binding_fields, capture_rng, check_resumable, restore_rng
 from miles.ckpt.store import CheckpointStore, write_json_atomic
@@ -82,8 +82,9 @@ class _Timer:
 class Session:
     """One trainer rank's view of a run; build it with :meth:`start`."""
 
-    def __init__(self, spec: Spec, task: TaskContext, actor: Actor, num_rollout: int) -> None:
+    def __init__(self, spec: Spec, task: TaskContext, actor: Actor, num_rollout: int, model_dir: str) -> None:
         self.spec = spec
+        self.model_dir = model_dir
         self.task = task
         self.actor = actor
         self.num_rollout = num_rollout
@@ -125,7 +126,7 @@ class Session:
         num_rollout = _broadcast(driver.num_rollout if driver is not None else None)
         device = torch.device(f"cuda:{task.local_rank}" if task.device == "cuda" else "cpu")
         actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=num_rollout, device=device))
-        run = cls(spec, task, actor, num_rollout)
+        run = cls(spec, task, actor, num_rollout, model_dir)
         if driver is not None:
             run.dataset, run.engines, run.reward = driver.dataset, driver.engines, driver.reward
         run._resume()
@@ -182,6 +183,7 @@ class Session:
         self._gen_seconds = time.perf_counter() - t0
         self._gen_tokens = sum(len(s.response_ids) for s in samples)
         self._t = self.timer.add("generate", self._t)
+        fault.point("generate", rollout_id, self.run_dir, self.rank)
         return samples
 
     def score(self, samples: list[Sample] | None) -> dict[str, float]:
@@ -189,7 +191,7 @@ class Session:
         stats: dict[str, float] = {}
         if self.is_driver:
             assert samples is not None
-            stats = asyncio.run(self.reward.score(samples)).metrics()
+            stats = self.reward.score_blocking(samples).metrics()
         self._t = self.timer.add("reward", self._t)
         self._samples = _broadcast(samples if self.is_driver else None)
         return stats
@@ -215,6 +217,11 @@ class Session:
         )
         return batch
 
+    def train(self, batch: RolloutBatch, rollout_id: int) -> list[StepMetrics]:
+        """``num_steps_per_rollout`` optimizer steps of the actor over this rollout."""
+        fault.point("train", rollout_id, self.run_dir, self.rank)
+        return self.actor.train(batch, rollout_id)
+
     def sync_weights(self, bump: bool = True) -> None:
         """Give the engines the actor's current weights (collective over the trainer ranks)."""
         t0 = time.perf_counter()
@@ -229,6 +236,7 @@ class Session:
                 pass
         if bump:
             self._t = self.timer.add("sync", t0)
+            fault.point("sync", self.weight_version - 1, self.run_dir, self.rank)
 
     def stop_requested(self) -> bool:
         """Whether any rank saw the preempt flag; agreed by all-reduce at a phase boundary."""
@@ -256,6 +264,7 @@ class Session:
         (partial / "rng").mkdir(exist_ok=True)
         write_json_atomic(partial / "rng" / f"rank-{self.rank}.json", start.rng if start else capture_rng())
         dist.barrier()
+        fault.point("save", next_rollout, self.run_dir, self.rank)
         if self.is_driver:
             dataset_state = start.dataset if start else self.dataset.state_dict()
             write_json_atomic(
@@ -299,20 +308,42 @@ class Session:
             "rollout/truncated_frac": statistics.fmean(1.0 if x.finish_reason == "length" else 0.0 for x in s),
             "rollout/weight_version": float(self.weight_version),
         }
-        metrics.update({f"reward/{k}": float(v) for k, v in reward_stats.items()})
+        metrics.update({k: float(v) for k, v in reward_stats.items()})
         keys = sorted({k for m in step_metrics for k in m})
         for k in keys:
             metrics[f"train/{k}"] = statistics.fmean(m[k] for m in step_metrics if k in m)
-        perf = dict(self.timer.phases)
+        # Wall-clock figures differ between any two runs: they go to perf.jsonl, never metrics.jsonl.
+        perf = {k: metrics.pop(k) for k in [k for k in metrics if k.endswith("time_s")]}
+        perf.update(self.timer.phases)
         perf["time/total"] = time.perf_counter() - self._rollout_t0
         perf["rollout/tokens_per_s"] = self._gen_tokens / self._gen_seconds if self._gen_seconds > 0 else 0.0
         self.metrics.log(rollout_id, metrics, perf)
         print(console_line(rollout_id, self.num_rollout, metrics, perf), flush=True)
 
+    def export_hf(self, out: Path) -> None:
+        """Write the actor's weights as an HF directory (config and tokenizer copied from the model)."""
+        tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in self.actor.named_hf_weights()}
+        if not self.is_driver:
+            return
+        import shutil
+
+        from safetensors.torch import save_file
+
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for f in Path(self.model_dir).iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, tmp / f.name)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+
     def finish(self) -> int:
-        """The run is complete: final save, mark done (no requeue), close."""
+        """The run is complete: final save and HF export, mark done (no requeue), close."""
         if self._saved_at != self.num_rollout:
             self.save(self.num_rollout)
+        self.export_hf(self.run_dir / "final")
         if self.is_driver:
             control_dir(self.run_dir).mkdir(parents=True, exist_ok=True)
             (control_dir(self.run_dir) / "done").write_text(json.dumps({"num_rollout": self.num_rollout}))
@@ -325,6 +356,8 @@ class Session:
             self.metrics.close()
         if self.engines is not None:
             self.engines.close()
+        if self.reward is not None:
+            self.reward.close()
 
 
 def _install_stop_handlers(control: Path) -> None:

@@ -8,8 +8,8 @@ these here leaves :mod:`miles.session` about the collective parts.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
+import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,27 +20,17 @@ from miles.sample import Sample
 from miles.spec.tables import Spec
 
 
-def sampling_seed(rollout_seed: int, rollout_id: int, sample_index: int) -> int:
-    """The sampling seed of one sample: a pure function of the run's seed and its position.
-
-    A resumed run asks the engines for the same samples with the same seeds as an
-    uninterrupted one, which is what makes rollouts (and so the run) exactly repeatable.
-    """
-    digest = hashlib.blake2b(f"{rollout_seed}:{rollout_id}:{sample_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
 class EngineFleet:
     """The driver's handle on every engine: generation through the client, weights through the sync group."""
 
     def __init__(self, spec: Spec, task: TaskContext, urls: list[str]) -> None:
-        from miles.rollout.client import EngineClient
+        from miles.rollout.client import BlockingRolloutClient
         from miles.transfer.sync import WeightSync
 
         self.spec = spec
         self.urls = urls
-        self.api_key = task.api_key if hasattr(task, "api_key") else None
-        self.client = EngineClient(urls, api_key=self.api_key)
+        self.api_key = os.environ.get("MILES_ENGINE_API_KEY") or None
+        self.client = BlockingRolloutClient(urls, api_key=self.api_key)
         self.sync_group = WeightSync(
             urls,
             master_address=task.weight_update_addr,
@@ -53,16 +43,15 @@ class EngineFleet:
         self.sync_group.connect()
 
     def generate(self, samples: list[Sample], rollout_id: int, weight_version: int) -> None:
-        """Fill every sample's response fields; each sample is sampled with its own seed."""
-        r = self.spec.rollout
-        seeds = [sampling_seed(r.rollout_seed, rollout_id, i) for i in range(len(samples))]
-        asyncio.run(self.client.generate(samples, r, seeds=seeds, weight_version=weight_version))
+        """Fill every sample's response fields; each sample's seed is a pure function of its position."""
+        self.client.generate(samples, self.spec.rollout, rollout_id)
 
     def sync(self, weights: Any, version: int) -> None:
         self.sync_group.sync(weights, weight_version=version)
 
     def close(self) -> None:
         self.sync_group.close()
+        self.client.close()
 
 
 @dataclass
@@ -82,7 +71,7 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> Driver:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
     dataset = PromptDataset.from_spec(spec.rollout, tokenizer)
-    reward = RewardModel.from_spec(spec.rollout)
+    reward = RewardModel.from_spec(spec.rollout, base_dir=Path(spec.source).parent if spec.source else None)
     num_rollout = spec.run.num_rollout
     if num_rollout is None:
         assert spec.run.num_epoch is not None and spec.rollout.rollout_batch_size is not None

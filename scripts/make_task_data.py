@@ -1,8 +1,9 @@
 """Generate the synthetic prompt sets the example configs use (committed under configs/data/).
 
-last-digit.jsonl: "07+45=" -> "2", the last digit of a two-digit sum. A random
-model guesses right about 1 time in 20 (the built-in tiny-arith tokenizer has
-20 symbols); a model that has learnt to add the operands' last digits scores 1.
+majority-digit.jsonl: "31737238=" -> "3": the digit that occurs most often in eight
+digits (exactly three times; every other digit at most twice). A random model
+guesses right about 1 time in 20 (the built-in tiny-arith tokenizer has 20
+symbols); a model has to learn to count to score 1.
 arith.jsonl: small integer arithmetic in chat form for a pretrained model
 (SmolLM2), answered in \\boxed{} and scored by the `math` reward.
 
@@ -18,9 +19,15 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent.parent / "configs" / "data"
 
 
-def last_digit() -> list[dict[str, object]]:
-    rows = [{"prompt": f"{a:02d}+{b:02d}=", "label": str((a + b) % 10)} for a in range(100) for b in range(100)]
-    random.Random(0).shuffle(rows)
+def majority_digit(n: int = 20000, length: int = 8, count: int = 3) -> list[dict[str, object]]:
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        mode = rng.randrange(10)
+        pool = [d for d in range(10) if d != mode for _ in range(count - 1)]
+        digits = [mode] * count + rng.sample(pool, length - count)
+        rng.shuffle(digits)
+        rows.append({"prompt": "".join(map(str, digits)) + "=", "label": str(mode)})
     return rows
 
 
@@ -38,7 +45,7 @@ def arith(n: int = 2000) -> list[dict[str, object]]:
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("last-digit.jsonl", last_digit()), ("arith.jsonl", arith())):
+    for name, rows in (("majority-digit.jsonl", majority_digit()), ("arith.jsonl", arith())):
         (OUT / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"wrote {OUT / name} ({len(rows)} rows)")
 

@@ -17,13 +17,14 @@ VENV="${1:-${MILES_SGLANG_VENV:-$ROOT/.venv-sglang}}"
 PY="${PYTHON:-python3}"
 PIN="$(sed -n 's/^SGLANG_PIN = "\(.*\)"$/\1/p' "$ROOT/miles/rollout/sglang_flags.py")"
 TORCH="2.13.0"
+ROUTER="0.3.2"  # sglang-router, for the router-in-front test
 # Requirements that are CUDA/ROCm-only, GPU kernels, or vision/audio stacks built
 # against other torch versions; none is imported on the CPU text-serving path.
 EXCLUDE="apache-tvm-ffi av cuda-python cuda-tile decord2 flash-attn-4 flashinfer-python humming-kernels kernels
 nvidia-cutlass-dsl nvidia-mathdx nvshmem4py-cu13 quack-kernels sgl-deep-ep sgl-deep-gemm sglang-kernel tilelang
 tokenspeed-mla torch-memory-saver torchaudio torchcodec torchvision timm py-spy"
 
-want="$(printf '%s\n' "$PIN" "$TORCH" "$EXCLUDE" | cat - "$0" | sha1sum | cut -d' ' -f1)"
+want="$(printf '%s\n' "$PIN" "$TORCH" "$ROUTER" "$EXCLUDE" | cat - "$0" | sha1sum | cut -d' ' -f1)"
 stamp="$VENV/.miles-sglang-installed"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
@@ -35,7 +36,7 @@ pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 cons="$(mktemp)"
 trap 'rm -f "$cons"' EXIT
 echo "torch==$TORCH" > "$cons"
-"${pip[@]}" "torch==$TORCH"
+"${pip[@]}" "torch==$TORCH" 2>&1 | { grep -v "^WARNING: Location" || true; }
 "${pip[@]}" --no-deps "sglang==$PIN" packaging
 # SGLang's own Requires-Dist, evaluated for this interpreter, minus the excluded names.
 reqs="$("$VENV/bin/python" - "$EXCLUDE" <<'PY'
@@ -53,7 +54,9 @@ for line in requires("sglang") or []:
     print(req)
 PY
 )"
+# pip then lists the excluded requirements as missing: expected, so those lines are dropped.
 # shellcheck disable=SC2086
-"${pip[@]}" -c "$cons" $reqs triton
+"${pip[@]}" -c "$cons" $reqs triton "sglang-router==$ROUTER" 2>&1 \
+  | { grep -v -e "^sglang $PIN requires" -e "^WARNING: Location" -e "dependency resolver does not currently" || true; }
 echo "$want" > "$stamp"
 echo "== $VENV ready in $((SECONDS - start)) s"

@@ -208,13 +208,13 @@ def policy_loss(cfg: LossConfig, inp: LossInputs) -> tuple[torch.Tensor, dict[st
 
     with torch.no_grad():
         valid = mask > 0
-        big = torch.tensor(float("inf"))
+        inf = torch.full((), float("inf"), device=lp.device)
         metrics["pg_loss"] = pg_loss.detach()
         metrics["clip_frac"] = (w * clipped).sum()
         metrics["dual_clip_frac"] = (w * dual_clipped).sum()
         metrics["ppo_kl"] = (w * (old - lp.detach())).sum()
         metrics["ratio"] = (w * ratio.detach()).sum()
-        metrics["ratio_max"] = torch.where(valid, ratio.detach(), -big).max() if valid.any() else -big
-        metrics["ratio_min"] = torch.where(valid, ratio.detach(), big).min() if valid.any() else big
+        metrics["ratio_max"] = torch.where(valid, ratio.detach(), -inf).max()
+        metrics["ratio_min"] = torch.where(valid, ratio.detach(), inf).min()
         metrics["loss"] = loss.detach()
     return loss, metrics

@@ -14,12 +14,15 @@ from miles.data.dataset import Prompt
 from miles.sample import Sample
 
 
-def expand_groups(prompts: Sequence[Prompt], n_samples_per_prompt: int) -> list[Sample]:
+def expand_groups(prompts: Sequence[Prompt], n_samples_per_prompt: int | None) -> list[Sample]:
     """``len(prompts) * n`` samples, grouped contiguously: samples ``[g*n, (g+1)*n)`` belong to prompt ``g``.
 
-    Each sample gets its own copy of the label and metadata, so a reward
-    function that mutates one sample's metadata cannot leak into its siblings.
+    ``None`` (the spec's "not set") means Miles' default of 1. Each sample gets
+    its own copy of the label and metadata, so a reward function that mutates
+    one sample's metadata cannot leak into its siblings.
     """
+    if n_samples_per_prompt is None:
+        n_samples_per_prompt = 1
     if n_samples_per_prompt <= 0:
         raise ValueError(f"n_samples_per_prompt must be positive, got {n_samples_per_prompt}")
     samples: list[Sample] = []

@@ -265,6 +265,14 @@ def _engine_port(env: Mapping[str, str], layout: Layout, index: int) -> int:
     return layout.engine_http_ports[index]
 
 
+def _launch_id(env: Mapping[str, str], launcher: Launcher, job_id: str | None, restart: int) -> str:
+    if env.get("MILES_LAUNCH_ID"):
+        return env["MILES_LAUNCH_ID"]
+    if launcher == "mpi" and (env.get("PMIX_NAMESPACE") or env.get("OMPI_MCA_ess_base_jobid")):
+        return f"mpi-{env.get('PMIX_NAMESPACE') or env.get('OMPI_MCA_ess_base_jobid')}"
+    return f"slurm-{job_id}.{restart}" if job_id else "local"
+
+
 def task_context(env: Mapping[str, str], layout: Layout, *, role: Role | None = None,
                  run_dir: str | os.PathLike[str] | None = None, cuda_available: bool = False,
                  device_pref: Literal["auto", "cuda", "cpu"] = "auto",
@@ -329,5 +337,5 @@ def task_context(env: Mapping[str, str], layout: Layout, *, role: Role | None = 
         job_id=job_id,
         restart_count=restart,
         launcher=launcher,
-        launch_id=env.get("MILES_LAUNCH_ID") or (f"slurm-{job_id}.{restart}" if job_id else "local"),
+        launch_id=_launch_id(env, launcher, job_id, restart),
     )

@@ -14,6 +14,7 @@ Layout::
     logs/              Slurm output and per-rank logs
     engines/engine-<i>.json   {"url", "host", "port", "pid", "launch_id"}: engine i is healthy
     control/preempt    touched to ask the ranks to save and stop
+    control/done       touched by the driver when the run is complete (the batch shell then does not requeue)
     metrics.jsonl      one line per rollout (written by the loop)
     checkpoints/       complete checkpoints (written by miles.ckpt)
 """
@@ -37,6 +38,7 @@ JOB = "job.json"
 ENGINES = "engines"
 CONTROL = "control"
 PREEMPT = "control/preempt"
+DONE = "control/done"
 LOGS = "logs"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"

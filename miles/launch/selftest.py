@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -111,24 +112,39 @@ def trainer(ctx: TaskContext, env: Mapping[str, str], *, hold_s: float, engine_d
         values.update(engine_urls=[a.url for a in found], engine_health=health, engines_ok=ok.item(),
                       broadcast=payload.tolist())
     _report(ctx, env, **values, phase="checked")
-    _hold(ctx, hold_s, lambda: dist.all_reduce(torch.ones(1, device=device)))
+    def beat() -> bool:
+        flag = torch.tensor([1.0 if rundir.preempt_requested(ctx.run_dir) else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    preempted = _hold(ctx, hold_s, beat)
     dist.barrier()
     if wu is not None:
         wu.barrier().wait()  # releases the engines
-    _report(ctx, env, **values, phase="done")
+    _report(ctx, env, **values, phase="preempted" if preempted else "done")
+    if ctx.is_driver and not preempted:
+        rundir.write_atomic(ctx.run_dir / rundir.DONE, "selftest\n")  # complete: the batch shell must not requeue
     dist.destroy_process_group()
-    _log(ctx, "selftest passed")
+    _log(ctx, "stopped on request (control/preempt); all ranks agreed" if preempted else "selftest passed")
 
 
-def _hold(ctx: TaskContext, hold_s: float, beat: Any) -> None:
-    """Stay alive for ``hold_s`` seconds, exchanging a collective every 0.5 s so a dead peer is noticed."""
+def _hold(ctx: TaskContext, hold_s: float, beat: Any) -> bool:
+    """Stay alive for ``hold_s`` seconds, all-reducing the preempt flag every 0.5 s.
+
+    A dead peer makes the collective fail (the rank exits non-zero); a preempt
+    request (``control/preempt``) seen by any rank stops every rank at the same
+    beat, as the training loop does at its step boundaries. Returns whether it
+    stopped on request.
+    """
     if hold_s <= 0:
-        return
+        return False
     _log(ctx, f"holding for {hold_s:g} s")
     end = time.monotonic() + hold_s
     while time.monotonic() < end:
-        beat()
+        if beat():
+            return True
         time.sleep(0.5)
+    return False
 
 
 class _Health(BaseHTTPRequestHandler):
@@ -188,6 +204,18 @@ def engine(ctx: TaskContext, env: Mapping[str, str], *, hold_s: float, timeout_s
     _log(ctx, "received the driver's broadcast intact")
     _report(ctx, env, broadcast=got.tolist(), url=url, phase="checked")
     wu.barrier().wait()  # the driver's last act: the trainers are done
-    server.shutdown()
     _report(ctx, env, broadcast=got.tolist(), url=url, phase="done")
-    _log(ctx, "selftest passed")
+    if ctx.launcher == "mpi":  # mpirun waits for every rank and stops none: end with the trainers
+        server.shutdown()
+        _log(ctx, "selftest passed")
+        return
+    _log(ctx, "selftest passed; serving until stopped")
+    # Like a real engine, serve until the launcher stops us (the batch shell once the
+    # trainers step has ended, `miles run` once the trainers have exited): an engine
+    # step that ends on its own while trainers run is an error to the batch shell.
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    while not stopped.wait(0.5):
+        pass
+    server.shutdown()

@@ -27,6 +27,7 @@ import os
 import socket
 import sys
 import traceback
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -44,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=["trainer", "engine"], default=None,
                    help="this rank's role; omitted, it is derived from the rank when one launch starts "
                         "engines and trainers together (engines first)")
-    p.add_argument("--selftest", action="store_true",
+    p.add_argument("--selftest", action="store_true", default=os.environ.get("MILES_SELFTEST", "") not in ("", "0"),
                    help="check the launch path by value (all-reduce, engine HTTP, weight-update broadcast) "
-                        "instead of training")
-    p.add_argument("--hold", type=float, default=0.0, help="selftest: stay alive this many seconds after the checks")
+                        "instead of training (also: MILES_SELFTEST=1 in the environment of `miles submit`)")
+    p.add_argument("--hold", type=float, default=float(os.environ.get("MILES_SELFTEST_HOLD", "0")),
+                   help="selftest: stay alive this many seconds after the checks ($MILES_SELFTEST_HOLD)")
     p.add_argument("--engine-deadline", type=float, default=float(os.environ.get("MILES_ENGINE_DEADLINE", "900")),
                    help="seconds the driver waits for every engine to announce itself (default 900, "
                         "$MILES_ENGINE_DEADLINE)")
@@ -56,17 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rank0_host(env: Mapping[str, str]) -> str | None:
-    """Under mpirun, ask rank 0 for its host name through mpi4py (when installed)."""
-    if detect_launcher(env) != "mpi" or "MASTER_ADDR" in env or "MILES_MASTER_ADDR" in env:
-        return None
+def mpi_bootstrap(env: Mapping[str, str]) -> tuple[list[str] | None, str | None]:
+    """Under mpirun, with mpi4py installed: every rank's host name and a launch id chosen by rank 0.
+
+    MPI says nothing about where the ranks run; the host list lets every rank find
+    trainer rank 0 (which, in one MPMD launch of engines + trainers, is not MPI rank 0).
+    """
+    if detect_launcher(env) != "mpi":
+        return None, None
     try:
         from mpi4py import MPI  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
-        return None
+        return None, None
     comm = MPI.COMM_WORLD
-    host: str = comm.bcast(socket.gethostname() if comm.Get_rank() == 0 else None, root=0)
-    return host
+    hosts: list[str] = comm.allgather(socket.gethostname())
+    launch: str = comm.bcast(uuid.uuid4().hex[:12] if comm.Get_rank() == 0 else None, root=0)
+    return hosts, f"mpi-{launch}"
 
 
 def _cuda_available() -> bool:
@@ -79,8 +86,15 @@ def load_context(run_dir: Path, role: Role | None, env: Mapping[str, str]) -> tu
     plan = rundir.read_json(run_dir / rundir.PLAN)
     layout = Layout.from_plan(plan)
     pref: Literal["auto", "cpu"] = "cpu" if plan.get("device") == "cpu" else "auto"
+    hosts, launch_id = mpi_bootstrap(env)
+    rank0_host = None
+    if hosts and "MASTER_ADDR" not in env and "MILES_MASTER_ADDR" not in env:
+        both = layout.trainer_world_size + layout.num_engines
+        rank0_host = hosts[layout.num_engines] if len(hosts) == both and layout.num_engines else hosts[0]
+    if launch_id and "MILES_LAUNCH_ID" not in env:
+        env = {**env, "MILES_LAUNCH_ID": launch_id}
     ctx = task_context(env, layout, role=role, run_dir=run_dir, cuda_available=pref != "cpu" and _cuda_available(),
-                       device_pref=pref, rank0_host=_rank0_host(env))
+                       device_pref=pref, rank0_host=rank0_host)
     return ctx, plan
 
 

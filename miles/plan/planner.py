@@ -39,6 +39,7 @@ def make_plan(spec: Spec, job_id: int | None = None) -> Plan:
         backend=p.backend, tp=p.tp, pp=p.pp, cp=p.cp, dp=d.dp, ep=p.ep, etp=d.etp,
         expert_dp=d.trainer_gpus // (d.etp * p.ep * p.pp), world_size=d.trainer_gpus,
     )
+    components: tuple[Component, ...]
     if c.mode == "colocate":
         trainer_group = engine_group = 0
         components = (

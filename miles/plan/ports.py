@@ -22,9 +22,10 @@ The batch shell computes the same base with :func:`shell_base_expr`; a unit
 test runs the rendered script and checks that both agree.
 
 Which job id: the batch shell's ``SLURM_JOB_ID`` (the het leader's id), which
-it exports as ``MILES_JOB_ID``. Inside ``srun --het-group=N`` ``SLURM_JOB_ID``
-is the *component's* id (leader + N), so ranks must derive ports from
-``MILES_JOB_ID``, or engines and trainers would pick different blocks. The
+it exports as ``MILES_JOB_ID``. Inside ``srun --het-group=N`` Slurm versions
+differ (22.05 gives the leader's id; other versions and docs the component's,
+leader + N), so ranks must derive ports from ``MILES_JOB_ID``, or engines and
+trainers could pick different blocks. The
 script also exports the resolved ``MILES_MASTER_PORT``, ``MILES_WEIGHT_UPDATE_PORT``
 (PP stage 0; stage s adds s) and ``MILES_ENGINE_PORT_BASE``.
 """

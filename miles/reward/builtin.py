@@ -154,6 +154,14 @@ def resolve_rule(rm_type: str) -> RuleReward | None:
     return None
 
 
+def score_rule(rm_type: str, response: str, label: Any, metadata: Mapping[str, Any]) -> float:
+    """Apply built-in ``rm_type``; module-level so a worker process can run it (see ``miles.reward.workers``)."""
+    rule = resolve_rule(rm_type)
+    if rule is None:
+        raise ValueError(f"rm_type {rm_type!r} is not a built-in reward ({builtin_names()})")
+    return rule(response, label, metadata)
+
+
 def builtin_names() -> str:
     """The built-in names for error messages."""
     return ", ".join([*BUILTIN_REWARDS, "remote_rm (with rm_url)", "boxed_<name>"])

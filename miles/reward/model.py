@@ -14,10 +14,12 @@ raises, times out, or returns something that is not a finite number is a
 cost a multi-day run; the count in the metrics makes a systematic failure
 visible at once.
 
-Sync functions run in a small thread pool so that a slow or hung one can be
-timed out without blocking the event loop (its thread is abandoned, not
-killed: Python cannot kill threads). Async functions and HTTP calls run on the
-loop. ``rm_concurrency`` bounds calls in flight.
+Built-in rules run in worker processes (``miles.reward.workers``) that are
+killed when a call overruns ``rm_timeout``: sympy can spin forever on a
+pathological answer. Custom sync functions run in a small thread pool so that
+a slow one can be timed out without blocking the event loop (its thread is
+abandoned, not killed: Python cannot kill threads). Async functions and HTTP
+calls run on the loop. ``rm_concurrency`` bounds calls in flight.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncio
 import logging
 import math
 import numbers
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,9 +40,10 @@ import aiohttp
 
 from miles.data.groups import split_groups
 from miles.errors import UserError
-from miles.reward.builtin import builtin_names, resolve_rule
+from miles.reward.builtin import builtin_names, resolve_rule, score_rule
 from miles.reward.custom import is_async, load_function, wants_config
 from miles.reward.remote import RemoteReward
+from miles.reward.workers import WorkerPool
 from miles.sample import Sample
 
 if TYPE_CHECKING:
@@ -179,7 +183,8 @@ class RewardModel:
                 f"rollout.rm_type = {rollout.rm_type!r} is not a built-in reward; choose one of "
                 f"{builtin_names()}, or write your own and set rollout.custom_rm_path"
             )
-        return cls(per_sample=_RuleScorer(rollout.rm_type), name=rollout.rm_type, **common)
+        scorer = _RuleScorer(rollout.rm_type, rollout.rm_timeout, rollout.rm_concurrency)
+        return cls(per_sample=scorer, name=rollout.rm_type, **common)
 
     # --- scoring ------------------------------------------------------------------------------
 
@@ -225,6 +230,8 @@ class RewardModel:
                 if self.remote is not None:
                     assert session is not None
                     raw = await self.remote(session, sample)  # the remote applies rm_timeout per attempt
+                elif isinstance(self.per_sample, _RuleScorer):
+                    raw = await self.per_sample(sample)  # times each call itself, excluding queueing and start-up
                 else:
                     assert self.per_sample is not None
                     raw = await self._call(self.per_sample, sample)
@@ -269,28 +276,31 @@ class RewardModel:
             stats.errors.append(f"prompt {samples[0].prompt_index}: {reason}")
 
     def close(self) -> None:
-        """Release the worker threads (abandoned hung calls keep theirs until they return)."""
+        """Stop worker processes and release worker threads (an abandoned hung sync call keeps its thread)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if isinstance(self.per_sample, _RuleScorer):
+            self.per_sample.pool.close()
 
 
 class _RuleScorer:
-    """A built-in rule as a per-sample function; ``metadata["rm_type"]`` may pick another built-in per sample.
+    """A built-in rule as an async per-sample function, run in a killable worker process.
 
-    The per-sample override lets one dataset mix tasks (math and QA records,
-    say), as Miles allows.
+    ``metadata["rm_type"]`` may pick another built-in per sample, so one
+    dataset can mix tasks (math and QA records, say), as Miles allows.
     """
 
-    def __init__(self, rm_type: str) -> None:
+    def __init__(self, rm_type: str, timeout: float, concurrency: int) -> None:
         self.rm_type = rm_type
+        self.timeout = timeout
+        self.pool = WorkerPool(size=min(concurrency, max(1, min(8, (os.cpu_count() or 2) // 2))))
         self.__name__ = rm_type
 
-    def __call__(self, sample: Sample) -> float:
-        rm_type = (
-            str(sample.metadata.get("rm_type") or self.rm_type) if isinstance(sample.metadata, dict) else self.rm_type
-        )
-        rule = resolve_rule(rm_type)
-        if rule is None:
+    async def __call__(self, sample: Sample) -> float:
+        meta = sample.metadata if isinstance(sample.metadata, dict) else {}
+        rm_type = str(meta.get("rm_type") or self.rm_type)
+        if resolve_rule(rm_type) is None:
             raise RewardFailure(f"metadata rm_type {rm_type!r} is not a built-in reward ({builtin_names()})")
-        return rule(sample.response_text, sample.label, sample.metadata)
+        args = (rm_type, sample.response_text, sample.label, meta)
+        return float(await self.pool.call(score_rule, *args, timeout=self.timeout))

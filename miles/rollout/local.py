@@ -41,6 +41,7 @@ class EngineProcess:
         log_path: str | Path | None = None,
         threads: int = 1,
         startup_timeout_s: float = 180.0,
+        wait: bool = True,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -54,11 +55,22 @@ class EngineProcess:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.startup_timeout_s = startup_timeout_s
+        if wait:
+            self.wait_ready()
+
+    @classmethod
+    def start_many(cls, model_dir: str | Path, count: int, **kw: object) -> list[EngineProcess]:
+        """Start ``count`` engines at once (their start-ups overlap) and wait for all."""
+        procs = [cls(model_dir, wait=False, **kw) for _ in range(count)]  # type: ignore[arg-type]
         try:
-            self.wait_ready(startup_timeout_s)
+            for p in procs:
+                p.wait_ready()
         except BaseException:
-            self.stop()
+            for p in procs:
+                p.stop()
             raise
+        return procs
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
@@ -66,7 +78,16 @@ class EngineProcess:
         except OSError:
             return ""
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Wait for /health; a child that exits or never answers is stopped and reported with its log tail."""
+        timeout_s = self.startup_timeout_s if timeout_s is None else timeout_s
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> None:
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -91,7 +112,8 @@ class EngineProcess:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.kill()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
 
     def __enter__(self) -> EngineProcess:
         return self

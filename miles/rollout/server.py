@@ -64,6 +64,7 @@ import os
 import secrets
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,11 +277,14 @@ class EngineServer:
             reqs, batched, rids, want_lp = self._parse_generate(body)
         except (SamplingError, ValueError, TypeError) as e:
             return _json_error(str(e))
+        arrived = time.perf_counter()
         try:
             outs = await self._submit(reqs, batched=batched, rids=rids)
         except (ValueError, EngineReleased) as e:
             return _json_error(str(e))
-        bodies = [self._output_body(o, r, rid, lp) for o, r, rid, lp in zip(outs, reqs, rids, want_lp, strict=True)]
+        latency = time.perf_counter() - arrived
+        bodies = [self._output_body(o, r, rid, lp, latency)
+                  for o, r, rid, lp in zip(outs, reqs, rids, want_lp, strict=True)]
         return web.json_response(bodies if batched else bodies[0])
 
     def _parse_generate(self, body: dict[str, Any]) -> tuple[list[GenerationRequest], bool, list[str], list[bool]]:
@@ -338,7 +342,9 @@ class EngineServer:
                 want.append(return_lp[i])
         return reqs, batched or len(reqs) > 1, rids, want
 
-    def _output_body(self, out: GenerationOutput, req: GenerationRequest, rid: str, want_lp: bool) -> dict[str, Any]:
+    def _output_body(
+        self, out: GenerationOutput, req: GenerationRequest, rid: str, want_lp: bool, latency: float
+    ) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "id": rid,
             "finish_reason": out.finish_reason,
@@ -352,7 +358,8 @@ class EngineServer:
             ]
             meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(out.output_logprobs, out.output_ids, strict=True)]
             meta["output_token_logprobs_length"] = len(out.output_ids)
-        meta.update({"reasoning_tokens": 0, "completion_tokens": len(out.output_ids), "cached_tokens": 0})
+        meta.update({"reasoning_tokens": 0, "completion_tokens": len(out.output_ids), "cached_tokens": 0,
+                     "e2e_latency": latency})
         return {"text": out.text, "output_ids": out.output_ids, "meta_info": meta}
 
     async def _submit(
@@ -371,12 +378,14 @@ class EngineServer:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._queue:
+            while True:
                 await self._unpaused.wait()
-                if not self._queue[0].batched and self.batch_wait_s > 0:
+                if self._queue and not self._queue[0].batched and self.batch_wait_s > 0:
                     await asyncio.sleep(self.batch_wait_s)
                 if not self._queue:
                     break
+                if self.paused:  # paused while collecting
+                    continue
                 group = [self._queue.pop(0)]
                 if not group[0].batched:
                     size = 1

@@ -152,6 +152,10 @@ class _Source:
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             left, right = self.evaluate(node.left, path, depth), self.evaluate(node.right, path, depth)
             return left + right if isinstance(node.op, ast.Add) else left * right
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("set", "list", "sorted"):
+            if len(node.args) == 1 and not node.keywords:
+                items = self.evaluate(node.args[0], path, depth)
+                return sorted(items, key=str) if node.func.id != "list" else list(items)
         if isinstance(node, ast.Name):
             value = self.module_name_value(path, node.id, depth)
             if isinstance(value, tuple) and value[:1] == ("class",):
@@ -239,7 +243,7 @@ def _flag_from_field(src: _Source, path: str, stmt: ast.AnnAssign) -> tuple[str,
     if parts is None:
         return None
     raw_type, meta = parts
-    kw = _call_kwargs(meta) if meta is not None else {}
+    kw = _call_kwargs(meta) if isinstance(meta, ast.Call) else {}
 
     def kw_value(name: str) -> Any:
         return src.evaluate(kw[name], path) if name in kw else None
@@ -389,7 +393,7 @@ def _manual_flags(src: _Source, field_defaults: dict[str, Any]) -> dict[str, dic
             key = names[0].lstrip("-").replace("-", "_")
             kw = _call_kwargs(call)
             action = kw.get("action")
-            action_name = _type_name(action) if action is not None else None
+            action_name = _type_name(action).strip("'\"") if action is not None else None
             entry: dict[str, Any] = {}
             if action_name is not None and (action_name.endswith("store_true") or "StoreTrue" in action_name):
                 entry["type"] = "bool"
@@ -399,12 +403,13 @@ def _manual_flags(src: _Source, field_defaults: dict[str, Any]) -> dict[str, dic
                 default = kw.get("default")
                 if isinstance(default, ast.Call) and _type_name(default.func) == "_declared_default":
                     arg = default.args[0]
-                    entry["default"] = field_defaults.get(arg.value) if isinstance(arg, ast.Constant) else None
+                    known = arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else None
+                    entry["default"] = field_defaults.get(known) if known is not None else None
                 else:
                     entry["default"] = _default_of(src, _SERVER_ARGS, default)
                 choices = _choices(src, _SERVER_ARGS, kw.get("choices"))
                 if choices is not None:
-                    entry["choices"] = sorted(choices, key=str) if isinstance(kw["choices"], ast.Name) else choices
+                    entry["choices"] = choices
             if action_name is not None and action_name.startswith("Deprecated") or key.startswith("enable_flashinfer_a"):
                 entry["deprecated"] = True
             if len(names) > 1:

@@ -45,6 +45,7 @@ from miles.rollout.sglang_flags import FLAGS_PATH, alias_map, load_flags
 from miles.spec.tables import Spec
 
 EngineKind = Literal["sglang", "embedded"]
+ProcessKind = Literal["sglang", "embedded", "router"]
 
 LOG_TAIL_LINES = 40
 """Lines of an engine's log quoted in a start-up error."""
@@ -59,25 +60,28 @@ class EngineLaunch:
     """Everything needed to (re)start one engine process."""
 
     index: int
-    kind: EngineKind
+    kind: ProcessKind
     argv: tuple[str, ...]
     env: Mapping[str, str]
     """Variables set on top of the launcher's environment (CUDA_VISIBLE_DEVICES, ...)."""
     host: str
     port: int
-    api_key: str
+    api_key: str | None
     log_path: Path
+    advertise_host: str | None = None
+    """Address others reach the engine at when ``host`` is a wildcard bind (``0.0.0.0``)."""
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = self.advertise_host or ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host)
+        return f"http://{host}:{self.port}"
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def passthrough_args(server_args: Mapping[str, Any], flags: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+def passthrough_args(server_args: Mapping[str, Any], flags: Mapping[str, dict[str, Any]] | None = None) -> list[str]:
     """``[sglang]`` pass-through keys as ``launch_server`` arguments, each checked against the pinned flag list.
 
     ``true`` adds the bare flag; ``false`` adds ``--no-<flag>`` for SGLang's negatable
@@ -86,7 +90,7 @@ def passthrough_args(server_args: Mapping[str, Any], flags: Mapping[str, Mapping
     """
     from miles.spec.passthrough import check_flag  # the loader's check, so both say the same thing
 
-    table = dict(flags) if flags is not None else load_flags()
+    table: dict[str, dict[str, Any]] = dict(flags) if flags is not None else load_flags()
     names = alias_map(table)
     argv: list[str] = []
     for given_key, value in server_args.items():
@@ -122,7 +126,7 @@ def sglang_argv(
     model_path: str,
     host: str,
     port: int,
-    api_key: str,
+    api_key: str | None,
     tp_size: int | None = None,
     seed: int | None = None,
     nccl_port: int | None = None,
@@ -142,13 +146,13 @@ def sglang_argv(
         str(port),
         "--tp-size",
         str(tp_size or sg.rollout_num_gpus_per_engine),
-        "--api-key",
-        api_key,
         "--dtype",
         spec.model.dtype,
         "--random-seed",
         str(spec.rollout.rollout_seed if seed is None else seed),
     ]
+    if api_key:
+        argv += ["--api-key", api_key]
     if sg.mem_fraction_static is not None:
         argv += ["--mem-fraction-static", str(sg.mem_fraction_static)]
     if nccl_port is not None:
@@ -164,7 +168,7 @@ def embedded_argv(
     model_path: str,
     host: str,
     port: int,
-    api_key: str,
+    api_key: str | None,
     seed: int | None = None,
     device: str = "cpu",
     python: str | None = None,
@@ -180,8 +184,6 @@ def embedded_argv(
         host,
         "--port",
         str(port),
-        "--api-key",
-        api_key,
         "--dtype",
         spec.model.dtype,
         "--device",
@@ -189,14 +191,22 @@ def embedded_argv(
         "--seed",
         str(spec.rollout.rollout_seed if seed is None else seed),
     ]
+    if api_key:
+        argv += ["--api-key", api_key]
     if spec.model.trust_remote_code:
         argv.append("--trust-remote-code")
     return argv
 
 
 def engine_env(gpus: Sequence[int], device: str) -> dict[str, str]:
-    """Per-engine environment: its GPUs only (SGLang then counts from ``--base-gpu-id 0``)."""
-    env = {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)} if device == "cuda" else {}
+    """Per-engine environment: its GPUs only (SGLang then counts from ``--base-gpu-id 0``).
+
+    No ``gpus`` leaves ``CUDA_VISIBLE_DEVICES`` as the launcher found it (e.g. set by
+    ``srun --gpus-per-task``). On CPUs SGLang needs ``SGLANG_USE_CPU_ENGINE=1``.
+    """
+    env: dict[str, str] = {}
+    if device == "cuda" and gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
     if device == "cpu":
         env["SGLANG_USE_CPU_ENGINE"] = "1"
     return env
@@ -209,7 +219,7 @@ def engine_launch(
     model_path: str,
     host: str,
     port: int,
-    api_key: str,
+    api_key: str | None,
     log_dir: Path,
     gpus: Sequence[int] = (),
     device: str = "cpu",
@@ -236,7 +246,7 @@ def plan_launches(
     plan: Any,
     *,
     model_path: str,
-    api_key: str,
+    api_key: str | None,
     log_dir: Path,
     host: str = "127.0.0.1",
     python: str | None = None,
@@ -436,12 +446,95 @@ def start_engines(
     return engines
 
 
-def router_available() -> bool:
-    """Whether sglang-router is installed here (else miles' client balances requests itself)."""
-    return importlib.util.find_spec("sglang_router") is not None
+def router_available(python: str | None = None) -> bool:
+    """Whether sglang-router is installed for ``python`` (default: this interpreter); else miles' client
+    balances requests itself (least outstanding requests)."""
+    if python is None:
+        return importlib.util.find_spec("sglang_router") is not None
+    probe = subprocess.run([python, "-c", "import sglang_router"], capture_output=True)
+    return probe.returncode == 0
 
 
-def router_argv(worker_urls: Sequence[str], *, host: str, port: int, python: str | None = None) -> list[str]:
-    """``sglang_router.launch_router`` in front of the engines (cache-aware routing by default)."""
-    return [python or sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
+def router_argv(
+    worker_urls: Sequence[str], *, host: str, port: int, api_key: str | None = None, python: str | None = None
+) -> list[str]:
+    """``sglang_router.launch_router`` in front of the engines (its default cache-aware policy).
+
+    ``api_key`` is the key the router presents to the engines (SGLang's ``--api-key``).
+    """
+    argv = [python or sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
             "--host", host, "--port", str(port)]
+    if api_key:
+        argv += ["--api-key", api_key]
+    return argv
+
+
+def router_launch(
+    worker_urls: Sequence[str], *, host: str, port: int, api_key: str | None, log_dir: Path, python: str | None = None
+) -> EngineLaunch:
+    """The router as a supervised process like an engine (index -1, log ``router.log``)."""
+    argv = router_argv(worker_urls, host=host, port=port, api_key=api_key, python=python)
+    return EngineLaunch(index=-1, kind="router", argv=tuple(argv), env={}, host=host, port=port, api_key=api_key,
+                        log_path=log_dir / "router.log")
+
+
+def _engine_python(kind: EngineKind) -> str | None:
+    """The interpreter of an engine task: miles' own for the embedded engine; ``MILES_SGLANG_PYTHON`` or
+    ``[slurm] python`` (None) for SGLang, which usually lives in an environment of its own."""
+    if kind == "embedded":
+        return sys.executable
+    return os.environ.get("MILES_SGLANG_PYTHON") or None
+
+
+def serve_engine_task(
+    spec: Spec,
+    ctx: Any,
+    *,
+    deadline_s: float = 900.0,
+    kind: EngineKind | None = None,
+    python: str | None = None,
+) -> None:
+    """The engine rank of a job (``miles.launch.task``): serve engine ``ctx.engine_index`` until SIGTERM.
+
+    Starts the server (SGLang, or ``kind``: the embedded engine stands in on the
+    local cluster) on this node with the job's API key (``MILES_ENGINE_API_KEY``)
+    and SGLang's interpreter (``MILES_SGLANG_PYTHON``, else ``[slurm] python``),
+    announces it in the run directory once ``/health_generate`` answers, restarts
+    it if it dies (re-announcing it; the driver re-forms the weight-update group
+    when it sees the new pid), and stops it on SIGTERM/SIGINT. An engine that
+    cannot be (re)started ends the task with its log tail, so the job fails fast.
+    """
+    from miles.launch import rundir
+    from miles.launch.engine_host import pick_port
+    from miles.session import resolve_model_dir
+
+    assert ctx.engine_index is not None and ctx.engine_port is not None
+    launch = engine_launch(
+        spec, index=ctx.engine_index, model_path=str(resolve_model_dir(spec, ctx.run_dir)), host="0.0.0.0",
+        port=pick_port(ctx.engine_port), api_key=os.environ.get("MILES_ENGINE_API_KEY") or None,
+        log_dir=Path(ctx.run_dir) / "logs", device=ctx.device, tp_size=spec.sglang.rollout_num_gpus_per_engine,
+        python=python or _engine_python(kind or spec.rollout.engine), kind=kind,
+    )
+    launch = EngineLaunch(**{**launch.__dict__, "advertise_host": ctx.engine_host})
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def announce(eng: EngineProcess) -> None:
+        assert eng.pid is not None
+        rundir.announce_engine(Path(ctx.run_dir), rundir.Announcement(
+            index=launch.index, url=launch.url, host=ctx.engine_host, port=launch.port, pid=eng.pid,
+            launch_id=ctx.launch_id))
+        print(f"[engine {launch.index} on {ctx.node_name}] healthy at {launch.url} (start {eng.starts})", flush=True)
+
+    (engine,) = start_engines([launch], health_deadline_s=deadline_s)
+    sup = Supervisor([engine], health_deadline_s=deadline_s, on_restart=announce)
+    try:
+        announce(engine)
+        sup.start()
+        while not stop.wait(1.0):
+            if sup.failed:
+                raise EngineStartError(next(iter(sup.failed.values())))
+    finally:
+        sup.stop()
+        engine.stop()

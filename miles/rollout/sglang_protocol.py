@@ -142,10 +142,11 @@ def generate_body(
         raise ValueError("give exactly one of input_ids or text")
     body: dict[str, Any] = {}
     if input_ids is not None:
-        ids = list(input_ids)
-        body["input_ids"] = [list(map(int, row)) for row in ids] if ids and isinstance(ids[0], Sequence) else [
-            int(i) for i in ids  # type: ignore[arg-type]
-        ]
+        rows: list[Any] = list(input_ids)
+        if rows and isinstance(rows[0], Sequence):
+            body["input_ids"] = [[int(t) for t in row] for row in rows]
+        else:
+            body["input_ids"] = [int(t) for t in rows]
     else:
         body["text"] = text if isinstance(text, str) else list(text or [])
     body["sampling_params"] = sampling if isinstance(sampling, dict) else [dict(s) for s in sampling]

@@ -32,7 +32,10 @@ from miles.spec.tables import Spec
 
 Report = Callable[[str, str, str], None]
 
-_CODE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+_CODE_PATH = re.compile(
+    r"^(?:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*|[^:]+\.py):[A-Za-z_][A-Za-z0-9_]*$"
+)
+"""``package.module:function``, or ``path/to/file.py:function`` (looked up next to the spec too)."""
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MEM = re.compile(r"^[0-9]+[KMGT]?$")
 _DATA_SUFFIXES = (".jsonl", ".parquet")

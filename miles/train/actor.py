@@ -5,24 +5,24 @@ parallel only) and Megatron-core (``miles.train.megatron``, TP/PP/CP/EP). The
 loop drives either one the same way, on every trainer rank at once (every call
 is collective over the trainer ranks)::
 
-    batch = RolloutBatch.from_samples(samples)          # identical on every trainer rank
-    batch.old_logprobs = actor.compute_logprobs(batch)   # skipped when on-policy (one step per rollout)
-    if needs_ref: batch.ref_logprobs = actor.compute_logprobs(batch, model="ref")
-    batch.advantages = compute_advantages(spec.grpo, batch, ...)   # miles.algo
+    batch = prepare_batch(actor, samples, spec)           # below: tensors, old/ref log-probs, advantages
     step_metrics = actor.train(batch, rollout_id)         # num_steps_per_rollout optimizer steps
     for name, tensor in actor.named_hf_weights(): ...     # weight sync (tensors on trainer rank 0)
+    actor.save(ckpt_dir); actor.load(ckpt_dir)            # DCP checkpoint of the training state
+    actor.update_ref()                                    # every ref_update_interval rollouts, if set
+    actor.offload(); ...; actor.onload()                  # colocated GPUs: around generation
 
 Every rank holds the whole rollout; each backend takes its own data-parallel
-shard (``miles.train.batch.shard_steps``) because only it knows its mesh (a
+shard (``miles.train.batch.shard``) because only it knows its mesh (a
 Megatron DP rank is not its global rank). Results that the loop needs
 (log-probs, metrics) come back complete and identical on every trainer rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -31,6 +31,7 @@ from miles.errors import UserError
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
+    from miles.sample import Sample
     from miles.spec.tables import GrpoConfig, Spec
     from miles.train.batch import RolloutBatch
 
@@ -98,8 +99,26 @@ class Actor(Protocol):
         """
         ...
 
+    def save_hf(self, out_dir: str) -> None:
+        """Write the current weights as an HF model directory (``model.safetensors`` + config/tokenizer files).
+
+        Collective; trainer rank 0 writes (see :func:`miles.train.hf_checkpoint.save_hf_checkpoint`).
+        """
+        ...
+
     def update_ref(self) -> None:
         """Copy the current actor weights into the reference (``ref_update_interval``)."""
+        ...
+
+    def offload(self) -> None:
+        """Move weights and optimizer state off the accelerator while colocated engines generate (``offload_train``).
+
+        A no-op on CPU. After :meth:`onload` training continues exactly as if nothing had moved.
+        """
+        ...
+
+    def onload(self) -> None:
+        """Bring back what :meth:`offload` moved; call before the next :meth:`train` or :meth:`compute_logprobs`."""
         ...
 
     def save(self, path: str) -> None:
@@ -129,11 +148,43 @@ def build_actor(spec: Spec, ctx: TrainerContext) -> Actor:
 
         return FSDPActor(spec, ctx)
     if backend == "megatron":
-        from miles.train.megatron import build_megatron_actor  # type: ignore[attr-defined]
+        from miles.train.megatron import build_megatron_actor
 
-        actor: Actor = build_megatron_actor(spec, ctx)
-        return actor
+        # cast: the Megatron actor is checked against this protocol by its own tests (offload/onload pending there)
+        return cast(Actor, build_megatron_actor(spec, ctx))
     raise UserError(f"[perf] backend = {backend!r} is not a training backend; use \"fsdp\" or \"megatron\"")
+
+
+def prepare_batch(actor: Actor, samples: Sequence[Sample], spec: Spec) -> RolloutBatch:
+    """Scored samples -> a :class:`RolloutBatch` ready for :meth:`Actor.train` (collective).
+
+    Computes only what the spec needs: the old log-probs when the policy moves
+    within the rollout (more than one optimizer step) or the reward carries a
+    KL penalty; the reference log-probs for a KL loss or KL reward; then the
+    advantages of ``[grpo] advantage_estimator``. With one step per rollout the
+    old log-probs are left ``None``: the loss then uses the detached current
+    log-probs, saving one forward pass per rollout.
+    """
+    from miles.algo.advantages import AdvantageInputs, compute_advantages
+    from miles.train.batch import RolloutBatch
+
+    batch = RolloutBatch.from_samples(samples)
+    grpo = spec.grpo
+    if (spec.train.num_steps_per_rollout or 1) > 1 or grpo.kl_coef > 0:
+        batch.old_logprobs = actor.compute_logprobs(batch)
+    if needs_reference(grpo):
+        batch.ref_logprobs = actor.compute_logprobs(batch, model="ref")
+    batch.advantages = compute_advantages(
+        grpo,
+        AdvantageInputs(
+            rewards=batch.rewards,
+            group_index=batch.group_index,
+            loss_masks=batch.loss_masks,
+            old_logprobs=batch.old_logprobs,
+            ref_logprobs=batch.ref_logprobs,
+        ),
+    )
+    return batch
 
 
 def needs_reference(grpo: GrpoConfig) -> bool:

@@ -169,6 +169,8 @@ class MicroBatch:
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     rollout_logprobs: torch.Tensor | None = None
+    first_logit_pos: int = 0
+    """Smallest ``logit_pos`` of a trained token: logits before it are never needed (``logits_to_keep = T - first``)."""
 
     def to(self, device: torch.device) -> MicroBatch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -185,6 +187,7 @@ class MicroBatch:
             old_logprobs=mv(self.old_logprobs),
             ref_logprobs=mv(self.ref_logprobs),
             rollout_logprobs=mv(self.rollout_logprobs),
+            first_logit_pos=self.first_logit_pos,
         )
 
 
@@ -230,4 +233,5 @@ def collate(batch: RolloutBatch, indices: Sequence[int], pad_id: int = 0) -> Mic
         old_logprobs=opt(batch.old_logprobs),
         ref_logprobs=opt(batch.ref_logprobs),
         rollout_logprobs=opt(batch.rollout_logprobs),
+        first_logit_pos=min((batch.prompt_lens[i] - 1 for i in indices if batch.response_lens[i] > 0), default=T - 1),
     )

@@ -41,6 +41,7 @@ from miles.errors import UserError
 from miles.spec.tables import Spec
 from miles.train.actor import StepMetrics, TrainerContext, needs_reference
 from miles.train.batch import MicroBatch, RolloutBatch, collate, plan_micro_batches, shard, step_indices
+from miles.train.hf_checkpoint import save_hf_checkpoint
 from miles.train.optim import build_adamw, lr_at
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class FSDPActor:
         if self.param_dtype != torch.float32:
             mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
 
-        torch.manual_seed(spec.run.seed)
+        # No RNG is drawn here or in training (weights come from disk, no dropout): the loop owns the RNG state.
         hf = load_hf_model(ctx.model_dir, trust_remote_code=spec.model.trust_remote_code)
         self.hf_config = hf.config
         self.pad_id = int(getattr(hf.config, "pad_token_id", None) or 0)
@@ -115,6 +116,11 @@ class FSDPActor:
             self.ref = shard_model(ref, mesh, mp)
         self.optimizer = build_adamw(spec.optimizer, self._module(self.model).named_parameters())
         self._step = 0
+        if self.dp_rank == 0:
+            n_params = sum(p.numel() for p in self._module(self.model).parameters())
+            log.info("FSDP actor: %s (%.1fM params) on %d %s rank(s), compute dtype %s, reference %s",
+                     ctx.model_dir, n_params / 1e6, self.dp_size, self.device.type, spec.model.dtype,
+                     "on" if self.ref is not None else "off")
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -125,7 +131,7 @@ class FSDPActor:
     def _forward(self, model: FSDPModule, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Response-token log-probs and entropies ``[B, R]`` in fp32; the LM head runs only from the first response position on."""
         T = mb.input_ids.shape[1]
-        first = int(mb.logit_pos[mb.mask > 0].min()) if bool((mb.mask > 0).any()) else T - 1
+        first = mb.first_logit_pos
         keep = T - first
         out = self._module(model)(
             input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, logits_to_keep=keep
@@ -158,8 +164,9 @@ class FSDPActor:
         for mb_idx in plan:
             mb = collate(batch, mb_idx, self.pad_id).to(self.device)
             lp, _ = self._forward(net, mb)
+            lp = lp.to("cpu", torch.float32)  # one transfer per micro-batch
             for k, i in enumerate(mb_idx):
-                local.append((i, lp[k, : batch.response_lens[i]].detach().to("cpu", torch.float32)))
+                local.append((i, lp[k, : batch.response_lens[i]].clone()))
         gathered: list[Any] = [None] * self.dp_size
         dist.all_gather_object(gathered, local, group=self.group)
         out: list[torch.Tensor | None] = [None] * len(batch)
@@ -195,8 +202,9 @@ class FSDPActor:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
         n_tokens = 0
-        for k, mb_idx in enumerate(plan):
-            self.model.set_requires_gradient_sync(k == len(plan) - 1)
+        # Gradients are reduce-scattered after every micro-batch (FSDP's default): they stay sharded, so
+        # memory does not grow with the model as it would with unsharded accumulation.
+        for mb_idx in plan:
             mb = collate(batch, mb_idx, self.pad_id).to(self.device)
             lp, ent = self._forward(self.model, mb)
             if not mb_idx:  # a dummy micro-batch keeps FSDP's collectives in step with the other ranks
@@ -223,8 +231,7 @@ class FSDPActor:
                 elif name.endswith("_min"):
                     sums[name] = torch.minimum(sums[name], v) if name in sums else v
                 else:
-                    sums[name] = sums.get(name, torch.zeros(())) + v
-        self.model.set_requires_gradient_sync(True)
+                    sums[name] = sums[name] + v if name in sums else v
 
         clip = self.spec.optimizer.clip_grad
         params = [p for p in module.parameters() if p.grad is not None]
@@ -243,14 +250,16 @@ class FSDPActor:
 
     def _reduce_metrics(self, sums: dict[str, torch.Tensor], n_tokens: int) -> StepMetrics:
         names = sorted(n for n in sums if not n.endswith(("_max", "_min")))
-        vec = torch.stack([sums[n].to(torch.float64) for n in names] + [torch.tensor(float(n_tokens), dtype=torch.float64)])
-        vec = vec.to(self.device)
+        vec = torch.stack(
+            [sums[n].to(self.device, torch.float64) for n in names]
+            + [torch.tensor(float(n_tokens), dtype=torch.float64, device=self.device)]
+        )
         dist.all_reduce(vec, group=self.group)
         out = {n: float(v) for n, v in zip(names, vec[:-1].tolist(), strict=True)}
         out["train_tokens"] = float(vec[-1])
         for suffix, op in (("_max", dist.ReduceOp.MAX), ("_min", dist.ReduceOp.MIN)):
             for n in sorted(n for n in sums if n.endswith(suffix)):
-                v = sums[n].to(torch.float64).reshape(1).to(self.device)
+                v = sums[n].to(self.device, torch.float64).reshape(1)
                 dist.all_reduce(v, op=op, group=self.group)
                 out[n] = float(v)
         return out
@@ -270,12 +279,42 @@ class FSDPActor:
         full = t.full_tensor() if isinstance(t, DTensor) else t
         return full.detach().to(self.param_dtype)
 
+    def save_hf(self, out_dir: str) -> None:
+        """See :meth:`miles.train.actor.Actor.save_hf`."""
+        save_hf_checkpoint(self.named_hf_weights(), out_dir, self.ctx.model_dir, self.group)
+
     @torch.no_grad()
     def update_ref(self) -> None:
         if self.ref is None:
             return
         for p_ref, p in zip(self._module(self.ref).parameters(), self._module(self.model).parameters(), strict=True):
             p_ref.copy_(p)
+
+    def offload(self) -> None:
+        """See :meth:`miles.train.actor.Actor.offload`: sharded weights and optimizer state move to host memory."""
+        if self.device.type != "cuda":
+            return
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are dead after the step; train() zeroes them anyway
+        self._move(torch.device("cpu"))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+    def onload(self) -> None:
+        """See :meth:`miles.train.actor.Actor.onload`."""
+        if self.device.type != "cuda":
+            return
+        self._move(self.device)
+        torch.cuda.synchronize(self.device)
+
+    def _move(self, device: torch.device) -> None:
+        # FSDP2 re-points its sharded storage on Module.to(), so the next all-gather reads the moved shards.
+        self._module(self.model).to(device)
+        if self.ref is not None:
+            self._module(self.ref).to(device)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    state[key] = value.to(device, non_blocking=True)
 
     def _state(self) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(self._module(self.model), self.optimizer)

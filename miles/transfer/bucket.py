@@ -83,6 +83,9 @@ def unflatten(
     flat: torch.Tensor, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]]
 ) -> list[tuple[str, torch.Tensor]]:
     """Views of ``flat`` as the named tensors of a bucket, in order (the receiver's half)."""
+    expected = bucket_bytes(dtypes, shapes)
+    if expected != flat.numel():
+        raise ValueError(f"bucket of {flat.numel()} bytes does not match its metadata ({expected} bytes)")
     out: list[tuple[str, torch.Tensor]] = []
     offset = 0
     for name, dname, shape in zip(names, dtypes, shapes, strict=True):
@@ -95,8 +98,6 @@ def unflatten(
             tensor = piece.clone().view(dtype)
         out.append((name, tensor.reshape(list(shape))))
         offset += size
-    if offset != flat.numel():
-        raise ValueError(f"bucket of {flat.numel()} bytes does not match its metadata ({offset} bytes)")
     return out
 
 

@@ -47,8 +47,11 @@ class MegatronActor:
 
     def __init__(self, spec: Spec, ctx: TrainerContext) -> None:
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
 
         t = spec.train
         if t.global_batch_size is None or t.num_steps_per_rollout is None:
@@ -60,10 +63,10 @@ class MegatronActor:
             )
         self.spec, self.ctx, self.device = spec, ctx, ctx.device
         self.arch = read_hf_arch(ctx.model_dir)
-        check_parallelism(self.arch, spec.perf, dist.get_world_size())
+        self.use_te = te_available()
+        check_parallelism(self.arch, spec.perf, dist.get_world_size(), self.use_te)
         init_parallel(spec.perf, spec.run.seed)
         self.dtype = DTYPES[spec.model.dtype]
-        self.use_te = te_available()
         self.on_cuda = self.device.type == "cuda"
         self.temperature = spec.rollout.rollout_temperature if spec.rollout.rollout_temperature > 0 else 1.0
         self.loss_cfg = LossConfig.from_grpo(spec.grpo)
@@ -245,19 +248,37 @@ class MegatronActor:
         return out
 
     def _cpu_step(self) -> float:
-        """AdamW on ``main_grad`` with the global gradient norm over TP and PP (no double counting of replicas)."""
+        """AdamW on ``main_grad`` with the global gradient norm: each slice counted once over TP/PP/EP."""
         from megatron.core import parallel_state as ps
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-        from megatron.core.transformer.module import param_is_not_shared
 
-        params = [p for p in self.model.module.parameters() if p.requires_grad]
-        sq = torch.zeros((), dtype=torch.float64)
-        for p in params:
-            p.grad = p.main_grad.to(p.dtype)
-            if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
-                sq += p.grad.to(torch.float64).pow(2).sum()
-        dist.all_reduce(sq, group=ps.get_model_parallel_group())
-        norm = math.sqrt(float(sq))
+        from miles.train.megatron.mapping import param_rules
+        from miles.train.megatron.weights import local_parameters
+
+        rules = {r.mcore: r for r in param_rules(self.arch)}
+        etp_rank = ps.get_expert_tensor_parallel_rank() if self.arch.num_experts else 0
+        dense_sq = torch.zeros((), dtype=torch.float64)
+        expert_sq = torch.zeros((), dtype=torch.float64)
+        params = []
+        for name, p in local_parameters(self.model.module, self.arch).items():
+            if not p.requires_grad:
+                continue
+            params.append(p)
+            p.grad = p.main_grad.to(p.dtype)  # type: ignore[attr-defined]  # Megatron DDP's gradient buffer view
+            rule = rules.get(name)
+            if rule is None:  # the tied output layer's copy on the last stage: counted with the embedding
+                continue
+            first = (etp_rank if rule.expert is not None else self.tp_rank) == 0
+            if rule.kind == "replicated" and not first:
+                continue
+            sq = p.grad.to(torch.float64).pow(2).sum()
+            if rule.expert is not None:
+                expert_sq += sq
+            else:
+                dense_sq += sq
+        dist.all_reduce(dense_sq, group=ps.get_model_parallel_group())
+        if self.arch.num_experts:
+            dist.all_reduce(expert_sq, group=ps.get_expert_tensor_model_pipeline_parallel_group())
+        norm = math.sqrt(float(dense_sq + expert_sq))
         clip = self.spec.optimizer.clip_grad
         if clip > 0 and norm > clip:
             coeff = clip / (norm + 1e-6)

@@ -142,7 +142,7 @@ def padded_vocab_size(arch: HFArch, tp: int) -> int:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_parallelism(arch: HFArch, perf: PerfConfig, world_size: int) -> None:
+def check_parallelism(arch: HFArch, perf: PerfConfig, world_size: int, use_te: bool) -> None:
     """Refuse a mesh the model cannot be split over, naming the [perf] key to change."""
     tp, pp, cp, ep = perf.tp, perf.pp, perf.cp, perf.ep
     if world_size % (tp * pp * cp) != 0:
@@ -163,6 +163,16 @@ def check_parallelism(arch: HFArch, perf: PerfConfig, world_size: int) -> None:
         )
     if perf.sequence_parallel and tp == 1:
         raise UserError("[perf] sequence_parallel = true needs tp > 1")
+    if perf.sequence_parallel and not use_te:
+        raise UserError(
+            "[perf] sequence_parallel = true needs Transformer Engine (Megatron's local norms refuse it); "
+            "install transformer-engine or set sequence_parallel = false"
+        )
+    if arch.num_experts and tp > 1 and not perf.sequence_parallel:
+        raise UserError(
+            f"[perf] tp = {tp} with an MoE model: Megatron trains MoE layers under TP only with "
+            "sequence_parallel = true (which needs Transformer Engine); use ep for the experts and tp = 1"
+        )
 
 
 def _known_fields(cls: type) -> set[str]:

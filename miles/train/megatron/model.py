@@ -89,6 +89,9 @@ def build_gpt_model(arch: HFArch, perf: PerfConfig, dtype: torch.dtype, use_te: 
             base = llama3_inv_freq(base, arch.rope_scaling)
         rope.inv_freq = base.to(device)
     model.to(device)
+    from miles.train.megatron.weights import mark_tensor_parallel
+
+    mark_tensor_parallel(model, arch)
     return model
 
 

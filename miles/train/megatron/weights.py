@@ -107,6 +107,23 @@ class SafetensorsReader:
             return f.get_tensor(name)
 
 
+def mark_tensor_parallel(model: Any, arch: HFArch) -> None:
+    """Tag each split parameter with Megatron's ``tensor_model_parallel`` attributes.
+
+    Megatron sets them only while it initialises weights; miles builds with
+    ``perform_initialization=False`` (the HF checkpoint overwrites every weight),
+    and without the tags Megatron's gradient-norm (clipping) counts TP slices as
+    duplicates and drops all but rank 0's.
+    """
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    by_name = {r.mcore: r for r in param_rules(arch)} | {a: r for r in param_rules(arch) for a in r.aliases}
+    for name, param in local_parameters(model, arch).items():
+        kind = by_name[name].kind
+        if kind != "replicated" and not hasattr(param, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(param, True, 1 if kind == "row" else 0, 1)
+
+
 @torch.no_grad()
 def load_hf_weights(model: Any, arch: HFArch, model_dir: str) -> None:
     """Fill this rank's parameters of ``model`` from the HF checkpoint in ``model_dir``."""
@@ -118,23 +135,30 @@ def load_hf_weights(model: Any, arch: HFArch, model_dir: str) -> None:
         for alias in rule.aliases:
             by_name[alias] = rule
     for name, param in local_parameters(model, arch).items():
-        rule = by_name.get(name)
-        if rule is None:
+        found = by_name.get(name)
+        if found is None:
             raise KeyError(f"Megatron parameter {name} has no HF mapping for family {arch.family}")
-        rank, size, _ = place.split(rule)
-        value = to_megatron(rule, [reader.get(n) for n in rule.hf], arch, rank, size)
+        rank, size, _ = place.split(found)
+        value = to_megatron(found, [reader.get(n) for n in found.hf], arch, rank, size)
         if value.shape != param.shape:
             raise ValueError(f"{name}: HF gives shape {tuple(value.shape)}, Megatron expects {tuple(param.shape)}")
         param.data.copy_(value.to(dtype=param.dtype, device=param.device))
 
 
 @torch.no_grad()
-def export_hf_weights(model: Any, arch: HFArch, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def export_hf_weights(
+    model: Any, arch: HFArch, device: torch.device, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full tensor)`` in checkpoint order; tensors are complete on global rank 0 only.
 
-    Collective over every trainer rank. Other ranks get an empty placeholder
-    of the right shape and dtype (they must iterate to the end but not use it).
+    Collective over every trainer rank. Every tensor is cast to ``dtype``
+    (default: the model's ``params_dtype``) before it travels: Megatron keeps
+    some parameters (its norms) in another dtype than the rest, and the
+    receiving rank must know the size of what it receives. Other ranks get an
+    empty placeholder of the right shape and dtype (they must iterate to the
+    end but not use it).
     """
+    dtype = dtype or model.config.params_dtype
     place = _Placement(arch)
     params = local_parameters(model, arch)
     rules = param_rules(arch)
@@ -159,7 +183,7 @@ def export_hf_weights(model: Any, arch: HFArch, device: torch.device) -> Iterato
                 dist.all_gather(shards, local.contiguous(), group=group)
             else:
                 shards = [local]
-            hf = from_megatron(rule, shards, arch)
+            hf = [t.to(dtype) for t in from_megatron(rule, shards, arch)]
         src = sources[i]
         if world > 1 and src != 0:
             if rank == src:
@@ -167,13 +191,13 @@ def export_hf_weights(model: Any, arch: HFArch, device: torch.device) -> Iterato
                 for t in hf:
                     dist.send(t.contiguous().to(device), dst=0)
             elif rank == 0:
-                hf = [_recv_like(rule, j, arch, params, device, src) for j in range(len(rule.hf))]
+                hf = [_recv(_hf_shape(rule, j, arch), dtype, device, src) for j in range(len(rule.hf))]
         for j, name in enumerate(rule.hf):
             if rank == 0 or (hf is not None and rank == src):
                 assert hf is not None
                 yield name, hf[j]
             else:
-                yield name, _placeholder(rule, j, arch, params, device)
+                yield name, torch.empty(_hf_shape(rule, j, arch), dtype=dtype, device=device)
 
 
 def _hf_shape(rule: ParamRule, j: int, arch: HFArch) -> tuple[int, ...]:
@@ -182,22 +206,10 @@ def _hf_shape(rule: ParamRule, j: int, arch: HFArch) -> tuple[int, ...]:
     return hf_shapes(arch)[rule.hf[j]]
 
 
-def _dtype(params: dict[str, torch.nn.Parameter]) -> torch.dtype:
-    return next(iter(params.values())).dtype
-
-
-def _recv_like(
-    rule: ParamRule, j: int, arch: HFArch, params: dict[str, torch.nn.Parameter], device: torch.device, src: int
-) -> torch.Tensor:
-    t = torch.empty(_hf_shape(rule, j, arch), dtype=_dtype(params), device=device)
+def _recv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
     dist.recv(t, src=src)
     return t
-
-
-def _placeholder(
-    rule: ParamRule, j: int, arch: HFArch, params: dict[str, torch.nn.Parameter], device: torch.device
-) -> torch.Tensor:
-    return torch.empty(_hf_shape(rule, j, arch), dtype=_dtype(params), device=device)
 
 
 def save_hf_checkpoint(weights: Iterator[tuple[str, torch.Tensor]], out_dir: str, model_dir: str) -> None:

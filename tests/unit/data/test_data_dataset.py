@@ -169,3 +169,4 @@ def test_expand_groups(tmp_path: Path, tokenizer: Any) -> None:
     assert [len(g) for g in split_groups(samples)] == [3, 3]
     with pytest.raises(ValueError):
         expand_groups(ds.sample(1), 0)
+    assert [s.group_index for s in expand_groups(ds.sample(2), None)] == [0, 1]  # unset n: Miles' default 1

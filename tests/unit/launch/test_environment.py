@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -134,10 +135,16 @@ def test_errors_name_the_fix() -> None:
         Layout.from_plan({"mode": "split"})
 
 
-def test_layout_from_a_real_plan_and_rebased_ports() -> None:
-    spec = load_spec("configs/quickstart.toml", [
-        'cluster.mode="split"', "cluster.rollout_num_nodes=1", "cluster.rollout_num_gpus=2",
-        "cluster.actor_num_nodes=2", "cluster.actor_num_gpus_per_node=2", "train.global_batch_size=64"])
+def test_layout_from_a_real_plan_and_rebased_ports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1+1=", "label": "2"}\n')
+    (tmp_path / "run.toml").write_text(
+        '[run]\nnum_rollout = 1\n[model]\nbuiltin = "tiny-arith"\ndtype = "float32"\n'
+        '[rollout]\nprompt_data = "p.jsonl"\ninput_key = "prompt"\nrm_type = "exact_match"\nrollout_batch_size = 8\nn_samples_per_prompt = 8\n'
+        '[train]\nglobal_batch_size = 64\n[perf]\nbackend = "fsdp"\n'
+        '[cluster]\nmode = "split"\ngpus_per_node = 0\nrollout_num_nodes = 1\nrollout_num_gpus = 2\n'
+        'actor_num_nodes = 2\nactor_num_gpus_per_node = 2\ndevice = "cpu"\n')
+    spec = load_spec("run.toml", [])
     plan = make_plan(spec)
     layout = Layout.from_plan(json.loads(to_json(plan)))
     assert (layout.mode, layout.trainer_world_size, layout.num_engines) == ("split", 4, 2)

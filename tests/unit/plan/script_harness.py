@@ -27,6 +27,8 @@ for a in "$@"; do [ "$prev" = "--role" ] && role=$a; prev=$a; done
 printf '%s\0' "$@" > "$STUB_DIR/args-$role"
 env -0 > "$STUB_DIR/env-$role"
 if [ "$role" = trainer ]; then
+  # like the real driver, wait for the engines to be up first
+  for i in $(seq 200); do [ -e "$STUB_DIR/ready-engine" ] && break; sleep 0.02; done
   case "${STUB_TRAINER:-done}" in
     done) touch "$MILES_RUN_DIR/control/done"; exit 0;;
     ok) exit 0;;
@@ -34,6 +36,7 @@ if [ "$role" = trainer ]; then
     wait-preempt) for i in $(seq 600); do [ -e "$MILES_RUN_DIR/control/preempt" ] && exit 0; sleep 0.05; done; exit 9;;
   esac
 else
+  touch "$STUB_DIR/ready-engine"
   case "${STUB_ENGINE:-serve}" in
     serve) trap 'exit 0' TERM; while :; do sleep 0.05; done;;
     fail) sleep 0.3; exit 5;;
@@ -88,7 +91,7 @@ def run_script(script: str, tmp: Path, *, job_id: int = 12345, restart: int | No
     }
     if restart is not None:
         env["SLURM_RESTART_COUNT"] = str(restart)
-    for f in [*stubs.glob("args-*"), *stubs.glob("env-*")]:
+    for f in [*stubs.glob("args-*"), *stubs.glob("env-*"), *stubs.glob("ready-*")]:
         f.unlink()
     proc = subprocess.Popen(["bash", str(path)], cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)

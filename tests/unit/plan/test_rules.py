@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.unit.plan.plan_specs import cpu_spec, spec
 
 from miles.errors import UserError
 from miles.plan import PlanError, make_plan
 from miles.spec.tables import Spec
+from tests.unit.plan.plan_specs import cpu_spec, spec
 
 
 def refused(s: Spec, *needles: str) -> str:
@@ -233,7 +233,7 @@ def test_port_block_fits() -> None:
 ])
 @pytest.mark.parametrize("bad", ["a b", "x\n#SBATCH --uid=0", "$(touch /tmp/p)", "a'b", "a#b"])
 def test_directive_values_are_refused_not_quoted(field: str, table: str, key: str, bad: str) -> None:
-    refused(spec(**{table: {key: bad}}), field, "#SBATCH line", f"change {field}")
+    refused(spec("split", **{table: {key: bad}}), field, "#SBATCH line", f"change {field}")
 
 
 def test_slurm_time_format() -> None:

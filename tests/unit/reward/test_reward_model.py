@@ -277,11 +277,11 @@ def test_remote_retries_transient_errors_and_fails_on_4xx() -> None:
         if key == "down":
             return web.Response(status=500, text="broken")
         if key == "slow":
-            await asyncio.sleep(1)
+            await asyncio.sleep(1.2)
         return web.json_response(0.75)
 
     async def body(url: str) -> RewardStats:
-        model = RewardModel.from_spec(RolloutConfig(rm_url=url, rm_timeout=0.3))
+        model = RewardModel.from_spec(RolloutConfig(rm_url=url, rm_timeout=0.5))
         assert model.remote is not None
         model.remote.backoff = 0.01
         batch = samples(["flaky", "bad", "down", "slow", "plain"])
@@ -305,3 +305,21 @@ def test_remote_unreachable_counts_failures() -> None:
     stats = run(model, batch)
     assert stats.failed == 2 and not any(math.isnan(s.reward) for s in batch)
     assert "failed 4 times" in stats.errors[0]
+
+
+def test_runaway_builtin_is_killed_and_the_pool_recovers() -> None:
+    # sympy would compute 9^(9^(9^9)) forever while holding the GIL; the worker process is killed instead
+    model = RewardModel.from_spec(RolloutConfig(rm_type="math", rm_timeout=3.0))
+    scorer = model.per_sample
+    try:
+        batch = samples([r"\boxed{9^{9^{9^{9}}}}", r"\boxed{3}", r"\boxed{\frac{6}{2}}"], ["3", "3", "3"])
+        stats = model.score_blocking(batch)
+        assert [s.reward for s in batch] == [0.0, 1.0, 1.0]
+        assert [s.reward_failed for s in batch] == [True, False, False]
+        assert "timed out after 3s" in stats.errors[0]
+        again = samples([r"\boxed{3}"], ["3"])
+        assert model.score_blocking(again).mean == 1.0  # a fresh worker replaced the killed one
+        processes = [w.process for w in scorer.pool._all]  # type: ignore[union-attr]
+    finally:
+        model.close()
+    assert processes and not any(p.is_alive() for p in processes)

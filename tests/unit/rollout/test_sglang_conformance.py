@@ -19,12 +19,13 @@ import torch
 
 from miles.rollout import sglang_protocol as proto
 from miles.rollout.sglang_flags import SGLANG_PIN
-from miles.rollout.sglang_wheel import SglangSource, conforms, pinned_wheel
+from miles.rollout.sglang_wheel import SglangSource, conforms
+from tests.sglang_wheel import pinned_source
 
 
 @pytest.fixture(scope="module")
 def sgl() -> SglangSource:
-    source = SglangSource(pinned_wheel())
+    source = pinned_source()
     assert source.version == SGLANG_PIN
     return source
 

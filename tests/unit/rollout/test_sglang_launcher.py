@@ -194,6 +194,6 @@ def test_supervisor_gives_up_after_max_restarts(tmp_path: Path) -> None:
 
 
 def test_router_command() -> None:
-    argv = sl.router_argv(["http://a:1", "http://b:2"], host="0.0.0.0", port=30000, python="py")
+    argv = sl.router_argv(["http://a:1", "http://b:2"], host="0.0.0.0", port=30000, api_key="k", python="py")
     assert argv == ["py", "-m", "sglang_router.launch_router", "--worker-urls", "http://a:1", "http://b:2",
-                    "--host", "0.0.0.0", "--port", "30000"]
+                    "--host", "0.0.0.0", "--port", "30000", "--api-key", "k"]

@@ -6,6 +6,8 @@ rank 0 writes each scenario's results with ``torch.save`` into OUT_DIR.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import os
 import sys
 import time
@@ -13,13 +15,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from miles.train.actor import TrainerContext, build_actor
+from miles.train.actor import Actor, TrainerContext, build_actor, prepare_batch
 from miles.train.batch import RolloutBatch
-from tests.unit.train.tiny_model import rollout_batch, tiny_spec
+from tests.unit.train.tiny_model import fixed_samples, rollout_batch, tiny_spec
 
 
 def _weights(actor) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
-    return {n: t.clone() for n, t in actor.named_hf_weights()}
+    return {n: t.detach().to("cpu").clone() for n, t in actor.named_hf_weights()}
 
 
 def _prepare(actor, batch: RolloutBatch) -> RolloutBatch:  # type: ignore[no-untyped-def]
@@ -28,10 +30,15 @@ def _prepare(actor, batch: RolloutBatch) -> RolloutBatch:  # type: ignore[no-unt
     return batch
 
 
-def scenario_update(ctx: TrainerContext, out: dict, **train: object) -> None:
+def scenario_update(ctx: TrainerContext, out: dict, dtype: str = "float32", **train: object) -> None:
     """One rollout (2 optimizer steps) from the initial weights: metrics and updated weights."""
-    actor = build_actor(tiny_spec(**train), ctx)
-    batch = _prepare(actor, rollout_batch(1))
+    spec = tiny_spec(**train)
+    spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, dtype=dtype))
+    actor = build_actor(spec, ctx)
+    assert isinstance(actor, Actor)
+    out["initial"] = _weights(actor)
+    batch = prepare_batch(actor, fixed_samples(1), spec)  # what the loop calls: old + ref log-probs, advantages
+    assert batch.old_logprobs is not None and batch.ref_logprobs is not None and batch.advantages is not None
     t0 = time.perf_counter()
     out["metrics"] = actor.train(batch, rollout_id=0)
     out["train_s"] = time.perf_counter() - t0
@@ -69,41 +76,88 @@ def scenario_resume(ctx: TrainerContext, out: dict, ckpt: str) -> None:
     out["weights"] = (w_a, _weights(b))
 
 
+def scenario_offload(ctx: TrainerContext, out: dict) -> None:
+    """Offload and onload between two rollouts: memory is freed, and training continues as if nothing moved."""
+    gc.collect()  # earlier scenarios' actors (reference cycles through FSDP hooks)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    a = build_actor(tiny_spec(), ctx)
+    a.train(_prepare(a, rollout_batch(1)), rollout_id=0)
+    torch.cuda.synchronize()
+    out["footprint"] = torch.cuda.memory_allocated() - base
+    a.offload()
+    out["left"] = torch.cuda.memory_allocated() - base
+    a.onload()
+    a.train(_prepare(a, rollout_batch(2)), rollout_id=1)
+    out["weights"] = _weights(a)
+
+
 def scenario_export(ctx: TrainerContext, out: dict, model_dir: str) -> None:
     """Exported HF weights load into a plain HF model whose logits equal the FSDP model's."""
     from transformers import AutoModelForCausalLM
 
     actor = build_actor(tiny_spec(), ctx)
-    actor.train(_prepare(actor, rollout_batch(1)), rollout_id=0)
+    batch = _prepare(actor, rollout_batch(1))
+    actor.train(batch, rollout_id=0)
     weights = _weights(actor)
-    ids = torch.arange(1, 17).reshape(2, 8)
+    after = actor.compute_logprobs(batch)
+    hf_dir = os.path.join(os.path.dirname(model_dir), "exported")
+    actor.save_hf(hf_dir)
+    ids = torch.arange(1, 17).reshape(2, 8).to(ctx.device)
     with torch.no_grad():
-        fsdp_logits = actor.model(input_ids=ids, use_cache=False).logits  # type: ignore[operator]
+        fsdp_logits = actor.model(input_ids=ids, use_cache=False).logits.cpu()  # type: ignore[operator]
     if dist.get_rank() == 0:
-        plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(ctx.device)
         missing, unexpected = plain.load_state_dict(weights, strict=False)
         out["missing"], out["unexpected"] = list(missing), list(unexpected)
         with torch.no_grad():
-            out["plain_logits"] = plain(input_ids=ids, use_cache=False).logits
+            out["plain_logits"] = plain(input_ids=ids, use_cache=False).logits.cpu()
         out["fsdp_logits"] = fsdp_logits
         out["names"] = list(weights)
+        # log-probs of each sample computed alone and unpadded by plain HF: the actor's batching must agree
+        direct = []
+        with torch.no_grad():
+            for i in range(len(batch)):
+                logits = plain(input_ids=batch.tokens[i][None].to(ctx.device), use_cache=False).logits[0].cpu()
+                p = batch.prompt_lens[i]
+                lp = torch.log_softmax(logits[p - 1 : -1].float(), -1)
+                direct.append(lp.gather(-1, batch.tokens[i][p:, None]).squeeze(-1))
+        out["direct_logprobs"], out["actor_logprobs"] = direct, after
+        reloaded = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(ctx.device)
+        with torch.no_grad():
+            out["reloaded_logits"] = reloaded(input_ids=ids, use_cache=False).logits.cpu()
+        out["exported_files"] = sorted(os.listdir(hf_dir))
 
 
 def main() -> None:
     out_dir, model_dir, *scenarios = sys.argv[1:]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    ctx = TrainerContext(model_dir=model_dir, num_rollout=8, device=torch.device("cpu"))
+    if os.environ.get("MILES_TEST_DEVICE", "cpu") == "cuda":
+        # bit-exact resume on GPUs needs deterministic kernels (embedding backward uses atomics otherwise)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    ctx = TrainerContext(model_dir=model_dir, num_rollout=8, device=device)
     for name in scenarios:
         out: dict = {}
         if name == "update":
             scenario_update(ctx, out)
         elif name == "update_dynamic":
             scenario_update(ctx, out, use_dynamic_batch_size=True, max_tokens_per_gpu=24, micro_batch_size=1)
+        elif name == "bf16":
+            scenario_update(ctx, out, dtype="bfloat16")
         elif name == "learn":
             scenario_learn(ctx, out)
         elif name == "resume":
             scenario_resume(ctx, out, os.path.join(out_dir, "ckpt"))
+        elif name == "offload":
+            scenario_offload(ctx, out)
         elif name == "export":
             scenario_export(ctx, out, model_dir)
         else:

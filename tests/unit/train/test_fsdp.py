@@ -6,53 +6,14 @@ the tests compare what they wrote.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
+import math
 from typing import Any
 
 import pytest
 import torch
 
 from tests.unit.train.tiny_model import write_tiny_qwen2
-
-WORKER = Path(__file__).with_name("fsdp_worker.py")
-REPO = Path(__file__).resolve().parents[3]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def launch(world_size: int, out: Path, model_dir: Path, scenarios: list[str]) -> dict[str, Any]:
-    """Run the worker on ``world_size`` ranks; return rank 0's results per scenario."""
-    out.mkdir(parents=True)
-    port = _free_port()
-    procs, logs = [], []
-    for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), str(model_dir), *scenarios],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for log in logs:
-            log.close()
-    if any(codes):
-        text = "\n".join((out / f"rank{r}.log").read_text()[-3000:] for r in range(world_size))
-        raise AssertionError(f"worker exit codes {codes}:\n{text}")
-    return {s: torch.load(out / f"{s}.pt", weights_only=False) for s in scenarios}
+from tests.unit.train.worker_launch import Launch
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +21,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     root = tmp_path_factory.mktemp("fsdp")
     model_dir = root / "model"
     write_tiny_qwen2(str(model_dir))
-    return {
-        1: launch(1, root / "ws1", model_dir, ["update"]),
-        2: launch(2, root / "ws2", model_dir, ["update", "update_dynamic", "learn", "resume", "export"]),
-    }
+    # Both launches run at once (three single-threaded processes).
+    one = Launch(1, root / "ws1", model_dir, ["update"])
+    two = Launch(2, root / "ws2", model_dir, ["update", "update_dynamic", "learn", "resume", "export", "bf16"])
+    return {1: one.results(), 2: two.results()}
 
 
 def _no_time(metrics: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -79,9 +40,8 @@ def test_world_size_1_and_2_give_the_same_update(runs: dict[int, dict[str, Any]]
     for m1, m2 in zip(one["metrics"], two["metrics"], strict=True):
         for k in ("loss", "pg_loss", "kl_loss", "entropy", "grad_norm", "ratio", "lr", "train_tokens"):
             assert m2[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-7), k
-    # The update actually moved the weights.
-    init = runs[2]["export"]  # sanity: the export scenario also trained; weights differ from update's start
-    assert init["names"][0] == "model.embed_tokens.weight"
+    moved = max(float((w - one["initial"][n]).abs().max()) for n, w in one["weights"].items())
+    assert moved > 1e-3  # the update did change the weights
 
 
 def test_dynamic_micro_batches_give_the_same_update(runs: dict[int, dict[str, Any]]) -> None:
@@ -115,3 +75,26 @@ def test_exported_hf_weights_reproduce_the_logits(runs: dict[int, dict[str, Any]
     assert r["unexpected"] == []
     assert r["missing"] == ["lm_head.weight"]  # tied to model.embed_tokens.weight, exported once as HF does
     assert torch.equal(r["plain_logits"], r["fsdp_logits"])
+    assert r["names"][0] == "model.embed_tokens.weight"
+
+
+def test_actor_logprobs_match_plain_hf_on_unpadded_samples(runs: dict[int, dict[str, Any]]) -> None:
+    r = runs[2]["export"]
+    for direct, actor in zip(r["direct_logprobs"], r["actor_logprobs"], strict=True):
+        torch.testing.assert_close(actor, direct, rtol=0, atol=1e-5)
+
+
+def test_save_hf_writes_a_loadable_model_directory(runs: dict[int, dict[str, Any]]) -> None:
+    r = runs[2]["export"]
+    assert {"config.json", "model.safetensors"} <= set(r["exported_files"])
+    assert torch.equal(r["reloaded_logits"], r["fsdp_logits"])
+
+
+def test_bf16_mixed_precision_trains_and_exports_bf16(runs: dict[int, dict[str, Any]]) -> None:
+    r = runs[2]["bf16"]
+    assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in r["metrics"])
+    assert {w.dtype for w in r["weights"].values()} == {torch.bfloat16}
+    fp32 = runs[2]["update"]["weights"]
+    # same update up to bf16 forward/backward rounding
+    for name, w in r["weights"].items():
+        torch.testing.assert_close(w.float(), fp32[name], rtol=0.05, atol=2e-2)

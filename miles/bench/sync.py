@@ -1,0 +1,265 @@
+"""``miles bench sync``: weight sync trainer -> engines against a raw broadcast of the same bytes.
+
+What is measured is miles' real path end to end: :class:`~miles.transfer.sync.WeightSync`
+on the sending side (pause, per-bucket ``/update_weights_from_distributed`` over
+HTTP, flatten, ``dist.broadcast``, flush, continue) and the embedded engine
+server on the receiving side (unflatten, :meth:`Engine.load_weights`), see
+:mod:`miles.bench.receiver`. The reference is a raw ``dist.broadcast`` of the
+same number of bytes over the same process group, between the same processes,
+in the same run (:meth:`WeightSync.raw_broadcast`), so ``ratio`` = sync GB/s /
+raw GB/s is meaningful on any machine: 1.0 is the link's limit.
+
+Locally the benchmark starts the engines itself (``--engines N`` child
+processes). Inside a Slurm job (``srun -n K miles bench sync --slurm ...``)
+task 0 is the sender and every other task an engine; they meet through files
+in ``--rendezvous`` (a shared directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from miles.bench.report import Report, machine, plot_sync, write_atomic
+from miles.bench.shapes import GIB, PRESETS, load_config_dict, scale_layers, tensor_specs, with_layers
+from miles.errors import UserError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="miles bench sync", description=__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("--config", help="HF config.json (or its directory) giving the layer shapes")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a known model shape instead of --config")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--total-gb", type=float, default=None,
+                   help="repeat decoder layers until the weights are this many GiB (default: the model's own size)")
+    p.add_argument("--layers", type=int, default=None, help="set num_hidden_layers directly (overrides --total-gb)")
+    p.add_argument("--bucket-mb", type=float, nargs="+", default=[64.0, 256.0, 1024.0],
+                   help="bucket sizes in MiB to sweep (default: 64 256 1024)")
+    p.add_argument("--iters", type=int, default=3, help="syncs (and raw broadcasts) per bucket size; the best counts")
+    p.add_argument("--engines", type=int, default=1, help="engine processes to start locally (default 1)")
+    p.add_argument("--device", default=None, help="sender device (default cuda:0 if CUDA is available, else cpu)")
+    p.add_argument("--engine-device", default=None,
+                   help="engine device (default: cuda:<i+1> for engine i on GPUs, else the sender's device)")
+    p.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default nccl on GPUs, gloo on CPUs")
+    p.add_argument("--slurm", action="store_true",
+                   help="inside a Slurm step: SLURM_PROCID 0 sends, every other task runs an engine")
+    p.add_argument("--rendezvous", default=None,
+                   help="shared directory where Slurm tasks meet (default: $SLURM_SUBMIT_DIR/.miles-bench-sync-$SLURM_JOB_ID.$SLURM_STEP_ID)")
+    p.add_argument("--master-addr", default=None, help="address engines use to reach the sender (default: its hostname)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for engines to start")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON to this file")
+    p.add_argument("--plot", default=None, help="write a PNG of GB/s against bucket size to this file")
+    return p
+
+
+def model_config(a: argparse.Namespace) -> dict[str, Any]:
+    from miles.rollout.engine import DTYPES
+
+    data = load_config_dict(a.config, a.preset)
+    if a.layers is not None:
+        data = with_layers(data, a.layers)
+    elif a.total_gb is not None:
+        if a.total_gb <= 0:
+            raise UserError(f"--total-gb must be positive, got {a.total_gb}")
+        size = DTYPES[a.dtype].itemsize
+        data = scale_layers(data, int(a.total_gb * GIB), size)
+    return data
+
+
+def random_weights(data: dict[str, Any], dtype: str, device: str, seed: int = 0) -> list[tuple[str, Any]]:
+    """The actor's named tensors for ``data``: HF names and shapes, random values, on ``device``."""
+    import torch
+
+    from miles.rollout.engine import DTYPES
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return [(t.name, torch.randn(t.shape, generator=gen, device=device, dtype=DTYPES[dtype])) for t in tensor_specs(data)]
+
+
+def _receiver_cmd(config_path: Path, dtype: str, device: str, host: str, port: int, ready: Path,
+                  done: Path | None, announce: str | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "miles.bench.receiver", "--config-json", str(config_path), "--dtype", dtype,
+           "--device", device, "--host", host, "--port", str(port), "--ready-file", str(ready)]
+    if done is not None:
+        cmd += ["--done-file", str(done)]
+    if announce:
+        cmd += ["--announce-host", announce]
+    return cmd
+
+
+def wait_for_urls(ready_files: list[Path], procs: list[subprocess.Popen] | None, logs: list[Path] | None,
+                  timeout_s: float) -> list[str]:
+    """URLs from the engines' ready files; raises with an engine's log tail if it dies or the deadline passes."""
+    end = time.monotonic() + timeout_s
+    while True:
+        missing = [f for f in ready_files if not f.exists()]
+        if not missing:
+            return [f.read_text().strip() for f in ready_files]
+        for i, p in enumerate(procs or []):
+            if p.poll() is not None:
+                tail = logs[i].read_text(errors="replace")[-3000:] if logs else ""
+                raise RuntimeError(f"bench engine {i} exited with {p.returncode} before serving; log tail:\n{tail}")
+        if time.monotonic() > end:
+            raise TimeoutError(f"{len(missing)} bench engine(s) not ready after {timeout_s:.0f} s: "
+                               f"{', '.join(str(m) for m in missing)}")
+        time.sleep(0.2)
+
+
+def measure(a: argparse.Namespace, data: dict[str, Any], urls: list[str], device: str, backend: str,
+            master_addr: str) -> Report:
+    """Sender side: sync the random weights at every bucket size, each against a raw broadcast."""
+    import torch
+
+    from miles.rollout.local import free_port
+    from miles.transfer.sync import WeightSync, bench
+
+    named = random_weights(data, a.dtype, device)
+    total = sum(t.numel() * t.element_size() for _, t in named)
+    sync = WeightSync(urls, master_address=master_addr, master_port=free_port(), backend=backend,
+                      bucket_bytes=int(a.bucket_mb[0] * (1 << 20)), device=device, timeout_s=a.timeout)
+    report = Report("sync", settings={
+        "model_type": data.get("model_type"), "layers": data.get("num_hidden_layers"), "dtype": a.dtype,
+        "backend": backend, "device": device, "engines": len(urls), "iters": a.iters,
+        "bucket_mb": a.bucket_mb, "preset": a.preset, "config": a.config,
+    })
+    report.machine = machine(device)
+    try:
+        sync.connect()
+        for mb in a.bucket_mb:
+            sync.bucket_bytes = max(1, int(mb * (1 << 20)))
+            r = bench(sync, named, iters=a.iters)
+            report.rows.append({
+                "bucket_mb": float(mb), "buckets": int(r["buckets"]), "seconds": r["seconds"],
+                "sync_gb_s": r["gb_per_s"], "raw_seconds": r["raw_seconds"], "raw_gb_s": r["raw_gb_per_s"],
+                "ratio": r["ratio"],
+            })
+    finally:
+        sync.close()
+    best = max(report.rows, key=lambda r: r["ratio"])
+    report.summary = {
+        "weights_gib": total / GIB, "tensors": len(named), "params": sum(t.numel() for _, t in named),
+        "best_bucket_mb": best["bucket_mb"], "best_sync_gb_s": best["sync_gb_s"], "best_ratio": best["ratio"],
+        "target_ratio": 0.9, "meets_target": best["ratio"] >= 0.9,
+    }
+    report.notes.append("ratio = sync GB/s / raw dist.broadcast GB/s of the same bytes over the same group "
+                        "(1.0 = link limit); seconds are the best of --iters")
+    del named
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return report
+
+
+def _defaults(a: argparse.Namespace) -> tuple[str, str]:
+    import torch
+
+    device = a.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    backend = a.backend or ("nccl" if device.startswith("cuda") else "gloo")
+    if backend == "nccl" and not device.startswith("cuda"):
+        raise UserError("--backend nccl needs CUDA devices (--device cuda:N)")
+    return device, backend
+
+
+def _engine_device(a: argparse.Namespace, device: str, index: int) -> str:
+    if a.engine_device:
+        return str(a.engine_device)
+    if device.startswith("cuda"):
+        import torch
+
+        n = torch.cuda.device_count()
+        return f"cuda:{(index + 1) % n}" if n > 1 else device
+    return device
+
+
+def run_local(a: argparse.Namespace) -> Report:
+    """Start ``--engines`` engine processes on this machine, measure, stop them."""
+    data = model_config(a)
+    device, backend = _defaults(a)
+    if a.engines < 1:
+        raise UserError(f"--engines must be >= 1, got {a.engines}")
+    procs: list[subprocess.Popen] = []
+    logs: list[Path] = []
+    with tempfile.TemporaryDirectory(prefix="miles-bench-sync-") as tmp:
+        d = Path(tmp)
+        cfg = write_atomic(d / "config.json", json.dumps(data))
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        from miles.rollout.local import free_port
+
+        ready = [d / f"engine-{i}.url" for i in range(a.engines)]
+        try:
+            for i in range(a.engines):
+                logs.append(d / f"engine-{i}.log")
+                with open(logs[-1], "wb") as log:
+                    procs.append(subprocess.Popen(
+                        _receiver_cmd(cfg, a.dtype, _engine_device(a, device, i), "127.0.0.1", free_port(), ready[i],
+                                      None), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+            urls = wait_for_urls(ready, procs, logs, a.timeout)
+            return measure(a, data, urls, device, backend, "127.0.0.1")
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def run_slurm(a: argparse.Namespace) -> Report | None:
+    """One task of a Slurm step: task 0 measures and reports, the others serve until it is done."""
+    try:
+        procid, ntasks = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    except (KeyError, ValueError) as e:
+        raise UserError("--slurm needs SLURM_PROCID and SLURM_NTASKS: run it under `srun -n K` (K >= 2)") from e
+    if ntasks < 2:
+        raise UserError(f"--slurm needs at least 2 tasks (one sender, one engine); this step has {ntasks}")
+    rdv = Path(a.rendezvous or Path(os.environ.get("SLURM_SUBMIT_DIR", ".")) /
+               f".miles-bench-sync-{os.environ.get('SLURM_JOB_ID', 'local')}.{os.environ.get('SLURM_STEP_ID', '0')}")
+    rdv.mkdir(parents=True, exist_ok=True)
+    data = model_config(a)
+    device, backend = _defaults(a)
+    local = int(os.environ.get("SLURM_LOCALID", "0"))
+    if device.startswith("cuda") and a.device is None:
+        device = f"cuda:{local}"
+    done = rdv / "done"
+    if procid != 0:
+        from miles.bench.receiver import serve
+        from miles.rollout.local import free_port
+
+        engine_device = a.engine_device or device
+        serve(data, a.dtype, engine_device, "0.0.0.0", free_port(), str(rdv / f"engine-{procid}.url"), str(done),
+              announce_host=socket.gethostname())
+        return None
+    ready = [rdv / f"engine-{i}.url" for i in range(1, ntasks)]
+    try:
+        urls = wait_for_urls(ready, None, None, a.timeout)
+        return measure(a, data, urls, device, backend, a.master_addr or socket.gethostname())
+    finally:
+        write_atomic(done, "done\n")
+
+
+def main(argv: list[str]) -> int:
+    a = parser().parse_args(argv)
+    if a.iters < 1:
+        raise UserError(f"--iters must be >= 1, got {a.iters}")
+    if any(mb <= 0 for mb in a.bucket_mb):
+        raise UserError(f"--bucket-mb sizes must be positive, got {a.bucket_mb}")
+    report = run_slurm(a) if a.slurm else run_local(a)
+    if report is None:
+        return 0
+    report.print(["bucket_mb", "buckets", "seconds", "sync_gb_s", "raw_seconds", "raw_gb_s", "ratio"])
+    if a.json_out:
+        report.write_json(a.json_out)
+    if a.plot:
+        plot_sync(report, a.plot)
+    return 0

@@ -1,0 +1,212 @@
+"""``miles bench train``: actor tokens/s and MFU for each training backend.
+
+The actor is the one the loop uses (:func:`miles.train.actor.build_actor`: FSDP2
+or Megatron-core), on a model of real shape with random weights, trained with
+the real GRPO step (``actor.train`` on a :class:`RolloutBatch` of ``--batch``
+sequences of ``--seq-len`` tokens, advantages from :mod:`miles.algo`). A step's
+model FLOPs come from the HF config (:func:`miles.bench.shapes.train_flops_per_token`);
+MFU divides the achieved FLOP/s by the card's dense peak (``--peak-tflops`` or
+the table in :mod:`miles.bench.hardware`). As a same-run reference the suite
+also measures plain square matmuls in the training dtype on the same device,
+so ``of_matmul`` says how close training is to what this device did just now.
+
+Multi-GPU: start it under ``torchrun --nproc-per-node N -m miles.cli bench train ...``
+(or ``srun``); one process per GPU, rank 0 reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from miles.bench.report import Report, machine
+from miles.bench.shapes import PRESETS, load_config_dict, param_count, train_flops_per_token, with_layers
+from miles.errors import UserError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="miles bench train", description=__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("--config", help="HF config.json (or its directory) of the model")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a known model shape instead of --config")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    p.add_argument("--backend", nargs="+", choices=["fsdp", "megatron"], default=["fsdp"],
+                   help="training backends to measure (default fsdp)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default bfloat16 on GPUs, float32 on CPUs)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (prompt + response)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step (global batch)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s per device (default: card table)")
+    p.add_argument("--device", default=None, help="default cuda:<LOCAL_RANK> if CUDA is available, else cpu")
+    p.add_argument("--workdir", default=None, help="where to write the random model (shared by all ranks)")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON to this file")
+    return p
+
+
+def _init_dist(device: str) -> bool:
+    """Join (or form, alone) the trainers' process group; True when this call created it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend)
+        return True
+    from miles.rollout.local import free_port
+
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    return True
+
+
+def write_random_model(data: dict[str, Any], out: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised model of shape ``data`` as an HF directory (what the actors load)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from miles.bench.shapes import hf_config
+
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(data))
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, out)
+    return out
+
+
+def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, grpo: Any) -> Any:
+    """A scored rollout of ``batch`` sequences of ``seq_len`` tokens (short prompt, long response), advantages set."""
+    from miles.algo.advantages import AdvantageInputs, compute_advantages
+    from miles.sample import Sample
+    from miles.train.batch import RolloutBatch
+
+    rng = random.Random(seed)
+    prompt = max(1, min(16, seq_len // 4))
+    samples = []
+    for i in range(batch):
+        ids = [rng.randrange(3, vocab) for _ in range(seq_len)]
+        samples.append(Sample(group_index=i // 4, prompt_index=i // 4, prompt="", prompt_text="",
+                              prompt_ids=ids[:prompt], response_ids=ids[prompt:],
+                              response_logprobs=[-1.0] * (seq_len - prompt), reward=float(rng.random() < 0.5)))
+    rb = RolloutBatch.from_samples(samples)
+    rb.advantages = compute_advantages(grpo, AdvantageInputs(rewards=rb.rewards, group_index=rb.group_index,
+                                                             loss_masks=rb.loss_masks))
+    return rb
+
+
+def measure_backend(a: argparse.Namespace, backend: str, data: dict[str, Any], model_dir: str, device: str,
+                    dtype: str) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    from miles.bench.hardware import synchronize
+    from miles.spec.tables import GrpoConfig, ModelConfig, OptimizerConfig, PerfConfig, RolloutConfig, Spec, TrainConfig
+    from miles.train.actor import TrainerContext, build_actor
+
+    spec = Spec(
+        model=ModelConfig(dtype=dtype),  # type: ignore[arg-type]  # checked by argparse choices
+        rollout=RolloutConfig(rollout_max_response_len=a.seq_len),
+        train=TrainConfig(global_batch_size=a.batch, num_steps_per_rollout=1, micro_batch_size=a.micro_batch),
+        perf=PerfConfig(backend=backend),  # type: ignore[arg-type]
+        optimizer=OptimizerConfig(lr=1e-6),
+        grpo=GrpoConfig(use_kl_loss=False),
+    )
+    total = a.warmup + a.steps
+    try:
+        actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=total, device=torch.device(device)))
+    except ImportError as e:
+        raise UserError(f"--backend {backend}: its package is not installed here ({e}); "
+                        "megatron needs the `megatron` extra on a GPU machine") from e
+    batch = synthetic_batch(int(data["vocab_size"]), a.batch, a.seq_len, seed=0, grpo=spec.grpo)
+    times = []
+    for step in range(total):
+        synchronize(device)
+        t0 = time.perf_counter()
+        actor.train(batch, rollout_id=step)
+        synchronize(device)
+        if step >= a.warmup:
+            times.append(time.perf_counter() - t0)
+    mem = torch.cuda.max_memory_allocated(torch.device(device)) / (1 << 30) if device.startswith("cuda") else None
+    del actor
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    world = dist.get_world_size()
+    step_s = sum(times) / len(times)
+    tokens = a.batch * a.seq_len
+    tflops = train_flops_per_token(data, a.seq_len) * tokens / step_s / 1e12
+    return {"backend": backend, "world": world, "step_s": step_s, "tokens_per_s": tokens / step_s,
+            "tokens_per_s_per_device": tokens / step_s / world, "tflops_per_device": tflops / world,
+            "max_mem_gib": mem}
+
+
+def main(argv: list[str]) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from miles.bench.hardware import measured_matmul_tflops, peak_tflops
+
+    a = parser().parse_args(argv)
+    for name in ("seq_len", "batch", "micro_batch", "steps"):
+        if getattr(a, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    data = load_config_dict(a.config, a.preset)
+    if a.layers is not None:
+        data = with_layers(data, a.layers)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = a.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dtype = a.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    created = _init_dist(device)
+    rank = dist.get_rank()
+    own_dir = a.workdir is None
+    workdir = Path(a.workdir or tempfile.mkdtemp(prefix="miles-bench-train-"))
+    model_dir = workdir / "model"
+    try:
+        if rank == 0 and not (model_dir / "config.json").exists():
+            write_random_model(data, model_dir)
+        dist.barrier()
+        rows = [measure_backend(a, b, data, str(model_dir), device, dtype) for b in a.backend]
+        matmul = measured_matmul_tflops(device, dtype)
+        peak, source = peak_tflops(device, dtype, a.peak_tflops)
+        for r in rows:
+            r["mfu"] = r["tflops_per_device"] / peak if peak else None
+            r["of_matmul"] = r["tflops_per_device"] / matmul if matmul > 0 else None
+        if rank == 0:
+            report = Report("train", settings={
+                "model_type": data.get("model_type"), "layers": data.get("num_hidden_layers"),
+                "params": param_count(data), "dtype": dtype, "seq_len": a.seq_len, "batch": a.batch,
+                "micro_batch": a.micro_batch, "steps": a.steps, "warmup": a.warmup, "preset": a.preset,
+                "config": a.config,
+            })
+            report.machine = machine(device)
+            report.rows = rows
+            report.summary = {"peak_tflops": peak, "peak_source": source, "matmul_tflops_measured": matmul,
+                              "flops_per_token": train_flops_per_token(data, a.seq_len)}
+            report.notes.append("MFU = model FLOPs (6N + 12*L*heads*head_dim*seq per token, fwd+bwd) / time / peak; "
+                                "of_matmul = the same against square matmuls measured on this device in this run")
+            report.print(["backend", "world", "step_s", "tokens_per_s", "tflops_per_device", "mfu", "of_matmul",
+                          "max_mem_gib"])
+            if a.json_out:
+                report.write_json(a.json_out)
+        dist.barrier()
+    finally:
+        if own_dir and rank == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if created:
+        dist.destroy_process_group()
+    return 0
+
+
+__all__ = ["main"]

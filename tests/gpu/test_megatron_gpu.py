@@ -1,0 +1,90 @@
+"""The Megatron backend on real GPUs: FSDP equivalence at TP=2 and TP=2 x PP=2, EP=2 MoE, round trips.
+
+Each check starts 2 or 4 ranks (one GPU each, NCCL) running
+``megatron_gpu_worker.py``; the numbers are compared here by
+``megatron_compare.py``. Set ``MILES_GPU_RESULTS`` to keep the raw results
+(docs/benchmarks.md records them). Skipped without 2 CUDA GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+        reason="needs at least 2 CUDA GPUs (Megatron TP=2 / EP=2 checks)",
+    ),
+]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from megatron_compare import summarize  # noqa: E402
+
+WORLD2 = ["roundtrip", "equiv_tp2_fp32", "equiv_tp2_bf16", "moe_ep2_fp32", "moe_ep2_bf16"]
+WORLD4 = ["equiv_tp2pp2_fp32", "equiv_tp2pp2_bf16"]
+FP32_TOL = 1e-5
+BF16_LOSS_TOL = 2e-2
+"""bf16 forward/backward (fp32 master weights in both backends) differs in rounding order between Megatron's
+unfused attention and HF's SDPA kernels; measured differences are recorded in docs/benchmarks.md."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _launch(world: int, scenarios: list[str], out: str, work: str) -> None:
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "megatron_gpu_worker.py"), out, work,
+                                       *scenarios], env=env))
+    codes = [p.wait(timeout=900) for p in procs]
+    assert codes == [0] * world, f"worker exit codes {codes}"
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, Any]:
+    out = os.environ.get("MILES_GPU_RESULTS") or tempfile.mkdtemp(prefix="miles-gpu-")
+    work = tempfile.mkdtemp(prefix="miles-gpu-work-")
+    _launch(2, WORLD2, out, work)
+    if torch.cuda.device_count() >= 4:
+        _launch(4, WORLD4, out, work)
+    return summarize(out)
+
+
+def test_roundtrip_bit_identical(results: dict[str, Any]) -> None:
+    for key, r in results["roundtrip"].items():
+        assert r["mismatched"] == [] and r["extra"] == [], key
+
+
+@pytest.mark.parametrize("name", ["equiv_tp2_fp32", "equiv_tp2pp2_fp32", "moe_ep2_fp32"])
+def test_fp32_equivalence(results: dict[str, Any], name: str) -> None:
+    if name not in results:
+        pytest.skip(f"{name} needs 4 GPUs")
+    r = results[name]
+    assert r["names_equal"]
+    assert r["logprob_rel"] < FP32_TOL and r["loss_rel"] < FP32_TOL, r
+    assert r["weights_rel_max"] < FP32_TOL, r
+
+
+@pytest.mark.parametrize("name", ["equiv_tp2_bf16", "equiv_tp2pp2_bf16", "moe_ep2_bf16"])
+def test_bf16_equivalence(results: dict[str, Any], name: str) -> None:
+    if name not in results:
+        pytest.skip(f"{name} needs 4 GPUs")
+    r = results[name]
+    assert r["names_equal"]
+    assert r["loss_rel"] < BF16_LOSS_TOL, r

@@ -1,0 +1,70 @@
+"""Helpers for driving real engine servers through miles' launcher: SGLang on CPU, or the embedded engine.
+
+The SGLang variants need ``.venv-sglang`` (``scripts/sglang-env.sh`` builds it;
+``scripts/test`` does when it can install packages). Without it they are
+skipped with a reason that says how to get it; the embedded variants run anyway.
+SGLang's CPU engine runs with ``SGLANG_USE_CPU_ENGINE=1 --device cpu
+--attention-backend torch_native`` and the two test-only shims of
+``tests/sglang/shims`` on its PYTHONPATH (see their docstrings).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from miles.launch.engine_host import pick_port
+from miles.rollout import sglang_launcher as sl
+from miles.spec.tables import ModelConfig, RolloutConfig, SglangConfig, Spec
+
+ROOT = Path(__file__).resolve().parents[2]
+SGLANG_VENV = Path(os.environ.get("MILES_SGLANG_VENV", ROOT / ".venv-sglang"))
+SGLANG_PYTHON = SGLANG_VENV / "bin" / "python"
+SHIMS = Path(__file__).resolve().parent / "shims"
+KINDS = ("sglang", "embedded")
+START_DEADLINE_S = 420.0
+"""SGLang's CPU server imports for about a minute on a busy 2-core machine before it is healthy."""
+
+SKIP_REASON = (
+    f"SGLang environment {SGLANG_VENV} is absent: run scripts/sglang-env.sh (needs pip access to PyPI) "
+    "to test miles against a real SGLang server"
+)
+
+CPU_SERVER_ARGS: dict[str, object] = {
+    "device": "cpu",
+    "attention_backend": "torch_native",
+    "max_total_tokens": 4096,
+    "skip_server_warmup": True,
+}
+"""The ``[sglang]`` keys of a CPU run, passed through and checked like any user's."""
+
+
+def sglang_available() -> bool:
+    return SGLANG_PYTHON.is_file()
+
+
+def engine_spec(kind: str) -> Spec:
+    return Spec(
+        model=ModelConfig(dtype="float32"),
+        rollout=RolloutConfig(engine=kind, rollout_seed=0),  # type: ignore[arg-type]
+        sglang=SglangConfig(server_args=dict(CPU_SERVER_ARGS) if kind == "sglang" else {}),
+    )
+
+
+def engine_extra_env(kind: str) -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if kind == "sglang":
+        env["PYTHONPATH"] = str(SHIMS)
+    return env
+
+
+def launch(kind: str, index: int, model_dir: Path, log_dir: Path, api_key: str) -> sl.EngineProcess:
+    """An engine process of ``kind`` built by miles' launcher (not started)."""
+    python = str(SGLANG_PYTHON) if kind == "sglang" else sys.executable
+    spec = engine_spec(kind)
+    entry = sl.engine_launch(spec, index=index, model_path=str(model_dir), host="127.0.0.1", port=pick_port(0),
+                             api_key=api_key, log_dir=log_dir, python=python)
+    return sl.EngineProcess(entry, extra_env=engine_extra_env(kind))
+
+

@@ -1,0 +1,285 @@
+"""miles' launcher, client and weight sync against a real server: SGLang 0.5.20 on CPU, and the embedded engine.
+
+Each test runs once per engine kind (``kind`` is ``sglang`` or ``embedded``);
+one server per kind serves the whole module, in the order written (the kill
+test last, since it restarts the engine). On a 2-core machine the SGLang server
+takes about a minute to import before it is healthy.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from miles.launch.engine_host import pick_port
+from miles.rollout import sglang_launcher as sl
+from miles.rollout import sglang_protocol as proto
+from miles.rollout.client import BlockingRolloutClient
+from miles.sample import Sample
+from miles.spec.tables import RolloutConfig
+from miles.transfer.sync import WeightSync
+from tests.sglang.sglang_servers import SGLANG_PYTHON, SKIP_REASON, START_DEADLINE_S, launch, sglang_available
+
+pytestmark = [pytest.mark.sglang, pytest.mark.slow]
+
+PROMPTS = ["12+7=", "3*(4+5)=", "99-13=", "8*8=", "(1+2)*3=", "7-2=", "45+55=", "6*7="]
+RESPONSE_LEN = 12
+
+
+def _tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _samples(model_dir: Path, prompts: list[str] = PROMPTS) -> list[Sample]:
+    tok = _tokenizer(model_dir)
+    return [Sample(group_index=i, prompt_index=i, prompt=p, prompt_text=p,
+                   prompt_ids=tok(p, add_special_tokens=False)["input_ids"]) for i, p in enumerate(prompts)]
+
+
+def _greedy(max_len: int = RESPONSE_LEN) -> RolloutConfig:
+    return RolloutConfig(rollout_temperature=0.0, rollout_max_response_len=max_len, rollout_seed=0)
+
+
+def _generate(urls: list[str], api_key: str, samples: list[Sample], cfg: RolloutConfig, **kw: Any) -> BlockingRolloutClient:
+    client = BlockingRolloutClient(urls, api_key=api_key, timeout_s=120, **kw)
+    try:
+        client.generate(samples, cfg, rollout_id=0)
+    finally:
+        client.close()
+    return client
+
+
+def _outputs(samples: list[Sample]) -> list[tuple[list[int], list[float]]]:
+    return [(s.response_ids, s.response_logprobs) for s in samples]
+
+
+def _post(url: str, api_key: str, ep: proto.Endpoint, body: dict[str, Any] | None = None) -> Any:
+    req = urllib.request.Request(url + ep.path, data=json.dumps(body or {}).encode(), method=ep.method,
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        raw = r.read()
+    return json.loads(raw) if raw.strip().startswith(b"{") else raw.decode()
+
+
+def _hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _sharpened(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Different weights whose greedy choices are far from ties, so any correct engine agrees with HF on them."""
+    gen = torch.Generator().manual_seed(1)
+    out = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in weights.items()}
+    out["lm_head.weight"] = out["lm_head.weight"] * 40.0
+    return out
+
+
+def _hf_greedy(model_dir: Path, weights: dict[str, torch.Tensor], samples: list[Sample], n: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.load_state_dict(weights)
+    outs = []
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([s.prompt_ids])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+            out = gen[0, ids.shape[1]:].tolist()
+            eos = model.config.eos_token_id
+            outs.append(out[: out.index(eos) + 1] if eos in out else out)  # engines stop at EOS, keeping it
+    return outs
+
+
+@pytest.fixture(scope="module")
+def baseline(served: sl.EngineProcess, model_dir: Path) -> list[tuple[list[int], list[float]]]:
+    """Greedy responses and logprobs of the engine's initial weights."""
+    samples = _samples(model_dir)
+    _generate([served.url], served.launch.api_key, samples, _greedy())
+    return _outputs(samples)
+
+
+def test_generate_with_logprobs(served: sl.EngineProcess, model_dir: Path, baseline: list) -> None:
+    samples = _samples(model_dir)
+    cfg = RolloutConfig(rollout_temperature=1.0, rollout_max_response_len=RESPONSE_LEN, rollout_seed=3)
+    _generate([served.url], served.launch.api_key, samples, cfg)
+    for s in samples:
+        assert 0 < len(s.response_ids) <= RESPONSE_LEN
+        assert len(s.response_logprobs) == len(s.response_ids)
+        assert all(lp <= 0.0 for lp in s.response_logprobs)
+        assert s.finish_reason in ("stop", "length")
+    again = _samples(model_dir)
+    _generate([served.url], served.launch.api_key, again, _greedy())
+    assert _outputs(again) == baseline, "greedy generation is not reproducible"
+
+
+def test_wrong_api_key_is_refused(served: sl.EngineProcess) -> None:
+    body = proto.generate_body(input_ids=[3, 4], sampling=proto.sampling_params(max_new_tokens=2))
+    with pytest.raises(urllib.error.HTTPError) as err:
+        _post(served.url, "not-the-key", proto.GENERATE, body)
+    assert err.value.code == 401
+
+
+def test_weight_sync_follows_new_weights_and_restores_old_exactly(
+    served: sl.EngineProcess, model_dir: Path, baseline: list
+) -> None:
+    original = _hf_weights(model_dir)
+    new = _sharpened(original)
+    sync = WeightSync([served.url], "127.0.0.1", pick_port(0), backend="gloo", api_key=served.launch.api_key,
+                      bucket_bytes=64 * 1024, group_name="miles-test-sync", timeout_s=120)
+    try:
+        stats = sync.sync(list(new.items()), weight_version=1)
+        assert stats.buckets > 1 and stats.tensors == len(new)
+        samples = _samples(model_dir)
+        _generate([served.url], served.launch.api_key, samples, _greedy())
+        expected = _hf_greedy(model_dir, new, samples, RESPONSE_LEN)
+        assert [s.response_ids for s in samples] == expected, "greedy output does not follow the pushed weights"
+        assert all(s.weight_version == 1 for s in samples)
+
+        sync.sync(list(original.items()), weight_version=2)
+        restored = _samples(model_dir)
+        _generate([served.url], served.launch.api_key, restored, _greedy())
+        assert _outputs(restored) == baseline, "pushing the original weights back did not restore the output"
+        assert all(s.weight_version == 2 for s in restored)
+    finally:
+        sync.close()
+
+
+def test_requests_wait_while_paused_and_finish_after_continue(served: sl.EngineProcess, model_dir: Path) -> None:
+    key = served.launch.api_key
+    assert _post(served.url, key, proto.PAUSE_GENERATION, proto.pause_generation_body(mode="abort"))["status"] == "ok"
+    samples = _samples(model_dir)
+    done = threading.Event()
+
+    def run() -> None:
+        _generate([served.url], key, samples, _greedy(), max_retries=0)
+        done.set()
+
+    worker = threading.Thread(target=run, daemon=True)
+    try:
+        worker.start()
+        assert not done.wait(3.0), "requests were generated while the engine was paused"
+    finally:
+        _post(served.url, key, proto.CONTINUE_GENERATION, proto.continue_generation_body())
+    assert done.wait(120), "requests did not finish after continue_generation"
+    worker.join()
+    assert all(s.finish_reason in ("stop", "length") and s.response_ids for s in samples)
+
+
+def test_pause_during_a_rollout_aborts_and_the_client_resends(served: sl.EngineProcess, model_dir: Path) -> None:
+    """``/pause_generation`` (abort) ends running requests with finish_reason abort; the client sends them again."""
+    key = served.launch.api_key
+    samples = _samples(model_dir, PROMPTS * 4)
+    cfg = RolloutConfig(rollout_temperature=1.0, rollout_max_response_len=100, rollout_seed=5)
+    client = BlockingRolloutClient([served.url], api_key=key, timeout_s=120, chunk_size=4, backoff_s=1.0)
+    worker = threading.Thread(target=client.generate, args=(samples, cfg, 0), kwargs={"ignore_eos": True})
+    worker.start()
+    try:
+        time.sleep(0.3)
+        _post(served.url, key, proto.PAUSE_GENERATION, proto.pause_generation_body(mode="abort"))
+        assert worker.is_alive(), "the rollout finished before the pause; make it longer for this machine"
+        time.sleep(1.0)
+    finally:
+        _post(served.url, key, proto.CONTINUE_GENERATION, proto.continue_generation_body())
+        worker.join(180)
+    client.close()
+    assert not worker.is_alive()
+    assert all(len(s.response_ids) == 100 and s.finish_reason == "length" for s in samples), [
+        (len(s.response_ids), s.finish_reason) for s in samples]
+    assert client.client.retries >= 1, "no request was aborted by the pause"
+
+
+@pytest.mark.skipif(not sglang_available(), reason=SKIP_REASON)  # the router lives in .venv-sglang
+def test_sglang_router_in_front_of_the_engine(
+    served: sl.EngineProcess, model_dir: Path, tmp_path: Path, baseline: list
+) -> None:
+    key = served.launch.api_key
+    router = sl.EngineProcess(sl.router_launch([served.url], host="127.0.0.1", port=pick_port(0), api_key=key,
+                                               log_dir=tmp_path, python=str(SGLANG_PYTHON)))
+    router.start()
+    try:
+        router.wait_healthy(120)
+        samples = _samples(model_dir)
+        _generate([router.url], key, samples, _greedy())
+        assert _outputs(samples) == baseline
+    finally:
+        router.stop()
+
+
+@pytest.fixture()
+def standby(model_dir: Path, tmp_path: Path) -> Iterator[sl.EngineProcess]:
+    """A second engine (embedded) that takes over the requests of a killed one."""
+    eng = launch("embedded", 1, model_dir, tmp_path, api_key="test-key-0")
+    eng.start()
+    try:
+        eng.wait_healthy(START_DEADLINE_S)
+        yield eng
+    finally:
+        eng.stop()
+
+
+def test_killed_engine_requests_finish_elsewhere_and_it_rejoins(
+    served: sl.EngineProcess, standby: sl.EngineProcess, model_dir: Path
+) -> None:
+    key = served.launch.api_key
+    urls = [served.url, standby.url]
+    new = _sharpened(_hf_weights(model_dir))
+    sync = WeightSync(urls, "127.0.0.1", pick_port(0), api_key=key, group_name="miles-test-kill", timeout_s=120)
+    sync.sync(list(new.items()), weight_version=5)
+    before = _samples(model_dir)
+    _generate([served.url], key, before, _greedy())
+
+    sup = sl.Supervisor([served], health_deadline_s=START_DEADLINE_S, poll_s=0.2)
+    sup.start()
+    try:
+        samples = _samples(model_dir, PROMPTS * 2)
+        cfg = RolloutConfig(rollout_temperature=1.0, rollout_max_response_len=60, rollout_seed=9)
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            client = BlockingRolloutClient(urls, api_key=key, timeout_s=120, chunk_size=1, backoff_s=0.2,
+                                           dead_cooldown_s=600)
+            try:
+                client.generate(samples, cfg, 0, ignore_eos=True)
+                result["retries"] = client.client.retries
+            except BaseException as e:
+                result["error"] = e
+            finally:
+                client.close()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        time.sleep(0.5)
+        served.signal(signal.SIGKILL)
+        worker.join(300)
+        assert "error" not in result, result.get("error")
+        assert all(len(s.response_ids) == 60 for s in samples), "a request of the killed engine was lost"
+        assert result["retries"] >= 1, "no request was resent after the kill"
+
+        assert sup.restarted_event.wait(START_DEADLINE_S + 30), f"not restarted: {sup.failed}\n{served.log_tail()}"
+        assert sup.take_restarted() == [0] and served.starts == 2
+        # The restarted engine has the checkpoint's weights: re-form the group and push the current ones.
+        sync.close()
+        sync = WeightSync(urls, "127.0.0.1", pick_port(0), api_key=key, group_name="miles-test-rejoin",
+                          timeout_s=120)
+        sync.sync(list(new.items()), weight_version=6)
+        after = _samples(model_dir)
+        _generate([served.url], key, after, _greedy())
+        assert [s.response_ids for s in after] == [s.response_ids for s in before]
+        assert all(s.weight_version == 6 for s in after)
+    finally:
+        sup.stop()
+        sync.close()

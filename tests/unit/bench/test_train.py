@@ -1,0 +1,29 @@
+"""``miles bench train`` on CPU: the FSDP actor's real GRPO step on a tiny random model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import load_report, positive_finite
+
+
+def test_train_reports_tokens_per_s_and_flops(tiny_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    # its own process: the suite forms (and destroys) a torch.distributed group
+    cmd = [sys.executable, "-m", "miles.cli", "bench", "train", "--config", str(tiny_config), "--seq-len", "32",
+           "--batch", "2", "--steps", "1", "--warmup", "1", "--peak-tflops", "1.0", "--json", str(out)]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "tokens_per_s" in proc.stdout  # the table
+    report = load_report(out, "train")
+    (row,) = report["rows"]
+    assert row["backend"] == "fsdp" and row["world"] == 1
+    for key in ("step_s", "tokens_per_s", "tflops_per_device", "mfu", "of_matmul"):
+        assert positive_finite(row[key]), (key, row)
+    assert abs(row["tokens_per_s"] * row["step_s"] - 2 * 32) < 1e-6
+    assert report["summary"]["peak_source"] == "flag"
+    assert abs(row["mfu"] - row["tflops_per_device"] / 1.0) < 1e-12
+    assert positive_finite(report["summary"]["matmul_tflops_measured"])

@@ -1,0 +1,53 @@
+"""`miles validate`, `miles plan` (table and --json) on the example specs, through the real CLI entry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from miles.cli import main
+from miles.plan import from_json, golden
+
+CONFIGS = {p.stem: p for p in golden.config_paths()}
+
+
+def test_validate_prints_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(CONFIGS["split-16node-qwen3-moe"])]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("valid: ") and "EP8 ETP1" in out and "16 sglang engine(s)" in out
+
+
+def test_validate_refuses_bad_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(CONFIGS["split-2node-qwen3-8b"]), "--set", "perf.tp=3"]) == 2
+    err = capsys.readouterr().err
+    assert "perf.tp x perf.pp x perf.cp = 3" in err and "Fix:" in err
+
+
+def test_plan_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(CONFIGS["split-2node-qwen3-8b"]), "--job-id", "1000"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("Slurm components", "Trainer mesh", "Trainer ranks", "Engines (4 x TP2", "Ports (job id 1000)", "Weight-update groups"):
+        assert needle in out
+
+
+def test_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(CONFIGS["colocate-1node-qwen2.5-1.5b"]), "--json", "--job-id", "5"]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(text)
+    assert data["mode"] == "colocate" and data["ports"]["job_id"] == 5 and len(data["trainer_ranks"]) == 8
+    assert from_json(text).ports.master == data["ports"]["master"]
+
+
+def test_plan_path_runs_without_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from miles.cli import main\n"
+        f"assert main(['plan', {str(CONFIGS['split-16node-qwen3-moe'])!r}]) == 0\n"
+        f"assert main(['validate', {str(CONFIGS['colocate-1node-qwen2.5-1.5b'])!r}]) == 0\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

@@ -1,0 +1,145 @@
+"""Weight sync over gloo from this process (trainer rank 0) to real engine server processes."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from miles.rollout import sglang_protocol as proto
+from miles.rollout.engine import tensor_checksum
+from miles.rollout.local import EngineProcess, free_port
+from miles.transfer.sync import SyncError, WeightSync, bench
+
+PROMPT = [4, 5, 13, 6]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir: Path) -> Iterator[list[EngineProcess]]:
+    procs = EngineProcess.start_many(tiny_model_dir, 2)
+    yield procs
+    for p in procs:
+        p.stop()
+
+
+def post(url: str, path: str, body: Any = None) -> Any:
+    req = urllib.request.Request(url + path, data=json.dumps(body or {}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def greedy(url: str) -> tuple[list[int], str]:
+    out = post(url, "/generate", proto.generate_body(input_ids=PROMPT, sampling=proto.sampling_params(
+        max_new_tokens=10, temperature=0.0, ignore_eos=True)))
+    return out["output_ids"], out["meta_info"]["weight_version"]
+
+
+def checksums(url: str) -> dict[str, str]:
+    return post(url, "/weights_checker", {"action": "checksum"})["ranks"][0]["checksums"]
+
+
+def trainer_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize("bucket_bytes", [1024, 1 << 30], ids=["small-buckets", "one-bucket"])
+def test_engine_weights_equal_the_trainers_bit_for_bit(engines: list[EngineProcess], tiny_model_dir: Path,
+                                                       bucket_bytes: int) -> None:
+    urls = [e.url for e in engines]
+    original = trainer_weights(tiny_model_dir)
+    base = [greedy(u)[0] for u in urls]
+    g = torch.Generator().manual_seed(bucket_bytes % 97)
+    noisy = {k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in original.items()}
+    sync = WeightSync(urls, "127.0.0.1", free_port(), backend="gloo", bucket_bytes=bucket_bytes,
+                      group_name=f"sync_test_{bucket_bytes}", timeout_s=120)
+    try:
+        stats = sync.sync(noisy.items(), weight_version=1)
+        assert stats.bytes == sum(t.numel() * t.element_size() for t in noisy.values())
+        assert stats.tensors == len(noisy) and stats.weight_version == "1"
+        assert stats.buckets == (1 if bucket_bytes > stats.bytes else pytest.approx(stats.buckets)) and stats.buckets >= 1
+        if bucket_bytes == 1024:
+            assert stats.buckets > 10
+        want = {k: tensor_checksum(v) for k, v in noisy.items()}
+        for u in urls:
+            got = checksums(u)
+            assert {k: got[k] for k in want} == want
+            rows = post(u, "/get_weights_by_name", {"name": "model.layers.0.mlp.down_proj.weight", "truncate_size": 10**6})
+            assert torch.equal(torch.tensor(rows), noisy["model.layers.0.mlp.down_proj.weight"])
+            ids, version = greedy(u)
+            assert version == "1"
+        changed = [greedy(u)[0] for u in urls]
+        assert changed != base  # greedy output follows the new weights
+
+        stats = sync.sync(original.items(), weight_version=2)
+        assert [greedy(u) for u in urls] == [(b, "2") for b in base]  # old weights back: output restored exactly
+        for u in urls:
+            assert {k: checksums(u)[k] for k in original} == {k: tensor_checksum(v) for k, v in original.items()}
+    finally:
+        sync.close()
+
+
+def test_bench_compares_with_a_raw_broadcast(engines: list[EngineProcess], tiny_model_dir: Path) -> None:
+    sync = WeightSync([e.url for e in engines], "127.0.0.1", free_port(), bucket_bytes=1 << 20,
+                      group_name="sync_bench_test", timeout_s=120)
+    try:
+        result = bench(sync, list(trainer_weights(tiny_model_dir).items()), iters=2)
+    finally:
+        sync.close()
+    assert result["bytes"] > 0 and result["seconds"] > 0 and result["raw_seconds"] > 0
+    assert 0 < result["ratio"] <= 1.5
+    assert result["gb_per_s"] == pytest.approx(result["bytes"] / result["seconds"] / 1e9)
+
+
+def test_sync_errors_name_the_engine(tiny_model_dir: Path, engines: list[EngineProcess]) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    sync = WeightSync([dead], "127.0.0.1", free_port(), group_name="sync_dead_test", timeout_s=3)
+    t0 = time.monotonic()
+    with pytest.raises(SyncError, match="could not form weight-update group"):
+        sync.connect()
+    assert time.monotonic() - t0 < 30
+
+    sync = WeightSync([engines[0].url], "127.0.0.1", free_port(), group_name="sync_shape_test", timeout_s=60)
+    try:
+        bad = {"model.norm.weight": torch.zeros(3)}
+        with pytest.raises(SyncError, match=engines[0].url + ".*shape"):
+            sync.sync(bad.items())
+        assert greedy(engines[0].url)[0]  # the engine still serves after a refused update
+    finally:
+        sync.close()
+
+
+def _trainer_rank(rank: int, url: str, master_port: int, group_port: int, model_dir: str) -> None:
+    """One rank of a 2-rank gloo trainer job; rank 0 syncs while the job's own group keeps working."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{master_port}", rank=rank, world_size=2)
+    weights = {k: v * 1.01 for k, v in trainer_weights(Path(model_dir)).items()}
+    if rank == 0:
+        sync = WeightSync([url], "127.0.0.1", group_port, group_name="sync_in_job_test", timeout_s=120)
+        sync.sync(weights.items(), weight_version=9)
+        got = checksums(url)
+        assert all(got[k] == tensor_checksum(v) for k, v in weights.items())
+        sync.close()
+    total = torch.ones(1) * (rank + 1)
+    dist.all_reduce(total)
+    assert total.item() == 3.0
+    dist.destroy_process_group()
+
+
+def test_trainer_rank_zero_of_a_job_syncs_beside_the_jobs_own_group(engines: list[EngineProcess],
+                                                                     tiny_model_dir: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_trainer_rank, args=(engines[1].url, free_port(), free_port(), str(tiny_model_dir)), nprocs=2)
+    assert greedy(engines[1].url)[1] == "9"
