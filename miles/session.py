@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import statistics
 import time
@@ -29,7 +30,6 @@ import torch
 import torch.distributed as dist
 
 from miles import fault
-from miles.algo.advantages import AdvantageInputs, compute_advantages
 from miles.ckpt.state import binding_fields, capture_rng, check_resumable, restore_rng
 from miles.ckpt.store import CheckpointStore, write_json_atomic
 from miles.launch.environment import TaskContext
@@ -37,7 +37,7 @@ from miles.metrics import MetricsLog, console_line
 from miles.model.builtin import materialize
 from miles.sample import Sample
 from miles.spec.tables import Spec
-from miles.train.actor import Actor, StepMetrics, TrainerContext, build_actor
+from miles.train.actor import Actor, StepMetrics, TrainerContext, build_actor, prepare_batch
 from miles.train.batch import RolloutBatch
 
 log = logging.getLogger("miles.loop")
@@ -102,6 +102,10 @@ class Session:
         self._saved_at: int | None = None
         self._in_progress: int | None = None
         self._samples: list[Sample] = []
+        # Colocated on GPUs, the actor and the engines take turns with the memory (Miles' --offload-*).
+        colocated_gpu = spec.cluster.mode == "colocate" and task.device == "cuda"
+        self.offload_train = colocated_gpu if spec.perf.offload_train is None else spec.perf.offload_train
+        self.offload_rollout = colocated_gpu if spec.perf.offload_rollout is None else spec.perf.offload_rollout
         # Driver-only components.
         self.dataset: Any = None
         self.engines: Any = None
@@ -172,16 +176,20 @@ class Session:
 
     def generate(self, rollout_id: int) -> list[Sample] | None:
         """Driver: draw ``rollout_batch_size`` prompts and have the engines answer each ``n`` times."""
-        if not self.is_driver:
-            return None
         from miles.data import expand_groups
 
+        if self.offload_train:
+            self.actor.offload()  # every rank: the engines on these GPUs need the memory now
+        if not self.is_driver:
+            return None
         prompts = self.dataset.sample(self.spec.rollout.rollout_batch_size)
         samples = expand_groups(prompts, self.spec.rollout.n_samples_per_prompt)
         t0 = time.perf_counter()
         self.engines.generate(samples, rollout_id=rollout_id, weight_version=self.weight_version)
         self._gen_seconds = time.perf_counter() - t0
         self._gen_tokens = sum(len(s.response_ids) for s in samples)
+        if self.offload_rollout:
+            self.engines.release_memory()
         self._t = self.timer.add("generate", self._t)
         fault.point("generate", rollout_id, self.run_dir, self.rank)
         return samples
@@ -189,6 +197,8 @@ class Session:
     def score(self, samples: list[Sample] | None) -> dict[str, float]:
         """Driver: rewards for every sample; then every rank receives the scored rollout."""
         stats: dict[str, float] = {}
+        if self.offload_train:
+            self.actor.onload()  # the engines released their memory after generating
         if self.is_driver:
             assert samples is not None
             stats = self.reward.score_blocking(samples).metrics()
@@ -197,30 +207,19 @@ class Session:
         return stats
 
     def prepare_batch(self) -> RolloutBatch:
-        """Tensors of the scored rollout, with old/reference log-probs and advantages."""
-        batch = RolloutBatch.from_samples(self._samples)
-        cfg = self.spec.grpo
-        if self.spec.train.num_steps_per_rollout != 1 or cfg.kl_coef > 0:
-            batch.old_logprobs = self.actor.compute_logprobs(batch)
-        if cfg.use_kl_loss or cfg.kl_coef > 0:
-            batch.ref_logprobs = self.actor.compute_logprobs(batch, model="ref")
+        """Tensors of the scored rollout, with the log-probs the spec needs and the advantages."""
+        batch = prepare_batch(self.actor, self._samples, self.spec)
         self._t = self.timer.add("logprobs", self._t)
-        batch.advantages = compute_advantages(
-            cfg,
-            AdvantageInputs(
-                rewards=batch.rewards,
-                group_index=batch.group_index,
-                loss_masks=batch.loss_masks,
-                old_logprobs=batch.old_logprobs,
-                ref_logprobs=batch.ref_logprobs,
-            ),
-        )
         return batch
 
     def train(self, batch: RolloutBatch, rollout_id: int) -> list[StepMetrics]:
         """``num_steps_per_rollout`` optimizer steps of the actor over this rollout."""
         fault.point("train", rollout_id, self.run_dir, self.rank)
-        return self.actor.train(batch, rollout_id)
+        metrics = self.actor.train(batch, rollout_id)
+        interval = self.spec.grpo.ref_update_interval
+        if interval is not None and (rollout_id + 1) % interval == 0:
+            self.actor.update_ref()
+        return metrics
 
     def sync_weights(self, bump: bool = True) -> None:
         """Give the engines the actor's current weights (collective over the trainer ranks)."""
@@ -230,6 +229,8 @@ class Session:
             self.weight_version += 1
         weights = self.actor.named_hf_weights()
         if self.is_driver:
+            if self.offload_rollout and bump:
+                self.engines.resume_memory()
             self.engines.sync(weights, version=self.weight_version)
         else:
             for _ in weights:  # collective: every rank walks the iterator to the end
@@ -281,6 +282,8 @@ class Session:
             final = self.store.commit(partial, next_rollout)
             log.info("saved %s in %.2fs", final, time.perf_counter() - t0)
         dist.barrier()
+        if self.spec.ckpt.save_hf:
+            self.export_hf(Path(self.spec.ckpt.save_hf.replace("{rollout_id}", str(next_rollout))))
         self._saved_at = next_rollout
 
     def save_and_exit(self, next_rollout: int) -> int:
@@ -321,23 +324,16 @@ class Session:
         print(console_line(rollout_id, self.num_rollout, metrics, perf), flush=True)
 
     def export_hf(self, out: Path) -> None:
-        """Write the actor's weights as an HF directory (config and tokenizer copied from the model)."""
-        tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in self.actor.named_hf_weights()}
-        if not self.is_driver:
-            return
-        import shutil
-
-        from safetensors.torch import save_file
-
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for f in Path(self.model_dir).iterdir():
-            if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name != "model.safetensors.index.json":
-                shutil.copy2(f, tmp / f.name)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        """Write the actor's weights as an HF directory, atomically (collective)."""
+        tmp = out.with_name(f".{out.name}.partial")
+        if self.is_driver:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        self.actor.save_hf(str(tmp))
+        if self.is_driver:
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        dist.barrier()
 
     def finish(self) -> int:
         """The run is complete: final save and HF export, mark done (no requeue), close."""

@@ -9,8 +9,8 @@ these here leaves :mod:`miles.session` about the collective parts.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from miles.errors import UserError
@@ -45,6 +45,17 @@ class EngineFleet:
     def generate(self, samples: list[Sample], rollout_id: int, weight_version: int) -> None:
         """Fill every sample's response fields; each sample's seed is a pure function of its position."""
         self.client.generate(samples, self.spec.rollout, rollout_id)
+
+    def release_memory(self) -> None:
+        """Colocated GPUs: engines free their weights and KV cache while the actor trains."""
+        from miles.rollout import sglang_protocol as proto
+
+        self.client.call_all(proto.RELEASE_MEMORY_OCCUPATION.path, proto.release_memory_occupation_body())
+
+    def resume_memory(self) -> None:
+        from miles.rollout import sglang_protocol as proto
+
+        self.client.call_all(proto.RESUME_MEMORY_OCCUPATION.path, proto.resume_memory_occupation_body())
 
     def sync(self, weights: Any, version: int) -> None:
         self.sync_group.sync(weights, weight_version=version)

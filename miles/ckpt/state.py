@@ -22,15 +22,16 @@ def capture_rng() -> dict[str, Any]:
     import numpy as np
     import torch
 
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state(legacy=True)
+    py_state: Any = random.getstate()
     state: dict[str, Any] = {
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
         "numpy": {
             "kind": np_state[0],
-            "keys": np_state[1].tolist(),  # type: ignore[union-attr]
-            "pos": int(np_state[2]),  # type: ignore[misc]
-            "has_gauss": int(np_state[3]),  # type: ignore[misc]
-            "gauss": float(np_state[4]),  # type: ignore[misc]
+            "keys": np_state[1].tolist(),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
         },
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
     }

@@ -102,6 +102,8 @@ class Engine:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         self.model_dir = str(model_dir)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # NCCL weight-update groups use the current device
         self.dtype = DTYPES[dtype]
         self.max_batch_size = max_batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)

@@ -58,7 +58,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import secrets
@@ -74,6 +73,7 @@ from aiohttp import web
 
 from miles.rollout.engine import Engine, EngineReleased, GenerationOutput, GenerationRequest
 from miles.rollout.sampling import SamplingError, SamplingParams
+from miles.rollout.weight_endpoints import WeightEndpoints, json_error
 
 log = logging.getLogger("miles.rollout.server")
 
@@ -85,11 +85,6 @@ UNSUPPORTED_GENERATE_KEYS = (
 
 OPEN_PATHS = ("/health", "/ready", "/metrics")
 """Prefixes SGLang serves without an API key (probes and scrapers carry no secrets)."""
-
-
-def _json_error(message: str, status: int = 400) -> web.Response:
-    """SGLang's ``_create_error_response`` body."""
-    return web.json_response({"error": {"message": message}}, status=status)
 
 
 class _RecordingBody(dict):
@@ -125,8 +120,8 @@ class _Pending:
     rids: list[str] = field(default_factory=list)
 
 
-class EngineServer:
-    """Request queue, batcher and control state around one :class:`Engine`."""
+class EngineServer(WeightEndpoints):
+    """Request queue, batcher and control state around one :class:`Engine`; weight routes come from the mixin."""
 
     def __init__(
         self,
@@ -276,12 +271,12 @@ class EngineServer:
             body = await self._body(request)
             reqs, batched, rids, want_lp = self._parse_generate(body)
         except (SamplingError, ValueError, TypeError) as e:
-            return _json_error(str(e))
+            return json_error(str(e))
         arrived = time.perf_counter()
         try:
             outs = await self._submit(reqs, batched=batched, rids=rids)
         except (ValueError, EngineReleased) as e:
-            return _json_error(str(e))
+            return json_error(str(e))
         latency = time.perf_counter() - arrived
         bodies = [self._output_body(o, r, rid, lp, latency)
                   for o, r, rid, lp in zip(outs, reqs, rids, want_lp, strict=True)]
@@ -440,7 +435,7 @@ class EngineServer:
         body = await self._body(request)
         mode = body.get("mode", "abort")
         if mode not in ("abort", "retract", "in_place"):
-            return _json_error(f"mode must be abort, retract or in_place, got {mode!r}")
+            return json_error(f"mode must be abort, retract or in_place, got {mode!r}")
         assert self._unpaused is not None and self._model_lock is not None
         self.paused = True
         self._unpaused.clear()
@@ -488,178 +483,6 @@ class EngineServer:
         self.engine.resume(body.get("tags"))
         return web.json_response(None)
 
-    # ------------------------------------------------------------------ weights
-
-    @contextlib.asynccontextmanager
-    async def _weights_exclusive(self):  # type: ignore[no-untyped-def]
-        """SGLang's rule: while paused update at once, otherwise wait for the running batch."""
-        assert self._model_lock is not None
-        if self.paused:
-            yield
-        else:
-            async with self._model_lock:
-                yield
-
-    async def init_group(self, request: web.Request) -> web.Response:
-        from miles.transfer.group import join_group
-
-        body = await self._body(request)
-        try:
-            name = body.get("group_name", "weight_update_group")
-            if name in self.groups:
-                raise ValueError(f"group {name!r} already exists; destroy it first")
-            rank = int(body["rank_offset"])  # one rank per engine: tp_rank is 0
-            pg = await asyncio.get_running_loop().run_in_executor(
-                self._ctl_pool, join_group, str(body["master_address"]), int(body["master_port"]), rank,
-                int(body["world_size"]), name, str(body.get("backend", "nccl")),
-            )
-            self.groups[name] = pg
-        except Exception as e:
-            message = f"Failed to initialize custom process group: {e}."
-            return web.json_response({"success": False, "message": message}, status=400)
-        return web.json_response({"success": True, "message": "Succeeded to initialize custom process group."})
-
-    async def destroy_group(self, request: web.Request) -> web.Response:
-        from miles.transfer.group import leave_group
-
-        body = await self._body(request)
-        name = body.get("group_name", "weight_update_group")
-        if name not in self.groups:
-            return web.json_response({"success": False, "message": "The group to be destroyed does not exist."},
-                                     status=400)
-        leave_group(self.groups.pop(name))
-        return web.json_response({"success": True, "message": "Succeeded to destroy custom process group."})
-
-    def _receive(self, body: dict[str, Any]) -> int:
-        """Receive one update from the group's rank 0 and load it (runs in a control thread)."""
-        import torch
-        import torch.distributed as dist
-
-        from miles.transfer.bucket import bucket_bytes, dtype_from_name, unflatten
-
-        names, dtypes, shapes = list(body["names"]), list(body["dtypes"]), [list(s) for s in body["shapes"]]
-        if not len(names) == len(dtypes) == len(shapes):
-            raise ValueError("names, dtypes and shapes must have the same length")
-        pg = self.groups[body.get("group_name", "weight_update_group")]
-        device = self.engine.device
-        if body.get("load_format") == "flattened_bucket":
-            flat = torch.empty(bucket_bytes(dtypes, shapes), dtype=torch.uint8, device=device)
-            dist.broadcast(flat, src=0, group=pg)
-            named = unflatten(flat, names, dtypes, shapes)
-        elif body.get("load_format") in (None, "auto"):
-            named = [(n, torch.empty(s, dtype=dtype_from_name(d), device=device)) for n, d, s in zip(names, dtypes, shapes, strict=True)]
-            handles = [dist.broadcast(t, src=0, group=pg, async_op=True) for _, t in named]
-            for h in handles:
-                h.wait()
-        else:
-            raise ValueError(f"load_format {body.get('load_format')!r} is not supported (flattened_bucket or null)")
-        return self.engine.load_weights(named)
-
-    async def update_from_distributed(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        name = body.get("group_name", "weight_update_group")
-        if name not in self.groups:
-            return web.json_response({"success": False, "message": (
-                f"Group {name} not in {list(self.groups)}. Please call `init_weights_update_group` first.")},
-                status=400)
-        try:
-            if body.get("abort_all_requests"):
-                self._abort_queued()
-            async with self._weights_exclusive():
-                await asyncio.get_running_loop().run_in_executor(self._ctl_pool, self._receive, body)
-        except Exception as e:
-            message = (f"Failed to update parameter online: {e}. The full weights of the ModelRunner are "
-                       "partially updated. Please discard the whole weights.")
-            return web.json_response({"success": False, "message": message}, status=400)
-        message = "Succeeded to update parameter online."
-        if body.get("weight_version") is not None:
-            self.weight_version = str(body["weight_version"])
-            message += f" Weight version updated to {self.weight_version}."
-        return web.json_response({"success": True, "message": message})
-
-    async def broadcast_bench(self, request: web.Request) -> web.Response:
-        """Receive ``iters`` raw broadcasts of ``nbytes`` (the reference of ``miles bench sync``)."""
-        import torch
-        import torch.distributed as dist
-
-        body = await self._body(request)
-        pg = self.groups.get(body.get("group_name", "weight_update_group"))
-        if pg is None:
-            return web.json_response({"success": False, "message": "no such weight-update group"}, status=400)
-
-        def receive() -> None:
-            buf = torch.empty(int(body["nbytes"]), dtype=torch.uint8, device=self.engine.device)
-            for _ in range(int(body.get("iters", 1))):
-                dist.broadcast(buf, src=0, group=pg)
-
-        await asyncio.get_running_loop().run_in_executor(self._ctl_pool, receive)
-        return web.json_response({"success": True, "message": "ok"})
-
-    async def update_from_tensor(self, request: web.Request) -> web.Response:
-        await self._body(request)
-        return web.json_response({"success": False, "message": (
-            "update_weights_from_tensor carries CUDA-IPC/shared-memory handles of a colocated trainer; the embedded "
-            "engine runs in its own process and takes weights through /init_weights_update_group + "
-            "/update_weights_from_distributed (or /update_weights_from_disk) instead.")}, status=400)
-
-    async def update_from_disk(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-
-        def load() -> int:
-            from safetensors.torch import load_file
-
-            files = sorted(Path(str(body["model_path"])).glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"no *.safetensors in {body['model_path']}")
-            return sum(self.engine.load_weights(load_file(str(f)).items()) for f in files)
-
-        try:
-            async with self._weights_exclusive():
-                await asyncio.get_running_loop().run_in_executor(self._ctl_pool, load)
-        except Exception as e:
-            return web.json_response({"success": False, "message": f"Failed to update weights: {e}.",
-                                      "num_paused_requests": 0}, status=400)
-        message = "Succeeded to update model weights."
-        if body.get("weight_version") is not None:
-            self.weight_version = str(body["weight_version"])
-            message += f" Weight version updated to {self.weight_version}."
-        return web.json_response({"success": True, "message": message, "num_paused_requests": 0})
-
-    async def update_weight_version(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        if "new_version" not in body:
-            return _json_error("new_version is required")
-        if body.get("abort_all_requests", True):
-            self._abort_queued()
-        self.weight_version = str(body["new_version"])
-        return web.json_response({"success": True, "message": f"Weight version updated to {self.weight_version}",
-                                  "new_version": self.weight_version})
-
-    async def get_weights_by_name(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        try:
-            values = self.engine.get_weights_by_name(str(body["name"]), int(body.get("truncate_size", 100)))
-        except Exception as e:
-            return _json_error(str(e))
-        return web.json_response(values)
-
-    async def weights_checker(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        action = body.get("action", "checksum")
-        if action != "checksum":
-            return web.json_response({"success": False, "message": f"Unsupported action={action!r}"}, status=400)
-        checksums = self.engine.checksums()
-        h = hashlib.sha256()
-        for name in sorted(checksums):
-            h.update(name.encode())
-            h.update(checksums[name].encode())
-        per_gpu = h.hexdigest()
-        rank = {"checksums": checksums, "per_gpu_checksum": per_gpu, "parallelism_info": {
-            "tp_rank": 0, "tp_size": 1, "dp_rank": 0, "dp_size": 1, "pp_rank": 0, "pp_size": 1, "rank": 0, "size": 1}}
-        engine_sum = hashlib.sha256(per_gpu.encode()).hexdigest()
-        return web.json_response({"success": True, "message": "Success", "ranks": [rank],
-                                  "per_engine_checksum": engine_sum})
-
 
 def _write_ready_file(path: str, url: str) -> None:
     target = Path(path)
@@ -700,7 +523,8 @@ def serve(
             _write_ready_file(ready_file, url)
 
     app.on_startup.append(announce)
-    web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+    # a short shutdown: clients retry what a stopping engine drops, and launchers should not wait on it
+    web.run_app(app, host=host, port=port, print=None, handle_signals=True, shutdown_timeout=3.0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,6 +84,11 @@ class FSDPActor:
     def __init__(self, spec: Spec, ctx: TrainerContext) -> None:
         if spec.train.global_batch_size is None or spec.train.num_steps_per_rollout is None:
             raise UserError("[train] global_batch_size and num_steps_per_rollout must be resolved before building the actor")
+        if spec.optimizer.optimizer_cpu_offload:
+            raise UserError(
+                "[optimizer] optimizer_cpu_offload is not supported by the FSDP backend; remove it "
+                "(colocated runs move the whole actor off the GPU during generation with [perf] offload_train)"
+            )
         self.spec = spec
         self.ctx = ctx
         group = ctx.group if ctx.group is not None else dist.group.WORLD
@@ -267,6 +272,7 @@ class FSDPActor:
     def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """See :meth:`miles.train.actor.Actor.named_hf_weights`; tied weights appear once, under their first name."""
         module = self._module(self.model)
+        self._reshard(self.model)
         for name, p in module.named_parameters():
             yield name, self._full(p)
         for mod_name, mod in module.named_modules():
@@ -283,10 +289,19 @@ class FSDPActor:
         """See :meth:`miles.train.actor.Actor.save_hf`."""
         save_hf_checkpoint(self.named_hf_weights(), out_dir, self.ctx.model_dir, self.group)
 
+    @staticmethod
+    def _reshard(model: FSDPModule) -> None:
+        """Back to sharded DTensor parameters: the root FSDP unit keeps its parameters gathered after a forward."""
+        for m in FSDPActor._module(model).modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
     @torch.no_grad()
     def update_ref(self) -> None:
         if self.ref is None:
             return
+        self._reshard(self.model)
+        self._reshard(self.ref)
         for p_ref, p in zip(self._module(self.ref).parameters(), self._module(self.model).parameters(), strict=True):
             p_ref.copy_(p)
 
@@ -307,32 +322,52 @@ class FSDPActor:
         torch.cuda.synchronize(self.device)
 
     def _move(self, device: torch.device) -> None:
-        # FSDP2 re-points its sharded storage on Module.to(), so the next all-gather reads the moved shards.
-        self._module(self.model).to(device)
-        if self.ref is not None:
-            self._module(self.ref).to(device)
+        # FSDP2 re-points its sharded storage on Module.to(), so the next all-gather reads the moved shards;
+        # resharding first drops any gathered copy the root unit kept after a forward.
+        for net in (self.model, self.ref):
+            if net is not None:
+                self._reshard(net)
+                self._module(net).to(device)
         for state in self.optimizer.state.values():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and key != "step":
                     state[key] = value.to(device, non_blocking=True)
 
-    def _state(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self._module(self.model), self.optimizer)
-        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "step": torch.tensor(self._step)}
-        if self.ref is not None:
+    def _state(self, *, optim: bool, ref: bool) -> dict[str, Any]:
+        module = self._module(self.model)
+        state: dict[str, Any] = {"step": torch.tensor(self._step)}
+        if optim:
+            state["model"], state["optim"] = get_state_dict(module, self.optimizer)
+        else:
+            state["model"] = get_model_state_dict(module)
+        if ref and self.ref is not None:
             state["ref"] = get_model_state_dict(self._module(self.ref))
         return state
 
+    def _ref_is_state(self) -> bool:
+        """The reference changes during the run only with ``ref_update_interval``; otherwise it is the initial weights."""
+        return self.ref is not None and self.spec.grpo.ref_update_interval is not None
+
     def save(self, path: str) -> None:
-        """See :meth:`miles.train.actor.Actor.save`: one DCP checkpoint of model, optimizer, step and reference."""
-        dcp.save(self._state(), checkpoint_id=path, process_group=self.group)
+        """See :meth:`miles.train.actor.Actor.save`: one DCP checkpoint of model, optimizer and step.
+
+        The reference is saved only when ``ref_update_interval`` moves it (otherwise it is rebuilt from
+        ``ref_load`` or the initial weights); the optimizer is left out with ``[ckpt] no_save_optim``.
+        """
+        state = self._state(optim=not self.spec.ckpt.no_save_optim, ref=self._ref_is_state())
+        dcp.save(state, checkpoint_id=path, process_group=self.group)
 
     def load(self, path: str) -> None:
-        state = self._state()
+        """See :meth:`miles.train.actor.Actor.load`; a checkpoint without optimizer state restarts Adam's moments."""
+        saved = {key.split(".", 1)[0] for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata}
+        state = self._state(optim="optim" in saved, ref="ref" in saved)
         dcp.load(state, checkpoint_id=path, process_group=self.group)
-        set_state_dict(
-            self._module(self.model), self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
-        if self.ref is not None:
+        module = self._module(self.model)
+        if "optim" in state:
+            set_state_dict(module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            log.warning("%s holds no optimizer state ([ckpt] no_save_optim): Adam restarts from zero moments", path)
+            set_model_state_dict(module, state["model"])
+        if "ref" in state and self.ref is not None:
             set_model_state_dict(self._module(self.ref), state["ref"])
         self._step = int(state["step"])

@@ -2,8 +2,8 @@
 
 One :class:`WeightSync` lives on the sending trainer rank (rank 0; one per PP
 stage when stages own disjoint weights). ``connect`` forms the weight-update
-group: each engine is told over ``/init_weights_update_group`` to join as rank
-``1 + i`` while this process joins as rank 0 (:mod:`miles.transfer.group`
+group: engine ``i`` is told over ``/init_weights_update_group`` to join with
+ranks from ``1 + i * ranks_per_engine`` (one per TP rank) while this process joins as rank 0 (:mod:`miles.transfer.group`
 builds the group exactly as SGLang does). ``sync`` then streams the actor's
 HF-named full tensors in flattened buckets of ``bucket_bytes``: for each bucket
 every engine is sent ``/update_weights_from_distributed`` (names, dtypes,
@@ -86,6 +86,7 @@ class WeightSync:
         device: str | torch.device = "cpu",
         timeout_s: float = 600.0,
         pause_mode: proto.PauseMode = "abort",
+        ranks_per_engine: int = 1,
     ) -> None:
         if not engine_urls:
             raise ValueError("weight sync needs at least one engine URL")
@@ -99,6 +100,8 @@ class WeightSync:
         self.device = torch.device(device)
         self.timeout_s = timeout_s
         self.pause_mode = pause_mode
+        self.ranks_per_engine = ranks_per_engine
+        """An SGLang engine joins with one rank per TP rank (``[sglang] rollout_num_gpus_per_engine``)."""
         self.group: Any = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max(2, len(self.engine_urls)), thread_name_prefix="miles-sync")
 
@@ -148,12 +151,12 @@ class WeightSync:
         """Form the weight-update group with every engine (blocks until all joined)."""
         if self.group is not None:
             return
-        world = 1 + len(self.engine_urls)
+        world = 1 + len(self.engine_urls) * self.ranks_per_engine
         futures = [
             self._pool.submit(self._post, url, proto.INIT_WEIGHTS_UPDATE_GROUP.path, proto.init_weights_update_group_body(
                 master_address=self.master_address,
                 master_port=self.master_port,
-                rank_offset=1 + i,
+                rank_offset=1 + i * self.ranks_per_engine,
                 world_size=world,
                 group_name=self.group_name,
                 backend="nccl" if self.backend == "nccl" else "gloo",

@@ -37,12 +37,33 @@ def _why_not() -> str | None:
     return None
 
 
+def _live_users(users: Path) -> list[Path]:
+    """Pid files of test sessions that use the cluster and still run (dead ones are removed)."""
+    live = []
+    for f in users.glob("*"):
+        try:
+            os.kill(int(f.name), 0)
+            live.append(f)
+        except (ValueError, ProcessLookupError):
+            f.unlink(missing_ok=True)
+        except PermissionError:
+            live.append(f)
+    return live
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[dict[str, str]]:
-    """Start (or reuse) the local cluster; yields {"SLURM_CONF": ...}, exported for the whole session."""
+    """Start (or reuse) the local cluster; yields {"SLURM_CONF": ...}, exported for the whole session.
+
+    Several test sessions may share one cluster (developers on one machine): each
+    registers its pid under ``run/test-users``; the last one to leave stops the
+    cluster if a test session started it (``run/started-by-tests``), and a
+    cluster someone started by hand is left running.
+    """
     conf = _cluster("env", 10).stdout.strip().removeprefix("export SLURM_CONF=")
-    already_up = _cluster("status", 30).returncode == 0
-    if not already_up:
+    base = Path(conf).parent.parent
+    users, marker = base / "run" / "test-users", base / "run" / "started-by-tests"
+    if _cluster("status", 30).returncode != 0:
         why = _why_not()
         if why:
             print(f"\n*** {why} ***", file=sys.stderr)
@@ -56,7 +77,14 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
         if res.returncode != 0:
             _cluster("stop", 120)
             pytest.fail(f"slurm/local-cluster.sh start failed:\n{res.stdout}\n{res.stderr}")
+        marker.touch()
         print(f"\nlocal Slurm cluster: install {t1 - t0:.1f} s, start {time.monotonic() - t1:.1f} s", file=sys.stderr)
+    me = users / str(os.getpid())
+    try:
+        users.mkdir(parents=True, exist_ok=True)
+        me.touch()
+    except OSError:  # a cluster root started, used by a non-root session: nothing to register
+        pass
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = conf
     try:
@@ -66,7 +94,11 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old
-        if not already_up:
+        try:
+            me.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if marker.exists() and os.geteuid() == 0 and not _live_users(users):
             res = _cluster("stop", 180)
             if res.returncode != 0:
                 print(f"slurm/local-cluster.sh stop failed:\n{res.stderr}", file=sys.stderr)

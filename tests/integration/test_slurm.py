@@ -189,25 +189,30 @@ def test_split_het_job_completes_with_checked_values(in_tmp: Path, capsys: pytes
     assert f"{job_id}+0: COMPLETED" in out and f"{job_id}+1: COMPLETED" in out and "the run is complete" in out
 
 
-def test_killed_task_fails_the_job_within_60s_naming_it(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("victim", "step_message"), [
+    ("trainer-1", "the trainers step failed"),
+    ("engine-0", "the engines step ended"),
+], ids=["trainer", "engine"])
+def test_killed_task_fails_the_job_within_60s_naming_it(in_tmp: Path, monkeypatch: pytest.MonkeyPatch, victim: str,
+                                                         step_message: str) -> None:
     monkeypatch.setenv("MILES_SELFTEST_HOLD", "300")
     spec = _spec(in_tmp, "kill", "split", SPLIT)
     job_id, run_dir = _submit(in_tmp, spec)
-    victim = run_dir / "selftest" / "trainer-1.json"
+    report = run_dir / "selftest" / f"{victim}.json"
     end = time.monotonic() + 120
-    while not victim.exists():
-        assert time.monotonic() < end, f"trainer 1 never reported:\n{_logs(run_dir, job_id)}"
+    while not report.exists():
+        assert time.monotonic() < end, f"{victim} never reported:\n{_logs(run_dir, job_id)}"
         time.sleep(POLL_S)
-    rep = json.loads(victim.read_text())
-    node = rep["context"]["node_name"]
+    rep = json.loads(report.read_text())
+    node, task = rep["context"]["node_name"], rep["env"]["SLURM_PROCID"]
     os.kill(rep["pid"], signal.SIGKILL)
     took = _wait_gone(job_id, 90)
-    assert took < 60, f"the job took {took:.1f} s to end after a rank was killed"
+    assert took < 60, f"the job took {took:.1f} s to end after {victim} was killed"
     states = _final_states(job_id)
     assert "COMPLETED" not in states.values(), states
     logs = _logs(run_dir, job_id)
-    assert re.search(rf"{node}: task 1: Killed", logs), logs
-    assert "the trainers step failed" in logs
+    assert re.search(rf"{node}: task {task}: Killed", logs), logs
+    assert step_message in logs, logs
 
 
 def test_cancel_stops_a_running_job(in_tmp: Path, monkeypatch: pytest.MonkeyPatch,
@@ -309,3 +314,15 @@ def test_grpo_loop_completes_on_the_cluster(in_tmp: Path, monkeypatch: pytest.Mo
     assert (run_dir / "control" / "done").exists() and any((run_dir / "checkpoints").iterdir())
     logs = _logs(run_dir, job_id)
     assert "miles: run complete" in logs and "healthy at http://node" in logs
+
+
+def test_local_cluster_script_start_is_idempotent_and_status_answers() -> None:
+    script = ROOT / "slurm" / "local-cluster.sh"
+    t0 = time.monotonic()
+    res = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "already up" in res.stderr, res.stderr
+    assert time.monotonic() - t0 < 10
+    res = subprocess.run([str(script), "status"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "slurmctld" in res.stdout and "node4" in res.stdout
+    env = subprocess.run([str(script), "env"], capture_output=True, text=True, timeout=10).stdout.strip()
+    assert env == f"export SLURM_CONF={os.environ['SLURM_CONF']}"

@@ -110,7 +110,7 @@ def test_resume_refuses_a_changed_four_knob(tmp_path: Path) -> None:
         sys.executable, "-m", "miles.cli", "run", str(ROOT / "configs" / "quickstart.toml"),
         "--set", f'run.run_dir="{run_dir}"', "--set", f"run.num_rollout={ROLLOUTS}",
         "--set", "rollout.rollout_batch_size=16", "--set", "rollout.n_samples_per_prompt=8",
-        "--set", "train.global_batch_size=32", "--set", "ckpt.save_interval=2",
+        "--set", "train.global_batch_size=32", "--set", "train.micro_batch_size=8", "--set", "ckpt.save_interval=2",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     out = proc.stdout + proc.stderr

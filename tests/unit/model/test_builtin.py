@@ -29,7 +29,7 @@ def test_same_seed_same_weights_and_existing_dir_is_kept(tmp_path: Path) -> None
     a = AutoModelForCausalLM.from_pretrained(materialize("tiny-arith", tmp_path / "a", seed=7))
     b = AutoModelForCausalLM.from_pretrained(materialize("tiny-arith", tmp_path / "b", seed=7))
     c = AutoModelForCausalLM.from_pretrained(materialize("tiny-arith", tmp_path / "c", seed=8))
-    for (n, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True):
+    for (n, pa), pb, _pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), n
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values(), strict=True))
     before = (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns

@@ -76,6 +76,33 @@ def scenario_resume(ctx: TrainerContext, out: dict, ckpt: str) -> None:
     out["weights"] = (w_a, _weights(b))
 
 
+def scenario_save_variants(ctx: TrainerContext, out: dict, work: str) -> None:
+    """A moved reference is checkpointed and restored; ``no_save_optim`` restores weights and step only."""
+    base = tiny_spec()
+    spec = dataclasses.replace(base, grpo=dataclasses.replace(base.grpo, ref_update_interval=1))
+    a = build_actor(spec, ctx)
+    batch = _prepare(a, rollout_batch(1))
+    out["ref_initial"] = batch.ref_logprobs
+    a.train(batch, rollout_id=0)
+    a.update_ref()
+    a.save(os.path.join(work, "with_ref"))
+    b = build_actor(spec, ctx)
+    b.load(os.path.join(work, "with_ref"))
+    out["ref_saved"] = a.compute_logprobs(batch, model="ref")
+    out["ref_loaded"] = b.compute_logprobs(batch, model="ref")
+    out["actor_saved"] = a.compute_logprobs(batch)
+
+    no_optim = dataclasses.replace(base, ckpt=dataclasses.replace(base.ckpt, no_save_optim=True))
+    c = build_actor(no_optim, ctx)
+    c.train(_prepare(c, rollout_batch(1)), rollout_id=0)
+    c.save(os.path.join(work, "no_optim"))
+    d = build_actor(no_optim, ctx)
+    d.load(os.path.join(work, "no_optim"))
+    out["no_optim_weights"] = (_weights(c), _weights(d))
+    out["no_optim_step"] = d.step
+    out["no_optim_state_len"] = len(d.optimizer.state)  # type: ignore[attr-defined]
+
+
 def scenario_offload(ctx: TrainerContext, out: dict) -> None:
     """Offload and onload between two rollouts: memory is freed, and training continues as if nothing moved."""
     gc.collect()  # earlier scenarios' actors (reference cycles through FSDP hooks)
@@ -83,6 +110,7 @@ def scenario_offload(ctx: TrainerContext, out: dict) -> None:
     base = torch.cuda.memory_allocated()
     a = build_actor(tiny_spec(), ctx)
     a.train(_prepare(a, rollout_batch(1)), rollout_id=0)
+    a.compute_logprobs(rollout_batch(1))  # a forward leaves the root unit's parameters gathered
     torch.cuda.synchronize()
     out["footprint"] = torch.cuda.memory_allocated() - base
     a.offload()
@@ -156,6 +184,8 @@ def main() -> None:
             scenario_learn(ctx, out)
         elif name == "resume":
             scenario_resume(ctx, out, os.path.join(out_dir, "ckpt"))
+        elif name == "save_variants":
+            scenario_save_variants(ctx, out, out_dir)
         elif name == "offload":
             scenario_offload(ctx, out)
         elif name == "export":

@@ -23,7 +23,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     write_tiny_qwen2(str(model_dir))
     # Both launches run at once (three single-threaded processes).
     one = Launch(1, root / "ws1", model_dir, ["update"])
-    two = Launch(2, root / "ws2", model_dir, ["update", "update_dynamic", "learn", "resume", "export", "bf16"])
+    two = Launch(2, root / "ws2", model_dir, ["update", "update_dynamic", "learn", "resume", "export", "bf16",
+                                                   "save_variants"])
     return {1: one.results(), 2: two.results()}
 
 
@@ -98,3 +99,18 @@ def test_bf16_mixed_precision_trains_and_exports_bf16(runs: dict[int, dict[str, 
     # same update up to bf16 forward/backward rounding
     for name, w in r["weights"].items():
         torch.testing.assert_close(w.float(), fp32[name], rtol=0.05, atol=2e-2)
+
+
+def test_a_moved_reference_is_checkpointed(runs: dict[int, dict[str, Any]]) -> None:
+    r = runs[2]["save_variants"]
+    for saved, loaded, actor in zip(r["ref_saved"], r["ref_loaded"], r["actor_saved"], strict=True):
+        assert torch.equal(saved, loaded)
+        assert torch.equal(saved, actor)  # update_ref copied the actor
+    assert any(not torch.equal(a, b) for a, b in zip(r["ref_saved"], r["ref_initial"], strict=True))
+
+
+def test_no_save_optim_restores_weights_and_step_only(runs: dict[int, dict[str, Any]]) -> None:
+    r = runs[2]["save_variants"]
+    saved, loaded = r["no_optim_weights"]
+    assert all(torch.equal(saved[n], loaded[n]) for n in saved)
+    assert r["no_optim_step"] == 2 and r["no_optim_state_len"] == 0
