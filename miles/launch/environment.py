@@ -62,6 +62,10 @@ class Layout:
     trainer_het_group: int | None = None
     job_id: int | None = None
     """Job id the ports were derived for (None: placeholder ports)."""
+    engine_nccl_ports: tuple[int, ...] = ()
+    """SGLang's internal ``--nccl-port`` of each engine."""
+    engine_gpus: tuple[tuple[int, ...], ...] = ()
+    """GPU ids (on its node) of each engine."""
 
     @classmethod
     def from_plan(cls, plan: Mapping[str, Any]) -> Layout:
@@ -83,6 +87,8 @@ class Layout:
                 engine_het_group=int(plan["engine_het_group"]) if split else None,
                 trainer_het_group=int(plan["trainer_het_group"]) if split else None,
                 job_id=plan_ports.get("job_id"),
+                engine_nccl_ports=tuple(int(p) for p in plan_ports.get("engine_nccl") or ()),
+                engine_gpus=tuple(tuple(int(g) for g in e.get("gpus", ())) for e in plan["engines"]),
             )
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise UserError(f"plan.json does not look like a miles plan (missing or bad {e}); "
@@ -99,7 +105,8 @@ class Layout:
             return self
         shift = ports.block_base(job_id) - ports.block_base(self.job_id or 0)
         return replace(self, master_port=self.master_port + shift, weight_update_port=self.weight_update_port + shift,
-                       engine_http_ports=tuple(p + shift for p in self.engine_http_ports), job_id=job_id)
+                       engine_http_ports=tuple(p + shift for p in self.engine_http_ports),
+                       engine_nccl_ports=tuple(p + shift for p in self.engine_nccl_ports), job_id=job_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +136,10 @@ class TaskContext:
     engine_host: str
     engine_port: int | None
     """HTTP port this engine serves on (engines only)."""
+    engine_nccl_port: int | None
+    """SGLang's internal NCCL port of this engine (engines only; None when the plan has none)."""
+    engine_gpus: tuple[int, ...]
+    """GPU ids on the node of this engine, from the plan (engines only; empty for trainers)."""
     device: Literal["cuda", "cpu"]
     backend: Literal["nccl", "gloo"]
     run_dir: Path
@@ -331,6 +342,9 @@ def task_context(env: Mapping[str, str], layout: Layout, *, role: Role | None = 
         weight_update_rank=wu_rank,
         engine_host=env.get("MILES_ENGINE_HOST") or node_name,
         engine_port=_engine_port(env, layout, rank) if role_ == "engine" else None,
+        engine_nccl_port=(layout.engine_nccl_ports[rank]
+                          if role_ == "engine" and rank < len(layout.engine_nccl_ports) else None),
+        engine_gpus=layout.engine_gpus[rank] if role_ == "engine" and rank < len(layout.engine_gpus) else (),
         device=device,
         backend="nccl" if device == "cuda" else "gloo",
         run_dir=Path(resolved_run_dir),

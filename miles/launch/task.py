@@ -109,7 +109,8 @@ def _init_trainer_world(ctx: TaskContext, timeout_s: float) -> None:
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def run(ctx: TaskContext, args: argparse.Namespace, env: Mapping[str, str]) -> None:
+def run(ctx: TaskContext, args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Run this rank's part; returns its exit code."""
     if args.selftest:
         from miles.launch import selftest
 
@@ -118,19 +119,19 @@ def run(ctx: TaskContext, args: argparse.Namespace, env: Mapping[str, str]) -> N
                              timeout_s=min(args.timeout, 120.0))
         else:
             selftest.engine(ctx, env, hold_s=args.hold, timeout_s=max(args.engine_deadline, 120.0))
-        return
+        return 0
     from miles.spec import load_spec
 
     spec = load_spec(str(ctx.run_dir / rundir.SPEC), [])
     if ctx.role == "engine":
         from miles.launch.engine_host import serve_engine
 
-        serve_engine(spec, ctx)
-        return
+        serve_engine(spec, ctx, deadline_s=args.engine_deadline)
+        return 0
     _init_trainer_world(ctx, args.timeout)
     from miles.loop import run_trainer
 
-    run_trainer(spec, ctx)
+    return int(run_trainer(spec, ctx) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,8 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("no run directory: pass --run-dir or set MILES_RUN_DIR")
         ctx, _ = load_context(Path(args.run_dir), args.role, env)
         who = f"{ctx.name} (pid {os.getpid()}) on {ctx.node_name}"
-        run(ctx, args, env)
-        return 0
+        return run(ctx, args, env)
+    except SystemExit as e:  # sys.exit() inside the rank (e.g. after a checkpoint-and-stop): keep its code
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code:
+            print(f"miles task {who} exited with code {code}", file=sys.stderr, flush=True)
+        return code
     except UserError as e:
         print(f"miles task {who} FAILED: {e}", file=sys.stderr, flush=True)
         return 2

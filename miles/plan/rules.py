@@ -238,15 +238,17 @@ def derive(spec: Spec) -> Derived:
     _check_batch(spec, dp, r)
 
     tp_e = sg.rollout_num_gpus_per_engine
+    # SGLang's CPU engine ([sglang] device = "cpu") serves on CPU-only nodes too; any other SGLang needs GPUs.
+    sglang_on_cpu = sg.server_args.get("device") == "cpu"
     if not gpu:
-        if spec.rollout.engine == "sglang":
-            r.error("rollout.engine = \"sglang\" needs GPUs but cluster.gpus_per_node = 0. Fix: set rollout.engine = \"embedded\" or cluster.gpus_per_node.")
+        if spec.rollout.engine == "sglang" and not sglang_on_cpu:
+            r.error("rollout.engine = \"sglang\" needs GPUs but cluster.gpus_per_node = 0. Fix: set rollout.engine = \"embedded\" or cluster.gpus_per_node (or sglang.device = \"cpu\" for SGLang's CPU engine).")
         if c.device == "cuda":
             r.error("cluster.device = \"cuda\" but cluster.gpus_per_node = 0. Fix: set cluster.gpus_per_node, or cluster.device = \"cpu\".")
         if tp_e != 1:
             r.error(f"sglang.rollout_num_gpus_per_engine = {tp_e} but on CPU-only nodes (cluster.gpus_per_node = 0) each engine is one process (one slot). Fix: set sglang.rollout_num_gpus_per_engine = 1.")
             tp_e = 1
-    elif spec.rollout.engine == "sglang" and c.device == "cpu":
+    elif spec.rollout.engine == "sglang" and c.device == "cpu" and not sglang_on_cpu:
         r.error("rollout.engine = \"sglang\" cannot run with cluster.device = \"cpu\". Fix: set cluster.device = \"auto\", or rollout.engine = \"embedded\".")
 
     if c.mode == "colocate":

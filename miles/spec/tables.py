@@ -284,6 +284,9 @@ class PerfConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs ``tp`` > 1)."""
 
+    attention_backend: Literal["unfused", "sdpa"] = "unfused"
+    """Megatron backend without Transformer Engine: core attention by Megatron's unfused kernels, or by torch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels; numerically equal, faster at long sequences). Ignored with Transformer Engine and by FSDP."""
+
     recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recomputation (Megatron ``--recompute-granularity``)."""
 

@@ -35,7 +35,12 @@ WORLD4 = ["equiv_tp2pp2_fp32", "equiv_tp2pp2_bf16"]
 FP32_TOL = 1e-5
 BF16_LOSS_TOL = 2e-2
 """bf16 forward/backward (fp32 master weights in both backends) differs in rounding order between Megatron's
-unfused attention and HF's SDPA kernels; measured differences are recorded in docs/benchmarks.md."""
+unfused attention and HF's SDPA kernels, and MoE routing can flip between near-tied experts; measured: loss
+1.3e-3 to 1.8e-3 dense, 1.0e-2 MoE (docs/benchmarks.md)."""
+BF16_WEIGHT_ABS_TOL = 5e-3
+"""Largest element difference of the updated weights (lr 1e-4, 2 steps): measured 4.9e-4 dense, 6.1e-4 MoE.
+Relative differences are meaningless here: tensors with near-zero gradients (q/k biases) take sign-of-noise
+Adam steps in bf16."""
 
 
 def _free_port() -> int:
@@ -88,3 +93,4 @@ def test_bf16_equivalence(results: dict[str, Any], name: str) -> None:
     r = results[name]
     assert r["names_equal"]
     assert r["loss_rel"] < BF16_LOSS_TOL, r
+    assert r["weights_abs_max"] < BF16_WEIGHT_ABS_TOL, r

@@ -35,10 +35,11 @@ from miles.errors import UserError
 from miles.spec.tables import Spec
 from miles.train.actor import StepMetrics, TrainerContext, needs_reference
 from miles.train.batch import MicroBatch, RolloutBatch, collate, plan_micro_batches, shard, step_indices
+from miles.train.hf_checkpoint import save_hf_checkpoint
 from miles.train.megatron.config import DTYPES, check_parallelism, megatron_optimizer_config, read_hf_arch, te_available
 from miles.train.megatron.logprobs import vocab_parallel_logprobs_and_entropy
 from miles.train.megatron.model import build_gpt_model, init_parallel
-from miles.train.megatron.weights import export_hf_weights, load_hf_weights, save_hf_checkpoint
+from miles.train.megatron.weights import export_hf_weights, load_hf_weights
 from miles.train.optim import build_adamw, lr_at
 
 
@@ -60,6 +61,11 @@ class MegatronActor:
             raise UserError(
                 "the Megatron backend builds its TP/PP/DP groups over the whole torch.distributed world; "
                 "start the trainers in their own world (engines outside it)"
+            )
+        if ctx.device.type != "cuda" and not getattr(torch.cuda, "miles_cpu_shim", False):
+            raise UserError(
+                "[perf] backend = \"megatron\" needs CUDA GPUs (megatron-core calls CUDA for devices, RNG and "
+                "streams); on CPUs use backend = \"fsdp\" (miles' own CPU tests run Megatron through a test-only shim)"
             )
         self.spec, self.ctx, self.device = spec, ctx, ctx.device
         self.arch = read_hf_arch(ctx.model_dir)
@@ -337,6 +343,64 @@ class MegatronActor:
             return
         for p_ref, p in zip(self.ref.parameters(), self.model.module.parameters(), strict=True):
             p_ref.copy_(p)
+
+    # -- offload (colocated engines) -------------------------------------------------------------
+    def offload(self) -> None:
+        """See :meth:`miles.train.actor.Actor.offload`: weights, gradients, optimizer state and reference to host.
+
+        A no-op on CPU. Storage-level, like Megatron's own buffer offload: each
+        CUDA storage is copied to host memory and resized to 0 bytes, so every
+        view into it (parameters inside DDP's contiguous buffers, the
+        distributed optimizer's shards of them, ``main_grad``) stays the same
+        Python object and is valid again after :meth:`onload`.
+        """
+        if self.device.type == "cuda":
+            self._release_storages()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def onload(self) -> None:
+        """See :meth:`miles.train.actor.Actor.onload`."""
+        if self.device.type == "cuda":
+            self._restore_storages()
+            torch.cuda.synchronize(self.device)
+
+    def _tensors_to_offload(self) -> Iterator[torch.Tensor]:
+        for buffer in self.model.buffers + self.model.expert_parallel_buffers:
+            for data in (buffer.param_data, buffer.grad_data):  # param_data exists with the distributed optimizer
+                if data is not None:
+                    yield data
+        yield from self.model.module.parameters()
+        if self.ref is not None:
+            yield from self.ref.parameters()
+        inner = getattr(self.optimizer, "chained_optimizers", None) or [self.optimizer]
+        for opt in inner:
+            torch_opt = getattr(opt, "optimizer", opt)
+            for group in torch_opt.param_groups:
+                yield from group["params"]
+            for state in torch_opt.state.values():
+                yield from (v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+    def _release_storages(self) -> None:
+        """Copy each distinct storage to host memory and free it on the device (views survive)."""
+        self._offloaded: list[tuple[Any, Any]] = []
+        seen: set[int] = set()
+        for t in self._tensors_to_offload():
+            st = t.untyped_storage()
+            if st.nbytes() == 0 or st.data_ptr() in seen:
+                continue
+            seen.add(st.data_ptr())
+            host = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=self.device.type == "cuda").untyped_storage()
+            host.copy_(st)
+            self._offloaded.append((st, host))
+        for st, _ in self._offloaded:
+            st.resize_(0)
+
+    def _restore_storages(self) -> None:
+        for st, host in getattr(self, "_offloaded", []):
+            st.resize_(host.nbytes())
+            st.copy_(host)
+        self._offloaded = []
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _sharded_state(self) -> dict[str, Any]:

@@ -267,8 +267,12 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(arch: HFArch, use_te: bool) -> Any:
-    """The transformer-layer spec: Transformer Engine's fused modules when TE imports, else Megatron's local ones."""
+def layer_spec(arch: HFArch, use_te: bool, attention_backend: str = "unfused") -> Any:
+    """The transformer-layer spec: Transformer Engine's fused modules when TE imports, else Megatron's local ones.
+
+    On the local spec, ``attention_backend = "sdpa"`` swaps Megatron's unfused
+    core attention for :class:`miles.train.megatron.attention.SdpaAttention`.
+    """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     num_experts = arch.num_experts or None
@@ -276,9 +280,16 @@ def layer_spec(arch: HFArch, use_te: bool) -> Any:
         return specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm
         )
-    return specs.get_gpt_layer_local_spec(
+    spec = specs.get_gpt_layer_local_spec(
         num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm, normalization="RMSNorm"
     )
+    if attention_backend == "sdpa":
+        from miles.train.megatron.attention import SdpaAttention
+
+        attn = spec.submodules.self_attention
+        attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=SdpaAttention))
+        spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
+    return spec
 
 
 def te_available() -> bool:

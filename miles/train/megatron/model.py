@@ -15,7 +15,6 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from miles.spec.tables import PerfConfig
 from miles.train.megatron.config import HFArch, layer_spec, padded_vocab_size, transformer_config
@@ -71,7 +70,7 @@ def build_gpt_model(arch: HFArch, perf: PerfConfig, dtype: torch.dtype, use_te: 
     config = transformer_config(arch, perf, dtype=dtype, use_te=use_te)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, use_te),
+        transformer_layer_spec=layer_spec(arch, use_te, perf.attention_backend),
         vocab_size=padded_vocab_size(arch, perf.tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -103,8 +102,3 @@ def _patch_router_gemm() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
-
-
-def world_size() -> int:
-    """Trainer ranks (the default group)."""
-    return dist.get_world_size() if dist.is_initialized() else 1

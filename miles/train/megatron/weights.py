@@ -7,7 +7,8 @@ Export is collective. For each HF tensor, in checkpoint order, the ranks of
 the one replica that holds it (its pipeline stage, its expert-parallel rank,
 data-parallel rank 0) all-gather the TP (or expert-TP) slices; the first of
 them sends the full tensor to trainer rank 0, the weight-sync source. The same
-iterator writes HF checkpoints and fills the engines' sync buckets.
+iterator writes HF checkpoints (:mod:`miles.train.hf_checkpoint`) and fills the
+engines' sync buckets.
 """
 
 from __future__ import annotations
@@ -210,28 +211,3 @@ def _recv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src:
     t = torch.empty(shape, dtype=dtype, device=device)
     dist.recv(t, src=src)
     return t
-
-
-def save_hf_checkpoint(weights: Iterator[tuple[str, torch.Tensor]], out_dir: str, model_dir: str) -> None:
-    """Write exported weights as ``model.safetensors`` plus the source's config/tokenizer files (rank 0 only).
-
-    Written under a temporary name and renamed, so a reader never sees half a file.
-    """
-    import shutil
-
-    from safetensors.torch import save_file
-
-    is_source = not dist.is_initialized() or dist.get_rank() == 0
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in weights:  # every rank iterates: the export is collective
-        if is_source:
-            tensors[name] = t.detach().to("cpu").contiguous()
-    if not is_source:
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    for fname in os.listdir(model_dir):
-        if fname.endswith((".json", ".txt", ".model", ".jinja")) and "safetensors" not in fname:
-            shutil.copy2(os.path.join(model_dir, fname), os.path.join(out_dir, fname))
-    tmp = os.path.join(out_dir, ".model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))

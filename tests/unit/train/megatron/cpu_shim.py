@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 _cpu = torch.device("cpu")
+torch.cuda.miles_cpu_shim = True  # type: ignore[attr-defined]  # lets MegatronActor accept a CPU device
 torch.cuda.current_device = lambda: _cpu  # type: ignore[assignment,return-value]
 torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
 torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)  # type: ignore[assignment]

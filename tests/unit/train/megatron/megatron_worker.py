@@ -122,6 +122,28 @@ def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
             "mismatched": [n for n in reader.files if n not in exported or not torch.equal(exported[n], reader.get(n))],
             "lp": lp, "ref_lp": ref_lp, "ent": ent, "ref_ent": ref_ent,
         }
+    # [perf] attention_backend = "sdpa": same log-probs as HF, same gradients as Megatron's unfused attention.
+    d = os.path.join(work, "qwen3")  # GQA and qk-norm
+    arch = read_hf_arch(d)
+    ids = torch.randint(0, arch.vocab_size, (2, 12), generator=torch.Generator().manual_seed(8))
+    grads = {}
+    for backend in ("unfused", "sdpa"):
+        perf = PerfConfig(tp=2, attention_backend=backend)
+        init_parallel(perf, 1234)
+        model = build_gpt_model(arch, perf, torch.float32, False, torch.device("cpu"))
+        load_hf_weights(model, arch, d)
+        logits = model(ids, torch.arange(12).unsqueeze(0).expand(2, -1), None)
+        local = logits.shape[-1]
+        lp, _ = vocab_parallel_logprobs_and_entropy(
+            logits[:, :-1], ids[:, 1:], vocab_start=ps.get_tensor_model_parallel_rank() * local,
+            vocab_size=arch.vocab_size, group=ps.get_tensor_model_parallel_group(),
+        )
+        lp.sum().backward()
+        grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        out[f"qwen3_{backend}"] = {"lp": lp.detach(), "core": type(model.decoder.layers[0].self_attention.core_attention).__name__}
+    out["sdpa_grad_rel"] = max(
+        float((grads["sdpa"][n] - g).norm() / g.norm().clamp(min=1e-30)) for n, g in grads["unfused"].items()
+    )
     # bf16 at PP=2: Megatron keeps its norms in fp32; the export must still send and yield checkpoint-dtype tensors.
     d = os.path.join(work, "qwen3")
     arch = read_hf_arch(d)
@@ -162,6 +184,28 @@ def scenario_resume(work: str, out: dict[str, Any], ckpt: str) -> None:
     out["weights"] = (w_a, _weights(b))
 
 
+def scenario_offload(work: str, out: dict[str, Any]) -> None:
+    """Release every storage (weights, grads, AdamW state, reference) and restore it: training is unchanged.
+
+    On CPU ``offload()`` is a no-op, so the storage mechanism behind it is driven directly.
+    """
+    model_dir = os.path.join(work, "qwen2-tied")
+    ctx = TrainerContext(model_dir=model_dir, num_rollout=2, device=torch.device("cpu"))
+    spec = megatron_spec(PerfConfig(tp=2))
+    runs = []
+    for offload in (False, True):
+        actor = build_actor(spec, ctx)
+        actor.train(_prepare(actor, rollout_batch(1)), rollout_id=0)  # AdamW state exists from here on
+        if offload:
+            actor._release_storages()
+            out["freed_bytes"] = [p.untyped_storage().nbytes() for p in actor.model.module.parameters()]
+            out["released"] = len(actor._offloaded)
+            actor._restore_storages()
+        metrics = actor.train(_prepare(actor, rollout_batch(2)), rollout_id=1)
+        runs.append((metrics, _weights(actor)))
+    out["runs"] = runs
+
+
 def main() -> None:
     out_dir, work = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
@@ -181,6 +225,8 @@ def main() -> None:
             scenario_equiv(work, out, PerfConfig(pp=2))
         elif scenario == "roundtrip":
             scenario_roundtrip(work, out)
+        elif scenario == "offload":
+            scenario_offload(work, out)
         elif scenario == "resume":
             scenario_resume(work, out, os.path.join(work, "ckpt"))
         else:

@@ -25,7 +25,7 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is the [megatron] extra; scripts/test installs it")
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ["roundtrip", "equiv_tp2", "equiv_pp2", "resume"]
+SCENARIOS = ["roundtrip", "equiv_tp2", "equiv_pp2", "resume", "offload"]
 FP32_TOL = 1e-5
 
 
@@ -70,6 +70,13 @@ def test_roundtrip_is_bit_identical_and_logprobs_match_hf(results: dict[str, Any
     assert _rel(r["ent"], r["ref_ent"]) < FP32_TOL
 
 
+def test_sdpa_attention_matches_hf_and_unfused_gradients(results: dict[str, Any]) -> None:
+    r = results["roundtrip"]
+    assert r["qwen3_sdpa"]["core"] == "SdpaAttention" and r["qwen3_unfused"]["core"] == "DotProductAttention"
+    assert _rel(r["qwen3_sdpa"]["lp"], r["qwen3_unfused"]["lp"]) < FP32_TOL
+    assert r["sdpa_grad_rel"] < FP32_TOL
+
+
 def test_bf16_pipeline_export_keeps_checkpoint_dtype(results: dict[str, Any]) -> None:
     r = results["roundtrip"]["qwen3_pp2_bf16"]
     assert r["names"] == r["hf_names"]
@@ -109,3 +116,12 @@ def test_dist_checkpoint_resume_is_bit_identical(results: dict[str, Any]) -> Non
     assert sorted(w_a) == sorted(w_b)
     for name in w_a:
         assert torch.equal(w_a[name], w_b[name]), name
+
+
+def test_offload_releases_storage_and_training_continues_exactly(results: dict[str, Any]) -> None:
+    r = results["offload"]
+    assert r["released"] > 0 and set(r["freed_bytes"]) == {0}, "every parameter's storage was released"
+    (m_plain, w_plain), (m_off, w_off) = r["runs"]
+    assert [m["loss"] for m in m_plain] == [m["loss"] for m in m_off]
+    for name in w_plain:
+        assert torch.equal(w_plain[name], w_off[name]), name

@@ -166,3 +166,14 @@ def test_llama3_frequencies_match_transformers() -> None:
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     base = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32) / a.head_dim))
     assert torch.allclose(llama3_inv_freq(base, a.rope_scaling), ref.float(), rtol=1e-6, atol=0)
+
+
+def test_megatron_on_cpu_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from miles.spec.tables import Spec, TrainConfig
+    from miles.train.actor import TrainerContext
+    from miles.train.megatron import build_megatron_actor
+
+    monkeypatch.delattr(torch.cuda, "miles_cpu_shim", raising=False)
+    spec = Spec(train=TrainConfig(global_batch_size=4, num_steps_per_rollout=1))
+    with pytest.raises(UserError, match='needs CUDA GPUs.*backend = "fsdp"'):
+        build_megatron_actor(spec, TrainerContext(model_dir=str(tmp_path), num_rollout=1, device=torch.device("cpu")))
