@@ -159,7 +159,7 @@ class Session:
         self.weight_version = driver_state["weight_version"]
         if self.is_driver:
             self.dataset.load_state_dict(driver_state["dataset"])
-            log.info("resumed from %s at rollout %d", path, rollout_id)
+            print(f"miles: resumed from {path} at rollout {rollout_id}", flush=True)
         self.sync_weights(bump=False)
 
     # ------------------------------------------------------------------ phases

@@ -8,7 +8,12 @@ these here leaves :mod:`miles.session` about the collective parts.
 
 from __future__ import annotations
 
+import json
 import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,32 +24,170 @@ from miles.launch.environment import TaskContext
 from miles.sample import Sample
 from miles.spec.tables import Spec
 
+_NEVER_S = 1e9
+"""Within one rollout an engine that failed a request is not used again: if it comes back, it was
+restarted with the checkpoint's weights and must first rejoin the weight-update group."""
+
+
+class _Tracked:
+    """The actor's weight iterator, remembering whether a sync started consuming it (then it cannot be retried)."""
+
+    def __init__(self, weights: Iterable[tuple[str, Any]]) -> None:
+        self._it = iter(weights)
+        self.started = False
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        for item in self._it:
+            self.started = True
+            yield item
+
+    def drain(self) -> None:
+        """Walk to the end: producing a full tensor may be a collective the other trainer ranks are in."""
+        for _ in self._it:
+            pass
+
 
 class EngineFleet:
-    """The driver's handle on every engine: generation through the client, weights through the sync group."""
+    """The driver's handle on every engine: generation through the client, weights through the sync group.
 
-    def __init__(self, spec: Spec, task: TaskContext, urls: list[str]) -> None:
+    Engines can die and come back: the engine rank restarts its server and
+    announces it again with a new pid (:func:`miles.rollout.sglang_launcher.serve_engine_task`).
+    A restarted engine holds the checkpoint's weights, not the actor's, so the
+    fleet keeps the *members* (the engines the weight-update group was formed with
+    and that got the last weights) apart from what is announced:
+
+    * generation uses the members only, and drops for the rest of the rollout a
+      member that fails a request (the client resends its requests elsewhere) or
+      was re-announced since the last sync;
+    * every sync first compares the announcements with the members; when one
+      changed, the group is re-formed (a fresh port and group name: an SGLang
+      server cannot join a group name twice) with every engine that answers
+      ``/health_generate``, and the weights are pushed to all of them;
+    * a sync that fails before it sends any weight (an engine died since the last
+      sync: ``/pause_generation`` fails) re-forms the group without the dead
+      engine and syncs again; it rejoins at a later sync, once it is back.
+
+    So a restarted engine serves again from the first rollout after the sync that
+    gave it the actor's weights, and the run never waits for it.
+    """
+
+    def __init__(self, spec: Spec, task: TaskContext, announced: list[rundir.Announcement]) -> None:
         from miles.rollout.client import BlockingRolloutClient
-        from miles.transfer.sync import WeightSync
 
+        if spec.sglang.use_router:
+            raise UserError(
+                "[sglang] use_router = true is not supported by the loop: sglang-router 0.3.2 refuses the batched "
+                "/generate requests miles sends, and miles must know which engine serves which weights. "
+                "Fix: remove use_router; miles' client balances requests over the engines itself "
+                "(least outstanding requests) and handles engine restarts")
         self.spec = spec
-        self.urls = urls
+        self.task = task
         self.api_key = os.environ.get("MILES_ENGINE_API_KEY") or None
-        self.client = BlockingRolloutClient(urls, api_key=self.api_key)
-        self.sync_group = WeightSync(
-            urls,
-            master_address=task.weight_update_addr,
-            master_port=task.weight_update_port,
-            backend=task.backend,
-            bucket_bytes=spec.rollout.update_weight_buffer_size,
+        self.device = f"cuda:{task.local_rank}" if task.device == "cuda" else "cpu"
+        self.known: dict[int, rundir.Announcement] = {a.index: a for a in announced}
+        """The newest announcement seen of every engine."""
+        self.members: list[rundir.Announcement] = list(announced)
+        """The engines in the weight-update group, holding the weights of the last sync."""
+        self.groups_formed = 0
+        self.client = BlockingRolloutClient(self.urls, api_key=self.api_key)
+        """For control calls to every member (release/resume memory)."""
+        self.sync_group = self._form_group(task.weight_update_port)
+
+    @property
+    def urls(self) -> list[str]:
+        return [a.url for a in self.members]
+
+    # ------------------------------------------------------------------ membership
+
+    def _announcements(self) -> dict[int, rundir.Announcement]:
+        found = {}
+        for i in range(self.task.num_engines):
+            a = rundir.read_announcement(Path(self.task.run_dir), i, self.task.launch_id)
+            if a is not None:
+                found[i] = a
+        return found
+
+    def restarted(self) -> list[int]:
+        """Engines announced again (new pid or address) since they were last seen: they have the checkpoint's weights."""
+        return sorted(i for i, a in self._announcements().items() if self.known.get(i) != a)
+
+    def _form_group(self, port: int) -> Any:
+        from miles.transfer.sync import DEFAULT_GROUP, WeightSync
+
+        self.groups_formed += 1
+        name = DEFAULT_GROUP if self.groups_formed == 1 else f"{DEFAULT_GROUP}_{self.groups_formed}"
+        group = WeightSync(
+            self.urls,
+            master_address=self.task.weight_update_addr,
+            master_port=port,
+            backend=self.task.backend,
+            bucket_bytes=self.spec.rollout.update_weight_buffer_size,
+            group_name=name,
             api_key=self.api_key,
-            device=f"cuda:{task.local_rank}" if task.device == "cuda" else "cpu",
+            device=self.device,
+            ranks_per_engine=self.spec.sglang.rollout_num_gpus_per_engine if self.spec.rollout.engine == "sglang" else 1,
         )
-        self.sync_group.connect()
+        group.connect()
+        return group
+
+    def _reform(self, why: str) -> None:
+        """Re-form the weight-update group with every engine that is announced and healthy now."""
+        from miles.launch.engine_host import pick_port
+        from miles.rollout import sglang_protocol as proto
+        from miles.rollout.client import BlockingRolloutClient
+        from miles.rollout.sglang_launcher import health_ok
+
+        # A sync that failed at /pause_generation left the engines that took the pause paused.
+        self._post_each(proto.CONTINUE_GENERATION.path, proto.continue_generation_body())
+        self.sync_group.close()  # engines still in the old group leave it; a dead one is skipped
+        self.client.close()
+        deadline = time.monotonic() + _engine_deadline_s()
+        while True:
+            self.known.update(self._announcements())
+            live = [a for _, a in sorted(self.known.items()) if health_ok(a.url, self.api_key, timeout=30)]
+            if live or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        if not live:
+            raise RuntimeError(f"no engine answers /health_generate after {_engine_deadline_s():.0f} s ({why}); "
+                               f"see the engines' logs in {Path(self.task.run_dir) / rundir.LOGS}")
+        self.members = live
+        self.client = BlockingRolloutClient(self.urls, api_key=self.api_key)
+        # A fresh port: the old group's listener may still hold the previous one.
+        self.sync_group = self._form_group(pick_port(0))
+        left_out = sorted(set(self.known) - {a.index for a in live})
+        print(f"miles: weight-update group re-formed ({why}): engines {[a.index for a in live]}"
+              + (f"; engines {left_out} are down and rejoin once they are back" if left_out else ""), flush=True)
+
+    def _post_each(self, path: str, body: dict[str, Any]) -> None:
+        """POST ``body`` to every member, one at a time; an engine that is down is skipped (best effort)."""
+        for url in self.urls:
+            req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            if self.api_key:
+                req.add_header("Authorization", f"Bearer {self.api_key}")
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    r.read()
+            except (urllib.error.URLError, OSError):
+                pass
+
+    # ------------------------------------------------------------------ the loop's calls
 
     def generate(self, samples: list[Sample], rollout_id: int, weight_version: int) -> None:
         """Fill every sample's response fields; each sample's seed is a pure function of its position."""
-        self.client.generate(samples, self.spec.rollout, rollout_id)
+        from miles.rollout.client import BlockingRolloutClient
+
+        changed = set(self.restarted())
+        urls = [a.url for a in self.members if a.index not in changed]
+        if not urls:
+            raise RuntimeError(f"every engine restarted since the last weight sync (engines {sorted(changed)}); "
+                               "none holds the actor's weights")
+        client = BlockingRolloutClient(urls, api_key=self.api_key, dead_cooldown_s=_NEVER_S)
+        try:
+            client.generate(samples, self.spec.rollout, rollout_id)
+        finally:
+            client.close()
 
     def release_memory(self) -> None:
         """Colocated GPUs: engines free their weights and KV cache while the actor trains."""
@@ -57,12 +200,31 @@ class EngineFleet:
 
         self.client.call_all(proto.RESUME_MEMORY_OCCUPATION.path, proto.resume_memory_occupation_body())
 
-    def sync(self, weights: Any, version: int) -> None:
-        self.sync_group.sync(weights, weight_version=version)
+    def sync(self, weights: Iterable[tuple[str, Any]], version: int) -> None:
+        """Push the actor's weights to every member, first taking in engines that came back (see the class)."""
+        from miles.transfer.sync import SyncError
+
+        changed = self.restarted()
+        if changed:
+            self._reform(f"engines {changed} restarted")
+        named = _Tracked(weights)
+        try:
+            self.sync_group.sync(named, weight_version=version)
+        except SyncError as e:
+            if named.started:  # some engines hold part of the new weights: no way to tell which
+                named.drain()
+                raise
+            self._reform(f"weight sync failed before sending: {e}")
+            self.sync_group.sync(named, weight_version=version)
 
     def close(self) -> None:
         self.sync_group.close()
         self.client.close()
+
+
+def _engine_deadline_s() -> float:
+    """How long the driver waits for engines (``MILES_ENGINE_DEADLINE``, as ``miles.launch.task``)."""
+    return float(os.environ.get("MILES_ENGINE_DEADLINE", "900"))
 
 
 @dataclass
@@ -92,6 +254,7 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> Driver:
                 f"[run] num_epoch = {spec.run.num_epoch} over {len(dataset)} prompts gives no full rollout of "
                 f"rollout_batch_size = {spec.rollout.rollout_batch_size}; raise num_epoch or set num_rollout"
             )
-    announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id, deadline_s=900.0)
-    engines = EngineFleet(spec, task, [a.url for a in announced])
+    announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id,
+                                        deadline_s=_engine_deadline_s())
+    engines = EngineFleet(spec, task, announced)
     return Driver(dataset=dataset, engines=engines, reward=reward, num_rollout=num_rollout)

@@ -35,14 +35,17 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from miles.errors import UserError
 from miles.rollout import sglang_protocol as proto
 from miles.rollout.sglang_flags import FLAGS_PATH, alias_map, load_flags
 from miles.spec.tables import Spec
+
+if TYPE_CHECKING:
+    from miles.launch.environment import TaskContext
 
 EngineKind = Literal["sglang", "embedded"]
 ProcessKind = Literal["sglang", "embedded", "router"]
@@ -486,24 +489,11 @@ def _engine_python(kind: EngineKind) -> str | None:
     return os.environ.get("MILES_SGLANG_PYTHON") or None
 
 
-def serve_engine_task(
-    spec: Spec,
-    ctx: Any,
-    *,
-    deadline_s: float = 900.0,
-    kind: EngineKind | None = None,
-    python: str | None = None,
-) -> None:
-    """The engine rank of a job (``miles.launch.task``): serve engine ``ctx.engine_index`` until SIGTERM.
-
-    Starts the server (SGLang, or ``kind``: the embedded engine stands in on the
-    local cluster) on this node with the job's API key (``MILES_ENGINE_API_KEY``)
-    and SGLang's interpreter (``MILES_SGLANG_PYTHON``, else ``[slurm] python``),
-    announces it in the run directory once ``/health_generate`` answers, restarts
-    it if it dies (re-announcing it; the driver re-forms the weight-update group
-    when it sees the new pid), and stops it on SIGTERM/SIGINT. An engine that
-    cannot be (re)started ends the task with its log tail, so the job fails fast.
-    """
+def task_launch(spec: Spec, ctx: TaskContext, *, kind: EngineKind | None = None,
+                python: str | None = None) -> EngineLaunch:
+    """The launch of the engine rank ``ctx``: the plan's HTTP and NCCL ports (each replaced by a free one when it is
+    taken, e.g. by another run on the same machine), the plan's GPUs of this engine, the job's API key; bound on
+    every interface and advertised at ``ctx.engine_host``."""
     from miles.launch import rundir
     from miles.launch.engine_host import pick_port
     from miles.session import resolve_model_dir
@@ -512,10 +502,37 @@ def serve_engine_task(
     launch = engine_launch(
         spec, index=ctx.engine_index, model_path=str(resolve_model_dir(spec, ctx.run_dir)), host="0.0.0.0",
         port=pick_port(ctx.engine_port), api_key=os.environ.get("MILES_ENGINE_API_KEY") or None,
-        log_dir=Path(ctx.run_dir) / "logs", device=ctx.device, tp_size=spec.sglang.rollout_num_gpus_per_engine,
+        log_dir=Path(ctx.run_dir) / rundir.LOGS, gpus=ctx.engine_gpus, device=ctx.device,
+        tp_size=spec.sglang.rollout_num_gpus_per_engine,
+        nccl_port=pick_port(ctx.engine_nccl_port) if ctx.engine_nccl_port is not None else None,
         python=python or _engine_python(kind or spec.rollout.engine), kind=kind,
     )
-    launch = EngineLaunch(**{**launch.__dict__, "advertise_host": ctx.engine_host})
+    return replace(launch, advertise_host=ctx.engine_host)
+
+
+def serve_engine_task(
+    spec: Spec,
+    ctx: TaskContext,
+    *,
+    deadline_s: float = 900.0,
+    kind: EngineKind | None = None,
+    python: str | None = None,
+) -> None:
+    """The engine rank of a job (``miles.launch.task``): serve engine ``ctx.engine_index`` until SIGTERM.
+
+    Starts the server (``[rollout] engine``, or ``kind``: the embedded engine stands
+    in on the local cluster) on this node with the plan's GPUs of this engine only
+    (``CUDA_VISIBLE_DEVICES``, for either kind, also when colocated with trainers),
+    the job's API key (``MILES_ENGINE_API_KEY``) and SGLang's interpreter
+    (``MILES_SGLANG_PYTHON``, else ``[slurm] python``); announces it in the run
+    directory once ``/health_generate`` answers, restarts it if it dies
+    (re-announcing it with the new pid; the driver then re-forms the weight-update
+    group with it), and stops it on SIGTERM/SIGINT. An engine that cannot be
+    (re)started ends the task with its log tail, so the job fails fast.
+    """
+    from miles.launch import rundir
+
+    launch = task_launch(spec, ctx, kind=kind, python=python)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -525,8 +542,11 @@ def serve_engine_task(
         rundir.announce_engine(Path(ctx.run_dir), rundir.Announcement(
             index=launch.index, url=launch.url, host=ctx.engine_host, port=launch.port, pid=eng.pid,
             launch_id=ctx.launch_id))
-        print(f"[engine {launch.index} on {ctx.node_name}] healthy at {launch.url} (start {eng.starts})", flush=True)
+        print(f"[engine {launch.index} on {ctx.node_name}] healthy at {launch.url} (start {eng.starts}, "
+              f"pid {eng.pid})", flush=True)
 
+    print(f"[engine {launch.index} on {ctx.node_name}] starting {launch.kind}: {' '.join(launch.argv)} "
+          f"(env {dict(launch.env)}, log {launch.log_path})", flush=True)
     (engine,) = start_engines([launch], health_deadline_s=deadline_s)
     sup = Supervisor([engine], health_deadline_s=deadline_s, on_restart=announce)
     try:

@@ -7,7 +7,7 @@ the script itself is smoke-tested). Rank 0 writes ``OUT_DIR/<scenario>.pt``.
 Scenarios (same HF model, same batch, same seed for both backends):
 
 * ``equiv_<perf>_<dtype>``: the FSDP actor (DP = world) and the Megatron actor
-  (``tp2``, ``tp2pp2``) each take one rollout of 2 optimizer steps; log-probs,
+  (``tp2``, ``tp2pp2``, ``tp2sdpa``: TP=2 with ``attention_backend = "sdpa"``) each take one rollout of 2 optimizer steps; log-probs,
   per-step losses, gradient norms and the updated weights (exported to HF names).
 * ``roundtrip``: every family at TP=2: HF -> Megatron -> HF export, bit for bit.
 * ``moe_ep2``: a small Qwen3-MoE at EP=2 against FSDP: a step trains and the export matches.
@@ -188,7 +188,8 @@ def main() -> None:
             scenario_roundtrip(work, out, device)
         elif scenario.startswith("equiv_"):
             _, layout, dtype = scenario.split("_")
-            perf = {"tp2": PerfConfig(tp=2), "tp2pp2": PerfConfig(tp=2, pp=2)}[layout]
+            perf = {"tp2": PerfConfig(tp=2), "tp2pp2": PerfConfig(tp=2, pp=2),
+                    "tp2sdpa": PerfConfig(tp=2, attention_backend="sdpa")}[layout]
             scenario_equiv(work, out, "qwen2", perf, {"fp32": "float32", "bf16": "bfloat16"}[dtype], device)
         elif scenario.startswith("moe_ep2_"):
             dtype = scenario.rsplit("_", 1)[1]

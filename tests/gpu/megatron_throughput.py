@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--recompute", default="")
+    ap.add_argument("--attention", choices=["unfused", "sdpa"], default="unfused")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
@@ -72,7 +73,8 @@ def main() -> None:
     spec = Spec(
         model=ModelConfig(dtype="bfloat16" if cuda else "float32"),
         train=TrainConfig(global_batch_size=args.samples, num_steps_per_rollout=1, micro_batch_size=1),
-        perf=PerfConfig(recompute_granularity=args.recompute or None),  # type: ignore[arg-type]
+        perf=PerfConfig(recompute_granularity=args.recompute or None,  # type: ignore[arg-type]
+                        attention_backend=args.attention),  # type: ignore[arg-type]
         optimizer=OptimizerConfig(lr=1e-5),
         grpo=GrpoConfig(),
     )
@@ -109,7 +111,7 @@ def main() -> None:
         "samples": args.samples, "step_s": times, "tokens_per_s": tokens / step, "model_tflops": tflops,
         "mfu": tflops / args.peak_tflops, "peak_tflops": args.peak_tflops,
         "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-        "recompute": args.recompute,
+        "recompute": args.recompute, "attention": args.attention,
     }
     print(json.dumps(res), flush=True)
     if args.out:

@@ -30,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from megatron_compare import summarize  # noqa: E402
 
-WORLD2 = ["roundtrip", "equiv_tp2_fp32", "equiv_tp2_bf16", "moe_ep2_fp32", "moe_ep2_bf16"]
+WORLD2 = ["roundtrip", "equiv_tp2_fp32", "equiv_tp2_bf16", "equiv_tp2sdpa_fp32", "equiv_tp2sdpa_bf16", "moe_ep2_fp32",
+          "moe_ep2_bf16"]
 WORLD4 = ["equiv_tp2pp2_fp32", "equiv_tp2pp2_bf16"]
 FP32_TOL = 1e-5
 BF16_LOSS_TOL = 2e-2
@@ -76,7 +77,7 @@ def test_roundtrip_bit_identical(results: dict[str, Any]) -> None:
         assert r["mismatched"] == [] and r["extra"] == [], key
 
 
-@pytest.mark.parametrize("name", ["equiv_tp2_fp32", "equiv_tp2pp2_fp32", "moe_ep2_fp32"])
+@pytest.mark.parametrize("name", ["equiv_tp2_fp32", "equiv_tp2pp2_fp32", "equiv_tp2sdpa_fp32", "moe_ep2_fp32"])
 def test_fp32_equivalence(results: dict[str, Any], name: str) -> None:
     if name not in results:
         pytest.skip(f"{name} needs 4 GPUs")
@@ -86,7 +87,7 @@ def test_fp32_equivalence(results: dict[str, Any], name: str) -> None:
     assert r["weights_rel_max"] < FP32_TOL, r
 
 
-@pytest.mark.parametrize("name", ["equiv_tp2_bf16", "equiv_tp2pp2_bf16", "moe_ep2_bf16"])
+@pytest.mark.parametrize("name", ["equiv_tp2_bf16", "equiv_tp2pp2_bf16", "equiv_tp2sdpa_bf16", "moe_ep2_bf16"])
 def test_bf16_equivalence(results: dict[str, Any], name: str) -> None:
     if name not in results:
         pytest.skip(f"{name} needs 4 GPUs")

@@ -33,7 +33,7 @@ from miles.spec.tables import ModelConfig, RolloutConfig, Spec
 run_dir, port = Path(sys.argv[1]), int(sys.argv[2])
 spec = Spec(model=ModelConfig(builtin="tiny-arith", dtype="float32"), rollout=RolloutConfig(engine="sglang"))
 ctx = SimpleNamespace(engine_index=0, engine_port=port, engine_host="127.0.0.1", node_name="node0",
-                      run_dir=run_dir, device="cpu", launch_id="launch-1")
+                      run_dir=run_dir, device="cpu", launch_id="launch-1", engine_gpus=(), engine_nccl_port=None)
 serve_engine_task(spec, ctx, deadline_s=300, kind="embedded")
 """
 

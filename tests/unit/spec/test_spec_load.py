@@ -15,7 +15,7 @@ from tests.unit.spec.specfiles import SpecFiles, line_of, render
 
 def test_quickstart_loads() -> None:
     spec = load_spec(Path(__file__).parents[3] / "configs" / "quickstart.toml")
-    assert spec.train.num_steps_per_rollout == 2 and spec.run.run_dir == "runs/quickstart"
+    assert spec.train.num_steps_per_rollout == 1 and spec.run.run_dir == "runs/quickstart"  # 64 x 8 / 512
 
 
 def test_spec_error_is_a_user_error() -> None:

@@ -141,6 +141,10 @@ def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
         lp.sum().backward()
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters()}
         out[f"qwen3_{backend}"] = {"lp": lp.detach(), "core": type(model.decoder.layers[0].self_attention.core_attention).__name__}
+    with torch.no_grad():
+        hf_lp, _ = logprobs_and_entropy(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(ids).logits[:, :-1],
+                                        ids[:, 1:])
+    out["qwen3_hf_lp"] = hf_lp
     out["sdpa_grad_rel"] = max(
         float((grads["sdpa"][n] - g).norm() / g.norm().clamp(min=1e-30)) for n, g in grads["unfused"].items()
     )

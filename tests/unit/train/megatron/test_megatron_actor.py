@@ -73,6 +73,7 @@ def test_roundtrip_is_bit_identical_and_logprobs_match_hf(results: dict[str, Any
 def test_sdpa_attention_matches_hf_and_unfused_gradients(results: dict[str, Any]) -> None:
     r = results["roundtrip"]
     assert r["qwen3_sdpa"]["core"] == "SdpaAttention" and r["qwen3_unfused"]["core"] == "DotProductAttention"
+    assert _rel(r["qwen3_sdpa"]["lp"], r["qwen3_hf_lp"]) < FP32_TOL
     assert _rel(r["qwen3_sdpa"]["lp"], r["qwen3_unfused"]["lp"]) < FP32_TOL
     assert r["sdpa_grad_rel"] < FP32_TOL
 

@@ -1,0 +1,114 @@
+"""A short GRPO run of the CPU quickstart with ``engine = "sglang"``: real SGLang 0.5.20 servers, through ``miles run``.
+
+Two SGLang CPU servers (started by the engine ranks through
+``serve_engine_task``, exactly as in a Slurm job) serve the rollouts of two FSDP
+trainer ranks; weights go to them over gloo after every step. The reward must
+rise. Midway, the test SIGKILLs one SGLang server (the pid its engine rank
+announced): its requests finish on the other engine, the engine rank restarts
+it, and the driver re-forms the weight-update group with it and pushes the
+current weights before it serves again; the run completes.
+
+SGLang runs under ``MILES_SGLANG_PYTHON``, here a wrapper that puts the
+test-only CPU shims (``tests/sglang/shims``) on its ``PYTHONPATH``: how a user
+points miles at an SGLang install, minus the shims.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from miles.launch import rundir
+from tests.sglang.sglang_servers import CPU_SERVER_ARGS, SGLANG_PYTHON, SHIMS, SKIP_REASON, sglang_available
+
+pytestmark = [pytest.mark.sglang, pytest.mark.slow,
+              pytest.mark.skipif(not sglang_available(), reason=SKIP_REASON)]
+
+ROOT = Path(__file__).resolve().parents[2]
+ROLLOUTS = 24
+KILL_AFTER = 3
+"""The SGLang server of engine 0 is killed once this many rollouts are logged."""
+MARGIN = 0.15
+"""Mean reward of the last 5 rollouts over the first 5: the quickstart climbs from ~0.05 to ~0.5 in 24 rollouts."""
+
+
+def _toml(value: object) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def _sglang_wrapper(tmp: Path) -> Path:
+    """SGLang's interpreter with the test-only shims on PYTHONPATH (MILES_SGLANG_PYTHON points here)."""
+    wrapper = tmp / "sglang-python"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{SHIMS}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{SGLANG_PYTHON}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def _rollouts(run_dir: Path) -> list[dict[str, float]]:
+    """Complete lines of metrics.jsonl (one per rollout; the last may still be being written)."""
+    path = run_dir / rundir.METRICS
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
+@pytest.mark.timeout(900)
+def test_grpo_on_sglang_learns_and_survives_an_engine_kill(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    sets = {
+        "run.run_dir": str(run_dir), "run.num_rollout": ROLLOUTS, "run.use_tensorboard": False, "run.plot": False,
+        "rollout.engine": "sglang", **{f"sglang.{k}": v for k, v in CPU_SERVER_ARGS.items()},
+    }
+    cmd = [sys.executable, "-m", "miles.cli", "run", str(ROOT / "configs" / "quickstart.toml")]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={_toml(value)}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "MILES_SGLANG_PYTHON": str(_sglang_wrapper(tmp_path)), "MILES_ENGINE_API_KEY": "grpo-test-key"}
+    env.pop("MILES_FAULT", None)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    killed: rundir.Announcement | None = None
+    try:
+        while proc.poll() is None and time.monotonic() - t0 < 840:
+            if killed is None and len(_rollouts(run_dir)) >= KILL_AFTER:
+                launch_id = json.loads((run_dir / rundir.ENGINES / "engine-0.json").read_text())["launch_id"]
+                killed = rundir.read_announcement(run_dir, 0, launch_id)
+                assert killed is not None
+                os.kill(killed.pid, signal.SIGKILL)
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+        reader.join(10)
+    wall = time.monotonic() - t0
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-6000:]
+    assert (run_dir / rundir.DONE).exists()
+
+    rewards = [m["rollout/reward_mean"] for m in _rollouts(run_dir)]
+    assert len(rewards) == ROLLOUTS
+    first, last = statistics.fmean(rewards[:5]), statistics.fmean(rewards[-5:])
+    print(f"SGLang GRPO: {ROLLOUTS} rollouts in {wall:.0f} s; reward first 5 {first:.3f} -> last 5 {last:.3f}; "
+          f"per rollout {[round(r, 3) for r in rewards]}")
+    assert last > first + MARGIN, f"reward did not rise: {rewards}"
+
+    # The killed engine came back under a new pid and rejoined the weight-update group.
+    assert killed is not None, "the run ended before the kill"
+    after = rundir.read_announcement(run_dir, 0, killed.launch_id)
+    assert after is not None and after.pid != killed.pid and after.url == killed.url
+    assert "weight-update group re-formed (engines [0] restarted)" in out, out[-6000:]
+    log = (run_dir / rundir.LOGS / "engine-0.log").read_text()
+    assert log.count("===== miles: start") == 2
