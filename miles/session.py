@@ -231,7 +231,12 @@ class Session:
         if self.is_driver:
             if self.offload_rollout and bump:
                 self.engines.resume_memory()
-            self.engines.sync(weights, version=self.weight_version)
+            if self.spec.rollout.check_weight_sync:
+                weights, sent = _with_checksums(weights)
+                self.engines.sync(weights, version=self.weight_version)
+                _check_engine_weights(self.engines, sent)
+            else:
+                self.engines.sync(weights, version=self.weight_version)
         else:
             for _ in weights:  # collective: every rank walks the iterator to the end
                 pass
@@ -354,6 +359,34 @@ class Session:
             self.engines.close()
         if self.reward is not None:
             self.reward.close()
+
+
+def _with_checksums(weights: Any) -> tuple[Any, dict[str, str]]:
+    """Pass the weights through unchanged while recording SGLang-style checksums of each tensor."""
+    from miles.rollout.engine import tensor_checksum
+
+    sent: dict[str, str] = {}
+
+    def gen() -> Any:
+        for name, t in weights:
+            sent[name] = tensor_checksum(t)
+            yield name, t
+
+    return gen(), sent
+
+
+def _check_engine_weights(engines: Any, sent: dict[str, str]) -> None:
+    """``[rollout] check_weight_sync``: every engine must now hold exactly the actor's weights."""
+    from miles.rollout import sglang_protocol as proto
+
+    answers = engines.client.call_all(proto.WEIGHTS_CHECKER.path, proto.weights_checker_body())
+    for url, answer in zip(engines.urls, answers, strict=True):
+        held = answer["ranks"][0]["checksums"]
+        wrong = sorted(n for n in sent if held.get(n) != sent[n])
+        if wrong:
+            raise RuntimeError(f"weight sync check failed: engine {url} differs from the actor in {len(wrong)} "
+                               f"tensors, e.g. {wrong[:3]}")
+    print(f"miles: weight sync verified: {len(sent)} tensors bit-equal on {len(answers)} engines", flush=True)
 
 
 def _install_stop_handlers(control: Path) -> None:

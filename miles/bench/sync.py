@@ -184,6 +184,11 @@ def run_local(a: argparse.Namespace) -> Report:
     device, backend = _defaults(a)
     if a.engines < 1:
         raise UserError(f"--engines must be >= 1, got {a.engines}")
+    engine_devices = [_engine_device(a, device, i) for i in range(a.engines)]
+    if backend == "nccl" and len({device, *engine_devices}) < 1 + a.engines:
+        raise UserError(f"NCCL puts at most one rank of a group on a GPU, but the sender ({device}) and the engines "
+                        f"({', '.join(engine_devices)}) share one; give every engine its own GPU (--engine-device, "
+                        "fewer --engines) or use --backend gloo")
     procs: list[subprocess.Popen] = []
     logs: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="miles-bench-sync-") as tmp:
@@ -199,7 +204,7 @@ def run_local(a: argparse.Namespace) -> Report:
                 logs.append(d / f"engine-{i}.log")
                 with open(logs[-1], "wb") as log:
                     procs.append(subprocess.Popen(
-                        _receiver_cmd(cfg, a.dtype, _engine_device(a, device, i), "127.0.0.1", free_port(), ready[i],
+                        _receiver_cmd(cfg, a.dtype, engine_devices[i], "127.0.0.1", free_port(), ready[i],
                                       None), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
             urls = wait_for_urls(ready, procs, logs, a.timeout)
             return measure(a, data, urls, device, backend, "127.0.0.1")
@@ -230,7 +235,9 @@ def run_slurm(a: argparse.Namespace) -> Report | None:
     device, backend = _defaults(a)
     local = int(os.environ.get("SLURM_LOCALID", "0"))
     if device.startswith("cuda") and a.device is None:
-        device = f"cuda:{local}"
+        import torch
+
+        device = f"cuda:{local % max(1, torch.cuda.device_count())}"  # srun --gpus-per-task shows one GPU a task
     done = rdv / "done"
     if procid != 0:
         from miles.bench.receiver import serve

@@ -15,7 +15,7 @@ node is 127.0.0.1; on real nodes another process may hold it): then a free one
 is used, and the announcement says which. ``MILES_ENGINE_API_KEY``, when set,
 protects the engines; the driver sends it. SGLang runs under
 ``MILES_SGLANG_PYTHON`` when set (SGLang usually has an environment of its
-own), else ``[slurm] python``.
+own), else the interpreter running miles.
 """
 
 from __future__ import annotations

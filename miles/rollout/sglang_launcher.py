@@ -481,12 +481,13 @@ def router_launch(
                         log_path=log_dir / "router.log")
 
 
-def _engine_python(kind: EngineKind) -> str | None:
-    """The interpreter of an engine task: miles' own for the embedded engine; ``MILES_SGLANG_PYTHON`` or
-    ``[slurm] python`` (None) for SGLang, which usually lives in an environment of its own."""
-    if kind == "embedded":
-        return sys.executable
-    return os.environ.get("MILES_SGLANG_PYTHON") or None
+def _engine_python(kind: EngineKind) -> str:
+    """The interpreter of an engine server: ``MILES_SGLANG_PYTHON`` for SGLang, which usually lives in an
+    environment of its own; otherwise the one running miles (``[slurm] python`` in a job, the shell's in
+    ``miles run``)."""
+    if kind == "sglang" and os.environ.get("MILES_SGLANG_PYTHON"):
+        return os.environ["MILES_SGLANG_PYTHON"]
+    return sys.executable
 
 
 def task_launch(spec: Spec, ctx: TaskContext, *, kind: EngineKind | None = None,
@@ -524,7 +525,7 @@ def serve_engine_task(
     in on the local cluster) on this node with the plan's GPUs of this engine only
     (``CUDA_VISIBLE_DEVICES``, for either kind, also when colocated with trainers),
     the job's API key (``MILES_ENGINE_API_KEY``) and SGLang's interpreter
-    (``MILES_SGLANG_PYTHON``, else ``[slurm] python``); announces it in the run
+    (``MILES_SGLANG_PYTHON``, else miles' own); announces it in the run
     directory once ``/health_generate`` answers, restarts it if it dies
     (re-announcing it with the new pid; the driver then re-forms the weight-update
     group with it), and stops it on SIGTERM/SIGINT. An engine that cannot be

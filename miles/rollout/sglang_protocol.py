@@ -54,6 +54,7 @@ CONTINUE_GENERATION = Endpoint("/continue_generation", "POST", "ContinueGenerati
 UPDATE_WEIGHT_VERSION = Endpoint("/update_weight_version", "POST", "UpdateWeightVersionReqInput")
 GET_WEIGHT_VERSION = Endpoint("/get_weight_version", "GET", None)
 ABORT_REQUEST = Endpoint("/abort_request", "POST", "AbortReq")
+WEIGHTS_CHECKER = Endpoint("/weights_checker", "POST", "Optional[CheckWeightsReqInput]")
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     GENERATE,
@@ -71,6 +72,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     UPDATE_WEIGHT_VERSION,
     GET_WEIGHT_VERSION,
     ABORT_REQUEST,
+    WEIGHTS_CHECKER,
 )
 """Every route miles calls; the conformance test checks each against SGLang's route table."""
 
@@ -265,6 +267,11 @@ def continue_generation_body() -> dict[str, Any]:
 def update_weight_version_body(*, new_version: str, abort_all_requests: bool = False) -> dict[str, Any]:
     """Label the engine's weights (reported with every response as ``meta_info.weight_version``)."""
     return {"new_version": str(new_version), "abort_all_requests": bool(abort_all_requests)}
+
+
+def weights_checker_body(*, action: str = "checksum") -> dict[str, Any]:
+    """Ask every rank of an engine for the checksums of its weights (``[rollout] check_weight_sync``)."""
+    return {"action": action}
 
 
 def abort_request_body(*, rid: str | None = None, abort_all: bool = False) -> dict[str, Any]:

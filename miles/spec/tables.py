@@ -206,6 +206,9 @@ class RolloutConfig:
     update_weight_buffer_size: int = field(default=512 * MiB, metadata={"gt": 0})
     """Bucket size in bytes of each weight-sync broadcast (Miles ``--update-weight-buffer-size``)."""
 
+    check_weight_sync: bool = False
+    """After every weight sync, compare each engine's weight checksums (SGLang's ``/weights_checker``) with the actor's and stop the run on a mismatch. Costs a hash of all weights per sync; for tests and debugging."""
+
 
 @dataclass(**_KW)
 class EvalConfig:

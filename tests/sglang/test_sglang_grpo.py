@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ROLLOUTS = 24
 KILL_AFTER = 3
 """The SGLang server of engine 0 is killed once this many rollouts are logged."""
-MARGIN = 0.15
-"""Mean reward of the last 5 rollouts over the first 5: the quickstart climbs from ~0.05 to ~0.5 in 24 rollouts."""
+MARGIN = 0.25
+"""Mean reward of the last 5 rollouts over the first 5; measured: 0.076 -> 0.613 in 24 rollouts."""
 
 
 def _toml(value: object) -> str:
@@ -105,10 +105,16 @@ def test_grpo_on_sglang_learns_and_survives_an_engine_kill(tmp_path: Path) -> No
           f"per rollout {[round(r, 3) for r in rewards]}")
     assert last > first + MARGIN, f"reward did not rise: {rewards}"
 
-    # The killed engine came back under a new pid and rejoined the weight-update group.
+    # The killed engine came back under a new pid, rejoined a re-formed weight-update group, got the weights and
+    # served again; the other engine was never left out for good.
     assert killed is not None, "the run ended before the kill"
     after = rundir.read_announcement(run_dir, 0, killed.launch_id)
     assert after is not None and after.pid != killed.pid and after.url == killed.url
-    assert "weight-update group re-formed (engines [0] restarted)" in out, out[-6000:]
-    log = (run_dir / rundir.LOGS / "engine-0.log").read_text()
-    assert log.count("===== miles: start") == 2
+    assert "weight-update group re-formed" in out, out[-6000:]
+    for index, starts in ((0, 2), (1, 1)):
+        log = (run_dir / rundir.LOGS / f"engine-{index}.log").read_text()
+        assert log.count("===== miles: start") == starts
+        life = log.rsplit("===== miles: start", 1)[1]
+        synced = life.rfind('"POST /update_weights_from_distributed HTTP/1.1" 200')
+        assert "POST /init_weights_update_group" in life and synced > 0, f"engine {index} got no weights"
+        assert '"POST /generate HTTP/1.1" 200' in life[synced:], f"engine {index} served nothing after its last sync"
