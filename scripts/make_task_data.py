@@ -4,8 +4,8 @@ majority-digit.jsonl: "31737238=" -> "3": the digit that occurs most often in ei
 digits (exactly three times; every other digit at most twice). A random model
 guesses right about 1 time in 20 (the built-in tiny-arith tokenizer has 20
 symbols); a model has to learn to count to score 1.
-arith.jsonl: small integer arithmetic in chat form for a pretrained model
-(SmolLM2), answered in \\boxed{} and scored by the `math` reward.
+arith.jsonl: small integer addition and subtraction in chat form for a
+pretrained model (SmolLM2), answered in \\boxed{} and scored by the `math` reward.
 
 Usage: python scripts/make_task_data.py   (deterministic; rewrites both files)
 """
@@ -35,10 +35,11 @@ def arith(n: int = 2000) -> list[dict[str, object]]:
     rng = random.Random(1)
     rows = []
     for _ in range(n):
-        a, b = rng.randint(2, 60), rng.randint(2, 60)
-        op = rng.choice(["+", "-", "*"])
-        value = a + b if op == "+" else a - b if op == "-" else a * b
-        question = f"What is {a} {op} {b}? Put the final answer in \\boxed{{}}."
+        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        op = rng.choice(["+", "-"])
+        value = a + b if op == "+" else a - b
+        # SmolLM2-135M boxes its answer about 1 time in 4 when shown the form (1 in 12 without).
+        question = f"Compute {a} {op} {b}. Reply with only the result in the form \\boxed{{result}}, for example \\boxed{{7}}."
         rows.append({"messages": [{"role": "user", "content": question}], "label": str(value)})
     return rows
 

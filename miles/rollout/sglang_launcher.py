@@ -323,10 +323,13 @@ class EngineProcess:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
-    def wait_healthy(self, deadline_s: float, poll_s: float = 0.5) -> float:
-        """Block until ``/health_generate`` is 200; seconds it took. Raises :class:`EngineStartError`."""
+    def wait_healthy(self, deadline_s: float, poll_s: float = 0.5, cancel: threading.Event | None = None) -> float:
+        """Block until ``/health_generate`` is 200; seconds it took. Raises :class:`EngineStartError`, also
+        when ``cancel`` is set (the task is stopping: a restart in progress must not hold it up)."""
         t0 = time.monotonic()
         while True:
+            if cancel is not None and cancel.is_set():
+                raise EngineStartError(f"engine {self.launch.index}: start cancelled")
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
                 raise EngineStartError(
@@ -391,7 +394,7 @@ class Supervisor:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop watching (engines are left as they are; stop them separately)."""
+        """Stop watching, cancelling a restart in progress (engines are left as they are; stop them separately)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.health_deadline_s + 5)
@@ -418,9 +421,10 @@ class Supervisor:
                 try:
                     eng.stop(timeout_s=5)  # reap the group of the dead server
                     eng.start()
-                    eng.wait_healthy(self.health_deadline_s)
+                    eng.wait_healthy(self.health_deadline_s, cancel=self._stop)
                 except EngineStartError as e:
-                    self.failed[idx] = str(e)
+                    if not self._stop.is_set():
+                        self.failed[idx] = str(e)
                     continue
                 if self.on_restart is not None:
                     self.on_restart(eng)
@@ -558,4 +562,4 @@ def serve_engine_task(
                 raise EngineStartError(next(iter(sup.failed.values())))
     finally:
         sup.stop()
-        engine.stop()
+        engine.stop(timeout_s=8)  # under `miles run`'s 10 s grace, after which this task is killed

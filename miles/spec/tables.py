@@ -411,7 +411,7 @@ class SglangConfig:
     """Fraction of GPU memory SGLang reserves for weights and KV cache (``--mem-fraction-static``); unset means SGLang's default. Colocated runs need a lower value."""
 
     use_router: bool = False
-    """Put sglang-router in front of the engines; without it miles balances requests itself (least outstanding requests)."""
+    """Put sglang-router in front of the engines. Not supported by the loop yet (sglang-router 0.3.2 refuses the batched requests miles sends): ``true`` is refused when the run starts. miles balances requests over the engines itself (least outstanding requests)."""
 
     server_args: dict[str, object] = field(default_factory=dict)
     """Every other ``[sglang]`` key, passed through as ``--key-with-dashes value`` (filled by the loader; not a TOML key)."""

@@ -60,7 +60,7 @@ def test_split_directives() -> None:
     assert d.count("#SBATCH hetjob") == 1
     # directives come before the first command, so sbatch reads them all
     assert text.index("set -euo pipefail") > text.index("#SBATCH --exclusive\n\n")
-    assert "srun --het-group=0 --kill-on-bad-exit=1 --wait=60" in text and "srun --het-group=1 --kill-on-bad-exit=1 --wait=60" in text
+    assert "srun --het-group=0 --job-name=miles-engines --kill-on-bad-exit=1 --wait=60" in text and "srun --het-group=1 --job-name=miles-trainers --kill-on-bad-exit=1 --wait=60" in text
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1"' in text
 
 
@@ -78,7 +78,7 @@ def test_gres_request_and_cpu_jobs() -> None:
 
 def test_colocate_steps_overlap() -> None:
     text = script_of(spec("colocate"))
-    assert "srun --overlap --kill-on-bad-exit=1 --wait=60" in text and "--het-group" not in text
+    assert "srun --overlap --job-name=miles-engines --kill-on-bad-exit=1 --wait=60" in text and "--het-group" not in text
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in text
 
 
@@ -120,9 +120,11 @@ def test_step_command_lines(tmp_path: Path) -> None:
     s = in_run_dir(spec(), tmp_path, slurm={"python": "/opt/py env/bin/python"})
     out = run_script(script_of(s), tmp_path)
     run = str(tmp_path / "run")
-    assert out.args["engine"] == ["--het-group=0", "--kill-on-bad-exit=1", "--wait=60", "--nodes=1", "--ntasks-per-node=4",
+    assert out.args["engine"] == ["--het-group=0", "--job-name=miles-engines", "--kill-on-bad-exit=1", "--wait=60", "--nodes=1",
+                                  "--ntasks-per-node=4",
                                   "/opt/py env/bin/python", "-m", "miles.launch.task", "--run-dir", run, "--role", "engine"]
-    assert out.args["trainer"][:5] == ["--het-group=1", "--kill-on-bad-exit=1", "--wait=60", "--nodes=1", "--ntasks-per-node=8"]
+    assert out.args["trainer"][:6] == ["--het-group=1", "--job-name=miles-trainers", "--kill-on-bad-exit=1", "--wait=60",
+                                      "--nodes=1", "--ntasks-per-node=8"]
 
 
 def test_pyxis_flags(tmp_path: Path) -> None:
