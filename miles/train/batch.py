@@ -25,12 +25,17 @@ sequence position ``prompt_len_i + j - 1``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from miles.sample import Sample
+
+if TYPE_CHECKING:
+    from miles.algo.loss import LossConfig
+    from miles.spec.tables import TrainConfig
 
 
 @dataclass
@@ -235,3 +240,27 @@ def collate(batch: RolloutBatch, indices: Sequence[int], pad_id: int = 0) -> Mic
         rollout_logprobs=opt(batch.rollout_logprobs),
         first_logit_pos=min((batch.prompt_lens[i] - 1 for i in indices if batch.response_lens[i] > 0), default=T - 1),
     )
+
+
+def check_trainable(batch: RolloutBatch, train: TrainConfig, loss: LossConfig) -> None:
+    """What ``Actor.train`` needs in the batch, checked the same way by every backend."""
+    if batch.advantages is None:
+        raise ValueError("batch.advantages must be set before train()")
+    if batch.old_logprobs is None and (train.num_steps_per_rollout or 1) > 1:
+        raise ValueError("old_logprobs are required with more than one optimizer step per rollout")
+    if loss.use_kl_loss and batch.ref_logprobs is None:
+        raise ValueError("use_kl_loss needs batch.ref_logprobs")
+    if loss.use_tis and batch.rollout_logprobs is None:
+        raise ValueError("use_tis needs the engine's log-probs in every sample")
+
+
+def assemble(parts: Iterable[Iterable[tuple[int, Any]]], n: int) -> list[torch.Tensor]:
+    """Per-sample tensors gathered from every rank as ``(index, tensor)`` pairs, back in batch order."""
+    out: list[torch.Tensor | None] = [None] * n
+    for part in parts:
+        for i, t in part:
+            out[i] = t
+    missing = [i for i, t in enumerate(out) if t is None]
+    if missing:
+        raise RuntimeError(f"no rank returned log-probs for samples {missing[:5]}")
+    return [t for t in out if t is not None]

@@ -40,7 +40,16 @@ from miles.algo.loss import LossConfig, LossInputs, aggregation_for, logprobs_an
 from miles.errors import UserError
 from miles.spec.tables import Spec
 from miles.train.actor import StepMetrics, TrainerContext, needs_reference
-from miles.train.batch import MicroBatch, RolloutBatch, collate, plan_micro_batches, shard, step_indices
+from miles.train.batch import (
+    MicroBatch,
+    RolloutBatch,
+    assemble,
+    check_trainable,
+    collate,
+    plan_micro_batches,
+    shard,
+    step_indices,
+)
 from miles.train.hf_checkpoint import save_hf_checkpoint
 from miles.train.optim import build_adamw, lr_at
 
@@ -174,25 +183,13 @@ class FSDPActor:
                 local.append((i, lp[k, : batch.response_lens[i]].clone()))
         gathered: list[Any] = [None] * self.dp_size
         dist.all_gather_object(gathered, local, group=self.group)
-        out: list[torch.Tensor | None] = [None] * len(batch)
-        for part in gathered:
-            for i, t in part:
-                out[i] = t
-        assert all(t is not None for t in out)
-        return [t for t in out if t is not None]
+        return assemble(gathered, len(batch))
 
     def train(self, batch: RolloutBatch, rollout_id: int) -> list[StepMetrics]:
         """See :meth:`miles.train.actor.Actor.train`."""
         t = self.spec.train
         assert t.global_batch_size is not None and t.num_steps_per_rollout is not None
-        if batch.advantages is None:
-            raise ValueError("batch.advantages must be set before train()")
-        if batch.old_logprobs is None and t.num_steps_per_rollout > 1:
-            raise ValueError("old_logprobs are required with more than one optimizer step per rollout")
-        if self.loss_cfg.use_kl_loss and batch.ref_logprobs is None:
-            raise ValueError("use_kl_loss needs batch.ref_logprobs")
-        if self.loss_cfg.use_tis and batch.rollout_logprobs is None:
-            raise ValueError("use_tis needs the engine's log-probs in every sample")
+        check_trainable(batch, t, self.loss_cfg)
         results = []
         for idx in step_indices(len(batch), t.global_batch_size, t.num_steps_per_rollout):
             results.append(self._optimizer_step(batch, idx, rollout_id))

@@ -34,7 +34,16 @@ from miles.algo.loss import LossConfig, LossInputs, aggregation_for, policy_loss
 from miles.errors import UserError
 from miles.spec.tables import Spec
 from miles.train.actor import StepMetrics, TrainerContext, needs_reference
-from miles.train.batch import MicroBatch, RolloutBatch, collate, plan_micro_batches, shard, step_indices
+from miles.train.batch import (
+    MicroBatch,
+    RolloutBatch,
+    assemble,
+    check_trainable,
+    collate,
+    plan_micro_batches,
+    shard,
+    step_indices,
+)
 from miles.train.hf_checkpoint import save_hf_checkpoint
 from miles.train.megatron.config import DTYPES, check_parallelism, megatron_optimizer_config, read_hf_arch, te_available
 from miles.train.megatron.logprobs import vocab_parallel_logprobs_and_entropy
@@ -190,23 +199,13 @@ class MegatronActor:
         mine = [row for d in store for row in d["rows"]] if self.tp_rank == 0 else []
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
-        out: list[torch.Tensor | None] = [None] * len(batch)
-        for part in gathered:
-            for i, lp in part:
-                out[i] = lp
-        assert all(t is not None for t in out)
-        return [t for t in out if t is not None]
+        return assemble(gathered, len(batch))
 
     def train(self, batch: RolloutBatch, rollout_id: int) -> list[StepMetrics]:
         """See :meth:`miles.train.actor.Actor.train`."""
         t = self.spec.train
         assert t.global_batch_size is not None and t.num_steps_per_rollout is not None
-        if batch.advantages is None:
-            raise ValueError("batch.advantages must be set before train()")
-        if batch.old_logprobs is None and t.num_steps_per_rollout > 1:
-            raise ValueError("old_logprobs are required with more than one optimizer step per rollout")
-        if self.loss_cfg.use_kl_loss and batch.ref_logprobs is None:
-            raise ValueError("use_kl_loss needs batch.ref_logprobs")
+        check_trainable(batch, t, self.loss_cfg)
         return [self._optimizer_step(batch, idx, rollout_id) for idx in step_indices(len(batch), t.global_batch_size, t.num_steps_per_rollout)]
 
     def _optimizer_step(self, batch: RolloutBatch, idx: list[int], rollout_id: int) -> StepMetrics:
