@@ -136,6 +136,9 @@ def run(ctx: TaskContext, args: argparse.Namespace, env: Mapping[str, str]) -> i
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # transformers' per-file progress bars would flood every rank's log (and the
+    # engines it starts inherit this); a user can set it to 0 to see them.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env = dict(os.environ)
     who = f"{args.role or 'task'} (pid {os.getpid()}) on {env.get('SLURMD_NODENAME') or socket.gethostname()}"
     try:

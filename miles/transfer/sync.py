@@ -196,8 +196,10 @@ class WeightSync:
         version = "" if weight_version is None else str(weight_version)
         start = time.perf_counter()
         total = count = nbuckets = 0
-        self._wait(self._post_all(proto.PAUSE_GENERATION.path, proto.pause_generation_body(mode=self.pause_mode)))
+        pause = self._post_all(proto.PAUSE_GENERATION.path, proto.pause_generation_body(mode=self.pause_mode))
         try:
+            # Inside the try: when one engine fails to pause, the others that did are resumed below.
+            self._wait(pause)
             for bucket, last in _lookahead(buckets(named, self.bucket_bytes)):
                 meta = bucket.metadata()
                 body = proto.update_weights_from_distributed_body(
