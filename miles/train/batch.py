@@ -34,7 +34,7 @@ import torch
 from miles.sample import Sample
 
 if TYPE_CHECKING:
-    from miles.algo.loss import LossConfig
+    from miles.algo.loss import Aggregation, LossConfig
     from miles.spec.tables import TrainConfig
 
 
@@ -264,3 +264,33 @@ def assemble(parts: Iterable[Iterable[tuple[int, Any]]], n: int) -> list[torch.T
     if missing:
         raise RuntimeError(f"no rank returned log-probs for samples {missing[:5]}")
     return [t for t in out if t is not None]
+
+
+def micro_batch_loss(
+    loss: LossConfig,
+    aggregation: Aggregation,
+    mb: MicroBatch,
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor | None,
+    *,
+    global_tokens: float,
+    global_samples: int,
+    max_response_len: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's share of the global-batch loss, the same for every backend.
+
+    The weights divide by the whole optimizer step's token or sample count, so the
+    micro-batches of all DP ranks add up to the loss of the whole batch.
+    """
+    from miles.algo.loss import LossInputs, policy_loss, token_weights
+
+    w = token_weights(mb.mask, aggregation, global_tokens=global_tokens, global_samples=global_samples,
+                      max_response_len=max_response_len)
+    assert mb.advantages is not None
+    return policy_loss(
+        loss,
+        LossInputs(
+            logprobs=logprobs, advantages=mb.advantages, mask=mb.mask, weights=w, old_logprobs=mb.old_logprobs,
+            entropy=entropy, ref_logprobs=mb.ref_logprobs, rollout_logprobs=mb.rollout_logprobs,
+        ),
+    )

@@ -36,7 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from miles.algo.loss import LossConfig, LossInputs, aggregation_for, logprobs_and_entropy, policy_loss, token_weights
+from miles.algo.loss import LossConfig, aggregation_for, logprobs_and_entropy
 from miles.errors import UserError
 from miles.spec.tables import Spec
 from miles.train.actor import StepMetrics, TrainerContext, needs_reference
@@ -46,6 +46,7 @@ from miles.train.batch import (
     assemble,
     check_trainable,
     collate,
+    micro_batch_loss,
     plan_micro_batches,
     shard,
     step_indices,
@@ -213,17 +214,9 @@ class FSDPActor:
                 (lp.sum() * 0.0).backward()
                 continue
             n_tokens += int(mb.attention_mask.sum())
-            w = token_weights(
-                mb.mask, self.aggregation, global_tokens=global_tokens, global_samples=len(idx),
+            loss, metrics = micro_batch_loss(
+                self.loss_cfg, self.aggregation, mb, lp, ent, global_tokens=global_tokens, global_samples=len(idx),
                 max_response_len=self.spec.rollout.rollout_max_response_len,
-            )
-            assert mb.advantages is not None
-            loss, metrics = policy_loss(
-                self.loss_cfg,
-                LossInputs(
-                    logprobs=lp, advantages=mb.advantages, mask=mb.mask, weights=w, old_logprobs=mb.old_logprobs,
-                    entropy=ent, ref_logprobs=mb.ref_logprobs, rollout_logprobs=mb.rollout_logprobs,
-                ),
             )
             # FSDP averages gradients over the DP ranks; the weights already divide by the global count.
             (loss * self.dp_size).backward()

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from miles.algo.loss import LossConfig, LossInputs, aggregation_for, policy_loss, token_weights
+from miles.algo.loss import LossConfig, aggregation_for
 from miles.errors import UserError
 from miles.spec.tables import Spec
 from miles.train.actor import StepMetrics, TrainerContext, needs_reference
@@ -40,6 +40,7 @@ from miles.train.batch import (
     assemble,
     check_trainable,
     collate,
+    micro_batch_loss,
     plan_micro_batches,
     shard,
     step_indices,
@@ -218,17 +219,9 @@ class MegatronActor:
             lp, ent = self._token_stats(output, mb)
             if not mb.indices:  # a dummy micro-batch keeps the collectives in step with the other DP ranks
                 return lp.sum() * 0.0, self._zero_tokens(), {"metrics": {}, "tokens": 0}
-            w = token_weights(
-                mb.mask, self.aggregation, global_tokens=global_tokens, global_samples=len(idx),
+            loss, metrics = micro_batch_loss(
+                self.loss_cfg, self.aggregation, mb, lp, ent, global_tokens=global_tokens, global_samples=len(idx),
                 max_response_len=self.spec.rollout.rollout_max_response_len,
-            )
-            assert mb.advantages is not None
-            loss, metrics = policy_loss(
-                self.loss_cfg,
-                LossInputs(
-                    logprobs=lp, advantages=mb.advantages, mask=mb.mask, weights=w, old_logprobs=mb.old_logprobs,
-                    entropy=ent, ref_logprobs=mb.ref_logprobs, rollout_logprobs=mb.rollout_logprobs,
-                ),
             )
             tokens = int(mb.attention_mask.sum())
             return loss, self._zero_tokens(), {"metrics": {k: float(v) for k, v in metrics.items()}, "tokens": tokens}
