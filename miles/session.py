@@ -106,6 +106,14 @@ class Session:
         colocated_gpu = spec.cluster.mode == "colocate" and task.device == "cuda"
         self.offload_train = colocated_gpu if spec.perf.offload_train is None else spec.perf.offload_train
         self.offload_rollout = colocated_gpu if spec.perf.offload_rollout is None else spec.perf.offload_rollout
+        # Colocated tensor sync: every trainer rank shares its copy of each bucket with the engine on its GPU.
+        from miles.session_driver import local_device, trainer_group, weight_sync_kind
+
+        self.sync_peer: Any = None
+        if not self.is_driver and weight_sync_kind(spec, task.device) == "tensor" and trainer_group() is not None:
+            from miles.transfer.colocate import TensorSyncPeer
+
+            self.sync_peer = TensorSyncPeer(spec.rollout.update_weight_buffer_size, local_device(task), trainer_group())
         # Driver-only components.
         self.dataset: Any = None
         self.engines: Any = None
@@ -237,6 +245,8 @@ class Session:
                 _check_engine_weights(self.engines, sent)
             else:
                 self.engines.sync(weights, version=self.weight_version)
+        elif self.sync_peer is not None:
+            self.sync_peer.sync(weights)  # in step with the driver's TensorSync (collective)
         else:
             for _ in weights:  # collective: every rank walks the iterator to the end
                 pass
@@ -246,7 +256,10 @@ class Session:
 
     def stop_requested(self) -> bool:
         """Whether any rank saw the preempt flag; agreed by all-reduce at a phase boundary."""
-        flag = torch.tensor([1 if (control_dir(self.run_dir) / "preempt").exists() else 0], dtype=torch.int32)
+        # On the collective's device: an NCCL world has no CPU backend.
+        device = torch.device("cuda", torch.cuda.current_device()) if self.task.device == "cuda" else None
+        flag = torch.tensor([1 if (control_dir(self.run_dir) / "preempt").exists() else 0], dtype=torch.int32,
+                            device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

@@ -16,13 +16,16 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from miles.errors import UserError
 from miles.launch import rundir
 from miles.launch.environment import TaskContext
 from miles.sample import Sample
 from miles.spec.tables import Spec
+
+if TYPE_CHECKING:
+    from miles.rollout.sglang_router import SglangRouter
 
 _NEVER_S = 1e9
 """Within one rollout an engine that failed a request is not used again: if it comes back, it was
@@ -69,21 +72,24 @@ class EngineFleet:
 
     So a restarted engine serves again from the first rollout after the sync that
     gave it the actor's weights, and the run never waits for it.
+
+    With ``[sglang] use_router = true`` the rollouts go through sglang-router
+    instead, whose worker list the fleet keeps to the same engines (see
+    :mod:`miles.rollout.sglang_router`); everything else still goes to each engine.
     """
 
     def __init__(self, spec: Spec, task: TaskContext, announced: list[rundir.Announcement]) -> None:
         from miles.rollout.client import BlockingRolloutClient
 
-        if spec.sglang.use_router:
-            raise UserError(
-                "[sglang] use_router = true is not supported by the loop: sglang-router 0.3.2 refuses the batched "
-                "/generate requests miles sends, and miles must know which engine serves which weights. "
-                "Fix: remove use_router; miles' client balances requests over the engines itself "
-                "(least outstanding requests) and handles engine restarts")
+        self.router: SglangRouter | None = None
+        if spec.sglang.use_router:  # first: a router that is not installed is the user's to fix (UserError)
+            from miles.rollout.sglang_router import start_driver_router
+
+            self.router = start_driver_router(spec, task, os.environ.get("MILES_ENGINE_API_KEY") or None)
         self.spec = spec
         self.task = task
         self.api_key = os.environ.get("MILES_ENGINE_API_KEY") or None
-        self.device = f"cuda:{task.local_rank}" if task.device == "cuda" else "cpu"
+        self.backend, self.device = sync_transport(spec, task)
         self.known: dict[int, rundir.Announcement] = {a.index: a for a in announced}
         """The newest announcement seen of every engine."""
         self.members: list[rundir.Announcement] = list(announced)
@@ -115,20 +121,29 @@ class EngineFleet:
         from miles.transfer.sync import DEFAULT_GROUP, WeightSync
 
         self.groups_formed += 1
+        if weight_sync_kind(self.spec, self.task.device) == "tensor":  # colocated: handles to each GPU's copy, no group
+            from miles.transfer.colocate import TensorSync
+
+            return TensorSync(self.urls, bucket_bytes=self.spec.rollout.update_weight_buffer_size, api_key=self.api_key,
+                              device=local_device(self.task), ranks_per_engine=self._ranks_per_engine(),
+                              engine_indices=[a.index for a in self.members], group=trainer_group())
         name = DEFAULT_GROUP if self.groups_formed == 1 else f"{DEFAULT_GROUP}_{self.groups_formed}"
         group = WeightSync(
             self.urls,
             master_address=self.task.weight_update_addr,
             master_port=port,
-            backend=self.task.backend,
+            backend=self.backend,
             bucket_bytes=self.spec.rollout.update_weight_buffer_size,
             group_name=name,
             api_key=self.api_key,
             device=self.device,
-            ranks_per_engine=self.spec.sglang.rollout_num_gpus_per_engine if self.spec.rollout.engine == "sglang" else 1,
+            ranks_per_engine=self._ranks_per_engine(),
         )
         group.connect()
         return group
+
+    def _ranks_per_engine(self) -> int:
+        return self.spec.sglang.rollout_num_gpus_per_engine if self.spec.rollout.engine == "sglang" else 1
 
     def _reform(self, why: str) -> None:
         """Re-form the weight-update group with every engine that is announced and healthy now."""
@@ -183,6 +198,10 @@ class EngineFleet:
         if not urls:
             raise RuntimeError(f"every engine restarted since the last weight sync (engines {sorted(changed)}); "
                                "none holds the actor's weights")
+        if self.router is not None:  # it routes to these engines only; one announced again leaves it at once
+            self.router.generate(samples, self.spec.rollout, rollout_id, urls,
+                                 stale=lambda: [self.known[i].url for i in self.restarted() if i in self.known])
+            return
         client = BlockingRolloutClient(urls, api_key=self.api_key, dead_cooldown_s=_NEVER_S)
         try:
             client.generate(samples, self.spec.rollout, rollout_id)
@@ -220,6 +239,55 @@ class EngineFleet:
     def close(self) -> None:
         self.sync_group.close()
         self.client.close()
+        if self.router is not None:
+            self.router.close()
+
+
+def sync_transport(spec: Spec, task: TaskContext) -> tuple[str, str]:
+    """Backend and sender device of the weight-update group: NCCL on GPUs, except where a GPU would host two ranks.
+
+    NCCL refuses two ranks of one communicator on the same GPU ("Duplicate GPU
+    detected", since NCCL 2.5). Colocated on GPUs, trainer rank 0 (the sender)
+    shares its GPU with engine 0, so there the group runs over gloo: the sender
+    flattens each bucket into host memory and the engines receive into their
+    GPU tensors through gloo's CUDA path. That is the colocated path only with
+    ``[rollout] weight_sync = "distributed"``: by default colocated GPUs use SGLang's
+    own colocated transport, CUDA-IPC handles through ``/update_weights_from_tensor``
+    (:func:`weight_sync_kind`). Split mode (engines on GPUs of their own) keeps NCCL.
+    """
+    if task.device != "cuda":
+        return "gloo", "cpu"
+    if spec.cluster.mode == "colocate":
+        return "gloo", "cpu"
+    return "nccl", f"cuda:{task.local_rank}"
+
+
+def weight_sync_kind(spec: Spec, device: str) -> str:
+    """``[rollout] weight_sync`` resolved: ``tensor`` (colocated, :mod:`miles.transfer.colocate`) or ``distributed``.
+
+    ``auto`` takes the tensor path when colocated on GPUs: each trainer rank shares
+    its GPU with an engine rank, so a CUDA-IPC handle replaces a broadcast (and
+    sidesteps NCCL's refusal of two ranks on one GPU, see :func:`sync_transport`).
+    """
+    choice = spec.rollout.weight_sync
+    if choice == "auto":
+        return "tensor" if spec.cluster.mode == "colocate" and device == "cuda" else "distributed"
+    if choice == "tensor" and spec.cluster.mode != "colocate":
+        raise UserError(f"{spec.source or 'the run spec'}: [rollout] weight_sync = \"tensor\" needs "
+                        f"[cluster] mode = \"colocate\" (engines on the trainers' GPUs), but mode is "
+                        f"\"{spec.cluster.mode}\". Fix: set weight_sync = \"auto\" or \"distributed\".")
+    return choice
+
+
+def trainer_group() -> Any:
+    """The trainers' process group when there are several trainer ranks (the tensor sync's peers), else None."""
+    import torch.distributed as dist
+
+    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def local_device(task: TaskContext) -> str:
+    return f"cuda:{task.local_rank}" if task.device == "cuda" else "cpu"
 
 
 def _engine_deadline_s() -> float:

@@ -80,6 +80,10 @@ def serve(config: dict[str, Any], dtype: str, device: str, host: str, port: int,
     from miles.bench.report import write_atomic
     from miles.rollout.server import EngineServer
 
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))  # NCCL binds the weight-update group to the current GPU
     with tempfile.TemporaryDirectory(prefix="miles-bench-engine-") as tmp:
         engine = build_engine(config, dtype, device, Path(tmp))
         server = EngineServer(engine, batch_wait_ms=0.0, served_model_name="miles-bench",

@@ -10,9 +10,16 @@ in the same run (:meth:`WeightSync.raw_broadcast`), so ``ratio`` = sync GB/s /
 raw GB/s is meaningful on any machine: 1.0 is the link's limit.
 
 Locally the benchmark starts the engines itself (``--engines N`` child
-processes). Inside a Slurm job (``srun -n K miles bench sync --slurm ...``)
-task 0 is the sender and every other task an engine; they meet through files
-in ``--rendezvous`` (a shared directory).
+processes; on a machine with GPUs the sender takes ``cuda:0`` and engine ``i``
+``cuda:i+1``, NCCL). Inside a Slurm job (``srun -n K miles bench sync --slurm ...``)
+or under ``torchrun --nproc-per-node K ... --torchrun``, task 0 is the sender and
+every other task an engine; they meet through files in ``--rendezvous`` (a
+directory every task sees).
+
+Both figures are taken after one untimed sync and one small untimed broadcast
+(NCCL builds its communicator on the first collective of a group; a host pays
+first-touch page faults on new buffers), and each is the best of ``--iters``
+(medians are reported beside them).
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket-mb", type=float, nargs="+", default=[64.0, 256.0, 1024.0],
                    help="bucket sizes in MiB to sweep (default: 64 256 1024)")
     p.add_argument("--iters", type=int, default=3, help="syncs (and raw broadcasts) per bucket size; the best counts")
+    p.add_argument("--warmup", type=int, default=1, help="untimed syncs before the timed ones, per bucket size")
     p.add_argument("--engines", type=int, default=1, help="engine processes to start locally (default 1)")
     p.add_argument("--device", default=None, help="sender device (default cuda:0 if CUDA is available, else cpu)")
     p.add_argument("--engine-device", default=None,
@@ -51,8 +61,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default nccl on GPUs, gloo on CPUs")
     p.add_argument("--slurm", action="store_true",
                    help="inside a Slurm step: SLURM_PROCID 0 sends, every other task runs an engine")
+    p.add_argument("--torchrun", action="store_true",
+                   help="under torchrun: RANK 0 sends, every other rank runs an engine (on cuda:$LOCAL_RANK)")
     p.add_argument("--rendezvous", default=None,
-                   help="shared directory where Slurm tasks meet (default: $SLURM_SUBMIT_DIR/.miles-bench-sync-$SLURM_JOB_ID.$SLURM_STEP_ID)")
+                   help="directory where the tasks meet, seen by all of them (default: "
+                        "$SLURM_SUBMIT_DIR/.miles-bench-sync-$SLURM_JOB_ID.$SLURM_STEP_ID under Slurm, "
+                        "$TMPDIR/miles-bench-sync-$TORCHELASTIC_RUN_ID-$MASTER_PORT under torchrun: one host)")
     p.add_argument("--master-addr", default=None, help="address engines use to reach the sender (default: its hostname)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for engines to start")
     p.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON to this file")
@@ -102,7 +116,9 @@ def wait_for_urls(ready_files: list[Path], procs: list[subprocess.Popen] | None,
     while True:
         missing = [f for f in ready_files if not f.exists()]
         if not missing:
-            return [f.read_text().strip() for f in ready_files]
+            urls = [f.read_text().strip() for f in ready_files]
+            if procs is not None or all(_answers(u) for u in urls):  # a file left by an earlier run names a dead port
+                return urls
         for i, p in enumerate(procs or []):
             if p.poll() is not None:
                 tail = logs[i].read_text(errors="replace")[-3000:] if logs else ""
@@ -113,44 +129,92 @@ def wait_for_urls(ready_files: list[Path], procs: list[subprocess.Popen] | None,
         time.sleep(0.2)
 
 
+def _answers(url: str) -> bool:
+    """Whether an engine serves at ``url`` (its /health answers)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def verify(urls: list[str], named: list[tuple[str, Any]], api_key: str | None = None) -> int:
+    """Check that every engine holds the sender's bits after the last sync; returns how many tensors were compared.
+
+    A fast sync of wrong bytes would be worthless, so the benchmark reads back some small
+    tensors (norm weights, biases: read through ``/get_weights_by_name``, which turns a whole tensor
+    into JSON) spread over the model, hence over buckets and offsets inside buckets.
+    """
+    import urllib.request
+
+    import torch
+
+    small = [(n, t) for n, t in named if t.numel() <= 1 << 14]
+    if not small:
+        return 0
+    picks = {0, len(small) // 3, 2 * len(small) // 3, len(small) - 1}
+    for url in urls:
+        for i in sorted(picks):
+            name, tensor = small[i]
+            body = json.dumps({"name": name, "truncate_size": tensor.numel()}).encode()
+            req = urllib.request.Request(url + "/get_weights_by_name", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            if api_key:
+                req.add_header("Authorization", f"Bearer {api_key}")
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                got = torch.tensor(json.loads(resp.read()), dtype=torch.float32).reshape(tensor.shape)
+            if not torch.equal(got, tensor.detach().to("cpu", torch.float32)):
+                raise RuntimeError(f"engine {url} holds different values for {name} after the sync: the sync is broken")
+    return len(picks) * len(urls)
+
+
 def measure(a: argparse.Namespace, data: dict[str, Any], urls: list[str], device: str, backend: str,
-            master_addr: str) -> Report:
+            master_addr: str, engine_devices: list[str] | None = None) -> Report:
     """Sender side: sync the random weights at every bucket size, each against a raw broadcast."""
     import torch
 
     from miles.rollout.local import free_port
     from miles.transfer.sync import WeightSync, bench
 
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))  # NCCL binds the group to the current GPU
     named = random_weights(data, a.dtype, device)
     total = sum(t.numel() * t.element_size() for _, t in named)
     sync = WeightSync(urls, master_address=master_addr, master_port=free_port(), backend=backend,
                       bucket_bytes=int(a.bucket_mb[0] * (1 << 20)), device=device, timeout_s=a.timeout)
     report = Report("sync", settings={
         "model_type": data.get("model_type"), "layers": data.get("num_hidden_layers"), "dtype": a.dtype,
-        "backend": backend, "device": device, "engines": len(urls), "iters": a.iters,
-        "bucket_mb": a.bucket_mb, "preset": a.preset, "config": a.config,
+        "backend": backend, "device": device, "engine_devices": engine_devices, "engines": len(urls),
+        "iters": a.iters, "warmup": a.warmup, "bucket_mb": a.bucket_mb, "preset": a.preset, "config": a.config,
+        "total_gb": a.total_gb,
     })
     report.machine = machine(device)
     try:
         sync.connect()
         for mb in a.bucket_mb:
             sync.bucket_bytes = max(1, int(mb * (1 << 20)))
-            r = bench(sync, named, iters=a.iters)
+            r = bench(sync, named, iters=a.iters, warmup=a.warmup)
             report.rows.append({
                 "bucket_mb": float(mb), "buckets": int(r["buckets"]), "seconds": r["seconds"],
-                "sync_gb_s": r["gb_per_s"], "raw_seconds": r["raw_seconds"], "raw_gb_s": r["raw_gb_per_s"],
-                "ratio": r["ratio"],
+                "median_s": r["median_seconds"], "sync_gb_s": r["gb_per_s"], "raw_seconds": r["raw_seconds"],
+                "raw_median_s": r["raw_median_seconds"], "raw_gb_s": r["raw_gb_per_s"], "ratio": r["ratio"],
+                "median_ratio": r["median_ratio"],
             })
+        verified = verify(urls, named)
     finally:
         sync.close()
     best = max(report.rows, key=lambda r: r["ratio"])
     report.summary = {
         "weights_gib": total / GIB, "tensors": len(named), "params": sum(t.numel() for _, t in named),
         "best_bucket_mb": best["bucket_mb"], "best_sync_gb_s": best["sync_gb_s"], "best_ratio": best["ratio"],
-        "target_ratio": 0.9, "meets_target": best["ratio"] >= 0.9,
+        "target_ratio": 0.9, "meets_target": best["ratio"] >= 0.9, "verified_tensors": verified,
     }
-    report.notes.append("ratio = sync GB/s / raw dist.broadcast GB/s of the same bytes over the same group "
-                        "(1.0 = link limit); seconds are the best of --iters")
+    report.notes.append("ratio = sync GB/s / raw dist.broadcast GB/s of the same bytes (one tensor) over the same "
+                        "group between the same processes (1.0 = link limit), each sync followed by its raw broadcasts; "
+                        "seconds are the best of --iters after --warmup untimed syncs, median_s the median, "
+                        "median_ratio the ratio of the medians")
     del named
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -178,6 +242,17 @@ def _engine_device(a: argparse.Namespace, device: str, index: int) -> str:
     return device
 
 
+def _die_with_parent() -> None:
+    """In an engine child (Linux): get SIGTERM when the benchmark process dies, even by SIGKILL.
+
+    The engines run in sessions of their own (a terminal's Ctrl-C must reach the benchmark, which
+    then stops them in order), so without this an engine whose benchmark was killed keeps its GPU memory.
+    """
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def run_local(a: argparse.Namespace) -> Report:
     """Start ``--engines`` engine processes on this machine, measure, stop them."""
     data = model_config(a)
@@ -189,6 +264,20 @@ def run_local(a: argparse.Namespace) -> Report:
         raise UserError(f"NCCL puts at most one rank of a group on a GPU, but the sender ({device}) and the engines "
                         f"({', '.join(engine_devices)}) share one; give every engine its own GPU (--engine-device, "
                         "fewer --engines) or use --backend gloo")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # `timeout` and schedulers stop us with SIGTERM: exit through the finally below, which stops the engines
+        # (they run in sessions of their own; _die_with_parent covers a SIGTERM that comes while we wait in C).
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return _run_engines_and_measure(a, data, device, backend, engine_devices)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_engines_and_measure(a: argparse.Namespace, data: dict[str, Any], device: str, backend: str,
+                             engine_devices: list[str]) -> Report:
     procs: list[subprocess.Popen] = []
     logs: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="miles-bench-sync-") as tmp:
@@ -205,9 +294,16 @@ def run_local(a: argparse.Namespace) -> Report:
                 with open(logs[-1], "wb") as log:
                     procs.append(subprocess.Popen(
                         _receiver_cmd(cfg, a.dtype, engine_devices[i], "127.0.0.1", free_port(), ready[i],
-                                      None), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+                                      None), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                        preexec_fn=_die_with_parent if sys.platform == "linux" else None))
             urls = wait_for_urls(ready, procs, logs, a.timeout)
-            return measure(a, data, urls, device, backend, "127.0.0.1")
+            return measure(a, data, urls, device, backend, "127.0.0.1", engine_devices)
+        except BaseException:
+            for i, log_path in enumerate(logs):  # the engines' side of a failure or a hang, before tmp goes
+                if log_path.exists():
+                    tail = log_path.read_text(errors="replace")[-2000:]
+                    print(f"--- bench engine {i} log tail:\n{tail}", file=sys.stderr, flush=True)
+            raise
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -220,20 +316,37 @@ def run_local(a: argparse.Namespace) -> Report:
                     p.wait()
 
 
-def run_slurm(a: argparse.Namespace) -> Report | None:
-    """One task of a Slurm step: task 0 measures and reports, the others serve until it is done."""
+def task_layout(a: argparse.Namespace) -> tuple[int, int, int, Path]:
+    """(rank, tasks, local rank, rendezvous directory) of this task under Slurm (``--slurm``) or torchrun."""
+    if a.slurm:
+        names, launcher = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"), "--slurm needs SLURM_PROCID and " \
+            "SLURM_NTASKS: run it under `srun -n K` (K >= 2)"
+        default = (Path(os.environ.get("SLURM_SUBMIT_DIR", ".")) / f".miles-bench-sync-"
+                   f"{os.environ.get('SLURM_JOB_ID', 'local')}.{os.environ.get('SLURM_STEP_ID', '0')}")
+    else:
+        names, launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK"), "--torchrun needs RANK and WORLD_SIZE: run it " \
+            "under `torchrun --nproc-per-node K -m miles.cli bench sync --torchrun ...` (K >= 2)"
+        default = (Path(tempfile.gettempdir()) / f"miles-bench-sync-{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}"
+                   f"-{os.environ.get('MASTER_PORT', '0')}")
     try:
-        procid, ntasks = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+        rank, tasks = int(os.environ[names[0]]), int(os.environ[names[1]])
     except (KeyError, ValueError) as e:
-        raise UserError("--slurm needs SLURM_PROCID and SLURM_NTASKS: run it under `srun -n K` (K >= 2)") from e
-    if ntasks < 2:
-        raise UserError(f"--slurm needs at least 2 tasks (one sender, one engine); this step has {ntasks}")
-    rdv = Path(a.rendezvous or Path(os.environ.get("SLURM_SUBMIT_DIR", ".")) /
-               f".miles-bench-sync-{os.environ.get('SLURM_JOB_ID', 'local')}.{os.environ.get('SLURM_STEP_ID', '0')}")
+        raise UserError(launcher) from e
+    if tasks < 2:
+        raise UserError(f"{'--slurm' if a.slurm else '--torchrun'} needs at least 2 tasks (one sender, one engine); "
+                        f"this one has {tasks}")
+    return rank, tasks, int(os.environ.get(names[2], "0")), Path(a.rendezvous) if a.rendezvous else default
+
+
+def run_tasks(a: argparse.Namespace) -> Report | None:
+    """One task of a Slurm step or a torchrun job: task 0 measures and reports, the others serve until it is done."""
+    procid, ntasks, local, rdv = task_layout(a)
+    # torchrun tells torch's tcp:// rendezvous to join its agent's store instead of hosting one; the weight-update
+    # group hosts its own store on the sender (as SGLang's recipe does), so that hint must not reach it.
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     rdv.mkdir(parents=True, exist_ok=True)
     data = model_config(a)
     device, backend = _defaults(a)
-    local = int(os.environ.get("SLURM_LOCALID", "0"))
     if device.startswith("cuda") and a.device is None:
         import torch
 
@@ -243,14 +356,16 @@ def run_slurm(a: argparse.Namespace) -> Report | None:
         from miles.bench.receiver import serve
         from miles.rollout.local import free_port
 
+        done.unlink(missing_ok=True)  # left by an earlier run in the same directory; the sender waits for us
         engine_device = a.engine_device or device
         serve(data, a.dtype, engine_device, "0.0.0.0", free_port(), str(rdv / f"engine-{procid}.url"), str(done),
-              announce_host=socket.gethostname())
+              announce_host=socket.gethostname() if a.slurm else "127.0.0.1")
         return None
     ready = [rdv / f"engine-{i}.url" for i in range(1, ntasks)]
     try:
         urls = wait_for_urls(ready, None, None, a.timeout)
-        return measure(a, data, urls, device, backend, a.master_addr or socket.gethostname())
+        return measure(a, data, urls, device, backend, a.master_addr or (socket.gethostname() if a.slurm else
+                                                                          "127.0.0.1"))
     finally:
         write_atomic(done, "done\n")
 
@@ -261,10 +376,14 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--iters must be >= 1, got {a.iters}")
     if any(mb <= 0 for mb in a.bucket_mb):
         raise UserError(f"--bucket-mb sizes must be positive, got {a.bucket_mb}")
-    report = run_slurm(a) if a.slurm else run_local(a)
+    if a.slurm and a.torchrun:
+        raise UserError("give --slurm or --torchrun, not both")
+    if a.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {a.warmup}")
+    report = run_tasks(a) if a.slurm or a.torchrun else run_local(a)
     if report is None:
         return 0
-    report.print(["bucket_mb", "buckets", "seconds", "sync_gb_s", "raw_seconds", "raw_gb_s", "ratio"])
+    report.print(["bucket_mb", "buckets", "seconds", "median_s", "sync_gb_s", "raw_seconds", "raw_gb_s", "ratio"])
     if a.json_out:
         report.write_json(a.json_out)
     if a.plot:

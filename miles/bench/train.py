@@ -10,6 +10,16 @@ the table in :mod:`miles.bench.hardware`). As a same-run reference the suite
 also measures plain square matmuls in the training dtype on the same device,
 so ``of_matmul`` says how close training is to what this device did just now.
 
+``--variant`` measures several settings of one backend in the same run (each
+a row): ``default``, or comma-separated ``key=value`` overrides of ``[perf]``
+fields plus ``micro_batch``, e.g. ``attention_backend=sdpa,fused_kernels=true,micro_batch=4``.
+
+What a timed step contains: everything ``actor.train`` does for one optimizer
+step (planning and collating the micro-batches on the host, copying them to
+the device, forward, loss, backward, gradient reduction, the optimizer step
+with clipping, metric reduction), between two device synchronisations. The
+FLOPs counted are the model's only (no recomputation): MFU, not HFU.
+
 Multi-GPU: start it under ``torchrun --nproc-per-node N -m miles.cli bench train ...``
 (or ``srun``); one process per GPU, rank 0 reports.
 """
@@ -42,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (prompt + response)")
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step (global batch)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward")
+    p.add_argument("--variant", nargs="+", default=["default"],
+                   help="settings to measure per backend: 'default' or key=value[,key=value] over [perf] fields "
+                        "and micro_batch (e.g. attention_backend=sdpa,fused_kernels=true,micro_batch=4)")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s per device (default: card table)")
@@ -67,10 +80,40 @@ def _init_dist(device: str) -> bool:
     return True
 
 
-def write_random_model(data: dict[str, Any], out: Path, seed: int = 0) -> Path:
+def parse_variant(text: str) -> tuple[dict[str, Any], int | None]:
+    """``default`` or ``key=value,...`` -> ([perf] overrides, micro-batch override); unknown keys are a UserError."""
+    import dataclasses
+
+    from miles.spec.tables import PerfConfig
+
+    if text == "default":
+        return {}, None
+    fields = {f.name: f for f in dataclasses.fields(PerfConfig)}
+    perf: dict[str, Any] = {}
+    micro: int | None = None
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or (key not in fields and key != "micro_batch") or key == "backend":
+            raise UserError(f"--variant {text!r}: {item!r} is not key=value over [perf] fields or micro_batch "
+                            f"(known: {', '.join(sorted(k for k in fields if k != 'backend'))}, micro_batch)")
+        value: Any = {"true": True, "false": False}.get(raw.lower(), raw)
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            value = int(value)
+        if key == "micro_batch":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"--variant {text!r}: micro_batch must be an integer >= 1")
+            micro = value
+        else:
+            perf[key] = value
+    return perf, micro
+
+
+def write_random_model(data: dict[str, Any], out: Path, seed: int = 0, device: str = "cpu") -> Path:
     """Save a randomly initialised model of shape ``data`` as an HF directory (what the actors load).
 
     Saved in bfloat16 (half the disk and time of fp32); the actors cast to their own dtypes when loading.
+    Initialised on ``device`` (a GPU draws a billion random weights in a fraction of the CPU's time).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -80,7 +123,8 @@ def write_random_model(data: dict[str, Any], out: Path, seed: int = 0) -> Path:
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(data)).to(torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config(data), dtype=torch.bfloat16)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -109,7 +153,9 @@ def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, grpo: Any) 
 
 
 def measure_backend(a: argparse.Namespace, backend: str, data: dict[str, Any], model_dir: str, device: str,
-                    dtype: str) -> dict[str, Any]:
+                    dtype: str, variant: str = "default") -> dict[str, Any]:
+    import gc
+
     import torch
     import torch.distributed as dist
 
@@ -117,15 +163,19 @@ def measure_backend(a: argparse.Namespace, backend: str, data: dict[str, Any], m
     from miles.spec.tables import GrpoConfig, ModelConfig, OptimizerConfig, PerfConfig, RolloutConfig, Spec, TrainConfig
     from miles.train.actor import TrainerContext, build_actor
 
+    perf_over, micro = parse_variant(variant)
+    micro = micro or a.micro_batch
     spec = Spec(
         model=ModelConfig(dtype=dtype),  # type: ignore[arg-type]  # checked by argparse choices
         rollout=RolloutConfig(rollout_max_response_len=a.seq_len),
-        train=TrainConfig(global_batch_size=a.batch, num_steps_per_rollout=1, micro_batch_size=a.micro_batch),
-        perf=PerfConfig(backend=backend),  # type: ignore[arg-type]
+        train=TrainConfig(global_batch_size=a.batch, num_steps_per_rollout=1, micro_batch_size=micro),
+        perf=PerfConfig(backend=backend, **perf_over),  # type: ignore[arg-type]
         optimizer=OptimizerConfig(lr=1e-6),
         grpo=GrpoConfig(use_kl_loss=False),
     )
     total = a.warmup + a.steps
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
     try:
         actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=total, device=torch.device(device)))
     except ImportError as e:
@@ -142,13 +192,15 @@ def measure_backend(a: argparse.Namespace, backend: str, data: dict[str, Any], m
             times.append(time.perf_counter() - t0)
     mem = torch.cuda.max_memory_allocated(torch.device(device)) / (1 << 30) if device.startswith("cuda") else None
     del actor
+    gc.collect()  # the actor's module/optimizer graph has cycles: free it before the next variant builds its own
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     world = dist.get_world_size()
     step_s = sum(times) / len(times)
     tokens = a.batch * a.seq_len
     tflops = train_flops_per_token(data, a.seq_len) * tokens / step_s / 1e12
-    return {"backend": backend, "world": world, "step_s": step_s, "tokens_per_s": tokens / step_s,
+    return {"backend": backend, "variant": variant, "micro_batch": micro, "world": world, "step_s": step_s,
+            "tokens_per_s": tokens / step_s,
             "tokens_per_s_per_device": tokens / step_s / world, "tflops_per_device": tflops / world,
             "max_mem_gib": mem}
 
@@ -178,9 +230,11 @@ def main(argv: list[str]) -> int:
     model_dir = workdir / "model"
     try:
         if rank == 0 and not (model_dir / "config.json").exists():
-            write_random_model(data, model_dir)
+            write_random_model(data, model_dir, device=device)
         dist.barrier()
-        rows = [measure_backend(a, b, data, str(model_dir), device, dtype) for b in a.backend]
+        for v in a.variant:
+            parse_variant(v)  # refuse a typo before minutes of measuring
+        rows = [measure_backend(a, b, data, str(model_dir), device, dtype, v) for b in a.backend for v in a.variant]
         matmul = measured_matmul_tflops(device, dtype)
         peak, source = peak_tflops(device, dtype, a.peak_tflops)
         for r in rows:
@@ -190,7 +244,7 @@ def main(argv: list[str]) -> int:
             report = Report("train", settings={
                 "model_type": data.get("model_type"), "layers": data.get("num_hidden_layers"),
                 "params": param_count(data), "dtype": dtype, "seq_len": a.seq_len, "batch": a.batch,
-                "micro_batch": a.micro_batch, "steps": a.steps, "warmup": a.warmup, "preset": a.preset,
+                "micro_batch": a.micro_batch, "variants": a.variant, "steps": a.steps, "warmup": a.warmup, "preset": a.preset,
                 "config": a.config,
             })
             report.machine = machine(device)
@@ -199,7 +253,7 @@ def main(argv: list[str]) -> int:
                               "flops_per_token": train_flops_per_token(data, a.seq_len)}
             report.notes.append("MFU = model FLOPs (6N + 12*L*heads*head_dim*seq per token, fwd+bwd) / time / peak; "
                                 "of_matmul = the same against square matmuls measured on this device in this run")
-            report.print(["backend", "world", "step_s", "tokens_per_s", "tflops_per_device", "mfu", "of_matmul",
+            report.print(["backend", "variant", "micro_batch", "world", "step_s", "tokens_per_s", "tflops_per_device", "mfu", "of_matmul",
                           "max_mem_gib"])
             if a.json_out:
                 report.write_json(a.json_out)

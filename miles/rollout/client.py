@@ -19,6 +19,12 @@ engines alike (same protocol). What the client guarantees:
   as exactly one batch). The same rollout therefore produces the same tokens
   again after a restart.
 
+With ``batched=False`` every sample is its own single-prompt ``/generate``
+request: what sglang-router accepts (it parses ``sampling_params`` as one
+object, so a batch carrying each sample's own seed is refused with 422; see
+:mod:`miles.rollout.sglang_router`). Seeds are the same; which samples an
+engine batches together is then up to the engines' scheduler.
+
 Use it from synchronous code through :class:`BlockingRolloutClient`.
 """
 
@@ -95,6 +101,7 @@ class RolloutClient:
         backoff_s: float = 0.5,
         chunk_size: int = 32,
         dead_cooldown_s: float = 5.0,
+        batched: bool = True,
     ) -> None:
         if not urls:
             raise UserError("no engine URLs to send rollouts to")
@@ -104,6 +111,8 @@ class RolloutClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.chunk_size = max(1, chunk_size)
+        self.batched = batched
+        """False: one single-prompt request per sample (a router in front), else batched chunks."""
         self.dead_cooldown_s = dead_cooldown_s
         self.max_concurrency = max_concurrency
         self._sem: asyncio.Semaphore | None = None
@@ -212,7 +221,8 @@ class RolloutClient:
         ``overrides`` replace sampling params (``temperature=``, ``max_new_tokens=`` ... for eval).
         """
         seeds = [sample_seed(cfg.rollout_seed, rollout_id, i) for i in range(len(samples))]
-        chunks = [range(s, min(s + self.chunk_size, len(samples))) for s in range(0, len(samples), self.chunk_size)]
+        size = self.chunk_size if self.batched else 1
+        chunks = [range(s, min(s + size, len(samples))) for s in range(0, len(samples), size)]
         await asyncio.gather(*(self._generate_chunk(samples, list(c), seeds, cfg, overrides) for c in chunks))
 
     async def _generate_chunk(
@@ -221,12 +231,19 @@ class RolloutClient:
     ) -> None:
         todo = index
         for attempt in range(self.max_retries + 1):
-            body = proto.generate_body(
-                input_ids=[samples[i].prompt_ids for i in todo],
-                sampling=[sampling_params(cfg, seeds[i], **overrides) for i in todo],
-                return_logprob=True,
-            )
+            if self.batched:
+                body = proto.generate_body(
+                    input_ids=[samples[i].prompt_ids for i in todo],
+                    sampling=[sampling_params(cfg, seeds[i], **overrides) for i in todo],
+                    return_logprob=True,
+                )
+            else:  # one sample: a single-prompt body, answered by one object
+                (only,) = todo
+                body = proto.generate_body(input_ids=samples[only].prompt_ids,
+                                           sampling=sampling_params(cfg, seeds[only], **overrides), return_logprob=True)
             outs = await self.post(proto.GENERATE.path, body)
+            if not self.batched and isinstance(outs, dict):
+                outs = [outs]
             if not isinstance(outs, list) or len(outs) != len(todo):
                 raise RolloutError(f"/generate answered {type(outs).__name__} for a batch of {len(todo)}")
             aborted = []

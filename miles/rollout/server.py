@@ -15,7 +15,7 @@ path                                  methods      body -> answer
 /init_weights_update_group            POST         InitWeightsUpdateGroupReqInput -> {success, message}
 /destroy_weights_update_group         POST         DestroyWeightsUpdateGroupReqInput -> {success, message}
 /update_weights_from_distributed      POST         UpdateWeightsFromDistributedReqInput -> {success, message}
-/update_weights_from_tensor           POST         400: CUDA-IPC handles cannot reach this process
+/update_weights_from_tensor           POST         UpdateWeightsFromTensorReqInput (flattened_bucket) -> {success, message}
 /update_weights_from_disk             POST         UpdateWeightFromDiskReqInput -> {success, message, num_paused_requests}
 /update_weight_version                POST         {new_version} -> {success, message, new_version}
 /get_weights_by_name                  GET, POST    {name, truncate_size} -> the tensor as nested float lists
@@ -147,8 +147,11 @@ class EngineServer(WeightEndpoints):
         self._wakeup: asyncio.Event | None = None
         self._unpaused: asyncio.Event | None = None
         self._model_lock: asyncio.Lock | None = None
-        self._gen_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="miles-generate")
-        self._ctl_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="miles-control")
+        # The CUDA current device is per thread: bind the worker threads to the engine's GPU, or NCCL groups
+        # they form (weight updates) land on GPU 0 whatever the engine's device is.
+        bind = _device_binder(getattr(engine, "device", None))
+        self._gen_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="miles-generate", initializer=bind)
+        self._ctl_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="miles-control", initializer=bind)
         self._worker: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ app
@@ -549,5 +552,18 @@ def main(argv: list[str] | None = None) -> None:
           weight_version=a.weight_version, trust_remote_code=a.trust_remote_code, ready_file=a.ready_file)
 
 
+def _device_binder(device: Any) -> Any:
+    """A thread initializer that makes ``device`` the thread's current CUDA device (no-op off CUDA)."""
+
+    def bind() -> None:
+        if device is not None and getattr(device, "type", None) == "cuda" and device.index is not None:
+            import torch
+
+            torch.cuda.set_device(device.index)
+
+    return bind
+
+
 if __name__ == "__main__":
     main()
+

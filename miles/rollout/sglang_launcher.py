@@ -24,7 +24,6 @@ release's flag list (``miles/spec/sglang_flags.json``) before anything starts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -73,6 +72,9 @@ class EngineLaunch:
     log_path: Path
     advertise_host: str | None = None
     """Address others reach the engine at when ``host`` is a wildcard bind (``0.0.0.0``)."""
+    own_session: bool = True
+    """Start the process in a session of its own (an engine: it and its workers are stopped as one group). False
+    keeps it in the starter's process group, so that whatever stops the starter's group stops it too (the router)."""
 
     @property
     def url(self) -> str:
@@ -307,11 +309,12 @@ class EngineProcess:
         self.starts += 1
         with open(self.launch.log_path, "ab") as log:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-            log.write(f"\n===== miles: start {self.starts} of engine {self.launch.index} at {stamp}: "
+            what = "the router" if self.launch.kind == "router" else f"engine {self.launch.index}"
+            log.write(f"\n===== miles: start {self.starts} of {what} at {stamp}: "
                       f"{' '.join(self.launch.argv)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(list(self.launch.argv), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, env=env, start_new_session=self.launch.own_session)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -346,10 +349,14 @@ class EngineProcess:
             time.sleep(poll_s)
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the engine's whole process group (the server and the workers it spawned)."""
+        """Send ``sig`` to the engine's whole process group (the server and the workers it spawned), or to the
+        process alone when it shares its starter's group."""
         if self.proc is not None and self.proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, sig)
+                if self.launch.own_session:
+                    os.killpg(self.proc.pid, sig)
+                else:
+                    self.proc.send_signal(sig)
             except ProcessLookupError:
                 pass
 
@@ -364,6 +371,8 @@ class EngineProcess:
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
                 self.proc.wait(timeout=timeout_s)
+        if not self.launch.own_session:
+            return
         try:  # workers that outlived their parent still belong to its group
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -451,38 +460,6 @@ def start_engines(
             eng.stop(timeout_s=5)
         raise
     return engines
-
-
-def router_available(python: str | None = None) -> bool:
-    """Whether sglang-router is installed for ``python`` (default: this interpreter); else miles' client
-    balances requests itself (least outstanding requests)."""
-    if python is None:
-        return importlib.util.find_spec("sglang_router") is not None
-    probe = subprocess.run([python, "-c", "import sglang_router"], capture_output=True)
-    return probe.returncode == 0
-
-
-def router_argv(
-    worker_urls: Sequence[str], *, host: str, port: int, api_key: str | None = None, python: str | None = None
-) -> list[str]:
-    """``sglang_router.launch_router`` in front of the engines (its default cache-aware policy).
-
-    ``api_key`` is the key the router presents to the engines (SGLang's ``--api-key``).
-    """
-    argv = [python or sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
-            "--host", host, "--port", str(port)]
-    if api_key:
-        argv += ["--api-key", api_key]
-    return argv
-
-
-def router_launch(
-    worker_urls: Sequence[str], *, host: str, port: int, api_key: str | None, log_dir: Path, python: str | None = None
-) -> EngineLaunch:
-    """The router as a supervised process like an engine (index -1, log ``router.log``)."""
-    argv = router_argv(worker_urls, host=host, port=port, api_key=api_key, python=python)
-    return EngineLaunch(index=-1, kind="router", argv=tuple(argv), env={}, host=host, port=port, api_key=api_key,
-                        log_path=log_dir / "router.log")
 
 
 def _engine_python(kind: EngineKind) -> str:

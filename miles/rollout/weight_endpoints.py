@@ -4,7 +4,8 @@ Split from :mod:`miles.rollout.server` (which mixes this class into
 :class:`~miles.rollout.server.EngineServer`) because these routes share one
 concern: taking weights from a trainer and showing them back, exactly as SGLang
 0.5.20 does (``/init_weights_update_group`` + ``/update_weights_from_distributed``
-with the flattened-bucket layout, ``/update_weights_from_disk``,
+with the flattened-bucket layout, ``/update_weights_from_tensor`` from a
+colocated trainer (:mod:`miles.transfer.colocate`), ``/update_weights_from_disk``,
 ``/get_weights_by_name``, ``/weights_checker``), plus the miles-only
 ``/miles/broadcast_bench`` reference of ``miles bench sync``.
 
@@ -85,7 +86,8 @@ class WeightEndpoints:
         if name not in self.groups:
             return web.json_response({"success": False, "message": "The group to be destroyed does not exist."},
                                      status=400)
-        leave_group(self.groups.pop(name))
+        # off the event loop: an NCCL teardown can wait for the trainer's, and the server must keep answering
+        await asyncio.get_running_loop().run_in_executor(self._ctl_pool, leave_group, self.groups.pop(name))
         return web.json_response({"success": True, "message": "Succeeded to destroy custom process group."})
 
     def _receive(self, body: dict[str, Any]) -> int:
@@ -153,12 +155,53 @@ class WeightEndpoints:
         await asyncio.get_running_loop().run_in_executor(self._ctl_pool, receive)
         return web.json_response({"success": True, "message": "ok"})
 
+    def _take_tensors(self, body: dict[str, Any]) -> int:
+        """Map the colocated trainer's bucket (shared memory or CUDA IPC), check it against the model, copy it in."""
+        from miles.transfer.colocate import deserialize_bucket, reconstruct
+
+        entries = body["serialized_named_tensors"]
+        if not isinstance(entries, list) or not entries:
+            raise ValueError("serialized_named_tensors must be a non-empty list (one entry per TP rank)")
+        # Opening an entry releases the reference the sender's serialization took on its memory,
+        # so every entry is opened (and dropped) before anything is refused.
+        decoded = [deserialize_bucket(e) for e in entries]
+        if len(decoded) != 1:
+            raise ValueError(f"serialized_named_tensors has {len(entries)} entries but this engine has 1 TP rank")
+        if body.get("load_format") != "flattened_bucket":
+            raise ValueError(f"load_format {body.get('load_format')!r} is not supported by the embedded engine; "
+                             "send load_format = \"flattened_bucket\"")
+        flat, metadata = decoded.pop()
+        named = reconstruct(flat, metadata)
+        state = self.engine.state()
+        for name, tensor in named:  # all checked before any is copied: a refused bucket changes nothing
+            target = state.get(name)
+            if target is None:
+                raise ValueError(f"weight {name!r} is not a parameter of the engine's model")
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != engine's {tuple(target.shape)}")
+            if tensor.dtype.is_floating_point != target.dtype.is_floating_point:
+                raise ValueError(f"weight {name!r}: dtype {tensor.dtype} cannot stand for the engine's {target.dtype}")
+        count = self.engine.load_weights(named)
+        del named, flat  # drop the mapping of the trainer's memory: the trainer may free it once we answer
+        return count
+
     async def update_from_tensor(self, request: web.Request) -> web.Response:
-        await self._body(request)
-        return web.json_response({"success": False, "message": (
-            "update_weights_from_tensor carries CUDA-IPC/shared-memory handles of a colocated trainer; the embedded "
-            "engine runs in its own process and takes weights through /init_weights_update_group + "
-            "/update_weights_from_distributed (or /update_weights_from_disk) instead.")}, status=400)
+        body = await self._body(request)
+        if "serialized_named_tensors" not in body:
+            return json_error("serialized_named_tensors is required")
+        try:
+            if body.get("abort_all_requests"):
+                self._abort_queued()
+            async with self._weights_exclusive():
+                await asyncio.get_running_loop().run_in_executor(self._ctl_pool, self._take_tensors, body)
+        except Exception as e:
+            return web.json_response({"success": False, "message": f"Failed to update weights from tensor: {e}"},
+                                     status=400)
+        message = "Success"
+        if body.get("weight_version") is not None:
+            self.weight_version = str(body["weight_version"])
+            message += f" Weight version updated to {self.weight_version}."
+        return web.json_response({"success": True, "message": message})
 
     async def update_from_disk(self, request: web.Request) -> web.Response:
         body = await self._body(request)

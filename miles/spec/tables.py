@@ -209,6 +209,9 @@ class RolloutConfig:
     check_weight_sync: bool = False
     """After every weight sync, compare each engine's weight checksums (SGLang's ``/weights_checker``) with the actor's and stop the run on a mismatch. Costs a hash of all weights per sync; for tests and debugging."""
 
+    weight_sync: Literal["auto", "distributed", "tensor"] = "auto"
+    """How the actor's weights reach the engines. ``distributed``: trainer rank 0 broadcasts flattened buckets to every engine over a weight-update group (``/update_weights_from_distributed``; any layout). ``tensor``: colocated only; every trainer rank hands the engine on its own GPU a CUDA-IPC handle (shared memory on CPUs) to each bucket through ``/update_weights_from_tensor``, so no weight crosses a link. ``auto``: ``tensor`` when ``[cluster] mode = "colocate"`` on GPUs, else ``distributed``."""
+
 
 @dataclass(**_KW)
 class EvalConfig:
@@ -289,6 +292,9 @@ class PerfConfig:
 
     attention_backend: Literal["unfused", "sdpa"] = "unfused"
     """Megatron backend without Transformer Engine: core attention by Megatron's unfused kernels, or by torch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels; numerically equal, faster at long sequences). Ignored with Transformer Engine and by FSDP."""
+
+    fused_kernels: bool = False
+    """Megatron backend: miles' replacements for what runs unfused without Transformer Engine: RMSNorm by torch's fused kernel with weights in the model dtype (as HF stores them; fp32 master copies in the optimizer), and the log-probs/entropy over the vocabulary in chunks with a hand-written backward instead of fp32 ``[tokens, vocab]`` temporaries. Same math; faster and leaner in bf16. The norms are left to Transformer Engine when it is installed; ignored by FSDP."""
 
     recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recomputation (Megatron ``--recompute-granularity``)."""
@@ -411,7 +417,10 @@ class SglangConfig:
     """Fraction of GPU memory SGLang reserves for weights and KV cache (``--mem-fraction-static``); unset means SGLang's default. Colocated runs need a lower value."""
 
     use_router: bool = False
-    """Put sglang-router in front of the engines. Not supported by the loop yet (sglang-router 0.3.2 refuses the batched requests miles sends): ``true`` is refused when the run starts. miles balances requests over the engines itself (least outstanding requests)."""
+    """Put sglang-router (0.3.2, installed beside SGLang) in front of the engines: the driver starts it at the plan's router port and sends it the rollouts, one request per sample; miles keeps its worker list to the engines holding the last pushed weights. ``false``: miles' client balances requests over the engines itself (least outstanding requests)."""
+
+    router_policy: Literal["cache_aware", "round_robin", "random"] = "cache_aware"
+    """How sglang-router picks an engine (its ``--policy``); ``cache_aware`` sends prompts that share a prefix, such as a prompt's n samples, to the same engine. Used with ``use_router = true``."""
 
     server_args: dict[str, object] = field(default_factory=dict)
     """Every other ``[sglang]`` key, passed through as ``--key-with-dashes value`` (filled by the loader; not a TOML key)."""

@@ -260,9 +260,19 @@ class FSDPActor:
         return out
 
     def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """See :meth:`miles.train.actor.Actor.named_hf_weights`; tied weights appear once, under their first name."""
+        """See :meth:`miles.train.actor.Actor.named_hf_weights`; tied weights appear once, under their first name.
+
+        Names are checkpoint names: a family that transformers loads into fused
+        parameters (Qwen3-MoE experts) is split back, as ``save_pretrained`` does.
+        """
+        from miles.model.checkpoint_names import to_checkpoint_names
+
         module = self._module(self.model)
         self._reshard(self.model)
+        yield from to_checkpoint_names(module, self._model_named_weights(module))
+
+    def _model_named_weights(self, module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full tensors under the model's own names, parameters then persistent buffers (collective)."""
         for name, p in module.named_parameters():
             yield name, self._full(p)
         for mod_name, mod in module.named_modules():

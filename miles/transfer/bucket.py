@@ -6,6 +6,14 @@ dtypes share one ``uint8`` buffer. The receiver rebuilds the tensors from the
 ``names``, ``dtypes`` and ``shapes`` of the HTTP request alone (SGLang 0.5.20,
 ``sglang/srt/weight_sync/tensor_bucket.py``). One broadcast per bucket instead of
 one per tensor is what makes the sync run near the link's raw broadcast speed.
+
+Flattening is a copy of every byte, so it is as costly as the broadcast itself
+on a host (both are memory copies). Two ways keep it off the critical path:
+:meth:`Bucket.flatten` writes into a buffer the caller reuses (``out=``) with one
+``copy_`` per tensor (``torch.cat`` of ``uint8`` views runs ~3x slower on CPUs
+than plain copies), and :meth:`Bucket.zero_copy` skips the copy altogether when
+the tensors already lie back to back in one storage (a bucket of one contiguous
+tensor always does).
 """
 
 from __future__ import annotations
@@ -32,7 +40,18 @@ def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     count = 1
     for s in shape:
         count *= int(s)
-    return count * torch.empty((), dtype=dtype).element_size()
+    return count * dtype.itemsize
+
+
+def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy ``src``'s elements into the ``uint8`` slice ``dst``, without an intermediate copy where possible."""
+    if src.is_contiguous():
+        dst.copy_(src.reshape(-1).view(torch.uint8))
+        return
+    try:  # a strided source is gathered straight into the buffer, viewed with its dtype
+        dst.view(src.dtype).view(src.shape).copy_(src)
+    except RuntimeError:  # the slice is misaligned for src's dtype (a mixed-dtype bucket)
+        dst.copy_(src.contiguous().reshape(-1).view(torch.uint8))
 
 
 @dataclass
@@ -57,11 +76,57 @@ class Bucket:
             "shapes": [list(t.shape) for t in self.tensors],
         }
 
-    def flatten(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The bucket as one ``uint8`` tensor (on ``device`` when given)."""
-        parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in self.tensors]
-        flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
-        return flat if device is None else flat.to(device)
+    def flatten(self, device: torch.device | str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The bucket as one ``uint8`` tensor (on ``device`` when given).
+
+        Without ``out`` the result is a fresh buffer the caller owns. With ``out``
+        (a ``uint8`` tensor of at least :attr:`size` elements, on the target device)
+        the bytes are written into its first :attr:`size` elements and that view is
+        returned, so one buffer serves every bucket of a sync.
+        """
+        with torch.no_grad():
+            if out is None:
+                target = torch.device(device) if device is not None else (
+                    self.tensors[0].device if self.tensors else torch.device("cpu"))
+                flat = torch.empty(self.size, dtype=torch.uint8, device=target)
+            else:
+                if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < self.size:
+                    raise ValueError(f"out must be a 1-d uint8 tensor of at least {self.size} elements, "
+                                     f"got {out.dtype} {tuple(out.shape)}")
+                if device is not None and out.device != torch.device(device):
+                    raise ValueError(f"out is on {out.device}, not on {device}")
+                flat = out[: self.size]
+            offset = 0
+            for t in self.tensors:
+                n = t.numel() * t.element_size()
+                _copy_bytes(flat[offset : offset + n], t.detach())
+                offset += n
+        return flat
+
+    def zero_copy(self, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """A ``uint8`` view of the bucket's bytes where they already are, or ``None`` when a copy is needed.
+
+        Holds when every tensor is contiguous, on ``device`` (when given) and
+        directly follows the previous one in the same storage: a single contiguous
+        tensor, or consecutive slices of one flat parameter buffer. Sending the view
+        moves the very bytes :meth:`flatten` would have produced; the sender only
+        reads them (a broadcast's source buffer is not written).
+        """
+        if not self.tensors:
+            return None
+        first = self.tensors[0]
+        target = first.device if device is None else torch.device(device)
+        storage = first.untyped_storage()
+        base = storage.data_ptr()
+        expected = first.data_ptr()
+        for t in self.tensors:
+            if t.device != target or not t.is_contiguous() or t.data_ptr() != expected or (
+                    t.untyped_storage().data_ptr() != base):
+                return None
+            expected += t.numel() * t.element_size()
+        with torch.no_grad():
+            return torch.empty(0, dtype=torch.uint8, device=target).set_(
+                storage, first.data_ptr() - base, (self.size,), (1,))
 
 
 def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[Bucket]:

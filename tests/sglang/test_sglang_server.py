@@ -20,14 +20,24 @@ from typing import Any
 import pytest
 import torch
 
+from miles.launch import rundir
 from miles.launch.engine_host import pick_port
 from miles.rollout import sglang_launcher as sl
 from miles.rollout import sglang_protocol as proto
+from miles.rollout import sglang_router as sr
 from miles.rollout.client import BlockingRolloutClient
 from miles.sample import Sample
-from miles.spec.tables import RolloutConfig
+from miles.spec.tables import ModelConfig, RolloutConfig, SglangConfig, Spec
+from miles.transfer.colocate import TensorSync
 from miles.transfer.sync import WeightSync
-from tests.sglang.sglang_servers import SGLANG_PYTHON, SKIP_REASON, START_DEADLINE_S, launch, sglang_available
+from tests.sglang.sglang_servers import (
+    SGLANG_PYTHON,
+    SKIP_REASON,
+    START_DEADLINE_S,
+    driver_task,
+    launch,
+    sglang_available,
+)
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
@@ -158,6 +168,30 @@ def test_weight_sync_follows_new_weights_and_restores_old_exactly(
         sync.close()
 
 
+
+def test_colocated_tensor_sync_follows_new_weights_and_restores_old_exactly(
+    served: sl.EngineProcess, model_dir: Path, baseline: list
+) -> None:
+    """/update_weights_from_tensor in SGLang's flattened-bucket form; on CPU the buckets travel by shared memory."""
+    original = _hf_weights(model_dir)
+    new = _sharpened(original)
+    sync = TensorSync([served.url], api_key=served.launch.api_key, bucket_bytes=64 * 1024, timeout_s=120)
+    try:
+        stats = sync.sync(list(new.items()), weight_version=11)
+        assert stats.buckets > 1 and stats.tensors == len(new)
+        samples = _samples(model_dir)
+        _generate([served.url], served.launch.api_key, samples, _greedy())
+        assert [s.response_ids for s in samples] == _hf_greedy(model_dir, new, samples, RESPONSE_LEN)
+        assert all(s.weight_version == 11 for s in samples)
+
+        sync.sync(list(original.items()), weight_version=12)
+        restored = _samples(model_dir)
+        _generate([served.url], served.launch.api_key, restored, _greedy())
+        assert _outputs(restored) == baseline, "pushing the original weights back did not restore the output"
+        assert all(s.weight_version == 12 for s in restored)
+    finally:
+        sync.close()
+
 def test_requests_wait_while_paused_and_finish_after_continue(served: sl.EngineProcess, model_dir: Path) -> None:
     key = served.launch.api_key
     assert _post(served.url, key, proto.PAUSE_GENERATION, proto.pause_generation_body(mode="abort"))["status"] == "ok"
@@ -206,22 +240,103 @@ def test_pause_during_a_rollout_aborts_and_the_client_resends(served: sl.EngineP
 def test_sglang_router_in_front_of_the_engine(
     served: sl.EngineProcess, model_dir: Path, tmp_path: Path, baseline: list
 ) -> None:
-    """sglang-router forwards single-prompt /generate bodies (it rejects a batch with per-prompt sampling params)."""
+    """sglang-router forwards single-prompt /generate bodies and refuses a batch with per-prompt sampling params."""
     key = served.launch.api_key
-    router = sl.EngineProcess(sl.router_launch([served.url], host="127.0.0.1", port=pick_port(0), api_key=key,
-                                               log_dir=tmp_path, python=str(SGLANG_PYTHON)))
-    router.start()
+    assert key is not None
+    router = sr.SglangRouter.start(sr.router_launch([served.url], host="127.0.0.1", port=pick_port(0), api_key=key,
+                                                    log_dir=tmp_path, python=str(SGLANG_PYTHON)))
     try:
-        router.wait_healthy(120)
-        for sample, (ids, logprobs) in zip(_samples(model_dir), baseline, strict=True):
+        deadline = time.monotonic() + 60
+        while served.url not in router.workers():  # --worker-urls are added in the background
+            assert time.monotonic() < deadline, router.process.log_tail() if router.process else ""
+            time.sleep(0.2)
+        samples = _samples(model_dir)
+        for sample, (ids, logprobs) in zip(samples, baseline, strict=True):
             body = proto.generate_body(input_ids=sample.prompt_ids, sampling=proto.sampling_params(
                 max_new_tokens=RESPONSE_LEN, temperature=0.0, no_stop_trim=True))
             out = _post(router.url, key, proto.GENERATE, body)
             assert out["output_ids"] == ids
             # one prompt per batch here, eight in the baseline: equal up to the last bits
             assert [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]] == pytest.approx(logprobs, abs=1e-5)
+        sampling = [proto.sampling_params(max_new_tokens=2, sampling_seed=i) for i in range(2)]
+        batch = proto.generate_body(input_ids=[s.prompt_ids for s in samples[:2]], sampling=sampling)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _post(router.url, key, proto.GENERATE, batch)
+        assert err.value.code == 422
+        assert "sampling_params[0]: invalid type: map" in err.value.read().decode()
     finally:
-        router.stop()
+        router.close()
+
+
+@pytest.mark.skipif(not sglang_available(), reason=SKIP_REASON)  # the router lives in .venv-sglang
+def test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_a_sync(
+    kind: str, served: sl.EngineProcess, standby: sl.EngineProcess, model_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The driver's fleet with ``use_router``: rollouts through the real sglang-router (over ``served`` and an
+    embedded standby); the standby is killed mid-rollout and its requests finish on ``served``; restarted, it
+    stays out of the router until a weight sync gave it the actor's weights, then serves them."""
+    from miles.session_driver import EngineFleet
+
+    key = served.launch.api_key
+    assert key is not None and standby.launch.api_key == key
+    monkeypatch.setenv("MILES_SGLANG_PYTHON", str(SGLANG_PYTHON))
+    monkeypatch.setenv("MILES_ENGINE_API_KEY", key)
+    monkeypatch.setenv("MILES_ROUTER_PORT", str(pick_port(0)))
+    run_dir = tmp_path / "run"
+
+    def announce(index: int, eng: sl.EngineProcess) -> None:
+        assert eng.pid is not None
+        rundir.announce_engine(run_dir, rundir.Announcement(index=index, url=eng.url, host="127.0.0.1",
+                                                            port=eng.launch.port, pid=eng.pid, launch_id="test-launch"))
+
+    announce(0, served)
+    announce(1, standby)
+    rollout = RolloutConfig(engine=kind, rollout_temperature=1.0, rollout_max_response_len=24,  # type: ignore[arg-type]
+                            rollout_seed=9)
+    spec = Spec(model=ModelConfig(dtype="float32"), rollout=rollout,
+                sglang=SglangConfig(use_router=True))  # cache_aware: a prompt's samples go where it went before
+    task = driver_task(run_dir, 2, master_port=pick_port(0), weight_update_port=pick_port(0))
+    fleet = EngineFleet(spec, task, rundir.wait_for_engines(run_dir, 2, "test-launch", deadline_s=10))
+    sup = sl.Supervisor([standby], health_deadline_s=START_DEADLINE_S, poll_s=0.2,
+                        on_restart=lambda eng: announce(1, eng))
+    router = fleet.router
+    assert router is not None
+    try:
+        sup.start()
+        during = _samples(model_dir, PROMPTS * 4)
+        worker = threading.Thread(target=fleet.generate, args=(during, 1, 0), daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while router.loads().get(standby.url, 0) == 0:  # kill it with requests in flight there
+            assert worker.is_alive() and time.monotonic() < deadline, "no request reached the standby"
+            time.sleep(0.01)
+        assert set(router.workers()) == {served.url, standby.url}
+        standby.signal(signal.SIGKILL)
+        worker.join(180)
+        assert not worker.is_alive()
+        assert all(s.response_ids and s.finish_reason in ("stop", "length") for s in during), \
+            "a request of the killed engine was lost"
+        assert router.removed == [standby.url]
+
+        assert sup.restarted_event.wait(START_DEADLINE_S), f"not restarted: {sup.failed}\n{standby.log_tail()}"
+        stale = _samples(model_dir)
+        fleet.generate(stale, rollout_id=2, weight_version=0)  # it is back, but with the checkpoint's weights
+        assert set(router.workers()) == {served.url}
+        assert all(s.response_ids for s in stale)
+
+        fleet.sync(list(_sharpened(_hf_weights(model_dir)).items()), version=7)
+        after = _samples(model_dir)
+        fleet.generate(after, rollout_id=3, weight_version=7)
+        assert set(router.workers()) == {served.url, standby.url}
+        assert all(s.weight_version == 7 for s in after), [s.weight_version for s in after]
+        req = urllib.request.Request(standby.url + "/get_model_info", headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert json.loads(r.read())["weight_version"] == "7"  # the restarted engine got the pushed weights
+    finally:
+        sup.stop()
+        fleet.close()
+    assert router.process is not None and not router.process.alive()
 
 
 @pytest.fixture()

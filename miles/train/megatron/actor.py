@@ -52,6 +52,9 @@ from miles.train.megatron.model import build_gpt_model, init_parallel
 from miles.train.megatron.weights import export_hf_weights, load_hf_weights
 from miles.train.optim import build_adamw, lr_at
 
+_OPTIMIZER_CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""How the distributed optimizer's state goes into dist_checkpointing (see :meth:`MegatronActor._sharded_state`)."""
+
 
 class MegatronActor:
     """:class:`miles.train.actor.Actor` on megatron-core. Construct it on every trainer rank."""
@@ -148,6 +151,7 @@ class MegatronActor:
             vocab_size=self.arch.vocab_size,
             temperature=self.temperature,
             group=self.tp_group,
+            chunked=self.spec.perf.fused_kernels,
         )
 
     def _run(self, net: Any, mbs: list[MicroBatch], loss_fn: Any, forward_only: bool) -> list[dict[str, Any]]:
@@ -395,12 +399,18 @@ class MegatronActor:
         self._offloaded = []
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _sharded_state(self) -> dict[str, Any]:
+    def _sharded_state(self, is_loading: bool = False) -> dict[str, Any]:
         state: dict[str, Any] = {"model": self.model.module.sharded_state_dict(prefix="model."), "step": self._step}
         if self.ref is not None:
             state["ref"] = self.ref.sharded_state_dict(prefix="ref.")
         if self.on_cuda:
-            state["optimizer"] = self.optimizer.sharded_state_dict(state["model"])
+            # The distributed optimizer's state as its DP-local buckets: written and read by every rank in
+            # parallel, reshardable over DP only (a resume keeps the TP/PP/EP layout). Megatron's default
+            # ("fully_sharded_model_space") cannot be saved at all with megatron-core 0.19 (its ShardedTensors
+            # carry a flattened_range, which 0.19 refuses); "dp_reshardable" exists in 0.16 and 0.19 alike.
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                state["model"], is_loading=is_loading, metadata=_OPTIMIZER_CKPT_METADATA
+            )
         return state
 
     def save(self, path: str) -> None:
@@ -424,7 +434,7 @@ class MegatronActor:
         """Restore what :meth:`save` wrote."""
         from megatron.core import dist_checkpointing
 
-        state = dist_checkpointing.load(self._sharded_state(), os.path.join(path, "megatron"))
+        state = dist_checkpointing.load(self._sharded_state(is_loading=True), os.path.join(path, "megatron"))
         self.model.module.load_state_dict(_strip(state["model"], "model."))
         if self.ref is not None:
             self.ref.load_state_dict(_strip(state["ref"], "ref."))

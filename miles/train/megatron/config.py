@@ -267,11 +267,13 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(arch: HFArch, use_te: bool, attention_backend: str = "unfused") -> Any:
+def layer_spec(arch: HFArch, use_te: bool, attention_backend: str = "unfused", fused_kernels: bool = False) -> Any:
     """The transformer-layer spec: Transformer Engine's fused modules when TE imports, else Megatron's local ones.
 
     On the local spec, ``attention_backend = "sdpa"`` swaps Megatron's unfused
-    core attention for :class:`miles.train.megatron.attention.SdpaAttention`.
+    core attention for :class:`miles.train.megatron.attention.SdpaAttention`,
+    and ``fused_kernels`` its float32-weight torch norms for
+    :class:`miles.train.megatron.norm.RMSNorm` (torch's fused kernel).
     """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
@@ -283,13 +285,19 @@ def layer_spec(arch: HFArch, use_te: bool, attention_backend: str = "unfused") -
     spec = specs.get_gpt_layer_local_spec(
         num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm, normalization="RMSNorm"
     )
+    attn = spec.submodules.self_attention
     if attention_backend == "sdpa":
         from miles.train.megatron.attention import SdpaAttention
 
-        attn = spec.submodules.self_attention
         attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=SdpaAttention))
-        spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
-    return spec
+    layer = {"self_attention": attn}
+    if fused_kernels:
+        from miles.train.megatron.norm import RMSNorm
+
+        qk = {"q_layernorm": RMSNorm, "k_layernorm": RMSNorm} if arch.qk_norm else {}
+        layer = {"self_attention": dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, **qk)),
+                 "input_layernorm": RMSNorm, "pre_mlp_layernorm": RMSNorm}
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **layer))
 
 
 def te_available() -> bool:

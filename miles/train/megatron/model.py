@@ -70,7 +70,7 @@ def build_gpt_model(arch: HFArch, perf: PerfConfig, dtype: torch.dtype, use_te: 
     config = transformer_config(arch, perf, dtype=dtype, use_te=use_te)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, use_te, perf.attention_backend),
+        transformer_layer_spec=layer_spec(arch, use_te, perf.attention_backend, perf.fused_kernels and not use_te),
         vocab_size=padded_vocab_size(arch, perf.tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -80,6 +80,11 @@ def build_gpt_model(arch: HFArch, perf: PerfConfig, dtype: torch.dtype, use_te: 
         position_embedding_type="rope",
         rotary_base=arch.rope_theta,  # type: ignore[arg-type]  # annotated int, used as a float base
     )
+    if perf.fused_kernels and not use_te and getattr(model.decoder, "final_layernorm", None) is not None:
+        # The block builds its final norm from a module-level default, not from the layer spec.
+        from miles.train.megatron.norm import RMSNorm
+
+        model.decoder.final_layernorm = RMSNorm(config, arch.hidden_size, eps=arch.rms_norm_eps)
     rope = getattr(model, "rotary_pos_emb", None)
     if rope is not None:
         dim = arch.head_dim

@@ -23,6 +23,9 @@ from miles.errors import UserError
 @pytest.mark.parametrize(("preset", "params"), [
     ("qwen2.5-0.5b", 494_032_768),  # the published parameter counts of these checkpoints
     ("qwen2.5-1.5b", 1_543_714_304),
+    ("qwen2.5-3b", 3_085_938_688),
+    ("qwen2.5-7b", 7_615_616_512),
+    ("llama3.2-1b", 1_235_814_400),
     ("qwen3-8b", 8_190_735_360),
     ("llama3-8b", 8_030_261_248),
 ])

@@ -44,6 +44,11 @@ def test_sync_refuses_nccl_on_cpu(tiny_config: Path) -> None:
 def test_sync_inside_a_slurm_step(tiny_config: Path, tmp_path: Path) -> None:
     """Two tasks as srun starts them (SLURM_PROCID 0 sends, 1 serves), meeting in a shared directory."""
     rdv, out = tmp_path / "rdv", tmp_path / "sync.json"
+    rdv.mkdir()
+    from miles.rollout.local import free_port
+
+    (rdv / "engine-1.url").write_text(f"http://127.0.0.1:{free_port()}\n")  # left by an earlier run: dead
+    (rdv / "done").write_text("done\n")
     args = ["--config", str(tiny_config), "--dtype", "float32", "--bucket-mb", "1", "--iters", "1", "--slurm",
             "--rendezvous", str(rdv), "--master-addr", "127.0.0.1", "--json", str(out), "--timeout", "300"]
     procs = []
@@ -57,3 +62,32 @@ def test_sync_inside_a_slurm_step(tiny_config: Path, tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["settings"]["engines"] == 1 and positive_finite(report["rows"][0]["ratio"])
     assert (rdv / "done").exists() and (rdv / "engine-1.url").read_text().startswith("http://")
+
+
+@pytest.mark.slow
+def test_sync_under_torchrun(tiny_config: Path, tmp_path: Path) -> None:
+    """torchrun starts both ranks (RANK 0 sends, RANK 1 serves an engine); they meet in a directory of this host."""
+    out = tmp_path / "sync.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "miles.cli",
+         "bench", "sync", "--torchrun", "--config", str(tiny_config), "--dtype", "float32", "--bucket-mb", "0.25", "1",
+         "--iters", "1", "--warmup", "0", "--json", str(out), "--timeout", "300"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=400)
+    assert result.returncode == 0, result.stdout.decode(errors="replace")[-3000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["engines"] == 1 and [r["bucket_mb"] for r in report["rows"]] == [0.25, 1.0]
+    assert all(positive_finite(r["ratio"]) and positive_finite(r["median_s"]) for r in report["rows"])
+    assert list(tmp_path.glob("miles-bench-sync-*/engine-1.url"))  # the rendezvous was under $TMPDIR
+
+
+def test_sync_refuses_two_launchers_and_one_task(tiny_config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UserError, match="not both"):
+        main("sync", ["--config", str(tiny_config), "--slurm", "--torchrun"])
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(UserError, match="at least 2 tasks"):
+        main("sync", ["--config", str(tiny_config), "--torchrun"])
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(UserError, match="torchrun --nproc-per-node"):
+        main("sync", ["--config", str(tiny_config), "--torchrun"])

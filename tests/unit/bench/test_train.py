@@ -27,3 +27,17 @@ def test_train_reports_tokens_per_s_and_flops(tiny_config: Path, tmp_path: Path)
     assert report["summary"]["peak_source"] == "flag"
     assert abs(row["mfu"] - row["tflops_per_device"] / 1.0) < 1e-12
     assert positive_finite(report["summary"]["matmul_tflops_measured"])
+
+
+def test_variants_parse_perf_fields_and_refuse_typos() -> None:
+    import pytest
+
+    from miles.bench.train import parse_variant
+    from miles.errors import UserError
+
+    assert parse_variant("default") == ({}, None)
+    assert parse_variant("attention_backend=sdpa,fused_kernels=true,micro_batch=4") == (
+        {"attention_backend": "sdpa", "fused_kernels": True}, 4)
+    for bad in ("attention=sdpa", "fused_kernels", "backend=fsdp", "micro_batch=0"):
+        with pytest.raises(UserError, match="--variant"):
+            parse_variant(bad)

@@ -151,8 +151,12 @@ def test_directive_values_are_refused_or_inert(value: str, field: tuple[str, str
     if text is None:
         return
     _bash_n(text)
-    # accepted values hold no character that sbatch or bash would treat specially
-    assert not set(value) & set(" \t\n\r'\"\\$`;|<>{}?#%")
+    # accepted values hold no character that sbatch or bash would treat specially; a constraint may use
+    # Slurm's own operators (a|b, a&b, [a*2], !a), which only ever appear inside an #SBATCH comment line
+    special = set(" \t\n\r'\"\\$`;|<>{}?#%") - (set("|") if key == "constraint" else set())
+    assert not set(value) & special
+    if key == "constraint":
+        assert all(line.startswith("#SBATCH") for line in text.splitlines() if value in line and "constraint" in line)
 
 
 @_PARSE

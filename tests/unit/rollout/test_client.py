@@ -81,6 +81,20 @@ def test_health_deadline_and_invalid_requests_fail_clearly(engines: list[EngineP
         asyncio.run(bad())
 
 
+def test_unbatched_requests_carry_one_sample_each(engines: list[EngineProcess]) -> None:
+    """``batched=False`` (a router in front): one single-prompt body per sample, same seeds, samples filled."""
+    client = BlockingRolloutClient([engines[0].url], batched=False)
+    try:
+        first = samples(5, PROMPTS)
+        client.generate(first, CFG, rollout_id=1)
+        assert all(s.response_ids and len(s.response_logprobs) == len(s.response_ids) for s in first)
+        again = samples(5, PROMPTS)
+        client.generate(again, CFG, rollout_id=1)
+        assert [s.response_ids for s in again] == [s.response_ids for s in first]
+    finally:
+        client.close()
+
+
 def test_a_request_whose_engine_dies_finishes_on_another(engines: list[EngineProcess]) -> None:
     """Last in this module: it kills one of the module's engines."""
     doomed, survivor = engines

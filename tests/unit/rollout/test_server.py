@@ -157,7 +157,7 @@ def test_weights_by_name_checksums_disk_update_and_version(srv: ServerThread, tm
 def test_weight_paths_that_cannot_work_here_fail_clearly(srv: ServerThread) -> None:
     status, out = srv.call("POST", "/update_weights_from_tensor",
                            proto.update_weights_from_tensor_body(serialized_named_tensors=["AAAA"]), key=KEY)
-    assert status == 400 and out["success"] is False and "update_weights_from_distributed" in out["message"]  # type: ignore[index]
+    assert status == 400 and out["success"] is False and "Failed to update weights from tensor" in out["message"]  # type: ignore[index]
     status, out = srv.call("POST", "/update_weights_from_distributed", proto.update_weights_from_distributed_body(
         names=["x"], dtypes=["float32"], shapes=[[1]], group_name="nope"), key=KEY)
     assert status == 400 and "init_weights_update_group" in out["message"]  # type: ignore[index]

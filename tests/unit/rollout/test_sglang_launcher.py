@@ -193,12 +193,6 @@ def test_supervisor_gives_up_after_max_restarts(tmp_path: Path) -> None:
     assert "bad config" in sup.failed[0] and sup.restarts[0] <= 2
 
 
-def test_router_command() -> None:
-    argv = sl.router_argv(["http://a:1", "http://b:2"], host="0.0.0.0", port=30000, api_key="k", python="py")
-    assert argv == ["py", "-m", "sglang_router.launch_router", "--worker-urls", "http://a:1", "http://b:2",
-                    "--host", "0.0.0.0", "--port", "30000", "--api-key", "k"]
-
-
 def test_every_model_dtype_is_an_sglang_dtype_choice() -> None:
     from typing import get_args, get_type_hints
 

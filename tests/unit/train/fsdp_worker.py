@@ -157,6 +157,36 @@ def scenario_export(ctx: TrainerContext, out: dict, model_dir: str) -> None:
         out["exported_files"] = sorted(os.listdir(hf_dir))
 
 
+def scenario_moe_export(ctx: TrainerContext, out: dict, work: str) -> None:
+    """A Qwen3-MoE actor exports checkpoint names (per expert), which load back into the same logits."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    moe_dir = os.path.join(work, "moe")
+    if dist.get_rank() == 0:
+        torch.manual_seed(0)
+        cfg = Qwen3MoeConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+            decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(moe_dir)
+    dist.barrier()
+    actor = build_actor(tiny_spec(), dataclasses.replace(ctx, model_dir=moe_dir))
+    out["names"] = sorted(_weights(actor))
+    hf_dir = os.path.join(work, "moe_exported")
+    actor.save_hf(hf_dir)
+    ids = torch.arange(1, 17).reshape(2, 8).to(ctx.device)
+    with torch.no_grad():
+        out["actor_logits"] = actor.model(input_ids=ids, use_cache=False).logits.cpu()  # type: ignore[operator]
+    if dist.get_rank() == 0:
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(moe_dir, "model.safetensors"), "pt") as f:
+            out["checkpoint_names"] = sorted(f.keys())
+        reloaded = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(ctx.device)
+        with torch.no_grad():
+            out["reloaded_logits"] = reloaded(input_ids=ids, use_cache=False).logits.cpu()
+
+
 def main() -> None:
     out_dir, model_dir, *scenarios = sys.argv[1:]
     torch.set_num_threads(1)
@@ -190,6 +220,8 @@ def main() -> None:
             scenario_offload(ctx, out)
         elif name == "export":
             scenario_export(ctx, out, model_dir)
+        elif name == "moe_export":
+            scenario_moe_export(ctx, out, out_dir)
         else:
             raise SystemExit(f"unknown scenario {name}")
         if dist.get_rank() == 0:

@@ -24,7 +24,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     # Both launches run at once (three single-threaded processes).
     one = Launch(1, root / "ws1", model_dir, ["update"])
     two = Launch(2, root / "ws2", model_dir, ["update", "update_dynamic", "learn", "resume", "export", "bf16",
-                                                   "save_variants"])
+                                                   "save_variants", "moe_export"])
     return {1: one.results(), 2: two.results()}
 
 
@@ -114,3 +114,11 @@ def test_no_save_optim_restores_weights_and_step_only(runs: dict[int, dict[str, 
     saved, loaded = r["no_optim_weights"]
     assert all(torch.equal(saved[n], loaded[n]) for n in saved)
     assert r["no_optim_step"] == 2 and r["no_optim_state_len"] == 0
+
+
+def test_moe_actor_exports_checkpoint_names(runs: dict[int, dict[str, Any]]) -> None:
+    """transformers fuses Qwen3-MoE experts; the export (and so weight sync) must use per-expert checkpoint names."""
+    r = runs[2]["moe_export"]
+    assert r["names"] == r["checkpoint_names"]
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in r["names"]
+    torch.testing.assert_close(r["reloaded_logits"], r["actor_logits"], rtol=0, atol=1e-5)

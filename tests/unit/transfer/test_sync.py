@@ -100,6 +100,55 @@ def test_bench_compares_with_a_raw_broadcast(engines: list[EngineProcess], tiny_
     assert result["gb_per_s"] == pytest.approx(result["bytes"] / result["seconds"] / 1e9)
 
 
+def test_views_of_one_flat_buffer_go_without_a_copy_and_buffers_are_reused(engines: list[EngineProcess],
+                                                                           tiny_model_dir: Path) -> None:
+    """Weights that are slices of one flat buffer (as in trainers that keep a contiguous parameter buffer)
+    are sent in place; the flattening buffers of a CPU sync outlive it. Either way the engine gets the bits."""
+    original = trainer_weights(tiny_model_dir)
+    flat = torch.cat([v.reshape(-1) * 1.5 for v in original.values()])
+    sliced, offset = {}, 0
+    for k, v in original.items():
+        sliced[k] = flat[offset : offset + v.numel()].view(v.shape)
+        offset += v.numel()
+    url = engines[0].url
+    sync = WeightSync([url], "127.0.0.1", free_port(), bucket_bytes=4096, group_name="sync_flat_test", timeout_s=120)
+    try:
+        sync.sync(sliced.items(), weight_version=3)
+        assert {k: checksums(url)[k] for k in sliced} == {k: tensor_checksum(v) for k, v in sliced.items()}
+        staging = sync._staging
+        assert staging is not None and all(b is None for b in staging.buffers)  # nothing was copied
+        copies = {k: v.clone() * 2 for k, v in original.items()}
+        sync.sync(copies.items(), weight_version=4)
+        buffers = [b.data_ptr() for b in staging.buffers if b is not None]
+        assert buffers and sync._staging is staging
+        sync.sync(copies.items(), weight_version=5)
+        assert [b.data_ptr() for b in staging.buffers if b is not None] == buffers  # the same two buffers
+        assert {k: checksums(url)[k] for k in copies} == {k: tensor_checksum(v) for k, v in copies.items()}
+    finally:
+        sync.close()
+        sync = WeightSync([url], "127.0.0.1", free_port(), group_name="sync_flat_restore", timeout_s=120)
+        sync.sync(original.items(), weight_version=6)
+        sync.close()
+
+
+def test_slow_buckets_reopen_the_pipelined_connections(engines: list[EngineProcess], tiny_model_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bucket that took longer than IDLE_SAFE_S to produce goes on a new connection (the server may be
+    closing the idle one); at 0 s every bucket does, and the engine still gets every bit in order."""
+    import miles.transfer.sync as sync_module
+
+    monkeypatch.setattr(sync_module, "IDLE_SAFE_S", 0.0)
+    weights = {k: v * 0.5 for k, v in trainer_weights(tiny_model_dir).items()}
+    url = engines[1].url
+    sync = WeightSync([url], "127.0.0.1", free_port(), bucket_bytes=8192, group_name="sync_idle_test", timeout_s=120)
+    try:
+        assert sync.sync(weights.items(), weight_version=7).buckets > 5
+        assert {k: checksums(url)[k] for k in weights} == {k: tensor_checksum(v) for k, v in weights.items()}
+        sync.sync(trainer_weights(tiny_model_dir).items(), weight_version=8)
+    finally:
+        sync.close()
+
+
 def test_sync_errors_name_the_engine(tiny_model_dir: Path, engines: list[EngineProcess]) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     sync = WeightSync([dead], "127.0.0.1", free_port(), group_name="sync_dead_test", timeout_s=3)

@@ -71,11 +71,12 @@ def _weights(actor: Any) -> dict[str, torch.Tensor]:
     return {n: t.clone() for n, t in actor.named_hf_weights()}
 
 
-def scenario_equiv(work: str, out: dict[str, Any], perf: PerfConfig) -> None:
+def scenario_equiv(work: str, out: dict[str, Any], perf: PerfConfig, with_fsdp: bool = True) -> None:
     """FSDP (DP=2) and Megatron (``perf``) from the same tiny Qwen2, same rollout: log-probs, losses, weights."""
     model_dir = os.path.join(work, "qwen2-tied")
     ctx = TrainerContext(model_dir=model_dir, num_rollout=1, device=torch.device("cpu"))
-    for name, spec in (("fsdp", tiny_spec()), ("megatron", megatron_spec(perf))):
+    runs = (("fsdp", tiny_spec()), ("megatron", megatron_spec(perf)))
+    for name, spec in runs if with_fsdp else runs[1:]:
         actor = build_actor(spec, ctx)
         batch = _prepare(actor, rollout_batch(1))
         t0 = time.perf_counter()
@@ -163,6 +164,39 @@ def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
     }
 
 
+def scenario_fused(work: str, out: dict[str, Any]) -> None:
+    """``[perf] fused_kernels`` + SDPA at TP=2 against the default spec; then a full GRPO step (vs FSDP in the test)."""
+    from megatron.core import parallel_state as ps
+
+    from miles.train.megatron.config import read_hf_arch
+    from miles.train.megatron.logprobs import vocab_parallel_logprobs_and_entropy
+    from miles.train.megatron.model import build_gpt_model, init_parallel
+    from miles.train.megatron.weights import load_hf_weights
+
+    d = os.path.join(work, "qwen3")  # GQA, qk-norm, vocab 95 padded to 96
+    arch = read_hf_arch(d)
+    ids = torch.randint(0, arch.vocab_size, (2, 12), generator=torch.Generator().manual_seed(9))
+    w = torch.randn(2, 2, 11, generator=torch.Generator().manual_seed(10))
+    for name, perf in (("plain", PerfConfig(tp=2)), ("fused", PerfConfig(tp=2, attention_backend="sdpa", fused_kernels=True))):
+        init_parallel(perf, 1234)
+        model = build_gpt_model(arch, perf, torch.float32, False, torch.device("cpu"))
+        load_hf_weights(model, arch, d)
+        logits = model(ids, torch.arange(12).unsqueeze(0).expand(2, -1), None)
+        local = logits.shape[-1]
+        lp, ent = vocab_parallel_logprobs_and_entropy(
+            logits[:, :-1], ids[:, 1:], vocab_start=ps.get_tensor_model_parallel_rank() * local,
+            vocab_size=arch.vocab_size, group=ps.get_tensor_model_parallel_group(), chunked=perf.fused_kernels,
+        )
+        (lp * w[0] + ent * w[1]).sum().backward()
+        out[name] = {
+            "lp": lp.detach(), "ent": ent.detach(),
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+            "norms": sorted({type(m).__module__ + "." + type(m).__name__ for n, m in model.named_modules()
+                             if n.endswith("layernorm") and type(m).__name__ != "IdentityOp"}),
+        }
+    scenario_equiv(work, out, PerfConfig(tp=2, attention_backend="sdpa", fused_kernels=True), with_fsdp=False)
+
+
 def scenario_resume(work: str, out: dict[str, Any], ckpt: str) -> None:
     """Megatron TP=2: train, save (dist_checkpointing), train; a fresh actor that loads repeats the second train."""
     model_dir = os.path.join(work, "qwen2-tied")
@@ -227,6 +261,8 @@ def main() -> None:
             scenario_equiv(work, out, PerfConfig(tp=2))
         elif scenario == "equiv_pp2":
             scenario_equiv(work, out, PerfConfig(pp=2))
+        elif scenario == "fused":
+            scenario_fused(work, out)
         elif scenario == "roundtrip":
             scenario_roundtrip(work, out)
         elif scenario == "offload":

@@ -25,7 +25,7 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is the [megatron] extra; scripts/test installs it")
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ["roundtrip", "equiv_tp2", "equiv_pp2", "resume", "offload"]
+SCENARIOS = ["roundtrip", "equiv_tp2", "equiv_pp2", "resume", "offload", "fused"]
 FP32_TOL = 1e-5
 
 
@@ -105,6 +105,26 @@ def test_megatron_step_equals_fsdp_step(results: dict[str, Any], scenario: str) 
         assert float((m["weights"][name] - w).abs().max()) < 1e-5, name
         if not name.endswith(DEGENERATE):
             assert _rel(m["weights"][name], w) < FP32_TOL, name
+
+
+def test_fused_kernels_match_default_spec_and_fsdp_step(results: dict[str, Any]) -> None:
+    """``[perf] fused_kernels`` + SDPA: same log-probs, entropies and gradients as the default spec at TP=2, and a
+    GRPO step (chunked log-probs, miles' norms) equal to the FSDP backend's."""
+    r = results["fused"]
+    assert r["fused"]["norms"] == ["miles.train.megatron.norm.RMSNorm"]
+    assert r["plain"]["norms"] == ["torch.nn.modules.normalization.RMSNorm"]
+    assert _rel(r["fused"]["lp"], r["plain"]["lp"]) < FP32_TOL
+    assert _rel(r["fused"]["ent"], r["plain"]["ent"]) < FP32_TOL
+    assert sorted(r["fused"]["grads"]) == sorted(r["plain"]["grads"])
+    for name, g in r["plain"]["grads"].items():
+        assert _rel(r["fused"]["grads"][name], g) < FP32_TOL, name
+    f, m = results["equiv_tp2"]["fsdp"], r["megatron"]
+    assert _rel(torch.cat(m["old_logprobs"]), torch.cat(f["old_logprobs"])) < FP32_TOL
+    for a, b in zip(m["metrics"], f["metrics"], strict=True):
+        for key in ("loss", "pg_loss", "entropy", "kl_loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= FP32_TOL * max(abs(b[key]), 1e-3), (key, a[key], b[key])
+    for name, w in f["weights"].items():
+        assert float((m["weights"][name] - w).abs().max()) < 1e-5, name
 
 
 def test_dist_checkpoint_resume_is_bit_identical(results: dict[str, Any]) -> None:
