@@ -582,4 +582,4 @@ class _HFBatch:
         self.rows = new_b
 
     def refresh(self) -> None:
-        pass
+        """Nothing to follow: HF's forward reads the model's parameters themselves, never copies of them."""
