@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import socket
@@ -186,10 +187,8 @@ class Channel:
 
     def close(self) -> None:
         for closable in (self.reader, self.sock):
-            try:
+            with contextlib.suppress(OSError):  # a connection the engine already dropped
                 closable.close()
-            except OSError:
-                pass
 
 
 class WeightSync:

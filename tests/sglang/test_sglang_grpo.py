@@ -18,6 +18,7 @@ points miles at an SGLang install, minus the shims.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -63,10 +64,8 @@ def _rollouts(run_dir: Path) -> list[dict[str, float]]:
 
 
 def _signal(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # already gone
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _trainer_pids(run_dir: Path) -> list[int]:
