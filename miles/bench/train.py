@@ -226,7 +226,11 @@ def main(argv: list[str]) -> int:
     created = _init_dist(device)
     rank = dist.get_rank()
     own_dir = a.workdir is None
-    workdir = Path(a.workdir or tempfile.mkdtemp(prefix="miles-bench-train-"))
+    # Every rank loads the model rank 0 writes: without --workdir, rank 0's temporary directory is shared
+    # (ranks of one node under torchrun; across nodes pass a --workdir on a shared filesystem).
+    shared: list[str | None] = [a.workdir or (tempfile.mkdtemp(prefix="miles-bench-train-") if rank == 0 else None)]
+    dist.broadcast_object_list(shared, src=0)
+    workdir = Path(str(shared[0]))
     model_dir = workdir / "model"
     try:
         if rank == 0 and not (model_dir / "config.json").exists():

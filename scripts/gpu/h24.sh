@@ -19,7 +19,8 @@ say() { echo "=== $(date -u +%T) $*" | tee -a "$L"; }
 SITE=${PYTHONPATH%%:*}   # /tmp/site (the wheels), first on PYTHONPATH by the contract
 SRC1=$ROOT
 [ "$1" = snapshot ] && SRC1=$ROOT/.cache/gpu/h24src
-# H24_EXTRA: more --set options (a CPU dry run of this script sets cluster.gpus_per_node=0, cluster.device=cpu)
+# H24_EXTRA: more --set options (a CPU dry run of this script sets cluster.gpus_per_node=0, cluster.device=cpu);
+# H24_MESH: the plan's mesh the check expects, as JSON (default {"tp": 2})
 
 say "h24 start (mode ${1:-tree})"
 [ -f "$SRC1/SNAPSHOT" ] && cat "$SRC1/SNAPSHOT" | tee -a "$L"
@@ -76,7 +77,8 @@ import sys
 from pathlib import Path
 sys.path.insert(0, 'tests/gpu')
 from test_megatron_grpo import check_run
-check_run(Path('$run'), Path('/tmp/h24-$label.log').read_text(), $n)
+import json, os
+check_run(Path('$run'), Path('/tmp/h24-$label.log').read_text(), $n, json.loads(os.environ.get('H24_MESH', '{\"tp\": 2}')))
 print('CHECK PASSED $label: every sync verified on 2 engines, reward rising, final model exported')
 ") 2>&1 | tail -4 | tee -a "$L"
   if [ "$rc" != 0 ]; then

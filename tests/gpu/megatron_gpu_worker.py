@@ -7,10 +7,11 @@ the script itself is smoke-tested). Rank 0 writes ``OUT_DIR/<scenario>.pt``.
 Scenarios (same HF model, same batch, same seed for both backends):
 
 * ``equiv_<perf>_<dtype>``: the FSDP actor (DP = world) and the Megatron actor
-  (``tp2``, ``tp2pp2``, ``tp2sdpa``: TP=2 with ``attention_backend = "sdpa"``) each take one rollout of 2 optimizer steps; log-probs,
-  per-step losses, gradient norms and the updated weights (exported to HF names).
+  (``tp2``, ``tp2pp2``, ``tp2sdpa``: TP=2 with ``attention_backend = "sdpa"``, ``cp2``: context parallelism,
+  ``tp2sp``: TP=2 with sequence parallelism, ``tp2cp2``: both, ``pp2cp2``: 4 ranks) each take one rollout of 2 optimizer
+  steps; log-probs, per-step losses, gradient norms and the updated weights (exported to HF names).
 * ``roundtrip``: every family at TP=2: HF -> Megatron -> HF export, bit for bit.
-* ``moe_ep2``: a small Qwen3-MoE at EP=2 against FSDP: a step trains and the export matches.
+* ``moe_ep2``, ``moe_tp2sp``: a small Qwen3-MoE at EP=2, and at TP=2 with sequence parallelism, against FSDP.
 """
 
 from __future__ import annotations
@@ -189,11 +190,20 @@ def main() -> None:
         elif scenario.startswith("equiv_"):
             _, layout, dtype = scenario.split("_")
             perf = {"tp2": PerfConfig(tp=2), "tp2pp2": PerfConfig(tp=2, pp=2),
-                    "tp2sdpa": PerfConfig(tp=2, attention_backend="sdpa")}[layout]
+                    "tp2sdpa": PerfConfig(tp=2, attention_backend="sdpa"),
+                    # context parallelism: miles' attention over the CP group
+                    "cp2": PerfConfig(cp=2, attention_backend="sdpa"),
+                    "tp2cp2": PerfConfig(tp=2, cp=2, sequence_parallel=True, attention_backend="sdpa"),
+                    "pp2cp2": PerfConfig(pp=2, cp=2, attention_backend="sdpa"),
+                    # sequence parallelism with the recommended GPU switches
+                    "tp2sp": PerfConfig(tp=2, sequence_parallel=True, attention_backend="sdpa", fused_kernels=True),
+                    }[layout]
             scenario_equiv(work, out, "qwen2", perf, {"fp32": "float32", "bf16": "bfloat16"}[dtype], device)
-        elif scenario.startswith("moe_ep2_"):
-            dtype = scenario.rsplit("_", 1)[1]
-            scenario_equiv(work, out, "qwen3_moe", PerfConfig(ep=2), {"fp32": "float32", "bf16": "bfloat16"}[dtype], device)
+        elif scenario.startswith("moe_"):
+            _, layout, dtype = scenario.split("_")
+            # EP=2 (DP=2), or TP=2 with sequence parallelism (experts split over TP: etp = tp)
+            perf = {"ep2": PerfConfig(ep=2), "tp2sp": PerfConfig(tp=2, sequence_parallel=True)}[layout]
+            scenario_equiv(work, out, "qwen3_moe", perf, {"fp32": "float32", "bf16": "bfloat16"}[dtype], device)
         else:
             raise SystemExit(f"unknown scenario {scenario}")
         out["wall_s"] = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """GRPO with the Megatron backend on 2 GPUs: ``miles run configs/gpu-megatron-2gpu.toml``.
 
-The whole loop as a user runs it: two trainer ranks (Megatron-core, TP=2,
-NCCL) and two embedded engines colocated on the same two GPUs, the actor's
+The whole loop as a user runs it: two trainer ranks (Megatron-core, TP=2, and
+again with CP=2 instead, NCCL) and two embedded engines colocated on the same two GPUs, the actor's
 memory offloaded while the engines generate, the actor's HF-named weights
 pushed to both engines after every rollout and compared with the engines'
 checksums (``check_weight_sync``). The reward of the quickstart task starts
@@ -50,8 +50,9 @@ def run_spec(run_dir: Path, rollouts: int, extra: Sequence[str] = (), timeout_s:
     return out
 
 
-def check_run(run_dir: Path, output: str, rollouts: int) -> list[float]:
-    """The run's claims: every rollout logged, every sync verified on both engines, the reward rising.
+def check_run(run_dir: Path, output: str, rollouts: int, mesh: dict[str, int] | None = None) -> list[float]:
+    """The run's claims: every rollout logged, every sync verified on both engines, the reward rising, and the
+    plan's trainer mesh as asked (``mesh``: expected values of ``plan.json``'s mesh keys, default TP=2).
 
     Returns the mean reward of each rollout.
     """
@@ -67,13 +68,22 @@ def check_run(run_dir: Path, output: str, rollouts: int) -> list[float]:
     assert first <= 0.2, rewards
     assert last >= first + (0.15 if rollouts >= 20 else 0.03), rewards
     plan = json.loads((run_dir / "plan.json").read_text())
-    assert plan["mesh"]["backend"] == "megatron" and plan["mesh"]["tp"] == 2 and plan["device"] == "gpu"
+    assert plan["mesh"]["backend"] == "megatron" and plan["device"] == "gpu"
+    for key, value in (mesh or {"tp": 2}).items():
+        assert plan["mesh"][key] == value, (key, plan["mesh"])
     assert (run_dir / "final" / "model.safetensors").exists()
     return rewards
 
 
-def test_megatron_grpo_on_two_gpus_reward_rises_and_engines_hold_the_actors_weights(tmp_path: Path) -> None:
+CP2 = ("--set", "perf.tp=1", "--set", "perf.cp=2", "--set", 'perf.attention_backend="sdpa"')
+"""The same run with context parallelism instead of TP: each trainer holds half of every sequence."""
+
+
+@pytest.mark.parametrize(("extra", "mesh"), [((), {"tp": 2, "cp": 1}), (CP2, {"tp": 1, "cp": 2})], ids=["tp2", "cp2"])
+def test_megatron_grpo_on_two_gpus_reward_rises_and_engines_hold_the_actors_weights(
+    tmp_path: Path, extra: tuple[str, ...], mesh: dict[str, int]
+) -> None:
     rollouts = int(os.environ.get("MILES_GPU_ROLLOUTS", "30"))
     run_dir = tmp_path / "run"
-    out = run_spec(run_dir, rollouts)
-    check_run(run_dir, out, rollouts)
+    out = run_spec(run_dir, rollouts, extra)
+    check_run(run_dir, out, rollouts, mesh)

@@ -1,4 +1,4 @@
-"""The Megatron-core actor: :class:`miles.train.actor.Actor` with TP, PP and EP.
+"""The Megatron-core actor: :class:`miles.train.actor.Actor` with TP, PP, CP and EP.
 
 One ``GPTModel`` pipeline stage per rank, built from the HF directory
 (:mod:`.model`), wrapped in Megatron's ``DistributedDataParallel``. Every
@@ -10,6 +10,12 @@ divides by counts over the global batch), so Megatron must not rescale:
 ``calculate_per_token_loss`` is on, the loss function reports zero tokens
 (no division in ``finalize_model_grads``) and DDP then sums gradients over DP
 ranks, which adds the micro-batch shares up to the global loss.
+
+Context parallelism (:mod:`.context`): each micro-batch is right-padded to a
+length that splits into ``2 * cp`` chunks (times TP under sequence
+parallelism) and every CP rank feeds the model its two chunks. The per-token
+log-probs and entropies of all CP ranks are gathered before the loss, so the
+loss code sees whole sequences, exactly as without CP.
 
 Optimizer: on GPUs Megatron's distributed optimizer (fp32 master weights
 sharded over DP, global-norm clipping across TP/PP/EP). On CPUs (CI) that
@@ -47,6 +53,7 @@ from miles.train.batch import (
 )
 from miles.train.hf_checkpoint import save_hf_checkpoint
 from miles.train.megatron.config import DTYPES, check_parallelism, megatron_optimizer_config, read_hf_arch, te_available
+from miles.train.megatron.context import ContextLayout
 from miles.train.megatron.logprobs import vocab_parallel_logprobs_and_entropy
 from miles.train.megatron.model import build_gpt_model, init_parallel
 from miles.train.megatron.weights import export_hf_weights, load_hf_weights
@@ -96,6 +103,9 @@ class MegatronActor:
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.last_stage = ps.is_pipeline_last_stage()
+        self.cp = ContextLayout.current()
+        # Sequence parallelism splits each CP rank's tokens over TP: its length must divide by tp too.
+        self.seq_multiple = spec.perf.tp if spec.perf.sequence_parallel else 1
         self.pad_id = 0
 
         model = self._build()
@@ -134,25 +144,40 @@ class MegatronActor:
     def _micro_batches(self, batch: RolloutBatch, idx: list[int]) -> list[list[int]]:
         t = self.spec.train
         lengths = [batch.seq_len(i) for i in range(len(batch))]
-        max_tokens = t.max_tokens_per_gpu if t.use_dynamic_batch_size else None
+        # A micro-batch's tokens are spread over the CP group: each GPU holds 1/cp of them.
+        max_tokens = t.max_tokens_per_gpu * self.cp.size if t.use_dynamic_batch_size and t.max_tokens_per_gpu else None
         per_rank = shard(idx, self.dp_size)
         return plan_micro_batches(per_rank, lengths, micro_batch_size=t.micro_batch_size, max_tokens=max_tokens)[
             self.dp_rank
         ]
 
+    def _padded_ids(self, mb: MicroBatch) -> torch.Tensor:
+        """``mb.input_ids`` right-padded to a length the CP chunks (and sequence parallelism) divide."""
+        s = mb.input_ids.shape[1]
+        extra = self.cp.padded_length(s, self.seq_multiple) - s
+        return torch.nn.functional.pad(mb.input_ids, (0, extra), value=self.pad_id) if extra else mb.input_ids
+
     def _token_stats(self, output: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Response-token log-probs and entropies ``[B, R]`` from this rank's vocabulary slice of the logits."""
-        sel = torch.gather(output, 1, mb.logit_pos.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
+        """Response-token log-probs and entropies ``[B, R]`` from this rank's vocabulary slice of the logits.
+
+        Without CP only the response positions' logits are used. Under CP this
+        rank holds logits of its own chunks only: their next-token log-probs
+        and entropies are computed for every position, gathered over the CP
+        group into whole sequences, and the response positions picked from those.
+        """
         local_vocab = output.shape[-1]
-        return vocab_parallel_logprobs_and_entropy(
-            sel,
-            mb.targets,
-            vocab_start=self.tp_rank * local_vocab,
-            vocab_size=self.arch.vocab_size,
-            temperature=self.temperature,
-            group=self.tp_group,
-            chunked=self.spec.perf.fused_kernels,
+        kw: dict[str, Any] = dict(
+            vocab_start=self.tp_rank * local_vocab, vocab_size=self.arch.vocab_size, temperature=self.temperature,
+            group=self.tp_group, chunked=self.spec.perf.fused_kernels,
         )
+        if self.cp.size == 1:
+            sel = torch.gather(output, 1, mb.logit_pos.unsqueeze(-1).expand(-1, -1, local_vocab))
+            return vocab_parallel_logprobs_and_entropy(sel, mb.targets, **kw)
+        ids = self._padded_ids(mb)
+        next_ids = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=self.pad_id)
+        lp, ent = vocab_parallel_logprobs_and_entropy(output, self.cp.split(next_ids, dim=1), **kw)
+        lp, ent = self.cp.gather_token_stats(lp, dim=1), self.cp.gather_token_stats(ent, dim=1)
+        return torch.gather(lp, 1, mb.logit_pos), torch.gather(ent, 1, mb.logit_pos)
 
     def _run(self, net: Any, mbs: list[MicroBatch], loss_fn: Any, forward_only: bool) -> list[dict[str, Any]]:
         """One pass of Megatron's schedule over ``mbs``; returns the loss function's dicts (last stage only)."""
@@ -162,12 +187,14 @@ class MegatronActor:
 
         def forward_step(data_iterator: Iterator[MicroBatch], model: Any) -> tuple[torch.Tensor, Any]:
             mb = next(data_iterator)
-            b, s = mb.input_ids.shape
+            ids = self._padded_ids(mb)
+            b, s = ids.shape
             pos = torch.arange(s, device=self.device).unsqueeze(0).expand(b, -1)
-            out = model(mb.input_ids, pos, None)
+            out = model(self.cp.split(ids, dim=1), self.cp.split(pos, dim=1), None)
             return out, partial(loss_fn, mb)
 
-        seq = max(int(mb.input_ids.shape[1]) for mb in mbs)
+        # The longest (padded) micro-batch; Megatron divides it by cp (and tp under SP) for the PP messages.
+        seq = max(self.cp.padded_length(int(mb.input_ids.shape[1]), self.seq_multiple) for mb in mbs)
         store = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=it,
@@ -201,7 +228,7 @@ class MegatronActor:
         net.eval()
         store = self._run(net, mbs, loss_fn, forward_only=True)
         net.train(was_training)
-        mine = [row for d in store for row in d["rows"]] if self.tp_rank == 0 else []
+        mine = [row for d in store for row in d["rows"]] if self.tp_rank == 0 and self.cp.rank == 0 else []
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         return assemble(gathered, len(batch))
@@ -294,11 +321,10 @@ class MegatronActor:
 
     def _reduce_metrics(self, store: list[dict[str, Any]]) -> StepMetrics:
         """Sum the micro-batch metric shares (max/min for ``*_max``/``*_min``) over all DP ranks; same on every rank."""
-        from megatron.core import parallel_state as ps
 
         mine: dict[str, float] = {}
         tokens = 0
-        if self.last_stage and self.tp_rank == 0 and ps.get_context_parallel_rank() == 0:
+        if self.last_stage and self.tp_rank == 0 and self.cp.rank == 0:
             for d in store:
                 tokens += d["tokens"]
                 for k, v in d["metrics"].items():

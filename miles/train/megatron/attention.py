@@ -9,6 +9,14 @@ memory-efficient attention on GPUs, a fused math path on CPUs). This module
 has the same constructor and forward signature as Megatron's core attention,
 so it drops into the spec (``[perf] attention_backend = "sdpa"``). Imported
 only when that spec is built (it needs megatron-core).
+
+It is also miles' context-parallel attention (``[perf] cp > 1``; Megatron's
+own needs Transformer Engine): each rank gathers the keys and values of the
+whole sequence (:class:`miles.train.megatron.context.ContextLayout`) and
+attends with its two query chunks. Chunk ``j`` of length ``c`` sees keys
+``[0, (j + 1) c)`` under a causal mask aligned to the bottom-right corner
+(torch's ``causal_lower_right``, which the flash and memory-efficient
+kernels take natively), so no ``[s, s]`` mask is ever built on GPUs.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ from typing import Any
 import torch
 from megatron.core.transformer.module import MegatronModule
 from torch.nn import functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from miles.train.megatron.context import ContextLayout
 
 
 class SdpaAttention(MegatronModule):  # type: ignore[misc]
@@ -38,14 +49,14 @@ class SdpaAttention(MegatronModule):  # type: ignore[misc]
         from megatron.core.transformer.enums import AttnMaskType
 
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SdpaAttention does not implement context parallelism")
         tp = pg_collection.tp.size() if pg_collection is not None else ps.get_tensor_model_parallel_world_size()
         self.heads = config.num_attention_heads // tp
         self.groups = (config.num_query_groups or config.num_attention_heads) // tp
         self.scale = softmax_scale
         self.causal = attn_mask_type == AttnMaskType.causal
         self.dropout = config.attention_dropout
+        self.cp_size = config.context_parallel_size
+        self._layout: ContextLayout | None = None
 
     def forward(
         self,
@@ -61,6 +72,10 @@ class SdpaAttention(MegatronModule):  # type: ignore[misc]
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SdpaAttention supports neither packed sequences nor an attention bias")
         sq, b = query.shape[0], query.shape[1]
+        if self.cp_size > 1:
+            if attention_mask is not None or not self.causal:
+                raise ValueError("context-parallel attention is causal and takes no explicit mask")
+            return self._context_parallel(query, key, value).reshape(sq, b, -1)
         q = query.permute(1, 2, 0, 3)  # [b, heads, s, d]
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
@@ -75,3 +90,31 @@ class SdpaAttention(MegatronModule):  # type: ignore[misc]
         else:  # Megatron's masks are True where attention is *forbidden*; SDPA's boolean masks the opposite
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=self.scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _context_parallel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """This rank's two query chunks against the gathered keys/values; ``[s_local, b, heads, d]``."""
+        if self._layout is None:
+            self._layout = ContextLayout.current()
+        layout = self._layout
+        kv = layout.gather_keys_values(torch.cat([key, value], dim=-1), dim=0)  # one collective for both
+        k, v = kv.split([key.shape[-1], value.shape[-1]], dim=-1)
+        k, v = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, groups, S, d]
+        if self.groups != self.heads:
+            k = k.repeat_interleave(self.heads // self.groups, dim=1)
+            v = v.repeat_interleave(self.heads // self.groups, dim=1)
+        q = query.permute(1, 2, 0, 3)
+        c = q.shape[2] // 2
+        dropout = self.dropout if self.training else 0.0
+        outs = []
+        for half, chunk in enumerate(layout.chunks):
+            visible = (chunk + 1) * c
+            q_half = q[:, :, half * c : (half + 1) * c]
+            k_vis, v_vis = k[:, :, :visible], v[:, :, :visible]
+            if chunk == 0:  # square: the ordinary causal mask
+                out = F.scaled_dot_product_attention(q_half, k_vis, v_vis, dropout_p=dropout, is_causal=True, scale=self.scale)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q_half, k_vis, v_vis, attn_mask=causal_lower_right(c, visible), dropout_p=dropout, scale=self.scale
+                )
+            outs.append(out)
+        return torch.cat(outs, dim=2).permute(2, 0, 1, 3)

@@ -156,22 +156,19 @@ def check_parallelism(arch: HFArch, perf: PerfConfig, world_size: int, use_te: b
         raise UserError(f"[perf] pp = {pp} must divide num_hidden_layers ({arch.num_layers})")
     if ep > 1 and (arch.num_experts == 0 or arch.num_experts % ep):
         raise UserError(f"[perf] ep = {ep} must divide the number of experts ({arch.num_experts})")
-    if cp > 1:
+    if cp > 1 and perf.attention_backend != "sdpa":
+        # With Transformer Engine its own attention takes over and the key is ignored; asking for it anyway keeps
+        # one rule for the plan (made before anyone knows whether TE is installed on the nodes) and the actor.
         raise UserError(
-            "[perf] cp > 1: context parallelism needs Transformer Engine's attention, which miles' Megatron "
-            "backend does not drive yet; use cp = 1"
+            "[perf] cp > 1 needs miles' context-parallel attention: set attention_backend = \"sdpa\" "
+            "(Megatron's unfused attention has no context parallelism)"
         )
     if perf.sequence_parallel and tp == 1:
         raise UserError("[perf] sequence_parallel = true needs tp > 1")
-    if perf.sequence_parallel and not use_te:
-        raise UserError(
-            "[perf] sequence_parallel = true needs Transformer Engine (Megatron's local norms refuse it); "
-            "install transformer-engine or set sequence_parallel = false"
-        )
     if arch.num_experts and tp > 1 and not perf.sequence_parallel:
         raise UserError(
             f"[perf] tp = {tp} with an MoE model: Megatron trains MoE layers under TP only with "
-            "sequence_parallel = true (which needs Transformer Engine); use ep for the experts and tp = 1"
+            "sequence parallelism; set sequence_parallel = true (or use ep for the experts and tp = 1)"
         )
 
 
@@ -273,7 +270,8 @@ def layer_spec(arch: HFArch, use_te: bool, attention_backend: str = "unfused", f
     On the local spec, ``attention_backend = "sdpa"`` swaps Megatron's unfused
     core attention for :class:`miles.train.megatron.attention.SdpaAttention`,
     and ``fused_kernels`` its float32-weight torch norms for
-    :class:`miles.train.megatron.norm.RMSNorm` (torch's fused kernel).
+    :class:`miles.train.megatron.norm.RMSNorm` (torch's fused kernel; also the
+    norm that sequence parallelism needs, see :func:`own_norms`).
     """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
@@ -298,6 +296,12 @@ def layer_spec(arch: HFArch, use_te: bool, attention_backend: str = "unfused", f
         layer = {"self_attention": dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, **qk)),
                  "input_layernorm": RMSNorm, "pre_mlp_layernorm": RMSNorm}
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **layer))
+
+
+def own_norms(perf: PerfConfig, use_te: bool) -> bool:
+    """Whether the local spec's norms are miles' RMSNorm: with ``fused_kernels``, and always under sequence
+    parallelism (Megatron's torch norms refuse it; miles' is tagged so TP sums its weight gradients)."""
+    return not use_te and (perf.fused_kernels or perf.sequence_parallel)
 
 
 def te_available() -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from miles.spec.tables import PerfConfig
-from miles.train.megatron.config import HFArch, layer_spec, padded_vocab_size, transformer_config
+from miles.train.megatron.config import HFArch, layer_spec, own_norms, padded_vocab_size, transformer_config
 
 
 def init_parallel(perf: PerfConfig, seed: int) -> None:
@@ -68,9 +68,18 @@ def build_gpt_model(arch: HFArch, perf: PerfConfig, dtype: torch.dtype, use_te: 
     if arch.num_experts:
         _patch_router_gemm()
     config = transformer_config(arch, perf, dtype=dtype, use_te=use_te)
+    spec = layer_spec(arch, use_te, perf.attention_backend, own_norms(perf, use_te))
+    if own_norms(perf, use_te):
+        # The block builds its final norm from a module-level default (a torch norm, which refuses sequence
+        # parallelism), not from the layer spec; a block spec names it.
+        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+        from miles.train.megatron.norm import RMSNorm
+
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, use_te, perf.attention_backend, perf.fused_kernels and not use_te),
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(arch, perf.tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -80,11 +89,6 @@ def build_gpt_model(arch: HFArch, perf: PerfConfig, dtype: torch.dtype, use_te: 
         position_embedding_type="rope",
         rotary_base=arch.rope_theta,  # type: ignore[arg-type]  # annotated int, used as a float base
     )
-    if perf.fused_kernels and not use_te and getattr(model.decoder, "final_layernorm", None) is not None:
-        # The block builds its final norm from a module-level default, not from the layer spec.
-        from miles.train.megatron.norm import RMSNorm
-
-        model.decoder.final_layernorm = RMSNorm(config, arch.hidden_size, eps=arch.rms_norm_eps)
     rope = getattr(model, "rotary_pos_emb", None)
     if rope is not None:
         dim = arch.head_dim

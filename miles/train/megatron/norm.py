@@ -13,6 +13,12 @@ copy the optimizer updates stays float32 (Megatron's mixed-precision
 optimizer keeps one for every bf16 parameter). The parameter is named
 ``weight`` like torch's, so checkpoints and the HF mapping are unchanged.
 Selected by ``[perf] fused_kernels = true``.
+
+It is also the norm of sequence parallelism on the local spec (Megatron's
+torch norms refuse ``sequence_parallel``): there each TP rank normalises its
+own slice of the tokens, so its weight gradient is a partial sum, and the
+``sequence_parallel`` tag makes Megatron's gradient finalisation all-reduce
+it over the TP group, as Transformer Engine's norms are treated.
 """
 
 from __future__ import annotations
@@ -28,12 +34,11 @@ class RMSNorm(torch.nn.Module):
 
     def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
         super().__init__()
-        if getattr(config, "sequence_parallel", False):
-            raise ValueError("miles' RMSNorm does not implement sequence parallelism (Transformer Engine's does)")
         self.eps = eps
         self.shape = (hidden_size,)
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        self.weight.sequence_parallel = False  # type: ignore[attr-defined]  # read by Megatron's grad finalisation
+        # read by Megatron's gradient finalisation: sum the weight's gradient over TP under sequence parallelism
+        self.weight.sequence_parallel = bool(getattr(config, "sequence_parallel", False))  # type: ignore[attr-defined]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.shape, self.weight, self.eps)

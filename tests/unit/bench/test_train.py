@@ -29,6 +29,20 @@ def test_train_reports_tokens_per_s_and_flops(tiny_config: Path, tmp_path: Path)
     assert positive_finite(report["summary"]["matmul_tflops_measured"])
 
 
+def test_train_on_two_ranks_shares_rank0s_model(tiny_config: Path, tmp_path: Path) -> None:
+    """Under torchrun without --workdir, both ranks load the model rank 0 wrote (regression: each rank made its own
+    temporary directory and rank 1 found no model); the report counts both ranks' devices."""
+    out = tmp_path / "train2.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "miles.cli",
+           "bench", "train", "--config", str(tiny_config), "--seq-len", "32", "--batch", "4", "--steps", "1",
+           "--warmup", "0", "--peak-tflops", "1.0", "--json", str(out)]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = load_report(out, "train")["rows"]
+    assert row["world"] == 2
+    assert abs(row["tokens_per_s_per_device"] * 2 - row["tokens_per_s"]) < 1e-6
+
+
 def test_variants_parse_perf_fields_and_refuse_typos() -> None:
     import pytest
 

@@ -36,7 +36,8 @@ def test_colocate_engines_share_trainer_gpus() -> None:
 
 def test_rank_map_follows_megatron_order() -> None:
     # 32 GPUs, TP2 CP2 PP2 -> DP4; order tp-cp-ep-dp-pp: tp fastest, then cp, dp, pp slowest.
-    plan = make_plan(spec(cluster={"actor_num_nodes": 4}, perf={"tp": 2, "cp": 2, "pp": 2}, train={"global_batch_size": 64}))
+    plan = make_plan(spec(cluster={"actor_num_nodes": 4}, perf={"tp": 2, "cp": 2, "pp": 2, "attention_backend": "sdpa"},
+                     train={"global_batch_size": 64}))
     assert (plan.mesh.dp, plan.mesh.world_size) == (4, 32)
     r = plan.trainer_ranks
     assert [(x.tp, x.cp, x.dp, x.pp) for x in r[:5]] == [(0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (1, 1, 0, 0), (0, 0, 1, 0)]

@@ -270,3 +270,9 @@ def test_every_problem_is_reported_at_once() -> None:
     assert "5 problem(s)" in msg
     for needle in ("slurm.partition", "perf.tp x perf.pp", "cluster.actor_num_gpus_per_node = 16", "model.num_key_value_heads"):
         assert needle in msg
+
+
+def test_context_parallelism_needs_the_sdpa_attention() -> None:
+    refused(spec(perf={"tp": 2, "cp": 2, "sequence_parallel": True}), "perf.cp = 2", 'perf.attention_backend = "sdpa"')
+    plan = make_plan(spec(perf={"tp": 2, "cp": 2, "sequence_parallel": True, "attention_backend": "sdpa"}))
+    assert (plan.mesh.tp, plan.mesh.cp, plan.mesh.dp) == (2, 2, 2)

@@ -65,6 +65,7 @@ class _CpuTorch(types.ModuleType):
             dev = kwargs.get("device")
             if dev is not None and str(dev).startswith("cuda"):
                 kwargs["device"] = _cpu
+            kwargs.pop("pin_memory", None)  # no pinned-memory allocator without CUDA
             return attr(*args, **kwargs)
 
         return factory
@@ -81,6 +82,7 @@ for _module in (
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.utils",
+    "megatron.core.models.common.embeddings.rope_utils",  # context parallelism's chunk index (pinned, then .cuda())
 ):
     importlib.import_module(_module).torch = _CpuTorch("torch")  # type: ignore[attr-defined]
 

@@ -1,6 +1,6 @@
 """One rank of the Megatron backend's CPU tests: ``python megatron_worker.py OUT_DIR WORK_DIR SCENARIO...``.
 
-Started by ``test_megatron_actor.py`` once per rank (world 2, gloo) with
+Started by ``test_megatron_actor.py`` once per rank (world 2, and world 4 for the TP/PP x CP layouts; gloo) with
 RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set. Rank 0 ``torch.save``s each
 scenario's results to ``OUT_DIR/<scenario>.pt``. The ``__main__`` guard is
 required: dist_checkpointing starts spawn workers that re-import this file.
@@ -43,14 +43,14 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def write_family(path: str, family: str, seed: int = 0) -> None:
+def write_family(path: str, family: str, seed: int = 0, vocab: int = 95) -> None:
     """A tiny random HF checkpoint of ``family`` (vocab 95: not divisible by TP=2, so padding is exercised)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = dict(FAMILY_CONFIGS[family])
     model_type = kw.pop("model_type")
     cfg = AutoConfig.for_model(
-        model_type, vocab_size=95, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        model_type, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **kw,
     )
     torch.manual_seed(seed)
@@ -71,9 +71,10 @@ def _weights(actor: Any) -> dict[str, torch.Tensor]:
     return {n: t.clone() for n, t in actor.named_hf_weights()}
 
 
-def scenario_equiv(work: str, out: dict[str, Any], perf: PerfConfig, with_fsdp: bool = True) -> None:
-    """FSDP (DP=2) and Megatron (``perf``) from the same tiny Qwen2, same rollout: log-probs, losses, weights."""
-    model_dir = os.path.join(work, "qwen2-tied")
+def scenario_equiv(work: str, out: dict[str, Any], perf: PerfConfig, with_fsdp: bool = True,
+                   model: str = "qwen2-tied") -> None:
+    """FSDP (DP=2) and Megatron (``perf``) from the same tiny model, same rollout: log-probs, losses, weights."""
+    model_dir = os.path.join(work, model)
     ctx = TrainerContext(model_dir=model_dir, num_rollout=1, device=torch.device("cpu"))
     runs = (("fsdp", tiny_spec()), ("megatron", megatron_spec(perf)))
     for name, spec in runs if with_fsdp else runs[1:]:
@@ -81,7 +82,9 @@ def scenario_equiv(work: str, out: dict[str, Any], perf: PerfConfig, with_fsdp: 
         batch = _prepare(actor, rollout_batch(1))
         t0 = time.perf_counter()
         metrics = actor.train(batch, rollout_id=0)
+        config = actor.model.config if name == "megatron" else None  # type: ignore[attr-defined]
         out[name] = {
+            "parallel": None if config is None else (config.context_parallel_size, config.sequence_parallel),
             "old_logprobs": batch.old_logprobs, "ref_logprobs": batch.ref_logprobs, "metrics": metrics,
             "weights": _weights(actor), "train_s": time.perf_counter() - t0,
         }
@@ -251,6 +254,7 @@ def main() -> None:
     rank = dist.get_rank()
     if rank == 0:
         write_tiny_qwen2(os.path.join(work, "qwen2-tied"))
+        write_family(os.path.join(work, "qwen3_moe-96"), "qwen3_moe", vocab=96)  # the rollouts' vocabulary
         for family in FAMILY_CONFIGS:
             write_family(os.path.join(work, family), family)
     dist.barrier()
@@ -261,6 +265,16 @@ def main() -> None:
             scenario_equiv(work, out, PerfConfig(tp=2))
         elif scenario == "equiv_pp2":
             scenario_equiv(work, out, PerfConfig(pp=2))
+        elif scenario == "equiv_cp2":  # context parallelism: miles' attention over the CP group
+            scenario_equiv(work, out, PerfConfig(cp=2, attention_backend="sdpa"))
+        elif scenario == "equiv_tp2cp2":  # 4 ranks: CP with TP and sequence parallelism
+            scenario_equiv(work, out, PerfConfig(tp=2, cp=2, sequence_parallel=True, attention_backend="sdpa"))
+        elif scenario == "equiv_pp2cp2":  # 4 ranks: CP with pipeline stages
+            scenario_equiv(work, out, PerfConfig(pp=2, cp=2, attention_backend="sdpa"))
+        elif scenario == "equiv_sp":  # sequence parallelism on the local spec
+            scenario_equiv(work, out, PerfConfig(tp=2, sequence_parallel=True))
+        elif scenario == "equiv_moe_sp":  # MoE under TP needs sequence parallelism; experts split over TP (etp = tp)
+            scenario_equiv(work, out, PerfConfig(tp=2, sequence_parallel=True), model="qwen3_moe-96")
         elif scenario == "fused":
             scenario_fused(work, out)
         elif scenario == "roundtrip":

@@ -73,5 +73,6 @@ def test_rmsnorm_matches_torch_norm_and_keeps_model_dtype() -> None:
         norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
         ref.weight.copy_(norm.weight.float())
     assert torch.allclose(norm.float()(x), ref(x), rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="sequence parallelism"):
-        RMSNorm(types.SimpleNamespace(params_dtype=torch.float32, sequence_parallel=True), 16)
+    # Under sequence parallelism the tag tells Megatron's gradient finalisation to sum the weight's gradient over TP.
+    assert norm.weight.sequence_parallel is False
+    assert RMSNorm(types.SimpleNamespace(params_dtype=torch.float32, sequence_parallel=True), 16).weight.sequence_parallel

@@ -1,11 +1,13 @@
-"""The Megatron backend on CPU over gloo (world 2), against HF transformers and the FSDP backend.
+"""The Megatron backend on CPU over gloo (worlds 2 and 4), against HF transformers and the FSDP backend.
 
-One launch of ``megatron_worker.py`` (2 ranks) runs every scenario; the tests
-below check its results:
+One launch of ``megatron_worker.py`` on 2 ranks runs most scenarios, one on 4
+ranks the TP x CP and PP x CP layouts; the tests below check their results:
 
 * round trip HF -> Megatron -> HF, bit for bit, for every family at TP=2
   (Qwen3-MoE at TP=2 x EP=2), and log-probs / entropies equal to HF's;
-* FSDP (DP=2) vs Megatron TP=2 and PP=2 on the same model and rollout:
+* FSDP (DP=2) vs Megatron TP=2, PP=2, CP=2, TP=2 + sequence parallelism and
+  Qwen3-MoE at TP=2 + sequence parallelism (and on 4 ranks TP=2 x CP=2 + SP,
+  PP=2 x CP=2) on the same model and rollout:
   log-probs, per-step losses, gradient norms and updated weights;
 * dist_checkpointing save / load / resume, bit for bit.
 """
@@ -25,7 +27,8 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is the [megatron] extra; scripts/test installs it")
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ["roundtrip", "equiv_tp2", "equiv_pp2", "resume", "offload", "fused"]
+SCENARIOS = ["roundtrip", "equiv_tp2", "equiv_pp2", "equiv_cp2", "equiv_sp", "equiv_moe_sp", "resume", "offload", "fused"]
+SCENARIOS_WORLD4 = ["equiv_tp2cp2", "equiv_pp2cp2"]
 FP32_TOL = 1e-5
 
 
@@ -35,17 +38,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("megatron-out")
-    work = tmp_path_factory.mktemp("megatron-work")
+def _launch(world: int, scenarios: list[str], out: Path, work: Path) -> dict[str, Any]:
     port = _free_port()
     procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         procs.append(subprocess.Popen(
-            [sys.executable, str(HERE / "megatron_worker.py"), str(out), str(work), *SCENARIOS],
+            [sys.executable, str(HERE / "megatron_worker.py"), str(out), str(work), *scenarios],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
     logs = []
@@ -54,7 +54,16 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         logs.append(stdout)
     if any(p.returncode for p in procs):
         pytest.fail("megatron worker failed:\n" + "\n".join(log[-4000:] for log in logs))
-    return {s: torch.load(out / f"{s}.pt", weights_only=False) for s in SCENARIOS}
+    return {s: torch.load(out / f"{s}.pt", weights_only=False) for s in scenarios}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("megatron-out")
+    work = tmp_path_factory.mktemp("megatron-work")
+    res = _launch(2, SCENARIOS, out, work)
+    res.update(_launch(4, SCENARIOS_WORLD4, out, work))
+    return res
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -90,9 +99,18 @@ def test_bf16_pipeline_export_keeps_checkpoint_dtype(results: dict[str, Any]) ->
 DEGENERATE = ("k_proj.bias",)
 
 
-@pytest.mark.parametrize("scenario", ["equiv_tp2", "equiv_pp2"])
+PARALLEL = {"equiv_tp2": (1, False), "equiv_pp2": (1, False), "equiv_cp2": (2, False), "equiv_sp": (1, True),
+            "equiv_moe_sp": (1, True), "equiv_tp2cp2": (2, True), "equiv_pp2cp2": (2, False)}
+"""(context_parallel_size, sequence_parallel) each scenario's Megatron model must have been built with."""
+
+
+@pytest.mark.parametrize("scenario", list(PARALLEL))
 def test_megatron_step_equals_fsdp_step(results: dict[str, Any], scenario: str) -> None:
+    """One rollout (2 optimizer steps) of FSDP (DP=2) vs Megatron: TP=2, PP=2, CP=2 (miles' context-parallel
+    attention, sequences split in 2 x 2 chunks), TP=2 with sequence parallelism, Qwen3-MoE at TP=2 + SP, and on 4
+    ranks (FSDP DP=4) TP=2 x CP=2 with sequence parallelism and PP=2 x CP=2."""
     f, m = results[scenario]["fsdp"], results[scenario]["megatron"]
+    assert m["parallel"] == PARALLEL[scenario]
     for name in ("old_logprobs", "ref_logprobs"):
         assert _rel(torch.cat(m[name]), torch.cat(f[name])) < FP32_TOL, name
     assert len(m["metrics"]) == len(f["metrics"]) == 2

@@ -69,8 +69,11 @@ def test_parallel_layout_is_checked_with_the_key_to_change() -> None:
         check_parallelism(arch("qwen3_moe"), PerfConfig(ep=3), 3, use_te=False)
     with pytest.raises(UserError, match="sequence_parallel"):
         check_parallelism(arch("qwen3_moe"), PerfConfig(tp=2), 2, use_te=False)
-    with pytest.raises(UserError, match="cp > 1"):
+    with pytest.raises(UserError, match='cp > 1 .*attention_backend = "sdpa"'):
         check_parallelism(a, PerfConfig(cp=2), 2, use_te=False)
+    check_parallelism(a, PerfConfig(cp=2, attention_backend="sdpa"), 2, use_te=False)
+    check_parallelism(a, PerfConfig(tp=2, sequence_parallel=True), 2, use_te=False)
+    check_parallelism(arch("qwen3_moe"), PerfConfig(tp=2, sequence_parallel=True), 2, use_te=False)
 
 
 def test_transformer_config_translation() -> None:
