@@ -279,7 +279,7 @@ class PerfConfig:
     """Pipeline-parallel size (Megatron ``--pipeline-model-parallel-size``)."""
 
     cp: int = field(default=1, metadata={"gt": 0})
-    """Context-parallel size (Megatron ``--context-parallel-size``)."""
+    """Context-parallel size (Megatron ``--context-parallel-size``): each sequence split over ``cp`` ranks in ``2 * cp`` load-balanced chunks. Without Transformer Engine it needs ``attention_backend = "sdpa"`` (miles' context-parallel attention)."""
 
     ep: int = field(default=1, metadata={"gt": 0})
     """Expert-parallel size (Megatron ``--expert-model-parallel-size``); must divide the expert count."""
@@ -288,10 +288,10 @@ class PerfConfig:
     """Expert tensor-parallel size (Megatron ``--expert-tensor-parallel-size``); unset means ``tp``."""
 
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs ``tp`` > 1)."""
+    """Megatron sequence parallelism (needs ``tp`` > 1): between the tensor-parallel matmuls (norms, residual stream) each rank holds ``1/tp`` of the tokens, which saves activation memory. Without Transformer Engine it uses miles' RMSNorm (see ``fused_kernels``). Required for MoE models with ``tp`` > 1."""
 
     attention_backend: Literal["unfused", "sdpa"] = "unfused"
-    """Megatron backend without Transformer Engine: core attention by Megatron's unfused kernels, or by torch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels; numerically equal, faster at long sequences). Ignored with Transformer Engine and by FSDP."""
+    """Megatron backend without Transformer Engine: core attention by Megatron's unfused kernels, or by torch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels; numerically equal, faster at long sequences). Also miles' context-parallel attention (``cp`` > 1 needs ``"sdpa"``). Ignored with Transformer Engine and by FSDP."""
 
     fused_kernels: bool = False
     """Megatron backend: miles' replacements for what runs unfused without Transformer Engine: RMSNorm by torch's fused kernel with weights in the model dtype (as HF stores them; fp32 master copies in the optimizer), and the log-probs/entropy over the vocabulary in chunks with a hand-written backward instead of fp32 ``[tokens, vocab]`` temporaries. Same math; faster and leaner in bf16. The norms are left to Transformer Engine when it is installed; ignored by FSDP."""
