@@ -428,7 +428,9 @@ class EngineServer(WeightEndpoints):
     # ------------------------------------------------------------------ control
 
     async def flush_cache(self, request: web.Request) -> web.Response:
-        # KV caches live for one batch only: nothing outlives a request, so a flush always succeeds.
+        # KV caches live for one batch only: nothing outlives a request, so a flush always succeeds. It is also
+        # the sync's "weights are in" point for some callers: the copies of a distributed update finish first.
+        await self._settled()
         return web.Response(
             text="Cache flushed.\nPlease check backend logs for more details. "
             "(When there are running or waiting requests, the operation will not be performed.)\n"
@@ -456,6 +458,7 @@ class EngineServer(WeightEndpoints):
 
     async def resume_generation(self, request: web.Request) -> web.Response:
         await self._body(request)
+        await self._settled()  # a sync's last copies into the model are done before generation reads it
         assert self._unpaused is not None
         self.paused = False
         self.engine.gate.set()
@@ -476,6 +479,7 @@ class EngineServer(WeightEndpoints):
 
     async def release_memory(self, request: web.Request) -> web.Response:
         body = await self._body(request)
+        await self._settled()
         assert self._model_lock is not None
         async with self._model_lock:
             self.engine.release(body.get("tags"))

@@ -11,6 +11,15 @@ colocated trainer (:mod:`miles.transfer.colocate`), ``/update_weights_from_disk`
 
 Ordering rule (SGLang's): while generation is paused an update is applied at
 once; otherwise it waits for the running batch (the server's model lock).
+
+Receive/copy overlap (GPUs, flattened buckets, while paused): NCCL's stream
+waits for the compute stream before every collective, so a bucket's copies
+into the model on the compute stream would hold back the next bucket's
+broadcast. The copies run on a side stream instead, each bucket into a fresh
+receive buffer held for the side stream (``record_stream``), at most two
+buckets' copies in flight; every later use of the weights (continue, flush,
+checks, other updates, the next sync's group teardown) first waits for them
+(:meth:`WeightEndpoints._settle_copies`).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +52,27 @@ class WeightEndpoints:
     _model_lock: asyncio.Lock | None
     _ctl_pool: concurrent.futures.ThreadPoolExecutor
 
+    _copy_stream: Any = None
+    _copy_events: list[Any] | None = None
+    _copy_lock = threading.Lock()
+    """Guards ``_copy_events`` between the control threads (a receive and a settle never interleave in one sync,
+    but a misbehaving client could send both at once)."""
+    MAX_COPIES_IN_FLIGHT = 2
+    """Buckets whose copies into the model may still run while the next one arrives (each holds its buffer)."""
+
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raise NotImplementedError
+
+    def _settle_copies(self) -> None:
+        """Wait until every copy a distributed update left on the side stream is done (host-side)."""
+        with self._copy_lock:
+            events, self._copy_events = self._copy_events or [], []
+        for event in events:
+            event.synchronize()
+
+    async def _settled(self) -> None:
+        if self._copy_events:
+            await asyncio.get_running_loop().run_in_executor(self._ctl_pool, self._settle_copies)
 
     def _abort_queued(self, rid: str | None = None) -> int:
         raise NotImplementedError
@@ -86,6 +115,7 @@ class WeightEndpoints:
         if name not in self.groups:
             return web.json_response({"success": False, "message": "The group to be destroyed does not exist."},
                                      status=400)
+        await self._settled()
         # off the event loop: an NCCL teardown can wait for the trainer's, and the server must keep answering
         await asyncio.get_running_loop().run_in_executor(self._ctl_pool, leave_group, self.groups.pop(name))
         return web.json_response({"success": True, "message": "Succeeded to destroy custom process group."})
@@ -102,6 +132,9 @@ class WeightEndpoints:
             raise ValueError("names, dtypes and shapes must have the same length")
         pg = self.groups[body.get("group_name", "weight_update_group")]
         device = self.engine.device
+        if body.get("load_format") == "flattened_bucket" and device.type == "cuda":
+            return self._receive_overlapped(pg, names, dtypes, shapes)
+        self._settle_copies()
         if body.get("load_format") == "flattened_bucket":
             flat = torch.empty(bucket_bytes(dtypes, shapes), dtype=torch.uint8, device=device)
             dist.broadcast(flat, src=0, group=pg)
@@ -114,6 +147,37 @@ class WeightEndpoints:
         else:
             raise ValueError(f"load_format {body.get('load_format')!r} is not supported (flattened_bucket or null)")
         return self.engine.load_weights(named)
+
+    def _receive_overlapped(self, pg: Any, names: list[str], dtypes: list[str], shapes: list[list[int]]) -> int:
+        """A flattened bucket on a GPU: broadcast into a fresh buffer, copy into the model on the side stream."""
+        import torch
+        import torch.distributed as dist
+
+        from miles.transfer.bucket import bucket_bytes, unflatten
+
+        device = self.engine.device
+        with self._copy_lock:
+            events, self._copy_events = self._copy_events or [], []
+        while len(events) >= self.MAX_COPIES_IN_FLIGHT:  # bounds the receive buffers alive at once
+            events.pop(0).synchronize()
+        main = torch.cuda.current_stream(device)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        side = self._copy_stream
+        flat = torch.empty(bucket_bytes(dtypes, shapes), dtype=torch.uint8, device=device)
+        dist.broadcast(flat, src=0, group=pg)  # the compute stream now waits for the bytes, not the copies
+        side.wait_stream(main)  # after the broadcast and after any generation step already enqueued
+        try:
+            with torch.cuda.stream(side):
+                count = self.engine.load_weights(unflatten(flat, names, dtypes, shapes))
+        finally:  # also when a name is refused half-way: copies already enqueued still read the buffer
+            flat.record_stream(side)  # the allocator keeps the buffer until the side stream is done with it
+            events.append(side.record_event())
+            with self._copy_lock:
+                self._copy_events = events + (self._copy_events or [])
+        if not self.paused:  # generation may run between buckets: it must see whole copies
+            self._settle_copies()
+        return count
 
     async def update_from_distributed(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -187,6 +251,7 @@ class WeightEndpoints:
 
     async def update_from_tensor(self, request: web.Request) -> web.Response:
         body = await self._body(request)
+        await self._settled()
         if "serialized_named_tensors" not in body:
             return json_error("serialized_named_tensors is required")
         try:
@@ -205,6 +270,7 @@ class WeightEndpoints:
 
     async def update_from_disk(self, request: web.Request) -> web.Response:
         body = await self._body(request)
+        await self._settled()
 
         def load() -> int:
             from safetensors.torch import load_file
@@ -232,12 +298,14 @@ class WeightEndpoints:
             return json_error("new_version is required")
         if body.get("abort_all_requests", True):
             self._abort_queued()
+        await self._settled()
         self.weight_version = str(body["new_version"])
         return web.json_response({"success": True, "message": f"Weight version updated to {self.weight_version}",
                                   "new_version": self.weight_version})
 
     async def get_weights_by_name(self, request: web.Request) -> web.Response:
         body = await self._body(request)
+        await self._settled()
         try:
             values = self.engine.get_weights_by_name(str(body["name"]), int(body.get("truncate_size", 100)))
         except Exception as e:
@@ -249,6 +317,7 @@ class WeightEndpoints:
         action = body.get("action", "checksum")
         if action != "checksum":
             return web.json_response({"success": False, "message": f"Unsupported action={action!r}"}, status=400)
+        await self._settled()
         checksums = self.engine.checksums()
         h = hashlib.sha256()
         for name in sorted(checksums):
