@@ -200,11 +200,12 @@ def scenario_fused(work: str, out: dict[str, Any]) -> None:
     scenario_equiv(work, out, PerfConfig(tp=2, attention_backend="sdpa", fused_kernels=True), with_fsdp=False)
 
 
-def scenario_resume(work: str, out: dict[str, Any], ckpt: str) -> None:
-    """Megatron TP=2: train, save (dist_checkpointing), train; a fresh actor that loads repeats the second train."""
+def scenario_resume(work: str, out: dict[str, Any], ckpt: str, perf: PerfConfig | None = None) -> None:
+    """Megatron (TP=2 unless ``perf``): train, save (dist_checkpointing), train; a fresh actor that loads repeats
+    the second train."""
     model_dir = os.path.join(work, "qwen2-tied")
     ctx = TrainerContext(model_dir=model_dir, num_rollout=2, device=torch.device("cpu"))
-    spec = megatron_spec(PerfConfig(tp=2))
+    spec = megatron_spec(perf or PerfConfig(tp=2))
     a = build_actor(spec, ctx)
     a.train(_prepare(a, rollout_batch(1)), rollout_id=0)
     if dist.get_rank() == 0:
@@ -283,6 +284,8 @@ def main() -> None:
             scenario_offload(work, out)
         elif scenario == "resume":
             scenario_resume(work, out, os.path.join(work, "ckpt"))
+        elif scenario == "resume_cp2":  # the checkpoint of a context-parallel actor
+            scenario_resume(work, out, os.path.join(work, "ckpt-cp2"), PerfConfig(cp=2, attention_backend="sdpa"))
         else:
             raise SystemExit(f"unknown scenario {scenario}")
         out["wall_s"] = time.perf_counter() - t0

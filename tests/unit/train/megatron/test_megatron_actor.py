@@ -27,7 +27,8 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is the [megatron] extra; scripts/test installs it")
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ["roundtrip", "equiv_tp2", "equiv_pp2", "equiv_cp2", "equiv_sp", "equiv_moe_sp", "resume", "offload", "fused"]
+SCENARIOS = ["roundtrip", "equiv_tp2", "equiv_pp2", "equiv_cp2", "equiv_sp", "equiv_moe_sp", "resume", "resume_cp2", "offload",
+             "fused"]
 SCENARIOS_WORLD4 = ["equiv_tp2cp2", "equiv_pp2cp2"]
 FP32_TOL = 1e-5
 
@@ -145,8 +146,10 @@ def test_fused_kernels_match_default_spec_and_fsdp_step(results: dict[str, Any])
         assert float((m["weights"][name] - w).abs().max()) < 1e-5, name
 
 
-def test_dist_checkpoint_resume_is_bit_identical(results: dict[str, Any]) -> None:
-    r = results["resume"]
+@pytest.mark.parametrize("scenario", ["resume", "resume_cp2"])
+def test_dist_checkpoint_resume_is_bit_identical(results: dict[str, Any], scenario: str) -> None:
+    """TP=2, and CP=2: the step after a load is the uninterrupted run's, bit for bit."""
+    r = results[scenario]
     assert r["step_after_load"] == 2
     m_a, m_b = r["metrics"]
     for a, b in zip(m_a, m_b, strict=True):
