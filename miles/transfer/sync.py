@@ -9,8 +9,9 @@ HF-named full tensors in flattened buckets of ``bucket_bytes``: for each bucket
 every engine is sent ``/update_weights_from_distributed`` (names, dtypes,
 shapes, ``load_format = "flattened_bucket"``) and, while those requests wait in
 the engines, this rank broadcasts the bucket's bytes. Around the sync the
-engines are paused (``/pause_generation``) and continued, the last bucket
-carries the new ``weight_version``, and caches are flushed after.
+engines are paused (``/pause_generation``) and continued, and the last bucket
+carries the new ``weight_version`` and ``flush_cache`` (SGLang flushes its
+cache when it has applied that bucket: no separate ``/flush_cache`` call).
 
 How it keeps up with the link (the bytes on the wire are the same as one
 request-then-broadcast per bucket):
@@ -416,7 +417,8 @@ class WeightSync:
                 flat = next_flat
             if unanswered:
                 self._answers(channels)
-            self._wait(self._post_all(proto.FLUSH_CACHE.path))
+            if nbuckets == 0:  # otherwise the last bucket's request flushed (``flush_cache``), as SGLang does it
+                self._wait(self._post_all(proto.FLUSH_CACHE.path))
         finally:
             for c in channels:
                 c.close()
