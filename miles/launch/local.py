@@ -28,14 +28,18 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from miles.errors import UserError
 from miles.launch import rundir
 from miles.spec.tables import Spec
+
+if TYPE_CHECKING:
+    from miles.plan import Plan
 
 _POLL_S = 0.2
 _TERM_GRACE_S = 10.0
@@ -103,9 +107,31 @@ def prepare_run_dir(spec: Spec) -> tuple[Path, object]:
     return run_dir, plan
 
 
+def local_trainer_gpus(plan: Plan) -> tuple[int, ...]:
+    """The GPUs of the trainer ranks when a split plan runs on this one machine: those after the engines'.
+
+    On a cluster the two components of a split job sit on different nodes, and both count their GPUs from 0;
+    here they share one machine, so the engines keep the plan's GPUs and the trainers take the next ones.
+    Colocated and CPU plans need nothing (empty).
+    """
+    if plan.mode != "split" or plan.device != "gpu":
+        return ()
+    multi = [c.role for c in plan.components if c.nodes > 1]
+    if multi:
+        raise UserError(f"`miles run` runs a split plan on this one machine, but its {' and '.join(multi)} span "
+                        "several nodes; set cluster.actor_num_nodes = 1 and cluster.rollout_num_nodes = 1, "
+                        "or submit it with `miles submit`")
+    first = 1 + max(g for e in plan.engines for g in e.gpus)
+    return tuple(range(first, first + plan.mesh.world_size))
+
+
 def rank_envs(run_dir: Path, num_trainers: int, num_engines: int, base: dict[str, str],
-              ) -> list[tuple[str, str, dict[str, str]]]:
-    """(name, role, environment) of every process: engines first, then trainer ranks."""
+              trainer_gpus: Sequence[int] = ()) -> list[tuple[str, str, dict[str, str]]]:
+    """(name, role, environment) of every process: engines first, then trainer ranks.
+
+    ``trainer_gpus`` (split mode on one machine): the GPUs the trainer ranks see
+    (``CUDA_VISIBLE_DEVICES``), so that they do not share the engines' GPUs.
+    """
     ports = free_ports(2 + num_engines)
     common = dict(base)
     common.update({
@@ -123,6 +149,8 @@ def rank_envs(run_dir: Path, num_trainers: int, num_engines: int, base: dict[str
         out.append((f"engine {i}", "engine", env))
     for r in range(num_trainers):
         env = dict(common, RANK=str(r), WORLD_SIZE=str(num_trainers), LOCAL_RANK=str(r))
+        if trainer_gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, trainer_gpus))
         out.append((f"trainer {r}", "trainer", env))
     return out
 
@@ -228,15 +256,17 @@ def run(spec: Spec, out: IO[str] | None = None) -> int:
     from miles.plan import Plan
 
     assert isinstance(plan, Plan)
+    trainer_gpus = local_trainer_gpus(plan)
     if plan.device == "gpu":
         import torch
 
-        if not torch.cuda.is_available() or torch.cuda.device_count() < plan.mesh.world_size:
-            raise UserError(f"the plan needs {plan.mesh.world_size} GPUs on this machine but torch sees "
+        needed = plan.mesh.world_size + (trainer_gpus[0] if trainer_gpus else 0)
+        if not torch.cuda.is_available() or torch.cuda.device_count() < needed:
+            raise UserError(f"the plan needs {needed} GPUs on this machine but torch sees "
                             f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; set "
                             "cluster.gpus_per_node = 0 (and cluster.device = \"cpu\") to run on CPUs")
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    procs = rank_envs(run_dir, plan.mesh.world_size, len(plan.engines), base)
+    procs = rank_envs(run_dir, plan.mesh.world_size, len(plan.engines), base, trainer_gpus)
     launcher = LocalRun(run_dir, out or sys.stdout)
     launcher.printer.say(f"{plan.mesh.world_size} trainer rank(s) and {len(plan.engines)} engine(s) on this machine; "
                          f"run directory {run_dir}")

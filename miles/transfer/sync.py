@@ -9,7 +9,8 @@ HF-named full tensors in flattened buckets of ``bucket_bytes``: for each bucket
 every engine is sent ``/update_weights_from_distributed`` (names, dtypes,
 shapes, ``load_format = "flattened_bucket"``) and, while those requests wait in
 the engines, this rank broadcasts the bucket's bytes. Around the sync the
-engines are paused (``/pause_generation``) and continued, and the last bucket
+engines are paused (``/pause_generation``) and continued
+(``/continue_generation``) on the same connection, and the last bucket
 carries the new ``weight_version`` and ``flush_cache`` (SGLang flushes its
 cache when it has applied that bucket: no separate ``/flush_cache`` call).
 
@@ -29,7 +30,10 @@ request-then-broadcast per bucket):
   flattened while bucket ``k`` is on the wire (``async_op=True``; with NCCL the
   copy runs on the compute stream beside NCCL's own stream, and nothing waits
   on the host until the end of the sync).
-* The first bucket is flattened while the engines answer ``/pause_generation``.
+* The pause and the continue ride the same pipelined connection, before the
+  first and after the last update request: no round trip of their own, and the
+  first broadcast starts while the engines are still pausing. The first bucket
+  is flattened meanwhile.
 
 The same calls drive a real SGLang server (H7's conformance tests run it), so the
 embedded engine and SGLang share one sender.
@@ -343,20 +347,31 @@ class WeightSync:
             raise
         return channels
 
-    def _answers(self, channels: list[Channel]) -> None:
-        """Read every engine's answer to its oldest pipelined request; raises naming each engine that failed."""
+    def _answers(self, channels: list[Channel], keep: int = 0) -> None:
+        """Read answers until at most ``keep`` requests per engine are unanswered; raises naming each engine that
+        failed (after reading the others' answers, so no connection is left mid-answer)."""
         errors = []
         for c in channels:
-            try:
-                path, status, raw = c.receive()
-                self._decode(c.url, path, status, raw)
-            except SyncError as e:
-                errors.append(str(e))
+            while len(c.pending) > keep:
+                try:
+                    path, status, raw = c.receive()
+                    self._decode(c.url, path, status, raw)
+                except SyncError as e:
+                    errors.append(str(e))
+                    break
         if errors:
             raise SyncError("; ".join(errors))
 
     def sync(self, named: Iterable[tuple[str, torch.Tensor]], weight_version: int | str | None = None) -> SyncStats:
-        """Send every tensor of ``named`` to every engine; returns what moved and how long it took."""
+        """Send every tensor of ``named`` to every engine; returns what moved and how long it took.
+
+        On each engine's pipelined connection the requests go ``/pause_generation``, one
+        ``/update_weights_from_distributed`` per bucket, ``/continue_generation``. The engine handles them
+        in that order, so the first broadcast starts without waiting for the pause's answer, and the sync
+        costs no HTTP round trip of its own for the pause and the continue: their answers are read with
+        the buckets'. When anything fails, every engine that may still be paused is continued on a fresh
+        connection before the error is raised.
+        """
         if self.group is None:
             self.connect()
         version = "" if weight_version is None else str(weight_version)
@@ -364,18 +379,17 @@ class WeightSync:
         start = time.perf_counter()
         total = count = nbuckets = 0
         channels: list[Channel] = []
-        pause = self._post_all(proto.PAUSE_GENERATION.path, proto.pause_generation_body(mode=self.pause_mode))
+        continued = False
         try:
-            # Inside the try: when one engine fails to pause, the others that did are resumed below.
+            channels = self._open_channels()
+            for c in channels:
+                c.send(proto.PAUSE_GENERATION.path, proto.pause_generation_body(mode=self.pause_mode))
             staging = self._staging if self._staging is not None and self._staging.device == device else Staging(device)
             self._staging = staging if self.keep_buffers else None
             stream = buckets(named, self.bucket_bytes)
             current = next(stream, None)
             flat = staging.flatten(current) if current is not None else None  # while the engines pause
             following = next(stream, None)
-            self._wait(pause)
-            channels = self._open_channels()
-            unanswered = False
             while current is not None and flat is not None:
                 meta = current.metadata()
                 last = following is None
@@ -391,9 +405,7 @@ class WeightSync:
                 if any(time.monotonic() - c.last_send > IDLE_SAFE_S for c in channels):
                     # Producing this bucket took long: the servers may be closing the idle connections.
                     # Drain them and start new ones (the server can only have been idle since our last request).
-                    if unanswered:
-                        self._answers(channels)
-                        unanswered = False
+                    self._answers(channels)
                     for c in channels:
                         c.close()
                     channels = []
@@ -411,18 +423,21 @@ class WeightSync:
                     following = next(stream, None)
                 assert work is not None
                 work.wait()  # gloo: the bytes are sent; NCCL: later work on this stream waits for them
-                if unanswered:
-                    self._answers(channels)  # bucket k-1's answer; bounds the engines' backlog to two buckets
-                unanswered = True
+                # The answers before bucket k's (the pause's, bucket k-1's): bounds each engine's backlog to two.
+                self._answers(channels, keep=1)
                 flat = next_flat
-            if unanswered:
-                self._answers(channels)
             if nbuckets == 0:  # otherwise the last bucket's request flushed (``flush_cache``), as SGLang does it
-                self._wait(self._post_all(proto.FLUSH_CACHE.path))
+                for c in channels:
+                    c.send(proto.FLUSH_CACHE.path, None)
+            for c in channels:
+                c.send(proto.CONTINUE_GENERATION.path, proto.continue_generation_body())
+            self._answers(channels)
+            continued = True
         finally:
             for c in channels:
                 c.close()
-            self._wait(self._post_all(proto.CONTINUE_GENERATION.path, proto.continue_generation_body()))
+            if not continued:  # continuing is idempotent: also engines that did continue are asked again
+                self._wait(self._post_all(proto.CONTINUE_GENERATION.path, proto.continue_generation_body()))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return SyncStats(time.perf_counter() - start, total, nbuckets, count, version)

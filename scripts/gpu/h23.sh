@@ -3,10 +3,14 @@
 # Qwen2.5 0.5B / 1.5B / 3B / 7B shapes, random bf16 weights (0.92 / 2.88 / 5.75 / 14.19 GiB), buckets 256 MiB,
 # 1 GiB, 2 GiB; each row = best of 3 syncs after 1 untimed one, against a raw dist.broadcast of the same bytes
 # between the same two processes in the same run. Whole script <= 240 s. Writes $OUT/h23.json and $OUT/h23.log.
+# H23_ENGINES=3 (on 4 GPUs): one trainer rank cuda:0 -> 3 engine processes cuda:1-3 (writes h23-e3.json/.log);
+# H23_PRESETS="qwen2.5-7b" limits the model shapes; H23_BUCKETS="1024 2048" the bucket sizes.
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/h23-out}
 mkdir -p "$OUT"
-LOG=$OUT/h23.log
+ENGINES=${H23_ENGINES:-1}
+TAG=h23$([ "$ENGINES" = 1 ] || echo "-e$ENGINES")
+LOG=$OUT/$TAG.log
 WORK=$(mktemp -d /tmp/h23-work.XXXXXX)
 START=$(date +%s)
 BUDGET=${H23_BUDGET:-232}  # seconds for the whole script, the final merge included
@@ -42,22 +46,23 @@ step() {  # step NAME PLANNED_SECONDS ARGS...: one `miles bench sync`, cut to wh
   stop_leftovers
 }
 
-COMMON=(--dtype bfloat16 --bucket-mb 256 1024 2048 --iters 3 --warmup 1 --timeout 60)
-step sync-0.5b 40 --preset qwen2.5-0.5b "${COMMON[@]}"
-step sync-1.5b 45 --preset qwen2.5-1.5b "${COMMON[@]}"
-step sync-3b 50 --preset qwen2.5-3b "${COMMON[@]}"
-step sync-7b 80 --preset qwen2.5-7b "${COMMON[@]}"
+read -r -a BUCKETS <<<"${H23_BUCKETS:-256 1024 2048}"
+COMMON=(--dtype bfloat16 --bucket-mb "${BUCKETS[@]}" --iters "${H23_ITERS:-3}" --warmup 1 --timeout 60 --engines "$ENGINES")
+declare -A PLANNED=([qwen2.5-0.5b]=40 [qwen2.5-1.5b]=45 [qwen2.5-3b]=50 [qwen2.5-7b]=80)
+for preset in ${H23_PRESETS:-qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b qwen2.5-7b}; do
+  step "sync-${preset#qwen2.5-}" "${PLANNED[$preset]:-80}" --preset "$preset" "${COMMON[@]}"
+done
 
 # If time is left: the NCCL sync's bit-exactness test (trainer cuda:0 -> engine process cuda:1, 4 KiB buckets).
 left=$((BUDGET - ($(date +%s) - START) - 12))
-if [ "$left" -ge 40 ]; then
+if [ "$left" -ge 40 ] && [ "$ENGINES" = 1 ]; then
   echo "== pytest tests/unit/transfer/test_sync_gpu.py $(date -u +%T) limit ${left}s" | tee -a "$LOG"
   timeout -k 5 "$left" python3 -m pytest -q -m gpu -p no:cacheprovider tests/unit/transfer/test_sync_gpu.py 2>&1 \
     | tail -5 | tee -a "$LOG"
   stop_leftovers
 fi
 
-timeout 10 python3 - "$WORK" "$OUT/h23.json" <<'EOF' 2>&1 | tee -a "$LOG"
+timeout 10 python3 - "$WORK" "$OUT/$TAG.json" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, os, sys
 from pathlib import Path
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -74,7 +79,7 @@ for r in runs:
               f"{row['raw_seconds']:>9.4f}{row['raw_gb_s']:>9.1f}{row['ratio']:>7.3f}")
     print(f"  {r['settings']['preset']}: device {r['machine'].get('device_name')} -> {r['settings'].get('engine_devices')}, "
           f"verified {r['summary'].get('verified_tensors')} tensors, best ratio {r['summary']['best_ratio']:.3f}")
-print(f"{len(runs)} of 4 runs wrote a report")
+print(f"{len(runs)} run(s) wrote a report")
 EOF
 rm -rf "$WORK"
-echo "h23 done in $(($(date +%s) - START))s" | tee -a "$LOG"
+echo "$TAG done in $(($(date +%s) - START))s" | tee -a "$LOG"

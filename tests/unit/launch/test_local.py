@@ -103,3 +103,30 @@ def test_ctrl_c_asks_the_ranks_to_stop_and_they_agree(tmp_path: Path) -> None:
     assert "asked the ranks to checkpoint" in out and "all ranks agreed" in out
     for r in range(2):
         assert json.loads((run_dir / "selftest" / f"trainer-{r}.json").read_text())["phase"] == "preempted"
+
+
+def _plan(text: str):  # type: ignore[no-untyped-def]
+    import tomllib
+
+    from miles.plan import make_plan
+    from miles.spec import spec_from_dict
+
+    return make_plan(spec_from_dict(tomllib.loads(text)))
+
+
+def test_a_split_plan_on_one_machine_puts_the_trainers_after_the_engines(tmp_path: Path) -> None:
+    """On a 4-GPU machine a split spec's engines keep GPUs 0-1 (their plan's) and the trainers see 2-3."""
+    from miles.errors import UserError
+    from miles.launch.local import local_trainer_gpus, rank_envs
+
+    split = SPEC.replace('mode = "colocate"\ngpus_per_node = 0', 'mode = "split"\ngpus_per_node = 2').replace(
+        'device = "cpu"', 'device = "cuda"\nrollout_num_nodes = 1\nrollout_num_gpus = 2')
+    plan = _plan(split)
+    assert [e.gpus for e in plan.engines] == [(0,), (1,)]
+    assert local_trainer_gpus(plan) == (2, 3)
+    envs = rank_envs(tmp_path, 2, 2, {}, local_trainer_gpus(plan))
+    assert [(n, env.get("CUDA_VISIBLE_DEVICES"), env["LOCAL_RANK"]) for n, _, env in envs] == [
+        ("engine 0", None, "0"), ("engine 1", None, "1"), ("trainer 0", "2,3", "0"), ("trainer 1", "2,3", "1")]
+    assert local_trainer_gpus(_plan(SPEC)) == ()  # colocated: trainers and engines share the GPUs by design
+    with pytest.raises(UserError, match="actor_num_nodes = 1"):
+        local_trainer_gpus(_plan(split.replace("actor_num_nodes = 1", "actor_num_nodes = 2")))

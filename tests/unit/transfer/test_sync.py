@@ -149,6 +149,39 @@ def test_slow_buckets_reopen_the_pipelined_connections(engines: list[EngineProce
         sync.close()
 
 
+def test_pause_and_continue_ride_the_pipelined_connection(engines: list[EngineProcess], tiny_model_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync that succeeds makes no HTTP call besides its pipelined connection (pause, buckets, continue);
+    one that fails continues every engine on a fresh connection, so none stays paused."""
+    sent: list[str] = []
+    real_post = WeightSync._post
+
+    def recording_post(self: WeightSync, url: str, path: str, body: Any) -> Any:
+        sent.append(path)
+        return real_post(self, url, path, body)
+
+    monkeypatch.setattr(WeightSync, "_post", recording_post)
+    urls = [e.url for e in engines]
+    weights = {k: v * 0.25 for k, v in trainer_weights(tiny_model_dir).items()}
+    sync = WeightSync(urls, "127.0.0.1", free_port(), bucket_bytes=16384, group_name="sync_pipeline_test",
+                      timeout_s=120)
+    try:
+        sync.connect()
+        sent.clear()
+        assert sync.sync(weights.items(), weight_version=11).buckets > 1
+        assert sent == []
+        for u in urls:
+            assert {k: checksums(u)[k] for k in weights} == {k: tensor_checksum(v) for k, v in weights.items()}
+            assert greedy(u)[1] == "11"  # continued: it generates
+        with pytest.raises(SyncError, match="shape"):
+            sync.sync({"model.norm.weight": torch.zeros(3)}.items())
+        assert sent == [proto.CONTINUE_GENERATION.path] * len(urls)
+        assert all(greedy(u)[0] for u in urls)
+        sync.sync(trainer_weights(tiny_model_dir).items(), weight_version=12)
+    finally:
+        sync.close()
+
+
 def test_sync_errors_name_the_engine(tiny_model_dir: Path, engines: list[EngineProcess]) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     sync = WeightSync([dead], "127.0.0.1", free_port(), group_name="sync_dead_test", timeout_s=3)
