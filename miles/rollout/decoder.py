@@ -38,7 +38,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from miles.rollout.sampling import BatchSampling, block_early_stops, sample_batch
+from miles.rollout.fusion import Fusion
+from miles.rollout.fusion import rope as fusion_rope
+from miles.rollout.sampling import BatchSampling, block_early_stops
 
 FAMILIES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
 """HF ``model_type`` values whose decoder layer is pre-norm attention + gated MLP with RoPE, as run here."""
@@ -99,10 +101,16 @@ class _Workspace:
 class StaticDecoder:
     """Decodes batches of one model through static buffers (and CUDA graphs on CUDA devices)."""
 
-    def __init__(self, model: Any, device: torch.device, cuda_graphs: bool = True) -> None:
+    def __init__(self, model: Any, device: torch.device, cuda_graphs: bool = True, fuse: bool | None = False) -> None:
         self.model = model
         self.device = device
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self.fusion = Fusion.for_device(device, fuse)
+        """The decode step's elementwise chains and sampling, compiled (:mod:`miles.rollout.fusion`) or eager."""
+        self.fusable = False
+        """Whether this model's layers can take the fused forward (set with the packed weights)."""
+        self.fused_layers = self.fusion.on
+        """Run the fused forward's layer order (tests: also eager, where it must equal the plain forward)."""
         cfg = model.config
         self.n_heads = int(cfg.num_attention_heads)
         self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
@@ -217,6 +225,7 @@ class StaticDecoder:
         extra = sum(t.numel() * t.element_size() for g in groups for part in g for t in part if t is not None)
         if self.device.type == "cuda" and extra > PACK_SHARE * torch.cuda.mem_get_info(self.device)[0]:
             self.packs = None
+            self.fusable = False
             return
         self.packs = []
         for g in groups:
@@ -228,6 +237,7 @@ class StaticDecoder:
                     packed.append(torch.cat([t.detach() for t in part if t is not None]))
             self.packs.append(packed)
         self._pack_sources = groups
+        self.fusable = self._fusable()
 
     def _repack(self) -> None:
         assert self.packs is not None
@@ -255,6 +265,13 @@ class StaticDecoder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def set_fusion(self, on: bool) -> None:
+        """Switch fusing on or off (``miles bench rollout --fuse compare`` times both); later graphs use it."""
+        self.fusion = Fusion.for_device(self.device, on)
+        self.fused_layers = on
+        if self.ws is not None:
+            self._drop_graphs(self.ws)
+
     def refresh(self) -> None:
         """Follow weight changes: new storage (e.g. after release/resume) drops the CUDA graphs, which hold
         addresses; new values (a weight sync) refresh the packed copies in place."""
@@ -277,7 +294,7 @@ class StaticDecoder:
             return module(x)  # type: ignore[no-any-return]
         return F.rms_norm(x, (x.shape[-1],), module.weight, float(eps))
 
-    def _qkv(self, li: int, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def _qkv(self, li: int, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [b, t, heads, d], k and v [b, t, kv_heads, d] of normalised input ``x``, RoPE applied."""
         attn = layer.self_attn
@@ -295,7 +312,7 @@ class StaticDecoder:
             qk = torch.cat([self._norm(attn.q_norm, qk[:, :, : self.n_heads]),
                             self._norm(attn.k_norm, qk[:, :, self.n_heads :])], dim=2)
         # HF's q * cos + rotate_half(q) * sin, with rotate_half's sign folded into the sin table
-        qk = torch.addcmul(qk * cos, torch.roll(qk, self.head_dim // 2, dims=-1), sin)
+        qk = self.fusion.rope(qk, cos, sin) if fused else fusion_rope(qk, cos, sin)
         return qk[:, :, : self.n_heads], qk[:, :, self.n_heads :], v
 
     def _mlp(self, li: int, layer: Any, h: torch.Tensor) -> torch.Tensor:
@@ -350,6 +367,8 @@ class StaticDecoder:
         visible = ws.slots[:window].unsqueeze(0) <= pos.unsqueeze(1)
         bias = torch.zeros((b, window), dtype=h.dtype, device=h.device).masked_fill_(~visible, float("-inf"))
         bias = bias.view(b, 1, 1, window)
+        if self.fused_layers and self.fusable:
+            return self._decode_layers_fused(h, cos, sin, bias, b, window)
         for li, layer in enumerate(inner.layers):
             q, k, v = self._qkv(li, layer, self._norm(layer.input_layernorm, h), cos, sin)
             kc, vc = ws.k[li], ws.v[li]
@@ -363,6 +382,50 @@ class StaticDecoder:
             h = self._mlp(li, layer, h)
         return self.model.lm_head(self._norm(inner.norm, h)[:, 0])  # type: ignore[no-any-return]
 
+    def _norm_args(self, module: Any) -> tuple[torch.Tensor, float] | None:
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if eps is None or "RMSNorm" not in type(module).__name__:
+            return None
+        return module.weight, float(eps)
+
+    def _fusable(self) -> bool:
+        """Whether the fused forward applies: packed q/k/v and gate/up, RMSNorms, SiLU-gated MLPs."""
+        inner = self.model.model
+        if self.packs is None or any(len(p) < 4 for p in self.packs) or self._norm_args(inner.norm) is None:
+            return False
+        return all(self._norm_args(layer.input_layernorm) is not None
+                   and self._norm_args(layer.post_attention_layernorm) is not None
+                   and getattr(layer.mlp, "act_fn", None).__class__.__name__ in ("SiLU", "SiLUActivation")
+                   for layer in inner.layers)
+
+    def _decode_layers_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                             b: int, window: int) -> torch.Tensor:
+        """:meth:`_decode_forward`'s layers with each residual add fused into the norm after it, RoPE in one
+        kernel and SiLU x up in one: the same weights and operations, about half the kernels."""
+        ws, fusion, inner = self.ws, self.fusion, self.model.model
+        assert ws is not None and self.packs is not None
+        layers = inner.layers
+        pos, rows = ws.pos[:b], ws.row_ids[:b]
+        w0, eps0 = self._norm_args(layers[0].input_layernorm) or (None, 0.0)
+        x = F.rms_norm(h, (h.shape[-1],), w0, eps0)
+        for li, layer in enumerate(layers):
+            q, k, v = self._qkv(li, layer, x, cos, sin, fused=True)
+            kc, vc = ws.k[li], ws.v[li]
+            kc[rows, :, pos] = k[:, 0]
+            vc[rows, :, pos] = v[:, 0]
+            qg = q.reshape(b, self.n_kv, self.group, self.head_dim)
+            a = F.scaled_dot_product_attention(qg, kc[:b, :, :window], vc[:b, :, :window], attn_mask=bias,
+                                               scale=self._scaling(layer))
+            w, eps = self._norm_args(layer.post_attention_layernorm) or (None, 0.0)
+            h, x = fusion.add_rms_norm(h, layer.self_attn.o_proj(a.reshape(b, 1, -1)), w, eps)
+            w_gate_up = self.packs[li][2]
+            assert w_gate_up is not None
+            gate_up = F.linear(x, w_gate_up, self.packs[li][3])
+            following = layers[li + 1].input_layernorm if li + 1 < len(layers) else inner.norm
+            w, eps = self._norm_args(following) or (None, 0.0)
+            h, x = fusion.add_rms_norm(h, layer.mlp.down_proj(fusion.silu_mul(gate_up)), w, eps)
+        return self.model.lm_head(x[:, 0])  # type: ignore[no-any-return]
+
     def _step(self, b: int, window: int) -> None:
         """Sample token ``step`` of every row from ``logits``, record it, and compute the next logits."""
         ws = self.ws
@@ -372,7 +435,7 @@ class StaticDecoder:
         if s.any_blocked:
             block_early_stops(logits, ws.step, s.min_new, s.blocked)
         u = s.draws.index_select(1, ws.step).view(b)
-        tok, lp = sample_batch(logits, u, s, scaled=True)
+        tok, lp = self.fusion.sample(logits, u, s, scaled=True)
         ws.tokens[:b].index_copy_(1, ws.step, tok.view(b, 1))
         ws.logprobs[:b].index_copy_(1, ws.step, lp.view(b, 1))
         ws.tok[:b].copy_(tok)

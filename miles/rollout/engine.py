@@ -110,6 +110,8 @@ class Engine:
     ``decoder``: ``"auto"`` runs :class:`StaticDecoder` when the model is one it supports, else HF's forward;
     ``"static"`` insists on it (ValueError naming why not); ``"hf"`` always uses HF's forward.
     ``cuda_graphs``: on CUDA, capture the static path's decode step (off: the same kernels, launched eagerly).
+    ``fuse``: compile the static path's elementwise chains and sampling into fused Triton kernels
+    (:mod:`miles.rollout.fusion`); None fuses where it can run (CUDA with Triton), True insists.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class Engine:
         trust_remote_code: bool = False,
         decoder: str = "auto",
         cuda_graphs: bool = True,
+        fuse: bool | None = False,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -168,7 +171,7 @@ class Engine:
         self.decoder: StaticDecoder | None = None
         """The fast decode path (static KV cache, CUDA graphs); None: HF's forward with a DynamicCache."""
         if decoder != "hf" and why_not is None:
-            self.decoder = StaticDecoder(self.model, self.device, cuda_graphs=cuda_graphs)
+            self.decoder = StaticDecoder(self.model, self.device, cuda_graphs=cuda_graphs, fuse=fuse)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

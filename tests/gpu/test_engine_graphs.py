@@ -49,3 +49,26 @@ def test_graphs_follow_growing_batches_and_match_eager(tmp_path: Path) -> None:
             p.mul_(0.5)
     for batch in _batches(graphs)[:2]:
         assert [o.output_ids for o in graphs.generate(batch)] == [o.output_ids for o in eager.generate(batch)]
+
+
+def test_fused_graphs_match_the_unfused_engine(tmp_path: Path) -> None:
+    """Compiled (Triton) elementwise chains and sampling, captured in the graphs, across growing and shrinking
+    batches and a weight change: the tokens of the unfused engine, logprobs within float32 rounding."""
+    pytest.importorskip("triton")
+    from miles.model.builtin import materialize
+
+    model_dir = materialize("tiny-arith", tmp_path / "tiny", seed=0)
+    fused = Engine(model_dir, device="cuda:0", dtype="float32", seed=0, decoder="static", fuse=True)
+    plain = Engine(model_dir, device="cuda:0", dtype="float32", seed=0, decoder="static", fuse=False)
+    assert fused.decoder is not None and fused.decoder.fusion.on
+    for step, batch in enumerate(_batches(fused)):
+        if step == 3:
+            with torch.no_grad():
+                for eng in (fused, plain):
+                    for p in eng.model.parameters():
+                        p.mul_(0.5)
+        a, b = fused.generate(batch), plain.generate(batch)
+        assert fused.decoder.fusable
+        assert [o.output_ids for o in a] == [o.output_ids for o in b]
+        for x, y in zip(a, b, strict=True):
+            assert x.output_logprobs == pytest.approx(y.output_logprobs, abs=1e-4)

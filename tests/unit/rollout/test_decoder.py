@@ -57,6 +57,21 @@ def test_static_path_equals_hf_forward_and_survives_rehearsed_captures(tiny_mode
     _assert_same(out, fast.generate(reqs))  # a second batch reuses the workspace
 
 
+def test_fused_layer_order_equals_the_plain_forward(tiny_model_dir: Path) -> None:
+    """The fused forward's order (each residual add with the norm after it, SiLU x up, RoPE as one function) run
+    eagerly gives HF's outputs; on CUDA the same functions are compiled (tests/gpu/test_engine_graphs.py)."""
+    fused = Engine(tiny_model_dir, seed=0, max_batch_size=32)
+    slow = Engine(tiny_model_dir, seed=0, max_batch_size=32, decoder="hf")
+    assert fused.decoder is not None and not fused.decoder.fusion.on
+    fused.decoder.fused_layers = True
+    reqs = _mixed_requests(fused.vocab_size, 21, seed=4)
+    out = fused.generate(reqs)
+    assert fused.decoder.fusable  # the tiny Qwen2 model takes the fused path
+    _assert_same(out, slow.generate(reqs))
+    with pytest.raises(RuntimeError, match="cannot fuse the decode step: .*CUDA"):
+        fused.decoder.set_fusion(True)
+
+
 def test_reading_every_step_or_every_few_steps_gives_the_same_outputs(tiny_model_dir: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     eng = Engine(tiny_model_dir, seed=0, max_batch_size=16)

@@ -1,0 +1,81 @@
+"""The decode step's elementwise chains, fused by ``torch.compile`` (Triton) on CUDA.
+
+A decode step of the static path (:mod:`miles.rollout.decoder`) at batch 256
+spends about a quarter of its GPU time in some 300 elementwise kernels of a
+few microseconds each: per layer the residual add and the RMSNorm after it
+(twice), RoPE's multiply, roll and multiply-add, and SiLU times up. Inductor
+fuses each chain into one kernel (the add and the norm that reads it into one
+pass, RoPE into one pass over q and k), and the sampling of
+:func:`~miles.rollout.sampling.sample_batch` into a few reductions over the
+vocabulary. The compiled kernels are ordinary CUDA launches, so the decoder's
+CUDA graphs capture them like the rest of the step.
+
+:class:`Fusion` holds the compiled functions, or the same functions eager when
+fusing is off or impossible (no CUDA, no Triton). Shapes that change between
+graph keys (the batch bucket) trigger one recompile with dynamic sizes, then
+none (``dynamic=None``: torch's automatic dynamic shapes).
+
+The fused results may differ from the eager ones in the last bit of a bf16
+value (the norm reads the float32 sum instead of its bf16 rounding, as fused
+norms in inference engines do); the tokens' logprobs still come from the one
+forward the tokens were sampled from.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from miles.rollout.sampling import sample_batch
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, RMSNorm(h + delta) * weight): a residual add and the pre-norm of the next sublayer."""
+    total = h + delta
+    return total, F.rms_norm(total, (total.shape[-1],), weight, eps)
+
+
+def rope(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's ``q * cos + rotate_half(q) * sin`` with rotate_half's sign folded into ``sin`` (the decoder's tables)."""
+    return torch.addcmul(qk * cos, torch.roll(qk, qk.shape[-1] // 2, dims=-1), sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of the packed gate/up projection's output."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def available(device: torch.device) -> str | None:
+    """Why fusing cannot run on ``device`` (None when it can)."""
+    if device.type != "cuda":
+        return f"fusing compiles Triton kernels for CUDA; the engine runs on {device.type}"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (torch.compile's CUDA backend needs it)"
+    return None
+
+
+class Fusion:
+    """The decode step's fusable functions: compiled (``on``) or eager."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        wrap: Callable[[Any], Any] = (lambda f: torch.compile(f, dynamic=None, fullgraph=True)) if on else (lambda f: f)
+        self.add_rms_norm = wrap(add_rms_norm)
+        self.rope = wrap(rope)
+        self.silu_mul = wrap(silu_mul)
+        # not fullgraph: the sampling flags (Python bools of the batch) pick branches
+        self.sample = torch.compile(sample_batch, dynamic=None) if on else sample_batch
+
+    @classmethod
+    def for_device(cls, device: torch.device, want: bool | None = None) -> Fusion:
+        """``want`` None: fuse when it can run here; True: fuse or raise naming why not; False: eager."""
+        why_not = available(device)
+        if want and why_not:
+            raise RuntimeError(f"cannot fuse the decode step: {why_not}")
+        return cls(on=bool(want if want is not None else why_not is None))
