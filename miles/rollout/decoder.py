@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from miles.rollout.fusion import Fusion
+from miles.rollout.fusion import Fusion, fusable, norm_args
 from miles.rollout.fusion import rope as fusion_rope
 from miles.rollout.sampling import BatchSampling, block_early_stops
 
@@ -89,12 +89,15 @@ class _Workspace:
     pos: torch.Tensor
     step: torch.Tensor
     logits: torch.Tensor
-    """float32 [rows, vocab]: the next token's logits, already divided by each row's temperature."""
+    """[rows, vocab]: the next token's logits. float32 and already divided by each row's temperature; fused
+    (``raw``): as the model's lm_head gave them (its dtype, undivided), the sampler converts and divides them on
+    the fly, so no float32 copy of the logits is written each step."""
     tokens: torch.Tensor
     logprobs: torch.Tensor
     slots: torch.Tensor
     row_ids: torch.Tensor
     sampling: BatchSampling | None = None
+    raw: bool = False
     graphs: dict[tuple[Any, ...], torch.cuda.CUDAGraph] = field(default_factory=dict)
 
 
@@ -174,7 +177,7 @@ class StaticDecoder:
 
     def _workspace(self, rows: int, length: int) -> _Workspace:
         ws = self.ws
-        if ws is not None and ws.rows >= rows and ws.length >= length:
+        if ws is not None and ws.rows >= rows and ws.length >= length and ws.raw == self.fusion.on:
             return ws
         rows = max(rows, ws.rows if ws is not None else 0)
         length = _bucket(max(length, ws.length if ws is not None else 0), MIN_WINDOW)
@@ -196,10 +199,11 @@ class StaticDecoder:
             tok=torch.zeros(rows, device=dev, dtype=torch.long),
             pos=torch.zeros(rows, device=dev, dtype=torch.long),
             step=torch.zeros(1, device=dev, dtype=torch.long),
-            logits=torch.zeros((rows, self.vocab), device=dev, dtype=torch.float32),
+            logits=torch.zeros((rows, self.vocab), device=dev, dtype=dtype if self.fusion.on else torch.float32),
             tokens=torch.zeros((rows, length), device=dev, dtype=torch.long),
             logprobs=torch.zeros((rows, length), device=dev, dtype=torch.float32),
             slots=torch.arange(length, device=dev),
+            raw=self.fusion.on,
             row_ids=torch.arange(rows, device=dev),
         )
         return self.ws
@@ -237,7 +241,7 @@ class StaticDecoder:
                     packed.append(torch.cat([t.detach() for t in part if t is not None]))
             self.packs.append(packed)
         self._pack_sources = groups
-        self.fusable = self._fusable()
+        self.fusable = fusable(self.model, self.packs)
 
     def _repack(self) -> None:
         assert self.packs is not None
@@ -289,10 +293,8 @@ class StaticDecoder:
     def _norm(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         """HF's RMSNorm through torch's ``rms_norm``, which computes it the same way (normalise in float32,
         round to the input's dtype, then scale by the weight) in one call instead of HF's seven kernels."""
-        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        if eps is None or "RMSNorm" not in type(module).__name__:
-            return module(x)  # type: ignore[no-any-return]
-        return F.rms_norm(x, (x.shape[-1],), module.weight, float(eps))
+        args = norm_args(module)
+        return module(x) if args is None else F.rms_norm(x, (x.shape[-1],), *args)  # type: ignore[no-any-return]
 
     def _qkv(self, li: int, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -355,8 +357,9 @@ class StaticDecoder:
             h = h[torch.arange(c, device=h.device), lengths - 1]
         return self._norm(inner.norm, h)
 
-    def _decode_forward(self, b: int, window: int) -> torch.Tensor:
-        """Logits [b, vocab] (model dtype) of each row's token ``tok`` at slot ``pos``, writing its K/V there."""
+    def _decode_forward(self, b: int, window: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [b, vocab] (model dtype) of each row's token ``tok`` at slot ``pos``, writing its K/V there
+        (into ``out`` when given: the fused path)."""
         ws = self.ws
         assert ws is not None
         inner = self.model.model
@@ -368,7 +371,11 @@ class StaticDecoder:
         bias = torch.zeros((b, window), dtype=h.dtype, device=h.device).masked_fill_(~visible, float("-inf"))
         bias = bias.view(b, 1, 1, window)
         if self.fused_layers and self.fusable:
-            return self._decode_layers_fused(h, cos, sin, bias, b, window)
+            x = self._decode_layers_fused(h, cos, sin, bias, b, window)[:, 0]
+            head = self.model.lm_head
+            if out is None or head.bias is not None:
+                return head(x) if out is None else out.copy_(head(x))  # type: ignore[no-any-return]
+            return torch.mm(x, head.weight.t(), out=out)
         for li, layer in enumerate(inner.layers):
             q, k, v = self._qkv(li, layer, self._norm(layer.input_layernorm, h), cos, sin)
             kc, vc = ws.k[li], ws.v[li]
@@ -380,51 +387,42 @@ class StaticDecoder:
                                                scale=self._scaling(layer))
             h = h + layer.self_attn.o_proj(a.reshape(b, 1, -1))
             h = self._mlp(li, layer, h)
-        return self.model.lm_head(self._norm(inner.norm, h)[:, 0])  # type: ignore[no-any-return]
-
-    def _norm_args(self, module: Any) -> tuple[torch.Tensor, float] | None:
-        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        if eps is None or "RMSNorm" not in type(module).__name__:
-            return None
-        return module.weight, float(eps)
-
-    def _fusable(self) -> bool:
-        """Whether the fused forward applies: packed q/k/v and gate/up, RMSNorms, SiLU-gated MLPs."""
-        inner = self.model.model
-        if self.packs is None or any(len(p) < 4 for p in self.packs) or self._norm_args(inner.norm) is None:
-            return False
-        return all(self._norm_args(layer.input_layernorm) is not None
-                   and self._norm_args(layer.post_attention_layernorm) is not None
-                   and getattr(layer.mlp, "act_fn", None).__class__.__name__ in ("SiLU", "SiLUActivation")
-                   for layer in inner.layers)
+        logits = self.model.lm_head(self._norm(inner.norm, h)[:, 0])
+        return logits if out is None else out.copy_(logits)  # type: ignore[no-any-return]
 
     def _decode_layers_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
                              b: int, window: int) -> torch.Tensor:
         """:meth:`_decode_forward`'s layers with each residual add fused into the norm after it, RoPE in one
-        kernel and SiLU x up in one: the same weights and operations, about half the kernels."""
+        kernel with the K/V cache writes and SiLU x up in one: the same weights and operations, about half the
+        kernels. Returns the final norm's output [b, 1, hidden] (the caller applies lm_head)."""
         ws, fusion, inner = self.ws, self.fusion, self.model.model
         assert ws is not None and self.packs is not None
         layers = inner.layers
         pos, rows = ws.pos[:b], ws.row_ids[:b]
-        w0, eps0 = self._norm_args(layers[0].input_layernorm) or (None, 0.0)
+        w0, eps0 = norm_args(layers[0].input_layernorm) or (None, 0.0)
         x = F.rms_norm(h, (h.shape[-1],), w0, eps0)
         for li, layer in enumerate(layers):
-            q, k, v = self._qkv(li, layer, x, cos, sin, fused=True)
             kc, vc = ws.k[li], ws.v[li]
-            kc[rows, :, pos] = k[:, 0]
-            vc[rows, :, pos] = v[:, 0]
+            w_qkv = self.packs[li][0]
+            if getattr(layer.self_attn, "q_norm", None) is None and w_qkv is not None:
+                qkv = F.linear(x, w_qkv, self.packs[li][1]).view(b, 1, self.n_heads + 2 * self.n_kv, self.head_dim)
+                q = fusion.rope_store(qkv, cos, sin, kc, vc, rows, pos, self.n_heads)
+            else:
+                q, k, v = self._qkv(li, layer, x, cos, sin, fused=True)
+                kc[rows, :, pos] = k[:, 0]
+                vc[rows, :, pos] = v[:, 0]
             qg = q.reshape(b, self.n_kv, self.group, self.head_dim)
             a = F.scaled_dot_product_attention(qg, kc[:b, :, :window], vc[:b, :, :window], attn_mask=bias,
                                                scale=self._scaling(layer))
-            w, eps = self._norm_args(layer.post_attention_layernorm) or (None, 0.0)
+            w, eps = norm_args(layer.post_attention_layernorm) or (None, 0.0)
             h, x = fusion.add_rms_norm(h, layer.self_attn.o_proj(a.reshape(b, 1, -1)), w, eps)
             w_gate_up = self.packs[li][2]
             assert w_gate_up is not None
             gate_up = F.linear(x, w_gate_up, self.packs[li][3])
             following = layers[li + 1].input_layernorm if li + 1 < len(layers) else inner.norm
-            w, eps = self._norm_args(following) or (None, 0.0)
+            w, eps = norm_args(following) or (None, 0.0)
             h, x = fusion.add_rms_norm(h, layer.mlp.down_proj(fusion.silu_mul(gate_up)), w, eps)
-        return self.model.lm_head(x[:, 0])  # type: ignore[no-any-return]
+        return x
 
     def _step(self, b: int, window: int) -> None:
         """Sample token ``step`` of every row from ``logits``, record it, and compute the next logits."""
@@ -435,12 +433,14 @@ class StaticDecoder:
         if s.any_blocked:
             block_early_stops(logits, ws.step, s.min_new, s.blocked)
         u = s.draws.index_select(1, ws.step).view(b)
-        tok, lp = self.fusion.sample(logits, u, s, scaled=True)
+        tok, lp = self.fusion.sample(logits, u, s, scaled=not ws.raw)
         ws.tokens[:b].index_copy_(1, ws.step, tok.view(b, 1))
         ws.logprobs[:b].index_copy_(1, ws.step, lp.view(b, 1))
         ws.tok[:b].copy_(tok)
-        # the next logits, divided by each row's temperature on their way to float32 (one kernel)
-        torch.div(self._decode_forward(b, window), s.temperature.unsqueeze(1), out=ws.logits[:b])
+        if ws.raw:  # the next logits straight into the workspace (the sampler divides them)
+            self._decode_forward(b, window, out=ws.logits[:b])
+        else:  # the next logits, divided by each row's temperature on their way to float32 (one kernel)
+            torch.div(self._decode_forward(b, window), s.temperature.unsqueeze(1), out=ws.logits[:b])
         ws.pos[:b].add_(1).clamp_(max=ws.length - 1)
         ws.step.add_(1)
 
@@ -527,8 +527,11 @@ class StaticDecoder:
                         got = lp[r - r0, torch.arange(lens[r] - 1, device=dev), torch.tensor(prompt[1:], dtype=torch.long, device=dev)]
                         input_lps[r] = [None, *got.tolist()]
                 h = h[torch.arange(r1 - r0, device=dev), lengths - 1]
-            temperature = ws.sampling.temperature[r0:r1].unsqueeze(1)
-            torch.div(self.model.lm_head(h).float(), temperature, out=ws.logits[r0:r1])
+            if ws.raw:
+                ws.logits[r0:r1].copy_(self.model.lm_head(h))
+            else:
+                temperature = ws.sampling.temperature[r0:r1].unsqueeze(1)
+                torch.div(self.model.lm_head(h).float(), temperature, out=ws.logits[r0:r1])
         return b, input_lps
 
     def step(self, b: int, max_pos: int) -> None:

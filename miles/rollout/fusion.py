@@ -45,10 +45,40 @@ def rope(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.addcmul(qk * cos, torch.roll(qk, qk.shape[-1] // 2, dims=-1), sin)
 
 
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """RoPE on one decode step's q and k (``qkv`` [b, 1, heads + 2 kv_heads, d]), k and v written at each row's
+    slot ``pos`` of its cache row ``rows`` (caches [rows, kv_heads, length, d]); returns q [b, 1, heads, d]."""
+    n_kv = (qkv.shape[2] - n_heads) // 2
+    qk = rope(qkv[:, :, : n_heads + n_kv], cos, sin)
+    k_cache[rows, :, pos] = qk[:, 0, n_heads:]
+    v_cache[rows, :, pos] = qkv[:, 0, n_heads + n_kv :]
+    return qk[:, :, :n_heads]
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of the packed gate/up projection's output."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def norm_args(module: Any) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of an HF RMSNorm module (``F.rms_norm`` computes it as HF does); None for other norms."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if eps is None or "RMSNorm" not in type(module).__name__:
+        return None
+    return module.weight, float(eps)
+
+
+def fusable(model: Any, packs: list[list[torch.Tensor | None]] | None) -> bool:
+    """Whether a decoder's layers can take the fused forward: packed q/k/v and gate/up weights (``packs``),
+    RMSNorms and SiLU-gated MLPs."""
+    inner = model.model
+    if packs is None or any(len(p) < 4 or p[2] is None for p in packs) or norm_args(inner.norm) is None:
+        return False
+    return all(norm_args(layer.input_layernorm) is not None and norm_args(layer.post_attention_layernorm) is not None
+               and type(getattr(layer.mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+               for layer in inner.layers)
 
 
 def available(device: torch.device) -> str | None:
@@ -68,6 +98,7 @@ class Fusion:
         wrap: Callable[[Any], Any] = (lambda f: torch.compile(f, dynamic=None, fullgraph=True)) if on else (lambda f: f)
         self.add_rms_norm = wrap(add_rms_norm)
         self.rope = wrap(rope)
+        self.rope_store = wrap(rope_store)
         self.silu_mul = wrap(silu_mul)
         # not fullgraph: the sampling flags (Python bools of the batch) pick branches
         self.sample = torch.compile(sample_batch, dynamic=None) if on else sample_batch

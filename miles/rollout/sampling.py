@@ -286,14 +286,15 @@ def sample_batch(logits: torch.Tensor, u: torch.Tensor, s: BatchSampling,
     """One token per row and its logprob, SGLang's way, with no host synchronisation.
 
     ``logits``: float32 [n, vocab] (the rows of ``s``), already divided by each row's temperature when
-    ``scaled``; ``u``: float32 [n], each row's uniform draw. Greedy rows take the argmax. Sampled rows draw from
+    ``scaled``, else of any float dtype (converted to float32 before the division); ``u``: float32 [n], each
+    row's uniform draw. Greedy rows take the argmax. Sampled rows draw from
     softmax(logits / T), after top_p then top_k on the sorted distribution when any row asks for them, by inverse
     CDF with their draw (scaled by the kept mass, so no renormalisation). The logprob is log softmax(logits / T)
     of the chosen token over the whole vocabulary (T = 1 for greedy rows), before top-k/top-p: what SGLang 0.5.20
     returns by default.
     """
     vocab = logits.shape[1]
-    logprobs = torch.log_softmax(logits if scaled else logits / s.temperature.unsqueeze(1), dim=-1)
+    logprobs = torch.log_softmax(logits if scaled else logits.float() / s.temperature.unsqueeze(1), dim=-1)
     tokens = torch.argmax(logits, dim=-1)
     if s.any_sampled:
         probs = logprobs.exp()

@@ -23,6 +23,7 @@ from miles.rollout.sampling import BatchSampling, SamplingParams
 
 DEV = os.environ.get("H26_DEV", "cuda:0")
 SMALL = os.environ.get("H26_SMALL") == "1"  # a CPU dry run of this script
+FUSE = os.environ.get("H26_FUSE") == "1"  # profile the fused decode step (torch.compile, CUDA only)
 
 
 def sync() -> None:
@@ -106,7 +107,7 @@ def profile() -> None:
     s = BatchSampling.build(params, list(range(b)), [steps] * b, set(), vocab, steps)
     with torch.inference_mode():
         for graphs in ((True, False) if DEV.startswith("cuda") else (False,)):
-            dec = StaticDecoder(model, torch.device(DEV), cuda_graphs=graphs)
+            dec = StaticDecoder(model, torch.device(DEV), cuda_graphs=graphs, fuse=FUSE)
             sync()
             t = time.perf_counter()
             rows, _ = dec.start(prompts, s, plen + steps, [False] * b)
@@ -125,7 +126,7 @@ def profile() -> None:
                       f"({rows / ms * 1e3:,.0f} tok/s); prefill {t_prefill * 1e3:.1f} ms", flush=True)
             del dec
             torch.cuda.empty_cache()
-        dec = StaticDecoder(model, torch.device(DEV), cuda_graphs=False)
+        dec = StaticDecoder(model, torch.device(DEV), cuda_graphs=False, fuse=FUSE)
         rows, _ = dec.start(prompts, s, plen + steps, [False] * b)
         dec.step(rows, 150)
         sync()
@@ -139,7 +140,7 @@ def profile() -> None:
         total = sum(e.self_device_time_total for e in events)
         count = sum(e.count for e in events)
         print(f"H26 eager step kernels: {count}, GPU time {total / 1e3:.3f} ms", flush=True)
-        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:int(os.environ.get("H26_TOP", "14"))]:
             print(f"H26   {e.self_device_time_total / 1e3:8.3f} ms x{e.count:4d}  {e.key[:90]}", flush=True)
 
 
@@ -151,7 +152,8 @@ def main() -> int:
     print(f"H26 transformers {transformers.__version__}", flush=True)
     rc = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for section in (lambda: correctness(Path(tmp)), profile):
+        sections = [lambda: correctness(Path(tmp)), profile] if os.environ.get("H26_ONLY") != "profile" else [profile]
+        for section in sections:
             try:
                 section()
             except Exception:

@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PA
 date -u; nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 which gcc cc || echo "no C compiler"
-PARTS=${H35_PARTS:-test bench}
+PARTS=${H35_PARTS:-test bench prof}
 for part in $PARTS; do
   case $part in
     test) echo "== $(date -u +%T) pytest tests/gpu/test_engine_graphs.py"
@@ -23,6 +23,8 @@ for part in $PARTS; do
     bench15) echo "== $(date -u +%T) bench rollout 1.5B --fuse compare"
            timeout 200 python3 -m miles.cli bench rollout --preset qwen2.5-1.5b --batch 256 --prompt-len 32 \
              --max-new-tokens 128 --dtype bfloat16 --fuse compare --json "$OUT/rollout-fused-1.5b.json" 2>&1 | tail -25 ;;
+    prof) echo "== $(date -u +%T) one fused decode step, timed with graphs and profiled eagerly (h26_check.py)"
+          H26_ONLY=profile H26_FUSE=1 H26_TOP=16 timeout 150 python3 scripts/gpu/h26_check.py 2>&1 | grep "^H26" ;;
   esac
 done
 date -u
