@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", default="auto", choices=["auto", "static", "hf"],
                    help="the engine's decode path: static KV cache (+ CUDA graphs), HF's forward, or auto")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the static decode path without CUDA graphs")
-    p.add_argument("--fuse", choices=["off", "on", "auto", "compare"], default="off",
+    p.add_argument("--fuse", choices=["off", "on", "auto", "compare"], default="auto",
                    help="compile the decode step's elementwise chains and sampling (Triton; CUDA only): off, on, "
                         "auto (where it can run), or compare (time the engine without, then with)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON to this file")
@@ -205,7 +205,8 @@ def main(argv: list[str]) -> int:
         report.summary = {"weight_bytes": weight_bytes, "mem_bw_gbs": bw, "mem_bw_source": bw_source,
                           "roofline_tokens_per_s": roof, "engine_first_call_s": first,
                           "engine_decoder": "hf" if engine.decoder is None else
-                          ("static+cuda-graphs" if engine.decoder.cuda_graphs else "static")}
+                          ("static+cuda-graphs" if engine.decoder.cuda_graphs else "static")
+                          + ("+fused" if engine.decoder.fusion.on else "")}
         if a.fuse == "compare":
             report.summary["engine_fused_first_call_s"] = first_fused
         if not a.skip_hf:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from miles.rollout import decode_attention as attention
 from miles.rollout.fusion import Fusion, fusable, norm_args
 from miles.rollout.fusion import rope as fusion_rope
 from miles.rollout.sampling import BatchSampling, block_early_stops
@@ -104,7 +105,7 @@ class _Workspace:
 class StaticDecoder:
     """Decodes batches of one model through static buffers (and CUDA graphs on CUDA devices)."""
 
-    def __init__(self, model: Any, device: torch.device, cuda_graphs: bool = True, fuse: bool | None = False) -> None:
+    def __init__(self, model: Any, device: torch.device, cuda_graphs: bool = True, fuse: bool | None = None) -> None:
         self.model = model
         self.device = device
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
@@ -412,8 +413,11 @@ class StaticDecoder:
                 kc[rows, :, pos] = k[:, 0]
                 vc[rows, :, pos] = v[:, 0]
             qg = q.reshape(b, self.n_kv, self.group, self.head_dim)
-            a = F.scaled_dot_product_attention(qg, kc[:b, :, :window], vc[:b, :, :window], attn_mask=bias,
-                                               scale=self._scaling(layer))
+            if self.fusion.on and attention.supported(self.device, self.head_dim, self.group):
+                a = attention.decode_attention(qg, kc, vc, pos, self._scaling(layer))
+            else:
+                a = F.scaled_dot_product_attention(qg, kc[:b, :, :window], vc[:b, :, :window], attn_mask=bias,
+                                                   scale=self._scaling(layer))
             w, eps = norm_args(layer.post_attention_layernorm) or (None, 0.0)
             h, x = fusion.add_rms_norm(h, layer.self_attn.o_proj(a.reshape(b, 1, -1)), w, eps)
             w_gate_up = self.packs[li][2]

@@ -124,7 +124,7 @@ class Engine:
         trust_remote_code: bool = False,
         decoder: str = "auto",
         cuda_graphs: bool = True,
-        fuse: bool | None = False,
+        fuse: bool | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -514,10 +514,11 @@ def serve(
     weight_version: str = "default",
     trust_remote_code: bool = False,
     ready_file: str | None = None,
+    fuse: bool | None = None,
 ) -> None:
     """Load ``model_dir`` and serve it on ``host:port`` until SIGINT/SIGTERM (blocking)."""
     engine = Engine(model_dir, device=device, dtype=dtype, seed=seed, max_batch_size=max_batch_size,
-                    trust_remote_code=trust_remote_code)
+                    trust_remote_code=trust_remote_code, fuse=fuse)
     server = EngineServer(engine, api_key=api_key, batch_wait_ms=batch_wait_ms, served_model_name=served_model_name,
                           weight_version=weight_version,
                           settings={"host": host, "port": port, "device": device, "dtype": dtype, "random_seed": seed})
@@ -549,11 +550,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weight-version", default="default")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--ready-file", default=None)
+    p.add_argument("--fuse", choices=["auto", "on", "off"], default=os.environ.get("MILES_ENGINE_FUSE", "auto"),
+                   help="compile the decode step's elementwise chains and sampling (Triton, CUDA only); auto: where "
+                        "it can run. Default from MILES_ENGINE_FUSE, else auto")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     serve(a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, seed=a.seed, api_key=a.api_key,
           max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms, served_model_name=a.served_model_name,
-          weight_version=a.weight_version, trust_remote_code=a.trust_remote_code, ready_file=a.ready_file)
+          weight_version=a.weight_version, trust_remote_code=a.trust_remote_code, ready_file=a.ready_file,
+          fuse={"auto": None, "on": True, "off": False}[a.fuse])
 
 
 def _device_binder(device: Any) -> Any:
