@@ -409,6 +409,7 @@ class Engine:
         """
         state = self.state()
         count = 0
+        batched: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         for name, tensor in named:
             where = self._fused_targets().locate(name) if name not in state else None
             if where is not None:
@@ -424,8 +425,14 @@ class Engine:
             target = state[name]
             if tuple(target.shape) != tuple(tensor.shape):
                 raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != engine's {tuple(target.shape)}")
-            target.copy_(tensor.to(device=target.device))
+            if tensor.device == target.device and tensor.dtype == target.dtype:
+                batched[0].append(target)  # copied together below (one multi-tensor launch on a GPU)
+                batched[1].append(tensor)
+            else:
+                target.copy_(tensor.to(device=target.device))
             count += 1
+        if batched[0]:
+            torch._foreach_copy_(batched[0], batched[1])
         return count
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[Any]:

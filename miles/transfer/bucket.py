@@ -97,10 +97,19 @@ class Bucket:
                     raise ValueError(f"out is on {out.device}, not on {device}")
                 flat = out[: self.size]
             offset = 0
+            batched: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
             for t in self.tensors:
                 n = t.numel() * t.element_size()
-                _copy_bytes(flat[offset : offset + n], t.detach())
+                if t.is_contiguous() and t.device == flat.device:  # copied together below
+                    batched[0].append(flat[offset : offset + n])
+                    batched[1].append(t.detach().reshape(-1).view(torch.uint8))
+                else:
+                    _copy_bytes(flat[offset : offset + n], t.detach())
                 offset += n
+            if batched[0]:
+                # one multi-tensor launch instead of one copy per tensor: a bucket holds hundreds of small
+                # tensors (norms, biases), and their launches, not their bytes, were a sync's fixed cost on GPUs
+                torch._foreach_copy_(batched[0], batched[1])
         return flat
 
     def zero_copy(self, device: torch.device | str | None = None) -> torch.Tensor | None:
