@@ -483,6 +483,7 @@ class EngineServer(WeightEndpoints):
         assert self._model_lock is not None
         async with self._model_lock:
             self.engine.release(body.get("tags"))
+            self._host_buffer = None
         return web.json_response(None)
 
     async def resume_memory(self, request: web.Request) -> web.Response:

@@ -54,6 +54,9 @@ class WeightEndpoints:
 
     _copy_stream: Any = None
     _copy_events: list[Any] | None = None
+    _host_buffer: Any = None
+    """The receive buffer of flattened buckets on a CPU engine, kept from bucket to bucket and sync to sync: a
+    fresh one is paid in first-touch page faults at every bucket, about as much as the broadcast itself."""
     _copy_lock = threading.Lock()
     """Guards ``_copy_events`` between the control threads (a receive and a settle never interleave in one sync,
     but a misbehaving client could send both at once)."""
@@ -118,6 +121,8 @@ class WeightEndpoints:
         await self._settled()
         # off the event loop: an NCCL teardown can wait for the trainer's, and the server must keep answering
         await asyncio.get_running_loop().run_in_executor(self._ctl_pool, leave_group, self.groups.pop(name))
+        if not self.groups:
+            self._host_buffer = None
         return web.json_response({"success": True, "message": "Succeeded to destroy custom process group."})
 
     def _receive(self, body: dict[str, Any]) -> int:
@@ -136,7 +141,14 @@ class WeightEndpoints:
             return self._receive_overlapped(pg, names, dtypes, shapes)
         self._settle_copies()
         if body.get("load_format") == "flattened_bucket":
-            flat = torch.empty(bucket_bytes(dtypes, shapes), dtype=torch.uint8, device=device)
+            size = bucket_bytes(dtypes, shapes)
+            if device.type == "cpu":  # the model's copies below finish before the next bucket: one buffer serves
+                if self._host_buffer is None or self._host_buffer.numel() < size:
+                    self._host_buffer = None  # free the small one before allocating the larger
+                    self._host_buffer = torch.empty(size, dtype=torch.uint8)
+                flat = self._host_buffer[:size]
+            else:
+                flat = torch.empty(size, dtype=torch.uint8, device=device)
             dist.broadcast(flat, src=0, group=pg)
             named = unflatten(flat, names, dtypes, shapes)
         elif body.get("load_format") in (None, "auto"):
