@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from miles.rollout import decode_attention as attention
-from miles.rollout.fusion import Fusion, fusable, norm_args
+from miles.rollout.fusion import Fusion, fusable, norm_args, rms_args
 from miles.rollout.fusion import rope as fusion_rope
 from miles.rollout.sampling import BatchSampling, block_early_stops
 
@@ -122,6 +122,8 @@ class StaticDecoder:
         self.group = self.n_heads // self.n_kv
         self.n_layers = len(model.model.layers)
         self.vocab = int(model.lm_head.out_features)
+        self.triton_attention = self.fusion.on and attention.supported(device, self.head_dim, self.group)
+        """The fused step's attention: miles' Triton kernel (else SDPA with a length mask)."""
         self.ws: _Workspace | None = None
         self._pool: Any = None
         self._weights_key: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
@@ -274,6 +276,7 @@ class StaticDecoder:
         """Switch fusing on or off (``miles bench rollout --fuse compare`` times both); later graphs use it."""
         self.fusion = Fusion.for_device(self.device, on)
         self.fused_layers = on
+        self.triton_attention = on and attention.supported(self.device, self.head_dim, self.group)
         if self.ws is not None:
             self._drop_graphs(self.ws)
 
@@ -368,15 +371,13 @@ class StaticDecoder:
         h = inner.embed_tokens(tok).unsqueeze(1)
         cos = ws.cos.index_select(0, pos).view(b, 1, 1, -1)
         sin = ws.sin.index_select(0, pos).view(b, 1, 1, -1)
-        visible = ws.slots[:window].unsqueeze(0) <= pos.unsqueeze(1)
-        bias = torch.zeros((b, window), dtype=h.dtype, device=h.device).masked_fill_(~visible, float("-inf"))
-        bias = bias.view(b, 1, 1, window)
         if self.fused_layers and self.fusable:
-            x = self._decode_layers_fused(h, cos, sin, bias, b, window)[:, 0]
+            x = self._decode_layers_fused(h, cos, sin, b, window)[:, 0]
             head = self.model.lm_head
             if out is None or head.bias is not None:
                 return head(x) if out is None else out.copy_(head(x))  # type: ignore[no-any-return]
             return torch.mm(x, head.weight.t(), out=out)
+        bias = self._length_bias(b, window, h.dtype)
         for li, layer in enumerate(inner.layers):
             q, k, v = self._qkv(li, layer, self._norm(layer.input_layernorm, h), cos, sin)
             kc, vc = ws.k[li], ws.v[li]
@@ -391,8 +392,16 @@ class StaticDecoder:
         logits = self.model.lm_head(self._norm(inner.norm, h)[:, 0])
         return logits if out is None else out.copy_(logits)  # type: ignore[no-any-return]
 
-    def _decode_layers_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-                             b: int, window: int) -> torch.Tensor:
+    def _length_bias(self, b: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+        """SDPA's additive mask [b, 1, 1, window]: row i sees slots ``0..pos[i]`` of the window."""
+        ws = self.ws
+        assert ws is not None
+        visible = ws.slots[:window].unsqueeze(0) <= ws.pos[:b].unsqueeze(1)
+        bias = torch.zeros((b, window), dtype=dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+        return bias.view(b, 1, 1, window)
+
+    def _decode_layers_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, b: int, window: int
+                             ) -> torch.Tensor:
         """:meth:`_decode_forward`'s layers with each residual add fused into the norm after it, RoPE in one
         kernel with the K/V cache writes and SiLU x up in one: the same weights and operations, about half the
         kernels. Returns the final norm's output [b, 1, hidden] (the caller applies lm_head)."""
@@ -400,8 +409,8 @@ class StaticDecoder:
         assert ws is not None and self.packs is not None
         layers = inner.layers
         pos, rows = ws.pos[:b], ws.row_ids[:b]
-        w0, eps0 = norm_args(layers[0].input_layernorm) or (None, 0.0)
-        x = F.rms_norm(h, (h.shape[-1],), w0, eps0)
+        x = F.rms_norm(h, (h.shape[-1],), *rms_args(layers[0].input_layernorm))
+        bias = None if self.triton_attention else self._length_bias(b, window, h.dtype)
         for li, layer in enumerate(layers):
             kc, vc = ws.k[li], ws.v[li]
             w_qkv = self.packs[li][0]
@@ -413,19 +422,18 @@ class StaticDecoder:
                 kc[rows, :, pos] = k[:, 0]
                 vc[rows, :, pos] = v[:, 0]
             qg = q.reshape(b, self.n_kv, self.group, self.head_dim)
-            if self.fusion.on and attention.supported(self.device, self.head_dim, self.group):
+            if bias is None:
                 a = attention.decode_attention(qg, kc, vc, pos, self._scaling(layer))
             else:
                 a = F.scaled_dot_product_attention(qg, kc[:b, :, :window], vc[:b, :, :window], attn_mask=bias,
                                                    scale=self._scaling(layer))
-            w, eps = norm_args(layer.post_attention_layernorm) or (None, 0.0)
-            h, x = fusion.add_rms_norm(h, layer.self_attn.o_proj(a.reshape(b, 1, -1)), w, eps)
+            h, x = fusion.add_rms_norm(h, layer.self_attn.o_proj(a.reshape(b, 1, -1)),
+                                       *rms_args(layer.post_attention_layernorm))
             w_gate_up = self.packs[li][2]
             assert w_gate_up is not None
             gate_up = F.linear(x, w_gate_up, self.packs[li][3])
             following = layers[li + 1].input_layernorm if li + 1 < len(layers) else inner.norm
-            w, eps = norm_args(following) or (None, 0.0)
-            h, x = fusion.add_rms_norm(h, layer.mlp.down_proj(fusion.silu_mul(gate_up)), w, eps)
+            h, x = fusion.add_rms_norm(h, layer.mlp.down_proj(fusion.silu_mul(gate_up)), *rms_args(following))
         return x
 
     def _step(self, b: int, window: int) -> None:

@@ -70,6 +70,13 @@ def norm_args(module: Any) -> tuple[torch.Tensor, float] | None:
     return module.weight, float(eps)
 
 
+def rms_args(module: Any) -> tuple[torch.Tensor, float]:
+    """:func:`norm_args` of a norm known to be an RMSNorm (one :func:`fusable` checked)."""
+    args = norm_args(module)
+    assert args is not None, f"{type(module).__name__} is not an RMSNorm"
+    return args
+
+
 def fusable(model: Any, packs: list[list[torch.Tensor | None]] | None) -> bool:
     """Whether a decoder's layers can take the fused forward: packed q/k/v and gate/up weights (``packs``),
     RMSNorms and SiLU-gated MLPs."""
