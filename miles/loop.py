@@ -24,8 +24,8 @@ the batch shell requeues the job.
 
 from __future__ import annotations
 
-from miles.launch.environment import TaskContext
-from miles.session import Session
+from miles.job.environment import TaskContext
+from miles.session.run import Session
 from miles.spec.tables import Spec
 
 

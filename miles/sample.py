@@ -9,6 +9,7 @@ all. Plain data only (no tensors), so samples pickle cheaply between ranks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,3 +59,11 @@ class Sample:
 
     weight_version: int = 0
     """Version of the engine weights that generated the response (bumped by each sync)."""
+
+
+def split_groups(samples: Sequence[Sample]) -> list[list[Sample]]:
+    """Samples partitioned by ``group_index``, groups in first-seen order, samples in their given order."""
+    groups: dict[int, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.group_index, []).append(s)
+    return list(groups.values())

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build .venv-sglang: the pinned SGLang release (miles/rollout/sglang_flags.py
+# Build .venv-sglang: the pinned SGLang release (miles/sglang/flags.py
 # SGLANG_PIN) in its own environment, so miles' integration tests (tests/sglang)
 # drive a real SGLang server on a CPU.
 #
@@ -15,7 +15,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-${MILES_SGLANG_VENV:-$ROOT/.venv-sglang}}"
 PY="${PYTHON:-python3}"
-PIN="$(sed -n 's/^SGLANG_PIN = "\(.*\)"$/\1/p' "$ROOT/miles/rollout/sglang_flags.py")"
+PIN="$(sed -n 's/^SGLANG_PIN = "\(.*\)"$/\1/p' "$ROOT/miles/sglang/flags.py")"
 TORCH="2.13.0"
 ROUTER="0.3.2"  # sglang-router, for the router-in-front test
 # Requirements that are CUDA/ROCm-only, GPU kernels, or vision/audio stacks built

@@ -1,8 +1,8 @@
 """Test helper: the pinned SGLang wheel, downloaded at test set-up (``pip download --no-deps``), never installed.
 
-The reading itself lives in :mod:`miles.rollout.sglang_wheel` (the flag generator
+The reading itself lives in :mod:`miles.sglang.wheel` (the flag generator
 shares it); this module gives tests one cached :class:`SglangSource` per session.
-Bumping ``miles.rollout.sglang_flags.SGLANG_PIN`` makes every user re-download
+Bumping ``miles.sglang.flags.SGLANG_PIN`` makes every user re-download
 and re-check against the new release.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from miles.rollout.sglang_wheel import SglangSource, pinned_wheel
+from miles.sglang.wheel import SglangSource, pinned_wheel
 
 
 @lru_cache(maxsize=1)

@@ -4,9 +4,9 @@ The sync benchmark must measure miles' real receive path: the engine's HTTP
 handlers (``/init_weights_update_group``, ``/update_weights_from_distributed``),
 the flattened-bucket unpacking and :meth:`Engine.load_weights` copying every
 tensor into the model by name. So this process runs the real
-:class:`~miles.rollout.server.EngineServer` around a real
-:class:`~miles.rollout.engine.Engine`. Only the way the model comes to exist
-differs from ``python -m miles.rollout.server``: a 16 GiB checkpoint written to
+:class:`~miles.engine.server.EngineServer` around a real
+:class:`~miles.engine.core.Engine`. Only the way the model comes to exist
+differs from ``python -m miles.engine.server``: a 16 GiB checkpoint written to
 disk just to be read back would cost minutes and the disk, so the engine is
 built on a tiny built-in directory (for its tokenizer) and its model is then
 replaced by the benchmark's shape, allocated directly on the device (zeroed:
@@ -43,8 +43,8 @@ def build_engine(config: dict[str, Any], dtype: str, device: str, workdir: Path)
     from transformers import AutoModelForCausalLM
 
     from miles.bench.shapes import hf_config
+    from miles.engine.core import DTYPES, Engine
     from miles.model.builtin import materialize
-    from miles.rollout.engine import DTYPES, Engine
 
     stub = materialize("tiny-arith", workdir / "stub", seed=0)
     engine = Engine(stub, device="cpu", dtype="float32", max_batch_size=1)
@@ -78,7 +78,7 @@ def serve(config: dict[str, Any], dtype: str, device: str, host: str, port: int,
     from aiohttp.web_runner import GracefulExit
 
     from miles.bench.report import write_atomic
-    from miles.rollout.server import EngineServer
+    from miles.engine.server import EngineServer
 
     if device.startswith("cuda"):
         import torch
@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     port = a.port
     if port == 0:
-        from miles.rollout.local import free_port
+        from miles.job.ports import free_port
 
-        port = free_port(a.host if a.host != "0.0.0.0" else "127.0.0.1")
+        port = free_port(host=a.host if a.host != "0.0.0.0" else "127.0.0.1")
     announce = a.announce_host or (socket.gethostname() if a.host == "0.0.0.0" else a.host)
     serve(json.loads(Path(a.config_json).read_text()), a.dtype, a.device, a.host, port, a.ready_file, a.done_file,
           announce_host=announce)

@@ -106,8 +106,8 @@ def run_engine(engine: Any, prompts: list[list[int]], a: argparse.Namespace, dev
     The warm-up is the timed batch itself: the engine captures a CUDA graph per batch bucket and attention
     window once per process, which a long-running engine pays once; the first call's seconds are reported too.
     """
-    from miles.rollout.engine import GenerationRequest
-    from miles.rollout.sampling import SamplingParams
+    from miles.engine.core import GenerationRequest
+    from miles.engine.sampling import SamplingParams
 
     def requests(n_new: int, count: int) -> list[GenerationRequest]:
         return [GenerationRequest(p, SamplingParams(max_new_tokens=n_new, temperature=a.temperature, ignore_eos=True,
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from miles.bench.hardware import memory_bandwidth_gbs
-    from miles.rollout.engine import DTYPES, Engine
+    from miles.engine.core import DTYPES, Engine
 
     a = parser().parse_args(argv)
     for name in ("batch", "prompt_len", "max_new_tokens"):

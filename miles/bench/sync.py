@@ -75,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def model_config(a: argparse.Namespace) -> dict[str, Any]:
-    from miles.rollout.engine import DTYPES
+    from miles.engine.core import DTYPES
 
     data = load_config_dict(a.config, a.preset)
     if a.layers is not None:
@@ -92,7 +92,7 @@ def random_weights(data: dict[str, Any], dtype: str, device: str, seed: int = 0)
     """The actor's named tensors for ``data``: HF names and shapes, random values, on ``device``."""
     import torch
 
-    from miles.rollout.engine import DTYPES
+    from miles.engine.core import DTYPES
 
     gen = torch.Generator(device=device).manual_seed(seed)
     return [(t.name, torch.randn(t.shape, generator=gen, device=device, dtype=DTYPES[dtype])) for t in tensor_specs(data)]
@@ -175,7 +175,7 @@ def measure(a: argparse.Namespace, data: dict[str, Any], urls: list[str], device
     """Sender side: sync the random weights at every bucket size, each against a raw broadcast."""
     import torch
 
-    from miles.rollout.local import free_port
+    from miles.job.ports import free_port
     from miles.transfer.sync import WeightSync, bench
 
     if torch.device(device).type == "cuda":
@@ -285,7 +285,7 @@ def _run_engines_and_measure(a: argparse.Namespace, data: dict[str, Any], device
         cfg = write_atomic(d / "config.json", json.dumps(data))
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         env.setdefault("OMP_NUM_THREADS", "1")
-        from miles.rollout.local import free_port
+        from miles.job.ports import free_port
 
         ready = [d / f"engine-{i}.url" for i in range(a.engines)]
         try:
@@ -354,7 +354,7 @@ def run_tasks(a: argparse.Namespace) -> Report | None:
     done = rdv / "done"
     if procid != 0:
         from miles.bench.receiver import serve
-        from miles.rollout.local import free_port
+        from miles.job.ports import free_port
 
         done.unlink(missing_ok=True)  # left by an earlier run in the same directory; the sender waits for us
         engine_device = a.engine_device or device

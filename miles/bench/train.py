@@ -74,7 +74,7 @@ def _init_dist(device: str) -> bool:
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend)
         return True
-    from miles.rollout.local import free_port
+    from miles.job.ports import free_port
 
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     return True
@@ -161,7 +161,8 @@ def measure_backend(a: argparse.Namespace, backend: str, data: dict[str, Any], m
 
     from miles.bench.hardware import synchronize
     from miles.spec.tables import GrpoConfig, ModelConfig, OptimizerConfig, PerfConfig, RolloutConfig, Spec, TrainConfig
-    from miles.train.actor import TrainerContext, build_actor
+    from miles.train.actor import TrainerContext
+    from miles.train.backends import build_actor
 
     perf_over, micro = parse_variant(variant)
     micro = micro or a.micro_batch

@@ -9,7 +9,7 @@ Entry points for the loop::
 """
 
 from miles.data.dataset import DataKeys, Prompt, PromptDataset, epoch_order, render_record
-from miles.data.groups import expand_groups, split_groups
+from miles.data.groups import expand_groups
 from miles.data.records import Record, read_records
 
 __all__ = [
@@ -21,5 +21,4 @@ __all__ = [
     "expand_groups",
     "read_records",
     "render_record",
-    "split_groups",
 ]

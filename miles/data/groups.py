@@ -40,11 +40,3 @@ def expand_groups(prompts: Sequence[Prompt], n_samples_per_prompt: int | None) -
                 )
             )
     return samples
-
-
-def split_groups(samples: Sequence[Sample]) -> list[list[Sample]]:
-    """Samples partitioned by ``group_index``, groups in first-seen order, samples in their given order."""
-    groups: dict[int, list[Sample]] = {}
-    for s in samples:
-        groups.setdefault(s.group_index, []).append(s)
-    return list(groups.values())

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +34,8 @@ from types import FrameType
 from typing import IO, TYPE_CHECKING
 
 from miles.errors import UserError
-from miles.launch import rundir
+from miles.job import rundir
+from miles.job.ports import free_ports
 from miles.spec.tables import Spec
 
 if TYPE_CHECKING:
@@ -45,18 +45,6 @@ _POLL_S = 0.2
 _TERM_GRACE_S = 10.0
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports that are free now (bound all at once so none repeats)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass

@@ -37,8 +37,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from miles.launch import rundir
-from miles.launch.environment import TaskContext
+from miles.job import rundir
+from miles.job.environment import TaskContext
 
 SELFTEST = "selftest"
 _ENV_KEYS = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "SLURMD_NODENAME",

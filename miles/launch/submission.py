@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from miles.errors import UserError
-from miles.launch import rundir
+from miles.job import rundir
 from miles.spec.tables import Spec
 
 QUERY_TIMEOUT_S = 20.0

@@ -2,7 +2,7 @@
 
 srun (``miles submit``), ``miles run`` and mpirun all start this same module, so a
 job on a cluster and a run on a laptop take one code path. It works out the
-rank's :class:`~miles.launch.environment.TaskContext` from the environment and
+rank's :class:`~miles.job.environment.TaskContext` from the environment and
 ``run_dir/plan.json``, then:
 
 * engine: starts the engine server, announces ``run_dir/engines/engine-<i>.json``
@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from miles.errors import UserError
-from miles.launch import rundir
-from miles.launch.environment import Layout, Role, TaskContext, detect_launcher, task_context
+from miles.job import rundir
+from miles.job.environment import Layout, Role, TaskContext, detect_launcher, task_context
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,13 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from miles.data.groups import split_groups
 from miles.errors import UserError
 from miles.reward.builtin import builtin_names, resolve_rule, score_rule
 from miles.reward.custom import is_async, load_function, wants_config
 from miles.reward.remote import RemoteReward
 from miles.reward.workers import WorkerPool
-from miles.sample import Sample
+from miles.sample import Sample, split_groups
 
 if TYPE_CHECKING:
     from miles.spec.tables import RolloutConfig

@@ -22,7 +22,7 @@ engines alike (same protocol). What the client guarantees:
 With ``batched=False`` every sample is its own single-prompt ``/generate``
 request: what sglang-router accepts (it parses ``sampling_params`` as one
 object, so a batch carrying each sample's own seed is refused with 422; see
-:mod:`miles.rollout.sglang_router`). Seeds are the same; which samples an
+:mod:`miles.sglang.router`). Seeds are the same; which samples an
 engine batches together is then up to the engines' scheduler.
 
 Use it from synchronous code through :class:`BlockingRolloutClient`.
@@ -41,8 +41,8 @@ from typing import Any
 import aiohttp
 
 from miles.errors import UserError
-from miles.rollout import sglang_protocol as proto
 from miles.sample import Sample
+from miles.sglang import protocol as proto
 from miles.spec.tables import RolloutConfig
 
 

@@ -4,7 +4,7 @@ Any ``[sglang]`` key that is not a field of :class:`~miles.spec.tables.SglangCon
 is handed to ``python -m sglang.launch_server`` as ``--key-with-dashes value``.
 A typo there would otherwise surface only on the cluster, minutes after the job
 started, as an argparse error in an engine log; so the keys are checked here
-against ``sglang_flags.json``, which ``miles.rollout.sglang_flags`` generates
+against ``sglang_flags.json``, which ``miles.sglang.flags`` generates
 from the pinned SGLang wheel (its docstring describes the format). Without that file (a checkout that never generated it) the
 names cannot be checked and are passed through as written.
 

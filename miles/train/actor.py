@@ -22,11 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
-
-from miles.errors import UserError
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -138,21 +136,6 @@ class Actor(Protocol):
     def step(self) -> int:
         """Optimizer steps taken so far (the LR schedule's position)."""
         ...
-
-
-def build_actor(spec: Spec, ctx: TrainerContext) -> Actor:
-    """Build the actor that ``[perf] backend`` selects."""
-    backend = spec.perf.backend
-    if backend == "fsdp":
-        from miles.train.fsdp import FSDPActor
-
-        return FSDPActor(spec, ctx)
-    if backend == "megatron":
-        from miles.train.megatron import build_megatron_actor
-
-        # cast: the Megatron actor is checked against this protocol by its own tests (offload/onload pending there)
-        return cast(Actor, build_megatron_actor(spec, ctx))
-    raise UserError(f"[perf] backend = {backend!r} is not a training backend; use \"fsdp\" or \"megatron\"")
 
 
 def prepare_batch(actor: Actor, samples: Sequence[Sample], spec: Spec) -> RolloutBatch:

@@ -65,7 +65,7 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 from torch.multiprocessing import reductions
 
-from miles.rollout import sglang_protocol as proto
+from miles.sglang import protocol as proto
 from miles.transfer.bucket import Bucket, buckets
 from miles.transfer.sync import SyncError, SyncStats
 

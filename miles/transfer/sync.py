@@ -64,7 +64,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from miles.rollout import sglang_protocol as proto
+from miles.sglang import protocol as proto
 from miles.transfer.bucket import Bucket, buckets
 from miles.transfer.group import join_group, leave_group
 

@@ -17,9 +17,9 @@ import torch
 
 from miles.bench.rollout import write_model_dir
 from miles.bench.shapes import load_config_dict, with_layers
-from miles.rollout.decoder import StaticDecoder
-from miles.rollout.engine import Engine, GenerationRequest
-from miles.rollout.sampling import BatchSampling, SamplingParams
+from miles.engine.decoder import StaticDecoder
+from miles.engine.core import Engine, GenerationRequest
+from miles.engine.sampling import BatchSampling, SamplingParams
 
 DEV = os.environ.get("H26_DEV", "cuda:0")
 SMALL = os.environ.get("H26_SMALL") == "1"  # a CPU dry run of this script

@@ -35,7 +35,8 @@ if not torch.cuda.is_available():
 from miles.algo.advantages import AdvantageInputs, compute_advantages  # noqa: E402
 from miles.sample import Sample  # noqa: E402
 from miles.spec.tables import GrpoConfig, ModelConfig, OptimizerConfig, PerfConfig, Spec, TrainConfig  # noqa: E402
-from miles.train.actor import TrainerContext, build_actor  # noqa: E402
+from miles.train.actor import TrainerContext  # noqa: E402
+from miles.train.backends import build_actor  # noqa: E402
 from miles.train.batch import RolloutBatch  # noqa: E402
 
 VOCAB = 1000

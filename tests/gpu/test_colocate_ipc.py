@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from miles.rollout import sglang_protocol as proto
-from miles.rollout.engine import tensor_checksum
-from miles.rollout.local import EngineProcess
+from miles.engine.core import tensor_checksum
+from miles.engine.local import LocalEngine
+from miles.sglang import protocol as proto
 from miles.transfer.bucket import Bucket
 from miles.transfer.colocate import TensorSync, bucket_metadata, serialize_bucket
 
@@ -58,7 +58,7 @@ def test_cuda_ipc_weights_land_bit_for_bit(tmp_path: Path) -> None:
     assert b"rebuild_cuda_tensor" in raw, "a CUDA bucket must travel as a CUDA-IPC handle"
     assert str(torch.cuda.get_device_properties(0).uuid).encode() in raw, "the GPU must be named by UUID"
 
-    with EngineProcess(model_dir, extra_args=["--device", "cuda:0", "--dtype", "bfloat16"],
+    with LocalEngine(model_dir, extra_args=["--device", "cuda:0", "--dtype", "bfloat16"],
                        startup_timeout_s=240) as proc:
         base = _greedy(proc.url)[0]
         sync = TensorSync([proc.url], bucket_bytes=64 * 1024, device=device, timeout_s=120)

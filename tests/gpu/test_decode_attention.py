@@ -1,4 +1,4 @@
-"""The Triton decode attention (miles/rollout/decode_attention.py) against SDPA with the length mask it replaces."""
+"""The Triton decode attention (miles/engine/decode_attention.py) against SDPA with the length mask it replaces."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from miles.rollout import decode_attention as attention
+from miles.engine import decode_attention as attention
 
 pytestmark = [
     pytest.mark.gpu,

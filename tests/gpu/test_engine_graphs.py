@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from miles.rollout.engine import Engine, GenerationRequest
-from miles.rollout.sampling import SamplingParams
+from miles.engine.core import Engine, GenerationRequest
+from miles.engine.sampling import SamplingParams
 
 pytestmark = [
     pytest.mark.gpu,

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from miles.errors import UserError
+from miles.job.nodelist import expand_nodelist
 from miles.launch import submission
-from miles.launch.nodelist import expand_nodelist
 from miles.launch.selftest import expected_broadcast
 from miles.plan import make_plan
 from miles.spec import load_spec

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from miles.rollout import sglang_launcher as sl
+from miles.sglang import launcher as sl
 from tests.sglang.sglang_servers import KINDS, SKIP_REASON, START_DEADLINE_S, launch, sglang_available
 
 

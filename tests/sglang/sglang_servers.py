@@ -14,9 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-from miles.launch.engine_host import pick_port
-from miles.launch.environment import TaskContext
-from miles.rollout import sglang_launcher as sl
+from miles.job.environment import TaskContext
+from miles.job.ports import free_port
+from miles.sglang import launcher as sl
 from miles.spec.tables import ModelConfig, RolloutConfig, SglangConfig, Spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ def launch(kind: str, index: int, model_dir: Path, log_dir: Path, api_key: str) 
     """An engine process of ``kind`` built by miles' launcher (not started)."""
     python = str(SGLANG_PYTHON) if kind == "sglang" else sys.executable
     spec = engine_spec(kind)
-    entry = sl.engine_launch(spec, index=index, model_path=str(model_dir), host="127.0.0.1", port=pick_port(0),
+    entry = sl.engine_launch(spec, index=index, model_path=str(model_dir), host="127.0.0.1", port=free_port(0),
                              api_key=api_key, log_dir=log_dir, python=python)
     return sl.EngineProcess(entry, extra_env=engine_extra_env(kind))
 

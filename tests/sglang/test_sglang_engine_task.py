@@ -1,4 +1,4 @@
-"""The engine rank of a job (``serve_engine_task``): announce when healthy, restart and re-announce, stop on SIGTERM.
+"""The engine rank of a job (``serve_engine``): announce when healthy, restart and re-announce, stop on SIGTERM.
 
 Runs with the embedded engine standing in for SGLang (the local cluster's way:
 same launcher path, command swapped), in a child process as ``miles.launch.task``
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from miles.launch import rundir
-from miles.launch.engine_host import pick_port
-from miles.rollout import sglang_launcher as sl
+from miles.job import rundir
+from miles.job.ports import free_port
+from miles.sglang import launcher as sl
 
 pytestmark = pytest.mark.slow
 
@@ -27,14 +27,14 @@ TASK = """
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from miles.rollout.sglang_launcher import serve_engine_task
+from miles.launch.engine_host import serve_engine
 from miles.spec.tables import ModelConfig, RolloutConfig, Spec
 
 run_dir, port = Path(sys.argv[1]), int(sys.argv[2])
 spec = Spec(model=ModelConfig(builtin="tiny-arith", dtype="float32"), rollout=RolloutConfig(engine="sglang"))
 ctx = SimpleNamespace(engine_index=0, engine_port=port, engine_host="127.0.0.1", node_name="node0",
                       run_dir=run_dir, device="cpu", launch_id="launch-1", engine_gpus=(), engine_nccl_port=None)
-serve_engine_task(spec, ctx, deadline_s=300, kind="embedded")
+serve_engine(spec, ctx, deadline_s=300, kind="embedded")
 """
 
 
@@ -52,7 +52,7 @@ def test_engine_task_announces_restarts_and_stops(tmp_path: Path) -> None:
     script = tmp_path / "task.py"
     script.write_text(textwrap.dedent(TASK))
     env = {**os.environ, "MILES_ENGINE_API_KEY": "job-key", "OMP_NUM_THREADS": "1"}
-    task = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(pick_port(0))], env=env,
+    task = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(free_port(0))], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = _wait_announcement(tmp_path, None, 300)

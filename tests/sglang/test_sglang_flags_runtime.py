@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from miles.rollout.sglang_flags import load_flags
+from miles.sglang.flags import load_flags
 from tests.sglang.sglang_servers import SGLANG_PYTHON, SHIMS, SKIP_REASON, sglang_available
 
 pytestmark = [pytest.mark.sglang, pytest.mark.skipif(not sglang_available(), reason=SKIP_REASON)]

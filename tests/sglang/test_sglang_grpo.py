@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from miles.launch import rundir
+from miles.job import rundir
 from tests.sglang.sglang_servers import CPU_SERVER_ARGS, SGLANG_PYTHON, SHIMS
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]

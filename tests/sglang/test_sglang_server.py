@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 import torch
 
-from miles.launch import rundir
-from miles.launch.engine_host import pick_port
-from miles.rollout import sglang_launcher as sl
-from miles.rollout import sglang_protocol as proto
-from miles.rollout import sglang_router as sr
+from miles.job import rundir
+from miles.job.ports import free_port
 from miles.rollout.client import BlockingRolloutClient
 from miles.sample import Sample
+from miles.sglang import launcher as sl
+from miles.sglang import protocol as proto
+from miles.sglang import router as sr
 from miles.spec.tables import ModelConfig, RolloutConfig, SglangConfig, Spec
 from miles.transfer.colocate import TensorSync
 from miles.transfer.sync import WeightSync
@@ -148,7 +148,7 @@ def test_weight_sync_follows_new_weights_and_restores_old_exactly(
 ) -> None:
     original = _hf_weights(model_dir)
     new = _sharpened(original)
-    sync = WeightSync([served.url], "127.0.0.1", pick_port(0), backend="gloo", api_key=served.launch.api_key,
+    sync = WeightSync([served.url], "127.0.0.1", free_port(0), backend="gloo", api_key=served.launch.api_key,
                       bucket_bytes=64 * 1024, group_name="miles-test-sync", timeout_s=120)
     try:
         stats = sync.sync(list(new.items()), weight_version=1)
@@ -243,7 +243,7 @@ def test_sglang_router_in_front_of_the_engine(
     """sglang-router forwards single-prompt /generate bodies and refuses a batch with per-prompt sampling params."""
     key = served.launch.api_key
     assert key is not None
-    router = sr.SglangRouter.start(sr.router_launch([served.url], host="127.0.0.1", port=pick_port(0), api_key=key,
+    router = sr.SglangRouter.start(sr.router_launch([served.url], host="127.0.0.1", port=free_port(0), api_key=key,
                                                     log_dir=tmp_path, python=str(SGLANG_PYTHON)))
     try:
         deadline = time.monotonic() + 60
@@ -276,13 +276,13 @@ def test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_
     """The driver's fleet with ``use_router``: rollouts through the real sglang-router (over ``served`` and an
     embedded standby); the standby is killed mid-rollout and its requests finish on ``served``; restarted, it
     stays out of the router until a weight sync gave it the actor's weights, then serves them."""
-    from miles.session_driver import EngineFleet
+    from miles.rollout.fleet import EngineFleet
 
     key = served.launch.api_key
     assert key is not None and standby.launch.api_key == key
     monkeypatch.setenv("MILES_SGLANG_PYTHON", str(SGLANG_PYTHON))
     monkeypatch.setenv("MILES_ENGINE_API_KEY", key)
-    monkeypatch.setenv("MILES_ROUTER_PORT", str(pick_port(0)))
+    monkeypatch.setenv("MILES_ROUTER_PORT", str(free_port(0)))
     run_dir = tmp_path / "run"
 
     def announce(index: int, eng: sl.EngineProcess) -> None:
@@ -296,7 +296,7 @@ def test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_
                             rollout_seed=9)
     spec = Spec(model=ModelConfig(dtype="float32"), rollout=rollout,
                 sglang=SglangConfig(use_router=True))  # cache_aware: a prompt's samples go where it went before
-    task = driver_task(run_dir, 2, master_port=pick_port(0), weight_update_port=pick_port(0))
+    task = driver_task(run_dir, 2, master_port=free_port(0), weight_update_port=free_port(0))
     fleet = EngineFleet(spec, task, rundir.wait_for_engines(run_dir, 2, "test-launch", deadline_s=10))
     sup = sl.Supervisor([standby], health_deadline_s=START_DEADLINE_S, poll_s=0.2,
                         on_restart=lambda eng: announce(1, eng))
@@ -357,7 +357,7 @@ def test_killed_engine_requests_finish_elsewhere_and_it_rejoins(
     key = served.launch.api_key
     urls = [served.url, standby.url]
     new = _sharpened(_hf_weights(model_dir))
-    sync = WeightSync(urls, "127.0.0.1", pick_port(0), api_key=key, group_name="miles-test-kill", timeout_s=120)
+    sync = WeightSync(urls, "127.0.0.1", free_port(0), api_key=key, group_name="miles-test-kill", timeout_s=120)
     sync.sync(list(new.items()), weight_version=5)
     before = _samples(model_dir)
     _generate([served.url], key, before, _greedy())
@@ -395,7 +395,7 @@ def test_killed_engine_requests_finish_elsewhere_and_it_rejoins(
         assert sup.take_restarted() == [0] and served.starts == 2
         # The restarted engine has the checkpoint's weights: re-form the group and push the current ones.
         sync.close()
-        sync = WeightSync(urls, "127.0.0.1", pick_port(0), api_key=key, group_name="miles-test-rejoin",
+        sync = WeightSync(urls, "127.0.0.1", free_port(0), api_key=key, group_name="miles-test-rejoin",
                           timeout_s=120)
         sync.sync(list(new.items()), weight_version=6)
         after = _samples(model_dir)

@@ -45,7 +45,7 @@ def test_sync_inside_a_slurm_step(tiny_config: Path, tmp_path: Path) -> None:
     """Two tasks as srun starts them (SLURM_PROCID 0 sends, 1 serves), meeting in a shared directory."""
     rdv, out = tmp_path / "rdv", tmp_path / "sync.json"
     rdv.mkdir()
-    from miles.rollout.local import free_port
+    from miles.job.ports import free_port
 
     (rdv / "engine-1.url").write_text(f"http://127.0.0.1:{free_port()}\n")  # left by an earlier run: dead
     (rdv / "done").write_text("done\n")

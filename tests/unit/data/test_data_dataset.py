@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from miles.data import DataKeys, PromptDataset, expand_groups, split_groups
+from miles.data import DataKeys, PromptDataset, expand_groups
 from miles.errors import UserError
+from miles.sample import split_groups
 from miles.spec.tables import EvalConfig, RolloutConfig
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from miles.engine.local import LocalEngine
+from miles.job.ports import free_port
 from miles.rollout.client import BlockingRolloutClient, RolloutClient, RolloutError, sample_seed, sampling_params
-from miles.rollout.local import EngineProcess, free_port
 from miles.sample import Sample
 from miles.spec.tables import RolloutConfig
 
@@ -27,8 +28,8 @@ PROMPTS = [[4, 5, 13], [6, 7, 16], [8, 9, 10, 13]]
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model_dir: Path) -> Iterator[list[EngineProcess]]:
-    procs = EngineProcess.start_many(tiny_model_dir, 2)
+def engines(tiny_model_dir: Path) -> Iterator[list[LocalEngine]]:
+    procs = LocalEngine.start_many(tiny_model_dir, 2)
     yield procs
     for p in procs:
         p.stop()
@@ -42,7 +43,7 @@ def test_seeds_and_sampling_params_follow_the_config() -> None:
     assert p["top_k"] == -1 and p["no_stop_trim"] is True
 
 
-def test_generate_fills_samples_and_is_reproducible(engines: list[EngineProcess]) -> None:
+def test_generate_fills_samples_and_is_reproducible(engines: list[LocalEngine]) -> None:
     client = BlockingRolloutClient([e.url for e in engines], chunk_size=4)
     try:
         client.wait_healthy(60)
@@ -63,7 +64,7 @@ def test_generate_fills_samples_and_is_reproducible(engines: list[EngineProcess]
         client.close()
 
 
-def test_health_deadline_and_invalid_requests_fail_clearly(engines: list[EngineProcess]) -> None:
+def test_health_deadline_and_invalid_requests_fail_clearly(engines: list[LocalEngine]) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
 
     async def health() -> None:
@@ -81,7 +82,7 @@ def test_health_deadline_and_invalid_requests_fail_clearly(engines: list[EngineP
         asyncio.run(bad())
 
 
-def test_unbatched_requests_carry_one_sample_each(engines: list[EngineProcess]) -> None:
+def test_unbatched_requests_carry_one_sample_each(engines: list[LocalEngine]) -> None:
     """``batched=False`` (a router in front): one single-prompt body per sample, same seeds, samples filled."""
     client = BlockingRolloutClient([engines[0].url], batched=False)
     try:
@@ -95,7 +96,7 @@ def test_unbatched_requests_carry_one_sample_each(engines: list[EngineProcess]) 
         client.close()
 
 
-def test_a_request_whose_engine_dies_finishes_on_another(engines: list[EngineProcess]) -> None:
+def test_a_request_whose_engine_dies_finishes_on_another(engines: list[LocalEngine]) -> None:
     """Last in this module: it kills one of the module's engines."""
     doomed, survivor = engines
     cfg = RolloutConfig(rollout_temperature=1.0, rollout_max_response_len=100, rollout_seed=1)

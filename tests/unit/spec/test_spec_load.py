@@ -96,7 +96,7 @@ def test_server_args_is_not_a_key(specs: SpecFiles) -> None:
 
 @pytest.fixture
 def flags_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A small flag table in the format of miles/spec/sglang_flags.json (miles.rollout.sglang_flags)."""
+    """A small flag table in the format of miles/spec/sglang_flags.json (miles.sglang.flags)."""
     path = tmp_path / "sglang_flags.json"
     path.write_text(json.dumps({"version": "0.0", "flags": {
         "chunked_prefill_size": {"type": "int", "default": None},

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from miles.algo.advantages import AdvantageInputs, compute_advantages
 from miles.sample import Sample
 from miles.spec.tables import GrpoConfig, ModelConfig, OptimizerConfig, PerfConfig, RolloutConfig, Spec, TrainConfig
-from miles.train.actor import TrainerContext, build_actor
+from miles.train.actor import TrainerContext
+from miles.train.backends import build_actor
 from miles.train.batch import RolloutBatch
 
 PRESETS = {

@@ -15,7 +15,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from miles.train.actor import Actor, TrainerContext, build_actor, prepare_batch
+from miles.train.actor import Actor, TrainerContext, prepare_batch
+from miles.train.backends import build_actor
 from miles.train.batch import RolloutBatch
 from tests.unit.train.tiny_model import fixed_samples, rollout_batch, tiny_spec
 

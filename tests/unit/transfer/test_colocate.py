@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import torch
 
-from miles.rollout import sglang_protocol as proto
-from miles.rollout.engine import tensor_checksum
-from miles.rollout.local import EngineProcess
+from miles.engine.core import tensor_checksum
+from miles.engine.local import LocalEngine
+from miles.sglang import protocol as proto
 from miles.transfer.bucket import Bucket
 from miles.transfer.colocate import TensorSync, bucket_metadata, deserialize_bucket, reconstruct, serialize_bucket
 from miles.transfer.sync import SyncError
@@ -26,8 +26,8 @@ from tests.unit.transfer.test_sync import checksums, greedy, trainer_weights
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Iterator[EngineProcess]:
-    with EngineProcess(tiny_model_dir) as proc:
+def engine(tiny_model_dir: Path) -> Iterator[LocalEngine]:
+    with LocalEngine(tiny_model_dir) as proc:
         yield proc
 
 
@@ -56,7 +56,7 @@ def test_serialized_bucket_round_trips_with_sglang_names() -> None:
         assert n == n2 and t.dtype == t2.dtype and torch.equal(t, t2)
 
 
-def test_weights_land_bit_exactly_and_old_weights_restore_the_output(engine: EngineProcess,
+def test_weights_land_bit_exactly_and_old_weights_restore_the_output(engine: LocalEngine,
                                                                      tiny_model_dir: Path) -> None:
     original = trainer_weights(tiny_model_dir)
     base, _ = greedy(engine.url)
@@ -94,7 +94,7 @@ def _refused(url: str, entries: list[str], **kw: Any) -> str:
     return str(answer["message"])
 
 
-def test_wrong_names_shapes_and_formats_are_refused_whole(engine: EngineProcess, tiny_model_dir: Path) -> None:
+def test_wrong_names_shapes_and_formats_are_refused_whole(engine: LocalEngine, tiny_model_dir: Path) -> None:
     w = trainer_weights(tiny_model_dir)
     good = ("model.norm.weight", w["model.norm.weight"] + 1.0)  # valid: must not land when its bucket is refused
     entry, _flat = _entry([good, ("model.no_such.weight", torch.zeros(3))])
@@ -120,7 +120,7 @@ class _Foreign:
         return (os.getpid, ())
 
 
-def test_unpickling_a_foreign_global_is_refused(engine: EngineProcess) -> None:
+def test_unpickling_a_foreign_global_is_refused(engine: LocalEngine) -> None:
     buf = io.BytesIO()
     pickle.Pickler(buf).dump({"flattened_tensor": _Foreign(), "metadata": []})
     message = _refused(engine.url, [base64.b64encode(buf.getvalue()).decode()])
@@ -129,7 +129,7 @@ def test_unpickling_a_foreign_global_is_refused(engine: EngineProcess) -> None:
         deserialize_bucket(base64.b64encode(buf.getvalue()).decode())
 
 
-def test_an_engine_error_stops_the_sync_and_generation_continues(engine: EngineProcess) -> None:
+def test_an_engine_error_stops_the_sync_and_generation_continues(engine: LocalEngine) -> None:
     sync = TensorSync([engine.url], bucket_bytes=1 << 20, timeout_s=60)
     try:
         with pytest.raises(SyncError, match="is not a parameter"):
@@ -199,12 +199,12 @@ def _trainer_rank(rank: int, port: int, url: str, shape: list[int], bad: bool, o
 
 
 @pytest.mark.parametrize("bad", [False, True], ids=["ok", "engine-refuses"])
-def test_two_trainer_ranks_stay_in_step(engine: EngineProcess, tiny_model_dir: Path, tmp_path: Path,
+def test_two_trainer_ranks_stay_in_step(engine: LocalEngine, tiny_model_dir: Path, tmp_path: Path,
                                         bad: bool) -> None:
     import subprocess
     import sys
 
-    from miles.rollout.local import free_port
+    from miles.job.ports import free_port
 
     shape = list(trainer_weights(tiny_model_dir)["model.norm.weight"].shape)
     port = free_port()

@@ -44,7 +44,7 @@ def test_two_trainer_ranks_hand_their_buckets_to_their_engines(tmp_path: Path) -
 
 def test_tensor_sync_needs_colocated_engines() -> None:
     from miles.errors import UserError
-    from miles.session_driver import weight_sync_kind
+    from miles.rollout.fleet import weight_sync_kind
     from miles.spec.tables import ClusterConfig, RolloutConfig, Spec
 
     split = Spec(cluster=ClusterConfig(mode="split"), rollout=RolloutConfig(weight_sync="tensor"))

@@ -12,17 +12,18 @@ from typing import Any
 import pytest
 import torch
 
-from miles.rollout import sglang_protocol as proto
-from miles.rollout.engine import tensor_checksum
-from miles.rollout.local import EngineProcess, free_port
+from miles.engine.core import tensor_checksum
+from miles.engine.local import LocalEngine
+from miles.job.ports import free_port
+from miles.sglang import protocol as proto
 from miles.transfer.sync import SyncError, WeightSync, bench
 
 PROMPT = [4, 5, 13, 6]
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model_dir: Path) -> Iterator[list[EngineProcess]]:
-    procs = EngineProcess.start_many(tiny_model_dir, 2)
+def engines(tiny_model_dir: Path) -> Iterator[list[LocalEngine]]:
+    procs = LocalEngine.start_many(tiny_model_dir, 2)
     yield procs
     for p in procs:
         p.stop()
@@ -53,7 +54,7 @@ def trainer_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("bucket_bytes", [1024, 1 << 30], ids=["small-buckets", "one-bucket"])
-def test_engine_weights_equal_the_trainers_bit_for_bit(engines: list[EngineProcess], tiny_model_dir: Path,
+def test_engine_weights_equal_the_trainers_bit_for_bit(engines: list[LocalEngine], tiny_model_dir: Path,
                                                        bucket_bytes: int) -> None:
     urls = [e.url for e in engines]
     original = trainer_weights(tiny_model_dir)
@@ -88,7 +89,7 @@ def test_engine_weights_equal_the_trainers_bit_for_bit(engines: list[EngineProce
         sync.close()
 
 
-def test_bench_compares_with_a_raw_broadcast(engines: list[EngineProcess], tiny_model_dir: Path) -> None:
+def test_bench_compares_with_a_raw_broadcast(engines: list[LocalEngine], tiny_model_dir: Path) -> None:
     sync = WeightSync([e.url for e in engines], "127.0.0.1", free_port(), bucket_bytes=1 << 20,
                       group_name="sync_bench_test", timeout_s=120)
     try:
@@ -100,7 +101,7 @@ def test_bench_compares_with_a_raw_broadcast(engines: list[EngineProcess], tiny_
     assert result["gb_per_s"] == pytest.approx(result["bytes"] / result["seconds"] / 1e9)
 
 
-def test_views_of_one_flat_buffer_go_without_a_copy_and_buffers_are_reused(engines: list[EngineProcess],
+def test_views_of_one_flat_buffer_go_without_a_copy_and_buffers_are_reused(engines: list[LocalEngine],
                                                                            tiny_model_dir: Path) -> None:
     """Weights that are slices of one flat buffer (as in trainers that keep a contiguous parameter buffer)
     are sent in place; the flattening buffers of a CPU sync outlive it. Either way the engine gets the bits."""
@@ -131,7 +132,7 @@ def test_views_of_one_flat_buffer_go_without_a_copy_and_buffers_are_reused(engin
         sync.close()
 
 
-def test_slow_buckets_reopen_the_pipelined_connections(engines: list[EngineProcess], tiny_model_dir: Path,
+def test_slow_buckets_reopen_the_pipelined_connections(engines: list[LocalEngine], tiny_model_dir: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A bucket that took longer than IDLE_SAFE_S to produce goes on a new connection (the server may be
     closing the idle one); at 0 s every bucket does, and the engine still gets every bit in order."""
@@ -149,7 +150,7 @@ def test_slow_buckets_reopen_the_pipelined_connections(engines: list[EngineProce
         sync.close()
 
 
-def test_pause_and_continue_ride_the_pipelined_connection(engines: list[EngineProcess], tiny_model_dir: Path,
+def test_pause_and_continue_ride_the_pipelined_connection(engines: list[LocalEngine], tiny_model_dir: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A sync that succeeds makes no HTTP call besides its pipelined connection (pause, buckets, continue);
     one that fails continues every engine on a fresh connection, so none stays paused."""
@@ -182,7 +183,7 @@ def test_pause_and_continue_ride_the_pipelined_connection(engines: list[EnginePr
         sync.close()
 
 
-def test_sync_errors_name_the_engine(tiny_model_dir: Path, engines: list[EngineProcess]) -> None:
+def test_sync_errors_name_the_engine(tiny_model_dir: Path, engines: list[LocalEngine]) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     sync = WeightSync([dead], "127.0.0.1", free_port(), group_name="sync_dead_test", timeout_s=3)
     t0 = time.monotonic()
@@ -219,7 +220,7 @@ def _trainer_rank(rank: int, url: str, master_port: int, group_port: int, model_
     dist.destroy_process_group()
 
 
-def test_trainer_rank_zero_of_a_job_syncs_beside_the_jobs_own_group(engines: list[EngineProcess],
+def test_trainer_rank_zero_of_a_job_syncs_beside_the_jobs_own_group(engines: list[LocalEngine],
                                                                      tiny_model_dir: Path) -> None:
     import torch.multiprocessing as mp
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from miles.rollout.engine import Engine, GenerationRequest, tensor_checksum
-from miles.rollout.local import EngineProcess, free_port
-from miles.rollout.sampling import SamplingParams
+from miles.engine.core import Engine, GenerationRequest, tensor_checksum
+from miles.engine.local import LocalEngine
+from miles.engine.sampling import SamplingParams
+from miles.job.ports import free_port
 from miles.transfer.sync import WeightSync
 from tests.unit.transfer.test_sync import checksums, greedy
 
@@ -32,7 +33,7 @@ def test_cuda_greedy_equals_hf_and_nccl_sync_is_bit_exact(tmp_path: Path) -> Non
 
     weights = {k: v.detach().clone() for k, v in engine.state().items()}
     noisy = {k: (v.float() + 0.5 * torch.randn_like(v.float())).to(v.dtype) for k, v in weights.items()}
-    with EngineProcess(model_dir, extra_args=["--device", "cuda:1", "--dtype", "bfloat16"]) as proc:
+    with LocalEngine(model_dir, extra_args=["--device", "cuda:1", "--dtype", "bfloat16"]) as proc:
         base = greedy(proc.url)[0]
         sync = WeightSync([proc.url], "127.0.0.1", free_port(), backend="nccl", device="cuda:0", bucket_bytes=4096,
                           group_name="sync_gpu_test", timeout_s=300)

@@ -24,7 +24,8 @@ import cpu_shim  # noqa: E402,F401  (before megatron builds anything)
 from tiny_model import rollout_batch, tiny_spec, write_tiny_qwen2  # noqa: E402
 
 from miles.spec.tables import PerfConfig, Spec  # noqa: E402
-from miles.train.actor import TrainerContext, build_actor  # noqa: E402
+from miles.train.actor import TrainerContext  # noqa: E402
+from miles.train.backends import build_actor  # noqa: E402
 from miles.train.batch import RolloutBatch  # noqa: E402
 
 FAMILY_CONFIGS: dict[str, dict[str, Any]] = {

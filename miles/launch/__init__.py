@@ -1,0 +1,1 @@
+"""Starting a run: ``miles submit`` (Slurm), ``miles run`` (this machine), and the entry every rank runs."""

@@ -1,0 +1,1 @@
+"""One trainer rank's run: its components, run state and checkpoints, stop control, metrics and phase timing."""

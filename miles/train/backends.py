@@ -1,0 +1,29 @@
+"""The training backends by name: ``[perf] backend`` -> the :class:`~miles.train.actor.Actor` that trains.
+
+Kept apart from :mod:`miles.train.actor` (the protocol) so that the protocol
+never imports its implementations, and each backend's heavy imports
+(megatron-core) happen only when that backend is chosen.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from miles.errors import UserError
+from miles.spec.tables import Spec
+from miles.train.actor import Actor, TrainerContext
+
+
+def build_actor(spec: Spec, ctx: TrainerContext) -> Actor:
+    """Build the actor that ``[perf] backend`` selects."""
+    backend = spec.perf.backend
+    if backend == "fsdp":
+        from miles.train.fsdp import FSDPActor
+
+        return FSDPActor(spec, ctx)
+    if backend == "megatron":
+        from miles.train.megatron import build_megatron_actor
+
+        # cast: the Megatron actor is checked against this protocol by its own tests (offload/onload pending there)
+        return cast(Actor, build_megatron_actor(spec, ctx))
+    raise UserError(f"[perf] backend = {backend!r} is not a training backend; use \"fsdp\" or \"megatron\"")
