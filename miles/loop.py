@@ -1,7 +1,5 @@
 """The RL loop, as every trainer rank runs it.
 
-It reads like the loop of DESIGN.md::
-
     for rollout_id in range(start, num_rollout):
         prompts   = dataset.sample(rollout_batch_size)                 # 1. sample
         responses = engines.generate(prompts, n=n_samples_per_prompt)
@@ -13,46 +11,113 @@ It reads like the loop of DESIGN.md::
 Every trainer rank runs this function; the driver (trainer rank 0) is the one
 that talks to the engines, scores and writes metrics, and the others receive
 the samples from it. The same function runs under ``miles run`` (local
-processes) and inside Slurm jobs: only the launcher differs.
+processes) and inside Slurm jobs: only the launcher differs. Values travel in
+the open: what a phase returns is what the next one takes
+(:mod:`miles.session.phases`).
 
-Preemption: a flag file (``<run_dir>/control/preempt``, touched by the batch
-shell's USR1/TERM trap, by ``miles run`` on Ctrl-C, or by a rank's own SIGTERM
-handler) is agreed on by all ranks at each phase boundary through an
-all-reduce, never inside a signal handler. The ranks then save and exit 0, and
-the batch shell requeues the job.
+Preemption: the ranks agree on the preempt flag at phase boundaries
+(:mod:`miles.session.control`), save the whole RL state and exit 0, and the
+batch shell requeues the job; the next start resumes from that checkpoint
+(:mod:`miles.session.checkpoint`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch.distributed as dist
+
+from miles import fault
 from miles.job.environment import TaskContext
-from miles.session.run import Session
+from miles.session import checkpoint, components, control, phases
+from miles.session.checkpoint import RunState
+from miles.session.components import Components
+from miles.session.metrics import MetricsLog, console_line, rollout_metrics
+from miles.session.timing import PhaseTimer
 from miles.spec.tables import Spec
 
 
 def run_trainer(spec: Spec, task: TaskContext) -> int:
     """Run (or resume) the loop on this trainer rank; returns the process exit code."""
-    run = Session.start(spec, task)  # builds every component and resumes from the newest checkpoint
-    for rollout_id in range(run.start_rollout, run.num_rollout):
-        run.begin_rollout(rollout_id)
+    run_dir, rank = Path(task.run_dir), dist.get_rank()
+    control.install_stop_handlers(run_dir)
+    parts = components.build(spec, task)  # the actor; on the driver also the dataset, engines and reward
+    state = checkpoint.resume(parts, spec)  # the newest complete checkpoint, or a fresh start
+    if state.saved_at is not None:  # the engines still hold the model they started with: give them the actor's
+        phases.sync_weights(parts, spec, state.weight_version, resume_memory=False)
+    metrics = MetricsLog(run_dir, state.next_rollout, spec.run.use_tensorboard, spec.run.plot) if rank == 0 else None
 
-        # 1. sample: the driver draws prompts and the engines answer; every rank gets the samples
-        samples = run.generate(rollout_id)
-        if run.stop_requested():
-            return run.save_and_exit(next_rollout=rollout_id)  # nothing trained yet: redo this rollout
+    for rollout_id in range(state.next_rollout, parts.num_rollout):
+        start = checkpoint.capture(parts)  # what a save must restore if the run stops before this rollout trains
+        timer = PhaseTimer()
 
-        # 2. score: rewards, then advantages from the rewards and the log-probs
-        reward_stats = run.score(samples)
-        batch = run.prepare_batch()
+        # 1. sample: the driver draws prompts and the engines answer them
+        samples, engine_seconds = phases.generate(parts, spec, rollout_id, state.weight_version, timer, run_dir)
+        if control.stop_requested(run_dir, task.device):
+            return _stop(parts, spec, state, run_dir, metrics, next_rollout=rollout_id, start=start)
+
+        # 2. score: rewards (every rank receives the scored samples), then log-probs and advantages
+        samples, reward_stats = phases.score(parts, samples, timer)
+        batch = phases.batch(parts, samples, spec, timer)
 
         # 3. optimize: num_steps_per_rollout optimizer steps over the rollout
-        step_metrics = run.train(batch, rollout_id)
+        step_metrics = phases.train(parts, spec, batch, rollout_id, run_dir, rank)
+        timer.lap("train")
 
-        # 4. sync: the actor's new weights go to the engines
-        run.sync_weights()
+        # 4. sync: the actor's new weights go to the engines as the next weight version
+        state.weight_version += 1
+        phases.sync_weights(parts, spec, state.weight_version, resume_memory=True)
+        timer.lap("sync")
+        fault.point("sync", state.weight_version - 1, run_dir, rank)
 
-        run.log(rollout_id, reward_stats, step_metrics)
-        if run.stop_requested():
-            return run.save_and_exit(next_rollout=rollout_id + 1)
-        if run.save_due(rollout_id):
-            run.save(next_rollout=rollout_id + 1)
-    return run.finish()
+        if metrics is not None:
+            _log(metrics, rollout_id, parts.num_rollout, samples, reward_stats, step_metrics, state, timer,
+                 engine_seconds)
+        if control.stop_requested(run_dir, task.device):
+            return _stop(parts, spec, state, run_dir, metrics, next_rollout=rollout_id + 1)
+        if checkpoint.save_due(spec, rollout_id):
+            checkpoint.save(parts, spec, state, run_dir, next_rollout=rollout_id + 1)
+
+    return _finish(parts, spec, state, run_dir, metrics)
+
+
+def _log(metrics: MetricsLog, rollout_id: int, num_rollout: int, samples: list, reward_stats: dict[str, float],
+         step_metrics: list[dict[str, float]], state: RunState, timer: PhaseTimer, engine_seconds: float) -> None:
+    """Driver: this rollout's metrics (deterministic) and perf figures (wall clock), to the files and the console."""
+    values, perf = rollout_metrics(samples, reward_stats, step_metrics, state.weight_version)
+    perf.update(timer.phases)
+    perf["time/total"] = timer.total()
+    tokens = sum(len(s.response_ids) for s in samples)
+    perf["rollout/tokens_per_s"] = tokens / engine_seconds if engine_seconds > 0 else 0.0
+    metrics.log(rollout_id, values, perf)
+    print(console_line(rollout_id, num_rollout, values, perf), flush=True)
+
+
+def _stop(parts: Components, spec: Spec, state: RunState, run_dir: Path, metrics: MetricsLog | None,
+          next_rollout: int, start: checkpoint.RolloutStart | None = None) -> int:
+    """Preempted: save the state before ``next_rollout``, then end this rank cleanly (the batch shell requeues)."""
+    checkpoint.save(parts, spec, state, run_dir, next_rollout, start=start)
+    if parts.is_driver:
+        print(f"miles: preempted; saved the state before rollout {next_rollout}; exiting for requeue", flush=True)
+    _close(parts, metrics)
+    return 0
+
+
+def _finish(parts: Components, spec: Spec, state: RunState, run_dir: Path, metrics: MetricsLog | None) -> int:
+    """The run is complete: final save and HF export, mark it done (no requeue), close."""
+    if state.saved_at != parts.num_rollout:
+        checkpoint.save(parts, spec, state, run_dir, parts.num_rollout)
+    checkpoint.export_hf(parts, run_dir / "final")
+    if parts.is_driver:
+        control.mark_done(run_dir, parts.num_rollout)
+        print(f"miles: run complete ({parts.num_rollout} rollouts); see {run_dir}", flush=True)
+    _close(parts, metrics)
+    return 0
+
+
+def _close(parts: Components, metrics: MetricsLog | None) -> None:
+    if metrics is not None:
+        metrics.close()
+    if parts.driver is not None:
+        parts.driver.engines.close()
+        parts.driver.reward.close()

@@ -46,7 +46,6 @@ one batch, so a client that sends fixed chunks gets reproducible rollouts.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import threading
 from collections.abc import Iterable, Sequence
@@ -58,6 +57,7 @@ import torch
 
 from miles.engine.decoder import StaticDecoder
 from miles.engine.sampling import BatchSampling, SamplingParams, block_early_stops, sample_batch
+from miles.transfer.checksum import tensor_checksum
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,17 +91,6 @@ class GenerationOutput:
 
 class EngineReleased(RuntimeError):
     """Generation was asked for while the engine's memory is released (release_memory_occupation)."""
-
-
-def tensor_checksum(t: torch.Tensor) -> str:
-    """SGLang's weight checksum of one tensor (``weights_checker`` action ``checksum``).
-
-    The first 8 bytes of the SHA-256 of the raw bytes, as 16 hex digits: equal
-    checksums mean bit-equal tensors of equal dtype, which is what the weight-sync
-    test asserts between the actor and the engines.
-    """
-    raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    return f"{int.from_bytes(hashlib.sha256(raw.tobytes()).digest()[:8], 'big'):016x}"
 
 
 class Engine:

@@ -17,6 +17,7 @@ Layout::
     control/done       touched by the driver when the run is complete (the batch shell then does not requeue)
     metrics.jsonl      one line per rollout (written by the loop)
     checkpoints/       complete checkpoints (written by miles.ckpt)
+    model/             the built-in model, written once when the spec names one
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from miles.errors import UserError
+from miles.model.directory import model_dir
+from miles.spec.tables import Spec
 
 SPEC = "spec.toml"
 PLAN = "plan.json"
@@ -135,3 +138,11 @@ def wait_for_engines(run_dir: Path, num_engines: int, launch_id: str, deadline_s
 def preempt_requested(run_dir: Path) -> bool:
     """True once someone (the batch shell's USR1 trap, ``miles run``'s Ctrl-C) asked the ranks to save and stop."""
     return (run_dir / PREEMPT).exists()
+
+
+def model_dir_of(spec: Spec, run_dir: str | Path) -> str:
+    """The HF directory the run's actor and every engine load: ``[model] hf_checkpoint``, or the built-in model
+    materialized under ``<run_dir>/model`` (seeded, so every process that asks finds the same weights)."""
+    m = spec.model
+    return model_dir(builtin=m.builtin, hf_checkpoint=m.hf_checkpoint, run_dir=run_dir, seed=spec.run.seed,
+                     dtype=m.dtype)

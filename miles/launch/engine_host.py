@@ -29,7 +29,6 @@ from pathlib import Path
 from miles.job import rundir
 from miles.job.environment import TaskContext
 from miles.job.ports import free_port
-from miles.model.directory import model_dir
 from miles.sglang.launcher import (
     EngineKind,
     EngineLaunch,
@@ -43,13 +42,6 @@ from miles.sglang.launcher import (
 from miles.spec.tables import Spec
 
 
-def model_dir_of(spec: Spec, run_dir: str | Path) -> str:
-    """The model directory of ``spec``'s run: what the actor and every engine load."""
-    m = spec.model
-    return model_dir(builtin=m.builtin, hf_checkpoint=m.hf_checkpoint, run_dir=run_dir, seed=spec.run.seed,
-                     dtype=m.dtype)
-
-
 def task_launch(spec: Spec, ctx: TaskContext, *, kind: EngineKind | None = None,
                 python: str | None = None) -> EngineLaunch:
     """The launch of the engine rank ``ctx``: the plan's HTTP and NCCL ports (each replaced by a free one when it is
@@ -57,7 +49,7 @@ def task_launch(spec: Spec, ctx: TaskContext, *, kind: EngineKind | None = None,
     every interface and advertised at ``ctx.engine_host``."""
     assert ctx.engine_index is not None and ctx.engine_port is not None
     launch = engine_launch(
-        spec, index=ctx.engine_index, model_path=model_dir_of(spec, ctx.run_dir), host="0.0.0.0",
+        spec, index=ctx.engine_index, model_path=rundir.model_dir_of(spec, ctx.run_dir), host="0.0.0.0",
         port=free_port(ctx.engine_port), api_key=os.environ.get("MILES_ENGINE_API_KEY") or None,
         log_dir=Path(ctx.run_dir) / rundir.LOGS, gpus=ctx.engine_gpus, device=ctx.device,
         tp_size=spec.sglang.rollout_num_gpus_per_engine,

@@ -1,9 +1,9 @@
-"""The driver's half of a session: data, engines, reward (trainer rank 0 only).
+"""The engine fleet: the driver's handle on every engine, for generation and for weight sync.
 
-The driver is the one trainer rank that talks to the outside world: it reads the
-prompt data, waits for the engines to announce themselves, sends them the
-prompts, scores the responses and pushes the actor's weights to them. Keeping
-these here leaves :mod:`miles.session.run` about the collective parts.
+The driver (trainer rank 0) is the one trainer rank that talks to the engines:
+it sends them the prompts through the rollout client (or sglang-router) and
+pushes the actor's weights to them through the weight-update group, and it
+keeps both working while engines die and come back (see :class:`EngineFleet`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -156,7 +155,7 @@ class EngineFleet:
         self._post_each(proto.CONTINUE_GENERATION.path, proto.continue_generation_body())
         self.sync_group.close()  # engines still in the old group leave it; a dead one is skipped
         self.client.close()
-        deadline = time.monotonic() + _engine_deadline_s()
+        deadline = time.monotonic() + engine_deadline_s()
         while True:
             self.known.update(self._announcements())
             live = [a for _, a in sorted(self.known.items()) if health_ok(a.url, self.api_key, timeout=30)]
@@ -164,7 +163,7 @@ class EngineFleet:
                 break
             time.sleep(1.0)
         if not live:
-            raise RuntimeError(f"no engine answers /health_generate after {_engine_deadline_s():.0f} s ({why}); "
+            raise RuntimeError(f"no engine answers /health_generate after {engine_deadline_s():.0f} s ({why}); "
                                f"see the engines' logs in {Path(self.task.run_dir) / rundir.LOGS}")
         self.members = live
         self.client = BlockingRolloutClient(self.urls, api_key=self.api_key)
@@ -308,39 +307,6 @@ def local_device(task: TaskContext) -> str:
     return f"cuda:{task.local_rank}" if task.device == "cuda" else "cpu"
 
 
-def _engine_deadline_s() -> float:
+def engine_deadline_s() -> float:
     """How long the driver waits for engines (``MILES_ENGINE_DEADLINE``, as ``miles.launch.task``)."""
     return float(os.environ.get("MILES_ENGINE_DEADLINE", "900"))
-
-
-@dataclass
-class Driver:
-    dataset: Any
-    engines: EngineFleet
-    reward: Any
-    num_rollout: int
-
-
-def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> Driver:
-    """Everything the driver owns, built once at start (the engines are waited for here)."""
-    from transformers import AutoTokenizer
-
-    from miles.data import PromptDataset
-    from miles.reward.model import RewardModel
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
-    dataset = PromptDataset.from_spec(spec.rollout, tokenizer)
-    reward = RewardModel.from_spec(spec.rollout, base_dir=Path(spec.source).parent if spec.source else None)
-    num_rollout = spec.run.num_rollout
-    if num_rollout is None:
-        assert spec.run.num_epoch is not None and spec.rollout.rollout_batch_size is not None
-        num_rollout = spec.run.num_epoch * len(dataset) // spec.rollout.rollout_batch_size
-        if num_rollout == 0:
-            raise UserError(
-                f"[run] num_epoch = {spec.run.num_epoch} over {len(dataset)} prompts gives no full rollout of "
-                f"rollout_batch_size = {spec.rollout.rollout_batch_size}; raise num_epoch or set num_rollout"
-            )
-    announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id,
-                                        deadline_s=_engine_deadline_s())
-    engines = EngineFleet(spec, task, announced)
-    return Driver(dataset=dataset, engines=engines, reward=reward, num_rollout=num_rollout)

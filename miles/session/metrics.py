@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 from typing import Any
+
+from miles.sample import Sample
 
 
 def _truncate_jsonl(path: Path, start_rollout: int) -> None:
@@ -111,3 +114,28 @@ def console_line(rollout_id: int, num_rollout: int, metrics: dict[str, float], p
         f"gen {perf.get('rollout/tokens_per_s', 0.0):.0f} tok/s | reward {metrics.get('rollout/reward_mean', 0.0):.3f} | "
         f"kl {metrics.get('train/kl_loss', 0.0):.4f} | {phases} | total {perf.get('time/total', 0.0):.2f}s"
     )
+
+
+def rollout_metrics(samples: list[Sample], reward_stats: dict[str, float], step_metrics: list[dict[str, float]],
+                    weight_version: int) -> tuple[dict[str, float], dict[str, float]]:
+    """One rollout's figures: ``(metrics, perf)``.
+
+    ``metrics`` are a pure function of the run (they go to ``metrics.jsonl``); any
+    ``*time_s`` figure the reward or the actor reported is wall clock, so it moves to
+    ``perf``.
+    """
+    rewards = [x.reward for x in samples]
+    lens = [len(x.response_ids) for x in samples]
+    metrics: dict[str, float] = {
+        "rollout/samples": float(len(samples)),
+        "rollout/reward_mean": statistics.fmean(rewards),
+        "rollout/reward_std": statistics.pstdev(rewards),
+        "rollout/response_len_mean": statistics.fmean(lens),
+        "rollout/truncated_frac": statistics.fmean(1.0 if x.finish_reason == "length" else 0.0 for x in samples),
+        "rollout/weight_version": float(weight_version),
+    }
+    metrics.update({k: float(v) for k, v in reward_stats.items()})
+    for k in sorted({k for m in step_metrics for k in m}):
+        metrics[f"train/{k}"] = statistics.fmean(m[k] for m in step_metrics if k in m)
+    perf = {k: metrics.pop(k) for k in [k for k in metrics if k.endswith("time_s")]}
+    return metrics, perf

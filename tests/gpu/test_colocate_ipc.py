@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 
-from miles.engine.core import tensor_checksum
 from miles.engine.local import LocalEngine
 from miles.sglang import protocol as proto
 from miles.transfer.bucket import Bucket
+from miles.transfer.checksum import tensor_checksum
 from miles.transfer.colocate import TensorSync, bucket_metadata, serialize_bucket
 
 pytestmark = [

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from miles.session.run.metrics import MetricsLog
 
 from miles.bench import main
 from miles.errors import UserError
+from miles.session.metrics import MetricsLog
 
 from .conftest import load_report, positive_finite
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from miles.engine.core import Engine, GenerationRequest, tensor_checksum
+from miles.engine.core import Engine, GenerationRequest
 from miles.engine.sampling import SamplingError, SamplingParams
+from miles.transfer.checksum import tensor_checksum
 
 PROMPTS = ["12+3=", "7*8=", "(1+2)*3=", "9-4=", "100+200=", "5="]
 

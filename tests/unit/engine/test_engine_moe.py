@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from miles.engine.core import Engine, GenerationRequest, tensor_checksum
+from miles.engine.core import Engine, GenerationRequest
 from miles.engine.sampling import SamplingParams
 from miles.model.checkpoint_names import to_checkpoint_names
+from miles.transfer.checksum import tensor_checksum
 
 
 def _moe(vocab: int, seed: int) -> torch.nn.Module:

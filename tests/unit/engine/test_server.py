@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from miles.engine.core import Engine, GenerationRequest, tensor_checksum
+from miles.engine.core import Engine, GenerationRequest
 from miles.engine.sampling import SamplingParams
 from miles.sglang import protocol as proto
+from miles.transfer.checksum import tensor_checksum
 from tests.unit.engine.server_harness import ServerThread
 
 KEY = "test-key"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from miles.session.run.metrics import MetricsLog, console_line
+from miles.session.metrics import MetricsLog, console_line
 
 
 def _rows(path: Path) -> list[dict[str, float]]:

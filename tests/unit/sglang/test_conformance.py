@@ -156,13 +156,13 @@ _PATH_LITERAL = re.compile(r"""["'](/[a-z_]+)["']""")
 
 
 def test_sglang_bodies_are_built_only_in_the_protocol_module() -> None:
-    """One place builds each body: other miles modules use ``sglang_protocol`` instead of spelling SGLang paths.
+    """One place builds each body: other miles modules use ``miles.sglang.protocol`` instead of spelling SGLang paths.
 
     Only routes that take a body count (health checks are plain GETs). The embedded engine's
     server declares the same routes to *serve* them, so it may name them.
     """
     root = Path(proto.__file__).resolve().parent.parent
-    allowed = {Path(proto.__file__).resolve(), (root / "rollout" / "server.py").resolve()}
+    allowed = {Path(proto.__file__).resolve(), (root / "engine" / "server.py").resolve()}
     offenders = []
     for path in root.rglob("*.py"):
         if path.resolve() in allowed:

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import torch
 
-from miles.engine.core import tensor_checksum
 from miles.engine.local import LocalEngine
 from miles.sglang import protocol as proto
 from miles.transfer.bucket import Bucket
+from miles.transfer.checksum import tensor_checksum
 from miles.transfer.colocate import TensorSync, bucket_metadata, deserialize_bucket, reconstruct, serialize_bucket
 from miles.transfer.sync import SyncError
 from tests.unit.transfer.test_sync import checksums, greedy, trainer_weights

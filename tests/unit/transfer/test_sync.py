@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from miles.engine.core import tensor_checksum
 from miles.engine.local import LocalEngine
 from miles.job.ports import free_port
 from miles.sglang import protocol as proto
+from miles.transfer.checksum import tensor_checksum
 from miles.transfer.sync import SyncError, WeightSync, bench
 
 PROMPT = [4, 5, 13, 6]

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from miles.engine.core import Engine, GenerationRequest, tensor_checksum
+from miles.engine.core import Engine, GenerationRequest
 from miles.engine.local import LocalEngine
 from miles.engine.sampling import SamplingParams
 from miles.job.ports import free_port
+from miles.transfer.checksum import tensor_checksum
 from miles.transfer.sync import WeightSync
 from tests.unit.transfer.test_sync import checksums, greedy
 

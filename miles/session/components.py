@@ -1,0 +1,113 @@
+"""What one trainer rank holds for a whole run, built once at start.
+
+Every rank builds the actor. The driver (trainer rank 0) also owns what talks
+to the outside world: the prompt dataset, the engine fleet and the reward; the
+other ranks hold ``None`` there and receive each scored rollout from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from miles.ckpt.store import CheckpointStore
+from miles.errors import UserError
+from miles.job import rundir
+from miles.job.environment import TaskContext
+from miles.rollout.fleet import EngineFleet, engine_deadline_s, local_device, trainer_group, weight_sync_kind
+from miles.spec.tables import Spec
+from miles.train.actor import Actor, TrainerContext
+from miles.train.backends import build_actor
+
+
+@dataclass
+class Driver:
+    """The driver's components (trainer rank 0 only)."""
+
+    dataset: Any
+    engines: EngineFleet
+    reward: Any
+
+
+@dataclass
+class Components:
+    actor: Actor
+    driver: Driver | None
+    """``None`` on every rank but the driver."""
+    store: CheckpointStore
+    num_rollout: int
+    model_dir: str
+    offload_train: bool
+    """Colocated on GPUs, the actor leaves the GPU while the engines generate (Miles' ``--offload-train``)."""
+    offload_rollout: bool
+    """... and the engines release their memory while the actor trains (``--offload-rollout``)."""
+    sync_peer: Any
+    """Colocated tensor sync: a non-driver rank's share of each bucket for the engine on its GPU, else ``None``."""
+
+    @property
+    def is_driver(self) -> bool:
+        return self.driver is not None
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every trainer rank (collective)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def build(spec: Spec, task: TaskContext) -> Components:
+    """Build the actor, and on the driver the dataset, engines and reward (the engines are waited for here)."""
+    torch.manual_seed(spec.run.seed)
+    run_dir = Path(task.run_dir)
+    is_driver = dist.get_rank() == 0
+    model_dir = broadcast(rundir.model_dir_of(spec, run_dir) if is_driver else None)
+    driver, num_rollout = build_driver(spec, task, model_dir) if is_driver else (None, None)
+    num_rollout = broadcast(num_rollout)
+    device = torch.device(f"cuda:{task.local_rank}" if task.device == "cuda" else "cpu")
+    actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=num_rollout, device=device))
+    colocated_gpu = spec.cluster.mode == "colocate" and task.device == "cuda"
+    sync_peer = None
+    if not is_driver and weight_sync_kind(spec, task.device) == "tensor" and trainer_group() is not None:
+        from miles.transfer.colocate import TensorSyncPeer
+
+        sync_peer = TensorSyncPeer(spec.rollout.update_weight_buffer_size, local_device(task), trainer_group())
+    return Components(
+        actor=actor,
+        driver=driver,
+        store=CheckpointStore(Path(spec.ckpt.save or run_dir / "checkpoints"), spec.ckpt.keep_last),
+        num_rollout=num_rollout,
+        model_dir=model_dir,
+        offload_train=colocated_gpu if spec.perf.offload_train is None else spec.perf.offload_train,
+        offload_rollout=colocated_gpu if spec.perf.offload_rollout is None else spec.perf.offload_rollout,
+        sync_peer=sync_peer,
+    )
+
+
+def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver, int]:
+    """The driver's components and the run's number of rollouts (``num_rollout``, or from ``num_epoch``)."""
+    from transformers import AutoTokenizer
+
+    from miles.data import PromptDataset
+    from miles.reward.model import RewardModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
+    dataset = PromptDataset.from_spec(spec.rollout, tokenizer)
+    reward = RewardModel.from_spec(spec.rollout, base_dir=Path(spec.source).parent if spec.source else None)
+    num_rollout = spec.run.num_rollout
+    if num_rollout is None:
+        assert spec.run.num_epoch is not None and spec.rollout.rollout_batch_size is not None
+        num_rollout = spec.run.num_epoch * len(dataset) // spec.rollout.rollout_batch_size
+        if num_rollout == 0:
+            raise UserError(
+                f"[run] num_epoch = {spec.run.num_epoch} over {len(dataset)} prompts gives no full rollout of "
+                f"rollout_batch_size = {spec.rollout.rollout_batch_size}; raise num_epoch or set num_rollout"
+            )
+    announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id,
+                                        deadline_s=engine_deadline_s())
+    engines = EngineFleet(spec, task, announced)
+    return Driver(dataset=dataset, engines=engines, reward=reward), num_rollout

@@ -1,0 +1,126 @@
+"""The loop's phases on one trainer rank: each takes what it uses and returns what it makes.
+
+Every function here is collective over the trainer ranks unless it says
+otherwise: the driver does the talking (engines, reward), the other ranks take
+part in the collectives (offload, broadcast, log-probs, training, weight
+gathering) in the same order.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from miles import fault
+from miles.data import expand_groups
+from miles.sample import Sample
+from miles.session.components import Components, broadcast
+from miles.session.timing import PhaseTimer
+from miles.spec.tables import Spec
+from miles.train.actor import StepMetrics, prepare_batch
+from miles.train.batch import RolloutBatch
+
+
+def generate(parts: Components, spec: Spec, rollout_id: int, weight_version: int, timer: PhaseTimer,
+             run_dir: Path) -> tuple[list[Sample] | None, float]:
+    """Driver: draw ``rollout_batch_size`` prompts and have the engines answer each ``n`` times.
+
+    Returns the samples (``None`` on the other ranks) and the seconds the engines took.
+    """
+    if parts.offload_train:
+        parts.actor.offload()  # every rank: the engines on these GPUs need the memory now
+    if parts.driver is None:
+        return None, 0.0
+    prompts = parts.driver.dataset.sample(spec.rollout.rollout_batch_size)
+    samples = expand_groups(prompts, spec.rollout.n_samples_per_prompt)
+    t0 = time.perf_counter()
+    parts.driver.engines.generate(samples, rollout_id=rollout_id, weight_version=weight_version)
+    engine_seconds = time.perf_counter() - t0
+    if parts.offload_rollout:
+        parts.driver.engines.release_memory()
+    timer.lap("generate")
+    fault.point("generate", rollout_id, run_dir, 0)
+    return samples, engine_seconds
+
+
+def score(parts: Components, samples: list[Sample] | None, timer: PhaseTimer) -> tuple[list[Sample], dict[str, float]]:
+    """Driver: a reward for every sample; then every rank receives the scored rollout and the reward's stats."""
+    stats: dict[str, float] = {}
+    if parts.offload_train:
+        parts.actor.onload()  # the engines released their memory after generating
+    if parts.driver is not None:
+        assert samples is not None
+        stats = parts.driver.reward.score_blocking(samples).metrics()
+    timer.lap("reward")
+    scored: list[Sample] = broadcast(samples if parts.is_driver else None)
+    return scored, stats
+
+
+def batch(parts: Components, samples: list[Sample], spec: Spec, timer: PhaseTimer) -> RolloutBatch:
+    """Tensors of the scored rollout, with the log-probs the spec needs and the advantages."""
+    out = prepare_batch(parts.actor, samples, spec)
+    timer.lap("logprobs")
+    return out
+
+
+def train(parts: Components, spec: Spec, batch: RolloutBatch, rollout_id: int, run_dir: Path,
+          rank: int) -> list[StepMetrics]:
+    """``num_steps_per_rollout`` optimizer steps of the actor over this rollout, then the reference's refresh."""
+    fault.point("train", rollout_id, run_dir, rank)
+    metrics = parts.actor.train(batch, rollout_id)
+    interval = spec.grpo.ref_update_interval
+    if interval is not None and (rollout_id + 1) % interval == 0:
+        parts.actor.update_ref()
+    return metrics
+
+
+def sync_weights(parts: Components, spec: Spec, version: int, resume_memory: bool) -> None:
+    """Give the engines the actor's current weights, as weight version ``version``.
+
+    ``resume_memory``: colocated engines that released their memory for training take it back first.
+    """
+    weights = parts.actor.named_hf_weights()
+    if parts.driver is not None:
+        engines = parts.driver.engines
+        if parts.offload_rollout and resume_memory:
+            engines.resume_memory()
+        if spec.rollout.check_weight_sync:
+            weights, sent = _with_checksums(weights)
+            engines.sync(weights, version=version)
+            _check_engine_weights(engines, sent)
+        else:
+            engines.sync(weights, version=version)
+    elif parts.sync_peer is not None:
+        parts.sync_peer.sync(weights)  # in step with the driver's TensorSync (collective)
+    else:
+        for _ in weights:  # collective: every rank walks the iterator to the end
+            pass
+
+
+def _with_checksums(weights: Any) -> tuple[Any, dict[str, str]]:
+    """Pass the weights through unchanged while recording SGLang-style checksums of each tensor."""
+    from miles.transfer.checksum import tensor_checksum
+
+    sent: dict[str, str] = {}
+
+    def gen() -> Any:
+        for name, t in weights:
+            sent[name] = tensor_checksum(t)
+            yield name, t
+
+    return gen(), sent
+
+
+def _check_engine_weights(engines: Any, sent: dict[str, str]) -> None:
+    """``[rollout] check_weight_sync``: every engine must now hold exactly the actor's weights."""
+    from miles.sglang import protocol as proto
+
+    answers = engines.client.call_all(proto.WEIGHTS_CHECKER.path, proto.weights_checker_body())
+    for url, answer in zip(engines.urls, answers, strict=True):
+        held = answer["ranks"][0]["checksums"]
+        wrong = sorted(n for n in sent if held.get(n) != sent[n])
+        if wrong:
+            raise RuntimeError(f"weight sync check failed: engine {url} differs from the actor in {len(wrong)} "
+                               f"tensors, e.g. {wrong[:3]}")
+    print(f"miles: weight sync verified: {len(sent)} tensors bit-equal on {len(answers)} engines", flush=True)
