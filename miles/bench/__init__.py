@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import importlib
 
+from miles.errors import UserError
+
 SUITES = ("sync", "train", "rollout", "loop")
 
 
 def main(suite: str, args: list[str]) -> int:
     """Run one suite with its command-line ``args``; returns the exit code."""
     if suite not in SUITES:
-        from miles.errors import UserError
 
         raise UserError(f"unknown benchmark suite {suite!r}; choose one of {', '.join(SUITES)}")
     module = importlib.import_module(f"miles.bench.{suite}")

@@ -34,6 +34,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from miles.bench.report import write_atomic
+from miles.bench.shapes import hf_config
+from miles.engine.core import DTYPES, Engine
+from miles.engine.server import EngineServer
+from miles.job.ports import free_port
+from miles.model.builtin import materialize
+
 log = logging.getLogger("miles.bench.receiver")
 
 
@@ -42,9 +49,6 @@ def build_engine(config: dict[str, Any], dtype: str, device: str, workdir: Path)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from miles.bench.shapes import hf_config
-    from miles.engine.core import DTYPES, Engine
-    from miles.model.builtin import materialize
 
     stub = materialize("tiny-arith", workdir / "stub", seed=0)
     engine = Engine(stub, device="cpu", dtype="float32", max_batch_size=1)
@@ -77,8 +81,6 @@ def serve(config: dict[str, Any], dtype: str, device: str, host: str, port: int,
     from aiohttp import web
     from aiohttp.web_runner import GracefulExit
 
-    from miles.bench.report import write_atomic
-    from miles.engine.server import EngineServer
 
     if device.startswith("cuda"):
         import torch
@@ -120,7 +122,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     port = a.port
     if port == 0:
-        from miles.job.ports import free_port
 
         port = free_port(host=a.host if a.host != "0.0.0.0" else "127.0.0.1")
     announce = a.announce_host or (socket.gethostname() if a.host == "0.0.0.0" else a.host)

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from miles.bench.hardware import device_name
+
 
 def machine(device: str) -> dict[str, Any]:
     """Where the figures were measured (load average included: a loaded machine gives noisy figures)."""
     import torch
 
-    from miles.bench.hardware import device_name
 
     info: dict[str, Any] = {
         "host": socket.gethostname(),

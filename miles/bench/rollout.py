@@ -26,8 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from miles.bench.hardware import memory_bandwidth_gbs, synchronize
 from miles.bench.report import Report, machine
-from miles.bench.shapes import PRESETS, load_config_dict, param_count, with_layers
+from miles.bench.shapes import PRESETS, hf_config, load_config_dict, param_count, with_layers
+from miles.engine.core import DTYPES, Engine, GenerationRequest
+from miles.engine.sampling import SamplingParams
 from miles.errors import UserError
 
 
@@ -76,7 +79,6 @@ def write_model_dir(data: dict[str, Any], out: Path, dtype: str, seed: int = 0) 
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
-    from miles.bench.shapes import hf_config
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
@@ -90,7 +92,6 @@ def write_model_dir(data: dict[str, Any], out: Path, dtype: str, seed: int = 0) 
 
 
 def _timed(fn: Any, device: str) -> float:
-    from miles.bench.hardware import synchronize
 
     synchronize(device)
     t0 = time.perf_counter()
@@ -106,8 +107,6 @@ def run_engine(engine: Any, prompts: list[list[int]], a: argparse.Namespace, dev
     The warm-up is the timed batch itself: the engine captures a CUDA graph per batch bucket and attention
     window once per process, which a long-running engine pays once; the first call's seconds are reported too.
     """
-    from miles.engine.core import GenerationRequest
-    from miles.engine.sampling import SamplingParams
 
     def requests(n_new: int, count: int) -> list[GenerationRequest]:
         return [GenerationRequest(p, SamplingParams(max_new_tokens=n_new, temperature=a.temperature, ignore_eos=True,
@@ -143,8 +142,6 @@ def run_hf(model: Any, prompts: list[list[int]], a: argparse.Namespace, device: 
 def main(argv: list[str]) -> int:
     import torch
 
-    from miles.bench.hardware import memory_bandwidth_gbs
-    from miles.engine.core import DTYPES, Engine
 
     a = parser().parse_args(argv)
     for name in ("batch", "prompt_len", "max_new_tokens"):

@@ -37,9 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from miles.bench.receiver import serve
 from miles.bench.report import Report, machine, plot_sync, write_atomic
 from miles.bench.shapes import GIB, PRESETS, load_config_dict, scale_layers, tensor_specs, with_layers
+from miles.engine.core import DTYPES
 from miles.errors import UserError
+from miles.job.ports import free_port
+from miles.transfer.sync import WeightSync, bench
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,7 +79,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def model_config(a: argparse.Namespace) -> dict[str, Any]:
-    from miles.engine.core import DTYPES
 
     data = load_config_dict(a.config, a.preset)
     if a.layers is not None:
@@ -92,7 +95,6 @@ def random_weights(data: dict[str, Any], dtype: str, device: str, seed: int = 0)
     """The actor's named tensors for ``data``: HF names and shapes, random values, on ``device``."""
     import torch
 
-    from miles.engine.core import DTYPES
 
     gen = torch.Generator(device=device).manual_seed(seed)
     return [(t.name, torch.randn(t.shape, generator=gen, device=device, dtype=DTYPES[dtype])) for t in tensor_specs(data)]
@@ -175,8 +177,6 @@ def measure(a: argparse.Namespace, data: dict[str, Any], urls: list[str], device
     """Sender side: sync the random weights at every bucket size, each against a raw broadcast."""
     import torch
 
-    from miles.job.ports import free_port
-    from miles.transfer.sync import WeightSync, bench
 
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))  # NCCL binds the group to the current GPU
@@ -285,7 +285,6 @@ def _run_engines_and_measure(a: argparse.Namespace, data: dict[str, Any], device
         cfg = write_atomic(d / "config.json", json.dumps(data))
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         env.setdefault("OMP_NUM_THREADS", "1")
-        from miles.job.ports import free_port
 
         ready = [d / f"engine-{i}.url" for i in range(a.engines)]
         try:
@@ -353,8 +352,6 @@ def run_tasks(a: argparse.Namespace) -> Report | None:
         device = f"cuda:{local % max(1, torch.cuda.device_count())}"  # srun --gpus-per-task shows one GPU a task
     done = rdv / "done"
     if procid != 0:
-        from miles.bench.receiver import serve
-        from miles.job.ports import free_port
 
         done.unlink(missing_ok=True)  # left by an earlier run in the same directory; the sender waits for us
         engine_device = a.engine_device or device

@@ -35,9 +35,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from miles.algo.advantages import AdvantageInputs, compute_advantages
+from miles.bench.hardware import measured_matmul_tflops, peak_tflops, synchronize
 from miles.bench.report import Report, machine
-from miles.bench.shapes import PRESETS, load_config_dict, param_count, train_flops_per_token, with_layers
+from miles.bench.shapes import PRESETS, hf_config, load_config_dict, param_count, train_flops_per_token, with_layers
 from miles.errors import UserError
+from miles.job.ports import free_port
+from miles.sample import Sample
+from miles.spec.tables import GrpoConfig, ModelConfig, OptimizerConfig, PerfConfig, RolloutConfig, Spec, TrainConfig
+from miles.train.actor import TrainerContext
+from miles.train.backends import build_actor
+from miles.train.batch import RolloutBatch
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,7 +82,6 @@ def _init_dist(device: str) -> bool:
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend)
         return True
-    from miles.job.ports import free_port
 
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     return True
@@ -84,7 +91,6 @@ def parse_variant(text: str) -> tuple[dict[str, Any], int | None]:
     """``default`` or ``key=value,...`` -> ([perf] overrides, micro-batch override); unknown keys are a UserError."""
     import dataclasses
 
-    from miles.spec.tables import PerfConfig
 
     if text == "default":
         return {}, None
@@ -119,7 +125,6 @@ def write_random_model(data: dict[str, Any], out: Path, seed: int = 0, device: s
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from miles.bench.shapes import hf_config
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
@@ -134,9 +139,6 @@ def write_random_model(data: dict[str, Any], out: Path, seed: int = 0, device: s
 
 def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, grpo: Any) -> Any:
     """A scored rollout of ``batch`` sequences of ``seq_len`` tokens (short prompt, long response), advantages set."""
-    from miles.algo.advantages import AdvantageInputs, compute_advantages
-    from miles.sample import Sample
-    from miles.train.batch import RolloutBatch
 
     rng = random.Random(seed)
     prompt = max(1, min(16, seq_len // 4))
@@ -159,10 +161,6 @@ def measure_backend(a: argparse.Namespace, backend: str, data: dict[str, Any], m
     import torch
     import torch.distributed as dist
 
-    from miles.bench.hardware import synchronize
-    from miles.spec.tables import GrpoConfig, ModelConfig, OptimizerConfig, PerfConfig, RolloutConfig, Spec, TrainConfig
-    from miles.train.actor import TrainerContext
-    from miles.train.backends import build_actor
 
     perf_over, micro = parse_variant(variant)
     micro = micro or a.micro_batch
@@ -210,7 +208,6 @@ def main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from miles.bench.hardware import measured_matmul_tflops, peak_tflops
 
     a = parser().parse_args(argv)
     for name in ("seq_len", "batch", "micro_batch", "steps"):

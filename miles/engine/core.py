@@ -57,6 +57,7 @@ import torch
 
 from miles.engine.decoder import StaticDecoder
 from miles.engine.sampling import BatchSampling, SamplingParams, block_early_stops, sample_batch
+from miles.model.checkpoint_names import FusedTargets, to_checkpoint_names
 from miles.transfer.checksum import tensor_checksum
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -434,13 +435,11 @@ class Engine:
 
     def checksums(self) -> dict[str, str]:
         """Checksums under checkpoint names, the names the actor's weights are sent and checked under."""
-        from miles.model.checkpoint_names import to_checkpoint_names
 
         return {name: tensor_checksum(t) for name, t in to_checkpoint_names(self.model, self.state().items())}
 
     def _fused_targets(self) -> Any:
         if getattr(self, "_fused", None) is None:
-            from miles.model.checkpoint_names import FusedTargets
 
             self._fused = FusedTargets(self.model)
         return self._fused

@@ -37,7 +37,7 @@ other are generated as one batch (up to ``max_batch_size``); a batched request
 (a list of prompts) is generated as one batch on its own, so a client that sends
 fixed chunks gets the same numbers on every run.
 
-Entry points (the launcher, H3, calls :func:`serve` for the engine role; keep it stable)::
+Entry points (the engine launcher calls :func:`serve` for the engine role; keep it stable)::
 
     serve(model_dir, host="127.0.0.1", port=30000, device="cpu", dtype="float32", seed=0,
           api_key=None, max_batch_size=64, batch_wait_ms=5.0, served_model_name=None,

@@ -35,6 +35,9 @@ from typing import Any
 from aiohttp import web
 
 from miles.engine.core import Engine
+from miles.transfer.bucket import bucket_bytes, dtype_from_name, unflatten
+from miles.transfer.colocate import deserialize_bucket, reconstruct
+from miles.transfer.group import join_group, leave_group
 
 
 def json_error(message: str, status: int = 400) -> web.Response:
@@ -92,7 +95,6 @@ class WeightEndpoints:
                 yield
 
     async def init_group(self, request: web.Request) -> web.Response:
-        from miles.transfer.group import join_group
 
         body = await self._body(request)
         try:
@@ -111,7 +113,6 @@ class WeightEndpoints:
         return web.json_response({"success": True, "message": "Succeeded to initialize custom process group."})
 
     async def destroy_group(self, request: web.Request) -> web.Response:
-        from miles.transfer.group import leave_group
 
         body = await self._body(request)
         name = body.get("group_name", "weight_update_group")
@@ -130,7 +131,6 @@ class WeightEndpoints:
         import torch
         import torch.distributed as dist
 
-        from miles.transfer.bucket import bucket_bytes, dtype_from_name, unflatten
 
         names, dtypes, shapes = list(body["names"]), list(body["dtypes"]), [list(s) for s in body["shapes"]]
         if not len(names) == len(dtypes) == len(shapes):
@@ -165,7 +165,6 @@ class WeightEndpoints:
         import torch
         import torch.distributed as dist
 
-        from miles.transfer.bucket import bucket_bytes, unflatten
 
         device = self.engine.device
         with self._copy_lock:
@@ -233,7 +232,6 @@ class WeightEndpoints:
 
     def _take_tensors(self, body: dict[str, Any]) -> int:
         """Map the colocated trainer's bucket (shared memory or CUDA IPC), check it against the model, copy it in."""
-        from miles.transfer.colocate import deserialize_bucket, reconstruct
 
         entries = body["serialized_named_tensors"]
         if not isinstance(entries, list) or not entries:

@@ -33,9 +33,12 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING
 
+from miles import plan as planning
 from miles.errors import UserError
 from miles.job import rundir
 from miles.job.ports import free_ports
+from miles.plan import Plan
+from miles.spec import spec_to_toml
 from miles.spec.tables import Spec
 
 if TYPE_CHECKING:
@@ -80,8 +83,6 @@ class _Printer:
 
 def prepare_run_dir(spec: Spec) -> tuple[Path, object]:
     """Plan the run and write spec.toml and plan.json into its (new or existing) run directory."""
-    from miles import plan as planning
-    from miles.spec import spec_to_toml
 
     plan = planning.make_plan(spec)
     run_dir = Path(plan.run_dir).resolve()
@@ -241,7 +242,6 @@ def _describe(code: int) -> str:
 def run(spec: Spec, out: IO[str] | None = None) -> int:
     """``miles run``: plan, write the run directory, start engines and trainers here, supervise."""
     run_dir, plan = prepare_run_dir(spec)
-    from miles.plan import Plan
 
     assert isinstance(plan, Plan)
     trainer_gpus = local_trainer_gpus(plan)

@@ -32,8 +32,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from miles import plan as planning
 from miles.errors import UserError
 from miles.job import rundir
+from miles.plan import Plan
+from miles.spec import spec_to_toml
 from miles.spec.tables import Spec
 
 QUERY_TIMEOUT_S = 20.0
@@ -116,7 +119,6 @@ _GPU_FIELD = {"engines": "cluster.gpus_per_node (engines use whole nodes)",
 
 def check_fits(spec: Spec, plan: object) -> list[str]:
     """Every way the plan's components exceed their partitions, as messages naming the field to change."""
-    from miles.plan import Plan
 
     assert isinstance(plan, Plan)
     problems: list[str] = []
@@ -179,8 +181,6 @@ def _sbatch(script_path: Path, cwd: Path) -> str:
 
 def submit(spec: Spec, dry_run: bool = False, test_only: bool = False) -> int:
     """Plan, write the run directory, submit; see the module docstring for the guarantees."""
-    from miles import plan as planning
-    from miles.spec import spec_to_toml
 
     plan = planning.make_plan(spec)
     script = planning.render_script(spec, plan)

@@ -23,6 +23,7 @@ from pathlib import Path
 from miles.plan.planner import make_plan
 from miles.plan.render import to_json
 from miles.plan.script import render_script
+from miles.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -40,7 +41,6 @@ def config_paths() -> list[Path]:
 
 def render(config: Path) -> dict[str, str]:
     """Golden file name -> expected text, for one example spec."""
-    from miles.spec import load_spec
 
     spec = load_spec(config, [])
     if not spec.run.run_dir.startswith("/"):

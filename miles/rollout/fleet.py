@@ -20,8 +20,15 @@ from typing import TYPE_CHECKING, Any
 from miles.errors import UserError
 from miles.job import rundir
 from miles.job.environment import TaskContext
+from miles.job.ports import free_port
+from miles.rollout.client import BlockingRolloutClient
 from miles.sample import Sample
+from miles.sglang import protocol as proto
+from miles.sglang.launcher import health_ok
+from miles.sglang.router import MAX_IN_FLIGHT, PER_ENGINE_IN_FLIGHT, start_driver_router
 from miles.spec.tables import Spec
+from miles.transfer.colocate import TensorSync
+from miles.transfer.sync import DEFAULT_GROUP, SyncError, WeightSync
 
 if TYPE_CHECKING:
     from miles.sglang.router import SglangRouter
@@ -78,11 +85,9 @@ class EngineFleet:
     """
 
     def __init__(self, spec: Spec, task: TaskContext, announced: list[rundir.Announcement]) -> None:
-        from miles.rollout.client import BlockingRolloutClient
 
         self.router: SglangRouter | None = None
         if spec.sglang.use_router:  # first: a router that is not installed is the user's to fix (UserError)
-            from miles.sglang.router import start_driver_router
 
             self.router = start_driver_router(spec, task, os.environ.get("MILES_ENGINE_API_KEY") or None)
         self.spec = spec
@@ -117,11 +122,9 @@ class EngineFleet:
         return sorted(i for i, a in self._announcements().items() if self.known.get(i) != a)
 
     def _form_group(self, port: int) -> Any:
-        from miles.transfer.sync import DEFAULT_GROUP, WeightSync
 
         self.groups_formed += 1
         if weight_sync_kind(self.spec, self.task.device) == "tensor":  # colocated: handles to each GPU's copy, no group
-            from miles.transfer.colocate import TensorSync
 
             return TensorSync(self.urls, bucket_bytes=self.spec.rollout.update_weight_buffer_size, api_key=self.api_key,
                               device=local_device(self.task), ranks_per_engine=self._ranks_per_engine(),
@@ -146,10 +149,6 @@ class EngineFleet:
 
     def _reform(self, why: str) -> None:
         """Re-form the weight-update group with every engine that is announced and healthy now."""
-        from miles.job.ports import free_port
-        from miles.rollout.client import BlockingRolloutClient
-        from miles.sglang import protocol as proto
-        from miles.sglang.launcher import health_ok
 
         # A sync that failed at /pause_generation left the engines that took the pause paused.
         self._post_each(proto.CONTINUE_GENERATION.path, proto.continue_generation_body())
@@ -190,7 +189,6 @@ class EngineFleet:
 
     def generate(self, samples: list[Sample], rollout_id: int, weight_version: int) -> None:
         """Fill every sample's response fields; each sample's seed is a pure function of its position."""
-        from miles.rollout.client import BlockingRolloutClient
 
         changed = set(self.restarted())
         urls = [a.url for a in self.members if a.index not in changed]
@@ -209,8 +207,6 @@ class EngineFleet:
     def _generate_routed(self, samples: list[Sample], rollout_id: int, urls: list[str]) -> None:
         """One rollout through sglang-router to the engines of ``urls``: one request per sample, the router's
         worker list watched while it runs (:meth:`miles.sglang.router.SglangRouter.guard`)."""
-        from miles.rollout.client import BlockingRolloutClient
-        from miles.sglang.router import MAX_IN_FLIGHT, PER_ENGINE_IN_FLIGHT
 
         router = self.router
         assert router is not None
@@ -227,18 +223,15 @@ class EngineFleet:
 
     def release_memory(self) -> None:
         """Colocated GPUs: engines free their weights and KV cache while the actor trains."""
-        from miles.sglang import protocol as proto
 
         self.client.call_all(proto.RELEASE_MEMORY_OCCUPATION.path, proto.release_memory_occupation_body())
 
     def resume_memory(self) -> None:
-        from miles.sglang import protocol as proto
 
         self.client.call_all(proto.RESUME_MEMORY_OCCUPATION.path, proto.resume_memory_occupation_body())
 
     def sync(self, weights: Iterable[tuple[str, Any]], version: int) -> None:
         """Push the actor's weights to every member, first taking in engines that came back (see the class)."""
-        from miles.transfer.sync import SyncError
 
         changed = self.restarted()
         if changed:

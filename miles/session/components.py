@@ -15,13 +15,16 @@ import torch
 import torch.distributed as dist
 
 from miles.ckpt.store import CheckpointStore
+from miles.data import PromptDataset
 from miles.errors import UserError
 from miles.job import rundir
 from miles.job.environment import TaskContext
+from miles.reward.model import RewardModel
 from miles.rollout.fleet import EngineFleet, engine_deadline_s, local_device, trainer_group, weight_sync_kind
 from miles.spec.tables import Spec
 from miles.train.actor import Actor, TrainerContext
 from miles.train.backends import build_actor
+from miles.transfer.colocate import TensorSyncPeer
 
 
 @dataclass
@@ -73,7 +76,6 @@ def build(spec: Spec, task: TaskContext) -> Components:
     colocated_gpu = spec.cluster.mode == "colocate" and task.device == "cuda"
     sync_peer = None
     if not is_driver and weight_sync_kind(spec, task.device) == "tensor" and trainer_group() is not None:
-        from miles.transfer.colocate import TensorSyncPeer
 
         sync_peer = TensorSyncPeer(spec.rollout.update_weight_buffer_size, local_device(task), trainer_group())
     return Components(
@@ -92,8 +94,6 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver,
     """The driver's components and the run's number of rollouts (``num_rollout``, or from ``num_epoch``)."""
     from transformers import AutoTokenizer
 
-    from miles.data import PromptDataset
-    from miles.reward.model import RewardModel
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
     dataset = PromptDataset.from_spec(spec.rollout, tokenizer)

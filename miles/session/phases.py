@@ -17,9 +17,11 @@ from miles.data import expand_groups
 from miles.sample import Sample
 from miles.session.components import Components, broadcast
 from miles.session.timing import PhaseTimer
+from miles.sglang import protocol as proto
 from miles.spec.tables import Spec
 from miles.train.actor import StepMetrics, prepare_batch
 from miles.train.batch import RolloutBatch
+from miles.transfer.checksum import tensor_checksum
 
 
 def generate(parts: Components, spec: Spec, rollout_id: int, weight_version: int, timer: PhaseTimer,
@@ -100,7 +102,6 @@ def sync_weights(parts: Components, spec: Spec, version: int, resume_memory: boo
 
 def _with_checksums(weights: Any) -> tuple[Any, dict[str, str]]:
     """Pass the weights through unchanged while recording SGLang-style checksums of each tensor."""
-    from miles.transfer.checksum import tensor_checksum
 
     sent: dict[str, str] = {}
 
@@ -114,7 +115,6 @@ def _with_checksums(weights: Any) -> tuple[Any, dict[str, str]]:
 
 def _check_engine_weights(engines: Any, sent: dict[str, str]) -> None:
     """``[rollout] check_weight_sync``: every engine must now hold exactly the actor's weights."""
-    from miles.sglang import protocol as proto
 
     answers = engines.client.call_all(proto.WEIGHTS_CHECKER.path, proto.weights_checker_body())
     for url, answer in zip(engines.urls, answers, strict=True):

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from miles.errors import UserError
 from miles.sglang import protocol as proto
 from miles.sglang.flags import FLAGS_PATH, alias_map, load_flags
+from miles.spec.passthrough import check_flag
 from miles.spec.tables import Spec
 
 if TYPE_CHECKING:
@@ -93,7 +94,6 @@ def passthrough_args(server_args: Mapping[str, Any], flags: Mapping[str, dict[st
     flags and nothing for plain switches (whose default is off); a list adds one
     argument per item; a ``json`` flag takes a table or array as one JSON string.
     """
-    from miles.spec.passthrough import check_flag  # the loader's check, so both say the same thing
 
     table: dict[str, dict[str, Any]] = dict(flags) if flags is not None else load_flags()
     names = alias_map(table)

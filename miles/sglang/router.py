@@ -53,6 +53,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from miles.errors import UserError
+from miles.job import rundir
+from miles.job.ports import free_port
+from miles.plan import ports
 from miles.sglang.launcher import EngineLaunch, EngineProcess, EngineStartError, health_ok
 
 if TYPE_CHECKING:
@@ -153,7 +156,6 @@ def router_launch(
 
 def router_port(task: TaskContext) -> int:
     """The plan's router port (``MILES_ROUTER_PORT`` from the batch script, else the job's port block)."""
-    from miles.plan import ports
 
     env = os.environ.get("MILES_ROUTER_PORT")
     return int(env) if env else task.master_port + ports.ROUTER_OFFSET - ports.MASTER_OFFSET
@@ -323,8 +325,6 @@ class SglangRouter:
 def start_driver_router(spec: Spec, task: TaskContext, api_key: str | None) -> SglangRouter:
     """The driver's router: on its node at the plan's router port (a free one if that is taken), no workers yet,
     logging to ``<run_dir>/logs/router.log``. :class:`UserError` when sglang-router is not installed."""
-    from miles.job import rundir
-    from miles.job.ports import free_port
 
     python = router_python()
     require_router(python, spec.source)

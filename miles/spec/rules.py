@@ -28,6 +28,7 @@ import difflib
 import re
 from collections.abc import Callable
 
+from miles.model.builtin import names
 from miles.spec.tables import Spec
 
 Report = Callable[[str, str, str], None]
@@ -91,7 +92,6 @@ def _run_and_model(spec: Spec, report: Report) -> None:
         else:
             report("model", "", 'set the model: hf_checkpoint = "/path/to/hf-model-dir", or builtin = "<name>" for a tiny built-in model')
     elif m.builtin:
-        from miles.model.builtin import names  # stdlib only: keeps the planner path free of torch
 
         known = names()
         if m.builtin not in known:

@@ -26,6 +26,9 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
 
+from miles.algo.advantages import AdvantageInputs, compute_advantages
+from miles.train.batch import RolloutBatch
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
@@ -148,8 +151,6 @@ def prepare_batch(actor: Actor, samples: Sequence[Sample], spec: Spec) -> Rollou
     old log-probs are left ``None``: the loss then uses the detached current
     log-probs, saving one forward pass per rollout.
     """
-    from miles.algo.advantages import AdvantageInputs, compute_advantages
-    from miles.train.batch import RolloutBatch
 
     batch = RolloutBatch.from_samples(samples)
     grpo = spec.grpo

@@ -18,11 +18,11 @@ def build_actor(spec: Spec, ctx: TrainerContext) -> Actor:
     """Build the actor that ``[perf] backend`` selects."""
     backend = spec.perf.backend
     if backend == "fsdp":
-        from miles.train.fsdp import FSDPActor
+        from miles.train.fsdp import FSDPActor  # the chosen backend only: each has heavy imports of its own
 
         return FSDPActor(spec, ctx)
     if backend == "megatron":
-        from miles.train.megatron import build_megatron_actor
+        from miles.train.megatron import build_megatron_actor  # megatron-core: an optional extra
 
         # cast: the Megatron actor is checked against this protocol by its own tests (offload/onload pending there)
         return cast(Actor, build_megatron_actor(spec, ctx))

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from miles.algo.loss import LossInputs, policy_loss, token_weights
 from miles.sample import Sample
 
 if TYPE_CHECKING:
@@ -282,7 +283,6 @@ def micro_batch_loss(
     The weights divide by the whole optimizer step's token or sample count, so the
     micro-batches of all DP ranks add up to the loss of the whole batch.
     """
-    from miles.algo.loss import LossInputs, policy_loss, token_weights
 
     w = token_weights(mb.mask, aggregation, global_tokens=global_tokens, global_samples=global_samples,
                       max_response_len=max_response_len)

@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor
 
 from miles.algo.loss import LossConfig, aggregation_for, logprobs_and_entropy
 from miles.errors import UserError
+from miles.model.checkpoint_names import to_checkpoint_names
 from miles.spec.tables import Spec
 from miles.train.actor import StepMetrics, TrainerContext, needs_reference
 from miles.train.batch import (
@@ -265,7 +266,6 @@ class FSDPActor:
         Names are checkpoint names: a family that transformers loads into fused
         parameters (Qwen3-MoE experts) is split back, as ``save_pretrained`` does.
         """
-        from miles.model.checkpoint_names import to_checkpoint_names
 
         module = self._module(self.model)
         self._reshard(self.model)

@@ -12,7 +12,7 @@ named after the group, and a group built with torch's
 The trainer must join with the identical recipe, otherwise the two sides write
 different store keys and wait on each other until the timeout. So the trainer
 (:mod:`miles.transfer.sync`) and the embedded engine (:mod:`miles.engine.server`)
-both call :func:`join_group` below; H7's tests run the trainer side against a
+both call :func:`join_group` below; the SGLang integration tests run the trainer side against a
 real SGLang server.
 
 Collectives on the returned group use group rank 0 as the source

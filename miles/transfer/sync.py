@@ -35,7 +35,7 @@ request-then-broadcast per bucket):
   first broadcast starts while the engines are still pausing. The first bucket
   is flattened meanwhile.
 
-The same calls drive a real SGLang server (H7's conformance tests run it), so the
+The same calls drive a real SGLang server (the SGLang integration tests run it), so the
 embedded engine and SGLang share one sender.
 
 Callers on other trainer ranks must still drain the actor's tensor iterator when

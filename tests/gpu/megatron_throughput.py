@@ -5,7 +5,7 @@ set (world 1). Builds a Llama-3.2-1B-shaped HF checkpoint with random bf16 weigh
 ``MegatronActor.train`` (one optimizer step over ``--samples`` sequences of ``--seq`` tokens, micro-batch 1,
 after one warm-up step). Model FLOPs per token: ``6 * N + 12 * L * H * S`` (N: parameters without the
 input embedding; the attention term counts the full S x S score matrix). Peak: ``--peak-tflops``
-(989 for H100/H200 SXM dense bf16). ``miles bench train`` (issue 8) is the user-facing version.
+(989 for H100/H200 SXM dense bf16). ``miles bench train`` is the user-facing version.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Exact resume: a run interrupted anywhere ends with the same metrics and weights as one that never was.
 
-Start here to see the promise of issue 5 tested end to end on the CPU. Each case
+Start here to see the exact-resume promise tested end to end on the CPU. Each case
 runs ``miles run`` (two FSDP trainer ranks over gloo, two embedded engines, real
 HTTP, real weight sync) on a short quickstart, once straight through and once
 interrupted by faults injected through ``MILES_FAULT`` (see ``miles/fault.py``):

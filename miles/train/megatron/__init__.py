@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from miles.spec.tables import Spec
     from miles.train.actor import TrainerContext
-    from miles.train.megatron.actor import MegatronActor
+    from miles.train.megatron.actor import MegatronActor  # megatron-core: imported only when this backend runs
 
 
 def build_megatron_actor(spec: Spec, ctx: TrainerContext) -> MegatronActor:

@@ -55,8 +55,9 @@ from miles.train.hf_checkpoint import save_hf_checkpoint
 from miles.train.megatron.config import DTYPES, check_parallelism, megatron_optimizer_config, read_hf_arch, te_available
 from miles.train.megatron.context import ContextLayout
 from miles.train.megatron.logprobs import vocab_parallel_logprobs_and_entropy
+from miles.train.megatron.mapping import param_rules
 from miles.train.megatron.model import build_gpt_model, init_parallel
-from miles.train.megatron.weights import export_hf_weights, load_hf_weights
+from miles.train.megatron.weights import export_hf_weights, load_hf_weights, local_parameters
 from miles.train.optim import build_adamw, lr_at
 
 _OPTIMIZER_CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -280,8 +281,6 @@ class MegatronActor:
         """AdamW on ``main_grad`` with the global gradient norm: each slice counted once over TP/PP/EP."""
         from megatron.core import parallel_state as ps
 
-        from miles.train.megatron.mapping import param_rules
-        from miles.train.megatron.weights import local_parameters
 
         rules = {r.mcore: r for r in param_rules(self.arch)}
         etp_rank = ps.get_expert_tensor_parallel_rank() if self.arch.num_experts else 0

@@ -18,6 +18,8 @@ import torch
 
 from miles.spec.tables import PerfConfig
 from miles.train.megatron.config import HFArch, layer_spec, own_norms, padded_vocab_size, transformer_config
+from miles.train.megatron.norm import RMSNorm
+from miles.train.megatron.weights import mark_tensor_parallel
 
 
 def init_parallel(perf: PerfConfig, seed: int) -> None:
@@ -74,7 +76,6 @@ def build_gpt_model(arch: HFArch, perf: PerfConfig, dtype: torch.dtype, use_te: 
         # parallelism), not from the layer spec; a block spec names it.
         from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-        from miles.train.megatron.norm import RMSNorm
 
         spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)
     model = GPTModel(
@@ -97,7 +98,6 @@ def build_gpt_model(arch: HFArch, perf: PerfConfig, dtype: torch.dtype, use_te: 
             base = llama3_inv_freq(base, arch.rope_scaling)
         rope.inv_freq = base.to(device)
     model.to(device)
-    from miles.train.megatron.weights import mark_tensor_parallel
 
     mark_tensor_parallel(model, arch)
     return model

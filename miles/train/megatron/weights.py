@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from miles.train.megatron.config import HFArch
-from miles.train.megatron.mapping import ParamRule, canonical_name, from_megatron, param_rules, to_megatron
+from miles.train.megatron.mapping import ParamRule, canonical_name, from_megatron, hf_shapes, param_rules, to_megatron
 
 
 class _Placement:
@@ -202,7 +202,6 @@ def export_hf_weights(
 
 
 def _hf_shape(rule: ParamRule, j: int, arch: HFArch) -> tuple[int, ...]:
-    from miles.train.megatron.mapping import hf_shapes
 
     return hf_shapes(arch)[rule.hf[j]]
 

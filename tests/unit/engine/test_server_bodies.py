@@ -1,7 +1,7 @@
-"""Issue 4: the embedded engine's HTTP bodies match SGLang's (same keys and types) for every endpoint it serves.
+"""The embedded engine's HTTP bodies match SGLang's (same keys and types) for every endpoint it serves.
 
 The pinned SGLang wheel is read with ``ast`` (``tests/sglang_wheel.py``, shared with
-H7's conformance tests), never imported:
+the SGLang conformance tests), never imported:
 
 * routes: every path the embedded server serves exists in SGLang's
   ``http_server.py`` with the same HTTP methods;
