@@ -180,11 +180,13 @@ def test_run_case_logs_each_command_and_reports_failures_and_timeouts(tmp_path: 
     assert (tmp_path / case.name / "step-1.log").read_text().strip() == "hello 0"
 
 
-def test_docs_cite_only_registered_cases() -> None:
+def test_docs_cite_only_registered_cases_and_list_them_all() -> None:
     cited = set()
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = doc.read_text(encoding="utf-8")
-        cited |= {(doc.name, m) for m in re.findall(r"run\.sh ([a-z0-9.-]+)", text)}
-        cited |= {(doc.name, m) for m in re.findall(r"miles\.bench\.cases ([a-z0-9.-]+)", text)}
-    assert {name for _, name in cited} - {"CASE"} and {name for _, name in cited} - {"CASE"} <= set(BY_NAME), \
-        sorted(cited)
+        for pattern in (r"run\.sh\s+([a-z][a-z0-9.-]+)", r"miles\.bench\.cases\s+([a-z][a-z0-9.-]+)",
+                        r"[Cc]ases?:?\s+`([a-z][a-z0-9.-]+)`"):
+            cited |= {(doc.name, m) for m in re.findall(pattern, text)}
+    assert cited and {name for _, name in cited} <= set(BY_NAME), sorted(cited)
+    table = re.findall(r"^\| `([a-z][a-z0-9.-]+)` \| (\d) \|", (ROOT / "docs" / "benchmarks.md").read_text(), re.M)
+    assert sorted(table) == sorted((c.name, str(c.gpus)) for c in CASES)
