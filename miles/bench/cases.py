@@ -38,6 +38,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 MAX_CASE_S = 560
 """Sum of a case's time limits: a 10-minute command on a GPU machine, less the wheel installation before it."""
@@ -236,6 +237,16 @@ def fill(command: str, out: Path, work: Path) -> str:
     return command.replace("{out}", str(out)).replace("{work}", str(work))
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _stop(proc: subprocess.Popen[str]) -> None:
     """End the command's whole process group (engines and ranks it started), politely first."""
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
@@ -243,45 +254,55 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _group_alive(proc.pid):
+                return
+            time.sleep(0.1)
+
+
+def _pump(stream: IO[str], log_path: Path, tail: int, last: deque[str]) -> None:
+    """Copy a command's output to its log, and to stdout (everything, or the last ``tail`` lines kept)."""
+    with log_path.open("w", encoding="utf-8") as log:
+        for line in stream:
+            log.write(line)
+            log.flush()
+            if not tail:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            elif not NOISE.search(line):
+                last.append(line)
 
 
 def run_step(command: str, timeout_s: float, log_path: Path, tail: int) -> int:
-    """Run one command with its own process group; its output goes to ``log_path`` and to stdout (all of it, or
-    with ``tail`` the last ``tail`` lines without :data:`NOISE`). Returns the exit code, 124 on timeout."""
+    """Run one command in its own process group; its output goes to ``log_path`` and to stdout (all of it, or
+    with ``tail`` the last ``tail`` lines without :data:`NOISE`). Returns the exit code, 124 on timeout.
+
+    A process that left the group (its own session) and still holds the output open does not hold up the case:
+    the output is read for at most 10 s after the command ends.
+    """
     env_add, words = split(command)
     env = {**ENV, **os.environ, **env_add}
-    timed_out = threading.Event()
     last: deque[str] = deque(maxlen=max(tail, 1))
-
-    def expire() -> None:
-        timed_out.set()
+    proc = subprocess.Popen(argv_for(words), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True)
+    assert proc.stdout is not None
+    reader = threading.Thread(target=_pump, args=(proc.stdout, log_path, tail, last), daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
         _stop(proc)
-
-    with log_path.open("w", encoding="utf-8") as log:
-        proc = subprocess.Popen(argv_for(words), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", start_new_session=True)
-        timer = threading.Timer(timeout_s, expire)
-        timer.start()
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                if not tail:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-                elif not NOISE.search(line):
-                    last.append(line)
-            rc = proc.wait()
-        finally:
-            timer.cancel()
-            _stop(proc)  # what the command left running in its group (engine processes, ranks)
+        rc = proc.wait()
+    finally:
+        _stop(proc)  # what the command left running in its group (engine processes, ranks)
+    reader.join(timeout=10)
     if tail:
         sys.stdout.write("".join(last))
-    return 124 if timed_out.is_set() else rc
+        sys.stdout.flush()
+    return 124 if timed_out else rc
 
 
 def run_case(case: Case, out_root: Path, tail: int = 0) -> int:
