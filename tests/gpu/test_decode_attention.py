@@ -15,7 +15,7 @@ pytestmark = [
 
 
 @pytest.mark.parametrize(("b", "n_kv", "group", "d", "dtype"), [
-    (256, 2, 7, 64, torch.bfloat16),  # Qwen2.5-0.5B's heads at the batch
+    (256, 2, 7, 64, torch.bfloat16),  # Qwen2.5-0.5B's heads at the benchmark batch
     (5, 2, 2, 16, torch.float32),  # the tiny test models
     (3, 4, 1, 128, torch.float16),  # no grouping, a wide head
     (17, 8, 4, 128, torch.bfloat16),  # Qwen2.5-7B's heads

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,13 +69,33 @@ def _launch(world: int, scenarios: list[str], out: str, work: str) -> None:
     assert codes == [0] * world, f"worker exit codes {codes}"
 
 
+def selected_scenarios(items: list[pytest.Item]) -> set[str]:
+    """The worker scenarios the selected tests of this file read: a ``-k`` selection (one layout) starts only
+    those ranks' work, not every layout's."""
+    here = Path(__file__).resolve()
+    wanted = set()
+    for item in items:
+        if Path(str(item.path)).resolve() != here:
+            continue
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "name" in callspec.params:
+            wanted.add(str(callspec.params["name"]))
+        elif getattr(item, "originalname", item.name) == "test_roundtrip_bit_identical":
+            wanted.add("roundtrip")
+    return wanted
+
+
 @pytest.fixture(scope="module")
-def results() -> dict[str, Any]:
+def results(request: pytest.FixtureRequest) -> dict[str, Any]:
     out = os.environ.get("MILES_GPU_RESULTS") or tempfile.mkdtemp(prefix="miles-gpu-")
     work = tempfile.mkdtemp(prefix="miles-gpu-work-")
-    _launch(2, WORLD2, out, work)
-    if torch.cuda.device_count() >= 4:
-        _launch(4, WORLD4, out, work)
+    wanted = selected_scenarios(request.session.items)
+    world2 = [s for s in WORLD2 if s in wanted]
+    world4 = [s for s in WORLD4 if s in wanted]
+    if world2:
+        _launch(2, world2, out, work)
+    if world4 and torch.cuda.device_count() >= 4:
+        _launch(4, world4, out, work)
     return summarize(out)
 
 

@@ -8,8 +8,8 @@ checksums (``check_weight_sync``). The reward of the quickstart task starts
 near 0.05 and must rise. Skipped without 2 CUDA GPUs.
 
 :func:`check_run` holds the assertions, so a script can apply them to a run it
-made itself (a GPU bench case does); ``MILES_GPU_ROLLOUTS`` shortens or
-lengthens the run (default: the spec's 30).
+made itself; ``MILES_GPU_ROLLOUTS`` shortens or lengthens the run (default:
+the spec's 30).
 """
 
 from __future__ import annotations
