@@ -22,8 +22,8 @@ import torch
 
 from miles.bench.rollout import write_model_dir
 from miles.bench.shapes import load_config_dict, with_layers
-from miles.engine.decoder import StaticDecoder
 from miles.engine.core import Engine, GenerationRequest
+from miles.engine.decoder import StaticDecoder
 from miles.engine.sampling import SamplingParams
 
 pytestmark = [
