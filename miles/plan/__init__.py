@@ -9,7 +9,7 @@ login node in a fraction of a second.
 from __future__ import annotations
 
 from miles.plan.model import Component, Engine, Plan, Ports, TrainerMesh, TrainerRank, WeightUpdateGroup
-from miles.plan.planner import make_plan, run_dir_of
+from miles.plan.planner import make_plan, run_dir_of, trainer_mesh
 from miles.plan.render import from_json, render_table, summary, to_json
 from miles.plan.rules import PlanError
 from miles.plan.script import render_script
@@ -30,4 +30,5 @@ __all__ = [
     "run_dir_of",
     "summary",
     "to_json",
+    "trainer_mesh",
 ]

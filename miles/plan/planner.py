@@ -20,9 +20,12 @@ Layout decisions (the "why" of each):
 
 from __future__ import annotations
 
+import dataclasses
+
 from miles.plan import ports as port_layout
 from miles.plan.model import Component, Engine, Plan, Ports, TrainerMesh, TrainerRank, WeightUpdateGroup
-from miles.plan.rules import Derived, derive
+from miles.plan.rules import Derived, derive, mesh_rules
+from miles.plan.shape import model_shape
 from miles.spec.tables import Spec
 
 
@@ -34,11 +37,8 @@ def run_dir_of(spec: Spec) -> str:
 def make_plan(spec: Spec, job_id: int | None = None) -> Plan:
     """Check every rule and lay the run out; raise :class:`~miles.plan.rules.PlanError` listing all problems."""
     d = derive(spec)
-    p, c = spec.perf, spec.cluster
-    mesh = TrainerMesh(
-        backend=p.backend, tp=p.tp, pp=p.pp, cp=p.cp, dp=d.dp, ep=p.ep, etp=d.etp,
-        expert_dp=d.trainer_gpus // (d.etp * p.ep * p.pp), world_size=d.trainer_gpus,
-    )
+    c = spec.cluster
+    mesh = _mesh(spec, d.dp, d.etp, d.trainer_gpus)
     components: tuple[Component, ...]
     if c.mode == "colocate":
         trainer_group = engine_group = 0
@@ -62,7 +62,7 @@ def make_plan(spec: Spec, job_id: int | None = None) -> Plan:
         )
     trainer_ranks = _trainer_ranks(mesh, d.trainer_gpus_per_node)
     engines = _engines(d, engine_group)
-    job_ports = _ports(job_id, p.pp, engines, d.engines_per_node)
+    job_ports = _ports(job_id, mesh.pp, engines, d.engines_per_node)
     groups = _weight_update_groups(mesh, engines, job_ports)
     return Plan(
         name=spec.run.name, run_dir=run_dir_of(spec), mode=c.mode, device="gpu" if d.device == "gpu" else "cpu",
@@ -70,6 +70,26 @@ def make_plan(spec: Spec, job_id: int | None = None) -> Plan:
         trainer_ranks=trainer_ranks, engines=engines, engine_tp=d.engine_tp, engines_per_node=d.engines_per_node,
         ports=job_ports, weight_update_groups=groups, warnings=tuple(d.warnings), unchecked=tuple(d.unchecked),
     )
+
+
+def trainer_mesh(spec: Spec, world_size: int, model_dir: str | None = None) -> TrainerMesh:
+    """The trainers' mesh over ``world_size`` ranks, checked by the planner's mesh rules.
+
+    The training backends build their process groups from this, so the layout a
+    run trains with is the one ``miles plan`` showed and checked. At run time
+    ``model_dir`` names the directory the actor loads (the built-in model is only
+    written then), so the rules that need the model's shape are checked against it.
+    Raises :class:`~miles.plan.rules.PlanError` with the fix.
+    """
+    model = spec.model if model_dir is None else dataclasses.replace(spec.model, hf_checkpoint=model_dir, builtin="")
+    dp, etp = mesh_rules(spec, model_shape(model), world_size)
+    return _mesh(spec, dp, etp, world_size)
+
+
+def _mesh(spec: Spec, dp: int, etp: int, world_size: int) -> TrainerMesh:
+    p = spec.perf
+    return TrainerMesh(backend=p.backend, tp=p.tp, pp=p.pp, cp=p.cp, dp=dp, ep=p.ep, etp=etp,
+                       expert_dp=world_size // (etp * p.ep * p.pp), world_size=world_size)
 
 
 def _trainer_ranks(mesh: TrainerMesh, per_node: int) -> tuple[TrainerRank, ...]:

@@ -142,15 +142,9 @@ def _check_text(spec: Spec, r: _Report) -> None:
 
 def _check_mesh(spec: Spec, shape: ModelShape, trainer_gpus: int, r: _Report) -> tuple[int, int]:
     """Trainer mesh rules; returns (dp, etp), dp = 0 when it is not an integer."""
+    # The backend's own limits on [perf] (FSDP is data parallel only, sequence parallelism needs tp > 1) are
+    # field rules of the spec (miles.spec.rules); the rules here are about the mesh over the trainer GPUs.
     p = spec.perf
-    if p.backend == "fsdp":
-        for name in ("tp", "pp", "cp", "ep"):
-            if getattr(p, name) != 1:
-                r.error(f"perf.{name} = {getattr(p, name)} but perf.backend = \"fsdp\" is data parallel only. Fix: set perf.{name} = 1, or perf.backend = \"megatron\".")
-        if p.etp not in (None, 1):
-            r.error(f"perf.etp = {p.etp} but perf.backend = \"fsdp\" is data parallel only. Fix: remove perf.etp.")
-    if p.sequence_parallel and p.tp == 1:
-        r.error("perf.sequence_parallel = true needs tensor parallelism. Fix: set perf.tp > 1 or perf.sequence_parallel = false.")
     model_size = p.tp * p.pp * p.cp
     dp = 0
     if trainer_gpus % model_size:
@@ -190,10 +184,17 @@ def _check_mesh(spec: Spec, shape: ModelShape, trainer_gpus: int, r: _Report) ->
         elif p.pp > layers:
             r.error(f"perf.pp = {p.pp} exceeds model.num_layers = {layers}. Fix: set perf.pp <= {layers}.")
         elif layers % p.pp:
-            r.warnings.append(
-                f"model.num_layers = {layers} is not divisible by perf.pp = {p.pp}: Megatron then needs an uneven split "
-                "(decoder_first/last_pipeline_num_layers); consider a perf.pp that divides the layer count."
-            )
+            r.error(f"perf.pp = {p.pp} does not divide model.num_layers = {layers} ({shape.source}): miles splits the "
+                    f"layers evenly over the pipeline stages. Fix: choose perf.pp among the divisors of {layers}.")
+    return dp, etp
+
+
+def mesh_rules(spec: Spec, shape: ModelShape, trainer_gpus: int) -> tuple[int, int]:
+    """The mesh rules alone, for ``trainer_gpus`` ranks: ``(dp, etp)``, or :class:`PlanError` listing the fixes."""
+    r = _Report()
+    dp, etp = _check_mesh(spec, shape, trainer_gpus, r)
+    if r.errors:
+        raise PlanError("\n".join(["the trainer mesh cannot be built:", *(f"  - {e}" for e in r.errors)]))
     return dp, etp
 
 

@@ -62,6 +62,7 @@ def _from_config_json(hf_checkpoint: str) -> tuple[dict[str, int], str]:
                 break
     if "num_attention_heads" in found and "num_key_value_heads" not in found:
         found["num_key_value_heads"] = found["num_attention_heads"]  # MHA: HF omits the key
+    found.setdefault("num_experts", 0)  # a readable config that names no experts is a dense model
     return found, f"config.json at {path}"
 
 

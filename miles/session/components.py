@@ -19,6 +19,7 @@ from miles.data import PromptDataset
 from miles.errors import UserError
 from miles.job import rundir
 from miles.job.environment import TaskContext
+from miles.plan import trainer_mesh
 from miles.reward.model import RewardModel
 from miles.rollout.fleet import EngineFleet, engine_deadline_s, local_device, trainer_group, weight_sync_kind
 from miles.spec.tables import Spec
@@ -72,7 +73,8 @@ def build(spec: Spec, task: TaskContext) -> Components:
     driver, num_rollout = build_driver(spec, task, model_dir) if is_driver else (None, None)
     num_rollout = broadcast(num_rollout)
     device = torch.device(f"cuda:{task.local_rank}" if task.device == "cuda" else "cpu")
-    actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=num_rollout, device=device))
+    mesh = trainer_mesh(spec, dist.get_world_size(), model_dir)  # the layout `miles plan` showed, checked again
+    actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=num_rollout, device=device, mesh=mesh))
     colocated_gpu = spec.cluster.mode == "colocate" and task.device == "cuda"
     sync_peer = None
     if not is_driver and weight_sync_kind(spec, task.device) == "tensor" and trainer_group() is not None:

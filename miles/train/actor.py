@@ -32,6 +32,7 @@ from miles.train.batch import RolloutBatch
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
+    from miles.plan.model import TrainerMesh
     from miles.sample import Sample
     from miles.spec.tables import GrpoConfig, Spec
     from miles.train.batch import RolloutBatch
@@ -56,6 +57,9 @@ class TrainerContext:
 
     group: ProcessGroup | None = None
     """Process group of the trainer ranks; ``None`` means the default (world) group."""
+
+    mesh: TrainerMesh | None = None
+    """The planner's trainer mesh (:func:`miles.plan.trainer_mesh`); ``None``: the backend asks the planner for it."""
 
 
 StepMetrics = dict[str, float]

@@ -44,6 +44,15 @@ SMALL = bool(os.environ.get("MILES_GPU_SMOKE"))
 """Smoke mode (CPU): a model small enough for two CPU cores."""
 
 
+def _mesh(perf: PerfConfig) -> Any:
+    """The planner's mesh for ``perf`` over this world (what the actor builds its groups from)."""
+    import torch.distributed as dist
+
+    from miles.plan import trainer_mesh
+
+    return trainer_mesh(Spec(perf=perf), dist.get_world_size())
+
+
 def hf_config(family: str) -> Any:
     from transformers import AutoConfig
 
@@ -154,7 +163,7 @@ def scenario_roundtrip(work: str, out: dict[str, Any], device: torch.device) -> 
         arch = read_hf_arch(d)
         perf = PerfConfig(tp=1, ep=dist.get_world_size()) if family == "qwen3_moe" else PerfConfig(tp=dist.get_world_size())
         for dtype in (torch.float32, torch.bfloat16):
-            init_parallel(perf, 1234)
+            init_parallel(_mesh(perf), 1234)
             model = build_gpt_model(arch, perf, dtype, False, device)
             load_hf_weights(model, arch, d)
             got = {n: t.cpu().clone() for n, t in export_hf_weights(model, arch, device)}

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from miles.algo.loss import LossConfig, aggregation_for
 from miles.errors import UserError
+from miles.plan import trainer_mesh
 from miles.spec.tables import Spec
 from miles.train.actor import StepMetrics, TrainerContext, needs_reference
 from miles.train.batch import (
@@ -52,7 +53,7 @@ from miles.train.batch import (
     step_indices,
 )
 from miles.train.hf_checkpoint import save_hf_checkpoint
-from miles.train.megatron.config import DTYPES, check_parallelism, megatron_optimizer_config, read_hf_arch, te_available
+from miles.train.megatron.config import DTYPES, megatron_optimizer_config, read_hf_arch, te_available
 from miles.train.megatron.context import ContextLayout
 from miles.train.megatron.logprobs import vocab_parallel_logprobs_and_entropy
 from miles.train.megatron.mapping import param_rules
@@ -91,8 +92,9 @@ class MegatronActor:
         self.spec, self.ctx, self.device = spec, ctx, ctx.device
         self.arch = read_hf_arch(ctx.model_dir)
         self.use_te = te_available()
-        check_parallelism(self.arch, spec.perf, dist.get_world_size(), self.use_te)
-        init_parallel(spec.perf, spec.run.seed)
+        # The planner's mesh, checked by its rules against this model (each layout rule lives there only).
+        self.mesh = ctx.mesh or trainer_mesh(spec, dist.get_world_size(), ctx.model_dir)
+        init_parallel(self.mesh, spec.run.seed)
         self.dtype = DTYPES[spec.model.dtype]
         self.on_cuda = self.device.type == "cuda"
         self.temperature = spec.rollout.rollout_temperature if spec.rollout.rollout_temperature > 0 else 1.0
@@ -106,7 +108,7 @@ class MegatronActor:
         self.last_stage = ps.is_pipeline_last_stage()
         self.cp = ContextLayout.current()
         # Sequence parallelism splits each CP rank's tokens over TP: its length must divide by tp too.
-        self.seq_multiple = spec.perf.tp if spec.perf.sequence_parallel else 1
+        self.seq_multiple = self.mesh.tp if spec.perf.sequence_parallel else 1
         self.pad_id = 0
 
         model = self._build()

@@ -142,36 +142,6 @@ def padded_vocab_size(arch: HFArch, tp: int) -> int:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_parallelism(arch: HFArch, perf: PerfConfig, world_size: int, use_te: bool) -> None:
-    """Refuse a mesh the model cannot be split over, naming the [perf] key to change."""
-    tp, pp, cp, ep = perf.tp, perf.pp, perf.cp, perf.ep
-    if world_size % (tp * pp * cp) != 0:
-        raise UserError(f"[perf] tp*pp*cp = {tp * pp * cp} does not divide the {world_size} trainer ranks")
-    if arch.num_heads % tp or arch.num_kv_heads % tp:
-        raise UserError(
-            f"[perf] tp = {tp} must divide num_attention_heads ({arch.num_heads}) and "
-            f"num_key_value_heads ({arch.num_kv_heads})"
-        )
-    if arch.num_layers % pp:
-        raise UserError(f"[perf] pp = {pp} must divide num_hidden_layers ({arch.num_layers})")
-    if ep > 1 and (arch.num_experts == 0 or arch.num_experts % ep):
-        raise UserError(f"[perf] ep = {ep} must divide the number of experts ({arch.num_experts})")
-    if cp > 1 and perf.attention_backend != "sdpa":
-        # With Transformer Engine its own attention takes over and the key is ignored; asking for it anyway keeps
-        # one rule for the plan (made before anyone knows whether TE is installed on the nodes) and the actor.
-        raise UserError(
-            "[perf] cp > 1 needs miles' context-parallel attention: set attention_backend = \"sdpa\" "
-            "(Megatron's unfused attention has no context parallelism)"
-        )
-    if perf.sequence_parallel and tp == 1:
-        raise UserError("[perf] sequence_parallel = true needs tp > 1")
-    if arch.num_experts and tp > 1 and not perf.sequence_parallel:
-        raise UserError(
-            f"[perf] tp = {tp} with an MoE model: Megatron trains MoE layers under TP only with "
-            "sequence parallelism; set sequence_parallel = true (or use ep for the experts and tp = 1)"
-        )
-
-
 def _known_fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 

@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 
+from miles.plan.model import TrainerMesh
 from miles.spec.tables import PerfConfig
 from miles.train.megatron.config import HFArch, layer_spec, own_norms, padded_vocab_size, transformer_config
 from miles.train.megatron.norm import RMSNorm
 from miles.train.megatron.weights import mark_tensor_parallel
 
 
-def init_parallel(perf: PerfConfig, seed: int) -> None:
+def init_parallel(mesh: TrainerMesh, seed: int) -> None:
     """Create Megatron's TP/PP/CP/EP/DP groups over the default process group and seed its RNG tracker.
 
     Megatron's ``parallel_state`` builds its groups over ranks ``0..world-1``
@@ -34,11 +35,11 @@ def init_parallel(perf: PerfConfig, seed: int) -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=perf.tp,
-        pipeline_model_parallel_size=perf.pp,
-        context_parallel_size=perf.cp,
-        expert_model_parallel_size=perf.ep,
-        expert_tensor_parallel_size=perf.etp,
+        tensor_model_parallel_size=mesh.tp,
+        pipeline_model_parallel_size=mesh.pp,
+        context_parallel_size=mesh.cp,
+        expert_model_parallel_size=mesh.ep,
+        expert_tensor_parallel_size=mesh.etp,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

@@ -44,6 +44,15 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+def _mesh(perf: PerfConfig) -> Any:
+    """The planner's mesh for ``perf`` over this world (what the actor builds its groups from)."""
+    import torch.distributed as dist
+
+    from miles.plan import trainer_mesh
+
+    return trainer_mesh(Spec(perf=perf), dist.get_world_size())
+
+
 def write_family(path: str, family: str, seed: int = 0, vocab: int = 95) -> None:
     """A tiny random HF checkpoint of ``family`` (vocab 95: not divisible by TP=2, so padding is exercised)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -106,7 +115,7 @@ def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
         d = os.path.join(work, family)
         arch = read_hf_arch(d)
         perf = PerfConfig(tp=2, ep=2, etp=1) if family == "qwen3_moe" else PerfConfig(tp=2)
-        init_parallel(perf, 1234)
+        init_parallel(_mesh(perf), 1234)
         model = build_gpt_model(arch, perf, torch.float32, False, torch.device("cpu"))
         load_hf_weights(model, arch, d)
         exported = {n: t.clone() for n, t in export_hf_weights(model, arch, torch.device("cpu"))}
@@ -134,7 +143,7 @@ def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
     grads = {}
     for backend in ("unfused", "sdpa"):
         perf = PerfConfig(tp=2, attention_backend=backend)
-        init_parallel(perf, 1234)
+        init_parallel(_mesh(perf), 1234)
         model = build_gpt_model(arch, perf, torch.float32, False, torch.device("cpu"))
         load_hf_weights(model, arch, d)
         logits = model(ids, torch.arange(12).unsqueeze(0).expand(2, -1), None)
@@ -156,7 +165,7 @@ def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
     # bf16 at PP=2: Megatron keeps its norms in fp32; the export must still send and yield checkpoint-dtype tensors.
     d = os.path.join(work, "qwen3")
     arch = read_hf_arch(d)
-    init_parallel(PerfConfig(pp=2), 1234)
+    init_parallel(_mesh(PerfConfig(pp=2)), 1234)
     model = build_gpt_model(arch, PerfConfig(pp=2), torch.bfloat16, False, torch.device("cpu"))
     load_hf_weights(model, arch, d)
     exported = {n: t.clone() for n, t in export_hf_weights(model, arch, torch.device("cpu"))}
@@ -182,7 +191,7 @@ def scenario_fused(work: str, out: dict[str, Any]) -> None:
     ids = torch.randint(0, arch.vocab_size, (2, 12), generator=torch.Generator().manual_seed(9))
     w = torch.randn(2, 2, 11, generator=torch.Generator().manual_seed(10))
     for name, perf in (("plain", PerfConfig(tp=2)), ("fused", PerfConfig(tp=2, attention_backend="sdpa", fused_kernels=True))):
-        init_parallel(perf, 1234)
+        init_parallel(_mesh(perf), 1234)
         model = build_gpt_model(arch, perf, torch.float32, False, torch.device("cpu"))
         load_hf_weights(model, arch, d)
         logits = model(ids, torch.arange(12).unsqueeze(0).expand(2, -1), None)

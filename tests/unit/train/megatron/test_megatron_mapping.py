@@ -9,7 +9,7 @@ import torch
 
 from miles.errors import UserError
 from miles.spec.tables import PerfConfig
-from miles.train.megatron.config import arch_from_dict, check_parallelism, padded_vocab_size
+from miles.train.megatron.config import arch_from_dict, padded_vocab_size
 from miles.train.megatron.mapping import canonical_name, from_megatron, hf_shapes, param_rules, to_megatron
 
 BASE = {"vocab_size": 95, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -56,24 +56,6 @@ def test_family_features_are_read_from_config_json() -> None:
 def test_unsupported_configs_are_user_errors(bad: dict[str, object], message: str) -> None:
     with pytest.raises(UserError, match=message):
         arch_from_dict({**BASE, **bad})
-
-
-def test_parallel_layout_is_checked_with_the_key_to_change() -> None:
-    a = arch("qwen2")
-    check_parallelism(a, PerfConfig(tp=2), 4, use_te=False)
-    with pytest.raises(UserError, match="tp = 4 must divide"):
-        check_parallelism(a, PerfConfig(tp=4), 4, use_te=False)
-    with pytest.raises(UserError, match="pp = 4 must divide"):
-        check_parallelism(a, PerfConfig(pp=4), 4, use_te=False)
-    with pytest.raises(UserError, match="ep = 3"):
-        check_parallelism(arch("qwen3_moe"), PerfConfig(ep=3), 3, use_te=False)
-    with pytest.raises(UserError, match="sequence_parallel"):
-        check_parallelism(arch("qwen3_moe"), PerfConfig(tp=2), 2, use_te=False)
-    with pytest.raises(UserError, match='cp > 1 .*attention_backend = "sdpa"'):
-        check_parallelism(a, PerfConfig(cp=2), 2, use_te=False)
-    check_parallelism(a, PerfConfig(cp=2, attention_backend="sdpa"), 2, use_te=False)
-    check_parallelism(a, PerfConfig(tp=2, sequence_parallel=True), 2, use_te=False)
-    check_parallelism(arch("qwen3_moe"), PerfConfig(tp=2, sequence_parallel=True), 2, use_te=False)
 
 
 def test_transformer_config_translation() -> None:
