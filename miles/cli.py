@@ -82,7 +82,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command != "plan":
             from miles.preflight import preflight
 
-            preflight(spec, args.command, args.skip_checks)
+            preflight(spec, args.command, args.skip_checks, args.overrides)
         from miles import plan as planning
 
         if args.command == "validate":
@@ -102,7 +102,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec, args.overrides)
         from miles.preflight import preflight
 
-        preflight(spec, args.command, args.skip_checks)
+        preflight(spec, args.command, args.skip_checks, args.overrides)
         from miles.launch import local
 
         return local.run(spec)

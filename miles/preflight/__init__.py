@@ -24,7 +24,7 @@ Nothing here imports torch: this runs on login nodes.
 from __future__ import annotations
 
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import IO
 
 from miles.preflight.report import PreflightError, Report
@@ -36,14 +36,18 @@ CHECKS = ("data", "model", "code", "resume")
 __all__ = ["CHECKS", "PreflightError", "Report", "check", "preflight"]
 
 
-def check(spec: Spec, local_only: bool, skip: Collection[str] = ()) -> Report:
-    """Run every check not in ``skip``; ``local_only``: the run starts on this machine (``miles run``)."""
+def check(spec: Spec, local_only: bool, skip: Collection[str] = (), overrides: Sequence[str] = ()) -> Report:
+    """Run every check not in ``skip``; ``local_only``: the run starts on this machine (``miles run``).
+
+    ``overrides`` are the ``--set`` arguments the spec was loaded with, so that a problem
+    with a value set there is reported at its ``--set``.
+    """
     from miles.preflight.code import check_code
     from miles.preflight.data import check_data
     from miles.preflight.model import check_model
     from miles.preflight.resume import check_resume
 
-    report = Report(spec.source)
+    report = Report(spec.source, overrides)
     if "all" in skip:
         return report
     if "data" not in skip:
@@ -57,9 +61,10 @@ def check(spec: Spec, local_only: bool, skip: Collection[str] = ()) -> Report:
     return report
 
 
-def preflight(spec: Spec, command: str, skip: Collection[str] = (), err: IO[str] | None = None) -> None:
+def preflight(spec: Spec, command: str, skip: Collection[str] = (), overrides: Sequence[str] = (),
+              err: IO[str] | None = None) -> None:
     """The pre-flight of ``miles COMMAND``: print the notes, raise :class:`PreflightError` (exit 2) on problems."""
-    report = check(spec, local_only=command == "run", skip=skip)
+    report = check(spec, local_only=command == "run", skip=skip, overrides=overrides)
     out = err or sys.stderr
     for note in report.notes:
         print(f"miles {command}: note: {note}", file=out)

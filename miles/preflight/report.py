@@ -8,11 +8,13 @@ machine and why; they never stop a run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from miles.errors import UserError
 from miles.spec.keylines import KeyLines
+from miles.spec.loader import parse_override
 from miles.spec.problems import Origin, Problem
 
 
@@ -34,6 +36,8 @@ class Report:
     """Problems and notes of one pre-flight check of the spec read from ``source``."""
 
     source: str
+    overrides: Sequence[str] = ()
+    """The ``--set`` arguments: a key set there is reported at its ``--set``, not at its line of the file."""
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     _lines: KeyLines | None = None
@@ -46,6 +50,13 @@ class Report:
 
     def origin(self, *path: str) -> Origin:
         """Where the spec key ``path`` (``"rollout", "prompt_data"``) is written."""
+        for text in reversed(self.overrides):  # the last --set of a key wins, as in the loader
+            try:
+                parts, _ = parse_override(text)
+            except ValueError:
+                continue
+            if tuple(parts) == path[: len(parts)] or tuple(parts[: len(path)]) == path:
+                return Origin(f"--set {text}")
         line = self._lines.line_of(tuple(path)) if self._lines is not None else None
         return Origin(self.source or "<spec>", line)
 
