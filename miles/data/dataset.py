@@ -97,9 +97,13 @@ class DataKeys:
             cls.for_rollout(rollout),
             input_key=eval_cfg.eval_input_key or rollout.input_key,
             label_key=eval_cfg.eval_label_key if eval_cfg.eval_label_key is not None else rollout.label_key,
-            input_key_field="eval.eval_input_key" if eval_cfg.eval_input_key else "rollout.input_key (or eval.eval_input_key)",
-            label_key_field="eval.eval_label_key" if eval_cfg.eval_label_key is not None
-            else "rollout.label_key (or eval.eval_label_key)",
+            input_key_field=(
+                "eval.eval_input_key" if eval_cfg.eval_input_key else "rollout.input_key (or eval.eval_input_key)"
+            ),
+            label_key_field=(
+                "eval.eval_label_key" if eval_cfg.eval_label_key is not None
+                else "rollout.label_key (or eval.eval_label_key)"
+            ),
         )
 
 

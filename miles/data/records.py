@@ -91,6 +91,7 @@ def _parquet_records(path: Path, limit: int | None) -> Iterator[Record]:
             batch = next(pq.ParquetFile(path).iter_batches(batch_size=max(limit, 1)), None)
             rows = batch.to_pylist() if batch is not None else []
     except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
-        raise UserError(f"{path}: not a readable parquet file ({exc})") from None
+        raise UserError(f"{path}: not a readable parquet file ({exc}); write it again (pyarrow, pandas.to_parquet) "
+                        "or use .jsonl") from None
     for row, value in enumerate(rows, start=1):
         yield Record(index=row - 1, location=f"{path}:row {row}", fields=value)

@@ -80,7 +80,8 @@ def sglang_architectures() -> frozenset[str] | None:
     return frozenset(names)
 
 
-def support(config: Mapping[str, Any], backend: str, engine: str, trust_remote_code: bool) -> tuple[list[str], list[str]]:
+def support(config: Mapping[str, Any], backend: str, engine: str,
+            trust_remote_code: bool) -> tuple[list[str], list[str]]:
     """Why the model of ``config`` (a parsed ``config.json``) cannot run with ``backend`` and ``engine``.
 
     Returns (problems, notes): each problem names what does not fit and the spec

@@ -1,4 +1,4 @@
-"""Pre-flight of ``[model] hf_checkpoint``: an HF directory with a config.json the run can load, weights and a tokenizer.
+"""Pre-flight of ``[model] hf_checkpoint``: an HF directory the run can load (config.json, weights, tokenizer).
 
 The engines and the trainer both load this directory; when they cannot, the
 run fails after its processes (or its Slurm job) have started, often inside

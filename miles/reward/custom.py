@@ -52,7 +52,8 @@ def _load_file(file: str, spec_key: str, base_dir: str | Path | None) -> Any:
     if not p.is_absolute() and base_dir is not None and not p.exists():
         p = Path(base_dir) / p
     if not p.is_file():
-        raise UserError(f"{spec_key}: no such file {str(p)!r}")
+        raise UserError(f"{spec_key}: no such file {str(p)!r}; relative paths are looked up in the directory miles "
+                        "is started in, then next to the spec")
     # A stable, unique module name per file, so two reward files named reward.py do not collide.
     name = f"miles_custom_rm_{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:12]}"
     if name in sys.modules:

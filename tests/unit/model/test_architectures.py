@@ -36,6 +36,7 @@ def test_causal_lm_types_are_read_from_transformers_without_importing_it() -> No
     assert causal_lm_types() == dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     problems, _ = support({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, "fsdp", "embedded",
                           False)
-    assert "is not a causal LM" in problems[0] and '[perf] backend = "fsdp" and [rollout] engine = "embedded"' in problems[0]
+    assert "is not a causal LM" in problems[0]
+    assert '[perf] backend = "fsdp" and [rollout] engine = "embedded"' in problems[0]
     problems, _ = support({"model_type": "t5"}, "megatron", "sglang", False)
-    assert all("AutoModelForCausalLM" not in p for p in problems)  # neither Megatron nor SGLang loads through AutoModelForCausalLM
+    assert all("AutoModelForCausalLM" not in p for p in problems)  # Megatron and SGLang load models their own way
