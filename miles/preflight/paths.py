@@ -30,7 +30,7 @@ class Seen:
 
 def look(path: str, local_only: bool) -> Seen:
     """Classify ``path``; ``local_only`` (``miles run``) makes every absent path ``missing``."""
-    p = Path(path).expanduser()
+    p = Path(path)  # as the run reads it: no ~ or $VAR expansion
     if p.exists():
         return Seen("here")
     if not p.is_absolute():
