@@ -2,9 +2,9 @@
 
 A run started on a directory that holds checkpoints resumes from the newest
 one, and refuses (:func:`miles.ckpt.state.check_resumable`) when a binding spec
-key changed since it was saved. That refusal used to come from the trainer,
-after the engines had loaded; here the same rule reads the newest checkpoint's
-``driver.json`` first. The checksums of the checkpoint's files are left to the
+key changed since it was saved. The trainer applies that rule once the engines
+have loaded; here the same rule reads the newest checkpoint's ``driver.json``
+before anything starts. The checksums of the checkpoint's files are left to the
 run (they can take minutes on a large model); every checkpoint of a directory
 comes from the same run, so an older one the run might fall back to has the
 same binding keys.
