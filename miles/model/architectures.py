@@ -48,7 +48,7 @@ def _package_dir(name: str) -> Path | None:
 def causal_lm_types() -> Mapping[str, str] | None:
     """``model_type`` -> class that ``AutoModelForCausalLM`` builds, in the installed transformers.
 
-    None when transformers is not installed or its source no longer has the table
+    None when transformers is not installed or its source does not hold the table
     in this form (the caller then skips the check with a note).
     """
     root = _package_dir("transformers")
