@@ -18,9 +18,16 @@ from miles.errors import UserError
 _SET_HELP = "override a spec key, e.g. --set rollout.rollout_batch_size=64 (repeatable; TOML value syntax)"
 
 
-def _add_spec_args(p: argparse.ArgumentParser) -> None:
+def _add_spec_args(p: argparse.ArgumentParser, preflight: bool = True) -> None:
     p.add_argument("spec", help="the TOML run spec, e.g. configs/quickstart.toml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE", help=_SET_HELP)
+    if preflight:
+        from miles.preflight import CHECKS
+
+        p.add_argument("--skip-check", dest="skip_checks", action="append", default=[],
+                       choices=[*CHECKS, "all"],
+                       help="skip one pre-flight check of the run's inputs (repeatable; docs/cli.md lists them), "
+                            "e.g. for a path or package that exists only on the compute nodes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,12 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check a run spec and its layout; submits nothing",
-                       description="Load the spec strictly, derive the fourth batch knob, plan the layout and report every problem with the fix. Exit 0 when valid, 2 otherwise.")
+                       description="Load the spec strictly, derive the fourth batch knob, check the run's inputs (data, model, reward code, resume), plan the layout and report every problem with the fix. Exit 0 when valid, 2 otherwise.")
     _add_spec_args(p)
 
     p = sub.add_parser("plan", help="print the Slurm layout of a run spec (components, ranks, engines, ports)",
                        description="Print the plan: Slurm components, trainer mesh, engines and their placement, the global rank map, ports and the weight-update group. Submits nothing.")
-    _add_spec_args(p)
+    _add_spec_args(p, preflight=False)
     p.add_argument("--json", action="store_true", help="print the plan as JSON for machines")
     p.add_argument("--job-id", type=int, default=None, help="job id to derive ports from (default: a placeholder; the real job derives them from SLURM_JOB_ID)")
 
@@ -72,6 +79,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from miles.spec import load_spec
 
         spec = load_spec(args.spec, args.overrides)
+        if args.command != "plan":
+            from miles.preflight import preflight
+
+            preflight(spec, args.command, args.skip_checks, args.overrides)
         from miles import plan as planning
 
         if args.command == "validate":
@@ -89,6 +100,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from miles.spec import load_spec
 
         spec = load_spec(args.spec, args.overrides)
+        from miles.preflight import preflight
+
+        preflight(spec, args.command, args.skip_checks, args.overrides)
         from miles.launch import local
 
         return local.run(spec)

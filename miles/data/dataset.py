@@ -14,6 +14,7 @@ run at start, not hours in.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -73,19 +74,73 @@ class DataKeys:
     apply_chat_template: bool = False
     apply_chat_template_kwargs: Mapping[str, object] = field(default_factory=dict)
     max_prompt_len: int | None = None
+    input_key_field: str = "rollout.input_key"
+    """The spec key a message tells the user to change when the prompt key is missing."""
+    label_key_field: str = "rollout.label_key"
+
+    @classmethod
+    def for_rollout(cls, rollout: RolloutConfig) -> DataKeys:
+        """The keys of the training data (``[rollout]``)."""
+        return cls(
+            input_key=rollout.input_key,
+            label_key=rollout.label_key,
+            metadata_key=rollout.metadata_key,
+            apply_chat_template=rollout.apply_chat_template,
+            apply_chat_template_kwargs=dict(rollout.apply_chat_template_kwargs),
+            max_prompt_len=rollout.rollout_max_prompt_len,
+        )
+
+    @classmethod
+    def for_eval(cls, eval_cfg: EvalConfig, rollout: RolloutConfig) -> DataKeys:
+        """The keys of the evaluation data: ``[eval]``'s own where set, else ``[rollout]``'s."""
+        return dataclasses.replace(
+            cls.for_rollout(rollout),
+            input_key=eval_cfg.eval_input_key or rollout.input_key,
+            label_key=eval_cfg.eval_label_key if eval_cfg.eval_label_key is not None else rollout.label_key,
+            input_key_field=(
+                "eval.eval_input_key" if eval_cfg.eval_input_key else "rollout.input_key (or eval.eval_input_key)"
+            ),
+            label_key_field=(
+                "eval.eval_label_key" if eval_cfg.eval_label_key is not None
+                else "rollout.label_key (or eval.eval_label_key)"
+            ),
+        )
 
 
-def render_record(record: Record, keys: DataKeys, tokenizer: PreTrainedTokenizerBase) -> Prompt:
-    """Turn one raw record into a :class:`Prompt`, or raise ``UserError`` naming its location."""
+def check_record(record: Record, keys: DataKeys) -> list[dict[str, Any]] | None:
+    """Check a record against the spec's keys without a tokenizer: the rules a record must meet to be rendered.
+
+    Returns the chat messages the template will render (``None``: the prompt is used as plain text).
+    Raises ``UserError`` naming the record's ``file:line``, the key, and the spec key to change.
+    The pre-flight check applies these rules to the head of a file before any process starts.
+    """
     where = record.location
     if keys.input_key not in record.fields:
         present = ", ".join(sorted(map(str, record.fields))) or "none"
         raise UserError(
             f"{where}: missing prompt key {keys.input_key!r} (keys present: {present}); "
-            "set rollout.input_key to the key that holds the prompt"
+            f"set {keys.input_key_field} to the key that holds the prompt"
         )
+    messages = _as_messages(record.fields[keys.input_key], where, keys)
+    if keys.label_key and keys.label_key not in record.fields:
+        present = ", ".join(sorted(map(str, record.fields))) or "none"
+        raise UserError(f"{where}: missing label key {keys.label_key!r} (keys present: {present}); "
+                        f"add it or change {keys.label_key_field}")
+    _as_metadata(record.fields.get(keys.metadata_key), where, keys.metadata_key)
+    return messages
+
+
+def no_records(path: str | Path, spec_key: str) -> UserError:
+    """The error for a prompt file without a single record."""
+    return UserError(f"{spec_key} = {str(path)!r}: the file holds no records; "
+                     "write one JSON object per line (or parquet rows), or point it at another file")
+
+
+def render_record(record: Record, keys: DataKeys, tokenizer: PreTrainedTokenizerBase) -> Prompt:
+    """Turn one raw record into a :class:`Prompt`, or raise ``UserError`` naming its location."""
+    where = record.location
+    messages = check_record(record, keys)
     prompt = record.fields[keys.input_key]
-    messages = _as_messages(prompt, where, keys)
     if messages is not None:
         template_kwargs: dict[str, Any] = dict(keys.apply_chat_template_kwargs)
         try:
@@ -102,8 +157,6 @@ def render_record(record: Record, keys: DataKeys, tokenizer: PreTrainedTokenizer
         text = prompt
         ids = tokenizer(text)["input_ids"]
     label = record.fields.get(keys.label_key) if keys.label_key else None
-    if keys.label_key and keys.label_key not in record.fields:
-        raise UserError(f"{where}: missing label key {keys.label_key!r}; add it or change rollout.label_key")
     metadata = _as_metadata(record.fields.get(keys.metadata_key), where, keys.metadata_key)
     return Prompt(
         index=record.index,
@@ -205,7 +258,7 @@ class PromptDataset:
         """Read, render and tokenize a file; drop prompts longer than ``keys.max_prompt_len`` (logged)."""
         records = read_records(path, spec_key)
         if not records:
-            raise UserError(f"{spec_key} = {str(path)!r}: the file holds no records")
+            raise no_records(path, spec_key)
         prompts: list[Prompt] = []
         dropped = 0
         for record in records:
@@ -232,14 +285,7 @@ class PromptDataset:
     @classmethod
     def from_spec(cls, rollout: RolloutConfig, tokenizer: PreTrainedTokenizerBase) -> PromptDataset:
         """The training dataset of a run spec's ``[rollout]`` table."""
-        keys = DataKeys(
-            input_key=rollout.input_key,
-            label_key=rollout.label_key,
-            metadata_key=rollout.metadata_key,
-            apply_chat_template=rollout.apply_chat_template,
-            apply_chat_template_kwargs=dict(rollout.apply_chat_template_kwargs),
-            max_prompt_len=rollout.rollout_max_prompt_len,
-        )
+        keys = DataKeys.for_rollout(rollout)
         return cls.from_file(
             rollout.prompt_data, tokenizer, keys, shuffle=rollout.rollout_shuffle, seed=rollout.rollout_seed
         )
@@ -249,14 +295,7 @@ class PromptDataset:
         cls, eval_cfg: EvalConfig, rollout: RolloutConfig, tokenizer: PreTrainedTokenizerBase
     ) -> dict[str, PromptDataset]:
         """One unshuffled dataset per ``[eval] eval_prompt_data`` entry, keys falling back to ``[rollout]``'s."""
-        keys = DataKeys(
-            input_key=eval_cfg.eval_input_key or rollout.input_key,
-            label_key=eval_cfg.eval_label_key if eval_cfg.eval_label_key is not None else rollout.label_key,
-            metadata_key=rollout.metadata_key,
-            apply_chat_template=rollout.apply_chat_template,
-            apply_chat_template_kwargs=dict(rollout.apply_chat_template_kwargs),
-            max_prompt_len=rollout.rollout_max_prompt_len,
-        )
+        keys = DataKeys.for_eval(eval_cfg, rollout)
         return {
             name: cls.from_file(path, tokenizer, keys, name=name, spec_key=f"eval.eval_prompt_data.{name}")
             for name, path in eval_cfg.eval_prompt_data.items()

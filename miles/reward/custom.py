@@ -41,7 +41,9 @@ def load_function(path: str, spec_key: str, known: str, base_dir: str | Path | N
             ) from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
-        raise UserError(f"{spec_key} = {path!r}: module {module_part!r} has no callable {attr!r}")
+        found = "" if fn is None else f" ({attr!r} is a {type(fn).__name__})"
+        raise UserError(f"{spec_key} = {path!r}: module {module_part!r} has no callable {attr!r}{found}; "
+                        "name a function defined in that module")
     return fn
 
 
@@ -50,7 +52,8 @@ def _load_file(file: str, spec_key: str, base_dir: str | Path | None) -> Any:
     if not p.is_absolute() and base_dir is not None and not p.exists():
         p = Path(base_dir) / p
     if not p.is_file():
-        raise UserError(f"{spec_key}: no such file {str(p)!r}")
+        raise UserError(f"{spec_key}: no such file {str(p)!r}; relative paths are looked up in the directory miles "
+                        "is started in, then next to the spec")
     # A stable, unique module name per file, so two reward files named reward.py do not collide.
     name = f"miles_custom_rm_{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:12]}"
     if name in sys.modules:
@@ -80,6 +83,27 @@ def wants_config(fn: Callable[..., Any]) -> bool:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is inspect.Parameter.empty
     ]
     return len(positional) >= 2
+
+
+def call_problem(fn: Callable[..., Any], what: str) -> str | None:
+    """Why ``fn`` cannot be called the way miles calls a reward, or None.
+
+    A reward is called as ``fn(sample)``, or as ``fn(config, sample)`` when it
+    takes two required positional arguments (:func:`wants_config`); a group
+    reward gets the list of a prompt's samples in place of ``sample``.
+    Callables whose signature Python cannot read (some builtins) pass.
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    args = ("config", "sample") if wants_config(fn) else ("sample",)
+    try:
+        sig.bind(*args)
+    except TypeError as e:
+        return (f"{what} takes {sig} and cannot be called as f(sample) or f(args, sample) ({e}); give it one "
+                "required positional argument (the sample), or two (the [rollout] config, the sample)")
+    return None
 
 
 def is_async(fn: Callable[..., Any]) -> bool:

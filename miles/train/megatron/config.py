@@ -22,15 +22,17 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
 from miles.errors import UserError
+from miles.model.architectures import MEGATRON_FAMILIES
 from miles.spec.tables import OptimizerConfig, PerfConfig
 
 Family = Literal["qwen2", "qwen3", "llama", "qwen3_moe"]
-FAMILIES: tuple[Family, ...] = ("qwen2", "qwen3", "llama", "qwen3_moe")
+FAMILIES = cast(tuple[Family, ...], MEGATRON_FAMILIES)
+"""Kept in :mod:`miles.model.architectures`, where ``miles validate`` reads it without importing torch."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,84 @@
+"""Pre-flight of the user's code named in the spec: the custom reward and the dynamic-sampling filter.
+
+Each ``module:function`` (or ``file.py:function``) is imported the way the run
+imports it (:func:`miles.reward.custom.load_function`, with the directory miles
+is started in on ``sys.path`` as for the job's processes, and ``file.py`` paths
+also looked up next to the spec), and its signature is checked against how it
+will be called. Importing runs the module's top-level code, as the run would.
+Code that imports only on the compute nodes (a package installed there alone)
+is skipped with ``--skip-check code``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from miles.errors import UserError
+from miles.preflight.report import Report
+from miles.reward.builtin import builtin_names
+from miles.reward.custom import call_problem, load_function
+from miles.reward.model import RewardModel
+from miles.spec.tables import Spec
+
+SKIP_HINT = "; if it imports only on the compute nodes, pass --skip-check code"
+
+
+def _filter_problem(fn: Callable[..., Any], what: str) -> str | None:
+    """Why ``fn`` cannot be called as Miles calls a dynamic-sampling filter, ``f(args, samples)``."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind("args", "samples")
+    except TypeError as e:
+        return (f"{what} takes {sig} and cannot be called as f(args, samples) ({e}); give it two positional "
+                "arguments: the [rollout] config and the list of a prompt's samples")
+    return None
+
+
+def check_code(spec: Spec, report: Report) -> None:
+    """Build the run's reward (``[rollout]`` rm_type, custom_rm_path or rm_url) and import its filter function."""
+    base_dir = Path(spec.source).parent if spec.source else None
+    ro = spec.rollout
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:  # the job's processes run `python -m ...` from this directory, which puts it on sys.path
+        sys.path.insert(0, cwd)
+    try:
+        # The reward exactly as the run builds it (nothing is started: scoring workers start on first use).
+        reward_key = next((k for k in ("custom_rm_path", "rm_url") if getattr(ro, k)), "rm_type")
+        try:
+            reward = RewardModel.from_spec(ro, base_dir=base_dir)
+        except UserError as e:
+            report.problem(("rollout", reward_key), f"{e}{_hint(e)}")
+        else:
+            custom = reward.per_group if ro.group_rm else reward.per_sample
+            if ro.custom_rm_path and custom is not None:
+                why = call_problem(custom, f"rollout.custom_rm_path = {ro.custom_rm_path!r}")
+                if why:
+                    report.problem(("rollout", "custom_rm_path"), why)
+        if ro.dynamic_sampling_filter_path:
+            key = "dynamic_sampling_filter_path"
+            try:
+                fn = load_function(ro.dynamic_sampling_filter_path, f"rollout.{key}", builtin_names(), base_dir)
+            except UserError as e:
+                report.problem(("rollout", key), f"{e}{_hint(e)}")
+            else:
+                why = _filter_problem(fn, f"rollout.{key} = {ro.dynamic_sampling_filter_path!r}")
+                if why:
+                    report.problem(("rollout", key), why)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _hint(e: UserError) -> str:
+    """The skip flag, for failures that may come from this machine lacking what the compute nodes have."""
+    text = str(e)
+    return SKIP_HINT if any(s in text for s in ("cannot import", "failed:", "no such file")) else ""
