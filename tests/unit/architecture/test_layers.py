@@ -59,3 +59,16 @@ def test_a_cycle_between_siblings_is_refused(tmp_path: Path) -> None:
     result = _lint(tree)
     assert result.returncode != 0
     assert "No cycles are allowed in miles.train" in result.stdout
+
+
+def test_every_package_has_a_layer() -> None:
+    """A new package or top-level module must be placed in the layers, or it would escape the contract."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (layers,) = [c["layers"] for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "layers"]
+    named = {name.strip() for layer in layers for name in layer.split("|")}
+    package = ROOT / "miles"
+    found = {f"miles.{p.name}" for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    found |= {f"miles.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"}
+    assert found - named == set(), "add these to [tool.importlinter] layers in pyproject.toml"
