@@ -68,7 +68,7 @@ def make_plan(spec: Spec, job_id: int | None = None) -> Plan:
         name=spec.run.name, run_dir=run_dir_of(spec), mode=c.mode, device="gpu" if d.device == "gpu" else "cpu",
         components=components, mesh=mesh, trainer_het_group=trainer_group, engine_het_group=engine_group,
         trainer_ranks=trainer_ranks, engines=engines, engine_tp=d.engine_tp, engines_per_node=d.engines_per_node,
-        ports=job_ports, weight_update_groups=groups, warnings=tuple(d.warnings), unchecked=tuple(d.unchecked),
+        ports=job_ports, weight_update_groups=groups, warnings=(*spec.notes, *d.warnings), unchecked=tuple(d.unchecked),
     )
 
 

@@ -178,8 +178,9 @@ def _check_mesh(spec: Spec, shape: ModelShape, trainer_gpus: int, r: _Report) ->
         )
     if p.backend == "megatron" and experts and p.tp > 1 and not p.sequence_parallel:
         r.error(f"an MoE model ({experts} experts) with perf.tp = {p.tp} needs sequence parallelism in Megatron. Fix: set perf.sequence_parallel = true.")
-    if p.backend == "megatron" and p.cp > 1 and p.attention_backend != "sdpa":
-        r.error(f"perf.cp = {p.cp} needs miles' context-parallel attention. Fix: set perf.attention_backend = \"sdpa\".")
+    if p.backend == "megatron" and p.cp > 1 and p.attention_backend in ("unfused", "local"):
+        r.error(f"perf.cp = {p.cp} needs miles' context-parallel attention (torch SDPA). "
+                "Fix: set perf.attention_backend = \"sdpa\" (or Miles' \"flash\").")
     if p.backend == "megatron":
         _divides(r, shape.num_attention_heads, p.tp, "model.num_attention_heads", "perf.tp", shape.source)
         _divides(r, shape.num_key_value_heads, p.tp, "model.num_key_value_heads", "perf.tp", shape.source)
