@@ -37,18 +37,28 @@ class ModelShape:
     num_experts: int | None
     source: str
     """Where the numbers came from, for messages (``config.json at ...`` or ``[model]``)."""
+    model_type: str | None = None
+    """config.json's ``model_type`` (None when unreadable), checked against the backend's families."""
+    architectures: tuple[str, ...] = ()
+    """config.json's ``architectures``, for messages."""
 
 
-def _from_config_json(hf_checkpoint: str) -> tuple[dict[str, int], str]:
+def _read_config(hf_checkpoint: str) -> tuple[dict[str, object], Path] | None:
     if not hf_checkpoint:
-        return {}, ""
+        return None
     path = Path(hf_checkpoint) / "config.json"
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError):
+        return None
+    return (raw, path) if isinstance(raw, dict) else None
+
+
+def _from_config_json(hf_checkpoint: str) -> tuple[dict[str, int], str]:
+    read = _read_config(hf_checkpoint)
+    if read is None:
         return {}, ""
-    if not isinstance(raw, dict):
-        return {}, ""
+    raw, path = read
     # Multimodal configs nest the language model's fields.
     for nested in ("text_config", "language_config"):
         if isinstance(raw.get(nested), dict):
@@ -76,10 +86,17 @@ def model_shape(model: ModelConfig) -> ModelShape:
             explicit = True
         values[field_name] = mine if mine is not None else found.get(field_name)
     sources = [s for s in (where, "[model]" if explicit else "") if s]
+    read = _read_config(model.hf_checkpoint)
+    model_type = archs = None
+    if read is not None:
+        model_type = read[0].get("model_type")
+        archs = read[0].get("architectures")
     return ModelShape(
         num_layers=values["num_layers"],
         num_attention_heads=values["num_attention_heads"],
         num_key_value_heads=values["num_key_value_heads"],
         num_experts=values["num_experts"],
         source=" + ".join(sources) or "unknown",
+        model_type=model_type if isinstance(model_type, str) else None,
+        architectures=tuple(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else (),
     )

@@ -48,7 +48,7 @@ from miles.train.batch import (
     collate,
     micro_batch_loss,
     plan_micro_batches,
-    shard,
+    rank_slices,
     step_indices,
 )
 from miles.train.hf_checkpoint import save_hf_checkpoint
@@ -146,7 +146,7 @@ class MegatronActor:
         lengths = [batch.seq_len(i) for i in range(len(batch))]
         # A micro-batch's tokens are spread over the CP group: each GPU holds 1/cp of them.
         max_tokens = t.max_tokens_per_gpu * self.cp.size if t.use_dynamic_batch_size and t.max_tokens_per_gpu else None
-        per_rank = shard(idx, self.dp_size)
+        per_rank = rank_slices(batch, idx, self.dp_size, t)
         return plan_micro_batches(per_rank, lengths, micro_batch_size=t.micro_batch_size, max_tokens=max_tokens)[
             self.dp_rank
         ]

@@ -27,10 +27,11 @@ from typing import Any, Literal
 import torch
 
 from miles.errors import UserError
+from miles.model.families import MEGATRON_FAMILIES
 from miles.spec.tables import OptimizerConfig, PerfConfig
 
 Family = Literal["qwen2", "qwen3", "llama", "qwen3_moe"]
-FAMILIES: tuple[Family, ...] = ("qwen2", "qwen3", "llama", "qwen3_moe")
+FAMILIES: tuple[str, ...] = MEGATRON_FAMILIES
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,68 @@
+"""Split mode on one node: one plain job with disjoint GPU sets, not a het job of two whole nodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from miles.plan import PlanError, make_plan, render_script, summary
+from tests.unit.plan.plan_specs import spec
+
+
+def _four_plus_four():  # type: ignore[no-untyped-def]
+    return spec("split", cluster={"actor_num_gpus_per_node": 4, "rollout_num_nodes": None, "rollout_num_gpus": 4},
+                train={"global_batch_size": 64})
+
+
+def test_engines_and_trainers_that_fit_one_node_plan_one_component() -> None:
+    plan = make_plan(_four_plus_four())
+    assert plan.mode == "split"
+    (comp,) = plan.components
+    assert (comp.role, comp.nodes, comp.gpus_per_node) == ("engines+trainers", 1, 8)
+    assert plan.trainer_het_group == plan.engine_het_group == 0
+    engine_gpus = {g for e in plan.engines for g in e.gpus}
+    trainer_gpus = {r.gpu for r in plan.trainer_ranks}
+    assert engine_gpus == {0, 1, 2, 3} and trainer_gpus == {4, 5, 6, 7}
+    assert not any("heterogeneous" in w for w in plan.warnings)
+    assert "one node" in summary(_four_plus_four(), plan)
+
+
+def test_the_script_is_one_job_with_cuda_visible_devices_per_step() -> None:
+    s = _four_plus_four()
+    text = render_script(s, make_plan(s))
+    srun_lines = [line for line in text.splitlines() if line.startswith("srun ")]
+    assert "#SBATCH hetjob" not in text and len(srun_lines) == 2
+    assert not any("--het-group" in line for line in srun_lines)
+    assert "#SBATCH --nodes=1" in text and "#SBATCH --gpus-per-node=8" in text
+    assert "env CUDA_VISIBLE_DEVICES=0,1,2,3 \"${MILES_TASK[@]}\" --role engine" in text
+    assert "env CUDA_VISIBLE_DEVICES=4,5,6,7 \"${MILES_TASK[@]}\" --role trainer" in text
+    assert "--ntasks-per-node=2" in text  # two engines of TP 2
+
+
+def test_split_that_does_not_fit_one_node_stays_a_het_job() -> None:
+    plan = make_plan(spec("split"))  # 8 trainer GPUs + a whole engine node
+    assert [c.role for c in plan.components] == ["engines", "trainers"]
+    assert "#SBATCH hetjob" in render_script(spec("split"), plan)
+
+
+def test_megatron_refuses_an_unmapped_architecture_listing_the_mapped_ones(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "glm4", "architectures": ["Glm4ForCausalLM"], "num_hidden_layers": 40,
+        "num_attention_heads": 32, "num_key_value_heads": 2}))
+    s = spec("split", model={"hf_checkpoint": str(tmp_path)})
+    with pytest.raises(PlanError) as e:
+        make_plan(s)
+    msg = str(e.value)
+    assert "'glm4' (Glm4ForCausalLM)" in msg and "qwen3_moe (Qwen3MoeForCausalLM)" in msg
+    assert 'perf.backend = "fsdp"' in msg
+    fsdp = spec("split", model={"hf_checkpoint": str(tmp_path)}, perf={"backend": "fsdp", "tp": 1,
+                                                                       "sequence_parallel": False})
+    make_plan(fsdp)  # FSDP trains any HF causal LM
+
+
+def test_a_mapped_architecture_passes(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "num_hidden_layers": 36,
+                                                      "num_attention_heads": 32, "num_key_value_heads": 8}))
+    make_plan(spec("split", model={"hf_checkpoint": str(tmp_path)}))
