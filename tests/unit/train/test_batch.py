@@ -7,7 +7,15 @@ import torch
 
 from miles.sample import Sample
 from miles.spec.tables import TrainConfig
-from miles.train.batch import RolloutBatch, collate, plan_micro_batches, rank_slices, shard, shard_balanced, step_indices
+from miles.train.batch import (
+    RolloutBatch,
+    collate,
+    plan_micro_batches,
+    rank_slices,
+    shard,
+    shard_balanced,
+    step_indices,
+)
 
 
 def _sample(prompt: list[int], response: list[int], reward: float = 0.0, group: int = 0, lps: bool = True) -> Sample:
