@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from miles.spec.tables import ModelConfig
 
@@ -43,7 +44,7 @@ class ModelShape:
     """config.json's ``architectures``, for messages."""
 
 
-def _read_config(hf_checkpoint: str) -> tuple[dict[str, object], Path] | None:
+def _read_config(hf_checkpoint: str) -> tuple[dict[str, Any], Path] | None:
     if not hf_checkpoint:
         return None
     path = Path(hf_checkpoint) / "config.json"

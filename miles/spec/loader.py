@@ -264,6 +264,7 @@ def _infer_mode(spec: Spec, raw: Mapping[str, Any]) -> Spec:
         return spec
     c = spec.cluster
     sized = [k for k in ("rollout_num_gpus", "rollout_num_nodes") if getattr(c, k) is not None]
+    mode: Literal["colocate", "split"]
     if sized:
         mode = "split"
         why = (f"[cluster] {sized[0]} gives the engines GPUs of their own, as Miles does without --colocate")

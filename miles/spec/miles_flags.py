@@ -73,11 +73,10 @@ class Disposition:
 
 
 def _model(what: str) -> Disposition:
-    return Disposition("model", f"the architecture ({what}) is read from [model] hf_checkpoint's config.json")
+    return Disposition("model", f"as {what}, from [model] hf_checkpoint")
 
 
-_DROPOUT = ("hard-coded to 0: the policy ratio compares log-probs of one deterministic network, as Miles' recipes "
-            "set it; a non-zero value has no home")
+_DROPOUT = "0: the policy ratio compares log-probs of one deterministic network; a non-zero value has no home"
 
 DISPOSITIONS: dict[str, Disposition] = {
     "attention_dropout": Disposition("fixed", _DROPOUT, value=0.0),
@@ -125,6 +124,7 @@ DISPOSITIONS: dict[str, Disposition] = {
     "qk_layernorm": _model("per-head q/k norms"),
     "untie_embeddings_and_output_weights": _model("tie_word_embeddings"),
     "rotary_percent": _model("full RoPE"),
+    "position_embedding_type": _model("RoPE"),
     "make_vocab_size_divisible_by": _model("vocabulary padding to a multiple of tp"),
     "moe_ffn_hidden_size": _model("moe_intermediate_size"),
     "moe_router_topk": _model("num_experts_per_tok"),
