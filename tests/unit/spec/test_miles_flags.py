@@ -81,3 +81,15 @@ def test_mode_left_out_without_engine_gpus_is_colocate_and_said(specs: SpecFiles
     assert spec.cluster.mode == "colocate" and any('"colocate"' in n for n in spec.notes)
     explicit = load_spec(specs.write({"cluster": {"mode": "colocate"}})[0])
     assert explicit.notes == ()
+
+
+def test_docs_migrating_lists_every_alias_and_disposition() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[3] / "docs" / "migrating.md").read_text()
+    for name, target in ALIASES.items():
+        table, key = target.split(".")
+        assert f"| `--{name.replace('_', '-')}` | `[{table}] {key}` |" in text, name
+    for name, disp in DISPOSITIONS.items():
+        row = f"| `--{name.replace('_', '-')}` |"
+        assert row in text and disp.reason in text.split(row, 1)[1].split("\n", 1)[0], name
