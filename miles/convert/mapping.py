@@ -128,12 +128,12 @@ def place(use: FlagUse) -> Row:
     tables = key_tables().get(name)
     if tables:
         return _key_row(use, tables[0], name)
-    if name.startswith(SGLANG_PREFIX):
+    disp = DISPOSITIONS.get(name)
+    if disp is None and name.startswith(SGLANG_PREFIX):
         flag = name[len(SGLANG_PREFIX):]
         value: Any = True if not use.values else (_word(use.values[0]) if len(use.values) == 1
                                                    else [_word(v) for v in use.values])
         return Row(use, "key", (("sglang", flag, value),), note="SGLang pass-through, checked by the loader")
-    disp = DISPOSITIONS.get(name)
     if disp is not None:
         changes = disp.changes_experiment
         note = disp.reason

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from miles.errors import UserError
@@ -163,12 +163,13 @@ def planned_model_path(spec: Spec, run_dir: str) -> str:
     return f"{run_dir.rstrip('/')}/model" if spec.model.builtin else spec.model.hf_checkpoint
 
 
-def plan_argvs(spec: Spec, plan: Plan) -> list[list[str]]:
-    """Each engine's command line as the job starts it: the plan's port, NCCL port and seed, bound on every
-    interface, the job's API key as the variable that holds it, SGLang's interpreter as ``[slurm] python``."""
+def plan_argvs(spec: Spec, plan: Plan, only: Sequence[int] | None = None) -> list[list[str]]:
+    """Each engine's command line as the job starts it (of the engines in ``only``, else all): the plan's port,
+    NCCL port and seed, bound on every interface, the job's API key as the variable that holds it, SGLang's
+    interpreter as ``[slurm] python``."""
     model = planned_model_path(spec, plan.run_dir)
     out = []
-    for e in plan.engines:
+    for e in plan.engines if only is None else [plan.engines[i] for i in only]:
         seed = spec.rollout.rollout_seed + e.index
         port = int(plan.ports.engine_http[e.index])
         if spec.rollout.engine == "sglang":

@@ -137,8 +137,9 @@ def _abbreviated(n: int) -> list[int | None]:
 
 def _engine_commands(console: Console, spec: Spec, plan: Plan) -> None:
     """Each engine's exact command line (the first and last of a big job), so pass-through flags can be checked."""
-    argvs = plan_argvs(spec, plan)
-    shown = _abbreviated(len(argvs)) if len(argvs) <= 4 * _ROWS_SHOWN else [0, None, len(argvs) - 1]
+    n = len(plan.engines)
+    shown = _abbreviated(n) if n <= 4 * _ROWS_SHOWN else [0, None, n - 1]
+    argvs = iter(plan_argvs(spec, plan, [i for i in shown if i is not None]))
     console.print(f"Engine command lines ({spec.rollout.engine}; GPUs by CUDA_VISIBLE_DEVICES):")
     for i in shown:
         if i is None:
@@ -146,7 +147,8 @@ def _engine_commands(console: Console, spec: Spec, plan: Plan) -> None:
             continue
         e = plan.engines[i]
         gpus = ",".join(map(str, e.gpus))
-        console.print(f"  engine {e.index} (node {e.node}, {_unit(plan)}s {gpus}): {shlex.join(argvs[i])}", soft_wrap=True)
+        console.print(f"  engine {e.index} (node {e.node}, {_unit(plan)}s {gpus}): {shlex.join(next(argvs))}",
+                      soft_wrap=True)
 
 
 def render_table(spec: Spec, plan: Plan) -> str:

@@ -131,6 +131,15 @@ DISPOSITIONS: dict[str, Disposition] = {
     "moe_router_score_function": _model("softmax router"),
     "moe_router_pre_softmax": _model("norm_topk_prob"),
     "moe_layer_freq": _model("every layer an MoE layer"),
+    "rollout_health_check_interval": Disposition(
+        "fixed", "miles' launcher supervises each engine process and restarts it when it exits"),
+    "rollout_health_check_timeout": Disposition(
+        "fixed", "miles' launcher supervises each engine process and restarts it when it exits"),
+    "rollout_health_check_first_wait": Disposition(
+        "fixed", "miles' launcher waits for each engine's /health_generate before the run starts"),
+    "sglang_router_ip": Disposition("fixed", "miles plans the router's address and port from the job"),
+    "sglang_router_port": Disposition("fixed", "miles plans the router's address and port from the job"),
+    "log_passrate": Disposition("fixed", "miles logs each rollout's mean reward (rollout/reward_mean)"),
     "use_fault_tolerance": Disposition(
         "always", "engines are supervised and restarted; trainer failures end the job, which Slurm requeues"),
 }
