@@ -66,3 +66,18 @@ def test_a_mapped_architecture_passes(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "num_hidden_layers": 36,
                                                       "num_attention_heads": 32, "num_key_value_heads": 8}))
     make_plan(spec("split", model={"hf_checkpoint": str(tmp_path)}))
+
+
+def test_the_one_node_script_runs_both_steps_on_their_own_gpus(tmp_path: Path) -> None:
+    from tests.unit.plan.script_harness import run_script
+    from tests.unit.plan.test_script import in_run_dir, script_of
+
+    s = in_run_dir(_four_plus_four(), tmp_path)
+    out = run_script(script_of(s), tmp_path, trainer="done")
+    assert out.rc == 0, out.stderr
+    engine, trainer = out.args["engine"], out.args["trainer"]
+    assert engine[:2] == ["--overlap", "--job-name=miles-engines"]
+    assert engine[engine.index("env") + 1] == "CUDA_VISIBLE_DEVICES=0,1,2,3"
+    assert trainer[trainer.index("env") + 1] == "CUDA_VISIBLE_DEVICES=4,5,6,7"
+    assert "--ntasks-per-node=4" in trainer and "--ntasks-per-node=2" in engine
+    assert out.env["trainer"]["MILES_MASTER_ADDR"] == "host-nodes[1-2]-a"  # the job's own node list, no het group
