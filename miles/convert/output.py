@@ -53,9 +53,13 @@ def _rel(where: str, base: Path) -> str:
     return f"{name}:{line}"
 
 
-def _collect(script: Script, rows: list[Row], base: Path) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
+Origins = dict[tuple[str, str], str]
+"""``(table, key)`` -> where its value came from, for the spec's comments."""
+
+
+def _collect(script: Script, rows: list[Row], base: Path) -> tuple[dict[str, dict[str, Any]], Origins]:
     tables: dict[str, dict[str, Any]] = {}
-    origins: dict[tuple[str, str], str] = {}
+    origins: Origins = {}
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", script.path.stem).strip("-.") or "converted"
     tables["run"] = {"name": name}
     origins[("run", "name")] = "the script's file name"

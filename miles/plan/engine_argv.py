@@ -1,4 +1,4 @@
-"""Each engine's exact command line, as a pure function of the spec: what ``miles plan`` shows and what the launcher runs.
+"""Each engine's exact command line, a pure function of the spec: what ``miles plan`` shows, what the launcher runs.
 
 One source for both, so the line a user checks in the plan (are my ``[sglang]``
 pass-through flags spelled the way SGLang wants them?) is the line that starts

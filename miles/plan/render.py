@@ -115,8 +115,9 @@ def summary(spec: Spec, plan: Plan) -> str:
         f"{r.rollout_batch_size} prompts x {r.n_samples_per_prompt} samples = {total or '?'} = "
         f"{t.global_batch_size} per step x {t.num_steps_per_rollout} step(s)"
     )
+    kind = "het job, " if len(plan.components) > 1 else ("one node, " if plan.mode == "split" else "")
     lines = [
-        f"valid: {spec.source or plan.name}: {plan.mode} ({'het job, ' if len(plan.components) > 1 else ('one node, ' if plan.mode == 'split' else '')}{', '.join(parts)}); "
+        f"valid: {spec.source or plan.name}: {plan.mode} ({kind}{', '.join(parts)}); "
         f"trainers {plan.mesh.world_size} rank(s), {_mesh_text(plan)}; "
         f"{len(plan.engines)} {spec.rollout.engine} engine(s) of {plan.engine_tp} {unit}(s); "
         f"batch {knobs}; {len(plan.weight_update_groups)} weight-update group(s) of {plan.weight_update_groups[0].world_size} ranks."

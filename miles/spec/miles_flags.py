@@ -168,6 +168,8 @@ def unknown_key_hint(table: str, key: str) -> str | None:
         target = ALIASES[name]
         if name == "colocate":
             return 'Miles\' --colocate is [cluster] mode = "colocate" (without it Miles runs mode = "split")'
+        if name in ("bf16", "fp16"):
+            return f'Miles\' --{name} is {_where(target, table)} = "{"bfloat16" if name == "bf16" else "float16"}"'
         return f"Miles' --{name.replace('_', '-')} is {_where(target, table)}"
     if name in DISPOSITIONS:
         return f"Miles' --{name.replace('_', '-')} has no key: {DISPOSITIONS[name].summary()}"

@@ -44,6 +44,8 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str, str | None, str]] = [
     ("recompute-method", {"perf": {"recompute_method": "uniform"}}, "perf", "recompute_method", 'recompute_granularity = "full"'),
     ("moe-allgather", {"perf": {"moe_token_dispatcher_type": "allgather"}}, "perf", "moe_token_dispatcher_type",
      'refuses variable sequence lengths, which every RL batch has: use "alltoall"'),
+    ("moe-fsdp", {"perf": {"backend": "fsdp", "moe_aux_loss_coeff": 0.01}}, "perf", "moe_aux_loss_coeff",
+     'the fsdp backend trains the HF model as its config.json says: remove it, or set backend = "megatron"'),
     ("moe-flex", {"perf": {"moe_token_dispatcher_type": "flex"}}, "perf", "moe_token_dispatcher_type",
      'needs DeepEP, which miles does not install: use "alltoall"'),
     ("recompute-layers", {"perf": {"recompute_granularity": "selective", "recompute_num_layers": 2}}, "perf",
