@@ -141,7 +141,9 @@ def _engine_commands(console: Console, spec: Spec, plan: Plan) -> None:
     n = len(plan.engines)
     shown = _abbreviated(n) if n <= 4 * _ROWS_SHOWN else [0, None, n - 1]
     argvs = iter(plan_argvs(spec, plan, [i for i in shown if i is not None]))
-    console.print(f"Engine command lines ({spec.rollout.engine}; GPUs by CUDA_VISIBLE_DEVICES):")
+    python = "MILES_SGLANG_PYTHON when set, else " if spec.rollout.engine == "sglang" else ""
+    console.print(f"Engine command lines ({spec.rollout.engine}; GPUs by CUDA_VISIBLE_DEVICES; interpreter: "
+                  f"{python}[slurm] python; ports of the job id below):")
     for i in shown:
         if i is None:
             console.print("  ...")

@@ -147,7 +147,8 @@ DISPOSITIONS: dict[str, Disposition] = {
 
 
 def key_tables() -> dict[str, list[str]]:
-    """Every spec key -> the tables that have it (a few names, e.g. none today, could sit in two)."""
+    """Every spec key -> the tables that have it (a key name is meant to be unique across tables; a list keeps a
+    duplicate visible instead of hiding it)."""
     out: dict[str, list[str]] = {}
     for table, cls in TABLES.items():
         for key in table_fields(cls):
