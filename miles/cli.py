@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from miles.errors import UserError
 
@@ -61,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the whole loop (sample, score, optimize, sync) on this machine. Started again on the same run directory, it resumes from the newest complete checkpoint.")
     _add_spec_args(p)
 
+    p = sub.add_parser(
+        "convert", help="convert a Miles or slime launch script into a run spec, with what became of each flag",
+        description="Read a Miles/slime launch script (bash with MODEL_ARGS/CKPT_ARGS/... arrays, sourced model "
+        "files and the train.py command line) or a plain list of flags; write a commented run spec and print a "
+        "table of every flag: the key it became, what miles does instead, or 'not supported'. Exit 2 when a flag "
+        "that changes the experiment has no home or the spec does not validate.")
+    p.add_argument("script", help="the launch script, e.g. scripts/run-qwen3-4B.sh")
+    p.add_argument("-o", "--output", default="",
+                   help="write the spec here (default: print it; the table goes to stderr)")
+
     p = sub.add_parser("status", help="show a submitted run's Slurm state and progress")
     p.add_argument("run_dir", help="the run directory printed by `miles submit`")
 
@@ -106,6 +117,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         from miles.launch import local
 
         return local.run(spec)
+    if args.command == "convert":
+        from miles.convert import convert
+
+        conv = convert(args.script, output_name=args.output)
+        if args.output:
+            Path(args.output).write_text(conv.spec_text, encoding="utf-8")
+            print(conv.table_text + conv.check + f"\nwrote {args.output}")
+        else:
+            print(conv.spec_text, end="")
+            print(conv.table_text + conv.check, file=sys.stderr)
+        return conv.exit_code
     if args.command in ("status", "cancel"):
         from miles.launch import submission
 

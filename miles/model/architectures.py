@@ -29,6 +29,19 @@ from typing import Any
 MEGATRON_FAMILIES: tuple[str, ...] = ("qwen2", "qwen3", "llama", "qwen3_moe")
 """HF ``model_type`` values the Megatron backend maps (its weight mapping and model config are built for these)."""
 
+MEGATRON_ARCHITECTURES: dict[str, str] = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+"""The HF class of each mapped family, for messages."""
+
+
+def megatron_families_text() -> str:
+    """``qwen2 (Qwen2ForCausalLM), ...`` for messages."""
+    return ", ".join(f"{f} ({MEGATRON_ARCHITECTURES[f]})" for f in MEGATRON_FAMILIES)
+
 _CAUSAL_LM_TABLE = "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"
 _ENTRY_CLASS = re.compile(r"^EntryClass\s*=\s*(\[[^\]]*\]|[A-Za-z_][A-Za-z0-9_]*)", re.MULTILINE)
 
@@ -97,7 +110,7 @@ def support(config: Mapping[str, Any], backend: str, engine: str,
                         "(re-export it with save_pretrained)")
         return problems, notes
     if backend == "megatron" and model_type not in MEGATRON_FAMILIES:
-        problems.append(f"{what} has no Megatron mapping (supported: {', '.join(MEGATRON_FAMILIES)}); "
+        problems.append(f"{what} has no Megatron mapping (supported: {megatron_families_text()}); "
                         'set [perf] backend = "fsdp", which trains any HF causal LM, or choose a supported model')
     users = [u for u, needed in (('[perf] backend = "fsdp"', backend == "fsdp"),
                                  ('[rollout] engine = "embedded"', engine == "embedded")) if needed]

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["engines", "trainers", "colocated"]
+Role = Literal["engines", "trainers", "colocated", "engines+trainers"]
 
 _KW = {"frozen": True, "slots": True}
 
@@ -35,7 +35,8 @@ class Component:
     het_group: int
     """Index of the het component (``--het-group``); 0 in colocate mode, where there is a single one."""
     role: Role
-    """What runs on it: ``engines`` and ``trainers`` in split mode, ``colocated`` (both) in colocate mode."""
+    """What runs on it: ``engines`` and ``trainers`` in split mode, ``colocated`` (both) in colocate mode, and
+    ``engines+trainers`` in split mode on one node (disjoint GPUs: the engines' first, then the trainers')."""
     nodes: int
     """Nodes of this component (``--nodes``)."""
     gpus_per_node: int

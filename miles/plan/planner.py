@@ -14,6 +14,10 @@ Layout decisions (the "why" of each):
 * split: component 0 holds the engines (so the batch shell, which Slurm runs on
   the first node of component 0, sits next to the cheap processes), component
   1 the trainers. Engines fill each node with consecutive GPU blocks.
+* split on one node (engines and trainers fit one node together, e.g. 4 + 4 of
+  8 GPUs, as Miles runs it): one plain job instead of a het job of two whole
+  nodes; the engines take GPUs ``0..R-1``, the trainers ``R..R+T-1``, each
+  step seeing only its own (``CUDA_VISIBLE_DEVICES``).
 * CPU-only (``gpus_per_node = 0``): GPU ids become slots; each trainer rank
   and each engine is one process in one slot.
 """
@@ -48,6 +52,13 @@ def make_plan(spec: Spec, job_id: int | None = None) -> Plan:
                       tasks_per_node=d.trainer_gpus_per_node, cpus_per_task=d.trainer_cpus_per_task,
                       mem=c.mem_per_node, partition=spec.slurm.partition),
         )
+    elif d.one_node:
+        trainer_group = engine_group = 0
+        components = (
+            Component(het_group=0, role="engines+trainers", nodes=1, gpus_per_node=d.rollout_gpus + d.trainer_gpus,
+                      tasks_per_node=d.trainer_gpus_per_node + d.engines_per_node,
+                      cpus_per_task=d.trainer_cpus_per_task, mem=c.mem_per_node, partition=spec.slurm.partition),
+        )
     else:
         engine_group, trainer_group = 0, 1
         components = (
@@ -60,7 +71,7 @@ def make_plan(spec: Spec, job_id: int | None = None) -> Plan:
                       tasks_per_node=d.trainer_gpus_per_node, cpus_per_task=d.trainer_cpus_per_task,
                       mem=c.mem_per_node, partition=spec.slurm.partition),
         )
-    trainer_ranks = _trainer_ranks(mesh, d.trainer_gpus_per_node)
+    trainer_ranks = _trainer_ranks(mesh, d.trainer_gpus_per_node, first_gpu=d.rollout_gpus if d.one_node else 0)
     engines = _engines(d, engine_group)
     job_ports = _ports(job_id, mesh.pp, engines, d.engines_per_node)
     groups = _weight_update_groups(mesh, engines, job_ports)
@@ -68,7 +79,7 @@ def make_plan(spec: Spec, job_id: int | None = None) -> Plan:
         name=spec.run.name, run_dir=run_dir_of(spec), mode=c.mode, device="gpu" if d.device == "gpu" else "cpu",
         components=components, mesh=mesh, trainer_het_group=trainer_group, engine_het_group=engine_group,
         trainer_ranks=trainer_ranks, engines=engines, engine_tp=d.engine_tp, engines_per_node=d.engines_per_node,
-        ports=job_ports, weight_update_groups=groups, warnings=tuple(d.warnings), unchecked=tuple(d.unchecked),
+        ports=job_ports, weight_update_groups=groups, warnings=(*spec.notes, *d.warnings), unchecked=tuple(d.unchecked),
     )
 
 
@@ -92,13 +103,13 @@ def _mesh(spec: Spec, dp: int, etp: int, world_size: int) -> TrainerMesh:
                        expert_dp=world_size // (etp * p.ep * p.pp), world_size=world_size)
 
 
-def _trainer_ranks(mesh: TrainerMesh, per_node: int) -> tuple[TrainerRank, ...]:
+def _trainer_ranks(mesh: TrainerMesh, per_node: int, first_gpu: int = 0) -> tuple[TrainerRank, ...]:
     # Megatron's default order tp-cp-ep-dp-pp: tp fastest, pp slowest.
     tp, cp, dp = mesh.tp, mesh.cp, mesh.dp
     tp_cp = tp * cp
     tp_cp_dp = tp_cp * dp
     return tuple(
-        TrainerRank(rank=r, node=r // per_node, local_rank=r % per_node, gpu=r % per_node,
+        TrainerRank(rank=r, node=r // per_node, local_rank=r % per_node, gpu=first_gpu + r % per_node,
                     tp=r % tp, cp=(r // tp) % cp, dp=(r // tp_cp) % dp, pp=r // tp_cp_dp)
         for r in range(mesh.world_size)
     )

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 from dataclasses import fields
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from miles.plan.engine_argv import plan_argvs
 from miles.plan.model import Component, Engine, Plan, Ports, TrainerMesh, TrainerRank, WeightUpdateGroup
 from miles.spec.tables import Spec
 
@@ -113,8 +115,9 @@ def summary(spec: Spec, plan: Plan) -> str:
         f"{r.rollout_batch_size} prompts x {r.n_samples_per_prompt} samples = {total or '?'} = "
         f"{t.global_batch_size} per step x {t.num_steps_per_rollout} step(s)"
     )
+    kind = "het job, " if len(plan.components) > 1 else ("one node, " if plan.mode == "split" else "")
     lines = [
-        f"valid: {spec.source or plan.name}: {plan.mode} ({'het job, ' if plan.mode == 'split' else ''}{', '.join(parts)}); "
+        f"valid: {spec.source or plan.name}: {plan.mode} ({kind}{', '.join(parts)}); "
         f"trainers {plan.mesh.world_size} rank(s), {_mesh_text(plan)}; "
         f"{len(plan.engines)} {spec.rollout.engine} engine(s) of {plan.engine_tp} {unit}(s); "
         f"batch {knobs}; {len(plan.weight_update_groups)} weight-update group(s) of {plan.weight_update_groups[0].world_size} ranks."
@@ -133,8 +136,27 @@ def _abbreviated(n: int) -> list[int | None]:
     return [*range(_ROWS_SHOWN), None, *range(n - _ROWS_SHOWN, n)]
 
 
+def _engine_commands(console: Console, spec: Spec, plan: Plan) -> None:
+    """Each engine's exact command line (the first and last of a big job), so pass-through flags can be checked."""
+    n = len(plan.engines)
+    shown = _abbreviated(n) if n <= 4 * _ROWS_SHOWN else [0, None, n - 1]
+    argvs = iter(plan_argvs(spec, plan, [i for i in shown if i is not None]))
+    python = "MILES_SGLANG_PYTHON when set, else " if spec.rollout.engine == "sglang" else ""
+    console.print(f"Engine command lines ({spec.rollout.engine}; GPUs by CUDA_VISIBLE_DEVICES; interpreter: "
+                  f"{python}[slurm] python; ports of the job id below):")
+    for i in shown:
+        if i is None:
+            console.print("  ...")
+            continue
+        e = plan.engines[i]
+        gpus = ",".join(map(str, e.gpus))
+        console.print(f"  engine {e.index} (node {e.node}, {_unit(plan)}s {gpus}): {shlex.join(next(argvs))}",
+                      soft_wrap=True)
+
+
 def render_table(spec: Spec, plan: Plan) -> str:
-    """The ``miles plan`` view: components, mesh, engines, rank map, ports, weight-update groups."""
+    """The ``miles plan`` view: components, mesh, engines and their command lines, rank map, ports, weight-update
+    groups."""
     out = io.StringIO()
     console = Console(file=out, width=120, force_terminal=False, color_system=None, highlight=False, markup=False)
     unit = _unit(plan)
@@ -178,6 +200,8 @@ def render_table(spec: Spec, plan: Plan) -> str:
         t.add_row(str(e.index), str(e.node), ",".join(map(str, e.gpus)), f"{e.ranks[0]}-{e.ranks[-1]}",
                   str(plan.ports.engine_http[i]), str(plan.ports.engine_nccl[i]))
     console.print(t)
+
+    _engine_commands(console, spec, plan)
 
     p = plan.ports
     job = str(p.job_id) if p.job_id is not None else "placeholder 0 (the job uses its SLURM_JOB_ID)"

@@ -72,6 +72,8 @@ class Derived:
     engines_per_node: int
     trainer_cpus_per_task: int
     engine_cpus_per_task: int
+    one_node: bool = False
+    """Split mode whose engines and trainers fit one node together: one plain job, disjoint GPU sets."""
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
@@ -172,8 +174,9 @@ def _check_mesh(spec: Spec, shape: ModelShape, trainer_gpus: int, r: _Report) ->
         )
     if p.backend == "megatron" and experts and p.tp > 1 and not p.sequence_parallel:
         r.error(f"an MoE model ({experts} experts) with perf.tp = {p.tp} needs sequence parallelism in Megatron. Fix: set perf.sequence_parallel = true.")
-    if p.backend == "megatron" and p.cp > 1 and p.attention_backend != "sdpa":
-        r.error(f"perf.cp = {p.cp} needs miles' context-parallel attention. Fix: set perf.attention_backend = \"sdpa\".")
+    if p.backend == "megatron" and p.cp > 1 and p.attention_backend in ("unfused", "local"):
+        r.error(f"perf.cp = {p.cp} needs miles' context-parallel attention (torch SDPA). "
+                "Fix: set perf.attention_backend = \"sdpa\" (or Miles' \"flash\").")
     if p.backend == "megatron":
         _divides(r, shape.num_attention_heads, p.tp, "model.num_attention_heads", "perf.tp", shape.source)
         _divides(r, shape.num_key_value_heads, p.tp, "model.num_key_value_heads", "perf.tp", shape.source)
@@ -288,6 +291,8 @@ def derive(spec: Spec) -> Derived:
             f"but a job's port block has {ports.STRIDE}. Fix: raise sglang.rollout_num_gpus_per_engine or lower perf.pp."
         )
 
+    one_node = (c.mode == "split" and gpu and c.actor_num_nodes == 1 and rollout_nodes == 1
+                and trainer_gpus + rollout_gpus <= c.gpus_per_node)
     trainer_tasks = apn
     engine_tasks = max(engines_per_node, 1)
     trainer_cpt = engine_cpt = 0
@@ -295,7 +300,10 @@ def derive(spec: Spec) -> Derived:
         alloc_tasks = trainer_tasks
         trainer_cpt = c.cpus_per_node // trainer_tasks
         engine_cpt = c.cpus_per_node // engine_tasks
-        if c.mode == "split":
+        if one_node:
+            alloc_tasks = trainer_tasks + engine_tasks
+            trainer_cpt = engine_cpt = c.cpus_per_node // alloc_tasks
+        elif c.mode == "split":
             alloc_tasks = max(trainer_tasks, engine_tasks)
         if c.cpus_per_node < alloc_tasks:
             r.error(f"cluster.cpus_per_node = {c.cpus_per_node} is fewer than the {alloc_tasks} tasks per node. Fix: raise cluster.cpus_per_node to at least {alloc_tasks}, or set it to 0 (site default).")
@@ -306,7 +314,7 @@ def derive(spec: Spec) -> Derived:
                 "colocated SGLang engines share GPU memory with the trainers: set sglang.mem_fraction_static (Miles uses 0.4-0.7) "
                 "so that the trainer fits next to the engine."
             )
-    if c.mode == "split":
+    if c.mode == "split" and not one_node:
         r.warnings.append(
             "split mode submits a heterogeneous job: Slurm schedules het jobs only with the backfill scheduler, starts all "
             "components together, and counts each component as a job against QOS/association limits (docs/admin.md)."
@@ -318,7 +326,7 @@ def derive(spec: Spec) -> Derived:
         shape=shape, device=device, trainer_nodes=c.actor_num_nodes, trainer_gpus_per_node=apn,
         trainer_gpus=trainer_gpus, dp=dp, etp=etp, rollout_gpus=rollout_gpus, rollout_nodes=rollout_nodes,
         rollout_gpus_per_node=rollout_gpn, engine_tp=tp_e, engines_per_node=engines_per_node,
-        trainer_cpus_per_task=trainer_cpt, engine_cpus_per_task=engine_cpt,
+        trainer_cpus_per_task=trainer_cpt, engine_cpus_per_task=engine_cpt, one_node=one_node,
         warnings=r.warnings, unchecked=r.unchecked,
     )
 

@@ -78,13 +78,23 @@ def _layout_lines(spec: Spec, plan: Plan) -> list[str]:
     lines = []
     for comp in plan.components:
         size = f"{comp.nodes} node(s) x {comp.gpus_per_node if plan.device == 'gpu' else comp.tasks_per_node} {unit}(s)"
-        what = {"engines": engines, "trainers": trainers, "colocated": f"{trainers}; {engines}"}[comp.role]
-        lines.append(f"het group {comp.het_group} ({comp.role}): {size}: {what}" if plan.mode == "split" else f"{size}: {what}")
+        what = {"engines": engines, "trainers": trainers, "colocated": f"{trainers}; {engines}",
+                "engines+trainers": f"{engines}; {trainers}"}[comp.role]
+        lines.append(f"het group {comp.het_group} ({comp.role}): {size}: {what}" if _het(plan) else f"{size}: {what}")
     return lines
 
 
+def _het(plan: Plan) -> bool:
+    """Whether the plan is a heterogeneous job (split over nodes of its own per component)."""
+    return len(plan.components) > 1
+
+
+def _gpu_list(gpus: range) -> str:
+    return ",".join(map(str, gpus))
+
+
 def _steps(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
-    split = plan.mode == "split"
+    split = _het(plan)
     trainers = plan.components[plan.trainer_het_group]
     engines_comp = plan.components[plan.engine_het_group]
     engine_cpus = engines_comp.cpus_per_task
@@ -98,7 +108,15 @@ def _steps(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer_step = {
         "role": "trainer", "het_group": plan.trainer_het_group if split else None, "overlap": False,
         "nodes": trainers.nodes, "tasks_per_node": trainers.tasks_per_node, "cpus_per_task": trainers.cpus_per_task,
+        "visible_gpus": "",
     }
+    engine_step["visible_gpus"] = ""
+    if plan.mode == "split" and not split:
+        # One node, disjoint GPU sets: each step sees only its own GPUs (the engines' plan ids index the node).
+        rollout, trainer_gpus = plan.rollout_gpus, plan.trainer_gpus
+        engine_step.update(tasks_per_node=plan.engines_per_node, cpus_per_task=trainers.cpus_per_task,
+                           visible_gpus=_gpu_list(range(rollout)))
+        trainer_step.update(tasks_per_node=trainer_gpus, visible_gpus=_gpu_list(range(rollout, rollout + trainer_gpus)))
     return engine_step, trainer_step
 
 
@@ -118,11 +136,12 @@ def render_script(spec: Spec, plan: Plan) -> str:
         "env": sorted(spec.slurm.env.items()),
         "unit": "GPU" if plan.device == "gpu" else "slot",
         "layout_lines": _layout_lines(spec, plan),
-        "master_nodelist_var": f"SLURM_JOB_NODELIST_HET_GROUP_{plan.trainer_het_group}" if plan.mode == "split" else "SLURM_JOB_NODELIST",
+        "master_nodelist_var": f"SLURM_JOB_NODELIST_HET_GROUP_{plan.trainer_het_group}" if _het(plan) else "SLURM_JOB_NODELIST",
         "ports": ports,
         "engine_port_offset": ports.engine_offset(plan.mesh.pp),
         "engine_step": engine_step,
         "trainer_step": trainer_step,
     }
-    template = _environment().get_template(f"{plan.mode}.sbatch.j2")
+    name = "split-one-node" if plan.mode == "split" and not _het(plan) else plan.mode
+    template = _environment().get_template(f"{name}.sbatch.j2")
     return template.render(context)

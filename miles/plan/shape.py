@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from miles.spec.tables import ModelConfig
 
@@ -39,16 +40,22 @@ class ModelShape:
     """Where the numbers came from, for messages (``config.json at ...`` or ``[model]``)."""
 
 
-def _from_config_json(hf_checkpoint: str) -> tuple[dict[str, int], str]:
+def _read_config(hf_checkpoint: str) -> tuple[dict[str, Any], Path] | None:
     if not hf_checkpoint:
-        return {}, ""
+        return None
     path = Path(hf_checkpoint) / "config.json"
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError):
+        return None
+    return (raw, path) if isinstance(raw, dict) else None
+
+
+def _from_config_json(hf_checkpoint: str) -> tuple[dict[str, int], str]:
+    read = _read_config(hf_checkpoint)
+    if read is None:
         return {}, ""
-    if not isinstance(raw, dict):
-        return {}, ""
+    raw, path = read
     # Multimodal configs nest the language model's fields.
     for nested in ("text_config", "language_config"):
         if isinstance(raw.get(nested), dict):

@@ -24,7 +24,6 @@ release's flag list (``miles/spec/sglang_flags.json``) before anything starts.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -38,10 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from miles.errors import UserError
+from miles.plan.engine_argv import embedded_argv, sglang_argv
+from miles.plan.engine_argv import passthrough_args as passthrough_args  # re-exported: the launcher's API
 from miles.sglang import protocol as proto
-from miles.sglang.flags import FLAGS_PATH, alias_map, load_flags
-from miles.spec.passthrough import check_flag
 from miles.spec.tables import Spec
 
 if TYPE_CHECKING:
@@ -81,126 +79,6 @@ class EngineLaunch:
     def url(self) -> str:
         host = self.advertise_host or ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host)
         return f"http://{host}:{self.port}"
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def passthrough_args(server_args: Mapping[str, Any], flags: Mapping[str, dict[str, Any]] | None = None) -> list[str]:
-    """``[sglang]`` pass-through keys as ``launch_server`` arguments, each checked against the pinned flag list.
-
-    ``true`` adds the bare flag; ``false`` adds ``--no-<flag>`` for SGLang's negatable
-    flags and nothing for plain switches (whose default is off); a list adds one
-    argument per item; a ``json`` flag takes a table or array as one JSON string.
-    """
-
-    table: dict[str, dict[str, Any]] = dict(flags) if flags is not None else load_flags()
-    names = alias_map(table)
-    argv: list[str] = []
-    for given_key, value in server_args.items():
-        problem = check_flag(given_key, value, table)
-        if problem is not None:
-            raise UserError(f"[sglang] {given_key} {problem} (flags of SGLang from {FLAGS_PATH.name})")
-        key = names[given_key]
-        info = table[key]
-        kind = info.get("type")
-        if info.get("nargs") == "?" and value is True:
-            argv.append(_flag(key))
-        elif kind == "bool":
-            if value:
-                argv.append(_flag(key))
-            elif info.get("negatable"):
-                argv.append("--no-" + key.replace("_", "-"))
-            elif info.get("default") is True:
-                raise UserError(f"[sglang] {key} = false: SGLang's {_flag(key)} is on by default and cannot be "
-                                "turned off from the command line")
-        elif kind == "list":
-            items = value if isinstance(value, list) else [value]
-            argv += [_flag(key), *(str(v) for v in items)]
-        elif kind == "json":
-            argv += [_flag(key), value if isinstance(value, str) else json.dumps(value)]
-        else:
-            argv += [_flag(key), str(value)]
-    return argv
-
-
-def sglang_argv(
-    spec: Spec,
-    *,
-    model_path: str,
-    host: str,
-    port: int,
-    api_key: str | None,
-    tp_size: int | None = None,
-    seed: int | None = None,
-    nccl_port: int | None = None,
-    python: str | None = None,
-) -> list[str]:
-    """The ``sglang.launch_server`` command line of one engine."""
-    sg = spec.sglang
-    argv = [
-        python or spec.slurm.python,
-        "-m",
-        "sglang.launch_server",
-        "--model-path",
-        model_path,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--tp-size",
-        str(tp_size or sg.rollout_num_gpus_per_engine),
-        "--dtype",
-        spec.model.dtype,
-        "--random-seed",
-        str(spec.rollout.rollout_seed if seed is None else seed),
-    ]
-    if api_key:
-        argv += ["--api-key", api_key]
-    if sg.mem_fraction_static is not None:
-        argv += ["--mem-fraction-static", str(sg.mem_fraction_static)]
-    if nccl_port is not None:
-        argv += ["--nccl-port", str(nccl_port)]
-    if spec.model.trust_remote_code:
-        argv.append("--trust-remote-code")
-    return argv + passthrough_args(sg.server_args)
-
-
-def embedded_argv(
-    spec: Spec,
-    *,
-    model_path: str,
-    host: str,
-    port: int,
-    api_key: str | None,
-    seed: int | None = None,
-    device: str = "cpu",
-    python: str | None = None,
-) -> list[str]:
-    """The embedded engine's command line (``python -m miles.engine.server``), same address, key and seed."""
-    argv = [
-        python or sys.executable,
-        "-m",
-        "miles.engine.server",
-        "--model",
-        model_path,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--dtype",
-        spec.model.dtype,
-        "--device",
-        device,
-        "--seed",
-        str(spec.rollout.rollout_seed if seed is None else seed),
-    ]
-    if api_key:
-        argv += ["--api-key", api_key]
-    if spec.model.trust_remote_code:
-        argv.append("--trust-remote-code")
-    return argv
 
 
 def engine_env(gpus: Sequence[int], device: str) -> dict[str, str]:

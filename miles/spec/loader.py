@@ -33,6 +33,7 @@ from typing import Any, Literal
 from miles.spec import knobs, rules
 from miles.spec.fieldtypes import Mismatch, convert, given, range_violation, table_fields
 from miles.spec.keylines import KeyLines
+from miles.spec.miles_flags import unknown_key_hint
 from miles.spec.passthrough import check_flag, load_flags
 from miles.spec.problems import Origin, Problem, Problems, SpecError
 from miles.spec.tables import TABLES, Spec
@@ -148,12 +149,18 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str], problems: Pr
 
 
 def _suggest(table: str, key: str, fields: list[str]) -> str:
+    """The fix for an unknown key: the key with underscores, the miles key of a Miles or Megatron flag's name, the
+    table the key belongs to, or a close spelling (close enough to be a typo, so never a key that means another
+    thing: ``attention_dropout`` is not ``attention_backend``)."""
     if key.replace("-", "_") in fields:
         return f"; write {key.replace('-', '_')} (underscores where Miles' flags have dashes)"
+    hint = unknown_key_hint(table, key)
+    if hint:
+        return f"; {hint}"
     elsewhere = [t for t, cls in TABLES.items() if t != table and key in table_fields(cls) and (t, key) not in _NOT_KEYS]
     if elsewhere:
         return f"; {key} belongs in [{elsewhere[0]}]"
-    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
     if close:
         return f"; did you mean {close[0]}?"
     return f"; the keys of [{table}] are listed in docs/spec.md"
@@ -188,7 +195,8 @@ def _check_table(name: str, values: dict[str, Any], origin_of: Callable[[tuple[s
         elif name == "sglang":
             why = check_flag(key, value, flags)
             if why:
-                problems.add(origin, where, why)
+                hint = unknown_key_hint(name, key)
+                problems.add(origin, where, f"{why}; {hint}" if hint else why)
             else:
                 server_args[key] = copy.deepcopy(value)
         else:
@@ -215,14 +223,15 @@ def _build(raw: dict[str, Any], source: str, locate: Locate, overrides: Sequence
             problems.add(origin_of((name,)), f"[{name}]", f"must be a table ([{name}] followed by key = value lines), got {given(values)}")
         elif not isinstance(values, dict):
             homes = [t for t, cls in TABLES.items() if name in table_fields(cls) and (t, name) not in _NOT_KEYS]
-            hint = f"; did you mean [{homes[0]}] {name}?" if homes else ""
+            flag = unknown_key_hint("", name)
+            hint = f"; did you mean [{homes[0]}] {name}?" if homes else (f"; {flag}" if flag else "")
             problems.add(origin_of((name,)), name, f"keys belong inside a table such as [run]{hint}")
         else:
             close = difflib.get_close_matches(name, list(TABLES), n=1, cutoff=0.5)
             hint = f"did you mean [{close[0]}]?" if close else "the tables are " + ", ".join(f"[{t}]" for t in TABLES)
             problems.add(origin_of((name,)), f"[{name}]", f"unknown table; {hint}")
     problems.raise_if_any()
-    spec = Spec(**tables, source=source)
+    spec = _infer_mode(Spec(**tables, source=source), raw)
 
     def report(table: str, key: str, message: str) -> None:
         path = (table, key) if key else (table,)
@@ -244,3 +253,23 @@ def _build(raw: dict[str, Any], source: str, locate: Locate, overrides: Sequence
     save = spec.ckpt.save or f"{run_dir.rstrip('/')}/checkpoints"
     return dataclasses.replace(spec, run=dataclasses.replace(spec.run, run_dir=run_dir),
                                ckpt=dataclasses.replace(spec.ckpt, save=save))
+
+
+def _infer_mode(spec: Spec, raw: Mapping[str, Any]) -> Spec:
+    """``[cluster] mode`` left out: Miles runs the engines on GPUs of their own unless ``--colocate`` is given, and
+    names them with ``--rollout-num-gpus``; so a spec that sizes the engines is split, one that does not is colocated.
+    The choice is recorded in ``spec.notes`` so that validate and plan say it."""
+    cluster = raw.get("cluster")
+    if isinstance(cluster, dict) and "mode" in cluster:
+        return spec
+    c = spec.cluster
+    sized = [k for k in ("rollout_num_gpus", "rollout_num_nodes") if getattr(c, k) is not None]
+    mode: Literal["colocate", "split"]
+    if sized:
+        mode = "split"
+        why = (f"[cluster] {sized[0]} gives the engines GPUs of their own, as Miles does without --colocate")
+    else:
+        mode = "colocate"
+        why = "no [cluster] rollout_num_gpus / rollout_num_nodes names GPUs for the engines, so they share the trainers'"
+    note = f'[cluster] mode not set: planned as "{mode}" because {why}; set mode to make the choice explicit'
+    return dataclasses.replace(spec, cluster=dataclasses.replace(c, mode=mode), notes=(*spec.notes, note))

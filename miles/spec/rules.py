@@ -16,7 +16,9 @@ message)`` and its message says what to change. The rules, in order:
 * ``[grpo]``: ``kl_loss_coef`` > 0 needs ``use_kl_loss``.
 * ``[optimizer]``: ``min_lr`` <= ``lr``.
 * ``[perf]``: FSDP is data parallel only (tp = pp = cp = ep = 1, no etp); ``sequence_parallel`` needs tp > 1;
-  ``recompute_method`` / ``recompute_num_layers`` need ``recompute_granularity = "full"``.
+  ``recompute_method`` / ``recompute_num_layers`` need ``recompute_granularity = "full"``;
+  ``moe_token_dispatcher_type`` is ``alltoall`` (allgather refuses variable lengths, flex needs DeepEP);
+  the ``moe_*`` keys are Megatron's (refused with ``backend = "fsdp"``).
 * ``[cluster]``: ``mem_per_node`` in Slurm's syntax.
 * ``[slurm]``: ``time`` in Slurm's syntax and longer than ``signal_lead_time``; a container runtime and
   an image go together; ``container_mounts`` are ``src:dst``; ``env`` names are shell variable names.
@@ -160,6 +162,19 @@ def _perf(spec: Spec, report: Report) -> None:
             report("perf", "etp", 'the fsdp backend is data parallel only: remove etp, or set backend = "megatron"')
     if p.sequence_parallel and p.tp == 1:
         report("perf", "sequence_parallel", "sequence parallelism splits over the tensor-parallel group: set tp > 1, or remove sequence_parallel")
+    if p.backend == "fsdp":
+        moe = [k for k, default in (("moe_aux_loss_coeff", 0.0), ("moe_router_load_balancing_type", "none"),
+                                    ("moe_router_dtype", None), ("moe_token_dispatcher_type", "alltoall"),
+                                    ("moe_permute_fusion", False)) if getattr(p, k) != default]
+        for key in moe:
+            report("perf", key, f"{key} is a Megatron MoE option; the fsdp backend trains the HF model as its "
+                   'config.json says: remove it, or set backend = "megatron"')
+    if p.moe_token_dispatcher_type == "allgather":
+        report("perf", "moe_token_dispatcher_type", 'Megatron\'s allgather dispatcher refuses variable sequence lengths, '
+               'which every RL batch has: use "alltoall"')
+    elif p.moe_token_dispatcher_type == "flex":
+        report("perf", "moe_token_dispatcher_type", 'the flex dispatcher needs DeepEP, which miles does not install: '
+               'use "alltoall"')
     for key in ("recompute_method", "recompute_num_layers"):
         if getattr(p, key) is not None and p.recompute_granularity != "full":
             report("perf", key, f'{key} applies to full recomputation: set recompute_granularity = "full", or remove {key}')

@@ -264,6 +264,9 @@ class TrainConfig:
     max_tokens_per_gpu: int | None = field(default=None, metadata={"gt": 0})
     """Token budget per micro-batch with dynamic batching (Miles ``--max-tokens-per-gpu``)."""
 
+    balance_data: bool = False
+    """Give every data-parallel rank of a step about the same number of tokens (still the same number of samples) instead of a contiguous slice (Miles ``--balance-data``); the loss is unchanged, the slowest rank waits less."""
+
 
 @dataclass(**_KW)
 class PerfConfig:
@@ -290,8 +293,8 @@ class PerfConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs ``tp`` > 1): between the tensor-parallel matmuls (norms, residual stream) each rank holds ``1/tp`` of the tokens, which saves activation memory. Without Transformer Engine it uses miles' RMSNorm (see ``fused_kernels``). Required for MoE models with ``tp`` > 1."""
 
-    attention_backend: Literal["unfused", "sdpa"] = "unfused"
-    """Megatron backend without Transformer Engine: core attention by Megatron's unfused kernels, or by torch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels; numerically equal, faster at long sequences). Also miles' context-parallel attention (``cp`` > 1 needs ``"sdpa"``). Ignored with Transformer Engine and by FSDP."""
+    attention_backend: Literal["unfused", "sdpa", "flash", "fused", "local", "auto"] = "unfused"
+    """Megatron core attention (Miles ``--attention-backend``). Without Transformer Engine: ``unfused``/``local`` run Megatron's unfused kernels; ``sdpa``, ``flash``, ``fused`` and ``auto`` run torch's ``scaled_dot_product_attention`` (flash / cuDNN / memory-efficient kernels; numerically equal, faster at long sequences), which is also miles' context-parallel attention (``cp`` > 1 needs one of these). With Transformer Engine, Miles' names (``flash``, ``fused``, ``local``, ``auto``) are Megatron's own ``--attention-backend``; ``unfused`` and ``sdpa`` leave it to Megatron (``auto``). Ignored by FSDP (HF's SDPA attention)."""
 
     fused_kernels: bool = False
     """Megatron backend: miles' replacements for what runs unfused without Transformer Engine: RMSNorm by torch's fused kernel with weights in the model dtype (as HF stores them; fp32 master copies in the optimizer), and the log-probs/entropy over the vocabulary in chunks with a hand-written backward instead of fp32 ``[tokens, vocab]`` temporaries. Same math; faster and leaner in bf16. The norms are left to Transformer Engine when it is installed; ignored by FSDP."""
@@ -304,6 +307,21 @@ class PerfConfig:
 
     recompute_num_layers: int | None = field(default=None, metadata={"gt": 0})
     """Layers per recomputation unit (Megatron ``--recompute-num-layers``)."""
+
+    moe_aux_loss_coeff: float = field(default=0.0, metadata={"ge": 0.0})
+    """Weight of the MoE load-balancing loss (Megatron ``--moe-aux-loss-coeff``); 0 trains without it."""
+
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"] = "none"
+    """MoE load balancing (Megatron ``--moe-router-load-balancing-type``); the aux-loss kinds add a loss only with ``moe_aux_loss_coeff`` > 0."""
+
+    moe_router_dtype: Literal["fp32", "fp64"] | None = None
+    """Dtype of the MoE router's logits and softmax (Megatron ``--moe-router-dtype``); unset means the model dtype."""
+
+    moe_token_dispatcher_type: Literal["alltoall", "allgather", "flex"] = "alltoall"
+    """How tokens reach their experts (Megatron ``--moe-token-dispatcher-type``). Only ``alltoall`` runs: ``allgather`` refuses variable sequence lengths, which RL batches always have, and ``flex`` needs DeepEP."""
+
+    moe_permute_fusion: bool = False
+    """Fuse the MoE token permutation (Megatron ``--moe-permute-fusion``); needs Transformer Engine on the trainer nodes."""
 
     offload_train: bool | None = None
     """Move the actor's weights and optimizer off the GPU while engines generate (Miles ``--offload-train``); unset means on when colocated."""
@@ -431,7 +449,7 @@ class ClusterConfig:
     """[cluster]: how the run is laid out on nodes and GPUs."""
 
     mode: Literal["colocate", "split"] = "colocate"
-    """``colocate``: one Slurm job, every GPU runs a trainer rank and an engine shard. ``split``: a heterogeneous job, component 0 engines and component 1 trainers (Miles ``--colocate`` or not)."""
+    """``colocate``: one Slurm job, every GPU runs a trainer rank and an engine shard. ``split``: engines and trainers on GPUs of their own: one job when both fit one node (disjoint ``CUDA_VISIBLE_DEVICES``), else a heterogeneous job, component 0 engines and component 1 trainers (Miles ``--colocate`` or not). Left out, it is chosen as Miles does and the plan says so: ``split`` when ``rollout_num_gpus`` or ``rollout_num_nodes`` names the engines' own GPUs (Miles without ``--colocate``), else ``colocate``."""
 
     gpus_per_node: int = field(default=8, metadata={"ge": 0})
     """GPUs on each node (Miles ``--num-gpus-per-node``); 0 means CPU-only nodes, where each trainer rank is a process."""
@@ -535,6 +553,8 @@ class Spec:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     source: str = ""
     """Path of the TOML file this spec was loaded from (not a TOML key)."""
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    """Choices the loader made for keys left out (e.g. ``[cluster] mode``), shown with the plan (not a TOML key)."""
 
 
 TABLES: dict[str, type] = {

@@ -6,7 +6,8 @@ per-sample tensors in rollout order). Training splits it deterministically:
 * step ``s`` (of ``num_steps_per_rollout``) trains samples
   ``[s * global_batch_size, (s + 1) * global_batch_size)``;
 * DP rank ``r`` of ``dp`` takes the ``r``-th contiguous slice of
-  ``global_batch_size / dp`` samples of that step;
+  ``global_batch_size / dp`` samples of that step, or with ``balance_data``
+  the same number of samples chosen so that every rank has about as many tokens;
 * its slice is cut into micro-batches of ``micro_batch_size`` samples, or with
   ``use_dynamic_batch_size`` greedily in order while ``count * longest`` stays
   within ``max_tokens_per_gpu`` (padded tokens: what a micro-batch costs).
@@ -110,6 +111,31 @@ def shard(indices: Sequence[int], dp_size: int) -> list[list[int]]:
         out.append(list(indices[start : start + size]))
         start += size
     return out
+
+
+def shard_balanced(indices: Sequence[int], dp_size: int, lengths: Sequence[int]) -> list[list[int]]:
+    """Slices of ``indices`` with the sample counts of :func:`shard` but about equal tokens per DP rank.
+
+    Longest sample first, each to the rank with the fewest tokens that still has room (greedy
+    number partitioning); each rank keeps its samples in rollout order. Which rank trains a sample
+    does not change the loss (every micro-batch's share is normalised over the whole step, see
+    :func:`micro_batch_loss`), only how long the slowest rank takes.
+    """
+    capacity = [len(s) for s in shard(indices, dp_size)]
+    tokens = [0] * dp_size
+    out: list[list[int]] = [[] for _ in range(dp_size)]
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        r = min((r for r in range(dp_size) if len(out[r]) < capacity[r]), key=lambda r: (tokens[r], r))
+        out[r].append(i)
+        tokens[r] += lengths[i]
+    return [sorted(s) for s in out]
+
+
+def rank_slices(batch: RolloutBatch, indices: Sequence[int], dp_size: int, train: TrainConfig) -> list[list[int]]:
+    """Each DP rank's samples of ``indices``: by tokens with ``[train] balance_data``, else contiguous slices."""
+    if train.balance_data:
+        return shard_balanced(indices, dp_size, [batch.seq_len(i) for i in range(len(batch))])
+    return shard(indices, dp_size)
 
 
 def _split_rank(indices: list[int], lengths: Sequence[int], micro_batch_size: int, max_tokens: int | None) -> list[list[int]]:

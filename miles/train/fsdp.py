@@ -49,7 +49,7 @@ from miles.train.batch import (
     collate,
     micro_batch_loss,
     plan_micro_batches,
-    shard,
+    rank_slices,
     step_indices,
 )
 from miles.train.hf_checkpoint import save_hf_checkpoint
@@ -174,7 +174,7 @@ class FSDPActor:
         net = self.model if model == "actor" else self.ref
         if net is None:
             raise RuntimeError("no reference model: enable [grpo] use_kl_loss or kl_coef to build one")
-        per_rank = shard(list(range(len(batch))), self.dp_size)
+        per_rank = rank_slices(batch, list(range(len(batch))), self.dp_size, self.spec.train)
         plan = self._micro_batch_plan(per_rank, batch)[self.dp_rank]
         local: list[tuple[int, torch.Tensor]] = []
         for mb_idx in plan:
@@ -199,7 +199,7 @@ class FSDPActor:
 
     def _optimizer_step(self, batch: RolloutBatch, idx: list[int], rollout_id: int) -> StepMetrics:
         t0 = time.perf_counter()
-        per_rank = shard(idx, self.dp_size)
+        per_rank = rank_slices(batch, idx, self.dp_size, self.spec.train)
         plan = self._micro_batch_plan(per_rank, batch)[self.dp_rank]
         global_tokens = float(sum(float(batch.loss_masks[i].sum()) for i in idx))
         module = self._module(self.model)

@@ -49,11 +49,11 @@ from miles.train.batch import (
     collate,
     micro_batch_loss,
     plan_micro_batches,
-    shard,
+    rank_slices,
     step_indices,
 )
 from miles.train.hf_checkpoint import save_hf_checkpoint
-from miles.train.megatron.config import DTYPES, megatron_optimizer_config, read_hf_arch, te_available
+from miles.train.megatron.config import DTYPES, check_runtime, megatron_optimizer_config, read_hf_arch, te_available
 from miles.train.megatron.context import ContextLayout
 from miles.train.megatron.logprobs import vocab_parallel_logprobs_and_entropy
 from miles.train.megatron.mapping import param_rules
@@ -94,6 +94,7 @@ class MegatronActor:
         self.use_te = te_available()
         # The planner's mesh, checked by its rules against this model (each layout rule lives there only).
         self.mesh = ctx.mesh or trainer_mesh(spec, dist.get_world_size(), ctx.model_dir)
+        check_runtime(spec.perf, self.use_te)
         init_parallel(self.mesh, spec.run.seed)
         self.dtype = DTYPES[spec.model.dtype]
         self.on_cuda = self.device.type == "cuda"
@@ -149,7 +150,7 @@ class MegatronActor:
         lengths = [batch.seq_len(i) for i in range(len(batch))]
         # A micro-batch's tokens are spread over the CP group: each GPU holds 1/cp of them.
         max_tokens = t.max_tokens_per_gpu * self.cp.size if t.use_dynamic_batch_size and t.max_tokens_per_gpu else None
-        per_rank = shard(idx, self.dp_size)
+        per_rank = rank_slices(batch, idx, self.dp_size, t)
         return plan_micro_batches(per_rank, lengths, micro_batch_size=t.micro_batch_size, max_tokens=max_tokens)[
             self.dp_rank
         ]

@@ -22,7 +22,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 
@@ -31,7 +31,7 @@ from miles.model.architectures import MEGATRON_FAMILIES
 from miles.spec.tables import OptimizerConfig, PerfConfig
 
 Family = Literal["qwen2", "qwen3", "llama", "qwen3_moe"]
-FAMILIES = cast(tuple[Family, ...], MEGATRON_FAMILIES)
+FAMILIES: tuple[str, ...] = MEGATRON_FAMILIES
 """Kept in :mod:`miles.model.architectures`, where ``miles validate`` reads it without importing torch."""
 
 
@@ -144,6 +144,13 @@ def padded_vocab_size(arch: HFArch, tp: int) -> int:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_runtime(perf: PerfConfig, use_te: bool) -> None:
+    """Refuse what the trainer node's software cannot run (the layout itself was checked by the planner)."""
+    if perf.moe_permute_fusion and not use_te:
+        raise UserError("[perf] moe_permute_fusion = true needs Transformer Engine, which does not import here: "
+                        "install it on the trainer nodes, or set moe_permute_fusion = false")
+
+
 def _known_fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -160,7 +167,9 @@ def transformer_config(
     Every fused kernel is switched off on the local (non-TE) path: the
     fused paths need apex or TE and the local ones are what matches the HF
     model bit-for-bit in fp32. Dropout is 0: RL fine-tuning computes the
-    ratio against log-probs of the same deterministic network.
+    ratio against log-probs of the same deterministic network. The MoE
+    router's balancing, aux loss, dtype, dispatcher and permute fusion are
+    the ``[perf] moe_*`` keys, passed to megatron-core as they are.
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -221,19 +230,44 @@ def transformer_config(
             # renormalised form.
             moe_router_pre_softmax=not arch.norm_topk_prob,
             moe_router_score_function="softmax",
-            moe_router_load_balancing_type="none",
-            moe_aux_loss_coeff=0.0,
+            moe_router_load_balancing_type=perf.moe_router_load_balancing_type,
+            moe_aux_loss_coeff=perf.moe_aux_loss_coeff,
+            moe_token_dispatcher_type=perf.moe_token_dispatcher_type,
             moe_grouped_gemm=False,
-            moe_permute_fusion=False,
+            moe_permute_fusion=perf.moe_permute_fusion,
         )
+        if perf.moe_router_dtype is not None:
+            kwargs["moe_router_dtype"] = perf.moe_router_dtype
     known = _known_fields(TransformerConfig)
     dropped = {k for k in kwargs if k not in known}
-    # Fields that only some releases have (0.16.1 vs 0.19.x) are set only where they exist.
+    # Fields that only some releases have (0.16.1 vs 0.19.x) are set only where they exist, unless the spec asks for
+    # what the field would do.
+    asked = {"moe_router_dtype"} | ({"moe_permute_fusion"} if perf.moe_permute_fusion else set())
+    if dropped & asked:
+        raise UserError(f"[perf] {', '.join(sorted(dropped & asked))}: this megatron-core release has no such option; "
+                        "remove the key or install a newer megatron-core")
     for k in dropped & {"moe_permute_fusion", "moe_router_score_function"}:
         kwargs.pop(k)
+    backend = megatron_attention_backend(perf.attention_backend) if use_te else None
+    if backend is not None and "attention_backend" in known:
+        from megatron.core.transformer.enums import AttnBackend
+
+        kwargs["attention_backend"] = AttnBackend[backend]
     if "transformer_impl" in known:
         kwargs["transformer_impl"] = "transformer_engine" if use_te else "local"
     return TransformerConfig(**kwargs)
+
+
+LOCAL_ATTENTION = {"unfused": "unfused", "local": "unfused", "sdpa": "sdpa", "flash": "sdpa", "fused": "sdpa",
+                   "auto": "sdpa"}
+"""``[perf] attention_backend`` (Miles' names and miles' own) -> the core attention miles runs without Transformer
+Engine: Megatron's unfused kernels, or torch SDPA (which dispatches to flash, cuDNN or memory-efficient kernels)."""
+
+
+def megatron_attention_backend(name: str) -> str:
+    """The Megatron ``AttnBackend`` member for ``name`` when Transformer Engine runs attention: Miles' names as they
+    are; miles' own (``unfused``, the default, and ``sdpa``) leave the choice to Megatron (``auto``)."""
+    return "auto" if name in ("unfused", "sdpa") else name
 
 
 def layer_spec(arch: HFArch, use_te: bool, attention_backend: str = "unfused", fused_kernels: bool = False) -> Any:
@@ -256,7 +290,7 @@ def layer_spec(arch: HFArch, use_te: bool, attention_backend: str = "unfused", f
         num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm, normalization="RMSNorm"
     )
     attn = spec.submodules.self_attention
-    if attention_backend == "sdpa":
+    if LOCAL_ATTENTION[attention_backend] == "sdpa":
         from miles.train.megatron.attention import SdpaAttention  # imports megatron-core: only when chosen
 
         attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=SdpaAttention))

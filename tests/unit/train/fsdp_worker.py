@@ -207,6 +207,8 @@ def main() -> None:
         out: dict = {}
         if name == "update":
             scenario_update(ctx, out)
+        elif name == "update_balanced":
+            scenario_update(ctx, out, balance_data=True)
         elif name == "update_dynamic":
             scenario_update(ctx, out, use_dynamic_batch_size=True, max_tokens_per_gpu=24, micro_batch_size=1)
         elif name == "bf16":

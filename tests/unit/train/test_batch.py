@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from miles.sample import Sample
-from miles.train.batch import RolloutBatch, collate, plan_micro_batches, shard, step_indices
+from miles.spec.tables import TrainConfig
+from miles.train.batch import (
+    RolloutBatch,
+    collate,
+    plan_micro_batches,
+    rank_slices,
+    shard,
+    shard_balanced,
+    step_indices,
+)
 
 
 def _sample(prompt: list[int], response: list[int], reward: float = 0.0, group: int = 0, lps: bool = True) -> Sample:
@@ -84,3 +93,30 @@ def test_plans_are_deterministic() -> None:
         assert len(p) == len(a[0])
         for mb in p:
             assert len(mb) <= 1 or max(lengths[i] for i in mb) * len(mb) <= 40
+
+
+def test_balance_data_gives_ranks_equal_counts_and_near_equal_tokens() -> None:
+    # Long responses first: contiguous slices put them all on rank 0.
+    lengths = [40, 38, 36, 34, 4, 3, 2, 1]
+    batch = RolloutBatch.from_samples([_sample([1], list(range(n - 1))) for n in lengths])
+    assert [batch.seq_len(i) for i in range(8)] == lengths
+    idx = list(range(8))
+    contiguous = rank_slices(batch, idx, 2, TrainConfig())
+    balanced = rank_slices(batch, idx, 2, TrainConfig(balance_data=True))
+    assert contiguous == shard(idx, 2)
+
+    def tokens(slices: list[list[int]]) -> list[int]:
+        return [sum(lengths[i] for i in s) for s in slices]
+
+    assert tokens(contiguous) == [148, 10]
+    assert [len(s) for s in balanced] == [4, 4]
+    assert sorted(i for s in balanced for i in s) == idx
+    assert max(tokens(balanced)) - min(tokens(balanced)) <= 4
+    assert all(s == sorted(s) for s in balanced)  # each rank keeps rollout order
+
+
+def test_balanced_shards_keep_uneven_counts_of_contiguous_shards() -> None:
+    lengths = [5, 9, 1, 7, 3]
+    parts = shard_balanced([0, 1, 2, 3, 4], 2, lengths)
+    assert [len(p) for p in parts] == [len(p) for p in shard([0, 1, 2, 3, 4], 2)] == [3, 2]
+    assert [sum(lengths[i] for i in p) for p in parts] in ([13, 12], [12, 13])

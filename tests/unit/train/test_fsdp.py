@@ -23,7 +23,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     write_tiny_qwen2(str(model_dir))
     # Both launches run at once (three single-threaded processes).
     one = Launch(1, root / "ws1", model_dir, ["update"])
-    two = Launch(2, root / "ws2", model_dir, ["update", "update_dynamic", "learn", "resume", "export", "bf16",
+    two = Launch(2, root / "ws2", model_dir, ["update", "update_dynamic", "update_balanced", "learn", "resume", "export", "bf16",
                                                    "save_variants", "moe_export"])
     return {1: one.results(), 2: two.results()}
 
@@ -49,6 +49,14 @@ def test_dynamic_micro_batches_give_the_same_update(runs: dict[int, dict[str, An
     fixed, dyn = runs[2]["update"], runs[2]["update_dynamic"]
     for name, w in fixed["weights"].items():
         torch.testing.assert_close(dyn["weights"][name], w, rtol=1e-5, atol=1e-5)
+
+
+def test_token_balanced_ranks_give_the_same_update(runs: dict[int, dict[str, Any]]) -> None:
+    contiguous, balanced = runs[2]["update"], runs[2]["update_balanced"]
+    for name, w in contiguous["weights"].items():
+        torch.testing.assert_close(balanced["weights"][name], w, rtol=1e-5, atol=1e-5)
+    for m1, m2 in zip(contiguous["metrics"], balanced["metrics"], strict=True):
+        assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-7)
 
 
 def test_training_moves_logprobs_along_the_advantages_and_lowers_the_loss(runs: dict[int, dict[str, Any]]) -> None:
