@@ -8,7 +8,7 @@ on the node. For SGLang::
         [--api-key K] [--mem-fraction-static F] [--nccl-port N] [--trust-remote-code]
         [every other [sglang] key as --key-with-dashes value]
 
-and for the embedded engine ``python -m miles.rollout.server`` with the same
+and for the embedded engine ``python -m miles.engine.server`` with the same
 address, key and seed. Pure and torch-free: the planner path imports it.
 """
 
@@ -133,11 +133,11 @@ def embedded_argv(
     device: str = "cpu",
     python: str | None = None,
 ) -> list[str]:
-    """The embedded engine's command line (``python -m miles.rollout.server``), same address, key and seed."""
+    """The embedded engine's command line (``python -m miles.engine.server``), same address, key and seed."""
     argv = [
         python or sys.executable,
         "-m",
-        "miles.rollout.server",
+        "miles.engine.server",
         "--model",
         model_path,
         "--host",

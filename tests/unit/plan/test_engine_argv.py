@@ -7,7 +7,7 @@ from pathlib import Path
 
 from miles.plan import make_plan, render_table
 from miles.plan.engine_argv import API_KEY_SHOWN, plan_argvs
-from miles.rollout import sglang_launcher
+from miles.sglang import launcher as sglang_launcher
 from tests.unit.plan.plan_specs import cpu_spec, spec
 
 
@@ -44,7 +44,7 @@ def test_embedded_engines_show_miles_server_with_the_builtin_model_directory() -
     s = cpu_spec("colocate", model={"hf_checkpoint": "", "builtin": "tiny-arith"})
     plan = make_plan(s)
     (argv, *_) = plan_argvs(s, plan)
-    assert argv[:3] == [s.slurm.python, "-m", "miles.rollout.server"]
+    assert argv[:3] == [s.slurm.python, "-m", "miles.engine.server"]
     assert argv[argv.index("--model") + 1] == f"{plan.run_dir}/model"
     assert argv[argv.index("--device") + 1] == "cpu"
-    assert "miles.rollout.server" in render_table(s, plan)
+    assert "miles.engine.server" in render_table(s, plan)

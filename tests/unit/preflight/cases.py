@@ -339,7 +339,7 @@ def model_no_megatron_mapping(ws: Workspace) -> list[str]:
 
 
 @case("model", "model_type 'mistral' (MistralForCausalLM) has no Megatron mapping",
-      "supported: qwen2, qwen3, llama, qwen3_moe")
+      "supported: qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), llama (LlamaForCausalLM), qwen3_moe")
 def model_mistral_on_megatron(ws: Workspace) -> list[str]:
     ws.model_dir(config={**QWEN2, "model_type": "mistral", "architectures": ["MistralForCausalLM"]})
     return _model(ws, "model", backend="megatron")
