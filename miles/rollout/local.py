@@ -54,7 +54,10 @@ class EngineProcess:
             cmd += ["--api-key", api_key]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        from miles.launch.orphans import die_with_parent
+
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=die_with_parent())
         self.startup_timeout_s = startup_timeout_s
         if wait:
             self.wait_ready()
