@@ -42,7 +42,7 @@ def ensure(run_dir: Path, spec: Spec) -> None:
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32) + "\n")
+        f.write(secrets.token_hex(32) + "\n")  # hex: a key starting with "-" would read as a flag
 
 
 def load(run_dir: Path, spec: Spec) -> str | None:
