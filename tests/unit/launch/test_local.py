@@ -90,6 +90,7 @@ def test_a_dying_rank_ends_the_run_naming_it(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 30
     assert proc.returncode != 0
     assert "trainer 1 (pid" in out and "was killed by SIGKILL" in out, out
+    assert "engine 0, engine 1, trainer 0 ended because trainer 1 failed" in out, out
 
 
 def test_ctrl_c_asks_the_ranks_to_stop_and_they_agree(tmp_path: Path) -> None:
