@@ -220,10 +220,13 @@ def submit(spec: Spec, dry_run: bool = False, test_only: bool = False) -> int:
         if rundir.JOB in old:
             prev = rundir.read_json(final / rundir.JOB)
             history = [*prev.get("history", []), str(prev.get("job_id"))]
+        had_key = (final / enginekey.KEY_FILE).exists()
         _write_files(final, spec, spec_text, plan_text, script)
         try:
             job_id = _sbatch(final / rundir.SCRIPT, cwd)
         except BaseException:
+            if not had_key:
+                (final / enginekey.KEY_FILE).unlink(missing_ok=True)
             for name in (rundir.SPEC, rundir.PLAN, rundir.SCRIPT):
                 if name in old:
                     rundir.write_atomic(final / name, old[name])
