@@ -164,8 +164,6 @@ class LocalRun:
         # launcher; they start in sessions of their own, so Ctrl-C reaches the launcher only (it forwards).
         keep = (self.held.fd,) if self.held is not None and self.held.fd >= 0 else ()
         for name, role, env in procs:
-            if keep:
-                env = dict(env, **{lock.LOCKED_ENV: "1"})
             p = subprocess.Popen([python, "-m", "miles.launch.task", "--run-dir", str(self.run_dir), "--role", role],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True, pass_fds=keep, preexec_fn=orphans.die_with_parent())

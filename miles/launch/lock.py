@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,8 @@ from miles.errors import UserError
 
 LOCK = "control/lock"
 
-LOCKED_ENV = "MILES_RUN_DIR_LOCKED"
-"""Set in the environment of the processes of a run whose launcher holds the lock (they must not take it again)."""
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+"""What ``flock`` fails with on a file system without locks (Lustre mounted without ``flock``, some NFS)."""
 
 
 @dataclass
@@ -83,6 +84,10 @@ def acquire(run_dir: Path, what: str, settle_s: float = 15.0) -> RunDirLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except OSError as e:
+                if e.errno in _NO_LOCKS:
+                    print(f"miles: warning: the file system of {run_dir} does not support locks ({e.strerror}); "
+                          "nothing keeps a second run out of it", file=sys.stderr, flush=True)
+                    break
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
             h = holder(run_dir)
