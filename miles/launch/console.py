@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -36,6 +37,9 @@ class Console:
         """The rank whose failure ended the run (the first to fail), once known."""
         self.muted: set[str] = set()
         """Ranks with lines not printed because another rank's failure came first."""
+        self.failed_ranks: Callable[[], list[str]] = list
+        """The ranks whose processes have ended in failure by now (the launcher sets it): a rank killed by a
+        signal prints nothing, and its peers report the lost connection before the launcher's next look."""
 
     def log_path(self, name: str) -> Path | None:
         return self.log_dir / f"{name.replace(' ', '-')}.out" if self.log_dir is not None else None
@@ -59,7 +63,7 @@ class Console:
                     log.write(line + "\n")
                     log.flush()
                 if _FAILED.match(line):
-                    self.blame(name)
+                    self.blame(next((n for n in self.failed_ranks() if n != name), name))
                     self._emit(name, [*held, line])
                     held, complete = [], False
                     continue

@@ -155,6 +155,7 @@ class LocalRun:
         self.run_dir = run_dir
         self.held = held
         self.printer = Console(out, run_dir / rundir.LOGS)
+        self.printer.failed_ranks = lambda: [r.name for r in self.ranks if r.proc.poll() not in (None, 0)]
         self.ranks: list[Rank] = []
         self.stop_signal: int | None = None
         self.stop_at: float | None = None

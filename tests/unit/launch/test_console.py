@@ -76,3 +76,14 @@ def test_a_traceback_a_rank_survives_is_printed_and_blames_nobody(tmp_path: Path
     assert console.cause is None
     assert lines[0] == "engine 0 | Traceback (most recent call last):"
     assert lines[-1] == "engine 0 | retrying; all is well" and "engine 0 | KeyError: 'a retried request'" in lines
+
+
+def test_a_rank_killed_without_a_word_is_the_cause_of_its_peers_report(tmp_path: Path) -> None:
+    killed = subprocess.Popen(["sleep", "600"])
+    killed.kill()
+    killed.wait()
+    out = io.StringIO()
+    console = Console(out, tmp_path)
+    console.failed_ranks = lambda: ["trainer 0"] if killed.poll() else []
+    _pump_all(console, {"trainer 1": _rank(FOLLOWER)})
+    assert console.cause == "trainer 0" and "Connection reset" not in out.getvalue()
