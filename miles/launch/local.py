@@ -19,9 +19,9 @@ Like the batch script it also:
   (:mod:`miles.launch.orphans`): a launcher killed even by SIGKILL takes its
   ranks, and they their engine servers, with it;
 * streams every rank's output with a ``trainer 1 |`` prefix;
-* ends the run when a rank dies, naming it, and stops the others; the ranks
-  that end because of it are summed up in one line (their tracebacks stay in
-  the output above, and in the logs);
+* ends the run when a rank dies, naming it, and stops the others: the first
+  rank to fail is told whole, the ranks that end because of it in one line,
+  their output kept in ``run_dir/logs/<rank>.out`` (:mod:`miles.launch.console`);
 * on Ctrl-C or SIGTERM touches ``run_dir/control/preempt`` so the ranks save
   at the next step boundary, waits a grace period (``MILES_GRACE_S``, default
   120 s; a second Ctrl-C skips it), then terminates what is left.
@@ -228,10 +228,11 @@ class LocalRun:
     def _fail(self, first: Rank) -> int:
         """End the run after ``first`` exited while it was going: the cause's story first, the rest in a line."""
         cause = next((r for r in self.ranks if r.name == self.printer.blame(first.name)), first)
-        if cause.exit_code is None:
-            cause.proc.wait()
-            cause.exit_code = cause.proc.returncode
-        assert cause.exit_code is not None
+        if cause.exit_code is None:  # it reported its failure and is on its way out
+            try:
+                cause.exit_code = cause.proc.wait(timeout=_TERM_GRACE_S)
+            except subprocess.TimeoutExpired:
+                cause.exit_code = 1
         self.printer.say(f"{cause.name} (pid {cause.proc.pid}) {_describe(cause.exit_code)} while the run was "
                          "going; ending the run")
         self.terminate(self.ranks, f"{cause.name} failed")
