@@ -15,6 +15,8 @@ Layout::
     engines/engine-<i>.json   {"url", "host", "port", "pid", "launch_id"}: engine i is healthy
     control/preempt    touched to ask the ranks to save and stop
     control/done       touched by the driver when the run is complete (the batch shell then does not requeue)
+    control/lock       flock'ed by the live run; names its holder (miles.launch.lock)
+    engine.key         the engines' API key, mode 0600 (miles.job.enginekey)
     metrics.jsonl      one line per rollout (written by the loop)
     checkpoints/       complete checkpoints (written by miles.ckpt)
     model/             the built-in model, written once when the spec names one

@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from miles.job import rundir
+from miles.job.enginekey import redact
 from miles.job.environment import TaskContext
 from miles.job.ports import free_port
 from miles.sglang.launcher import (
@@ -92,7 +93,8 @@ def serve_engine(
         print(f"[engine {launch.index} on {ctx.node_name}] healthy at {launch.url} (start {eng.starts}, "
               f"pid {eng.pid})", flush=True)
 
-    print(f"[engine {launch.index} on {ctx.node_name}] starting {launch.kind}: {' '.join(launch.argv)} "
+    print(f"[engine {launch.index} on {ctx.node_name}] starting {launch.kind}: "
+          f"{redact(' '.join(launch.argv), launch.api_key)} "
           f"(env {dict(launch.env)}, log {launch.log_path})", flush=True)
     (engine,) = start_engines([launch], health_deadline_s=deadline_s)
     sup = Supervisor([engine], health_deadline_s=deadline_s, on_restart=announce)

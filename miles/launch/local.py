@@ -11,8 +11,17 @@ Like the batch script it also:
 * writes ``spec.toml`` and ``plan.json`` into the run directory (atomically) and
   reuses an existing run directory, so starting again resumes from the newest
   complete checkpoint;
+* holds the run directory's lock (:mod:`miles.launch.lock`) for as long as it or
+  any of its ranks lives, so a second run of the same directory is refused;
+* writes the run's engine key (:mod:`miles.job.enginekey`) unless
+  ``[rollout] engine_auth = false``;
+* starts every rank with the kernel's parent-death signal
+  (:mod:`miles.job.orphans`): a launcher killed even by SIGKILL takes its
+  ranks, and they their engine servers, with it;
 * streams every rank's output with a ``trainer 1 |`` prefix;
-* ends the run when a rank dies, naming it, and stops the others;
+* ends the run when a rank dies, naming it, and stops the others: the first
+  rank to fail is told whole, the ranks that end because of it in one line,
+  their output kept in ``run_dir/logs/<rank>.out`` (:mod:`miles.launch.console`);
 * on Ctrl-C or SIGTERM touches ``run_dir/control/preempt`` so the ranks save
   at the next step boundary, waits a grace period (``MILES_GRACE_S``, default
   120 s; a second Ctrl-C skips it), then terminates what is left.
@@ -35,8 +44,10 @@ from typing import IO, TYPE_CHECKING
 
 from miles import plan as planning
 from miles.errors import UserError
-from miles.job import rundir
+from miles.job import enginekey, orphans, rundir
 from miles.job.ports import free_ports
+from miles.launch import lock
+from miles.launch.console import Console
 from miles.plan import Plan
 from miles.spec import spec_to_toml
 from miles.spec.tables import Spec
@@ -61,39 +72,22 @@ class Rank:
     exit_code: int | None = field(default=None)
 
 
-class _Printer:
-    """Prefixes and serializes the ranks' output lines."""
-
-    def __init__(self, out: IO[str]) -> None:
-        self.out = out
-        self.lock = threading.Lock()
-
-    def pump(self, name: str, stream: IO[bytes]) -> None:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode(errors="replace").rstrip("\n")
-            with self.lock:
-                self.out.write(f"{name} | {line}\n")
-                self.out.flush()
-
-    def say(self, msg: str) -> None:
-        with self.lock:
-            self.out.write(f"miles run: {msg}\n")
-            self.out.flush()
-
-
-def prepare_run_dir(spec: Spec) -> tuple[Path, object]:
-    """Plan the run and write spec.toml and plan.json into its (new or existing) run directory."""
+def prepare_run_dir(spec: Spec) -> tuple[Path, object, lock.RunDirLock]:
+    """Plan the run, take the run directory's lock (refusing a directory another run holds), and write
+    spec.toml, plan.json and the engine key into its (new or existing) run directory."""
 
     plan = planning.make_plan(spec)
     run_dir = Path(plan.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    held = lock.acquire(run_dir, "miles run")
+    enginekey.ensure(run_dir, spec)
     rundir.write_atomic(run_dir / rundir.SPEC, spec_to_toml(spec))
     rundir.write_atomic(run_dir / rundir.PLAN, planning.to_json(plan))
     (run_dir / rundir.LOGS).mkdir(exist_ok=True)
     (run_dir / rundir.CONTROL).mkdir(exist_ok=True)
     # A preempt flag of the previous attempt must not stop this one at once.
     (run_dir / rundir.PREEMPT).unlink(missing_ok=True)
-    return run_dir, plan
+    return run_dir, plan, held
 
 
 def local_trainer_gpus(plan: Plan) -> tuple[int, ...]:
@@ -147,18 +141,23 @@ def rank_envs(run_dir: Path, num_trainers: int, num_engines: int, base: dict[str
 class LocalRun:
     """The launcher's state: its ranks and how the run is going."""
 
-    def __init__(self, run_dir: Path, out: IO[str]) -> None:
+    def __init__(self, run_dir: Path, out: IO[str], held: lock.RunDirLock | None = None) -> None:
         self.run_dir = run_dir
-        self.printer = _Printer(out)
+        self.held = held
+        self.printer = Console(out, run_dir / rundir.LOGS)
+        self.printer.failed_ranks = lambda: [r.name for r in self.ranks if r.proc.poll() not in (None, 0)]
         self.ranks: list[Rank] = []
         self.stop_signal: int | None = None
         self.stop_at: float | None = None
 
     def start(self, procs: list[tuple[str, str, dict[str, str]]], python: str = sys.executable) -> None:
+        # The ranks inherit the lock (it outlives the launcher until the last rank is gone) and die with the
+        # launcher; they start in sessions of their own, so Ctrl-C reaches the launcher only (it forwards).
+        keep = (self.held.fd,) if self.held is not None and self.held.fd >= 0 else ()
         for name, role, env in procs:
             p = subprocess.Popen([python, "-m", "miles.launch.task", "--run-dir", str(self.run_dir), "--role", role],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True)  # Ctrl-C reaches the launcher only; it forwards
+                                 start_new_session=True, pass_fds=keep, preexec_fn=orphans.die_with_parent())
             rank = Rank(name=name, proc=p, role=role)
             assert p.stdout is not None
             rank.pump = threading.Thread(target=self.printer.pump, args=(name, p.stdout), daemon=True)
@@ -181,7 +180,8 @@ class LocalRun:
         live = [r for r in ranks if r.proc.poll() is None]
         if not live:
             return
-        self.printer.say(f"stopping {', '.join(r.name for r in live)} ({why})")
+        if self.printer.cause is None:
+            self.printer.say(f"stopping {', '.join(r.name for r in live)} ({why})")
         for r in live:
             _signal_group(r.proc, signal.SIGTERM)
         end = time.monotonic() + _TERM_GRACE_S
@@ -201,11 +201,7 @@ class LocalRun:
                 if r.exit_code is None and r.proc.poll() is not None:
                     r.exit_code = r.proc.returncode
                     if r.exit_code != 0 or (r.role == "engine" and any(t.proc.poll() is None for t in trainers)):
-                        self.printer.say(f"{r.name} (pid {r.proc.pid}) {_describe(r.exit_code)} while the run was "
-                                         "going; ending the run")
-                        self.terminate(self.ranks, f"{r.name} failed")
-                        self._drain()
-                        return r.exit_code if r.exit_code > 0 else 1
+                        return self._fail(r)
             if all(t.exit_code is not None for t in trainers):
                 self.terminate(engines, "the trainers are done")
                 self._drain()
@@ -218,6 +214,24 @@ class LocalRun:
                 self._drain()
                 return 128 + (self.stop_signal or signal.SIGTERM)
             time.sleep(_POLL_S)
+
+    def _fail(self, first: Rank) -> int:
+        """End the run after ``first`` exited while it was going: the cause's story first, the rest in a line."""
+        cause = next((r for r in self.ranks if r.name == self.printer.blame(first.name)), first)
+        if cause.exit_code is None:  # it reported its failure and is on its way out
+            try:
+                cause.exit_code = cause.proc.wait(timeout=_TERM_GRACE_S)
+            except subprocess.TimeoutExpired:
+                cause.exit_code = 1
+        self.printer.say(f"{cause.name} (pid {cause.proc.pid}) {_describe(cause.exit_code)} while the run was "
+                         "going; ending the run")
+        self.terminate(self.ranks, f"{cause.name} failed")
+        self._drain()
+        others = [r.name for r in self.ranks if r is not cause]
+        if others:
+            where = self.printer.log_dir or self.run_dir
+            self.printer.say(f"{', '.join(others)} ended because {cause.name} failed (their output: {where}/)")
+        return cause.exit_code if cause.exit_code > 0 else 1
 
     def _drain(self) -> None:
         for r in self.ranks:
@@ -241,7 +255,7 @@ def _describe(code: int) -> str:
 
 def run(spec: Spec, out: IO[str] | None = None) -> int:
     """``miles run``: plan, write the run directory, start engines and trainers here, supervise."""
-    run_dir, plan = prepare_run_dir(spec)
+    run_dir, plan, held = prepare_run_dir(spec)
 
     assert isinstance(plan, Plan)
     trainer_gpus = local_trainer_gpus(plan)
@@ -255,7 +269,7 @@ def run(spec: Spec, out: IO[str] | None = None) -> int:
                             "cluster.gpus_per_node = 0 (and cluster.device = \"cpu\") to run on CPUs")
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     procs = rank_envs(run_dir, plan.mesh.world_size, len(plan.engines), base, trainer_gpus)
-    launcher = LocalRun(run_dir, out or sys.stdout)
+    launcher = LocalRun(run_dir, out or sys.stdout, held)
     launcher.printer.say(f"{plan.mesh.world_size} trainer rank(s) and {len(plan.engines)} engine(s) on this machine; "
                          f"run directory {run_dir}")
     previous = {s: signal.signal(s, launcher.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -266,3 +280,4 @@ def run(spec: Spec, out: IO[str] | None = None) -> int:
         launcher.terminate(launcher.ranks, "the launcher is exiting")
         for s, h in previous.items():
             signal.signal(s, h)
+        held.release()

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from miles import plan as planning
 from miles.errors import UserError
-from miles.job import rundir
+from miles.job import enginekey, rundir
+from miles.launch import lock
 from miles.plan import Plan
 from miles.spec import spec_to_toml
 from miles.spec.tables import Spec
@@ -150,7 +151,8 @@ def check_fits(spec: Spec, plan: object) -> list[str]:
     return problems
 
 
-def _write_files(target: Path, spec_text: str, plan_text: str, script: str) -> None:
+def _write_files(target: Path, spec: Spec, spec_text: str, plan_text: str, script: str) -> None:
+    enginekey.ensure(target, spec)  # the job reads the key from here; the script never holds it
     rundir.write_atomic(target / rundir.SPEC, spec_text)
     rundir.write_atomic(target / rundir.PLAN, plan_text)
     rundir.write_atomic(target / rundir.SCRIPT, script)
@@ -213,15 +215,19 @@ def submit(spec: Spec, dry_run: bool = False, test_only: bool = False) -> int:
         if active:
             raise UserError(f"{final} belongs to job {active}, which is still queued or running; "
                             f"`miles cancel {final}` first, or set run.run_dir to a new directory")
+        lock.check_free(final)  # e.g. a `miles run` of the same directory
         old = {name: (final / name).read_text() for name in (rundir.SPEC, rundir.PLAN, rundir.SCRIPT, rundir.JOB)
                if (final / name).exists()}
         if rundir.JOB in old:
             prev = rundir.read_json(final / rundir.JOB)
             history = [*prev.get("history", []), str(prev.get("job_id"))]
-        _write_files(final, spec_text, plan_text, script)
+        had_key = (final / enginekey.KEY_FILE).exists()
+        _write_files(final, spec, spec_text, plan_text, script)
         try:
             job_id = _sbatch(final / rundir.SCRIPT, cwd)
         except BaseException:
+            if not had_key:
+                (final / enginekey.KEY_FILE).unlink(missing_ok=True)
             for name in (rundir.SPEC, rundir.PLAN, rundir.SCRIPT):
                 if name in old:
                     rundir.write_atomic(final / name, old[name])
@@ -233,7 +239,7 @@ def submit(spec: Spec, dry_run: bool = False, test_only: bool = False) -> int:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         try:
-            _write_files(tmp, spec_text, plan_text, script)
+            _write_files(tmp, spec, spec_text, plan_text, script)
             os.rename(tmp, final)  # before sbatch: the job may start at once and must find its files
             job_id = _sbatch(final / rundir.SCRIPT, cwd)
         except BaseException:

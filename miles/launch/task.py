@@ -14,6 +14,11 @@ rank's :class:`~miles.job.environment.TaskContext` from the environment and
 ``--selftest`` replaces the model work by the by-value checks of
 :mod:`miles.launch.selftest`: what an admin runs to check a site.
 
+The run's engine key (``run_dir/engine.key``, :mod:`miles.job.enginekey`) is
+put into ``MILES_ENGINE_API_KEY`` for the engine servers, the router and the
+driver. A rank whose parent (``miles run``, srun's step daemon) is gone ends
+itself and what it started (:mod:`miles.job.orphans`).
+
 A failing rank prints one line naming itself and its node before it exits
 non-zero; srun's ``--kill-on-bad-exit=1`` and the batch shell's ``wait -n`` then
 end the whole job.
@@ -123,6 +128,9 @@ def run(ctx: TaskContext, args: argparse.Namespace, env: Mapping[str, str]) -> i
     from miles.spec import load_spec
 
     spec = load_spec(str(ctx.run_dir / rundir.SPEC), [])
+    from miles.job import enginekey
+
+    enginekey.export(Path(ctx.run_dir), spec, os.environ)  # engines, router and driver read it from there
     if ctx.role == "engine":
         from miles.launch.engine_host import serve_engine
 
@@ -139,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # transformers' per-file progress bars would flood every rank's log (and the
     # engines it starts inherit this); a user can set it to 0 to see them.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from miles.job.orphans import watch_parent
+
+    watch_parent()  # a rank whose launcher is gone ends, with whatever it started
     env = dict(os.environ)
     who = f"{args.role or 'task'} (pid {os.getpid()}) on {env.get('SLURMD_NODENAME') or socket.gethostname()}"
     try:

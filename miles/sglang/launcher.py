@@ -166,6 +166,7 @@ class EngineProcess:
         self.extra_env = dict(extra_env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self._copier: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -179,7 +180,10 @@ class EngineProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
-        """Start the process (own session, so it and SGLang's scheduler children stop together)."""
+        """Start the process (own session, so it and SGLang's scheduler children stop together); it dies with
+        the process that starts it (:mod:`miles.job.orphans`), and the key is kept out of its log."""
+        from miles.job import enginekey, orphans
+
         if self.alive():
             raise RuntimeError(f"engine {self.launch.index} is already running (pid {self.pid})")
         self.launch.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,13 +192,23 @@ class EngineProcess:
         with open(self.launch.log_path, "ab") as log:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
             what = "the router" if self.launch.kind == "router" else f"engine {self.launch.index}"
-            log.write(f"\n===== miles: start {self.starts} of {what} at {stamp}: "
-                      f"{' '.join(self.launch.argv)}\n".encode())
+            shown = enginekey.redact(" ".join(self.launch.argv), self.launch.api_key)
+            log.write(f"\n===== miles: start {self.starts} of {what} at {stamp}: {shown}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(list(self.launch.argv), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=self.launch.own_session)
+            key = self.launch.api_key
+            self.proc = subprocess.Popen(list(self.launch.argv), stdout=subprocess.PIPE if key else log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                         start_new_session=self.launch.own_session,
+                                         preexec_fn=orphans.die_with_parent())
+        if key:
+            assert self.proc.stdout is not None
+            self._copier = threading.Thread(target=enginekey.copy_redacted, name=f"engine-{self.launch.index}-log",
+                                            args=(self.proc.stdout, self.launch.log_path, key), daemon=True)
+            self._copier.start()
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        if self._copier is not None and not self.alive():
+            self._copier.join(timeout=2)  # the last lines of an exited server
         try:
             with open(self.launch.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)

@@ -38,6 +38,8 @@ MANAGED_FLAGS: dict[str, str] = {
     "node_rank": "miles plans the engines' nodes",
     "dist_init_addr": "miles plans the engines' nodes and ports",
     "base_gpu_id": "miles places engines on GPUs",
+    "api_key": "miles gives the engines the run's own key (run_dir/engine.key); set [rollout] engine_auth = false "
+               "to run them without one",
 }
 """SGLang flags a user may not pass through, with what to do instead."""
 

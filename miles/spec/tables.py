@@ -212,6 +212,9 @@ class RolloutConfig:
     weight_sync: Literal["auto", "distributed", "tensor"] = "auto"
     """How the actor's weights reach the engines. ``distributed``: trainer rank 0 broadcasts flattened buckets to every engine over a weight-update group (``/update_weights_from_distributed``; any layout). ``tensor``: colocated only; every trainer rank hands the engine on its own GPU a CUDA-IPC handle (shared memory on CPUs) to each bucket through ``/update_weights_from_tensor``, so no weight crosses a link. ``auto``: ``tensor`` when ``[cluster] mode = "colocate"`` on GPUs, else ``distributed``."""
 
+    engine_auth: bool = True
+    """Engines and sglang-router serve only requests that carry the run's key (SGLang's ``--api-key``; every path but ``/health*``, ``/ready`` and ``/metrics``): ``miles submit`` and ``miles run`` generate it into ``run_dir/engine.key`` (mode 0600) and the driver sends it. ``false`` opens the engines to anyone who can reach their node, weight pushes included: only for a trusted single-user machine."""
+
 
 @dataclass(**_KW)
 class EvalConfig:

@@ -62,6 +62,14 @@ def _greedy(max_len: int = RESPONSE_LEN) -> RolloutConfig:
 
 
 def _generate(urls: list[str], api_key: str, samples: list[Sample], cfg: RolloutConfig, **kw: Any) -> BlockingRolloutClient:
+    """Generate ``samples``. Greedy runs are made reproducible the way SGLang can promise it on CPU (its
+    deterministic-inference mode needs a GPU attention backend): the same computation every time, i.e. an empty
+    prefix cache (a cached prompt prefill is a shorter extend, rounded differently) and one request at a time
+    (SGLang batches concurrent requests by arrival, and a batch's shape changes its rounding)."""
+    if cfg.rollout_temperature == 0.0:
+        for url in urls:
+            _post(url, api_key, proto.FLUSH_CACHE)
+        kw = {"batched": False, "max_concurrency": 1, **kw}
     client = BlockingRolloutClient(urls, api_key=api_key, timeout_s=120, **kw)
     try:
         client.generate(samples, cfg, rollout_id=0)
@@ -141,6 +149,31 @@ def test_wrong_api_key_is_refused(served: sl.EngineProcess) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         _post(served.url, "not-the-key", proto.GENERATE, body)
     assert err.value.code == 401
+
+
+def _status_without_key(url: str, ep: proto.Endpoint) -> int:
+    data = json.dumps({}).encode() if ep.method == "POST" else None
+    req = urllib.request.Request(url + ep.path, data=data, method=ep.method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def test_every_endpoint_but_health_refuses_a_request_without_the_key(served: sl.EngineProcess) -> None:
+    guarded = [ep for ep in proto.ENDPOINTS if not ep.path.startswith("/health")]
+    assert {proto.UPDATE_WEIGHTS_FROM_TENSOR, proto.UPDATE_WEIGHTS_FROM_DISTRIBUTED, proto.GENERATE} <= set(guarded)
+    refused = {ep.path: _status_without_key(served.url, ep) for ep in guarded}
+    assert refused == {ep.path: 401 for ep in guarded}
+    assert _status_without_key(served.url, proto.HEALTH) == 200  # probes carry no secret
+
+
+def test_the_key_stays_out_of_the_engine_log(served: sl.EngineProcess) -> None:
+    key = served.launch.api_key
+    assert key and key in served.launch.argv  # the server was given it ...
+    text = served.launch.log_path.read_text()
+    assert key not in text and "--api-key <engine key>" in text  # ... and its log (SGLang logs its args) hides it
 
 
 def test_weight_sync_follows_new_weights_and_restores_old_exactly(
@@ -256,7 +289,8 @@ def test_sglang_router_in_front_of_the_engine(
                 max_new_tokens=RESPONSE_LEN, temperature=0.0, no_stop_trim=True))
             out = _post(router.url, key, proto.GENERATE, body)
             assert out["output_ids"] == ids
-            # one prompt per batch here, eight in the baseline: equal up to the last bits
+            # the prompts may come from the prefix cache here (an extend, not a full prefill): equal up to
+            # the last bits
             assert [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]] == pytest.approx(logprobs, abs=1e-5)
         sampling = [proto.sampling_params(max_new_tokens=2, sampling_seed=i) for i in range(2)]
         batch = proto.generate_body(input_ids=[s.prompt_ids for s in samples[:2]], sampling=sampling)

@@ -90,6 +90,7 @@ def test_a_dying_rank_ends_the_run_naming_it(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 30
     assert proc.returncode != 0
     assert "trainer 1 (pid" in out and "was killed by SIGKILL" in out, out
+    assert "engine 0, engine 1, trainer 0 ended because trainer 1 failed" in out, out
 
 
 def test_ctrl_c_asks_the_ranks_to_stop_and_they_agree(tmp_path: Path) -> None:
@@ -130,3 +131,25 @@ def test_a_split_plan_on_one_machine_puts_the_trainers_after_the_engines(tmp_pat
     assert local_trainer_gpus(_plan(SPEC)) == ()  # colocated: trainers and engines share the GPUs by design
     with pytest.raises(UserError, match="actor_num_nodes = 1"):
         local_trainer_gpus(_plan(split.replace("actor_num_nodes = 1", "actor_num_nodes = 2")))
+
+
+def test_a_failing_driver_is_told_first_and_its_followers_in_one_line(tmp_path: Path) -> None:
+    """A real run whose driver dies of an error: its traceback on the console, trainer 1's (a lost peer) only
+    in trainer 1's log, and one line naming the ranks that ended because of it."""
+    (tmp_path / "boom.py").write_text("class Fatal(BaseException):\n    pass\n\n\n"
+                                      "def reward(sample):\n    raise Fatal('the reward model is gone')\n")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "01+01=", "label": "2"}\n' * 8)
+    (tmp_path / "run.toml").write_text(SPEC.replace('rm_type = "exact_match"', 'custom_rm_path = "boom.py:reward"\n'
+                                                    'rollout_max_response_len = 4'))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("MILES_SELFTEST", None)
+    proc = subprocess.run([sys.executable, "-m", "miles.cli", "run", "run.toml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr
+    assert "trainer 0 | miles task trainer 0" in out and "FAILED: Fatal: the reward model is gone" in out
+    assert "trainer 0 | Traceback (most recent call last):" in out
+    assert "trainer 1 | Traceback" not in out and "trainer 1 | miles task" not in out
+    assert "engine 0, engine 1, trainer 1 ended because trainer 0 failed" in out
+    logs = tmp_path / "runs" / "local" / "logs"
+    assert "FAILED" in (logs / "trainer-1.out").read_text()  # the follower's own story stays in its log

@@ -185,3 +185,31 @@ def test_failed_engines_fail_the_job(tmp_path: Path) -> None:
     out = run_script(script_of(in_run_dir(spec(), tmp_path)), tmp_path, trainer="wait-preempt", engine="fail")
     assert out.rc == 5 and "the engines step ended (exit 5)" in out.stderr
     assert "stopping the trainers step" in out.stderr and out.requeued == []
+
+
+def test_a_run_directory_held_by_another_run_is_refused_before_any_step(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from miles.launch import lock
+
+    run_dir = tmp_path / "run"
+    held = lock.acquire(run_dir, "miles run", settle_s=0)
+    try:
+        out = run_script(script_of(in_run_dir(spec(), tmp_path)), tmp_path, trainer="done")
+    finally:
+        held.release()
+    assert out.rc == 2 and f'"pid": {os.getpid()}' in out.stderr and "two runs must not write" in out.stderr
+    assert out.args == {}  # no step started
+    # Free, the job takes the lock and names itself; while it runs, `miles run` of the directory is refused.
+    out = run_script(script_of(in_run_dir(spec(), tmp_path)), tmp_path, trainer="done")
+    assert out.rc == 0, out.stderr
+    assert lock.holder(run_dir)["what"] == "Slurm job 12345"
+    root = Path(__file__).resolve().parents[3]
+    probe = (f"import sys; sys.path.insert(0, {str(root)!r}); from pathlib import Path; from miles.launch import lock; "
+             "lock.check_free(Path(sys.argv[1]))")
+    script = script_of(in_run_dir(spec(), tmp_path)).replace(
+        'MILES_CONTROL="$MILES_RUN_DIR/control"\n',
+        f'MILES_CONTROL="$MILES_RUN_DIR/control"\n{sys.executable} -c "{probe}" "$MILES_RUN_DIR" || exit 42\n', 1)
+    out = run_script(script, tmp_path, trainer="done")
+    assert out.rc == 42 and "is in use by Slurm job 12345" in out.stderr, out.stderr
