@@ -3,7 +3,9 @@
 The order is fixed, and every stage reports all its problems at once:
 
 1. read and parse the file (a missing file or a TOML syntax error stops here);
-2. apply ``--set table.key=value`` overrides to the parsed data;
+2. apply ``--set table.key=value`` overrides to the parsed data (an inline-table
+   value such as ``slurm.env={A="1"}`` merges into the spec's table;
+   ``slurm.env:={A="1"}`` replaces it);
 3. check every table and key: unknown ones (with the closest valid name), wrong
    types, values out of range, ``[sglang]`` pass-through flags;
 4. derive the fourth batch knob (:mod:`miles.spec.knobs`) and check the
@@ -129,6 +131,10 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str], problems: Pr
     set_origins: dict[tuple[str, ...], Origin] = {}
     for text in overrides:
         origin = Origin(f"--set {text}")
+        key, sep, rest = text.partition("=")
+        replace = bool(sep) and key.rstrip().endswith(":")  # TABLE.KEY:={...} replaces a whole table
+        if replace:
+            text = f"{key.rstrip()[:-1]}={rest}"
         try:
             parts, value = parse_override(text)
         except ValueError:
@@ -142,6 +148,9 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str], problems: Pr
                 problems.add(origin, "", f"{where} is not a table, so {'.'.join(parts)} cannot be set")
                 break
         else:
+            old = target.get(parts[-1])
+            if isinstance(value, dict) and isinstance(old, dict) and not replace:
+                value = {**old, **value}  # an inline table merges into the spec's; `:=` replaces it
             target[parts[-1]] = value
             set_origins[tuple(parts)] = origin
     return set_origins

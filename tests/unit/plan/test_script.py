@@ -185,3 +185,44 @@ def test_failed_engines_fail_the_job(tmp_path: Path) -> None:
     out = run_script(script_of(in_run_dir(spec(), tmp_path)), tmp_path, trainer="wait-preempt", engine="fail")
     assert out.rc == 5 and "the engines step ended (exit 5)" in out.stderr
     assert "stopping the trainers step" in out.stderr and out.requeued == []
+
+
+def test_stale_done_of_an_earlier_job_or_selftest_does_not_end_this_one(tmp_path: Path) -> None:
+    control = tmp_path / "run" / "control"
+    control.mkdir(parents=True)
+    (control / "done").write_text("selftest\n")
+    (control / "stop-999").write_text("{}")  # another job's stop request
+    out = run_script(script_of(in_run_dir(spec("colocate"), tmp_path)), tmp_path, trainer="wait-preempt",
+                     signal_after_start=signal.SIGUSR1)
+    assert out.rc == 0, out.stderr
+    assert "run complete" not in out.stdout and out.requeued == ["12345"] and out.scancelled == []
+
+
+def test_usr1_with_this_jobs_stop_request_saves_and_cancels_instead_of_requeueing(tmp_path: Path) -> None:
+    """`miles cancel`: control/stop-<id>, then USR1; the ranks save and the job cancels itself."""
+    (tmp_path / "run" / "control").mkdir(parents=True)
+    out = run_script(script_of(in_run_dir(spec("colocate"), tmp_path)), tmp_path, trainer="wait-preempt",
+                     signal_after_start=signal.SIGUSR1, stop_file="stop-12345")
+    assert out.rc == 0, out.stderr
+    assert out.requeued == [] and out.scancelled == ["12345"], (out.stdout, out.stderr)
+    assert "job 12345 was cancelled" in out.stdout
+    assert "received SIGUSR1" in out.stderr
+
+
+def test_a_stop_request_found_at_start_ends_the_job_before_any_step(tmp_path: Path) -> None:
+    """A requeue that raced `miles cancel`: the next life of the job ends at once, CANCELLED."""
+    control = tmp_path / "run" / "control"
+    control.mkdir(parents=True)
+    (control / "stop-12345").write_text("{}")
+    out = run_script(script_of(in_run_dir(spec(), tmp_path)), tmp_path, trainer="ok", restart=1)
+    assert out.rc == 0 and out.args == {} and out.requeued == [] and out.scancelled == ["12345"], out.stderr
+
+
+def test_trainers_killed_by_a_cancel_do_not_fail_or_requeue_the_job(tmp_path: Path) -> None:
+    """`miles cancel --now`: the ranks die of the TERM; the shell reports the cancel, not a failure."""
+    control = tmp_path / "run" / "control"
+    control.mkdir(parents=True)
+    out = run_script(script_of(in_run_dir(spec(), tmp_path)), tmp_path, trainer="killed-on-stop",
+                     stop_file="stop-12345")
+    assert out.rc == 0 and out.requeued == [] and out.scancelled == ["12345"], out.stderr
+    assert "trainers step failed" not in out.stderr

@@ -62,3 +62,14 @@ def test_parse_override() -> None:
     assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
     with pytest.raises(ValueError):
         parse_override("a=1")
+
+
+def test_an_inline_table_merges_and_colon_equals_replaces(specs: SpecFiles) -> None:
+    """cli.md's `--set slurm.env={...}` keeps the spec's other variables; `:=` is the explicit replacement."""
+    path, _ = specs.write({"slurm": {"env": {"NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0"}}})
+    merged = load_spec(path, ['slurm.env={NCCL_DEBUG="WARN"}']).slurm.env
+    assert merged == {"NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "WARN"}
+    assert load_spec(path, ["slurm.env.NCCL_DEBUG=WARN"]).slurm.env == merged
+    assert load_spec(path, ['slurm.env:={NCCL_DEBUG="WARN"}']).slurm.env == {"NCCL_DEBUG": "WARN"}
+    assert load_spec(path, ["slurm.env:={}"]).slurm.env == {}
+    assert load_spec(path, ["run.seed:=7"]).run.seed == 7  # `:=` on a plain key is a plain set
