@@ -4,10 +4,10 @@ Stopping has one meaning per way (docs/cli.md and docs/admin.md say the same):
 
 * ``miles cancel RUN_DIR`` (save, the default): the run ends and is never
   requeued. It writes ``control/stop-<job id>``, tells Slurm the job may not be
-  requeued any more (``scontrol update JobId=<id> Requeue=0``), then sends the
-  batch shell the same USR1 as a time limit: the ranks agree at the next step
-  boundary, save a checkpoint and exit 0; the batch shell finds its stop file
-  and cancels its own job instead of requeueing it (sacct: ``CANCELLED``).
+  requeued any more (``scontrol update JobId=<id> Requeue=0``), then touches
+  ``control/preempt``, the flag a time limit's USR1 sets: the ranks agree at the
+  next step boundary, save a checkpoint and exit 0; the batch shell finds its
+  stop file and cancels its own job instead of requeueing it (sacct: ``CANCELLED``).
   A job still queued is cancelled at once (there is nothing to save).
 * ``miles cancel --now RUN_DIR``: the same stop file and ``Requeue=0``, then
   ``scancel``: every task gets SIGTERM and, ``KillWait`` seconds later, SIGKILL.
@@ -97,7 +97,10 @@ def cancel(run_dir: str, now: bool = False) -> int:
     # Before any signal: a requeue already under way in the batch shell now fails.
     slurm_command(["scontrol", "update", f"JobId={job_id}", "Requeue=0"], check=False)
     if save:
-        slurm_command(["scancel", "--batch", "--signal=USR1", job_id])
+        # The flag the ranks poll at step boundaries, written directly rather than through a signal to the batch
+        # shell (a signal can arrive before the shell's trap exists). The shell removes a stale flag at its start
+        # and then looks for the stop file: either it ends there, or this flag, written after, survives.
+        rundir.write_atomic(path / rundir.PREEMPT, f"miles cancel of job {job_id}\n")
         print(f"job {job_id}: asked the ranks to save at the next step boundary, then the job ends (CANCELLED, "
               f"not requeued).\n  watch:        miles status {path}\n"
               f"  end it now:   miles cancel --now {path} (no save; resumes from the last checkpoint)")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from miles.errors import UserError
-from miles.launch import submission
+from miles.launch import lifecycle, submission
 from miles.launch.nodelist import expand_nodelist
 from miles.launch.selftest import expected_broadcast
 from miles.plan import make_plan
@@ -177,6 +177,37 @@ def test_colocated_job_completes_with_checked_values(in_tmp: Path) -> None:
     assert "miles: run complete" in _logs(run_dir, job_id)
 
 
+def test_self_test_under_sbatch_export_none(in_tmp: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A site with SBATCH_EXPORT=NONE: nothing of the submitter's environment reaches the job, so the self-test
+    is asked for through slurm.env (docs/admin.md), and the steps still get what the script exports."""
+    monkeypatch.setenv("SBATCH_EXPORT", "NONE")
+    monkeypatch.delenv("MILES_SELFTEST")
+    spec = _spec(in_tmp, "noexport", "colocate", "actor_num_nodes = 1\nactor_num_gpus_per_node = 1",
+                 overrides=["slurm.env.MILES_SELFTEST=1", "slurm.env.OMP_NUM_THREADS=1"])
+    job_id, run_dir = _submit(in_tmp, spec)
+    _wait_gone(job_id, 120)
+    assert _final_states(job_id) == {job_id: "COMPLETED"}, _logs(run_dir, job_id)
+    assert "selftest passed" in _logs(run_dir, job_id)
+    capsys.readouterr()
+    lifecycle.status(str(run_dir))
+    assert "state: complete: the self-test passed" in capsys.readouterr().out
+
+
+def test_a_failure_at_start_is_shown_by_status(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A `slurm.python` that does not exist: the reason is in slurm-<id>.err, and `miles status` prints it."""
+    spec = _spec(in_tmp, "nopython", "colocate", "actor_num_nodes = 1\nactor_num_gpus_per_node = 1",
+                 overrides=['slurm.python="/nonexistent/bin/python"'])
+    job_id, run_dir = _submit(in_tmp, spec)
+    _wait_gone(job_id, 60)
+    assert _final_states(job_id) == {job_id: "FAILED"}, _logs(run_dir, job_id)
+    capsys.readouterr()
+    lifecycle.status(str(run_dir))
+    out = capsys.readouterr().out
+    assert "state: failed" in out and f"head of {run_dir.resolve() / f'slurm-{job_id}.err'}" in out, out
+    assert "/nonexistent/bin/python" in out and "No such file or directory" in out, out
+
+
 def test_split_het_job_completes_with_checked_values(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = _spec(in_tmp, "split", "split", SPLIT)
     job_id, run_dir = _submit(in_tmp, spec)
@@ -230,12 +261,13 @@ def test_cancel_stops_a_running_job(in_tmp: Path, monkeypatch: pytest.MonkeyPatc
     while not (run_dir / "selftest" / "trainer-0.json").exists():
         assert time.monotonic() < end, _logs(run_dir, job_id)
         time.sleep(POLL_S)
-    assert submission.cancel(str(run_dir)) == 0
+    assert lifecycle.cancel(str(run_dir), now=True) == 0
     assert _wait_gone(job_id, 60) < 30
     assert _final_states(job_id) == {job_id: "CANCELLED"}
     capsys.readouterr()
-    submission.status(str(run_dir))
-    assert f"{job_id}: CANCELLED" in capsys.readouterr().out
+    lifecycle.status(str(run_dir))
+    out = capsys.readouterr().out
+    assert f"{job_id}: CANCELLED" in out and "state: cancelled: cancelled by `miles cancel` at once" in out
 
 
 def _queue() -> str:
