@@ -305,10 +305,11 @@ class Session:
         self._saved_at = next_rollout
 
     def save_and_exit(self, next_rollout: int) -> int:
-        """Save because the job is being preempted, then end this rank cleanly (the batch shell requeues)."""
+        """Save because the job is preempted or cancelled, then end this rank cleanly (the batch shell decides)."""
         self.save(next_rollout)
         if self.is_driver:
-            print(f"miles: preempted; saved the state before rollout {next_rollout}; exiting for requeue", flush=True)
+            print(f"miles: preempted; saved the state before rollout {next_rollout}; exiting (the job requeues "
+                  "unless it was cancelled)", flush=True)
         self._close()
         return 0
 

@@ -47,7 +47,7 @@ _ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPE
 
 
 def stop_path(run_dir: Path, job_id: str) -> Path:
-    """The stop request of job ``job_id``: the batch shell of that job (and only that one) ends instead of requeueing."""
+    """The stop request of job ``job_id``: that job's batch shell (and no other) ends instead of requeueing."""
     return run_dir / rundir.CONTROL / f"stop-{job_id}"
 
 
@@ -75,7 +75,7 @@ def _scontrol_job(job_id: str) -> dict[str, str]:
     if res.returncode != 0 or not res.stdout.strip():
         return {}
     first = res.stdout.strip().splitlines()[0]
-    return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", first))
+    return {m.group(1): m.group(2) for m in re.finditer(r"(\w+)=(\S*)", first)}
 
 
 def cancel(run_dir: str, now: bool = False) -> int:

@@ -167,7 +167,7 @@ def test_cancel_saves_a_training_run_and_ends_it(tmp_path: Path, monkeypatch: py
     logs = _logs(run_dir, job_id)
     assert _sacct(job_id) == ["CANCELLED"], logs[-4000:]
     m = re.search(r"preempted; saved the state before rollout (\d+)", logs)
-    assert m and f"job {job_id} was cancelled" in logs and "requeueing" not in logs, logs[-4000:]
+    assert m and f"job {job_id} was cancelled" in logs and "requeueing job" not in logs, logs[-4000:]
     assert any((run_dir / "checkpoints").iterdir()), "no checkpoint saved"
     assert not (run_dir / "control" / "done").exists()
     out = _status(run_dir, capsys)

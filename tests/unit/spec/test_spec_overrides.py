@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from miles.spec import load_spec, parse_override
@@ -16,7 +18,7 @@ def test_overrides_apply_before_validation(specs: SpecFiles) -> None:
     assert spec.train.global_batch_size == 4 and spec.train.num_steps_per_rollout == 2
     assert spec.rollout.rollout_temperature == 0.5 and spec.run.plot is False
     assert spec.slurm.modules == ["cuda/12", "nccl"]
-    assert spec.eval.eval_prompt_data == {"gsm8k": "data/gsm8k.jsonl"}
+    assert spec.eval.eval_prompt_data == {"gsm8k": str(Path.cwd() / "data" / "gsm8k.jsonl")}  # --set: from here
 
 
 def test_string_keys_take_the_text_as_is(specs: SpecFiles) -> None:
