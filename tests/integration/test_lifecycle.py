@@ -27,7 +27,7 @@ import pytest
 
 from miles.launch import lifecycle, submission
 from miles.spec import load_spec
-from tests.integration.test_slurm import _logs, _spec, _wait_gone
+from tests.integration.test_slurm import SPLIT, _logs, _spec, _wait_gone
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -172,3 +172,48 @@ def test_cancel_saves_a_training_run_and_ends_it(tmp_path: Path, monkeypatch: py
     assert not (run_dir / "control" / "done").exists()
     out = _status(run_dir, capsys)
     assert "state: cancelled: cancelled by `miles cancel` after saving a checkpoint" in out, out
+
+
+@pytest.mark.parametrize("now", [False, True], ids=["save", "now"])
+def test_cancel_ends_a_het_job_for_good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str], now: bool) -> None:
+    """Split mode: the leader's Requeue=0 and stop file end both components, CANCELLED, after a preemption too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MILES_SELFTEST", "1")
+    monkeypatch.setenv("MILES_SELFTEST_HOLD", "600")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = _spec(tmp_path, "het", "split", SPLIT)
+    assert submission.submit(spec) == 0
+    run_dir = tmp_path / "runs" / "het"
+    job_id = _job_id(run_dir)
+    _wait("reached the hold", lambda: _holding(run_dir), run_dir, job_id, 90)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=20)
+    _wait("was requeued", lambda: "Restarts=1" in _scontrol(job_id) and "JobState=PENDING" in _scontrol(job_id),
+          run_dir, job_id, 60)
+    time.sleep(2.0)  # test-side nudge, as above
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=20)
+    _wait("held again", lambda: _holding(run_dir) and "JobState=RUNNING" in _scontrol(job_id), run_dir, job_id, 90)
+    assert lifecycle.cancel(str(run_dir), now=now) == 0
+    _wait_gone(job_id, 90)
+    states = _sacct(job_id)
+    assert sorted(states) == ["CANCELLED", "CANCELLED", "REQUEUED", "REQUEUED"], (states, _logs(run_dir, job_id))
+    assert "state: cancelled: cancelled by `miles cancel`" in _status(run_dir, capsys)
+
+
+def test_slurm_does_not_cap_explicit_requeues_at_max_batch_requeue(tmp_path: Path) -> None:
+    """docs/admin.md: `slurm.max_requeues` is the only cap; Slurm's max_batch_requeue (default 5) is not."""
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20).stdout
+    assert "max_batch_requeue" not in config  # the default, 5
+    script = tmp_path / "requeue.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --requeue\n#SBATCH --output=/dev/null\n"
+                      'if [ "${SLURM_RESTART_COUNT:-0}" -lt 6 ]; then scontrol requeue "$SLURM_JOB_ID"; fi\n')
+    job_id = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True,
+                            timeout=20).stdout.strip()
+    end = time.monotonic() + 120
+    while "JobState=COMPLETED" not in (info := _scontrol(job_id)):
+        assert time.monotonic() < end and "JobState=FAILED" not in info and "JobHeldAdmin" not in info, info
+        if "JobState=PENDING" in info:
+            time.sleep(2.0)  # never in the requeue's own second (see test_preemption)
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=20)
+        time.sleep(0.5)
+    assert "Restarts=6" in info, info

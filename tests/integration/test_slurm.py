@@ -76,7 +76,7 @@ SPLIT = "rollout_num_nodes = 1\nrollout_num_gpus = 1\nactor_num_nodes = 2\nactor
 
 
 def _spec(tmp: Path, name: str, mode: str, cluster: str, slurm: str = "", overrides: list[str] | None = None):
-    write_prompts(tmp / "prompts.jsonl")  # relative paths resolve from the submit directory, as for users
+    write_prompts(tmp / "prompts.jsonl")  # beside the spec: relative input paths resolve from its directory
     path = tmp / f"{name}.toml"
     path.write_text(_spec_text(name, mode, cluster, slurm))
     return load_spec(str(path), overrides or [])
