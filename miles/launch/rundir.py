@@ -15,6 +15,7 @@ Layout::
     engines/engine-<i>.json   {"url", "host", "port", "pid", "launch_id"}: engine i is healthy
     control/preempt    touched to ask the ranks to save and stop
     control/done       touched by the driver when the run is complete (the batch shell then does not requeue)
+    control/stop-<id>  written by ``miles cancel``: job <id> ends instead of requeueing (miles.launch.lifecycle)
     metrics.jsonl      one line per rollout (written by the loop)
     checkpoints/       complete checkpoints (written by miles.ckpt)
 """

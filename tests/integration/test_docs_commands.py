@@ -47,17 +47,27 @@ def test_trying_miles_on_the_local_cluster_as_documented(tmp_path: Path, monkeyp
     assert f"run directory: {run_dir}" in submit.stdout
     status = _miles(slurm_md[1].argv, tmp_path)
     assert status.returncode == 0 and "state: " in status.stdout, status.stdout + status.stderr
-    cancel = _miles(slurm_md[2].argv, tmp_path)
-    assert cancel.returncode == 0, cancel.stderr
     job_id = (run_dir / "job.json").read_text().split('"job_id": "')[1].split('"')[0]
+    metrics = run_dir / "metrics.jsonl"
     end = time.monotonic() + 180
-    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, timeout=20).stdout.strip():
-        assert time.monotonic() < end, "the cancelled job did not end"
+    while not (metrics.exists() and metrics.read_text().strip()):  # training: the cancel must save
+        assert time.monotonic() < end, "no metrics row within 180 s"
         time.sleep(0.5)
+    cancel = _miles(slurm_md[2].argv, tmp_path)
+    assert cancel.returncode == 0 and "asked the ranks to save" in cancel.stdout, cancel.stdout + cancel.stderr
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, timeout=20).stdout.strip():
+        assert time.monotonic() < end + 120, "the cancelled job did not end"
+        time.sleep(0.5)
+    logs = (run_dir / f"slurm-{job_id}.out").read_text() + (run_dir / f"slurm-{job_id}.err").read_text()
+    assert "preempted; saved the state before rollout" in logs and f"job {job_id} was cancelled" in logs, logs
+    assert "requeueing job" not in logs and any((run_dir / "checkpoints").iterdir()), logs
+    acct = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                          text=True, timeout=20).stdout.split()
+    assert acct[:1] == ["CANCELLED"] and "REQUEUED" not in acct, acct
     for e in cli_md:  # status, then the cancels of a job that has ended: nothing to do, exit 0
         res = _miles(e.argv, tmp_path)
         assert res.returncode == 0, res.stderr
         if e.argv[0] == "status":
-            assert "state: cancelled: cancelled by `miles cancel`" in res.stdout, res.stdout
+            assert "state: cancelled: cancelled by `miles cancel` after saving" in res.stdout, res.stdout
         else:
             assert "nothing to cancel" in res.stdout, res.stdout
