@@ -226,3 +226,27 @@ def test_trainers_killed_by_a_cancel_do_not_fail_or_requeue_the_job(tmp_path: Pa
                      stop_file="stop-12345")
     assert out.rc == 0 and out.requeued == [] and out.scancelled == ["12345"], out.stderr
     assert "trainers step failed" not in out.stderr
+
+
+def test_a_site_port_range_reaches_the_plan_the_script_and_the_ranks(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """MILES_PORT_RANGE where miles plans: the script exports it, and its shell arithmetic agrees with the planner."""
+    monkeypatch.setenv("MILES_PORT_RANGE", "40000-40639")  # 10 blocks of 64
+    s = in_run_dir(spec(), tmp_path)
+    text = script_of(s)
+    assert "export MILES_PORT_RANGE=40000-40639" in text and "the site's MILES_PORT_RANGE" in text
+    for job_id in (12345, 7):
+        out = run_script(text, tmp_path, job_id=job_id)
+        plan = make_plan(s, job_id=job_id)
+        env = out.env["trainer"]
+        assert plan.ports.base == 40000 + (job_id % 10) * 64 == int(env["MILES_PORT_BASE"])
+        assert int(env["MASTER_PORT"]) == plan.ports.master and env["MILES_PORT_RANGE"] == "40000-40639"
+
+
+@pytest.mark.parametrize("value", ["40000", "40000-40010", "80-2000", "40000-70000", "a-b"])
+def test_a_bad_site_port_range_is_refused_naming_it(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from miles.errors import UserError
+
+    monkeypatch.setenv("MILES_PORT_RANGE", value)
+    with pytest.raises(UserError, match=f"MILES_PORT_RANGE='{value}'"):
+        make_plan(spec())
