@@ -134,7 +134,8 @@ def _restarts_in_accounting(job_id: str) -> int:
 def verdict(run_dir: Path, job_id: str, states: dict[str, dict[str, str]]) -> Verdict:
     """Slurm's states of ``job_id`` (see :func:`job_states`) read together with the run directory."""
     if not states:
-        return Verdict("unknown", "Slurm knows nothing about this job any more (no squeue entry, no accounting)")
+        return Verdict("unknown", "Slurm has no record of this job: not in squeue, and accounting (sacct) has no "
+                                  "entry yet (it can lag a few seconds behind a job's end) or keeps none (no slurmdbd)")
     names = {st.get("State", "?") for st in states.values()}
     stop = stop_path(run_dir, job_id)
     if names & set(_ACTIVE):
@@ -227,7 +228,7 @@ def status(run_dir: str) -> int:
     print(f"  state: {v.state}: {v.detail}")
     for line in _progress(path):
         print(f"  {line}")
-    if v.state in ("failed", "ended"):
+    if v.state in ("failed", "ended", "unknown"):
         head = err_head(path, job_id)
         if head:
             print(f"  head of {path / f'slurm-{job_id}.err'}:")

@@ -2,7 +2,7 @@
 
 The commands are taken from the docs (tests/unit/test_docs_commands.py extracts
 them) and run through ``python -m miles.cli`` in a scratch directory that looks
-like a checkout: ``configs/`` and ``.venv/bin/python`` link to the real ones,
+like a checkout: ``configs/`` and ``.venv/`` link to the real ones,
 so ``configs/quickstart.toml``, ``runs/quickstart`` and ``$PWD/.venv/bin/python``
 mean what they mean for a user.
 """
@@ -32,8 +32,7 @@ def _miles(argv: tuple[str, ...], cwd: Path) -> subprocess.CompletedProcess[str]
 
 def test_trying_miles_on_the_local_cluster_as_documented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "configs").symlink_to(ROOT / "configs")
-    (tmp_path / ".venv" / "bin").mkdir(parents=True)
-    (tmp_path / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)  # this virtual environment
     monkeypatch.setenv("PWD", str(tmp_path))  # the docs' $PWD, expanded when the commands are read
     slurm_md = [e for e in examples("docs/slurm.md") if e.line in range(70, 90)]  # the block of "Trying miles on it"
     assert [e.argv[0] for e in slurm_md] == ["submit", "status", "cancel"], slurm_md

@@ -35,7 +35,7 @@ def run_dir(tmp_path: Path) -> Path:
     ({}, _ended("FAILED", "2:0"), "failed", "failed (FAILED, exit 2:0)"),
     ({"control/done": "selftest\n"}, _ended("FAILED", "1:0"), "failed", "FAILED"),  # a stale flag is no success
     ({}, _ended("COMPLETED"), "ended", "before the run was complete"),
-    ({}, {}, "unknown", "Slurm knows nothing"),
+    ({}, {}, "unknown", "Slurm has no record of this job"),
 ], ids=["complete", "selftest", "cancel-save", "cancel-now", "scancel", "other-jobs-stop", "failed",
         "stale-done", "ended", "unknown"])
 def test_verdict_of_an_ended_job(run_dir: Path, files: dict[str, str], states: dict[str, dict[str, str]],
