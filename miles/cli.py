@@ -16,7 +16,9 @@ from pathlib import Path
 
 from miles.errors import UserError
 
-_SET_HELP = "override a spec key, e.g. --set rollout.rollout_batch_size=64 (repeatable; TOML value syntax)"
+_SET_HELP = ("override a spec key, e.g. --set rollout.rollout_batch_size=64 (repeatable; TOML value syntax); "
+             "an inline table merges (--set slurm.env.NCCL_DEBUG=WARN or slurm.env={NCCL_DEBUG=\"WARN\"}); "
+             "TABLE.KEY:={...} replaces the whole table")
 
 
 def _add_spec_args(p: argparse.ArgumentParser, preflight: bool = True) -> None:
@@ -72,11 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="",
                    help="write the spec here (default: print it; the table goes to stderr)")
 
-    p = sub.add_parser("status", help="show a submitted run's Slurm state and progress")
+    p = sub.add_parser("status", help="show a run's state (queued, running, requeued, cancelled, failed, complete)",
+                       description="Read Slurm (squeue, then sacct) and the run directory together and name the run's "
+                                   "state; a failed job shows the head of slurm-<id>.err. A `miles run` directory "
+                                   "shows its progress.")
     p.add_argument("run_dir", help="the run directory printed by `miles submit`")
 
-    p = sub.add_parser("cancel", help="cancel a submitted run's Slurm job")
+    p = sub.add_parser("cancel", help="end a submitted run for good: save at the next step boundary, then end",
+                       description="End the run; it is never requeued. By default the ranks agree at the next step "
+                                   "boundary, save a checkpoint and exit, and the job ends CANCELLED. With --now the "
+                                   "job is cancelled at once (no save; a resubmission resumes from the last "
+                                   "periodic checkpoint). Only a preemption (USR1/SIGTERM from Slurm) requeues.")
     p.add_argument("run_dir", help="the run directory printed by `miles submit`")
+    p.add_argument("--now", action="store_true", help="end at once without saving (scancel); still never requeued")
 
     p = sub.add_parser("bench", help="measure weight sync, training and rollout against the hardware's limits",
                        description="Benchmarks; `miles bench SUITE --help` lists each suite's options.", add_help=True)
@@ -129,9 +139,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(conv.table_text + conv.check, file=sys.stderr)
         return conv.exit_code
     if args.command in ("status", "cancel"):
-        from miles.launch import submission
+        from miles.launch import lifecycle
 
-        return submission.status(args.run_dir) if args.command == "status" else submission.cancel(args.run_dir)
+        return lifecycle.status(args.run_dir) if args.command == "status" else lifecycle.cancel(args.run_dir, args.now)
     if args.command == "bench":
         from miles.bench import main as bench_main
 

@@ -95,10 +95,11 @@ def _log(metrics: MetricsLog, rollout_id: int, num_rollout: int, samples: list, 
 
 def _stop(parts: Components, spec: Spec, state: RunState, run_dir: Path, metrics: MetricsLog | None,
           next_rollout: int, start: checkpoint.RolloutStart | None = None) -> int:
-    """Preempted: save the state before ``next_rollout``, then end this rank cleanly (the batch shell requeues)."""
+    """Preempted or cancelled: save the state before ``next_rollout``, then end this rank (the batch shell decides)."""
     checkpoint.save(parts, spec, state, run_dir, next_rollout, start=start)
     if parts.is_driver:
-        print(f"miles: preempted; saved the state before rollout {next_rollout}; exiting for requeue", flush=True)
+        print(f"miles: preempted; saved the state before rollout {next_rollout}; exiting (the job requeues "
+              "unless it was cancelled)", flush=True)
     _close(parts, metrics)
     return 0
 

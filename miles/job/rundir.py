@@ -17,6 +17,7 @@ Layout::
     control/done       touched by the driver when the run is complete (the batch shell then does not requeue)
     control/lock       flock'ed by the live run; names its holder (miles.launch.lock)
     engine.key         the engines' API key, mode 0600 (miles.job.enginekey)
+    control/stop-<id>  written by ``miles cancel``: job <id> ends instead of requeueing (miles.launch.lifecycle)
     metrics.jsonl      one line per rollout (written by the loop)
     checkpoints/       complete checkpoints (written by miles.ckpt)
     model/             the built-in model, written once when the spec names one
@@ -148,3 +149,17 @@ def model_dir_of(spec: Spec, run_dir: str | Path) -> str:
     m = spec.model
     return model_dir(builtin=m.builtin, hf_checkpoint=m.hf_checkpoint, run_dir=run_dir, seed=spec.run.seed,
                      dtype=m.dtype)
+
+
+def clear_stale_control(run_dir: Path) -> None:
+    """Remove the flags of earlier launches before a new job of ``run_dir`` is submitted.
+
+    Job ids are unique per cluster only while its state lasts (a fresh local
+    cluster counts from 1 again), so even stop files of other ids go.
+    """
+    control = run_dir / CONTROL
+    if not control.is_dir():
+        return
+    for p in control.iterdir():
+        if p.name in ("preempt", "done") or p.name.startswith("stop-"):
+            p.unlink(missing_ok=True)

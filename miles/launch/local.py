@@ -85,8 +85,10 @@ def prepare_run_dir(spec: Spec) -> tuple[Path, object, lock.RunDirLock]:
     rundir.write_atomic(run_dir / rundir.PLAN, planning.to_json(plan))
     (run_dir / rundir.LOGS).mkdir(exist_ok=True)
     (run_dir / rundir.CONTROL).mkdir(exist_ok=True)
-    # A preempt flag of the previous attempt must not stop this one at once.
+    # Control files belong to one launch: a preempt flag of the previous attempt must not stop
+    # this one at once, nor a `done` of a self-test end it (the loop writes `done` again when complete).
     (run_dir / rundir.PREEMPT).unlink(missing_ok=True)
+    (run_dir / rundir.DONE).unlink(missing_ok=True)
     return run_dir, plan, held
 
 

@@ -1,11 +1,11 @@
-"""``miles submit`` / ``status`` / ``cancel``: a planned run handed to Slurm, and watched.
+"""``miles submit``: a planned run handed to Slurm (``status`` and ``cancel``: :mod:`miles.launch.lifecycle`).
 
 Which tool does what (docs/slurm.md says the same):
 
 * the job script is the planner's (:func:`miles.plan.render_script`), submitted
   with ``sbatch --parsable`` for both modes: submitit writes its own script from
   one resource set and cannot express a heterogeneous job (``#SBATCH hetjob``);
-* ``miles status`` asks ``squeue`` while the job is queued or running, then
+* :func:`job_states` asks ``squeue`` while the job is queued or running, then
   ``sacct`` (accounting), and parses sacct's output with submitit's
   ``SlurmInfoWatcher.read_info`` (which keeps het components ``123+0``, ``123+1``);
 * every Slurm command runs with a timeout, and an unreachable controller is a
@@ -222,6 +222,7 @@ def submit(spec: Spec, dry_run: bool = False, test_only: bool = False) -> int:
             prev = rundir.read_json(final / rundir.JOB)
             history = [*prev.get("history", []), str(prev.get("job_id"))]
         had_key = (final / enginekey.KEY_FILE).exists()
+        rundir.clear_stale_control(final)  # flags of an earlier job or self-test must not reach this one
         _write_files(final, spec, spec_text, plan_text, script)
         try:
             job_id = _sbatch(final / rundir.SCRIPT, cwd)
@@ -259,7 +260,7 @@ def submit(spec: Spec, dry_run: bool = False, test_only: bool = False) -> int:
           f"  run directory: {final}\n"
           f"  Slurm output:  {final}/slurm-{job_id}.out (and .err)\n"
           f"  status:        miles status {final}\n"
-          f"  cancel:        miles cancel {final}")
+          f"  cancel:        miles cancel {final} (saves first; --now ends at once)")
     return 0
 
 
@@ -283,53 +284,3 @@ def job_states(job_id: str) -> dict[str, dict[str, str]]:
     for st in info.values():  # "CANCELLED by 0" -> "CANCELLED"
         st["State"] = st.get("State", "").split(" ")[0]
     return info
-
-
-def _progress(run_dir: Path) -> list[str]:
-    lines = []
-    metrics = run_dir / rundir.METRICS
-    if metrics.exists():
-        last = metrics.read_text().strip().splitlines()[-1:] if metrics.stat().st_size else []
-        lines.append(f"last metrics: {last[0][:300]}" if last else "metrics.jsonl is empty")
-    else:
-        lines.append("no metrics yet")
-    ckpts = run_dir / rundir.CHECKPOINTS
-    names = sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) if ckpts.is_dir() else []
-    lines.append(f"checkpoints: {', '.join(names[-3:])}" if names else "no checkpoints yet")
-    engines = sorted(p.name for p in (run_dir / rundir.ENGINES).glob("engine-*.json"))
-    if engines:
-        lines.append(f"engine announcements: {len(engines)}")
-    if (run_dir / "control" / "done").exists():
-        lines.append("the run is complete")
-    elif rundir.preempt_requested(run_dir):
-        lines.append("a checkpoint-and-stop was requested (control/preempt)")
-    return lines
-
-
-def status(run_dir: str) -> int:
-    path = Path(run_dir)
-    job = rundir.read_json(path / rundir.JOB)
-    job_id = str(job["job_id"])
-    states = job_states(job_id)
-    print(f"run {path.resolve()}: job {job_id} ({job.get('mode', '?')}), submitted {job.get('submitted_at', '?')}")
-    if not states:
-        print("  Slurm knows nothing about this job any more (no squeue entry, no accounting record)")
-    for jid, st in sorted(states.items()):
-        extra = ", ".join(f"{k.lower()} {v}" for k, v in st.items() if k != "State" and k != "JobID" and v)
-        print(f"  {jid}: {st.get('State', '?')}" + (f" ({extra})" if extra else ""))
-    for line in _progress(path):
-        print(f"  {line}")
-    return 0
-
-
-def cancel(run_dir: str) -> int:
-    path = Path(run_dir)
-    job_id = str(rundir.read_json(path / rundir.JOB)["job_id"])
-    check_controller()
-    active = _active_job(path)
-    if not active:
-        print(f"job {job_id} is not queued or running; nothing to cancel")
-        return 0
-    slurm_command(["scancel", job_id])  # the het leader's id cancels every component
-    print(f"cancelled job {job_id}")
-    return 0

@@ -21,6 +21,11 @@ offset                  use
 The batch shell computes the same base with :func:`shell_base_expr`; a unit
 test runs the rendered script and checks that both agree.
 
+A site whose firewall or other services need another range sets
+``MILES_PORT_RANGE=FIRST-LAST`` (inclusive) where miles plans (the login node's
+environment); the rendered script exports the range it was planned with, so
+every rank derives its ports from the same one.
+
 Which job id: the batch shell's ``SLURM_JOB_ID`` (the het leader's id), which
 it exports as ``MILES_JOB_ID``. Inside ``srun --het-group=N`` Slurm versions
 differ (22.05 gives the leader's id; other versions and docs the component's,
@@ -32,6 +37,11 @@ script also exports the resolved ``MILES_MASTER_PORT``, ``MILES_WEIGHT_UPDATE_PO
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
+from miles.errors import UserError
+
 FLOOR = 20000
 """First port miles uses (above the well-known and most registered service ports)."""
 
@@ -42,7 +52,31 @@ STRIDE = 64
 """Ports per job block."""
 
 SLOTS = (CEILING - FLOOR) // STRIDE
-"""Number of distinct blocks; job ids map onto them modulo this."""
+"""Number of distinct blocks of the default range; job ids map onto them modulo this."""
+
+RANGE_ENV = "MILES_PORT_RANGE"
+"""A site's port range, ``FIRST-LAST`` inclusive; unset means ``FLOOR``-``CEILING - 1``."""
+
+
+def port_range(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(first, end)`` of the ports miles may use (``end`` excluded): the site's ``MILES_PORT_RANGE`` or the default."""
+    text = (os.environ if env is None else env).get(RANGE_ENV, "").strip()
+    if not text:
+        return FLOOR, CEILING
+    first, sep, last = text.partition("-")
+    if not (sep and first.strip().isdigit() and last.strip().isdigit()):
+        raise UserError(f"{RANGE_ENV}={text!r}: expected FIRST-LAST, e.g. {RANGE_ENV}=20000-32767")
+    lo, hi = int(first), int(last) + 1
+    if lo < 1024 or hi > 65536 or hi - lo < STRIDE:
+        raise UserError(f"{RANGE_ENV}={text!r}: the range must lie within 1024-65535 and hold at least one block "
+                        f"of {STRIDE} ports; e.g. {RANGE_ENV}=40000-47999")
+    return lo, hi
+
+
+def slots(env: Mapping[str, str] | None = None) -> int:
+    """Number of distinct port blocks in the range; job ids map onto them modulo this."""
+    lo, hi = port_range(env)
+    return (hi - lo) // STRIDE
 
 MASTER_OFFSET = 0
 ROUTER_OFFSET = 1
@@ -51,7 +85,7 @@ WEIGHT_UPDATE_OFFSET = 2
 
 def block_base(job_id: int) -> int:
     """First port of the job's block."""
-    return FLOOR + (job_id % SLOTS) * STRIDE
+    return port_range()[0] + (job_id % slots()) * STRIDE
 
 
 def engine_offset(pp: int) -> int:
@@ -66,4 +100,4 @@ def ports_needed(pp: int, engines_per_node: int) -> int:
 
 def shell_base_expr(job_id_var: str = "SLURM_JOB_ID") -> str:
     """The bash arithmetic that yields :func:`block_base` of ``$job_id_var``."""
-    return f"$(( {FLOOR} + ({job_id_var} % {SLOTS}) * {STRIDE} ))"
+    return f"$(( {port_range()[0]} + ({job_id_var} % {slots()}) * {STRIDE} ))"

@@ -3,7 +3,9 @@
 The order is fixed, and every stage reports all its problems at once:
 
 1. read and parse the file (a missing file or a TOML syntax error stops here);
-2. apply ``--set table.key=value`` overrides to the parsed data;
+2. apply ``--set table.key=value`` overrides to the parsed data (an inline-table
+   value such as ``slurm.env={A="1"}`` merges into the spec's table;
+   ``slurm.env:={A="1"}`` replaces it);
 3. check every table and key: unknown ones (with the closest valid name), wrong
    types, values out of range, ``[sglang]`` pass-through flags;
 4. derive the fourth batch knob (:mod:`miles.spec.knobs`) and check the
@@ -11,10 +13,12 @@ The order is fixed, and every stage reports all its problems at once:
 5. fill in the directories: ``run.run_dir`` defaults to ``runs/<name>`` and
    ``ckpt.save`` to ``<run_dir>/checkpoints``.
 
-Relative paths in a spec (run directory, data, checkpoints) are kept as written
-and mean "relative to the directory miles is started from", as with Miles'
-command-line flags; a spec file does not move the meaning of its paths. This
-keeps rendered scripts independent of where a checkout lives.
+Relative *input* paths in a spec file (data, eval data, reward and filter
+files, model and checkpoint directories) resolve from the directory of that
+file and are recorded absolute (:mod:`miles.spec.paths`); a path given with
+``--set`` resolves from the current directory. Outputs (``run.run_dir``,
+``ckpt.save``, ``ckpt.save_hf``) stay relative to the directory miles is
+started from, which keeps rendered scripts independent of where a checkout lives.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from miles.spec.fieldtypes import Mismatch, convert, given, range_violation, tab
 from miles.spec.keylines import KeyLines
 from miles.spec.miles_flags import unknown_key_hint
 from miles.spec.passthrough import check_flag, load_flags
+from miles.spec.paths import anchor_paths
 from miles.spec.problems import Origin, Problem, Problems, SpecError
 from miles.spec.tables import TABLES, Spec
 
@@ -70,7 +75,8 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
         line = int(m.group(1)) if m else None
         raise SpecError([Problem(Origin(source, line), "", f"invalid TOML: {e}")]) from None
     lines = KeyLines(text)
-    return _build(raw, source, lambda p: Origin(source, lines.line_of(p)), overrides)
+    spec_dir = Path(path).absolute().parent
+    return _build(raw, source, lambda p: Origin(source, lines.line_of(p)), overrides, spec_dir)
 
 
 def spec_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Spec:
@@ -130,6 +136,10 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str], problems: Pr
     set_origins: dict[tuple[str, ...], Origin] = {}
     for text in overrides:
         origin = Origin(f"--set {text}")
+        key, sep, rest = text.partition("=")
+        replace = bool(sep) and key.rstrip().endswith(":")  # TABLE.KEY:={...} replaces a whole table
+        if replace:
+            text = f"{key.rstrip()[:-1]}={rest}"
         try:
             parts, value = parse_override(text)
         except ValueError:
@@ -143,6 +153,9 @@ def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str], problems: Pr
                 problems.add(origin, "", f"{where} is not a table, so {'.'.join(parts)} cannot be set")
                 break
         else:
+            old = target.get(parts[-1])
+            if isinstance(value, dict) and isinstance(old, dict) and not replace:
+                value = {**old, **value}  # an inline table merges into the spec's; `:=` replaces it
             target[parts[-1]] = value
             set_origins[tuple(parts)] = origin
     return set_origins
@@ -206,7 +219,8 @@ def _check_table(name: str, values: dict[str, Any], origin_of: Callable[[tuple[s
     return kwargs
 
 
-def _build(raw: dict[str, Any], source: str, locate: Locate, overrides: Sequence[str]) -> Spec:
+def _build(raw: dict[str, Any], source: str, locate: Locate, overrides: Sequence[str],
+           spec_dir: Path | None = None) -> Spec:
     problems = Problems()
     raw = copy.deepcopy(raw)
     set_origins = _apply_overrides(raw, overrides, problems)
@@ -249,6 +263,14 @@ def _build(raw: dict[str, Any], source: str, locate: Locate, overrides: Sequence
         )
     rules.check(spec, report)
     problems.raise_if_any()
+    if spec_dir is not None:
+        cwd = Path.cwd()
+
+        def anchor(path: tuple[str, ...]) -> Path:
+            given_by_set = any(p[: len(path)] == path or path[: len(p)] == p for p in set_origins)
+            return cwd if given_by_set else spec_dir
+
+        spec = anchor_paths(spec, anchor)
     run_dir = spec.run.run_dir or f"runs/{spec.run.name}"
     save = spec.ckpt.save or f"{run_dir.rstrip('/')}/checkpoints"
     return dataclasses.replace(spec, run=dataclasses.replace(spec.run, run_dir=run_dir),

@@ -75,7 +75,7 @@ def test_mpirun_mpmd_selftest(tmp_path: Path, mpirun: str, use_mpi4py: bool, mon
     rows = [{"prompt": f"{a:02d}+{a:02d}=", "label": str(2 * a % 10)} for a in range(20)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "run.toml").write_text(SPEC)
-    monkeypatch.chdir(tmp_path)  # the spec's relative prompt_data resolves from here, as for a user
+    monkeypatch.chdir(tmp_path)
     spec = load_spec(str(tmp_path / "run.toml"), [])
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from miles.errors import UserError
-from miles.launch import submission
+from miles.launch import lifecycle, submission
 from miles.spec import load_spec
 
 SPEC = """
@@ -60,4 +60,4 @@ def test_no_slurm_tools_is_a_clear_error_and_leaves_nothing(spec, tmp_path: Path
         submission.submit(spec)
     assert not (tmp_path / "runs").exists()
     with pytest.raises(UserError, match="is this a miles run directory"):
-        submission.status(str(tmp_path / "nowhere"))
+        lifecycle.status(str(tmp_path / "nowhere"))

@@ -8,7 +8,8 @@ step according to ``STUB_TRAINER`` / ``STUB_ENGINE``:
 
 * trainer: ``done`` (touch control/done, exit 0), ``ok`` (exit 0 without done:
   a preempted run), ``fail`` (exit 7), ``wait-preempt`` (exit 0 once
-  control/preempt appears);
+  control/preempt appears), ``killed-on-stop`` (exit 143, as killed by a TERM,
+  once a control/stop-* file appears);
 * engine: ``serve`` (run until TERM), ``fail`` (exit 5 after 0.3 s).
 """
 
@@ -34,6 +35,7 @@ if [ "$role" = trainer ]; then
     ok) exit 0;;
     fail) exit 7;;
     wait-preempt) for i in $(seq 600); do [ -e "$MILES_RUN_DIR/control/preempt" ] && exit 0; sleep 0.05; done; exit 9;;
+    killed-on-stop) for i in $(seq 600); do ls "$MILES_RUN_DIR"/control/stop-* >/dev/null 2>&1 && exit 143; sleep 0.05; done; exit 9;;
   esac
 else
   touch "$STUB_DIR/ready-engine"
@@ -61,12 +63,14 @@ class Outcome:
     args: dict[str, list[str]]
     env: dict[str, dict[str, str]]
     requeued: list[str]
+    scancelled: list[str]
 
 
 def _stub_dir(tmp: Path) -> Path:
     stubs = tmp / "stubs"
     stubs.mkdir(exist_ok=True)
-    for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("module", "#!/bin/bash\nexit 0\n")):
+    scancel = '#!/bin/bash\necho "$*" >> "$STUB_DIR/scancelled"\n'
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("scancel", scancel), ("module", "#!/bin/bash\nexit 0\n")):
         path = stubs / name
         path.write_text(text)
         path.chmod(0o755)
@@ -74,7 +78,10 @@ def _stub_dir(tmp: Path) -> Path:
 
 
 def run_script(script: str, tmp: Path, *, job_id: int = 12345, restart: int | None = None, trainer: str = "done",
-               engine: str = "serve", signal_after_start: signal.Signals | None = None, timeout: float = 60) -> Outcome:
+               engine: str = "serve", signal_after_start: signal.Signals | None = None, stop_file: str = "",
+               timeout: float = 60) -> Outcome:
+    """Run ``script`` (whose run directory is ``tmp/run``); ``stop_file`` is created in its control/ once
+    both steps run (before ``signal_after_start`` is sent), as ``miles cancel`` does."""
     stubs = _stub_dir(tmp)
     path = tmp / "job.sbatch"
     path.write_text(script)
@@ -96,14 +103,17 @@ def run_script(script: str, tmp: Path, *, job_id: int = 12345, restart: int | No
     proc = subprocess.Popen(["bash", str(path)], cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
-        if signal_after_start is not None:
+        if signal_after_start is not None or stop_file:
             deadline = time.monotonic() + timeout
             while not (stubs / "args-trainer").exists() or not (stubs / "args-engine").exists():
                 if time.monotonic() > deadline or proc.poll() is not None:
                     break
                 time.sleep(0.02)
             time.sleep(0.2)
-            proc.send_signal(signal_after_start)
+            if stop_file:
+                (tmp / "run" / "control" / stop_file).write_text("{}")
+            if signal_after_start is not None:
+                proc.send_signal(signal_after_start)
         out, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
@@ -118,4 +128,7 @@ def run_script(script: str, tmp: Path, *, job_id: int = 12345, restart: int | No
     requeued = requeue_file.read_text().split() if requeue_file.exists() else []
     if requeue_file.exists():
         requeue_file.unlink()
-    return Outcome(proc.returncode, out, err, args, envs, requeued)
+    scancel_file = stubs / "scancelled"
+    scancelled = scancel_file.read_text().splitlines() if scancel_file.exists() else []
+    scancel_file.unlink(missing_ok=True)
+    return Outcome(proc.returncode, out, err, args, envs, requeued, scancelled)

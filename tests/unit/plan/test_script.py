@@ -213,3 +213,68 @@ def test_a_run_directory_held_by_another_run_is_refused_before_any_step(tmp_path
         f'MILES_CONTROL="$MILES_RUN_DIR/control"\n{sys.executable} -c "{probe}" "$MILES_RUN_DIR" || exit 42\n', 1)
     out = run_script(script, tmp_path, trainer="done")
     assert out.rc == 42 and "is in use by Slurm job 12345" in out.stderr, out.stderr
+
+
+def test_stale_done_of_an_earlier_job_or_selftest_does_not_end_this_one(tmp_path: Path) -> None:
+    control = tmp_path / "run" / "control"
+    control.mkdir(parents=True)
+    (control / "done").write_text("selftest\n")
+    (control / "stop-999").write_text("{}")  # another job's stop request
+    out = run_script(script_of(in_run_dir(spec("colocate"), tmp_path)), tmp_path, trainer="wait-preempt",
+                     signal_after_start=signal.SIGUSR1)
+    assert out.rc == 0, out.stderr
+    assert "run complete" not in out.stdout and out.requeued == ["12345"] and out.scancelled == []
+
+
+def test_usr1_with_this_jobs_stop_request_saves_and_cancels_instead_of_requeueing(tmp_path: Path) -> None:
+    """`miles cancel`: control/stop-<id>, then USR1; the ranks save and the job cancels itself."""
+    (tmp_path / "run" / "control").mkdir(parents=True)
+    out = run_script(script_of(in_run_dir(spec("colocate"), tmp_path)), tmp_path, trainer="wait-preempt",
+                     signal_after_start=signal.SIGUSR1, stop_file="stop-12345")
+    assert out.rc == 0, out.stderr
+    assert out.requeued == [] and out.scancelled == ["12345"], (out.stdout, out.stderr)
+    assert "job 12345 was cancelled" in out.stdout
+    assert "received SIGUSR1" in out.stderr
+
+
+def test_a_stop_request_found_at_start_ends_the_job_before_any_step(tmp_path: Path) -> None:
+    """A requeue that raced `miles cancel`: the next life of the job ends at once, CANCELLED."""
+    control = tmp_path / "run" / "control"
+    control.mkdir(parents=True)
+    (control / "stop-12345").write_text("{}")
+    out = run_script(script_of(in_run_dir(spec(), tmp_path)), tmp_path, trainer="ok", restart=1)
+    assert out.rc == 0 and out.args == {} and out.requeued == [] and out.scancelled == ["12345"], out.stderr
+
+
+def test_trainers_killed_by_a_cancel_do_not_fail_or_requeue_the_job(tmp_path: Path) -> None:
+    """`miles cancel --now`: the ranks die of the TERM; the shell reports the cancel, not a failure."""
+    control = tmp_path / "run" / "control"
+    control.mkdir(parents=True)
+    out = run_script(script_of(in_run_dir(spec(), tmp_path)), tmp_path, trainer="killed-on-stop",
+                     stop_file="stop-12345")
+    assert out.rc == 0 and out.requeued == [] and out.scancelled == ["12345"], out.stderr
+    assert "trainers step failed" not in out.stderr
+
+
+def test_a_site_port_range_reaches_the_plan_the_script_and_the_ranks(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """MILES_PORT_RANGE where miles plans: the script exports it, and its shell arithmetic agrees with the planner."""
+    monkeypatch.setenv("MILES_PORT_RANGE", "40000-40639")  # 10 blocks of 64
+    s = in_run_dir(spec(), tmp_path)
+    text = script_of(s)
+    assert "export MILES_PORT_RANGE=40000-40639" in text and "the site's MILES_PORT_RANGE" in text
+    for job_id in (12345, 7):
+        out = run_script(text, tmp_path, job_id=job_id)
+        plan = make_plan(s, job_id=job_id)
+        env = out.env["trainer"]
+        assert plan.ports.base == 40000 + (job_id % 10) * 64 == int(env["MILES_PORT_BASE"])
+        assert int(env["MASTER_PORT"]) == plan.ports.master and env["MILES_PORT_RANGE"] == "40000-40639"
+
+
+@pytest.mark.parametrize("value", ["40000", "40000-40010", "80-2000", "40000-70000", "a-b"])
+def test_a_bad_site_port_range_is_refused_naming_it(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from miles.errors import UserError
+
+    monkeypatch.setenv("MILES_PORT_RANGE", value)
+    with pytest.raises(UserError, match=f"MILES_PORT_RANGE='{value}'"):
+        make_plan(spec())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from miles.spec import load_spec, parse_override
@@ -16,7 +18,7 @@ def test_overrides_apply_before_validation(specs: SpecFiles) -> None:
     assert spec.train.global_batch_size == 4 and spec.train.num_steps_per_rollout == 2
     assert spec.rollout.rollout_temperature == 0.5 and spec.run.plot is False
     assert spec.slurm.modules == ["cuda/12", "nccl"]
-    assert spec.eval.eval_prompt_data == {"gsm8k": "data/gsm8k.jsonl"}
+    assert spec.eval.eval_prompt_data == {"gsm8k": str(Path.cwd() / "data" / "gsm8k.jsonl")}  # --set: from here
 
 
 def test_string_keys_take_the_text_as_is(specs: SpecFiles) -> None:
@@ -62,3 +64,14 @@ def test_parse_override() -> None:
     assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
     with pytest.raises(ValueError):
         parse_override("a=1")
+
+
+def test_an_inline_table_merges_and_colon_equals_replaces(specs: SpecFiles) -> None:
+    """cli.md's `--set slurm.env={...}` keeps the spec's other variables; `:=` is the explicit replacement."""
+    path, _ = specs.write({"slurm": {"env": {"NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0"}}})
+    merged = load_spec(path, ['slurm.env={NCCL_DEBUG="WARN"}']).slurm.env
+    assert merged == {"NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "WARN"}
+    assert load_spec(path, ["slurm.env.NCCL_DEBUG=WARN"]).slurm.env == merged
+    assert load_spec(path, ['slurm.env:={NCCL_DEBUG="WARN"}']).slurm.env == {"NCCL_DEBUG": "WARN"}
+    assert load_spec(path, ["slurm.env:={}"]).slurm.env == {}
+    assert load_spec(path, ["run.seed:=7"]).run.seed == 7  # `:=` on a plain key is a plain set
