@@ -71,8 +71,17 @@ def run_trainer(spec: Spec, task: TaskContext) -> int:
         fault.point("sync", state.weight_version - 1, run_dir, rank)
 
         if metrics is not None:
-            _log(metrics, rollout_id, parts.num_rollout, samples, reward_stats, step_metrics, state, timer,
-                 engine_seconds)
+            _log(
+                metrics,
+                rollout_id,
+                parts.num_rollout,
+                samples,
+                reward_stats,
+                step_metrics,
+                state,
+                timer,
+                engine_seconds,
+            )
         if control.stop_requested(run_dir, task.device):
             return _stop(parts, spec, state, run_dir, metrics, next_rollout=rollout_id + 1)
         if checkpoint.save_due(spec, rollout_id):
@@ -81,8 +90,17 @@ def run_trainer(spec: Spec, task: TaskContext) -> int:
     return _finish(parts, spec, state, run_dir, metrics)
 
 
-def _log(metrics: MetricsLog, rollout_id: int, num_rollout: int, samples: list, reward_stats: dict[str, float],
-         step_metrics: list[dict[str, float]], state: RunState, timer: PhaseTimer, engine_seconds: float) -> None:
+def _log(
+    metrics: MetricsLog,
+    rollout_id: int,
+    num_rollout: int,
+    samples: list,
+    reward_stats: dict[str, float],
+    step_metrics: list[dict[str, float]],
+    state: RunState,
+    timer: PhaseTimer,
+    engine_seconds: float,
+) -> None:
     """Driver: this rollout's metrics (deterministic) and perf figures (wall clock), to the files and the console."""
     values, perf = rollout_metrics(samples, reward_stats, step_metrics, state.weight_version)
     perf.update(timer.phases)
@@ -93,13 +111,23 @@ def _log(metrics: MetricsLog, rollout_id: int, num_rollout: int, samples: list, 
     print(console_line(rollout_id, num_rollout, values, perf), flush=True)
 
 
-def _stop(parts: Components, spec: Spec, state: RunState, run_dir: Path, metrics: MetricsLog | None,
-          next_rollout: int, start: checkpoint.RolloutStart | None = None) -> int:
+def _stop(
+    parts: Components,
+    spec: Spec,
+    state: RunState,
+    run_dir: Path,
+    metrics: MetricsLog | None,
+    next_rollout: int,
+    start: checkpoint.RolloutStart | None = None,
+) -> int:
     """Preempted or cancelled: save the state before ``next_rollout``, then end this rank (the batch shell decides)."""
     checkpoint.save(parts, spec, state, run_dir, next_rollout, start=start)
     if parts.is_driver:
-        print(f"miles: preempted; saved the state before rollout {next_rollout}; exiting (the job requeues "
-              "unless it was cancelled)", flush=True)
+        print(
+            f"miles: preempted; saved the state before rollout {next_rollout}; exiting (the job requeues "
+            "unless it was cancelled)",
+            flush=True,
+        )
     _close(parts, metrics)
     return 0
 

@@ -168,8 +168,13 @@ def compute_advantages(cfg: GrpoConfig, inp: AdvantageInputs) -> list[torch.Tens
     try:
         estimator = ESTIMATORS[cfg.advantage_estimator]
     except KeyError:
-        raise ValueError(f"unknown advantage_estimator {cfg.advantage_estimator!r}; choose from {sorted(ESTIMATORS)}") from None
+        raise ValueError(
+            f"unknown advantage_estimator {cfg.advantage_estimator!r}; choose from {sorted(ESTIMATORS)}"
+        ) from None
     adv = estimator(inp, cfg)
-    if cfg.normalize_advantages and cfg.advantage_estimator not in ("reinforce_plus_plus", "reinforce_plus_plus_baseline"):
+    if cfg.normalize_advantages and cfg.advantage_estimator not in (
+        "reinforce_plus_plus",
+        "reinforce_plus_plus_baseline",
+    ):
         adv = masked_whiten(adv, inp.loss_masks)
     return adv

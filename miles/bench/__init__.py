@@ -22,7 +22,6 @@ SUITES = ("sync", "train", "rollout", "loop")
 def main(suite: str, args: list[str]) -> int:
     """Run one suite with its command-line ``args``; returns the exit code."""
     if suite not in SUITES:
-
         raise UserError(f"unknown benchmark suite {suite!r}; choose one of {', '.join(SUITES)}")
     module = importlib.import_module(f"miles.bench.{suite}")
     return int(module.main(list(args)))

@@ -44,9 +44,16 @@ MAX_CASE_S = 560
 """Sum of a case's time limits: a 10-minute command on a GPU machine, less the wheel installation before it."""
 
 ENV = {
-    "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-    "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false", "MILES_GRACE_S": "5",
-    "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONWARNINGS": "ignore",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MILES_GRACE_S": "5",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
 }
 """Set for every command unless the caller's environment sets them: NVLink multicast off (a program using it can
 take a shared host's GPUs out of service), unbuffered output for the logs, no hub access, quiet progress bars, and
@@ -82,8 +89,10 @@ SYNC_TEST = Step("pytest -q -m gpu tests/unit/transfer/test_sync_gpu.py", 120)
 MEGATRON_TRAIN = "miles bench train --backend megatron --dtype bfloat16 --seq-len 2048"
 BEST = "attention_backend=sdpa,fused_kernels=true,micro_batch=4"
 """The fastest Megatron settings without Transformer Engine (sdpa attention, fused norms and log-probs)."""
-ONE_GPU_LOOP = ("--set 'cluster.device=\"cuda\"' --set cluster.gpus_per_node=1 --set cluster.actor_num_gpus_per_node=1"
-                " --set run.use_tensorboard=false --set run.plot=false")
+ONE_GPU_LOOP = (
+    "--set 'cluster.device=\"cuda\"' --set cluster.gpus_per_node=1 --set cluster.actor_num_gpus_per_node=1"
+    " --set run.use_tensorboard=false --set run.plot=false"
+)
 CP2 = "--set perf.tp=1 --set perf.cp=2 --set 'perf.attention_backend=\"sdpa\"'"
 TORCHRUN2 = "torchrun --standalone --nproc_per_node 2 -m miles.cli bench train --dtype bfloat16"
 TORCHRUN4 = "torchrun --standalone --nproc_per_node 4 -m miles.cli bench train --dtype bfloat16"
@@ -91,123 +100,268 @@ TORCHRUN4 = "torchrun --standalone --nproc_per_node 4 -m miles.cli bench train -
 
 def _sync_sweep(engines: int, timeouts: dict[str, int], buckets: str = "256 1024 2048") -> tuple[Step, ...]:
     tag = "1to1" if engines == 1 else f"1to{engines}"
-    return tuple(Step(f"{SYNC} --preset qwen2.5-{size} --bucket-mb {buckets} --iters 3 --engines {engines} "
-                      f"--json {{out}}/sync-{tag}-{size}.json", t) for size, t in timeouts.items())
+    return tuple(
+        Step(
+            f"{SYNC} --preset qwen2.5-{size} --bucket-mb {buckets} --iters 3 --engines {engines} "
+            f"--json {{out}}/sync-{tag}-{size}.json",
+            t,
+        )
+        for size, t in timeouts.items()
+    )
 
 
 CASES: tuple[Case, ...] = (
-    Case("engine-correctness-1gpu", 1,
-         "The embedded engine on a GPU: CUDA-graph decode across growing and shrinking batches equals eager decoding, "
-         "the fused step equals the unfused one, Triton decode attention equals SDPA, the static decoder on a "
-         "Qwen2.5-0.5B-shaped model is reproducible and equals its eager run, and CUDA-IPC colocated weight sync "
-         "lands bit for bit.",
-         (Step("pytest -q -m gpu tests/gpu/test_engine_graphs.py tests/gpu/test_decode_attention.py "
-               "tests/gpu/test_static_decoder.py tests/gpu/test_colocate_ipc.py", 300),)),
-    Case("rollout-fused-0.5b", 1,
-         "Rollout tokens/s, Qwen2.5-0.5B shape, batch 256, 32 prompt + 128 new tokens: the embedded engine unfused, "
-         "then fused (compiled elementwise chains, sampling and Triton decode attention in the CUDA graphs), against "
-         "HF generate and the weights-only roofline in the same run.",
-         (Step(f"CUDA_VISIBLE_DEVICES=0 {ROLLOUT} --preset qwen2.5-0.5b --fuse compare "
-               "--json {out}/rollout-fused-0.5b.json", 200),)),
-    Case("rollout-fused-1.5b", 1,
-         "Rollout tokens/s as rollout-fused-0.5b at the Qwen2.5-1.5B shape: engine unfused and fused against HF "
-         "generate.",
-         (Step(f"CUDA_VISIBLE_DEVICES=0 {ROLLOUT} --preset qwen2.5-1.5b --fuse compare "
-               "--json {out}/rollout-fused-1.5b.json", 200),)),
-    Case("rollout-7b", 1,
-         "Rollout tokens/s at the Qwen2.5-7B shape (15.2 GB of bf16 weights, where the weights dominate each decode "
-         "step): the embedded engine against HF generate and the roofline.",
-         (Step(f"CUDA_VISIBLE_DEVICES=0 {ROLLOUT} --preset qwen2.5-7b --json {{out}}/rollout-7b.json", 200),)),
-    Case("decode-step-profile-0.5b", 1,
-         "One fused decode step at the rollout-fused-0.5b shape: step time with and without CUDA graphs at two "
-         "attention windows, then the kernels of one eagerly launched step by device time.",
-         (Step("CUDA_VISIBLE_DEVICES=0 python -m miles.bench.decode_step --preset qwen2.5-0.5b --batch 256 "
-               "--prompt-len 32 --new-tokens 128 --fuse on --top 16 --json {out}/decode-step-0.5b.json", 150),)),
-    Case("sync-1to1", 2,
-         "NCCL weight sync, one trainer rank (cuda:0) to one engine process (cuda:1): the bit-exact sync test, then "
-         "Qwen2.5 0.5B / 1.5B / 3B / 7B shapes (0.92-14.19 GiB) at 256 MiB, 1 GiB and 2 GiB buckets, each against "
-         "a raw broadcast of the same bytes.",
-         (SYNC_TEST, *_sync_sweep(1, {"0.5b": 45, "1.5b": 50, "3b": 60, "7b": 90}))),
-    Case("sync-1to1-7b", 2,
-         "NCCL weight sync at the Qwen2.5-7B shape (14.19 GiB), one trainer rank to one engine, 1 and 2 GiB buckets, "
-         "best and median of 5 syncs against the raw broadcast: the sync >= 0.9 x raw target.",
-         (SYNC_TEST, Step(f"{SYNC} --preset qwen2.5-7b --bucket-mb 1024 2048 --iters 5 "
-                          "--json {out}/sync-1to1-7b.json", 120))),
-    Case("sync-1to3", 4,
-         "NCCL weight sync from one trainer rank (cuda:0) to three engine processes (cuda:1-3), Qwen2.5 0.5B-7B "
-         "shapes, 256 MiB-2 GiB buckets, against one raw broadcast to the same three processes.",
-         _sync_sweep(3, {"0.5b": 55, "1.5b": 60, "3b": 70, "7b": 110})),
-    Case("train-mfu-1gpu", 1,
-         "Megatron MFU on one GPU, seq 2048, 16 sequences per step: Llama-3.2-1B shape with the default path, sdpa "
-         "attention, + fused kernels, + micro-batch 4; Qwen2.5-1.5B and 0.5B shapes default and best.",
-         (Step(f"{MEGATRON_TRAIN} --preset llama3.2-1b --batch 16 --micro-batch 1 --steps 3 --warmup 1 "
-               f"--variant default attention_backend=sdpa attention_backend=sdpa,fused_kernels=true {BEST} "
-               "--json {out}/train-mfu-llama3.2-1b.json", 150),
-          Step(f"{MEGATRON_TRAIN} --preset qwen2.5-1.5b --batch 16 --micro-batch 1 --steps 2 --warmup 1 "
-               f"--variant default {BEST} --json {{out}}/train-mfu-qwen2.5-1.5b.json", 100),
-          Step(f"{MEGATRON_TRAIN} --preset qwen2.5-0.5b --batch 16 --micro-batch 1 --steps 2 --warmup 1 "
-               f"--variant default {BEST} --json {{out}}/train-mfu-qwen2.5-0.5b.json", 80))),
-    Case("train-fsdp-1gpu", 1,
-         "FSDP actor throughput and MFU on one GPU, seq 2048, 8 sequences per step, micro-batch 1: Qwen2.5-0.5B and "
-         "1.5B shapes.",
-         tuple(Step(f"miles bench train --backend fsdp --preset qwen2.5-{size} --seq-len 2048 --batch 8 "
-                    f"--micro-batch 1 --steps 3 --warmup 1 --dtype bfloat16 --json {{out}}/train-fsdp-{size}.json",
-                    120) for size in ("0.5b", "1.5b"))),
-    Case("train-layouts-2gpu-1b", 2,
-         "Llama-3.2-1B shape on 2 GPUs (torchrun, NCCL): Megatron DP=2, TP=2, TP=2 + SP and CP=2 and FSDP DP=2 at "
-         "seq 2048, then TP=2 + SP against CP=2 at seq 8192.",
-         (Step(f"{TORCHRUN2} --backend megatron --preset llama3.2-1b --seq-len 2048 --batch 16 --steps 2 --warmup 1 "
-               f"--variant {BEST} tp=2,{BEST} tp=2,sequence_parallel=true,{BEST} cp=2,{BEST} "
-               "--json {out}/train-2gpu-1b.json", 200),
-          Step(f"{TORCHRUN2} --backend fsdp --preset llama3.2-1b --seq-len 2048 --batch 16 --steps 2 --warmup 1 "
-               "--variant micro_batch=2 --json {out}/train-2gpu-1b-fsdp.json", 110),
-          Step(f"{TORCHRUN2} --backend megatron --preset llama3.2-1b --seq-len 8192 --batch 4 --steps 2 --warmup 1 "
-               "--variant tp=2,sequence_parallel=true,attention_backend=sdpa,fused_kernels=true,micro_batch=1 "
-               "cp=2,attention_backend=sdpa,fused_kernels=true,micro_batch=1 --json {out}/train-2gpu-1b-8k.json",
-               130))),
-    Case("train-mfu-2gpu-7b", 2,
-         "Megatron MFU of the Qwen2.5-7B shape (all 28 layers) at TP=2 + SP on 2 GPUs, seq 2048, 8 sequences per "
-         "step; about 80 GiB per GPU, so on 80 GB cards add --layers 14.",
-         (Step(f"{TORCHRUN2} --backend megatron --preset qwen2.5-7b --seq-len 2048 --batch 8 --steps 2 --warmup 1 "
-               "--variant tp=2,sequence_parallel=true,attention_backend=sdpa,fused_kernels=true,micro_batch=2 "
-               "--json {out}/train-2gpu-7b.json", 260),)),
-    Case("train-layouts-4gpu-1b", 4,
-         "Llama-3.2-1B shape on 4 GPUs, seq 2048, 32 sequences per step: Megatron DP=4 against TP=2 x DP=2 + SP.",
-         (Step(f"{TORCHRUN4} --backend megatron --preset llama3.2-1b --seq-len 2048 --batch 32 --steps 2 --warmup 1 "
-               f"--variant {BEST} tp=2,sequence_parallel=true,{BEST} --json {{out}}/train-4gpu-1b.json", 150),)),
-    Case("loop-1gpu-quickstart", 1,
-         "Per-phase seconds and overhead of the quickstart loop on one GPU (one FSDP trainer and one colocated "
-         "embedded engine, tensor sync), 8 rollouts.",
-         (Step(f"miles bench loop configs/quickstart.toml --rollouts 8 --timeout 190 {ONE_GPU_LOOP} "
-               "--json {out}/loop-1gpu-quickstart.json", 210),)),
-    Case("loop-2gpu-colocated", 2,
-         "Per-phase seconds and overhead of Megatron GRPO on 2 GPUs (two trainer ranks and two colocated embedded "
-         "engines, offload between phases, every sync checked), 8 rollouts at TP=2, then at CP=2.",
-         (Step("miles bench loop configs/gpu-megatron-2gpu.toml --rollouts 8 --timeout 190 "
-               "--json {out}/loop-2gpu-tp2.json", 210),
-          Step(f"miles bench loop configs/gpu-megatron-2gpu.toml --rollouts 8 --timeout 190 {CP2} "
-               "--json {out}/loop-2gpu-cp2.json", 210))),
-    Case("loop-4gpu-split", 4,
-         "Per-phase seconds and overhead of Megatron GRPO with trainers and engines apart on 4 GPUs (two engines on "
-         "GPUs 0-1, TP=2 trainer on GPUs 2-3, NCCL sync checked every rollout), 8 rollouts.",
-         (Step("miles bench loop configs/gpu-megatron-4gpu-split.toml --rollouts 8 --timeout 200 "
-               "--json {out}/loop-4gpu-split.json", 230),)),
-    Case("megatron-grpo-2gpu", 2,
-         "The whole GRPO loop with the Megatron backend on 2 GPUs, 30 rollouts at TP=2 and again at CP=2: every "
-         "weight sync verified on both engines, the reward rising, the final model exported.",
-         (Step("pytest -q -m gpu tests/gpu/test_megatron_grpo.py", 480),)),
-    Case("megatron-equivalence-2gpu", 2,
-         "Megatron against FSDP on 2 GPUs (log-probs, losses, grad norms, updated weights; fp32 and bf16) at TP=2, "
-         "TP=2 with sdpa, CP=2, TP=2 + SP, Qwen3-MoE at EP=2 and TP=2 + SP, and the HF -> Megatron -> HF round "
-         "trips; on 4 GPUs the 4-rank layouts too. Prints the comparison table.",
-         (Step("MILES_GPU_RESULTS={work}/equiv pytest -q -m gpu tests/gpu/test_megatron_gpu.py", 420),
-          Step("python tests/gpu/megatron_compare.py {work}/equiv", 60))),
-    Case("cp-equivalence-4gpu", 4,
-         "Megatron with context parallelism against FSDP DP=4 on 4 GPUs: TP=2 x CP=2 + SP and PP=2 x CP=2, fp32 "
-         "and bf16. Prints the comparison table.",
-         (Step("MILES_GPU_RESULTS={work}/equiv pytest -q -m gpu tests/gpu/test_megatron_gpu.py "
-               "-k 'tp2cp2 or pp2cp2'", 240),
-          Step("python tests/gpu/megatron_compare.py {work}/equiv", 60))),
+    Case(
+        "engine-correctness-1gpu",
+        1,
+        "The embedded engine on a GPU: CUDA-graph decode across growing and shrinking batches equals eager decoding, "
+        "the fused step equals the unfused one, Triton decode attention equals SDPA, the static decoder on a "
+        "Qwen2.5-0.5B-shaped model is reproducible and equals its eager run, and CUDA-IPC colocated weight sync "
+        "lands bit for bit.",
+        (
+            Step(
+                "pytest -q -m gpu tests/gpu/test_engine_graphs.py tests/gpu/test_decode_attention.py "
+                "tests/gpu/test_static_decoder.py tests/gpu/test_colocate_ipc.py",
+                300,
+            ),
+        ),
+    ),
+    Case(
+        "rollout-fused-0.5b",
+        1,
+        "Rollout tokens/s, Qwen2.5-0.5B shape, batch 256, 32 prompt + 128 new tokens: the embedded engine unfused, "
+        "then fused (compiled elementwise chains, sampling and Triton decode attention in the CUDA graphs), against "
+        "HF generate and the weights-only roofline in the same run.",
+        (
+            Step(
+                f"CUDA_VISIBLE_DEVICES=0 {ROLLOUT} --preset qwen2.5-0.5b --fuse compare "
+                "--json {out}/rollout-fused-0.5b.json",
+                200,
+            ),
+        ),
+    ),
+    Case(
+        "rollout-fused-1.5b",
+        1,
+        "Rollout tokens/s as rollout-fused-0.5b at the Qwen2.5-1.5B shape: engine unfused and fused against HF "
+        "generate.",
+        (
+            Step(
+                f"CUDA_VISIBLE_DEVICES=0 {ROLLOUT} --preset qwen2.5-1.5b --fuse compare "
+                "--json {out}/rollout-fused-1.5b.json",
+                200,
+            ),
+        ),
+    ),
+    Case(
+        "rollout-7b",
+        1,
+        "Rollout tokens/s at the Qwen2.5-7B shape (15.2 GB of bf16 weights, where the weights dominate each decode "
+        "step): the embedded engine against HF generate and the roofline.",
+        (Step(f"CUDA_VISIBLE_DEVICES=0 {ROLLOUT} --preset qwen2.5-7b --json {{out}}/rollout-7b.json", 200),),
+    ),
+    Case(
+        "decode-step-profile-0.5b",
+        1,
+        "One fused decode step at the rollout-fused-0.5b shape: step time with and without CUDA graphs at two "
+        "attention windows, then the kernels of one eagerly launched step by device time.",
+        (
+            Step(
+                "CUDA_VISIBLE_DEVICES=0 python -m miles.bench.decode_step --preset qwen2.5-0.5b --batch 256 "
+                "--prompt-len 32 --new-tokens 128 --fuse on --top 16 --json {out}/decode-step-0.5b.json",
+                150,
+            ),
+        ),
+    ),
+    Case(
+        "sync-1to1",
+        2,
+        "NCCL weight sync, one trainer rank (cuda:0) to one engine process (cuda:1): the bit-exact sync test, then "
+        "Qwen2.5 0.5B / 1.5B / 3B / 7B shapes (0.92-14.19 GiB) at 256 MiB, 1 GiB and 2 GiB buckets, each against "
+        "a raw broadcast of the same bytes.",
+        (SYNC_TEST, *_sync_sweep(1, {"0.5b": 45, "1.5b": 50, "3b": 60, "7b": 90})),
+    ),
+    Case(
+        "sync-1to1-7b",
+        2,
+        "NCCL weight sync at the Qwen2.5-7B shape (14.19 GiB), one trainer rank to one engine, 1 and 2 GiB buckets, "
+        "best and median of 5 syncs against the raw broadcast: the sync >= 0.9 x raw target.",
+        (
+            SYNC_TEST,
+            Step(f"{SYNC} --preset qwen2.5-7b --bucket-mb 1024 2048 --iters 5 --json {{out}}/sync-1to1-7b.json", 120),
+        ),
+    ),
+    Case(
+        "sync-1to3",
+        4,
+        "NCCL weight sync from one trainer rank (cuda:0) to three engine processes (cuda:1-3), Qwen2.5 0.5B-7B "
+        "shapes, 256 MiB-2 GiB buckets, against one raw broadcast to the same three processes.",
+        _sync_sweep(3, {"0.5b": 55, "1.5b": 60, "3b": 70, "7b": 110}),
+    ),
+    Case(
+        "train-mfu-1gpu",
+        1,
+        "Megatron MFU on one GPU, seq 2048, 16 sequences per step: Llama-3.2-1B shape with the default path, sdpa "
+        "attention, + fused kernels, + micro-batch 4; Qwen2.5-1.5B and 0.5B shapes default and best.",
+        (
+            Step(
+                f"{MEGATRON_TRAIN} --preset llama3.2-1b --batch 16 --micro-batch 1 --steps 3 --warmup 1 "
+                f"--variant default attention_backend=sdpa attention_backend=sdpa,fused_kernels=true {BEST} "
+                "--json {out}/train-mfu-llama3.2-1b.json",
+                150,
+            ),
+            Step(
+                f"{MEGATRON_TRAIN} --preset qwen2.5-1.5b --batch 16 --micro-batch 1 --steps 2 --warmup 1 "
+                f"--variant default {BEST} --json {{out}}/train-mfu-qwen2.5-1.5b.json",
+                100,
+            ),
+            Step(
+                f"{MEGATRON_TRAIN} --preset qwen2.5-0.5b --batch 16 --micro-batch 1 --steps 2 --warmup 1 "
+                f"--variant default {BEST} --json {{out}}/train-mfu-qwen2.5-0.5b.json",
+                80,
+            ),
+        ),
+    ),
+    Case(
+        "train-fsdp-1gpu",
+        1,
+        "FSDP actor throughput and MFU on one GPU, seq 2048, 8 sequences per step, micro-batch 1: Qwen2.5-0.5B and "
+        "1.5B shapes.",
+        tuple(
+            Step(
+                f"miles bench train --backend fsdp --preset qwen2.5-{size} --seq-len 2048 --batch 8 "
+                f"--micro-batch 1 --steps 3 --warmup 1 --dtype bfloat16 --json {{out}}/train-fsdp-{size}.json",
+                120,
+            )
+            for size in ("0.5b", "1.5b")
+        ),
+    ),
+    Case(
+        "train-layouts-2gpu-1b",
+        2,
+        "Llama-3.2-1B shape on 2 GPUs (torchrun, NCCL): Megatron DP=2, TP=2, TP=2 + SP and CP=2 and FSDP DP=2 at "
+        "seq 2048, then TP=2 + SP against CP=2 at seq 8192.",
+        (
+            Step(
+                f"{TORCHRUN2} --backend megatron --preset llama3.2-1b --seq-len 2048 --batch 16 --steps 2 --warmup 1 "
+                f"--variant {BEST} tp=2,{BEST} tp=2,sequence_parallel=true,{BEST} cp=2,{BEST} "
+                "--json {out}/train-2gpu-1b.json",
+                200,
+            ),
+            Step(
+                f"{TORCHRUN2} --backend fsdp --preset llama3.2-1b --seq-len 2048 --batch 16 --steps 2 --warmup 1 "
+                "--variant micro_batch=2 --json {out}/train-2gpu-1b-fsdp.json",
+                110,
+            ),
+            Step(
+                f"{TORCHRUN2} --backend megatron --preset llama3.2-1b --seq-len 8192 --batch 4 --steps 2 --warmup 1 "
+                "--variant tp=2,sequence_parallel=true,attention_backend=sdpa,fused_kernels=true,micro_batch=1 "
+                "cp=2,attention_backend=sdpa,fused_kernels=true,micro_batch=1 --json {out}/train-2gpu-1b-8k.json",
+                130,
+            ),
+        ),
+    ),
+    Case(
+        "train-mfu-2gpu-7b",
+        2,
+        "Megatron MFU of the Qwen2.5-7B shape (all 28 layers) at TP=2 + SP on 2 GPUs, seq 2048, 8 sequences per "
+        "step; about 80 GiB per GPU, so on 80 GB cards add --layers 14.",
+        (
+            Step(
+                f"{TORCHRUN2} --backend megatron --preset qwen2.5-7b --seq-len 2048 --batch 8 --steps 2 --warmup 1 "
+                "--variant tp=2,sequence_parallel=true,attention_backend=sdpa,fused_kernels=true,micro_batch=2 "
+                "--json {out}/train-2gpu-7b.json",
+                260,
+            ),
+        ),
+    ),
+    Case(
+        "train-layouts-4gpu-1b",
+        4,
+        "Llama-3.2-1B shape on 4 GPUs, seq 2048, 32 sequences per step: Megatron DP=4 against TP=2 x DP=2 + SP.",
+        (
+            Step(
+                f"{TORCHRUN4} --backend megatron --preset llama3.2-1b --seq-len 2048 --batch 32 --steps 2 --warmup 1 "
+                f"--variant {BEST} tp=2,sequence_parallel=true,{BEST} --json {{out}}/train-4gpu-1b.json",
+                150,
+            ),
+        ),
+    ),
+    Case(
+        "loop-1gpu-quickstart",
+        1,
+        "Per-phase seconds and overhead of the quickstart loop on one GPU (one FSDP trainer and one colocated "
+        "embedded engine, tensor sync), 8 rollouts.",
+        (
+            Step(
+                f"miles bench loop configs/quickstart.toml --rollouts 8 --timeout 190 {ONE_GPU_LOOP} "
+                "--json {out}/loop-1gpu-quickstart.json",
+                210,
+            ),
+        ),
+    ),
+    Case(
+        "loop-2gpu-colocated",
+        2,
+        "Per-phase seconds and overhead of Megatron GRPO on 2 GPUs (two trainer ranks and two colocated embedded "
+        "engines, offload between phases, every sync checked), 8 rollouts at TP=2, then at CP=2.",
+        (
+            Step(
+                "miles bench loop configs/gpu-megatron-2gpu.toml --rollouts 8 --timeout 190 "
+                "--json {out}/loop-2gpu-tp2.json",
+                210,
+            ),
+            Step(
+                f"miles bench loop configs/gpu-megatron-2gpu.toml --rollouts 8 --timeout 190 {CP2} "
+                "--json {out}/loop-2gpu-cp2.json",
+                210,
+            ),
+        ),
+    ),
+    Case(
+        "loop-4gpu-split",
+        4,
+        "Per-phase seconds and overhead of Megatron GRPO with trainers and engines apart on 4 GPUs (two engines on "
+        "GPUs 0-1, TP=2 trainer on GPUs 2-3, NCCL sync checked every rollout), 8 rollouts.",
+        (
+            Step(
+                "miles bench loop configs/gpu-megatron-4gpu-split.toml --rollouts 8 --timeout 200 "
+                "--json {out}/loop-4gpu-split.json",
+                230,
+            ),
+        ),
+    ),
+    Case(
+        "megatron-grpo-2gpu",
+        2,
+        "The whole GRPO loop with the Megatron backend on 2 GPUs, 30 rollouts at TP=2 and again at CP=2: every "
+        "weight sync verified on both engines, the reward rising, the final model exported.",
+        (Step("pytest -q -m gpu tests/gpu/test_megatron_grpo.py", 480),),
+    ),
+    Case(
+        "megatron-equivalence-2gpu",
+        2,
+        "Megatron against FSDP on 2 GPUs (log-probs, losses, grad norms, updated weights; fp32 and bf16) at TP=2, "
+        "TP=2 with sdpa, CP=2, TP=2 + SP, Qwen3-MoE at EP=2 and TP=2 + SP, and the HF -> Megatron -> HF round "
+        "trips; on 4 GPUs the 4-rank layouts too. Prints the comparison table.",
+        (
+            Step("MILES_GPU_RESULTS={work}/equiv pytest -q -m gpu tests/gpu/test_megatron_gpu.py", 420),
+            Step("python tests/gpu/megatron_compare.py {work}/equiv", 60),
+        ),
+    ),
+    Case(
+        "cp-equivalence-4gpu",
+        4,
+        "Megatron with context parallelism against FSDP DP=4 on 4 GPUs: TP=2 x CP=2 + SP and PP=2 x CP=2, fp32 "
+        "and bf16. Prints the comparison table.",
+        (
+            Step(
+                "MILES_GPU_RESULTS={work}/equiv pytest -q -m gpu tests/gpu/test_megatron_gpu.py -k 'tp2cp2 or pp2cp2'",
+                240,
+            ),
+            Step("python tests/gpu/megatron_compare.py {work}/equiv", 60),
+        ),
+    ),
 )
 BY_NAME = {c.name: c for c in CASES}
 
@@ -226,8 +380,12 @@ def argv_for(words: list[str]) -> list[str]:
     """The process to start for a command as written: ``miles`` is ``python -m miles.cli``, ``torchrun`` and
     ``pytest`` their modules, ``python`` this interpreter (the GPU machines may lack the console scripts)."""
     program, rest = words[0], words[1:]
-    prefix = {"miles": ["-m", "miles.cli"], "torchrun": ["-m", "torch.distributed.run"], "pytest": ["-m", "pytest"],
-              "python": []}
+    prefix = {
+        "miles": ["-m", "miles.cli"],
+        "torchrun": ["-m", "torch.distributed.run"],
+        "pytest": ["-m", "pytest"],
+        "python": [],
+    }
     if program not in prefix:
         raise ValueError(f"unknown program {program!r} in a case command")
     return [sys.executable, *prefix[program], *rest]
@@ -284,8 +442,15 @@ def run_step(command: str, timeout_s: float, log_path: Path, tail: int) -> int:
     env_add, words = split(command)
     env = {**ENV, **os.environ, **env_add}
     last: deque[str] = deque(maxlen=max(tail, 1))
-    proc = subprocess.Popen(argv_for(words), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", start_new_session=True)
+    proc = subprocess.Popen(
+        argv_for(words),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     assert proc.stdout is not None
     reader = threading.Thread(target=_pump, args=(proc.stdout, log_path, tail, last), daemon=True)
     reader.start()
@@ -317,8 +482,11 @@ def run_case(case: Case, out_root: Path, tail: int = 0) -> int:
     try:
         for i, step in enumerate(case.steps):
             command = fill(step.command, out, work)
-            print(f"=== {time.strftime('%H:%M:%S', time.gmtime())} {case.name} [{i + 1}/{len(case.steps)}] "
-                  f"(limit {step.timeout_s} s): {command}", flush=True)
+            print(
+                f"=== {time.strftime('%H:%M:%S', time.gmtime())} {case.name} [{i + 1}/{len(case.steps)}] "
+                f"(limit {step.timeout_s} s): {command}",
+                flush=True,
+            )
             t0 = time.monotonic()
             rc = run_step(command, step.timeout_s, out / f"step-{i + 1}.log", tail)
             seconds = time.monotonic() - t0
@@ -326,8 +494,13 @@ def run_case(case: Case, out_root: Path, tail: int = 0) -> int:
             results.append({"command": command, "rc": rc, "seconds": round(seconds, 1), "timeout_s": step.timeout_s})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = {"case": case.name, "gpus": case.gpus, "description": case.description,
-               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "steps": results}
+    summary = {
+        "case": case.name,
+        "gpus": case.gpus,
+        "description": case.description,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "steps": results,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return 0 if all(r["rc"] == 0 for r in results) else 1
 
@@ -350,8 +523,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the cases and what each measures")
     p.add_argument("--dry-run", action="store_true", help="print each case's commands; run nothing")
     p.add_argument("--out", default=None, help="output root (default $OUT, else ./bench-out); a folder per case")
-    p.add_argument("--tail", type=int, default=0,
-                   help="print only the last N lines of each command (all of it goes to the case's logs)")
+    p.add_argument(
+        "--tail",
+        type=int,
+        default=0,
+        help="print only the last N lines of each command (all of it goes to the case's logs)",
+    )
     return p
 
 
@@ -362,8 +539,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     unknown = [n for n in a.names if n not in BY_NAME]
     if unknown or not a.names:
-        print(f"unknown case(s): {', '.join(unknown)}; --list shows them" if unknown else
-              "name a case (--list shows them)", file=sys.stderr)
+        print(
+            f"unknown case(s): {', '.join(unknown)}; --list shows them"
+            if unknown
+            else "name a case (--list shows them)",
+            file=sys.stderr,
+        )
         return 2
     out_root = Path(a.out or os.environ.get("OUT") or "bench-out")
     rc = 0

@@ -23,13 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from miles.bench.report import machine, write_atomic
-from miles.bench.shapes import PRESETS, load_config_dict, with_layers
+from miles.bench.shapes import PRESETS, hf_config, load_config_dict, with_layers
+from miles.engine.decoder import StaticDecoder
+from miles.engine.sampling import BatchSampling, SamplingParams
 from miles.errors import UserError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m miles.bench.decode_step",
-                                description=__doc__.split("\n\n")[0].replace("``", ""))
+    p = argparse.ArgumentParser(
+        prog="python -m miles.bench.decode_step", description=__doc__.split("\n\n")[0].replace("``", "")
+    )
     p.add_argument("--config", help="HF config.json (or its directory) of the model (random weights)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-0.5b", help="a known model shape")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
@@ -37,11 +40,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="rows decoded together (default 256)")
     p.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")
     p.add_argument("--new-tokens", type=int, default=128, help="decode budget per row (sets the workspace size)")
-    p.add_argument("--positions", type=int, nargs="+", default=[100, 150],
-                   help="slot positions to time a step at; each picks the attention window that covers it")
+    p.add_argument(
+        "--positions",
+        type=int,
+        nargs="+",
+        default=[100, 150],
+        help="slot positions to time a step at; each picks the attention window that covers it",
+    )
     p.add_argument("--repeat", type=int, default=20, help="timed steps per position")
-    p.add_argument("--fuse", choices=["off", "on", "auto"], default="on",
-                   help="the fused step (compiled elementwise chains and sampling; CUDA with Triton)")
+    p.add_argument(
+        "--fuse",
+        choices=["off", "on", "auto"],
+        default="on",
+        help="the fused step (compiled elementwise chains and sampling; CUDA with Triton)",
+    )
     p.add_argument("--top", type=int, default=14, help="kernels listed from the profiled eager step")
     p.add_argument("--json", dest="json_out", default=None, help="also write the figures as JSON to this file")
     return p
@@ -51,10 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM
-
-    from miles.bench.shapes import hf_config
-    from miles.engine.decoder import StaticDecoder
-    from miles.engine.sampling import BatchSampling, SamplingParams
 
     a = parser().parse_args(argv)
     length = a.prompt_len + a.new_tokens
@@ -73,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     vocab = int(model.config.vocab_size)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, vocab) for _ in range(a.prompt_len)] for _ in range(a.batch)]
-    params = [SamplingParams(max_new_tokens=a.new_tokens, temperature=1.0, ignore_eos=True, sampling_seed=i)
-              for i in range(a.batch)]
-    sampling = BatchSampling.build(params, list(range(a.batch)), [a.new_tokens] * a.batch, set(), vocab,
-                                   a.new_tokens)
+    params = [
+        SamplingParams(max_new_tokens=a.new_tokens, temperature=1.0, ignore_eos=True, sampling_seed=i)
+        for i in range(a.batch)
+    ]
+    sampling = BatchSampling.build(params, list(range(a.batch)), [a.new_tokens] * a.batch, set(), vocab, a.new_tokens)
 
     def sync() -> None:
         if cuda:
@@ -101,10 +110,21 @@ def main(argv: list[str] | None = None) -> int:
                     dec.step(rows, pos)
                 sync()
                 ms = (time.perf_counter() - t) / a.repeat * 1e3
-                rows_out.append({"cuda_graphs": graphs, "fused": dec.fusion.on, "position": pos, "step_ms": ms,
-                                 "tokens_per_s": rows / ms * 1e3, "prefill_ms": prefill_ms})
-                print(f"step b={rows} position={pos} graphs={graphs} fused={dec.fusion.on}: {ms:.3f} ms "
-                      f"({rows / ms * 1e3:,.0f} tok/s); prefill {prefill_ms:.1f} ms", flush=True)
+                rows_out.append(
+                    {
+                        "cuda_graphs": graphs,
+                        "fused": dec.fusion.on,
+                        "position": pos,
+                        "step_ms": ms,
+                        "tokens_per_s": rows / ms * 1e3,
+                        "prefill_ms": prefill_ms,
+                    }
+                )
+                print(
+                    f"step b={rows} position={pos} graphs={graphs} fused={dec.fusion.on}: {ms:.3f} ms "
+                    f"({rows / ms * 1e3:,.0f} tok/s); prefill {prefill_ms:.1f} ms",
+                    flush=True,
+                )
             del dec
             if cuda:
                 torch.cuda.empty_cache()
@@ -121,14 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     total_ms = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events) / 1e3
     count = sum(e.count for e in events)
     print(f"eager step at position {last}: {count} {kind} kernels/ops, {total_ms:.3f} ms", flush=True)
-    for e in sorted(events, key=lambda e: -(e.self_device_time_total if cuda else e.self_cpu_time_total))[:a.top]:
+    for e in sorted(events, key=lambda e: -(e.self_device_time_total if cuda else e.self_cpu_time_total))[: a.top]:
         ms = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
         kernels.append({"name": e.key, "ms": ms, "count": e.count})
         print(f"  {ms:8.3f} ms x{e.count:4d}  {e.key[:90]}", flush=True)
     if a.json_out:
-        report = {"suite": "decode_step", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "machine": machine(str(device)), "settings": {k: v for k, v in vars(a).items() if k != "json_out"},
-                  "rows": rows_out, "summary": {"eager_kernels": count, "eager_ms": total_ms}, "kernels": kernels}
+        report = {
+            "suite": "decode_step",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine(str(device)),
+            "settings": {k: v for k, v in vars(a).items() if k != "json_out"},
+            "rows": rows_out,
+            "summary": {"eager_kernels": count, "eager_ms": total_ms},
+            "kernels": kernels,
+        }
         write_atomic(Path(a.json_out), json.dumps(report, indent=1, default=str))
     return 0
 

@@ -33,10 +33,18 @@ PHASE_ORDER = ("generate", "reward", "logprobs", "train", "sync")
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="miles bench loop", description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("spec", nargs="?", default="configs/quickstart.toml", help="run spec (default configs/quickstart.toml)")
+    p.add_argument(
+        "spec", nargs="?", default="configs/quickstart.toml", help="run spec (default configs/quickstart.toml)"
+    )
     p.add_argument("--rollouts", type=int, default=4, help="rollouts to run (sets run.num_rollout; default 4)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
-                   help="more spec overrides, passed to `miles run`")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="more spec overrides, passed to `miles run`",
+    )
     p.add_argument("--run-dir", default=None, help="run directory to use and keep (default: a temporary one)")
     p.add_argument("--from-run", default=None, help="read DIR/perf.jsonl of an existing run; run nothing")
     p.add_argument("--skip", type=int, default=1, help="first rollouts left out of the means (default 1)")
@@ -65,14 +73,22 @@ def phase_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per rollout: seconds per phase, total, overhead and its share."""
     rows = []
     for rec in records:
-        phases = {k.removeprefix("time/"): float(v) for k, v in rec.items()
-                  if k.startswith("time/") and k != "time/total"}
+        phases = {
+            k.removeprefix("time/"): float(v) for k, v in rec.items() if k.startswith("time/") and k != "time/total"
+        }
         total = float(rec.get("time/total", sum(phases.values())))
         ordered = {p: phases.pop(p) for p in PHASE_ORDER if p in phases} | phases
         overhead = total - sum(ordered.values())
-        rows.append({"rollout": int(rec["rollout_id"]), **ordered, "total": total, "overhead": overhead,
-                     "overhead_share": overhead / total if total > 0 else 0.0,
-                     "gen_tokens_per_s": rec.get("rollout/tokens_per_s")})
+        rows.append(
+            {
+                "rollout": int(rec["rollout_id"]),
+                **ordered,
+                "total": total,
+                "overhead": overhead,
+                "overhead_share": overhead / total if total > 0 else 0.0,
+                "gen_tokens_per_s": rec.get("rollout/tokens_per_s"),
+            }
+        )
     return rows
 
 
@@ -95,8 +111,17 @@ def summarize(rows: list[dict[str, Any]], skip: int) -> dict[str, Any]:
 
 def run_spec(a: argparse.Namespace, run_dir: Path) -> float:
     """``miles run`` the spec for ``--rollouts`` rollouts into ``run_dir``; returns the process's wall time."""
-    cmd = [sys.executable, "-m", "miles.cli", "run", a.spec, "--set", f"run.num_rollout={a.rollouts}",
-           "--set", f"run.run_dir={json.dumps(str(run_dir))}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "miles.cli",
+        "run",
+        a.spec,
+        "--set",
+        f"run.num_rollout={a.rollouts}",
+        "--set",
+        f"run.run_dir={json.dumps(str(run_dir))}",
+    ]
     for o in a.overrides:
         cmd += ["--set", o]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,18 +167,31 @@ def main(argv: list[str]) -> int:
         rows = phase_rows(read_perf(run_dir / "perf.jsonl"))
         if not rows:
             raise UserError(f"{run_dir / 'perf.jsonl'} has no rollouts")
-        report = Report("loop", settings={"spec": a.spec if not a.from_run else None, "rollouts": len(rows),
-                                          "overrides": a.overrides, "from_run": a.from_run, "skip": a.skip})
+        report = Report(
+            "loop",
+            settings={
+                "spec": a.spec if not a.from_run else None,
+                "rollouts": len(rows),
+                "overrides": a.overrides,
+                "from_run": a.from_run,
+                "skip": a.skip,
+            },
+        )
         report.machine = machine("cpu")
         report.rows = rows
         report.summary = summarize(rows, a.skip)
         if wall is not None:
             inside = sum(r["total"] for r in rows)
-            report.summary.update(process_wall_s=wall, outside_rollouts_s=wall - inside,
-                                  outside_rollouts_share=(wall - inside) / wall if wall > 0 else 0.0)
-        report.notes.append("overhead = total - sum(phases), per rollout, from the loop's own perf.jsonl; "
-                            "process start-up, checkpoint saves and plotting happen outside a rollout's total "
-                            "(outside_rollouts_s = the child's wall time - the rollouts' totals)")
+            report.summary.update(
+                process_wall_s=wall,
+                outside_rollouts_s=wall - inside,
+                outside_rollouts_share=(wall - inside) / wall if wall > 0 else 0.0,
+            )
+        report.notes.append(
+            "overhead = total - sum(phases), per rollout, from the loop's own perf.jsonl; "
+            "process start-up, checkpoint saves and plotting happen outside a rollout's total "
+            "(outside_rollouts_s = the child's wall time - the rollouts' totals)"
+        )
         report.print()
         if a.json_out:
             report.write_json(a.json_out)

@@ -49,7 +49,6 @@ def build_engine(config: dict[str, Any], dtype: str, device: str, workdir: Path)
     import torch
     from transformers import AutoModelForCausalLM
 
-
     stub = materialize("tiny-arith", workdir / "stub", seed=0)
     engine = Engine(stub, device="cpu", dtype="float32", max_batch_size=1)
     with torch.device("meta"):
@@ -75,12 +74,19 @@ async def _wait_for(done_file: str | None) -> None:
         await asyncio.sleep(0.5)
 
 
-def serve(config: dict[str, Any], dtype: str, device: str, host: str, port: int, ready_file: str | None,
-          done_file: str | None, announce_host: str | None = None) -> None:
+def serve(
+    config: dict[str, Any],
+    dtype: str,
+    device: str,
+    host: str,
+    port: int,
+    ready_file: str | None,
+    done_file: str | None,
+    announce_host: str | None = None,
+) -> None:
     """Serve the engine until SIGTERM/SIGINT or until ``done_file`` exists (blocking)."""
     from aiohttp import web
     from aiohttp.web_runner import GracefulExit
-
 
     if device.startswith("cuda"):
         import torch
@@ -88,8 +94,12 @@ def serve(config: dict[str, Any], dtype: str, device: str, host: str, port: int,
         torch.cuda.set_device(torch.device(device))  # NCCL binds the weight-update group to the current GPU
     with tempfile.TemporaryDirectory(prefix="miles-bench-engine-") as tmp:
         engine = build_engine(config, dtype, device, Path(tmp))
-        server = EngineServer(engine, batch_wait_ms=0.0, served_model_name="miles-bench",
-                              settings={"host": host, "port": port, "device": device, "dtype": dtype})
+        server = EngineServer(
+            engine,
+            batch_wait_ms=0.0,
+            served_model_name="miles-bench",
+            settings={"host": host, "port": port, "device": device, "dtype": dtype},
+        )
 
         async def run() -> None:
             runner = web.AppRunner(server.app(), handle_signals=True)
@@ -122,11 +132,18 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     port = a.port
     if port == 0:
-
         port = free_port(host=a.host if a.host != "0.0.0.0" else "127.0.0.1")
     announce = a.announce_host or (socket.gethostname() if a.host == "0.0.0.0" else a.host)
-    serve(json.loads(Path(a.config_json).read_text()), a.dtype, a.device, a.host, port, a.ready_file, a.done_file,
-          announce_host=announce)
+    serve(
+        json.loads(Path(a.config_json).read_text()),
+        a.dtype,
+        a.device,
+        a.host,
+        port,
+        a.ready_file,
+        a.done_file,
+        announce_host=announce,
+    )
 
 
 if __name__ == "__main__":

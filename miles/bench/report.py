@@ -26,7 +26,6 @@ def machine(device: str) -> dict[str, Any]:
     """Where the figures were measured (load average included: a loaded machine gives noisy figures)."""
     import torch
 
-
     info: dict[str, Any] = {
         "host": socket.gethostname(),
         "platform": platform.platform(),
@@ -56,13 +55,24 @@ class Report:
     notes: list[str] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    command: str = field(default_factory=lambda: " ".join(["miles", "bench", *sys.argv[2:]])
-                         if len(sys.argv) > 1 and sys.argv[1] == "bench" else " ".join(sys.argv))
+    command: str = field(
+        default_factory=lambda: (
+            " ".join(["miles", "bench", *sys.argv[2:]])
+            if len(sys.argv) > 1 and sys.argv[1] == "bench"
+            else " ".join(sys.argv)
+        )
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "suite": self.suite, "date": self.date, "command": self.command, "machine": self.machine,
-            "settings": self.settings, "rows": self.rows, "summary": self.summary, "notes": self.notes,
+            "suite": self.suite,
+            "date": self.date,
+            "command": self.command,
+            "machine": self.machine,
+            "settings": self.settings,
+            "rows": self.rows,
+            "summary": self.summary,
+            "notes": self.notes,
         }
 
     def write_json(self, path: str | Path) -> Path:
@@ -137,8 +147,10 @@ def plot_sync(report: Report, path: str | Path) -> Path:
     ax.set_xlabel("bucket size (MiB)")
     ax.set_ylabel("GB/s")
     gib = report.summary.get("weights_gib", 0.0)
-    ax.set_title(f"weight sync, {gib:.2f} GiB, {report.settings.get('backend')} - {report.machine.get('device_name')}",
-                 fontsize=9)
+    ax.set_title(
+        f"weight sync, {gib:.2f} GiB, {report.settings.get('backend')} - {report.machine.get('device_name')}",
+        fontsize=9,
+    )
     ax.grid(True, alpha=0.3)
     ax.set_ylim(bottom=0)
     ax.legend()

@@ -53,19 +53,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="HF config.json (or its directory) of the model")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a known model shape instead of --config")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
-    p.add_argument("--backend", nargs="+", choices=["fsdp", "megatron"], default=["fsdp"],
-                   help="training backends to measure (default fsdp)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default bfloat16 on GPUs, float32 on CPUs)")
+    p.add_argument(
+        "--backend",
+        nargs="+",
+        choices=["fsdp", "megatron"],
+        default=["fsdp"],
+        help="training backends to measure (default fsdp)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (default bfloat16 on GPUs, float32 on CPUs)",
+    )
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (prompt + response)")
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step (global batch)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward")
-    p.add_argument("--variant", nargs="+", default=["default"],
-                   help="settings to measure per backend: 'default' or key=value[,key=value] over [perf] fields "
-                        "and micro_batch (e.g. attention_backend=sdpa,fused_kernels=true,micro_batch=4)")
+    p.add_argument(
+        "--variant",
+        nargs="+",
+        default=["default"],
+        help="settings to measure per backend: 'default' or key=value[,key=value] over [perf] fields "
+        "and micro_batch (e.g. attention_backend=sdpa,fused_kernels=true,micro_batch=4)",
+    )
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s per device (default: card table)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak dense TFLOP/s per device (default: card table)"
+    )
     p.add_argument("--device", default=None, help="default cuda:<LOCAL_RANK> if CUDA is available, else cpu")
     p.add_argument("--workdir", default=None, help="where to write the random model (shared by all ranks)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON to this file")
@@ -91,7 +106,6 @@ def parse_variant(text: str) -> tuple[dict[str, Any], int | None]:
     """``default`` or ``key=value,...`` -> ([perf] overrides, micro-batch override); unknown keys are a UserError."""
     import dataclasses
 
-
     if text == "default":
         return {}, None
     fields = {f.name: f for f in dataclasses.fields(PerfConfig)}
@@ -101,8 +115,10 @@ def parse_variant(text: str) -> tuple[dict[str, Any], int | None]:
         key, sep, raw = item.partition("=")
         key, raw = key.strip(), raw.strip()
         if not sep or (key not in fields and key != "micro_batch") or key == "backend":
-            raise UserError(f"--variant {text!r}: {item!r} is not key=value over [perf] fields or micro_batch "
-                            f"(known: {', '.join(sorted(k for k in fields if k != 'backend'))}, micro_batch)")
+            raise UserError(
+                f"--variant {text!r}: {item!r} is not key=value over [perf] fields or micro_batch "
+                f"(known: {', '.join(sorted(k for k in fields if k != 'backend'))}, micro_batch)"
+            )
         value: Any = {"true": True, "false": False}.get(raw.lower(), raw)
         if isinstance(value, str) and value.lstrip("-").isdigit():
             value = int(value)
@@ -125,7 +141,6 @@ def write_random_model(data: dict[str, Any], out: Path, seed: int = 0, device: s
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     with torch.device(device):
@@ -145,22 +160,38 @@ def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, grpo: Any) 
     samples = []
     for i in range(batch):
         ids = [rng.randrange(3, vocab) for _ in range(seq_len)]
-        samples.append(Sample(group_index=i // 4, prompt_index=i // 4, prompt="", prompt_text="",
-                              prompt_ids=ids[:prompt], response_ids=ids[prompt:],
-                              response_logprobs=[-1.0] * (seq_len - prompt), reward=float(rng.random() < 0.5)))
+        samples.append(
+            Sample(
+                group_index=i // 4,
+                prompt_index=i // 4,
+                prompt="",
+                prompt_text="",
+                prompt_ids=ids[:prompt],
+                response_ids=ids[prompt:],
+                response_logprobs=[-1.0] * (seq_len - prompt),
+                reward=float(rng.random() < 0.5),
+            )
+        )
     rb = RolloutBatch.from_samples(samples)
-    rb.advantages = compute_advantages(grpo, AdvantageInputs(rewards=rb.rewards, group_index=rb.group_index,
-                                                             loss_masks=rb.loss_masks))
+    rb.advantages = compute_advantages(
+        grpo, AdvantageInputs(rewards=rb.rewards, group_index=rb.group_index, loss_masks=rb.loss_masks)
+    )
     return rb
 
 
-def measure_backend(a: argparse.Namespace, backend: str, data: dict[str, Any], model_dir: str, device: str,
-                    dtype: str, variant: str = "default") -> dict[str, Any]:
+def measure_backend(
+    a: argparse.Namespace,
+    backend: str,
+    data: dict[str, Any],
+    model_dir: str,
+    device: str,
+    dtype: str,
+    variant: str = "default",
+) -> dict[str, Any]:
     import gc
 
     import torch
     import torch.distributed as dist
-
 
     perf_over, micro = parse_variant(variant)
     micro = micro or a.micro_batch
@@ -178,8 +209,10 @@ def measure_backend(a: argparse.Namespace, backend: str, data: dict[str, Any], m
     try:
         actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=total, device=torch.device(device)))
     except ImportError as e:
-        raise UserError(f"--backend {backend}: its package is not installed here ({e}); "
-                        "megatron needs the `megatron` extra on a GPU machine") from e
+        raise UserError(
+            f"--backend {backend}: its package is not installed here ({e}); "
+            "megatron needs the `megatron` extra on a GPU machine"
+        ) from e
     batch = synthetic_batch(int(data["vocab_size"]), a.batch, a.seq_len, seed=0, grpo=spec.grpo)
     times = []
     for step in range(total):
@@ -198,16 +231,22 @@ def measure_backend(a: argparse.Namespace, backend: str, data: dict[str, Any], m
     step_s = sum(times) / len(times)
     tokens = a.batch * a.seq_len
     tflops = train_flops_per_token(data, a.seq_len) * tokens / step_s / 1e12
-    return {"backend": backend, "variant": variant, "micro_batch": micro, "world": world, "step_s": step_s,
-            "tokens_per_s": tokens / step_s,
-            "tokens_per_s_per_device": tokens / step_s / world, "tflops_per_device": tflops / world,
-            "max_mem_gib": mem}
+    return {
+        "backend": backend,
+        "variant": variant,
+        "micro_batch": micro,
+        "world": world,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "tokens_per_s_per_device": tokens / step_s / world,
+        "tflops_per_device": tflops / world,
+        "max_mem_gib": mem,
+    }
 
 
 def main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
-
 
     a = parser().parse_args(argv)
     for name in ("seq_len", "batch", "micro_batch", "steps"):
@@ -243,20 +282,49 @@ def main(argv: list[str]) -> int:
             r["mfu"] = r["tflops_per_device"] / peak if peak else None
             r["of_matmul"] = r["tflops_per_device"] / matmul if matmul > 0 else None
         if rank == 0:
-            report = Report("train", settings={
-                "model_type": data.get("model_type"), "layers": data.get("num_hidden_layers"),
-                "params": param_count(data), "dtype": dtype, "seq_len": a.seq_len, "batch": a.batch,
-                "micro_batch": a.micro_batch, "variants": a.variant, "steps": a.steps, "warmup": a.warmup, "preset": a.preset,
-                "config": a.config,
-            })
+            report = Report(
+                "train",
+                settings={
+                    "model_type": data.get("model_type"),
+                    "layers": data.get("num_hidden_layers"),
+                    "params": param_count(data),
+                    "dtype": dtype,
+                    "seq_len": a.seq_len,
+                    "batch": a.batch,
+                    "micro_batch": a.micro_batch,
+                    "variants": a.variant,
+                    "steps": a.steps,
+                    "warmup": a.warmup,
+                    "preset": a.preset,
+                    "config": a.config,
+                },
+            )
             report.machine = machine(device)
             report.rows = rows
-            report.summary = {"peak_tflops": peak, "peak_source": source, "matmul_tflops_measured": matmul,
-                              "flops_per_token": train_flops_per_token(data, a.seq_len)}
-            report.notes.append("MFU = model FLOPs (6N + 12*L*heads*head_dim*seq per token, fwd+bwd) / time / peak; "
-                                "of_matmul = the same against square matmuls measured on this device in this run")
-            report.print(["backend", "variant", "micro_batch", "world", "step_s", "tokens_per_s", "tflops_per_device", "mfu", "of_matmul",
-                          "max_mem_gib"])
+            report.summary = {
+                "peak_tflops": peak,
+                "peak_source": source,
+                "matmul_tflops_measured": matmul,
+                "flops_per_token": train_flops_per_token(data, a.seq_len),
+            }
+            report.notes.append(
+                "MFU = model FLOPs (6N + 12*L*heads*head_dim*seq per token, fwd+bwd) / time / peak; "
+                "of_matmul = the same against square matmuls measured on this device in this run"
+            )
+            report.print(
+                [
+                    "backend",
+                    "variant",
+                    "micro_batch",
+                    "world",
+                    "step_s",
+                    "tokens_per_s",
+                    "tflops_per_device",
+                    "mfu",
+                    "of_matmul",
+                    "max_mem_gib",
+                ]
+            )
             if a.json_out:
                 report.write_json(a.json_out)
         dist.barrier()

@@ -242,7 +242,9 @@ def read_script(path: str | Path) -> Script:
     script = reader.script
     if not script.entry_point:
         if not reader.loose:
-            raise UserError(f"{path}: no `python3 train.py ...` command and no --flags found; pass a Miles or slime "
-                            "launch script (bash) or a file of flags")
+            raise UserError(
+                f"{path}: no `python3 train.py ...` command and no --flags found; pass a Miles or slime "
+                "launch script (bash) or a file of flags"
+            )
         script.flags = reader.loose
     return script

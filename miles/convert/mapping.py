@@ -22,6 +22,7 @@ from miles.convert.bash import FlagUse
 from miles.spec.fieldtypes import Mismatch, convert, table_fields
 from miles.spec.miles_flags import ALIASES, DISPOSITIONS, SGLANG_PREFIX, flag_key, key_tables
 from miles.spec.tables import TABLES
+from miles.spec.writer import toml_value
 
 Status = Literal["key", "always", "fixed", "model", "unsupported", "invalid"]
 
@@ -41,12 +42,17 @@ class Row:
     def became(self) -> str:
         if self.keys:
             return ", ".join(f"[{t}] {k} = {_show(v)}" for t, k, v in self.keys)
-        return {"always": "always on in miles", "fixed": "fixed in miles", "model": "read from config.json",
-                "unsupported": "not supported", "invalid": "not converted", "key": ""}[self.status]
+        return {
+            "always": "always on in miles",
+            "fixed": "fixed in miles",
+            "model": "read from config.json",
+            "unsupported": "not supported",
+            "invalid": "not converted",
+            "key": "",
+        }[self.status]
 
 
 def _show(value: Any) -> str:
-    from miles.spec.writer import toml_value
 
     return toml_value(value)
 
@@ -79,8 +85,7 @@ def _value(values: tuple[str, ...], tp: Any) -> Any:
     if not values:
         return True
     if _wants(tp, list):
-        (elem,) = typing.get_args(next(a for a in ([tp] + list(typing.get_args(tp)))
-                                       if typing.get_origin(a) is list))
+        (elem,) = typing.get_args(next(a for a in ([tp] + list(typing.get_args(tp))) if typing.get_origin(a) is list))
         return [v if elem is str else _word(v) for v in values]
     if _wants(tp, dict):
         return json.loads(values[0])
@@ -130,9 +135,12 @@ def place(use: FlagUse) -> Row:
         return _key_row(use, tables[0], name)
     disp = DISPOSITIONS.get(name)
     if disp is None and name.startswith(SGLANG_PREFIX):
-        flag = name[len(SGLANG_PREFIX):]
-        value: Any = True if not use.values else (_word(use.values[0]) if len(use.values) == 1
-                                                   else [_word(v) for v in use.values])
+        flag = name[len(SGLANG_PREFIX) :]
+        value: Any = (
+            True
+            if not use.values
+            else (_word(use.values[0]) if len(use.values) == 1 else [_word(v) for v in use.values])
+        )
         return Row(use, "key", (("sglang", flag, value),), note="SGLang pass-through, checked by the loader")
     if disp is not None:
         changes = disp.changes_experiment
@@ -148,5 +156,7 @@ def place(use: FlagUse) -> Row:
     return Row(use, "unsupported", note="miles has no key for this flag", changes_experiment=True)
 
 
-ASYNC_NOTE = ("miles runs the synchronous loop (rollout, train, sync); train_async.py overlaps rollout N+1 with "
-              "training N (one step off-policy), which miles does not do")
+ASYNC_NOTE = (
+    "miles runs the synchronous loop (rollout, train, sync); train_async.py overlaps rollout N+1 with "
+    "training N (one step off-policy), which miles does not do"
+)

@@ -22,6 +22,8 @@ from typing import Any
 from miles.convert.bash import Script, read_script
 from miles.convert.mapping import ASYNC_NOTE, Row, place
 from miles.errors import UserError
+from miles.plan import make_plan, summary
+from miles.spec import spec_from_dict
 from miles.spec.tables import TABLES
 from miles.spec.writer import toml_key, toml_value
 
@@ -81,12 +83,15 @@ def _collect(script: Script, rows: list[Row], base: Path) -> tuple[dict[str, dic
     return {t: tables[t] for t in TABLES if t in tables}, origins
 
 
-def _spec_text(conv_script: Script, rows: list[Row], tables: dict[str, dict[str, Any]],
-               origins: dict[tuple[str, str], str]) -> str:
+def _spec_text(
+    conv_script: Script, rows: list[Row], tables: dict[str, dict[str, Any]], origins: dict[tuple[str, str], str]
+) -> str:
     entry = conv_script.entry_point or "a flag list"
-    lines = [f"# Run spec converted by `miles convert` from {conv_script.path.name} ({entry}).",
-             "# Each key names the Miles flag (and file:line) it came from; flags without a key are listed at the end,",
-             "# with what miles does instead. `miles validate` this file before submitting it."]
+    lines = [
+        f"# Run spec converted by `miles convert` from {conv_script.path.name} ({entry}).",
+        "# Each key names the Miles flag (and file:line) it came from; flags without a key are listed at the end,",
+        "# with what miles does instead. `miles validate` this file before submitting it.",
+    ]
     for table, keys in tables.items():
         lines += ["", f"[{table}]"]
         for key, value in keys.items():
@@ -114,8 +119,11 @@ def _table_text(rows: list[Row], base: Path) -> str:
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(2)]
     out = []
     for flag, value, became, where in [header, *body]:
-        out.append(f"{flag:<{widths[0]}}  {value:<{widths[1]}}  {became}  [{where}]" if where != "where"
-                   else f"{flag:<{widths[0]}}  {value:<{widths[1]}}  {became}")
+        out.append(
+            f"{flag:<{widths[0]}}  {value:<{widths[1]}}  {became}  [{where}]"
+            if where != "where"
+            else f"{flag:<{widths[0]}}  {value:<{widths[1]}}  {became}"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -124,9 +132,6 @@ def _check(spec_text: str, source: str) -> tuple[str, bool]:
         import tomllib
     else:  # pragma: no cover
         import tomli as tomllib
-
-    from miles.plan import make_plan, summary
-    from miles.spec import spec_from_dict
 
     try:
         spec = spec_from_dict({"source": source, **tomllib.loads(spec_text)})
@@ -149,5 +154,13 @@ def convert(path: str | Path, output_name: str = "") -> Conversion:
         table += "note: " + note.replace(f"{base}/", "") + "\n"
     check, valid = _check(spec_text, output_name or f"{script.path.stem}.toml")
     lost = any(r.changes_experiment for r in rows) or script.entry_point == "train_async.py"
-    return Conversion(script=script, rows=rows, tables=tables, spec_text=spec_text, table_text=table, check=check,
-                      exit_code=2 if lost or not valid else 0, origins=origins)
+    return Conversion(
+        script=script,
+        rows=rows,
+        tables=tables,
+        spec_text=spec_text,
+        table_text=table,
+        check=check,
+        exit_code=2 if lost or not valid else 0,
+        origins=origins,
+    )

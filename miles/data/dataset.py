@@ -101,7 +101,8 @@ class DataKeys:
                 "eval.eval_input_key" if eval_cfg.eval_input_key else "rollout.input_key (or eval.eval_input_key)"
             ),
             label_key_field=(
-                "eval.eval_label_key" if eval_cfg.eval_label_key is not None
+                "eval.eval_label_key"
+                if eval_cfg.eval_label_key is not None
                 else "rollout.label_key (or eval.eval_label_key)"
             ),
         )
@@ -124,16 +125,20 @@ def check_record(record: Record, keys: DataKeys) -> list[dict[str, Any]] | None:
     messages = _as_messages(record.fields[keys.input_key], where, keys)
     if keys.label_key and keys.label_key not in record.fields:
         present = ", ".join(sorted(map(str, record.fields))) or "none"
-        raise UserError(f"{where}: missing label key {keys.label_key!r} (keys present: {present}); "
-                        f"add it or change {keys.label_key_field}")
+        raise UserError(
+            f"{where}: missing label key {keys.label_key!r} (keys present: {present}); "
+            f"add it or change {keys.label_key_field}"
+        )
     _as_metadata(record.fields.get(keys.metadata_key), where, keys.metadata_key)
     return messages
 
 
 def no_records(path: str | Path, spec_key: str) -> UserError:
     """The error for a prompt file without a single record."""
-    return UserError(f"{spec_key} = {str(path)!r}: the file holds no records; "
-                     "write one JSON object per line (or parquet rows), or point it at another file")
+    return UserError(
+        f"{spec_key} = {str(path)!r}: the file holds no records; "
+        "write one JSON object per line (or parquet rows), or point it at another file"
+    )
 
 
 def render_record(record: Record, keys: DataKeys, tokenizer: PreTrainedTokenizerBase) -> Prompt:

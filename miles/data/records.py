@@ -73,8 +73,10 @@ def _jsonl_records(path: Path) -> Iterator[Record]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{location}: invalid JSON ({exc.msg} at column {exc.colno}); fix or remove this line: "
-                                "each line holds one JSON object") from None
+                raise UserError(
+                    f"{location}: invalid JSON ({exc.msg} at column {exc.colno}); fix or remove this line: "
+                    "each line holds one JSON object"
+                ) from None
             if not isinstance(value, dict):
                 raise UserError(f"{location}: each line must be a JSON object, got {type(value).__name__}")
             yield Record(index=index, location=location, fields=value)
@@ -91,7 +93,8 @@ def _parquet_records(path: Path, limit: int | None) -> Iterator[Record]:
             batch = next(pq.ParquetFile(path).iter_batches(batch_size=max(limit, 1)), None)
             rows = batch.to_pylist() if batch is not None else []
     except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
-        raise UserError(f"{path}: not a readable parquet file ({exc}); write it again (pyarrow, pandas.to_parquet) "
-                        "or use .jsonl") from None
+        raise UserError(
+            f"{path}: not a readable parquet file ({exc}); write it again (pyarrow, pandas.to_parquet) or use .jsonl"
+        ) from None
     for row, value in enumerate(rows, start=1):
         yield Record(index=row - 1, location=f"{path}:row {row}", fields=value)

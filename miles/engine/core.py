@@ -197,7 +197,8 @@ class Engine:
             raise ValueError("input_ids is empty")
         if len(r.input_ids) >= self.max_context:
             raise ValueError(
-                f"The input ({len(r.input_ids)} tokens) is longer than the model's context length ({self.max_context} tokens)."
+                f"The input ({len(r.input_ids)} tokens) is longer than the model's context length ({self.max_context} "
+                "tokens)."
             )
         bad = [t for t in r.input_ids if not 0 <= t < self.vocab_size]
         if bad:
@@ -215,8 +216,12 @@ class Engine:
             cap = self.decoder.max_rows(max(len(reqs[i].input_ids) + budget[i] for i in active))
             if len(active) > cap:  # the KV cache of the whole batch would not fit: split it, in order
                 return [o for k in range(0, n, cap) for o in self._generate_batch(reqs[k : k + cap])]
-        seeds = [p.sampling_seed if p.sampling_seed is not None
-                 else int(torch.randint(0, 2**62, (1,), generator=self._seed_gen)) for p in params]
+        seeds = [
+            p.sampling_seed
+            if p.sampling_seed is not None
+            else int(torch.randint(0, 2**62, (1,), generator=self._seed_gen))
+            for p in params
+        ]
         out_ids: list[list[int]] = [[] for _ in range(n)]
         out_lps: list[list[float]] = [[] for _ in range(n)]
         finish: list[dict[str, Any] | None] = [None] * n
@@ -228,14 +233,21 @@ class Engine:
             return self._outputs(reqs, out_ids, out_lps, finish, input_lps)
 
         steps = max(budget[i] for i in active)
-        sampling = BatchSampling.build([params[i] for i in active], [seeds[i] for i in active],
-                                       [budget[i] for i in active], self.eos_ids, self.vocab_size, steps)
+        sampling = BatchSampling.build(
+            [params[i] for i in active],
+            [seeds[i] for i in active],
+            [budget[i] for i in active],
+            self.eos_ids,
+            self.vocab_size,
+            steps,
+        )
         prompts = [reqs[i].input_ids for i in active]
         want = [reqs[i].logprob_start_len >= 0 for i in active]
         batch: _Batch
         if self.decoder is not None:
-            batch = _StaticBatch(self.decoder, prompts, sampling, want,
-                                 max(len(reqs[i].input_ids) + budget[i] for i in active))
+            batch = _StaticBatch(
+                self.decoder, prompts, sampling, want, max(len(reqs[i].input_ids) + budget[i] for i in active)
+            )
         else:
             batch = _HFBatch(self, prompts, sampling.to(self.device), want, steps)
         for row, i in enumerate(active):
@@ -248,8 +260,16 @@ class Engine:
             self._decoding = False
         return self._outputs(reqs, out_ids, out_lps, finish, input_lps)
 
-    def _decode(self, batch: _Batch, reqs: list[GenerationRequest], active: list[int], budget: list[int],
-                out_ids: list[list[int]], out_lps: list[list[float]], finish: list[dict[str, Any] | None]) -> None:
+    def _decode(
+        self,
+        batch: _Batch,
+        reqs: list[GenerationRequest],
+        active: list[int],
+        budget: list[int],
+        out_ids: list[list[int]],
+        out_lps: list[list[float]],
+        finish: list[dict[str, Any] | None],
+    ) -> None:
         """Step ``batch`` until every row finished, reading tokens back only every few steps.
 
         The device records each step's tokens; the host reads them at a sync point and applies the stop rules
@@ -270,16 +290,18 @@ class Engine:
                 return
             toks, lps = batch.read(b, read, step)
             for row, i in enumerate(slots):
-                if i is not None and self._take(params[i], out_ids[i], out_lps[i], toks[row], lps[row], budget[i],
-                                                window[i], finish, i):
+                if i is not None and self._take(
+                    params[i], out_ids[i], out_lps[i], toks[row], lps[row], budget[i], window[i], finish, i
+                ):
                     slots[row] = None
             read = step
 
         def next_sync() -> int:
             live = [i for i in slots if i is not None]
             left = min(budget[i] - len(out_ids[i]) for i in live)
-            early = any(params[i].stop or params[i].stop_token_ids or (self.eos_ids and not params[i].ignore_eos)
-                        for i in live)
+            early = any(
+                params[i].stop or params[i].stop_token_ids or (self.eos_ids and not params[i].ignore_eos) for i in live
+            )
             return step + (min(left, SYNC_EVERY) if early else left)
 
         sync_at = next_sync()
@@ -297,9 +319,12 @@ class Engine:
                 drain()
                 for i in slots:
                     if i is not None:
-                        finish[i] = {"type": "abort",
-                                     "message": "Abort before prefill" if step == 0 else "Aborted by pause_generation",
-                                     "status_code": None, "err_type": None}
+                        finish[i] = {
+                            "type": "abort",
+                            "message": "Abort before prefill" if step == 0 else "Aborted by pause_generation",
+                            "status_code": None,
+                            "err_type": None,
+                        }
                 return
             batch.step(b, longest + step)  # the highest KV slot a live row writes in this step
             step += 1
@@ -317,8 +342,18 @@ class Engine:
             longest = max(len(reqs[i].input_ids) for i in slots if i is not None)
             sync_at = next_sync()
 
-    def _take(self, p: SamplingParams, ids: list[int], lps: list[float], new_ids: list[int], new_lps: list[float],
-              budget: int, window: int, finish: list[dict[str, Any] | None], i: int) -> bool:
+    def _take(
+        self,
+        p: SamplingParams,
+        ids: list[int],
+        lps: list[float],
+        new_ids: list[int],
+        new_lps: list[float],
+        budget: int,
+        window: int,
+        finish: list[dict[str, Any] | None],
+        i: int,
+    ) -> bool:
         """Append a row's newly read tokens up to where it finishes; True when it finished.
 
         Without stop strings only the last token matters to :meth:`_finished`, so the first stopping token is
@@ -376,7 +411,9 @@ class Engine:
             reason = finish[i] or {"type": "length", "length": p.max_new_tokens}
             ids = out_ids[i]
             matched = reason.get("matched")
-            text_ids = ids[:-1] if isinstance(matched, int) and not p.no_stop_trim and ids and ids[-1] == matched else ids
+            text_ids = (
+                ids[:-1] if isinstance(matched, int) and not p.no_stop_trim and ids and ids[-1] == matched else ids
+            )
             text = str(self.tokenizer.decode(text_ids, skip_special_tokens=p.skip_special_tokens))
             if isinstance(matched, str) and not p.no_stop_trim and matched in text:
                 text = text[: text.index(matched)]
@@ -440,7 +477,6 @@ class Engine:
 
     def _fused_targets(self) -> Any:
         if getattr(self, "_fused", None) is None:
-
             self._fused = FusedTargets(self.model)
         return self._fused
 
@@ -490,8 +526,14 @@ class _Batch(Protocol):
 class _StaticBatch:
     """A batch on :class:`StaticDecoder` (rows padded to a power-of-two bucket)."""
 
-    def __init__(self, decoder: StaticDecoder, prompts: list[list[int]], sampling: BatchSampling,
-                 want_input: list[bool], length: int) -> None:
+    def __init__(
+        self,
+        decoder: StaticDecoder,
+        prompts: list[list[int]],
+        sampling: BatchSampling,
+        want_input: list[bool],
+        length: int,
+    ) -> None:
         self.decoder = decoder
         self.rows, self.input_logprobs = decoder.start(prompts, sampling, length, want_input)
 
@@ -518,8 +560,9 @@ class _HFBatch:
     dropped from the cache (``batch_select_indices``) at each sync point.
     """
 
-    def __init__(self, engine: Engine, prompts: list[list[int]], sampling: BatchSampling, want_input: list[bool],
-                 steps: int) -> None:
+    def __init__(
+        self, engine: Engine, prompts: list[list[int]], sampling: BatchSampling, want_input: list[bool], steps: int
+    ) -> None:
         from transformers import DynamicCache
 
         self.model, self.cache_kw, self.s = engine.model, engine._cache_kw, sampling
@@ -535,8 +578,14 @@ class _HFBatch:
         ids, self.mask = ids.to(dev), mask.to(dev)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=0 if any(want_input) else 1, **{self.cache_kw: self.cache})
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self.mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=0 if any(want_input) else 1,
+            **{self.cache_kw: self.cache},
+        )
         self.input_logprobs: list[list[float | None]] = [[] for _ in range(n)]
         if any(want_input):
             full = torch.log_softmax(out.logits.float(), dim=-1)
@@ -563,9 +612,13 @@ class _HFBatch:
         if int(self.produced) >= self.tokens.shape[1]:
             return  # the last token any row may produce: no forward needed after it
         self.mask = torch.cat([self.mask, self.mask.new_ones((b, 1))], dim=1)
-        out = self.model(input_ids=tok.view(-1, 1), attention_mask=self.mask,
-                         position_ids=self.mask.sum(-1, keepdim=True) - 1, use_cache=True,
-                         **{self.cache_kw: self.cache})
+        out = self.model(
+            input_ids=tok.view(-1, 1),
+            attention_mask=self.mask,
+            position_ids=self.mask.sum(-1, keepdim=True) - 1,
+            use_cache=True,
+            **{self.cache_kw: self.cache},
+        )
         self.logits = out.logits[:, -1, :].float()
 
     def read(self, b: int, s0: int, s1: int) -> tuple[list[list[int]], list[list[float]]]:

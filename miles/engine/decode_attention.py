@@ -31,8 +31,14 @@ _kernel: Any = None
 
 
 def supported(device: torch.device, head_dim: int, group: int) -> bool:
-    return (device.type == "cuda" and importlib.util.find_spec("triton") is not None and head_dim >= 16
-            and head_dim & (head_dim - 1) == 0 and head_dim <= 256 and group <= GROUP_ROWS)
+    return (
+        device.type == "cuda"
+        and importlib.util.find_spec("triton") is not None
+        and head_dim >= 16
+        and head_dim & (head_dim - 1) == 0
+        and head_dim <= 256
+        and group <= GROUP_ROWS
+    )
 
 
 def _build() -> Any:
@@ -40,10 +46,31 @@ def _build() -> Any:
     import triton.language as tl
 
     @triton.jit  # type: ignore[misc]
-    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, scale,
-                                sq_b, sq_h, sq_g, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_g,
-                                GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                                IEEE: tl.constexpr):
+    def decode_attention_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        o_ptr,
+        pos_ptr,
+        scale,
+        sq_b,
+        sq_h,
+        sq_g,
+        sk_b,
+        sk_h,
+        sk_l,
+        sv_b,
+        sv_h,
+        sv_l,
+        so_b,
+        so_h,
+        so_g,
+        GROUP: tl.constexpr,
+        ROWS: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         g = tl.arange(0, ROWS)
@@ -73,14 +100,18 @@ def _build() -> Any:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
         out = acc / total[:, None]
-        tl.store(o_ptr + b * so_b + h * so_h + g[:, None] * so_g + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=g[:, None] < GROUP)
+        tl.store(
+            o_ptr + b * so_b + h * so_h + g[:, None] * so_g + d[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=g[:, None] < GROUP,
+        )
 
     return decode_attention_kernel
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Attention of ``q`` [b, kv_heads, group, d] (row i's query heads by KV head) over slots ``0..pos[i]`` of
     cache rows ``0..b-1`` (caches [rows, kv_heads, length, d]); returns [b, kv_heads, group, d] in q's dtype."""
     global _kernel
@@ -90,9 +121,28 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1, "head dimensions must be contiguous"
     out = torch.empty((b, n_kv, group, d), dtype=q.dtype, device=q.device)
     _kernel[(b, n_kv)](
-        q, k_cache, v_cache, out, pos, scale,
-        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        GROUP=group, ROWS=GROUP_ROWS, D=d, BLOCK_N=BLOCK, IEEE=q.dtype == torch.float32,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        pos,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        GROUP=group,
+        ROWS=GROUP_ROWS,
+        D=d,
+        BLOCK_N=BLOCK,
+        IEEE=q.dtype == torch.float32,
     )
     return out

@@ -224,8 +224,10 @@ class StaticDecoder:
         groups: list[list[list[torch.Tensor | None]]] = []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
-            entry = [[attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
-                     [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]]
+            entry = [
+                [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
+                [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias],
+            ]
             if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
                 entry += [[mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias]]
             groups.append(entry)
@@ -300,8 +302,9 @@ class StaticDecoder:
         args = norm_args(module)
         return module(x) if args is None else F.rms_norm(x, (x.shape[-1],), *args)  # type: ignore[no-any-return]
 
-    def _qkv(self, li: int, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(
+        self, li: int, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [b, t, heads, d], k and v [b, t, kv_heads, d] of normalised input ``x``, RoPE applied."""
         attn = layer.self_attn
         b, t = x.shape[:2]
@@ -315,8 +318,10 @@ class StaticDecoder:
         heads = self.n_heads + self.n_kv
         qk, v = qkv[:, :, :heads], qkv[:, :, heads:]
         if getattr(attn, "q_norm", None) is not None:  # qwen3 normalises each head before RoPE
-            qk = torch.cat([self._norm(attn.q_norm, qk[:, :, : self.n_heads]),
-                            self._norm(attn.k_norm, qk[:, :, self.n_heads :])], dim=2)
+            qk = torch.cat(
+                [self._norm(attn.q_norm, qk[:, :, : self.n_heads]), self._norm(attn.k_norm, qk[:, :, self.n_heads :])],
+                dim=2,
+            )
         # HF's q * cos + rotate_half(q) * sin, with rotate_half's sign folded into the sin table
         qk = self.fusion.rope(qk, cos, sin) if fused else fusion_rope(qk, cos, sin)
         return qk[:, :, : self.n_heads], qk[:, :, self.n_heads :], v
@@ -385,8 +390,9 @@ class StaticDecoder:
             vc[rows, :, pos] = v[:, 0]
             # the query heads sharing a KV head act as that head's queries (HF's repeat_kv, without the copy)
             qg = q.reshape(b, self.n_kv, self.group, self.head_dim)
-            a = F.scaled_dot_product_attention(qg, kc[:b, :, :window], vc[:b, :, :window], attn_mask=bias,
-                                               scale=self._scaling(layer))
+            a = F.scaled_dot_product_attention(
+                qg, kc[:b, :, :window], vc[:b, :, :window], attn_mask=bias, scale=self._scaling(layer)
+            )
             h = h + layer.self_attn.o_proj(a.reshape(b, 1, -1))
             h = self._mlp(li, layer, h)
         logits = self.model.lm_head(self._norm(inner.norm, h)[:, 0])
@@ -400,8 +406,9 @@ class StaticDecoder:
         bias = torch.zeros((b, window), dtype=dtype, device=self.device).masked_fill_(~visible, float("-inf"))
         return bias.view(b, 1, 1, window)
 
-    def _decode_layers_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, b: int, window: int
-                             ) -> torch.Tensor:
+    def _decode_layers_fused(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, b: int, window: int
+    ) -> torch.Tensor:
         """:meth:`_decode_forward`'s layers with each residual add fused into the norm after it, RoPE in one
         kernel with the K/V cache writes and SiLU x up in one: the same weights and operations, about half the
         kernels. Returns the final norm's output [b, 1, hidden] (the caller applies lm_head)."""
@@ -425,10 +432,12 @@ class StaticDecoder:
             if bias is None:
                 a = attention.decode_attention(qg, kc, vc, pos, self._scaling(layer))
             else:
-                a = F.scaled_dot_product_attention(qg, kc[:b, :, :window], vc[:b, :, :window], attn_mask=bias,
-                                                   scale=self._scaling(layer))
-            h, x = fusion.add_rms_norm(h, layer.self_attn.o_proj(a.reshape(b, 1, -1)),
-                                       *rms_args(layer.post_attention_layernorm))
+                a = F.scaled_dot_product_attention(
+                    qg, kc[:b, :, :window], vc[:b, :, :window], attn_mask=bias, scale=self._scaling(layer)
+                )
+            h, x = fusion.add_rms_norm(
+                h, layer.self_attn.o_proj(a.reshape(b, 1, -1)), *rms_args(layer.post_attention_layernorm)
+            )
             w_gate_up = self.packs[li][2]
             assert w_gate_up is not None
             gate_up = F.linear(x, w_gate_up, self.packs[li][3])
@@ -500,8 +509,9 @@ class StaticDecoder:
 
     # ------------------------------------------------------------------ batch life cycle
 
-    def start(self, prompts: list[list[int]], sampling: BatchSampling, length: int,
-              want_input: list[bool]) -> tuple[int, list[list[float | None]]]:
+    def start(
+        self, prompts: list[list[int]], sampling: BatchSampling, length: int, want_input: list[bool]
+    ) -> tuple[int, list[list[float | None]]]:
         """Prefill ``prompts`` into a workspace of at least ``length`` slots; return (rows, prompt logprobs).
 
         ``rows`` is the batch bucket (>= len(prompts)); rows past the prompts are idle padding.
@@ -536,7 +546,11 @@ class StaticDecoder:
                 for r in range(r0, r1):
                     if want_input[r]:
                         prompt = prompts[r]
-                        got = lp[r - r0, torch.arange(lens[r] - 1, device=dev), torch.tensor(prompt[1:], dtype=torch.long, device=dev)]
+                        got = lp[
+                            r - r0,
+                            torch.arange(lens[r] - 1, device=dev),
+                            torch.tensor(prompt[1:], dtype=torch.long, device=dev),
+                        ]
                         input_lps[r] = [None, *got.tolist()]
                 h = h[torch.arange(r1 - r0, device=dev), lengths - 1]
             if ws.raw:
@@ -590,28 +604,49 @@ class StaticDecoder:
             dev, rows = self.device, ws.rows
             self._drop_graphs(ws)
             ws.sampling = BatchSampling(
-                temperature=torch.ones(rows, device=dev), greedy=torch.ones(rows, dtype=torch.bool, device=dev),
-                top_p=torch.ones(rows, device=dev), top_k=torch.ones(rows, dtype=torch.long, device=dev),
+                temperature=torch.ones(rows, device=dev),
+                greedy=torch.ones(rows, dtype=torch.bool, device=dev),
+                top_p=torch.ones(rows, device=dev),
+                top_k=torch.ones(rows, dtype=torch.long, device=dev),
                 min_new=torch.zeros(rows, dtype=torch.long, device=dev),
                 blocked=torch.zeros((rows, max(8, width)), dtype=torch.long, device=dev),
-                draws=torch.zeros((rows, ws.length), device=dev), needs_sort=False, any_sampled=False,
-                any_blocked=False)
+                draws=torch.zeros((rows, ws.length), device=dev),
+                needs_sort=False,
+                any_sampled=False,
+                any_blocked=False,
+            )
         w = ws.sampling
         steps = min(ws.length, sampling.draws.shape[1])
         blocked = sampling.blocked[:, :1].expand(n, w.blocked.shape[1]).clone()
         blocked[:, :width] = sampling.blocked
-        for t, src, idle in ((w.temperature, sampling.temperature, 1.0), (w.greedy, sampling.greedy, True),
-                             (w.top_p, sampling.top_p, 1.0), (w.top_k, sampling.top_k, 1),
-                             (w.min_new, sampling.min_new, 0), (w.blocked, blocked, 0)):
+        for t, src, idle in (
+            (w.temperature, sampling.temperature, 1.0),
+            (w.greedy, sampling.greedy, True),
+            (w.top_p, sampling.top_p, 1.0),
+            (w.top_k, sampling.top_k, 1),
+            (w.min_new, sampling.min_new, 0),
+            (w.blocked, blocked, 0),
+        ):
             t[n:].fill_(idle)
             t[:n].copy_(src)
         w.draws.zero_()
         w.draws[:n, :steps].copy_(sampling.draws[:, :steps])
-        ws.sampling = replace(w, needs_sort=sampling.needs_sort, any_sampled=sampling.any_sampled,
-                              any_blocked=sampling.any_blocked)
+        ws.sampling = replace(
+            w, needs_sort=sampling.needs_sort, any_sampled=sampling.any_sampled, any_blocked=sampling.any_blocked
+        )
 
 
 def _rows(s: BatchSampling, b: int) -> BatchSampling:
     """Views of the first ``b`` rows (views, not copies: a graph must read the workspace's own storage)."""
-    return BatchSampling(s.temperature[:b], s.greedy[:b], s.top_p[:b], s.top_k[:b], s.min_new[:b], s.blocked[:b],
-                         s.draws[:b], s.needs_sort, s.any_sampled, s.any_blocked)
+    return BatchSampling(
+        s.temperature[:b],
+        s.greedy[:b],
+        s.top_p[:b],
+        s.top_k[:b],
+        s.min_new[:b],
+        s.blocked[:b],
+        s.draws[:b],
+        s.needs_sort,
+        s.any_sampled,
+        s.any_blocked,
+    )

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from miles.engine.sampling import BatchSampling, sample_batch
 
 
-def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + delta, RMSNorm(h + delta) * weight): a residual add and the pre-norm of the next sublayer."""
     total = h + delta
     return total, F.rms_norm(total, (total.shape[-1],), weight, eps)
@@ -45,8 +46,16 @@ def rope(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.addcmul(qk * cos, torch.roll(qk, qk.shape[-1] // 2, dims=-1), sin)
 
 
-def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
+def rope_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    pos: torch.Tensor,
+    n_heads: int,
+) -> torch.Tensor:
     """RoPE on one decode step's q and k (``qkv`` [b, 1, heads + 2 kv_heads, d]), k and v written at each row's
     slot ``pos`` of its cache row ``rows`` (caches [rows, kv_heads, length, d]); returns q [b, 1, heads, d]."""
     n_kv = (qkv.shape[2] - n_heads) // 2
@@ -83,9 +92,12 @@ def fusable(model: Any, packs: list[list[torch.Tensor | None]] | None) -> bool:
     inner = model.model
     if packs is None or any(len(p) < 4 or p[2] is None for p in packs) or norm_args(inner.norm) is None:
         return False
-    return all(norm_args(layer.input_layernorm) is not None and norm_args(layer.post_attention_layernorm) is not None
-               and type(getattr(layer.mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
-               for layer in inner.layers)
+    return all(
+        norm_args(layer.input_layernorm) is not None
+        and norm_args(layer.post_attention_layernorm) is not None
+        and type(getattr(layer.mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+        for layer in inner.layers
+    )
 
 
 def available(device: torch.device) -> str | None:
@@ -110,8 +122,9 @@ class Fusion:
         # not fullgraph: the sampling flags (Python bools of the batch) pick branches
         self._sample_compiled = torch.compile(sample_batch, dynamic=None) if on else sample_batch
 
-    def sample(self, logits: torch.Tensor, u: torch.Tensor, s: BatchSampling,
-               scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, logits: torch.Tensor, u: torch.Tensor, s: BatchSampling, scaled: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`sample_batch`, compiled unless a row asks for top-k/top-p. That path sorts the vocabulary, which
         fusing cannot speed up, and Inductor fails to generate the cumulative sum over the sorted vocabulary once
         the batch size turns dynamic (torch 2.11 on an H200), so it runs eagerly, inside the same CUDA graph."""

@@ -40,14 +40,37 @@ class LocalEngine:
         self.port = port or free_port(host=host)
         self.api_key = api_key
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="miles-engine-", suffix=".log")[1])
-        argv = [sys.executable, "-m", "miles.engine.server", "--model", str(model_dir), "--host", host,
-                "--port", str(self.port), *(extra_args or [])]
+        argv = [
+            sys.executable,
+            "-m",
+            "miles.engine.server",
+            "--model",
+            str(model_dir),
+            "--host",
+            host,
+            "--port",
+            str(self.port),
+            *(extra_args or []),
+        ]
         if api_key:
             argv += ["--api-key", api_key]
-        threads_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                       "TOKENIZERS_PARALLELISM": "false"}
-        self.process = EngineProcess(EngineLaunch(index=0, kind="embedded", argv=tuple(argv), env=threads_env,
-                                                  host=host, port=self.port, api_key=api_key, log_path=self.log_path))
+        threads_env = {
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        self.process = EngineProcess(
+            EngineLaunch(
+                index=0,
+                kind="embedded",
+                argv=tuple(argv),
+                env=threads_env,
+                host=host,
+                port=self.port,
+                api_key=api_key,
+                log_path=self.log_path,
+            )
+        )
         self.url = self.process.url
         self.startup_timeout_s = startup_timeout_s
         self.process.start()

@@ -100,7 +100,7 @@ class SamplingParams:
             if value is not None and value != default and value not in ([], "", {}):
                 raise SamplingError(
                     f"sampling_params.{key}={value!r} is not supported by the embedded engine "
-                    f"(only SGLang's default {default!r}); use engine = \"sglang\" for it"
+                    f'(only SGLang\'s default {default!r}); use engine = "sglang" for it'
                 )
         kw: dict[str, Any] = {k: v for k, v in body.items() if k in SUPPORTED_KEYS and v is not None}
         stop = kw.get("stop", ())
@@ -202,8 +202,9 @@ class BatchSampling:
             blocked_rows.append(ids)
             min_new.append(p.min_new_tokens if ids else 0)  # nothing to block: never touch the row's logits
         width = max(1, max(len(b) for b in blocked_rows))
-        blocked = torch.tensor([(b or [0]) + [(b or [0])[0]] * (width - len(b or [0])) for b in blocked_rows],
-                               dtype=torch.long)
+        blocked = torch.tensor(
+            [(b or [0]) + [(b or [0])[0]] * (width - len(b or [0])) for b in blocked_rows], dtype=torch.long
+        )
         draws = torch.zeros((n, max(1, steps)), dtype=torch.float32)
         for row, (p, seed, budget) in enumerate(zip(params, seeds, budgets, strict=True)):
             if not p.greedy and budget > 0:
@@ -231,13 +232,23 @@ class BatchSampling:
             t = t if device is None else t.to(device)
             return t if index is None else t.index_select(0, index.to(t.device))
 
-        return BatchSampling(pick(self.temperature), pick(self.greedy), pick(self.top_p), pick(self.top_k),
-                             pick(self.min_new), pick(self.blocked), pick(self.draws), self.needs_sort,
-                             self.any_sampled, self.any_blocked)
+        return BatchSampling(
+            pick(self.temperature),
+            pick(self.greedy),
+            pick(self.top_p),
+            pick(self.top_k),
+            pick(self.min_new),
+            pick(self.blocked),
+            pick(self.draws),
+            self.needs_sort,
+            self.any_sampled,
+            self.any_blocked,
+        )
 
 
-def block_early_stops(logits: torch.Tensor, produced: torch.Tensor, min_new: torch.Tensor,
-                      blocked: torch.Tensor) -> None:
+def block_early_stops(
+    logits: torch.Tensor, produced: torch.Tensor, min_new: torch.Tensor, blocked: torch.Tensor
+) -> None:
     """In place: a row's blocked ids get -inf while it has produced fewer than ``min_new`` tokens.
 
     ``produced`` is a one-element tensor (the step), so no host value is read: the same kernels serve every step.
@@ -281,8 +292,9 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int) -> torch.Tens
     return bi * block + torch.searchsorted(inner, target).clamp(max=block - 1)
 
 
-def sample_batch(logits: torch.Tensor, u: torch.Tensor, s: BatchSampling,
-                 scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    logits: torch.Tensor, u: torch.Tensor, s: BatchSampling, scaled: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its logprob, SGLang's way, with no host synchronisation.
 
     ``logits``: float32 [n, vocab] (the rows of ``s``), already divided by each row's temperature when

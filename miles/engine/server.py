@@ -15,11 +15,14 @@ path                                  methods      body -> answer
 /init_weights_update_group            POST         InitWeightsUpdateGroupReqInput -> {success, message}
 /destroy_weights_update_group         POST         DestroyWeightsUpdateGroupReqInput -> {success, message}
 /update_weights_from_distributed      POST         UpdateWeightsFromDistributedReqInput -> {success, message}
-/update_weights_from_tensor           POST         UpdateWeightsFromTensorReqInput (flattened_bucket) -> {success, message}
-/update_weights_from_disk             POST         UpdateWeightFromDiskReqInput -> {success, message, num_paused_requests}
+/update_weights_from_tensor           POST         UpdateWeightsFromTensorReqInput (flattened_bucket) -> {success,
+message}
+/update_weights_from_disk             POST         UpdateWeightFromDiskReqInput -> {success, message,
+num_paused_requests}
 /update_weight_version                POST         {new_version} -> {success, message, new_version}
 /get_weights_by_name                  GET, POST    {name, truncate_size} -> the tensor as nested float lists
-/weights_checker                      GET, POST    {action: "checksum"} -> {success, message, ranks, per_engine_checksum}
+/weights_checker                      GET, POST    {action: "checksum"} -> {success, message, ranks,
+per_engine_checksum}
 /release_memory_occupation            GET, POST    {tags} -> null
 /resume_memory_occupation             GET, POST    {tags} -> null
 /pause_generation                     POST         {mode: abort|retract|in_place} -> {message, status}
@@ -78,8 +81,16 @@ from miles.engine.weight_endpoints import WeightEndpoints, json_error
 log = logging.getLogger("miles.engine.server")
 
 UNSUPPORTED_GENERATE_KEYS = (
-    "input_embeds", "image_data", "video_data", "audio_data", "lora_path", "custom_logit_processor",
-    "session_params", "token_ids_logprob", "return_hidden_states", "return_routed_experts",
+    "input_embeds",
+    "image_data",
+    "video_data",
+    "audio_data",
+    "lora_path",
+    "custom_logit_processor",
+    "session_params",
+    "token_ids_logprob",
+    "return_hidden_states",
+    "return_routed_experts",
 )
 """GenerateReqInput fields the embedded engine refuses when set (SGLang accepts them)."""
 
@@ -240,32 +251,36 @@ class EngineServer(WeightEndpoints):
 
     async def model_info(self, request: web.Request) -> web.Response:
         cfg = self.engine.config
-        return web.json_response({
-            "model_path": self.engine.model_dir,
-            "served_model_name": self.served_model_name,
-            "tokenizer_path": self.engine.model_dir,
-            "is_generation": True,
-            "preferred_sampling_params": None,
-            "weight_version": self.weight_version,
-            "load_format": "auto",
-            "reasoning_parser": None,
-            "tool_call_parser": None,
-            "has_image_understanding": False,
-            "has_audio_understanding": False,
-            "model_type": getattr(cfg, "model_type", None),
-            "architectures": getattr(cfg, "architectures", None),
-        })
+        return web.json_response(
+            {
+                "model_path": self.engine.model_dir,
+                "served_model_name": self.served_model_name,
+                "tokenizer_path": self.engine.model_dir,
+                "is_generation": True,
+                "preferred_sampling_params": None,
+                "weight_version": self.weight_version,
+                "load_format": "auto",
+                "reasoning_parser": None,
+                "tool_call_parser": None,
+                "has_image_understanding": False,
+                "has_audio_understanding": False,
+                "model_type": getattr(cfg, "model_type", None),
+                "architectures": getattr(cfg, "architectures", None),
+            }
+        )
 
     async def server_info(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            **self.settings,
-            "model_path": self.engine.model_dir,
-            "served_model_name": self.served_model_name,
-            "weight_version": self.weight_version,
-            "max_batch_size": self.engine.max_batch_size,
-            "version": "miles-embedded",
-            "internal_states": [{"paused": self.paused, "released": sorted(self.engine.released)}],
-        })
+        return web.json_response(
+            {
+                **self.settings,
+                "model_path": self.engine.model_dir,
+                "served_model_name": self.served_model_name,
+                "weight_version": self.weight_version,
+                "max_batch_size": self.engine.max_batch_size,
+                "version": "miles-embedded",
+                "internal_states": [{"paused": self.paused, "released": sorted(self.engine.released)}],
+            }
+        )
 
     # ------------------------------------------------------------------ generation
 
@@ -281,8 +296,9 @@ class EngineServer(WeightEndpoints):
         except (ValueError, EngineReleased) as e:
             return json_error(str(e))
         latency = time.perf_counter() - arrived
-        bodies = [self._output_body(o, r, rid, lp, latency)
-                  for o, r, rid, lp in zip(outs, reqs, rids, want_lp, strict=True)]
+        bodies = [
+            self._output_body(o, r, rid, lp, latency) for o, r, rid, lp in zip(outs, reqs, rids, want_lp, strict=True)
+        ]
         return web.json_response(bodies if batched else bodies[0])
 
     def _parse_generate(self, body: dict[str, Any]) -> tuple[list[GenerationRequest], bool, list[str], list[bool]]:
@@ -324,9 +340,11 @@ class EngineServer(WeightEndpoints):
         return_lp = [bool(x) for x in per_item("return_logprob", False)]
         starts = [int(x) for x in per_item("logprob_start_len", -1)]
         rid = body.get("rid")
-        base_rids = rid if isinstance(rid, list) else [
-            (f"{rid}_{i}" if batched and rid else rid) or uuid.uuid4().hex for i in range(count)
-        ]
+        base_rids = (
+            rid
+            if isinstance(rid, list)
+            else [(f"{rid}_{i}" if batched and rid else rid) or uuid.uuid4().hex for i in range(count)]
+        )
         reqs: list[GenerationRequest] = []
         rids: list[str] = []
         want: list[bool] = []
@@ -352,12 +370,21 @@ class EngineServer(WeightEndpoints):
         }
         if want_lp:
             meta["input_token_logprobs"] = [
-                [lp, tok, None] for lp, tok in zip(out.input_logprobs, req.input_ids[max(req.logprob_start_len, 0):], strict=False)
+                [lp, tok, None]
+                for lp, tok in zip(out.input_logprobs, req.input_ids[max(req.logprob_start_len, 0) :], strict=False)
             ]
-            meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(out.output_logprobs, out.output_ids, strict=True)]
+            meta["output_token_logprobs"] = [
+                [lp, tok, None] for lp, tok in zip(out.output_logprobs, out.output_ids, strict=True)
+            ]
             meta["output_token_logprobs_length"] = len(out.output_ids)
-        meta.update({"reasoning_tokens": 0, "completion_tokens": len(out.output_ids), "cached_tokens": 0,
-                     "e2e_latency": latency})
+        meta.update(
+            {
+                "reasoning_tokens": 0,
+                "completion_tokens": len(out.output_ids),
+                "cached_tokens": 0,
+                "e2e_latency": latency,
+            }
+        )
         return {"text": out.text, "output_ids": out.output_ids, "meta_info": meta}
 
     async def _submit(
@@ -398,7 +425,9 @@ class EngineServer(WeightEndpoints):
                     except Exception as e:  # the error belongs to these requests, the server lives on
                         for p in group:
                             if not p.future.done():
-                                p.future.set_exception(e if isinstance(e, (ValueError, EngineReleased)) else ValueError(str(e)))
+                                p.future.set_exception(
+                                    e if isinstance(e, (ValueError, EngineReleased)) else ValueError(str(e))
+                                )
                         continue
                     finally:
                         self.busy = False
@@ -415,11 +444,22 @@ class EngineServer(WeightEndpoints):
             if rid is None or rid in p.rids:
                 aborted += 1
                 if not p.future.done():
-                    p.future.set_result([
-                        GenerationOutput([], [], {"type": "abort", "message": "Abort in waiting queue",
-                                                  "status_code": None, "err_type": None}, "")
-                        for _ in p.requests
-                    ])
+                    p.future.set_result(
+                        [
+                            GenerationOutput(
+                                [],
+                                [],
+                                {
+                                    "type": "abort",
+                                    "message": "Abort in waiting queue",
+                                    "status_code": None,
+                                    "err_type": None,
+                                },
+                                "",
+                            )
+                            for _ in p.requests
+                        ]
+                    )
             else:
                 kept.append(p)
         self._queue[:] = kept
@@ -518,11 +558,23 @@ def serve(
     fuse: bool | None = None,
 ) -> None:
     """Load ``model_dir`` and serve it on ``host:port`` until SIGINT/SIGTERM (blocking)."""
-    engine = Engine(model_dir, device=device, dtype=dtype, seed=seed, max_batch_size=max_batch_size,
-                    trust_remote_code=trust_remote_code, fuse=fuse)
-    server = EngineServer(engine, api_key=api_key, batch_wait_ms=batch_wait_ms, served_model_name=served_model_name,
-                          weight_version=weight_version,
-                          settings={"host": host, "port": port, "device": device, "dtype": dtype, "random_seed": seed})
+    engine = Engine(
+        model_dir,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        max_batch_size=max_batch_size,
+        trust_remote_code=trust_remote_code,
+        fuse=fuse,
+    )
+    server = EngineServer(
+        engine,
+        api_key=api_key,
+        batch_wait_ms=batch_wait_ms,
+        served_model_name=served_model_name,
+        weight_version=weight_version,
+        settings={"host": host, "port": port, "device": device, "dtype": dtype, "random_seed": seed},
+    )
     app = server.app()
     url = f"http://{host}:{port}"
 
@@ -537,7 +589,9 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m miles.engine.server", description="miles' embedded SGLang-compatible engine")
+    p = argparse.ArgumentParser(
+        prog="python -m miles.engine.server", description="miles' embedded SGLang-compatible engine"
+    )
     p.add_argument("--model", "--model-path", dest="model", required=True, help="HF model directory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
@@ -551,15 +605,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weight-version", default="default")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--ready-file", default=None)
-    p.add_argument("--fuse", choices=["auto", "on", "off"], default=os.environ.get("MILES_ENGINE_FUSE", "auto"),
-                   help="compile the decode step's elementwise chains and sampling (Triton, CUDA only); auto: where "
-                        "it can run. Default from MILES_ENGINE_FUSE, else auto")
+    p.add_argument(
+        "--fuse",
+        choices=["auto", "on", "off"],
+        default=os.environ.get("MILES_ENGINE_FUSE", "auto"),
+        help="compile the decode step's elementwise chains and sampling (Triton, CUDA only); auto: where "
+        "it can run. Default from MILES_ENGINE_FUSE, else auto",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    serve(a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, seed=a.seed, api_key=a.api_key,
-          max_batch_size=a.max_batch_size, batch_wait_ms=a.batch_wait_ms, served_model_name=a.served_model_name,
-          weight_version=a.weight_version, trust_remote_code=a.trust_remote_code, ready_file=a.ready_file,
-          fuse={"auto": None, "on": True, "off": False}[a.fuse])
+    serve(
+        a.model,
+        host=a.host,
+        port=a.port,
+        device=a.device,
+        dtype=a.dtype,
+        seed=a.seed,
+        api_key=a.api_key,
+        max_batch_size=a.max_batch_size,
+        batch_wait_ms=a.batch_wait_ms,
+        served_model_name=a.served_model_name,
+        weight_version=a.weight_version,
+        trust_remote_code=a.trust_remote_code,
+        ready_file=a.ready_file,
+        fuse={"auto": None, "on": True, "off": False}[a.fuse],
+    )
 
 
 def _device_binder(device: Any) -> Any:
@@ -576,4 +646,3 @@ def _device_binder(device: Any) -> Any:
 
 if __name__ == "__main__":
     main()
-

@@ -83,7 +83,6 @@ class WeightEndpoints:
     def _abort_queued(self, rid: str | None = None) -> int:
         raise NotImplementedError
 
-
     @contextlib.asynccontextmanager
     async def _weights_exclusive(self):  # type: ignore[no-untyped-def]
         """SGLang's rule: while paused update at once, otherwise wait for the running batch."""
@@ -103,8 +102,14 @@ class WeightEndpoints:
                 raise ValueError(f"group {name!r} already exists; destroy it first")
             rank = int(body["rank_offset"])  # one rank per engine: tp_rank is 0
             pg = await asyncio.get_running_loop().run_in_executor(
-                self._ctl_pool, join_group, str(body["master_address"]), int(body["master_port"]), rank,
-                int(body["world_size"]), name, str(body.get("backend", "nccl")),
+                self._ctl_pool,
+                join_group,
+                str(body["master_address"]),
+                int(body["master_port"]),
+                rank,
+                int(body["world_size"]),
+                name,
+                str(body.get("backend", "nccl")),
             )
             self.groups[name] = pg
         except Exception as e:
@@ -117,8 +122,9 @@ class WeightEndpoints:
         body = await self._body(request)
         name = body.get("group_name", "weight_update_group")
         if name not in self.groups:
-            return web.json_response({"success": False, "message": "The group to be destroyed does not exist."},
-                                     status=400)
+            return web.json_response(
+                {"success": False, "message": "The group to be destroyed does not exist."}, status=400
+            )
         await self._settled()
         # off the event loop: an NCCL teardown can wait for the trainer's, and the server must keep answering
         await asyncio.get_running_loop().run_in_executor(self._ctl_pool, leave_group, self.groups.pop(name))
@@ -130,7 +136,6 @@ class WeightEndpoints:
         """Receive one update from the group's rank 0 and load it (runs in a control thread)."""
         import torch
         import torch.distributed as dist
-
 
         names, dtypes, shapes = list(body["names"]), list(body["dtypes"]), [list(s) for s in body["shapes"]]
         if not len(names) == len(dtypes) == len(shapes):
@@ -152,7 +157,10 @@ class WeightEndpoints:
             dist.broadcast(flat, src=0, group=pg)
             named = unflatten(flat, names, dtypes, shapes)
         elif body.get("load_format") in (None, "auto"):
-            named = [(n, torch.empty(s, dtype=dtype_from_name(d), device=device)) for n, d, s in zip(names, dtypes, shapes, strict=True)]
+            named = [
+                (n, torch.empty(s, dtype=dtype_from_name(d), device=device))
+                for n, d, s in zip(names, dtypes, shapes, strict=True)
+            ]
             handles = [dist.broadcast(t, src=0, group=pg, async_op=True) for _, t in named]
             for h in handles:
                 h.wait()
@@ -164,7 +172,6 @@ class WeightEndpoints:
         """A flattened bucket on a GPU: broadcast into a fresh buffer, copy into the model on the side stream."""
         import torch
         import torch.distributed as dist
-
 
         device = self.engine.device
         with self._copy_lock:
@@ -194,17 +201,25 @@ class WeightEndpoints:
         body = await self._body(request)
         name = body.get("group_name", "weight_update_group")
         if name not in self.groups:
-            return web.json_response({"success": False, "message": (
-                f"Group {name} not in {list(self.groups)}. Please call `init_weights_update_group` first.")},
-                status=400)
+            return web.json_response(
+                {
+                    "success": False,
+                    "message": (
+                        f"Group {name} not in {list(self.groups)}. Please call `init_weights_update_group` first."
+                    ),
+                },
+                status=400,
+            )
         try:
             if body.get("abort_all_requests"):
                 self._abort_queued()
             async with self._weights_exclusive():
                 await asyncio.get_running_loop().run_in_executor(self._ctl_pool, self._receive, body)
         except Exception as e:
-            message = (f"Failed to update parameter online: {e}. The full weights of the ModelRunner are "
-                       "partially updated. Please discard the whole weights.")
+            message = (
+                f"Failed to update parameter online: {e}. The full weights of the ModelRunner are "
+                "partially updated. Please discard the whole weights."
+            )
             return web.json_response({"success": False, "message": message}, status=400)
         message = "Succeeded to update parameter online."
         if body.get("weight_version") is not None:
@@ -242,8 +257,10 @@ class WeightEndpoints:
         if len(decoded) != 1:
             raise ValueError(f"serialized_named_tensors has {len(entries)} entries but this engine has 1 TP rank")
         if body.get("load_format") != "flattened_bucket":
-            raise ValueError(f"load_format {body.get('load_format')!r} is not supported by the embedded engine; "
-                             "send load_format = \"flattened_bucket\"")
+            raise ValueError(
+                f"load_format {body.get('load_format')!r} is not supported by the embedded engine; "
+                'send load_format = "flattened_bucket"'
+            )
         flat, metadata = decoded.pop()
         named = reconstruct(flat, metadata)
         state = self.engine.state()
@@ -270,8 +287,9 @@ class WeightEndpoints:
             async with self._weights_exclusive():
                 await asyncio.get_running_loop().run_in_executor(self._ctl_pool, self._take_tensors, body)
         except Exception as e:
-            return web.json_response({"success": False, "message": f"Failed to update weights from tensor: {e}"},
-                                     status=400)
+            return web.json_response(
+                {"success": False, "message": f"Failed to update weights from tensor: {e}"}, status=400
+            )
         message = "Success"
         if body.get("weight_version") is not None:
             self.weight_version = str(body["weight_version"])
@@ -294,8 +312,9 @@ class WeightEndpoints:
             async with self._weights_exclusive():
                 await asyncio.get_running_loop().run_in_executor(self._ctl_pool, load)
         except Exception as e:
-            return web.json_response({"success": False, "message": f"Failed to update weights: {e}.",
-                                      "num_paused_requests": 0}, status=400)
+            return web.json_response(
+                {"success": False, "message": f"Failed to update weights: {e}.", "num_paused_requests": 0}, status=400
+            )
         message = "Succeeded to update model weights."
         if body.get("weight_version") is not None:
             self.weight_version = str(body["weight_version"])
@@ -310,8 +329,13 @@ class WeightEndpoints:
             self._abort_queued()
         await self._settled()
         self.weight_version = str(body["new_version"])
-        return web.json_response({"success": True, "message": f"Weight version updated to {self.weight_version}",
-                                  "new_version": self.weight_version})
+        return web.json_response(
+            {
+                "success": True,
+                "message": f"Weight version updated to {self.weight_version}",
+                "new_version": self.weight_version,
+            }
+        )
 
     async def get_weights_by_name(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -334,8 +358,21 @@ class WeightEndpoints:
             h.update(name.encode())
             h.update(checksums[name].encode())
         per_gpu = h.hexdigest()
-        rank = {"checksums": checksums, "per_gpu_checksum": per_gpu, "parallelism_info": {
-            "tp_rank": 0, "tp_size": 1, "dp_rank": 0, "dp_size": 1, "pp_rank": 0, "pp_size": 1, "rank": 0, "size": 1}}
+        rank = {
+            "checksums": checksums,
+            "per_gpu_checksum": per_gpu,
+            "parallelism_info": {
+                "tp_rank": 0,
+                "tp_size": 1,
+                "dp_rank": 0,
+                "dp_size": 1,
+                "pp_rank": 0,
+                "pp_size": 1,
+                "rank": 0,
+                "size": 1,
+            },
+        }
         engine_sum = hashlib.sha256(per_gpu.encode()).hexdigest()
-        return web.json_response({"success": True, "message": "Success", "ranks": [rank],
-                                  "per_engine_checksum": engine_sum})
+        return web.json_response(
+            {"success": True, "message": "Success", "ranks": [rank], "per_engine_checksum": engine_sum}
+        )

@@ -54,9 +54,11 @@ def load(run_dir: Path, spec: Spec) -> str | None:
     except FileNotFoundError:
         key = ""
     if not key:
-        raise UserError(f"{run_dir / KEY_FILE} is missing or empty: the engines of this run need the key that "
-                        "`miles submit` and `miles run` write there; submit or run the spec again (or set "
-                        "[rollout] engine_auth = false on a trusted single-user machine)")
+        raise UserError(
+            f"{run_dir / KEY_FILE} is missing or empty: the engines of this run need the key that "
+            "`miles submit` and `miles run` write there; submit or run the spec again (or set "
+            "[rollout] engine_auth = false on a trusted single-user machine)"
+        )
     return key
 
 

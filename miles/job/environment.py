@@ -40,6 +40,7 @@ from miles.plan import ports
 Role = Literal["trainer", "engine"]
 Launcher = Literal["slurm", "torchrun", "mpi"]
 
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """The part of the plan a rank needs: counts, components and ports.
@@ -91,8 +92,10 @@ class Layout:
                 engine_gpus=tuple(tuple(int(g) for g in e.get("gpus", ())) for e in plan["engines"]),
             )
         except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise UserError(f"plan.json does not look like a miles plan (missing or bad {e}); "
-                            "re-run `miles submit` to write a current one") from e
+            raise UserError(
+                f"plan.json does not look like a miles plan (missing or bad {e}); "
+                "re-run `miles submit` to write a current one"
+            ) from e
 
     def for_job(self, job_id: int) -> Layout:
         """The same layout with its ports moved to ``job_id``'s block.
@@ -104,9 +107,14 @@ class Layout:
         if self.job_id == job_id:
             return self
         shift = ports.block_base(job_id) - ports.block_base(self.job_id or 0)
-        return replace(self, master_port=self.master_port + shift, weight_update_port=self.weight_update_port + shift,
-                       engine_http_ports=tuple(p + shift for p in self.engine_http_ports),
-                       engine_nccl_ports=tuple(p + shift for p in self.engine_nccl_ports), job_id=job_id)
+        return replace(
+            self,
+            master_port=self.master_port + shift,
+            weight_update_port=self.weight_update_port + shift,
+            engine_http_ports=tuple(p + shift for p in self.engine_http_ports),
+            engine_nccl_ports=tuple(p + shift for p in self.engine_nccl_ports),
+            job_id=job_id,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +205,11 @@ def _launcher_ranks(env: Mapping[str, str], launcher: Launcher) -> tuple[int, in
         return _int(env, "RANK"), _int(env, "WORLD_SIZE"), int(env.get("LOCAL_RANK", "0"))
     if launcher == "mpi":
         if "OMPI_COMM_WORLD_RANK" in env:
-            return (_int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE"),
-                    int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
+            return (
+                _int(env, "OMPI_COMM_WORLD_RANK"),
+                _int(env, "OMPI_COMM_WORLD_SIZE"),
+                int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")),
+            )
         local = env.get("MPI_LOCALRANKID") or env.get("PMI_LOCAL_RANK") or "0"
         return _int(env, "PMI_RANK"), _int(env, "PMI_SIZE"), int(local)
     return _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), int(env.get("SLURM_LOCALID", "0"))
@@ -219,14 +230,19 @@ def _assign_role(role: Role | None, rank: int, size: int, layout: Layout) -> tup
     if size == both:
         derived: Role = "engine" if rank < layout.num_engines else "trainer"
         if role is not None and role != derived:
-            raise UserError(f"rank {rank} of {size} (trainers + engines in one launch, engines first) is "
-                            f"{derived}, but --role {role} was given")
+            raise UserError(
+                f"rank {rank} of {size} (trainers + engines in one launch, engines first) is "
+                f"{derived}, but --role {role} was given"
+            )
         return derived, rank if derived == "engine" else rank - layout.num_engines
     if role is None:
-        raise UserError(f"launched {size} ranks, which is neither the plan's {layout.trainer_world_size} trainers, "
-                        f"its {layout.num_engines} engines, nor both ({both}); pass --role trainer|engine")
-    raise UserError(f"launched {size} {role} ranks but the plan has {expected}; "
-                    "the srun/mpirun task count must match `miles plan`")
+        raise UserError(
+            f"launched {size} ranks, which is neither the plan's {layout.trainer_world_size} trainers, "
+            f"its {layout.num_engines} engines, nor both ({both}); pass --role trainer|engine"
+        )
+    raise UserError(
+        f"launched {size} {role} ranks but the plan has {expected}; the srun/mpirun task count must match `miles plan`"
+    )
 
 
 def _het_nodelist(env: Mapping[str, str], group: int | None) -> str | None:
@@ -235,8 +251,9 @@ def _het_nodelist(env: Mapping[str, str], group: int | None) -> str | None:
     return env.get(f"SLURM_JOB_NODELIST_HET_GROUP_{group}") or env.get(f"SLURM_JOB_NODELIST_PACK_GROUP_{group}")
 
 
-def _trainer_host(env: Mapping[str, str], launcher: Launcher, layout: Layout, role: Role,
-                  rank0_host: str | None) -> str:
+def _trainer_host(
+    env: Mapping[str, str], launcher: Launcher, layout: Layout, role: Role, rank0_host: str | None
+) -> str:
     """Host of trainer rank 0, seen from any rank (trainer or engine)."""
     if "MILES_MASTER_ADDR" in env:
         return env["MILES_MASTER_ADDR"]
@@ -284,10 +301,16 @@ def _launch_id(env: Mapping[str, str], launcher: Launcher, job_id: str | None, r
     return f"slurm-{job_id}.{restart}" if job_id else "local"
 
 
-def task_context(env: Mapping[str, str], layout: Layout, *, role: Role | None = None,
-                 run_dir: str | os.PathLike[str] | None = None, cuda_available: bool = False,
-                 device_pref: Literal["auto", "cuda", "cpu"] = "auto",
-                 rank0_host: str | None = None) -> TaskContext:
+def task_context(
+    env: Mapping[str, str],
+    layout: Layout,
+    *,
+    role: Role | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    cuda_available: bool = False,
+    device_pref: Literal["auto", "cuda", "cpu"] = "auto",
+    rank0_host: str | None = None,
+) -> TaskContext:
     """Work out this process's :class:`TaskContext` from its environment and the plan's layout."""
     launcher = detect_launcher(env)
     # MILES_JOB_ID (the batch shell's SLURM_JOB_ID) is the het leader's id in every step.
@@ -310,7 +333,7 @@ def task_context(env: Mapping[str, str], layout: Layout, *, role: Role | None = 
     master_port, weight_port = _ports(env, launcher, layout)
 
     if device_pref == "cuda" and not cuda_available:
-        raise UserError("cluster.device = \"cuda\" but torch sees no GPU on this node; use \"auto\" or \"cpu\"")
+        raise UserError('cluster.device = "cuda" but torch sees no GPU on this node; use "auto" or "cpu"')
     device: Literal["cuda", "cpu"] = "cuda" if cuda_available and device_pref != "cpu" else "cpu"
 
     engine_index = rank if role_ == "engine" else None
@@ -342,8 +365,9 @@ def task_context(env: Mapping[str, str], layout: Layout, *, role: Role | None = 
         weight_update_rank=wu_rank,
         engine_host=env.get("MILES_ENGINE_HOST") or node_name,
         engine_port=_engine_port(env, layout, rank) if role_ == "engine" else None,
-        engine_nccl_port=(layout.engine_nccl_ports[rank]
-                          if role_ == "engine" and rank < len(layout.engine_nccl_ports) else None),
+        engine_nccl_port=(
+            layout.engine_nccl_ports[rank] if role_ == "engine" and rank < len(layout.engine_nccl_ports) else None
+        ),
         engine_gpus=layout.engine_gpus[rank] if role_ == "engine" and rank < len(layout.engine_gpus) else (),
         device=device,
         backend="nccl" if device == "cuda" else "gloo",

@@ -95,9 +95,17 @@ def announcement_path(run_dir: Path, index: int) -> Path:
 
 
 def announce_engine(run_dir: Path, a: Announcement) -> None:
-    write_json(announcement_path(run_dir, a.index), {
-        "index": a.index, "url": a.url, "host": a.host, "port": a.port, "pid": a.pid, "launch_id": a.launch_id,
-    })
+    write_json(
+        announcement_path(run_dir, a.index),
+        {
+            "index": a.index,
+            "url": a.url,
+            "host": a.host,
+            "port": a.port,
+            "pid": a.pid,
+            "launch_id": a.launch_id,
+        },
+    )
 
 
 def read_announcement(run_dir: Path, index: int, launch_id: str) -> Announcement | None:
@@ -112,12 +120,14 @@ def read_announcement(run_dir: Path, index: int, launch_id: str) -> Announcement
         return None
     if d.get("launch_id") != launch_id:
         return None
-    return Announcement(index=index, url=d["url"], host=d["host"], port=int(d["port"]), pid=int(d["pid"]),
-                        launch_id=d["launch_id"])
+    return Announcement(
+        index=index, url=d["url"], host=d["host"], port=int(d["port"]), pid=int(d["pid"]), launch_id=d["launch_id"]
+    )
 
 
-def wait_for_engines(run_dir: Path, num_engines: int, launch_id: str, deadline_s: float,
-                     poll_s: float = 0.2) -> list[Announcement]:
+def wait_for_engines(
+    run_dir: Path, num_engines: int, launch_id: str, deadline_s: float, poll_s: float = 0.2
+) -> list[Announcement]:
     """Block until every engine of this launch has announced itself, or fail naming the missing ones."""
     end = time.monotonic() + deadline_s
     found: dict[int, Announcement] = {}
@@ -134,7 +144,8 @@ def wait_for_engines(run_dir: Path, num_engines: int, launch_id: str, deadline_s
             raise TimeoutError(
                 f"engines {missing} of {num_engines} did not announce themselves in {run_dir / ENGINES} "
                 f"within {deadline_s:.0f} s (launch {launch_id}); look at their log lines "
-                f"(prefix 'engine <i>') for why they did not become healthy")
+                f"(prefix 'engine <i>') for why they did not become healthy"
+            )
         time.sleep(poll_s)
 
 
@@ -147,8 +158,9 @@ def model_dir_of(spec: Spec, run_dir: str | Path) -> str:
     """The HF directory the run's actor and every engine load: ``[model] hf_checkpoint``, or the built-in model
     materialized under ``<run_dir>/model`` (seeded, so every process that asks finds the same weights)."""
     m = spec.model
-    return model_dir(builtin=m.builtin, hf_checkpoint=m.hf_checkpoint, run_dir=run_dir, seed=spec.run.seed,
-                     dtype=m.dtype)
+    return model_dir(
+        builtin=m.builtin, hf_checkpoint=m.hf_checkpoint, run_dir=run_dir, seed=spec.run.seed, dtype=m.dtype
+    )
 
 
 def clear_stale_control(run_dir: Path) -> None:

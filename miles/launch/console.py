@@ -72,8 +72,12 @@ class Console:
                     held, complete = [], False
                 if held or line.startswith(_TRACEBACK):
                     held.append(line)
-                    complete = complete or bool(line.strip()) and not line[0].isspace() and \
-                        not line.startswith((_TRACEBACK, *_CHAINED))
+                    complete = (
+                        complete
+                        or bool(line.strip())
+                        and not line[0].isspace()
+                        and not line.startswith((_TRACEBACK, *_CHAINED))
+                    )
                     if line.startswith(_CHAINED):
                         complete = False
                     continue

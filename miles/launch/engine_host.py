@@ -43,19 +43,27 @@ from miles.sglang.launcher import (
 from miles.spec.tables import Spec
 
 
-def task_launch(spec: Spec, ctx: TaskContext, *, kind: EngineKind | None = None,
-                python: str | None = None) -> EngineLaunch:
+def task_launch(
+    spec: Spec, ctx: TaskContext, *, kind: EngineKind | None = None, python: str | None = None
+) -> EngineLaunch:
     """The launch of the engine rank ``ctx``: the plan's HTTP and NCCL ports (each replaced by a free one when it is
     taken, e.g. by another run on the same machine), the plan's GPUs of this engine, the job's API key; bound on
     every interface and advertised at ``ctx.engine_host``."""
     assert ctx.engine_index is not None and ctx.engine_port is not None
     launch = engine_launch(
-        spec, index=ctx.engine_index, model_path=rundir.model_dir_of(spec, ctx.run_dir), host="0.0.0.0",
-        port=free_port(ctx.engine_port), api_key=os.environ.get("MILES_ENGINE_API_KEY") or None,
-        log_dir=Path(ctx.run_dir) / rundir.LOGS, gpus=ctx.engine_gpus, device=ctx.device,
+        spec,
+        index=ctx.engine_index,
+        model_path=rundir.model_dir_of(spec, ctx.run_dir),
+        host="0.0.0.0",
+        port=free_port(ctx.engine_port),
+        api_key=os.environ.get("MILES_ENGINE_API_KEY") or None,
+        log_dir=Path(ctx.run_dir) / rundir.LOGS,
+        gpus=ctx.engine_gpus,
+        device=ctx.device,
         tp_size=spec.sglang.rollout_num_gpus_per_engine,
         nccl_port=free_port(ctx.engine_nccl_port) if ctx.engine_nccl_port is not None else None,
-        python=python or engine_python(kind or spec.rollout.engine), kind=kind,
+        python=python or engine_python(kind or spec.rollout.engine),
+        kind=kind,
     )
     return replace(launch, advertise_host=ctx.engine_host)
 
@@ -87,15 +95,28 @@ def serve_engine(
 
     def announce(eng: EngineProcess) -> None:
         assert eng.pid is not None
-        rundir.announce_engine(Path(ctx.run_dir), rundir.Announcement(
-            index=launch.index, url=launch.url, host=ctx.engine_host, port=launch.port, pid=eng.pid,
-            launch_id=ctx.launch_id))
-        print(f"[engine {launch.index} on {ctx.node_name}] healthy at {launch.url} (start {eng.starts}, "
-              f"pid {eng.pid})", flush=True)
+        rundir.announce_engine(
+            Path(ctx.run_dir),
+            rundir.Announcement(
+                index=launch.index,
+                url=launch.url,
+                host=ctx.engine_host,
+                port=launch.port,
+                pid=eng.pid,
+                launch_id=ctx.launch_id,
+            ),
+        )
+        print(
+            f"[engine {launch.index} on {ctx.node_name}] healthy at {launch.url} (start {eng.starts}, pid {eng.pid})",
+            flush=True,
+        )
 
-    print(f"[engine {launch.index} on {ctx.node_name}] starting {launch.kind}: "
-          f"{redact(' '.join(launch.argv), launch.api_key)} "
-          f"(env {dict(launch.env)}, log {launch.log_path})", flush=True)
+    print(
+        f"[engine {launch.index} on {ctx.node_name}] starting {launch.kind}: "
+        f"{redact(' '.join(launch.argv), launch.api_key)} "
+        f"(env {dict(launch.env)}, log {launch.log_path})",
+        flush=True,
+    )
     (engine,) = start_engines([launch], health_deadline_s=deadline_s)
     sup = Supervisor([engine], health_deadline_s=deadline_s, on_restart=announce)
     try:

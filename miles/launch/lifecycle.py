@@ -42,8 +42,19 @@ ERR_HEAD_LINES = 15
 """Lines of ``slurm-<id>.err`` that ``miles status`` prints for a failed job."""
 
 _FAILED = ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
-_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
-           "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT")
+_ACTIVE = (
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "SIGNALING",
+    "STAGE_OUT",
+)
 
 
 def stop_path(run_dir: Path, job_id: str) -> Path:
@@ -76,10 +87,15 @@ def cancel(run_dir: str, now: bool = False) -> int:
         return 0
     running = state in ("RUNNING", "CONFIGURING", "SUSPENDED")
     save = running and not now
-    rundir.write_json(stop_path(path, job_id), {
-        "job_id": job_id, "save": save, "restart": int(info.get("Restarts", "0") or 0),
-        "requested_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-    })
+    rundir.write_json(
+        stop_path(path, job_id),
+        {
+            "job_id": job_id,
+            "save": save,
+            "restart": int(info.get("Restarts", "0") or 0),
+            "requested_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        },
+    )
     # Before any signal: a requeue already under way in the batch shell now fails.
     slurm_command(["scontrol", "update", f"JobId={job_id}", "Requeue=0"], check=False)
     if save:
@@ -87,9 +103,11 @@ def cancel(run_dir: str, now: bool = False) -> int:
         # shell (a signal can arrive before the shell's trap exists). The shell removes a stale flag at its start
         # and then looks for the stop file: either it ends there, or this flag, written after, survives.
         rundir.write_atomic(path / rundir.PREEMPT, f"miles cancel of job {job_id}\n")
-        print(f"job {job_id}: asked the ranks to save at the next step boundary, then the job ends (CANCELLED, "
-              f"not requeued).\n  watch:        miles status {path}\n"
-              f"  end it now:   miles cancel --now {path} (no save; resumes from the last checkpoint)")
+        print(
+            f"job {job_id}: asked the ranks to save at the next step boundary, then the job ends (CANCELLED, "
+            f"not requeued).\n  watch:        miles status {path}\n"
+            f"  end it now:   miles cancel --now {path} (no save; resumes from the last checkpoint)"
+        )
     else:
         slurm_command(["scancel", job_id])  # the het leader's id cancels every component
         print(f"cancelled job {job_id} now ({'no save' if running else 'it had not started'}); not requeued")
@@ -120,8 +138,11 @@ def _restarts_in_accounting(job_id: str) -> int:
 def verdict(run_dir: Path, job_id: str, states: dict[str, dict[str, str]]) -> Verdict:
     """Slurm's states of ``job_id`` (see :func:`job_states`) read together with the run directory."""
     if not states:
-        return Verdict("unknown", "Slurm has no record of this job: not in squeue, and accounting (sacct) has no "
-                                  "entry yet (it can lag a few seconds behind a job's end) or keeps none (no slurmdbd)")
+        return Verdict(
+            "unknown",
+            "Slurm has no record of this job: not in squeue, and accounting (sacct) has no "
+            "entry yet (it can lag a few seconds behind a job's end) or keeps none (no slurmdbd)",
+        )
     names = {st.get("State", "?") for st in states.values()}
     stop = stop_path(run_dir, job_id)
     if names & set(_ACTIVE):
@@ -135,8 +156,11 @@ def verdict(run_dir: Path, job_id: str, states: dict[str, dict[str, str]]) -> Ve
             return Verdict("queued", "queued, waiting for resources")
         life = f" (restart {restarts})" if restarts else ""
         if rundir.preempt_requested(run_dir):
-            return Verdict("running", f"running{life}; a checkpoint-and-stop was requested (control/preempt): "
-                                      "the ranks save at the next step boundary and the job requeues")
+            return Verdict(
+                "running",
+                f"running{life}; a checkpoint-and-stop was requested (control/preempt): "
+                "the ranks save at the next step boundary and the job requeues",
+            )
         return Verdict("running", f"running{life}")
     done = _done_text(run_dir)
     if done is not None and done.startswith("selftest") and names == {"COMPLETED"}:
@@ -152,10 +176,16 @@ def verdict(run_dir: Path, job_id: str, states: dict[str, dict[str, str]]) -> Ve
     if failed:
         codes = {st.get("ExitCode", "") for st in states.values() if st.get("State") in failed} - {""}
         exit_code = f", exit {', '.join(sorted(codes))}" if codes else ""
-        return Verdict("failed", f"failed ({', '.join(failed)}{exit_code}); resubmit the spec to resume "
-                                 "from the last checkpoint once the cause is fixed")
-    return Verdict("ended", f"ended ({', '.join(sorted(names))}) before the run was complete; "
-                            "resubmit the spec to resume from the last checkpoint")
+        return Verdict(
+            "failed",
+            f"failed ({', '.join(failed)}{exit_code}); resubmit the spec to resume "
+            "from the last checkpoint once the cause is fixed",
+        )
+    return Verdict(
+        "ended",
+        f"ended ({', '.join(sorted(names))}) before the run was complete; "
+        "resubmit the spec to resume from the last checkpoint",
+    )
 
 
 def err_head(run_dir: Path, job_id: str, lines: int = ERR_HEAD_LINES) -> list[str]:

@@ -59,8 +59,6 @@ _POLL_S = 0.2
 _TERM_GRACE_S = 10.0
 
 
-
-
 @dataclass
 class Rank:
     """One process the launcher started."""
@@ -103,15 +101,18 @@ def local_trainer_gpus(plan: Plan) -> tuple[int, ...]:
         return ()
     multi = [c.role for c in plan.components if c.nodes > 1]
     if multi:
-        raise UserError(f"`miles run` runs a split plan on this one machine, but its {' and '.join(multi)} span "
-                        "several nodes; set cluster.actor_num_nodes = 1 and cluster.rollout_num_nodes = 1, "
-                        "or submit it with `miles submit`")
+        raise UserError(
+            f"`miles run` runs a split plan on this one machine, but its {' and '.join(multi)} span "
+            "several nodes; set cluster.actor_num_nodes = 1 and cluster.rollout_num_nodes = 1, "
+            "or submit it with `miles submit`"
+        )
     first = 1 + max(g for e in plan.engines for g in e.gpus)
     return tuple(range(first, first + plan.mesh.world_size))
 
 
-def rank_envs(run_dir: Path, num_trainers: int, num_engines: int, base: dict[str, str],
-              trainer_gpus: Sequence[int] = ()) -> list[tuple[str, str, dict[str, str]]]:
+def rank_envs(
+    run_dir: Path, num_trainers: int, num_engines: int, base: dict[str, str], trainer_gpus: Sequence[int] = ()
+) -> list[tuple[str, str, dict[str, str]]]:
     """(name, role, environment) of every process: engines first, then trainer ranks.
 
     ``trainer_gpus`` (split mode on one machine): the GPUs the trainer ranks see
@@ -119,18 +120,26 @@ def rank_envs(run_dir: Path, num_trainers: int, num_engines: int, base: dict[str
     """
     ports = free_ports(2 + num_engines)
     common = dict(base)
-    common.update({
-        "MILES_RUN_DIR": str(run_dir), "MILES_LAUNCH_ID": f"local-{uuid.uuid4().hex[:12]}",
-        "MILES_MASTER_ADDR": "127.0.0.1", "MILES_MASTER_PORT": str(ports[0]),
-        "MILES_WEIGHT_UPDATE_PORT": str(ports[1]), "MILES_ENGINE_HOST": "127.0.0.1",
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(ports[0]), "PYTHONUNBUFFERED": "1",
-    })
+    common.update(
+        {
+            "MILES_RUN_DIR": str(run_dir),
+            "MILES_LAUNCH_ID": f"local-{uuid.uuid4().hex[:12]}",
+            "MILES_MASTER_ADDR": "127.0.0.1",
+            "MILES_MASTER_PORT": str(ports[0]),
+            "MILES_WEIGHT_UPDATE_PORT": str(ports[1]),
+            "MILES_ENGINE_HOST": "127.0.0.1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(ports[0]),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     nprocs = num_trainers + num_engines
     common.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(nprocs, 1))))
     out = []
     for i in range(num_engines):
-        env = dict(common, RANK=str(i), WORLD_SIZE=str(num_engines), LOCAL_RANK=str(i),
-                   MILES_ENGINE_PORT=str(ports[2 + i]))
+        env = dict(
+            common, RANK=str(i), WORLD_SIZE=str(num_engines), LOCAL_RANK=str(i), MILES_ENGINE_PORT=str(ports[2 + i])
+        )
         out.append((f"engine {i}", "engine", env))
     for r in range(num_trainers):
         env = dict(common, RANK=str(r), WORLD_SIZE=str(num_trainers), LOCAL_RANK=str(r))
@@ -157,9 +166,16 @@ class LocalRun:
         # launcher; they start in sessions of their own, so Ctrl-C reaches the launcher only (it forwards).
         keep = (self.held.fd,) if self.held is not None and self.held.fd >= 0 else ()
         for name, role, env in procs:
-            p = subprocess.Popen([python, "-m", "miles.launch.task", "--run-dir", str(self.run_dir), "--role", role],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, pass_fds=keep, preexec_fn=orphans.die_with_parent())
+            p = subprocess.Popen(
+                [python, "-m", "miles.launch.task", "--run-dir", str(self.run_dir), "--role", role],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                pass_fds=keep,
+                preexec_fn=orphans.die_with_parent(),
+            )
             rank = Rank(name=name, proc=p, role=role)
             assert p.stdout is not None
             rank.pump = threading.Thread(target=self.printer.pump, args=(name, p.stdout), daemon=True)
@@ -175,8 +191,10 @@ class LocalRun:
         grace = float(os.environ.get("MILES_GRACE_S", "120"))
         self.stop_at = time.monotonic() + grace
         rundir.write_atomic(self.run_dir / rundir.PREEMPT, f"{signal.Signals(signum).name}\n")
-        self.printer.say(f"{signal.Signals(signum).name}: asked the ranks to checkpoint and stop "
-                         f"({self.run_dir / rundir.PREEMPT}); waiting up to {grace:g} s (Ctrl-C again: stop now)")
+        self.printer.say(
+            f"{signal.Signals(signum).name}: asked the ranks to checkpoint and stop "
+            f"({self.run_dir / rundir.PREEMPT}); waiting up to {grace:g} s (Ctrl-C again: stop now)"
+        )
 
     def terminate(self, ranks: list[Rank], why: str) -> None:
         live = [r for r in ranks if r.proc.poll() is None]
@@ -225,8 +243,9 @@ class LocalRun:
                 cause.exit_code = cause.proc.wait(timeout=_TERM_GRACE_S)
             except subprocess.TimeoutExpired:
                 cause.exit_code = 1
-        self.printer.say(f"{cause.name} (pid {cause.proc.pid}) {_describe(cause.exit_code)} while the run was "
-                         "going; ending the run")
+        self.printer.say(
+            f"{cause.name} (pid {cause.proc.pid}) {_describe(cause.exit_code)} while the run was going; ending the run"
+        )
         self.terminate(self.ranks, f"{cause.name} failed")
         self._drain()
         others = [r.name for r in self.ranks if r is not cause]
@@ -266,14 +285,18 @@ def run(spec: Spec, out: IO[str] | None = None) -> int:
 
         needed = plan.mesh.world_size + (trainer_gpus[0] if trainer_gpus else 0)
         if not torch.cuda.is_available() or torch.cuda.device_count() < needed:
-            raise UserError(f"the plan needs {needed} GPUs on this machine but torch sees "
-                            f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; set "
-                            "cluster.gpus_per_node = 0 (and cluster.device = \"cpu\") to run on CPUs")
+            raise UserError(
+                f"the plan needs {needed} GPUs on this machine but torch sees "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; set "
+                'cluster.gpus_per_node = 0 (and cluster.device = "cpu") to run on CPUs'
+            )
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     procs = rank_envs(run_dir, plan.mesh.world_size, len(plan.engines), base, trainer_gpus)
     launcher = LocalRun(run_dir, out or sys.stdout, held)
-    launcher.printer.say(f"{plan.mesh.world_size} trainer rank(s) and {len(plan.engines)} engine(s) on this machine; "
-                         f"run directory {run_dir}")
+    launcher.printer.say(
+        f"{plan.mesh.world_size} trainer rank(s) and {len(plan.engines)} engine(s) on this machine; "
+        f"run directory {run_dir}"
+    )
     previous = {s: signal.signal(s, launcher.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         launcher.start(procs)

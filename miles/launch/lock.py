@@ -85,8 +85,12 @@ def acquire(run_dir: Path, what: str, settle_s: float = 15.0) -> RunDirLock:
                 break
             except OSError as e:
                 if e.errno in _NO_LOCKS:
-                    print(f"miles: warning: the file system of {run_dir} does not support locks ({e.strerror}); "
-                          "nothing keeps a second run out of it", file=sys.stderr, flush=True)
+                    print(
+                        f"miles: warning: the file system of {run_dir} does not support locks ({e.strerror}); "
+                        "nothing keeps a second run out of it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     break
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
@@ -96,10 +100,15 @@ def acquire(run_dir: Path, what: str, settle_s: float = 15.0) -> RunDirLock:
             if not dying or time.monotonic() >= end:
                 raise UserError(
                     f"run directory {run_dir} is in use by {_describe(h)}; two runs must not write one run "
-                    f"directory. Wait for it to end (or stop it), or set run.run_dir to another directory")
+                    f"directory. Wait for it to end (or stop it), or set run.run_dir to another directory"
+                )
             time.sleep(0.2)
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "what": what,
-                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "what": what,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         os.set_inheritable(fd, True)

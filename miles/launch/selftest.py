@@ -41,10 +41,29 @@ from miles.job import rundir
 from miles.job.environment import TaskContext
 
 SELFTEST = "selftest"
-_ENV_KEYS = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "SLURMD_NODENAME",
-             "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_HET_SIZE", "SLURM_JOB_NODELIST_HET_GROUP_0",
-             "SLURM_JOB_NODELIST_HET_GROUP_1", "SLURM_RESTART_COUNT", "CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE",
-             "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK")
+_ENV_KEYS = (
+    "SLURM_JOB_ID",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_NODEID",
+    "SLURMD_NODENAME",
+    "SLURM_STEP_NODELIST",
+    "SLURM_JOB_NODELIST",
+    "SLURM_HET_SIZE",
+    "SLURM_JOB_NODELIST_HET_GROUP_0",
+    "SLURM_JOB_NODELIST_HET_GROUP_1",
+    "SLURM_RESTART_COUNT",
+    "CUDA_VISIBLE_DEVICES",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_RANK",
+)
 
 
 def expected_broadcast(launch_id: str) -> list[float]:
@@ -54,9 +73,13 @@ def expected_broadcast(launch_id: str) -> list[float]:
 
 
 def _report(ctx: TaskContext, env: Mapping[str, str], **values: Any) -> None:
-    data = {"context": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(ctx).items()},
-            "env": {k: env[k] for k in _ENV_KEYS if k in env}, "pid": os.getpid(),
-            "hostname": socket.gethostname(), **values}
+    data = {
+        "context": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(ctx).items()},
+        "env": {k: env[k] for k in _ENV_KEYS if k in env},
+        "pid": os.getpid(),
+        "hostname": socket.gethostname(),
+        **values,
+    }
     rundir.write_json(ctx.run_dir / SELFTEST / f"{ctx.role}-{ctx.rank}.json", data)
 
 
@@ -73,23 +96,31 @@ def _weight_update_group(ctx: TaskContext, group_rank: int, world: int, timeout_
     return dist.ProcessGroupGloo(dist.PrefixStore(f"selftest-wu-{ctx.launch_id}", store), group_rank, world, timeout)
 
 
-def trainer(ctx: TaskContext, env: Mapping[str, str], *, hold_s: float, engine_deadline_s: float,
-            timeout_s: float) -> None:
+def trainer(
+    ctx: TaskContext, env: Mapping[str, str], *, hold_s: float, engine_deadline_s: float, timeout_s: float
+) -> None:
     import torch
     import torch.distributed as dist
 
     t0 = time.monotonic()
-    dist.init_process_group(ctx.backend, init_method=f"tcp://{ctx.master_addr}:{ctx.master_port}",
-                            rank=ctx.rank, world_size=ctx.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        ctx.backend,
+        init_method=f"tcp://{ctx.master_addr}:{ctx.master_port}",
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     device = torch.device("cuda", torch.cuda.current_device()) if ctx.device == "cuda" else torch.device("cpu")
     x = torch.tensor([float(ctx.rank + 1)], device=device)
     dist.all_reduce(x)
     want = ctx.world_size * (ctx.world_size + 1) / 2
     if x.item() != want:
         raise RuntimeError(f"all_reduce of rank+1 over {ctx.world_size} trainers gave {x.item()}, expected {want}")
-    _log(ctx, f"trainer world of {ctx.world_size} formed over {ctx.backend} at "
-              f"{ctx.master_addr}:{ctx.master_port}; all_reduce = {x.item():g} (ok) in {time.monotonic() - t0:.1f} s")
+    _log(
+        ctx,
+        f"trainer world of {ctx.world_size} formed over {ctx.backend} at "
+        f"{ctx.master_addr}:{ctx.master_port}; all_reduce = {x.item():g} (ok) in {time.monotonic() - t0:.1f} s",
+    )
     values: dict[str, Any] = {"all_reduce": x.item(), "expected_all_reduce": want}
     wu = None
     if ctx.is_driver and ctx.num_engines:
@@ -107,11 +138,16 @@ def trainer(ctx: TaskContext, env: Mapping[str, str], *, hold_s: float, engine_d
         wu.allreduce([ok]).wait()
         if ok.item() != ctx.num_engines:
             raise RuntimeError(f"only {ok.item():g} of {ctx.num_engines} engines received the broadcast intact")
-        _log(ctx, f"weight-update group of {world} at {ctx.weight_update_addr}:{ctx.weight_update_port}: "
-                  f"broadcast checked by all {ctx.num_engines} engines")
-        values.update(engine_urls=[a.url for a in found], engine_health=health, engines_ok=ok.item(),
-                      broadcast=payload.tolist())
+        _log(
+            ctx,
+            f"weight-update group of {world} at {ctx.weight_update_addr}:{ctx.weight_update_port}: "
+            f"broadcast checked by all {ctx.num_engines} engines",
+        )
+        values.update(
+            engine_urls=[a.url for a in found], engine_health=health, engines_ok=ok.item(), broadcast=payload.tolist()
+        )
     _report(ctx, env, **values, phase="checked")
+
     def beat() -> bool:
         flag = torch.tensor([1.0 if rundir.preempt_requested(ctx.run_dir) else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -191,8 +227,12 @@ def engine(ctx: TaskContext, env: Mapping[str, str], *, hold_s: float, timeout_s
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health_generate", timeout=10) as r:
         assert r.status == 200
     assert ctx.engine_index is not None
-    rundir.announce_engine(ctx.run_dir, rundir.Announcement(index=ctx.engine_index, url=url, host=ctx.engine_host,
-                                                            port=port, pid=os.getpid(), launch_id=ctx.launch_id))
+    rundir.announce_engine(
+        ctx.run_dir,
+        rundir.Announcement(
+            index=ctx.engine_index, url=url, host=ctx.engine_host, port=port, pid=os.getpid(), launch_id=ctx.launch_id
+        ),
+    )
     _log(ctx, f"serving {url}; announced")
     wu = _weight_update_group(ctx, 1 + ctx.engine_index, 1 + ctx.num_engines, timeout_s + hold_s)
     got = torch.zeros(8)

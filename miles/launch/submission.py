@@ -46,17 +46,22 @@ QUERY_TIMEOUT_S = 20.0
 SUBMIT_TIMEOUT_S = 60.0
 
 
-def slurm_command(args: list[str], timeout: float = QUERY_TIMEOUT_S, cwd: str | None = None,
-                  check: bool = True) -> subprocess.CompletedProcess[str]:
+def slurm_command(
+    args: list[str], timeout: float = QUERY_TIMEOUT_S, cwd: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run a Slurm client command with a timeout; a missing tool or a hang becomes a UserError."""
     try:
         res = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except FileNotFoundError as e:
-        raise UserError(f"`{args[0]}` is not installed on this host: run `miles submit` where the Slurm client "
-                        "tools are (a login node), or use `miles run` to run locally without Slurm") from e
+        raise UserError(
+            f"`{args[0]}` is not installed on this host: run `miles submit` where the Slurm client "
+            "tools are (a login node), or use `miles run` to run locally without Slurm"
+        ) from e
     except subprocess.TimeoutExpired as e:
-        raise UserError(f"`{' '.join(args)}` did not answer within {timeout:.0f} s: the Slurm controller is "
-                        f"unreachable or overloaded (SLURM_CONF={os.environ.get('SLURM_CONF', 'default')})") from e
+        raise UserError(
+            f"`{' '.join(args)}` did not answer within {timeout:.0f} s: the Slurm controller is "
+            f"unreachable or overloaded (SLURM_CONF={os.environ.get('SLURM_CONF', 'default')})"
+        ) from e
     if check and res.returncode != 0:
         msg = (res.stderr or res.stdout).strip()
         raise UserError(f"`{' '.join(args)}` failed (exit {res.returncode}): {msg}")
@@ -71,7 +76,8 @@ def check_controller() -> None:
         raise UserError(
             "the Slurm controller is down or unreachable (`scontrol ping`: "
             f"{first[0] if first else 'no answer'}); nothing was submitted or written. Check that slurmctld runs "
-            f"and SLURM_CONF ({os.environ.get('SLURM_CONF', 'default')}) points at this cluster's slurm.conf.")
+            f"and SLURM_CONF ({os.environ.get('SLURM_CONF', 'default')}) points at this cluster's slurm.conf."
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,24 +104,34 @@ def partition_info(name: str) -> PartitionInfo:
     if not name:
         defaults = {p.rstrip("*") for _, p, _, _ in rows if p.endswith("*")}
         if not defaults:
-            raise UserError("this cluster has no default partition: set slurm.partition "
-                            f"(partitions: {', '.join(sorted(partitions))})")
+            raise UserError(
+                "this cluster has no default partition: set slurm.partition "
+                f"(partitions: {', '.join(sorted(partitions))})"
+            )
         name = defaults.pop()
     mine = [r for r in rows if r[1].rstrip("*") == name]
     if not mine:
-        raise UserError(f"slurm.partition = {name!r} does not exist on this cluster; "
-                        f"choose one of: {', '.join(sorted(partitions))}")
+        raise UserError(
+            f"slurm.partition = {name!r} does not exist on this cluster; choose one of: {', '.join(sorted(partitions))}"
+        )
     return PartitionInfo(
-        name=name, nodes=tuple(sorted({r[0] for r in mine})),
+        name=name,
+        nodes=tuple(sorted({r[0] for r in mine})),
         max_gpus_per_node=max(gpus_in_gres(r[3]) for r in mine),
         max_cpus_per_node=max(int(r[2]) for r in mine if r[2].isdigit()),
     )
 
 
-_NODE_FIELD = {"engines": "cluster.rollout_num_nodes", "trainers": "cluster.actor_num_nodes",
-               "colocated": "cluster.actor_num_nodes"}
-_GPU_FIELD = {"engines": "cluster.gpus_per_node (engines use whole nodes)",
-              "trainers": "cluster.actor_num_gpus_per_node", "colocated": "cluster.actor_num_gpus_per_node"}
+_NODE_FIELD = {
+    "engines": "cluster.rollout_num_nodes",
+    "trainers": "cluster.actor_num_nodes",
+    "colocated": "cluster.actor_num_nodes",
+}
+_GPU_FIELD = {
+    "engines": "cluster.gpus_per_node (engines use whole nodes)",
+    "trainers": "cluster.actor_num_gpus_per_node",
+    "colocated": "cluster.actor_num_gpus_per_node",
+}
 
 
 def check_fits(spec: Spec, plan: object) -> list[str]:
@@ -128,26 +144,36 @@ def check_fits(spec: Spec, plan: object) -> list[str]:
     for comp in plan.components:
         info = infos.get(comp.partition) or partition_info(comp.partition)
         infos[comp.partition] = info
-        where = f"partition {info.name!r} ({len(info.nodes)} nodes, at most {info.max_gpus_per_node} GPUs and " \
-                f"{info.max_cpus_per_node} CPUs per node)"
+        where = (
+            f"partition {info.name!r} ({len(info.nodes)} nodes, at most {info.max_gpus_per_node} GPUs and "
+            f"{info.max_cpus_per_node} CPUs per node)"
+        )
         label = f"het group {comp.het_group} ({comp.role})" if plan.mode == "split" else "the job"
         if comp.nodes > len(info.nodes):
-            problems.append(f"{label} needs {comp.nodes} nodes but {where}; lower {_NODE_FIELD[comp.role]} or choose "
-                            "a bigger slurm.partition")
+            problems.append(
+                f"{label} needs {comp.nodes} nodes but {where}; lower {_NODE_FIELD[comp.role]} or choose "
+                "a bigger slurm.partition"
+            )
         if comp.gpus_per_node > info.max_gpus_per_node:
-            problems.append(f"{label} needs {comp.gpus_per_node} GPUs per node but {where}; lower "
-                            f"{_GPU_FIELD[comp.role]} or set cluster.gpus_per_node to what the nodes have")
+            problems.append(
+                f"{label} needs {comp.gpus_per_node} GPUs per node but {where}; lower "
+                f"{_GPU_FIELD[comp.role]} or set cluster.gpus_per_node to what the nodes have"
+            )
         cpus = comp.cpus_per_task * comp.tasks_per_node
         if cpus > info.max_cpus_per_node:
-            problems.append(f"{label} needs {cpus} CPUs per node ({comp.tasks_per_node} tasks x {comp.cpus_per_task}) "
-                            f"but {where}; lower cluster.cpus_per_node")
+            problems.append(
+                f"{label} needs {cpus} CPUs per node ({comp.tasks_per_node} tasks x {comp.cpus_per_task}) "
+                f"but {where}; lower cluster.cpus_per_node"
+            )
         used[info.name] = used.get(info.name, 0) + comp.nodes
     if spec.slurm.exclusive and plan.mode == "split":
         sizes = {i.name: len(i.nodes) for i in infos.values()}
         for name, n in used.items():
             if n > sizes[name]:
-                problems.append(f"the het components together need {n} whole nodes (slurm.exclusive) but partition "
-                                f"{name!r} has {sizes[name]}; use fewer nodes or slurm.rollout_partition")
+                problems.append(
+                    f"the het components together need {n} whole nodes (slurm.exclusive) but partition "
+                    f"{name!r} has {sizes[name]}; use fewer nodes or slurm.rollout_partition"
+                )
     return problems
 
 
@@ -213,11 +239,16 @@ def submit(spec: Spec, dry_run: bool = False, test_only: bool = False) -> int:
     if final.exists():
         active = _active_job(final)
         if active:
-            raise UserError(f"{final} belongs to job {active}, which is still queued or running; "
-                            f"`miles cancel {final}` first, or set run.run_dir to a new directory")
+            raise UserError(
+                f"{final} belongs to job {active}, which is still queued or running; "
+                f"`miles cancel {final}` first, or set run.run_dir to a new directory"
+            )
         lock.check_free(final)  # e.g. a `miles run` of the same directory
-        old = {name: (final / name).read_text() for name in (rundir.SPEC, rundir.PLAN, rundir.SCRIPT, rundir.JOB)
-               if (final / name).exists()}
+        old = {
+            name: (final / name).read_text()
+            for name in (rundir.SPEC, rundir.PLAN, rundir.SCRIPT, rundir.JOB)
+            if (final / name).exists()
+        }
         if rundir.JOB in old:
             prev = rundir.read_json(final / rundir.JOB)
             history = [*prev.get("history", []), str(prev.get("job_id"))]
@@ -252,15 +283,24 @@ def submit(spec: Spec, dry_run: bool = False, test_only: bool = False) -> int:
                 except OSError:
                     break
             raise
-    rundir.write_json(final / rundir.JOB, {
-        "job_id": job_id, "mode": plan.mode, "submitted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "submit_dir": str(cwd), "slurm_conf": os.environ.get("SLURM_CONF", ""), "history": history,
-    })
-    print(f"submitted job {job_id} ({plan.mode}{', heterogeneous' if plan.mode == 'split' else ''})\n"
-          f"  run directory: {final}\n"
-          f"  Slurm output:  {final}/slurm-{job_id}.out (and .err)\n"
-          f"  status:        miles status {final}\n"
-          f"  cancel:        miles cancel {final} (saves first; --now ends at once)")
+    rundir.write_json(
+        final / rundir.JOB,
+        {
+            "job_id": job_id,
+            "mode": plan.mode,
+            "submitted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "submit_dir": str(cwd),
+            "slurm_conf": os.environ.get("SLURM_CONF", ""),
+            "history": history,
+        },
+    )
+    print(
+        f"submitted job {job_id} ({plan.mode}{', heterogeneous' if plan.mode == 'split' else ''})\n"
+        f"  run directory: {final}\n"
+        f"  Slurm output:  {final}/slurm-{job_id}.out (and .err)\n"
+        f"  status:        miles status {final}\n"
+        f"  cancel:        miles cancel {final} (saves first; --now ends at once)"
+    )
     return 0
 
 
@@ -274,8 +314,9 @@ def job_states(job_id: str) -> dict[str, dict[str, str]]:
             states[jid] = {"State": state, "Reason": reason, "NodeList": nodes, "Elapsed": elapsed}
     if states:
         return states
-    res = slurm_command(["sacct", "-X", "-j", job_id, "-o", "JobID,State,ExitCode,NodeList,Elapsed", "--parsable2"],
-                        check=False)
+    res = slurm_command(
+        ["sacct", "-X", "-j", job_id, "-o", "JobID,State,ExitCode,NodeList,Elapsed", "--parsable2"], check=False
+    )
     if res.returncode != 0:
         return {}
     from submitit.slurm.slurm import SlurmInfoWatcher

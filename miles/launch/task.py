@@ -38,28 +38,55 @@ from pathlib import Path
 from typing import Any, Literal
 
 from miles.errors import UserError
-from miles.job import rundir
+from miles.job import enginekey, rundir
 from miles.job.environment import Layout, Role, TaskContext, detect_launcher, task_context
+from miles.job.orphans import watch_parent
+from miles.launch import selftest
+from miles.launch.engine_host import serve_engine
+from miles.spec import load_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m miles.launch.task",
-                                description="Run one rank of a miles run (trainer or engine).")
-    p.add_argument("--run-dir", default=os.environ.get("MILES_RUN_DIR"),
-                   help="the run directory holding spec.toml and plan.json (default: $MILES_RUN_DIR)")
-    p.add_argument("--role", choices=["trainer", "engine"], default=None,
-                   help="this rank's role; omitted, it is derived from the rank when one launch starts "
-                        "engines and trainers together (engines first)")
-    p.add_argument("--selftest", action="store_true", default=os.environ.get("MILES_SELFTEST", "") not in ("", "0"),
-                   help="check the launch path by value (all-reduce, engine HTTP, weight-update broadcast) "
-                        "instead of training (also: MILES_SELFTEST=1 in the environment of `miles submit`)")
-    p.add_argument("--hold", type=float, default=float(os.environ.get("MILES_SELFTEST_HOLD", "0")),
-                   help="selftest: stay alive this many seconds after the checks ($MILES_SELFTEST_HOLD)")
-    p.add_argument("--engine-deadline", type=float, default=float(os.environ.get("MILES_ENGINE_DEADLINE", "900")),
-                   help="seconds the driver waits for every engine to announce itself (default 900, "
-                        "$MILES_ENGINE_DEADLINE)")
-    p.add_argument("--timeout", type=float, default=float(os.environ.get("MILES_DIST_TIMEOUT", "1800")),
-                   help="torch.distributed timeout in seconds (default 1800, $MILES_DIST_TIMEOUT)")
+    p = argparse.ArgumentParser(
+        prog="python -m miles.launch.task", description="Run one rank of a miles run (trainer or engine)."
+    )
+    p.add_argument(
+        "--run-dir",
+        default=os.environ.get("MILES_RUN_DIR"),
+        help="the run directory holding spec.toml and plan.json (default: $MILES_RUN_DIR)",
+    )
+    p.add_argument(
+        "--role",
+        choices=["trainer", "engine"],
+        default=None,
+        help="this rank's role; omitted, it is derived from the rank when one launch starts "
+        "engines and trainers together (engines first)",
+    )
+    p.add_argument(
+        "--selftest",
+        action="store_true",
+        default=os.environ.get("MILES_SELFTEST", "") not in ("", "0"),
+        help="check the launch path by value (all-reduce, engine HTTP, weight-update broadcast) "
+        "instead of training (also: MILES_SELFTEST=1 in the environment of `miles submit`)",
+    )
+    p.add_argument(
+        "--hold",
+        type=float,
+        default=float(os.environ.get("MILES_SELFTEST_HOLD", "0")),
+        help="selftest: stay alive this many seconds after the checks ($MILES_SELFTEST_HOLD)",
+    )
+    p.add_argument(
+        "--engine-deadline",
+        type=float,
+        default=float(os.environ.get("MILES_ENGINE_DEADLINE", "900")),
+        help="seconds the driver waits for every engine to announce itself (default 900, $MILES_ENGINE_DEADLINE)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=float(os.environ.get("MILES_DIST_TIMEOUT", "1800")),
+        help="torch.distributed timeout in seconds (default 1800, $MILES_DIST_TIMEOUT)",
+    )
     return p
 
 
@@ -98,8 +125,15 @@ def load_context(run_dir: Path, role: Role | None, env: Mapping[str, str]) -> tu
         rank0_host = hosts[layout.num_engines] if len(hosts) == both and layout.num_engines else hosts[0]
     if launch_id and "MILES_LAUNCH_ID" not in env:
         env = {**env, "MILES_LAUNCH_ID": launch_id}
-    ctx = task_context(env, layout, role=role, run_dir=run_dir, cuda_available=pref != "cpu" and _cuda_available(),
-                       device_pref=pref, rank0_host=rank0_host)
+    ctx = task_context(
+        env,
+        layout,
+        role=role,
+        run_dir=run_dir,
+        cuda_available=pref != "cpu" and _cuda_available(),
+        device_pref=pref,
+        rank0_host=rank0_host,
+    )
     return ctx, plan
 
 
@@ -109,35 +143,35 @@ def _init_trainer_world(ctx: TaskContext, timeout_s: float) -> None:
 
     if ctx.device == "cuda":
         torch.cuda.set_device(ctx.local_rank % torch.cuda.device_count())
-    dist.init_process_group(ctx.backend, init_method=f"tcp://{ctx.master_addr}:{ctx.master_port}",
-                            rank=ctx.rank, world_size=ctx.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        ctx.backend,
+        init_method=f"tcp://{ctx.master_addr}:{ctx.master_port}",
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 def run(ctx: TaskContext, args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Run this rank's part; returns its exit code."""
     if args.selftest:
-        from miles.launch import selftest
-
         if ctx.role == "trainer":
-            selftest.trainer(ctx, env, hold_s=args.hold, engine_deadline_s=args.engine_deadline,
-                             timeout_s=min(args.timeout, 120.0))
+            selftest.trainer(
+                ctx, env, hold_s=args.hold, engine_deadline_s=args.engine_deadline, timeout_s=min(args.timeout, 120.0)
+            )
         else:
             selftest.engine(ctx, env, hold_s=args.hold, timeout_s=max(args.engine_deadline, 120.0))
         return 0
-    from miles.spec import load_spec
 
     spec = load_spec(str(ctx.run_dir / rundir.SPEC), [])
-    from miles.job import enginekey
 
     enginekey.export(Path(ctx.run_dir), spec, os.environ)  # engines, router and driver read it from there
     if ctx.role == "engine":
-        from miles.launch.engine_host import serve_engine
-
         serve_engine(spec, ctx, deadline_s=args.engine_deadline)
         return 0
     _init_trainer_world(ctx, args.timeout)
-    from miles.loop import run_trainer
+
+    from miles.loop import run_trainer  # torch and the training stack: engine ranks never import them
 
     return int(run_trainer(spec, ctx) or 0)
 
@@ -147,7 +181,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # transformers' per-file progress bars would flood every rank's log (and the
     # engines it starts inherit this); a user can set it to 0 to see them.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from miles.job.orphans import watch_parent
 
     watch_parent()  # a rank whose launcher is gone ends, with whatever it started
     env = dict(os.environ)

@@ -42,6 +42,7 @@ def megatron_families_text() -> str:
     """``qwen2 (Qwen2ForCausalLM), ...`` for messages."""
     return ", ".join(f"{f} ({MEGATRON_ARCHITECTURES[f]})" for f in MEGATRON_FAMILIES)
 
+
 _CAUSAL_LM_TABLE = "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"
 _ENTRY_CLASS = re.compile(r"^EntryClass\s*=\s*(\[[^\]]*\]|[A-Za-z_][A-Za-z0-9_]*)", re.MULTILINE)
 
@@ -70,8 +71,14 @@ def causal_lm_types() -> Mapping[str, str] | None:
         return None
     tree = ast.parse(source.read_text(encoding="utf-8"))
     for node in tree.body:
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                and node.targets[0].id == _CAUSAL_LM_TABLE and isinstance(node.value, ast.Call) and node.value.args):
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id == _CAUSAL_LM_TABLE
+            and isinstance(node.value, ast.Call)
+            and node.value.args
+        ):
             try:
                 return dict(ast.literal_eval(node.value.args[0]))
             except (ValueError, TypeError):
@@ -93,8 +100,9 @@ def sglang_architectures() -> frozenset[str] | None:
     return frozenset(names)
 
 
-def support(config: Mapping[str, Any], backend: str, engine: str,
-            trust_remote_code: bool) -> tuple[list[str], list[str]]:
+def support(
+    config: Mapping[str, Any], backend: str, engine: str, trust_remote_code: bool
+) -> tuple[list[str], list[str]]:
     """Why the model of ``config`` (a parsed ``config.json``) cannot run with ``backend`` and ``engine``.
 
     Returns (problems, notes): each problem names what does not fit and the spec
@@ -106,31 +114,50 @@ def support(config: Mapping[str, Any], backend: str, engine: str,
     archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     what = f"model_type {model_type!r}" + (f" ({', '.join(archs)})" if archs else "")
     if not isinstance(model_type, str) or not model_type:
-        problems.append("config.json has no model_type; it is not an HF transformers model directory "
-                        "(re-export it with save_pretrained)")
+        problems.append(
+            "config.json has no model_type; it is not an HF transformers model directory "
+            "(re-export it with save_pretrained)"
+        )
         return problems, notes
     if backend == "megatron" and model_type not in MEGATRON_FAMILIES:
-        problems.append(f"{what} has no Megatron mapping (supported: {megatron_families_text()}); "
-                        'set [perf] backend = "fsdp", which trains any HF causal LM, or choose a supported model')
-    users = [u for u, needed in (('[perf] backend = "fsdp"', backend == "fsdp"),
-                                 ('[rollout] engine = "embedded"', engine == "embedded")) if needed]
+        problems.append(
+            f"{what} has no Megatron mapping (supported: {megatron_families_text()}); "
+            'set [perf] backend = "fsdp", which trains any HF causal LM, or choose a supported model'
+        )
+    users = [
+        u
+        for u, needed in (
+            ('[perf] backend = "fsdp"', backend == "fsdp"),
+            ('[rollout] engine = "embedded"', engine == "embedded"),
+        )
+        if needed
+    ]
     if users:
         known = causal_lm_types()
         remote = trust_remote_code and "AutoModelForCausalLM" in (config.get("auto_map") or {})
         if known is None:
-            notes.append("transformers' model table could not be read here; the causal-LM check of "
-                         f"{what} runs when the model loads")
+            notes.append(
+                "transformers' model table could not be read here; the causal-LM check of "
+                f"{what} runs when the model loads"
+            )
         elif model_type not in known and not remote:
-            hint = ("; the directory ships its own modelling code (auto_map): set [model] trust_remote_code = true"
-                    if "AutoModelForCausalLM" in (config.get("auto_map") or {}) else "")
-            problems.append(f"{what} is not a causal LM that the installed transformers loads "
-                            f"(AutoModelForCausalLM), needed by {' and '.join(users)}; point [model] hf_checkpoint "
-                            f"at a causal LM such as a Qwen2, Qwen3 or Llama directory{hint}")
+            hint = (
+                "; the directory ships its own modelling code (auto_map): set [model] trust_remote_code = true"
+                if "AutoModelForCausalLM" in (config.get("auto_map") or {})
+                else ""
+            )
+            problems.append(
+                f"{what} is not a causal LM that the installed transformers loads "
+                f"(AutoModelForCausalLM), needed by {' and '.join(users)}; point [model] hf_checkpoint "
+                f"at a causal LM such as a Qwen2, Qwen3 or Llama directory{hint}"
+            )
     if engine == "sglang":
         served = sglang_architectures()
         if served is None:
             notes.append(f"SGLang is not installed here; whether it serves {what} is checked when its engines start")
         elif not any(a in served for a in archs):
-            problems.append(f"{what}: SGLang serves none of the architectures {archs or '(none listed)'}; "
-                            'set [rollout] engine = "embedded", or choose a model SGLang supports')
+            problems.append(
+                f"{what}: SGLang serves none of the architectures {archs or '(none listed)'}; "
+                'set [rollout] engine = "embedded", or choose a model SGLang supports'
+            )
     return problems, notes

@@ -71,8 +71,15 @@ def _tokenizer_json(alphabet: str) -> dict[str, object]:
         "truncation": None,
         "padding": None,
         "added_tokens": [
-            {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True}
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
             for i, t in enumerate(SPECIAL_TOKENS)
         ],
         "normalizer": None,
@@ -137,7 +144,10 @@ def materialize(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "flo
         (tmp / "tokenizer.json").write_text(json.dumps(_tokenizer_json(b.alphabet)))
         tok = PreTrainedTokenizerFast(
             tokenizer_file=str(tmp / "tokenizer.json"),
-            pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>",
+            pad_token="<pad>",
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<pad>",
         )
         tok.save_pretrained(tmp)
         try:

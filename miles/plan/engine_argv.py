@@ -68,8 +68,10 @@ def passthrough_args(server_args: Mapping[str, Any], flags: Mapping[str, dict[st
             elif info.get("negatable"):
                 argv.append("--no-" + key.replace("_", "-"))
             elif info.get("default") is True:
-                raise UserError(f"[sglang] {key} = false: SGLang's {_flag(key)} is on by default and cannot be "
-                                "turned off from the command line")
+                raise UserError(
+                    f"[sglang] {key} = false: SGLang's {_flag(key)} is on by default and cannot be "
+                    "turned off from the command line"
+                )
         elif kind == "list":
             items = value if isinstance(value, list) else [value]
             argv += [_flag(key), *(str(v) for v in items)]
@@ -174,10 +176,30 @@ def plan_argvs(spec: Spec, plan: Plan, only: Sequence[int] | None = None) -> lis
         port = int(plan.ports.engine_http[e.index])
         if spec.rollout.engine == "sglang":
             nccl = plan.ports.engine_nccl[e.index] if plan.ports.engine_nccl else None
-            out.append(sglang_argv(spec, model_path=model, host="0.0.0.0", port=port, api_key=API_KEY_SHOWN,
-                                   tp_size=e.tp, seed=seed, nccl_port=nccl))
+            out.append(
+                sglang_argv(
+                    spec,
+                    model_path=model,
+                    host="0.0.0.0",
+                    port=port,
+                    api_key=API_KEY_SHOWN,
+                    tp_size=e.tp,
+                    seed=seed,
+                    nccl_port=nccl,
+                )
+            )
         else:
             device = "cuda" if plan.device == "gpu" else "cpu"
-            out.append(embedded_argv(spec, model_path=model, host="0.0.0.0", port=port, api_key=API_KEY_SHOWN,
-                                     seed=seed, device=device, python=spec.slurm.python))
+            out.append(
+                embedded_argv(
+                    spec,
+                    model_path=model,
+                    host="0.0.0.0",
+                    port=port,
+                    api_key=API_KEY_SHOWN,
+                    seed=seed,
+                    device=device,
+                    python=spec.slurm.python,
+                )
+            )
     return out

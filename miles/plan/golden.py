@@ -51,10 +51,14 @@ def render(config: Path) -> dict[str, str]:
 
 def diff(name: str, expected: str, actual: str) -> str:
     """Unified diff of a golden file against a fresh rendering (empty when equal)."""
-    return "".join(difflib.unified_diff(
-        expected.splitlines(keepends=True), actual.splitlines(keepends=True),
-        fromfile=f"tests/golden/{name} (committed)", tofile=f"{name} (rendered now)",
-    ))
+    return "".join(
+        difflib.unified_diff(
+            expected.splitlines(keepends=True),
+            actual.splitlines(keepends=True),
+            fromfile=f"tests/golden/{name} (committed)",
+            tofile=f"{name} (rendered now)",
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

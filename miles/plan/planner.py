@@ -47,39 +47,76 @@ def make_plan(spec: Spec, job_id: int | None = None) -> Plan:
     if c.mode == "colocate":
         trainer_group = engine_group = 0
         components = (
-            Component(het_group=0, role="colocated", nodes=d.trainer_nodes,
-                      gpus_per_node=d.trainer_gpus_per_node if d.device == "gpu" else 0,
-                      tasks_per_node=d.trainer_gpus_per_node, cpus_per_task=d.trainer_cpus_per_task,
-                      mem=c.mem_per_node, partition=spec.slurm.partition),
+            Component(
+                het_group=0,
+                role="colocated",
+                nodes=d.trainer_nodes,
+                gpus_per_node=d.trainer_gpus_per_node if d.device == "gpu" else 0,
+                tasks_per_node=d.trainer_gpus_per_node,
+                cpus_per_task=d.trainer_cpus_per_task,
+                mem=c.mem_per_node,
+                partition=spec.slurm.partition,
+            ),
         )
     elif d.one_node:
         trainer_group = engine_group = 0
         components = (
-            Component(het_group=0, role="engines+trainers", nodes=1, gpus_per_node=d.rollout_gpus + d.trainer_gpus,
-                      tasks_per_node=d.trainer_gpus_per_node + d.engines_per_node,
-                      cpus_per_task=d.trainer_cpus_per_task, mem=c.mem_per_node, partition=spec.slurm.partition),
+            Component(
+                het_group=0,
+                role="engines+trainers",
+                nodes=1,
+                gpus_per_node=d.rollout_gpus + d.trainer_gpus,
+                tasks_per_node=d.trainer_gpus_per_node + d.engines_per_node,
+                cpus_per_task=d.trainer_cpus_per_task,
+                mem=c.mem_per_node,
+                partition=spec.slurm.partition,
+            ),
         )
     else:
         engine_group, trainer_group = 0, 1
         components = (
-            Component(het_group=0, role="engines", nodes=d.rollout_nodes,
-                      gpus_per_node=d.rollout_gpus_per_node if d.device == "gpu" else 0,
-                      tasks_per_node=d.engines_per_node, cpus_per_task=d.engine_cpus_per_task,
-                      mem=c.mem_per_node, partition=spec.slurm.rollout_partition or spec.slurm.partition),
-            Component(het_group=1, role="trainers", nodes=d.trainer_nodes,
-                      gpus_per_node=d.trainer_gpus_per_node if d.device == "gpu" else 0,
-                      tasks_per_node=d.trainer_gpus_per_node, cpus_per_task=d.trainer_cpus_per_task,
-                      mem=c.mem_per_node, partition=spec.slurm.partition),
+            Component(
+                het_group=0,
+                role="engines",
+                nodes=d.rollout_nodes,
+                gpus_per_node=d.rollout_gpus_per_node if d.device == "gpu" else 0,
+                tasks_per_node=d.engines_per_node,
+                cpus_per_task=d.engine_cpus_per_task,
+                mem=c.mem_per_node,
+                partition=spec.slurm.rollout_partition or spec.slurm.partition,
+            ),
+            Component(
+                het_group=1,
+                role="trainers",
+                nodes=d.trainer_nodes,
+                gpus_per_node=d.trainer_gpus_per_node if d.device == "gpu" else 0,
+                tasks_per_node=d.trainer_gpus_per_node,
+                cpus_per_task=d.trainer_cpus_per_task,
+                mem=c.mem_per_node,
+                partition=spec.slurm.partition,
+            ),
         )
     trainer_ranks = _trainer_ranks(mesh, d.trainer_gpus_per_node, first_gpu=d.rollout_gpus if d.one_node else 0)
     engines = _engines(d, engine_group)
     job_ports = _ports(job_id, mesh.pp, engines, d.engines_per_node)
     groups = _weight_update_groups(mesh, engines, job_ports)
     return Plan(
-        name=spec.run.name, run_dir=run_dir_of(spec), mode=c.mode, device="gpu" if d.device == "gpu" else "cpu",
-        components=components, mesh=mesh, trainer_het_group=trainer_group, engine_het_group=engine_group,
-        trainer_ranks=trainer_ranks, engines=engines, engine_tp=d.engine_tp, engines_per_node=d.engines_per_node,
-        ports=job_ports, weight_update_groups=groups, warnings=(*spec.notes, *d.warnings), unchecked=tuple(d.unchecked),
+        name=spec.run.name,
+        run_dir=run_dir_of(spec),
+        mode=c.mode,
+        device="gpu" if d.device == "gpu" else "cpu",
+        components=components,
+        mesh=mesh,
+        trainer_het_group=trainer_group,
+        engine_het_group=engine_group,
+        trainer_ranks=trainer_ranks,
+        engines=engines,
+        engine_tp=d.engine_tp,
+        engines_per_node=d.engines_per_node,
+        ports=job_ports,
+        weight_update_groups=groups,
+        warnings=(*spec.notes, *d.warnings),
+        unchecked=tuple(d.unchecked),
     )
 
 
@@ -99,8 +136,17 @@ def trainer_mesh(spec: Spec, world_size: int, model_dir: str | None = None) -> T
 
 def _mesh(spec: Spec, dp: int, etp: int, world_size: int) -> TrainerMesh:
     p = spec.perf
-    return TrainerMesh(backend=p.backend, tp=p.tp, pp=p.pp, cp=p.cp, dp=dp, ep=p.ep, etp=etp,
-                       expert_dp=world_size // (etp * p.ep * p.pp), world_size=world_size)
+    return TrainerMesh(
+        backend=p.backend,
+        tp=p.tp,
+        pp=p.pp,
+        cp=p.cp,
+        dp=dp,
+        ep=p.ep,
+        etp=etp,
+        expert_dp=world_size // (etp * p.ep * p.pp),
+        world_size=world_size,
+    )
 
 
 def _trainer_ranks(mesh: TrainerMesh, per_node: int, first_gpu: int = 0) -> tuple[TrainerRank, ...]:
@@ -109,8 +155,16 @@ def _trainer_ranks(mesh: TrainerMesh, per_node: int, first_gpu: int = 0) -> tupl
     tp_cp = tp * cp
     tp_cp_dp = tp_cp * dp
     return tuple(
-        TrainerRank(rank=r, node=r // per_node, local_rank=r % per_node, gpu=first_gpu + r % per_node,
-                    tp=r % tp, cp=(r // tp) % cp, dp=(r // tp_cp) % dp, pp=r // tp_cp_dp)
+        TrainerRank(
+            rank=r,
+            node=r // per_node,
+            local_rank=r % per_node,
+            gpu=first_gpu + r % per_node,
+            tp=r % tp,
+            cp=(r // tp) % cp,
+            dp=(r // tp_cp) % dp,
+            pp=r // tp_cp_dp,
+        )
         for r in range(mesh.world_size)
     )
 
@@ -119,9 +173,15 @@ def _engines(d: Derived, het_group: int) -> tuple[Engine, ...]:
     tp, per_node = d.engine_tp, d.engines_per_node
     count = d.rollout_gpus // tp
     return tuple(
-        Engine(index=e, tp=tp, het_group=het_group, node=e // per_node, local_index=e % per_node,
-               gpus=tuple(range((e % per_node) * tp, (e % per_node + 1) * tp)),
-               ranks=tuple(range(1 + e * tp, 1 + (e + 1) * tp)))
+        Engine(
+            index=e,
+            tp=tp,
+            het_group=het_group,
+            node=e // per_node,
+            local_index=e % per_node,
+            gpus=tuple(range((e % per_node) * tp, (e % per_node + 1) * tp)),
+            ranks=tuple(range(1 + e * tp, 1 + (e + 1) * tp)),
+        )
         for e in range(count)
     )
 
@@ -130,21 +190,31 @@ def _ports(job_id: int | None, pp: int, engines: tuple[Engine, ...], engines_per
     base = port_layout.block_base(job_id or 0)
     first_engine = base + port_layout.engine_offset(pp)
     return Ports(
-        job_id=job_id, base=base, master=base + port_layout.MASTER_OFFSET, router=base + port_layout.ROUTER_OFFSET,
+        job_id=job_id,
+        base=base,
+        master=base + port_layout.MASTER_OFFSET,
+        router=base + port_layout.ROUTER_OFFSET,
         weight_update=tuple(base + port_layout.WEIGHT_UPDATE_OFFSET + s for s in range(pp)),
         engine_http=tuple(first_engine + 2 * e.local_index for e in engines),
         engine_nccl=tuple(first_engine + 2 * e.local_index + 1 for e in engines),
     )
 
 
-def _weight_update_groups(mesh: TrainerMesh, engines: tuple[Engine, ...], job_ports: Ports) -> tuple[WeightUpdateGroup, ...]:
+def _weight_update_groups(
+    mesh: TrainerMesh, engines: tuple[Engine, ...], job_ports: Ports
+) -> tuple[WeightUpdateGroup, ...]:
     # One group per PP stage: the stage's rank with tp = cp = dp = 0 owns its
     # layers' full weights after gathering TP/EP shards, and broadcasts them.
     offsets = tuple(e.ranks[0] for e in engines)
     world = 1 + sum(e.tp for e in engines)
     stage_stride = mesh.tp * mesh.cp * mesh.dp
     return tuple(
-        WeightUpdateGroup(pp_stage=s, source_rank=s * stage_stride, port=job_ports.weight_update[s],
-                          world_size=world, engine_rank_offsets=offsets)
+        WeightUpdateGroup(
+            pp_stage=s,
+            source_rank=s * stage_stride,
+            port=job_ports.weight_update[s],
+            world_size=world,
+            engine_rank_offsets=offsets,
+        )
         for s in range(mesh.pp)
     )

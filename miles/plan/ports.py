@@ -59,7 +59,9 @@ RANGE_ENV = "MILES_PORT_RANGE"
 
 
 def port_range(env: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """``(first, end)`` of the ports miles may use (``end`` excluded): the site's ``MILES_PORT_RANGE`` or the default."""
+    """``(first, end)`` of the ports miles may use (``end`` excluded): the site's ``MILES_PORT_RANGE`` or the
+    default.
+    """
     text = (os.environ if env is None else env).get(RANGE_ENV, "").strip()
     if not text:
         return FLOOR, CEILING
@@ -68,8 +70,10 @@ def port_range(env: Mapping[str, str] | None = None) -> tuple[int, int]:
         raise UserError(f"{RANGE_ENV}={text!r}: expected FIRST-LAST, e.g. {RANGE_ENV}=20000-32767")
     lo, hi = int(first), int(last) + 1
     if lo < 1024 or hi > 65536 or hi - lo < STRIDE:
-        raise UserError(f"{RANGE_ENV}={text!r}: the range must lie within 1024-65535 and hold at least one block "
-                        f"of {STRIDE} ports; e.g. {RANGE_ENV}=40000-47999")
+        raise UserError(
+            f"{RANGE_ENV}={text!r}: the range must lie within 1024-65535 and hold at least one block "
+            f"of {STRIDE} ports; e.g. {RANGE_ENV}=40000-47999"
+        )
     return lo, hi
 
 
@@ -77,6 +81,7 @@ def slots(env: Mapping[str, str] | None = None) -> int:
     """Number of distinct port blocks in the range; job ids map onto them modulo this."""
     lo, hi = port_range(env)
     return (hi - lo) // STRIDE
+
 
 MASTER_OFFSET = 0
 ROUTER_OFFSET = 1

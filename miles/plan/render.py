@@ -75,16 +75,22 @@ def from_json(text: str) -> Plan:
         return cls(**{k: tup(v) for k, v in d.items()})
 
     return Plan(
-        name=raw["name"], run_dir=raw["run_dir"], mode=raw["mode"], device=raw["device"],
+        name=raw["name"],
+        run_dir=raw["run_dir"],
+        mode=raw["mode"],
+        device=raw["device"],
         components=tuple(build(Component, c) for c in raw["components"]),
         mesh=build(TrainerMesh, raw["mesh"]),
-        trainer_het_group=raw["trainer_het_group"], engine_het_group=raw["engine_het_group"],
+        trainer_het_group=raw["trainer_het_group"],
+        engine_het_group=raw["engine_het_group"],
         trainer_ranks=tuple(TrainerRank(**r) for r in raw["trainer_ranks"]),
         engines=tuple(build(Engine, e) for e in raw["engines"]),
-        engine_tp=raw["engine_tp"], engines_per_node=raw["engines_per_node"],
+        engine_tp=raw["engine_tp"],
+        engines_per_node=raw["engines_per_node"],
         ports=build(Ports, raw["ports"]),
         weight_update_groups=tuple(build(WeightUpdateGroup, g) for g in raw["weight_update_groups"]),
-        warnings=tuple(raw["warnings"]), unchecked=tuple(raw["unchecked"]),
+        warnings=tuple(raw["warnings"]),
+        unchecked=tuple(raw["unchecked"]),
     )
 
 
@@ -120,7 +126,8 @@ def summary(spec: Spec, plan: Plan) -> str:
         f"valid: {spec.source or plan.name}: {plan.mode} ({kind}{', '.join(parts)}); "
         f"trainers {plan.mesh.world_size} rank(s), {_mesh_text(plan)}; "
         f"{len(plan.engines)} {spec.rollout.engine} engine(s) of {plan.engine_tp} {unit}(s); "
-        f"batch {knobs}; {len(plan.weight_update_groups)} weight-update group(s) of {plan.weight_update_groups[0].world_size} ranks."
+        f"batch {knobs}; {len(plan.weight_update_groups)} weight-update group(s) of "
+        f"{plan.weight_update_groups[0].world_size} ranks."
     ]
     for w in plan.warnings:
         lines.append(f"warning: {w}")
@@ -142,16 +149,19 @@ def _engine_commands(console: Console, spec: Spec, plan: Plan) -> None:
     shown = _abbreviated(n) if n <= 4 * _ROWS_SHOWN else [0, None, n - 1]
     argvs = iter(plan_argvs(spec, plan, [i for i in shown if i is not None]))
     python = "MILES_SGLANG_PYTHON when set, else " if spec.rollout.engine == "sglang" else ""
-    console.print(f"Engine command lines ({spec.rollout.engine}; GPUs by CUDA_VISIBLE_DEVICES; interpreter: "
-                  f"{python}[slurm] python; ports of the job id below):")
+    console.print(
+        f"Engine command lines ({spec.rollout.engine}; GPUs by CUDA_VISIBLE_DEVICES; interpreter: "
+        f"{python}[slurm] python; ports of the job id below):"
+    )
     for i in shown:
         if i is None:
             console.print("  ...")
             continue
         e = plan.engines[i]
         gpus = ",".join(map(str, e.gpus))
-        console.print(f"  engine {e.index} (node {e.node}, {_unit(plan)}s {gpus}): {shlex.join(next(argvs))}",
-                      soft_wrap=True)
+        console.print(
+            f"  engine {e.index} (node {e.node}, {_unit(plan)}s {gpus}): {shlex.join(next(argvs))}", soft_wrap=True
+        )
 
 
 def render_table(spec: Spec, plan: Plan) -> str:
@@ -166,16 +176,33 @@ def render_table(spec: Spec, plan: Plan) -> str:
     for col in ("het group", "role", "partition", "nodes", f"{unit}s/node", "tasks/node", "cpus/task", "mem"):
         t.add_column(col)
     for comp in plan.components:
-        t.add_row(str(comp.het_group), comp.role, comp.partition or "(default)", str(comp.nodes),
-                  str(comp.gpus_per_node if plan.device == "gpu" else comp.tasks_per_node), str(comp.tasks_per_node),
-                  str(comp.cpus_per_task or "(site)"), comp.mem)
+        t.add_row(
+            str(comp.het_group),
+            comp.role,
+            comp.partition or "(default)",
+            str(comp.nodes),
+            str(comp.gpus_per_node if plan.device == "gpu" else comp.tasks_per_node),
+            str(comp.tasks_per_node),
+            str(comp.cpus_per_task or "(site)"),
+            comp.mem,
+        )
     console.print(t)
 
     m = plan.mesh
     t = Table(title="Trainer mesh", title_justify="left")
     for col in ("backend", "world", "TP", "PP", "CP", "DP", "EP", "ETP", "expert-DP"):
         t.add_column(col)
-    t.add_row(m.backend, str(m.world_size), str(m.tp), str(m.pp), str(m.cp), str(m.dp), str(m.ep), str(m.etp), str(m.expert_dp))
+    t.add_row(
+        m.backend,
+        str(m.world_size),
+        str(m.tp),
+        str(m.pp),
+        str(m.cp),
+        str(m.dp),
+        str(m.ep),
+        str(m.etp),
+        str(m.expert_dp),
+    )
     console.print(t)
 
     t = Table(title=f"Trainer ranks (het group {plan.trainer_het_group})", title_justify="left")
@@ -189,7 +216,10 @@ def render_table(spec: Spec, plan: Plan) -> str:
         t.add_row(str(r.rank), str(r.node), str(r.local_rank), str(r.gpu), str(r.tp), str(r.pp), str(r.cp), str(r.dp))
     console.print(t)
 
-    t = Table(title=f"Engines ({len(plan.engines)} x TP{plan.engine_tp}, het group {plan.engine_het_group})", title_justify="left")
+    t = Table(
+        title=f"Engines ({len(plan.engines)} x TP{plan.engine_tp}, het group {plan.engine_het_group})",
+        title_justify="left",
+    )
     for col in ("engine", "node", f"{unit}s", "group ranks", "http port", "nccl port"):
         t.add_column(col)
     for i in _abbreviated(len(plan.engines)):
@@ -197,8 +227,14 @@ def render_table(spec: Spec, plan: Plan) -> str:
             t.add_row("...", "", "", "", "", "")
             continue
         e = plan.engines[i]
-        t.add_row(str(e.index), str(e.node), ",".join(map(str, e.gpus)), f"{e.ranks[0]}-{e.ranks[-1]}",
-                  str(plan.ports.engine_http[i]), str(plan.ports.engine_nccl[i]))
+        t.add_row(
+            str(e.index),
+            str(e.node),
+            ",".join(map(str, e.gpus)),
+            f"{e.ranks[0]}-{e.ranks[-1]}",
+            str(plan.ports.engine_http[i]),
+            str(plan.ports.engine_nccl[i]),
+        )
     console.print(t)
 
     _engine_commands(console, spec, plan)

@@ -78,8 +78,12 @@ def _layout_lines(spec: Spec, plan: Plan) -> list[str]:
     lines = []
     for comp in plan.components:
         size = f"{comp.nodes} node(s) x {comp.gpus_per_node if plan.device == 'gpu' else comp.tasks_per_node} {unit}(s)"
-        what = {"engines": engines, "trainers": trainers, "colocated": f"{trainers}; {engines}",
-                "engines+trainers": f"{engines}; {trainers}"}[comp.role]
+        what = {
+            "engines": engines,
+            "trainers": trainers,
+            "colocated": f"{trainers}; {engines}",
+            "engines+trainers": f"{engines}; {trainers}",
+        }[comp.role]
         lines.append(f"het group {comp.het_group} ({comp.role}): {size}: {what}" if _het(plan) else f"{size}: {what}")
     return lines
 
@@ -102,20 +106,31 @@ def _steps(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
         # colocated engines overlap the trainers' CPUs: give each the node's share per engine
         engine_cpus = trainers.cpus_per_task * trainers.tasks_per_node // max(plan.engines_per_node, 1)
     engine_step = {
-        "role": "engine", "het_group": plan.engine_het_group if split else None, "overlap": not split,
-        "nodes": engines_comp.nodes, "tasks_per_node": plan.engines_per_node, "cpus_per_task": engine_cpus,
+        "role": "engine",
+        "het_group": plan.engine_het_group if split else None,
+        "overlap": not split,
+        "nodes": engines_comp.nodes,
+        "tasks_per_node": plan.engines_per_node,
+        "cpus_per_task": engine_cpus,
     }
     trainer_step = {
-        "role": "trainer", "het_group": plan.trainer_het_group if split else None, "overlap": False,
-        "nodes": trainers.nodes, "tasks_per_node": trainers.tasks_per_node, "cpus_per_task": trainers.cpus_per_task,
+        "role": "trainer",
+        "het_group": plan.trainer_het_group if split else None,
+        "overlap": False,
+        "nodes": trainers.nodes,
+        "tasks_per_node": trainers.tasks_per_node,
+        "cpus_per_task": trainers.cpus_per_task,
         "visible_gpus": "",
     }
     engine_step["visible_gpus"] = ""
     if plan.mode == "split" and not split:
         # One node, disjoint GPU sets: each step sees only its own GPUs (the engines' plan ids index the node).
         rollout, trainer_gpus = plan.rollout_gpus, plan.trainer_gpus
-        engine_step.update(tasks_per_node=plan.engines_per_node, cpus_per_task=trainers.cpus_per_task,
-                           visible_gpus=_gpu_list(range(rollout)))
+        engine_step.update(
+            tasks_per_node=plan.engines_per_node,
+            cpus_per_task=trainers.cpus_per_task,
+            visible_gpus=_gpu_list(range(rollout)),
+        )
         trainer_step.update(tasks_per_node=trainer_gpus, visible_gpus=_gpu_list(range(rollout, rollout + trainer_gpus)))
     return engine_step, trainer_step
 
@@ -136,7 +151,9 @@ def render_script(spec: Spec, plan: Plan) -> str:
         "env": sorted(spec.slurm.env.items()),
         "unit": "GPU" if plan.device == "gpu" else "slot",
         "layout_lines": _layout_lines(spec, plan),
-        "master_nodelist_var": f"SLURM_JOB_NODELIST_HET_GROUP_{plan.trainer_het_group}" if _het(plan) else "SLURM_JOB_NODELIST",
+        "master_nodelist_var": f"SLURM_JOB_NODELIST_HET_GROUP_{plan.trainer_het_group}"
+        if _het(plan)
+        else "SLURM_JOB_NODELIST",
         "ports": ports,
         "engine_port_offset": ports.engine_offset(plan.mesh.pp),
         "engine_step": engine_step,

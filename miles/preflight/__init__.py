@@ -27,7 +27,11 @@ import sys
 from collections.abc import Collection, Sequence
 from typing import IO
 
+from miles.preflight.code import check_code
+from miles.preflight.data import check_data
+from miles.preflight.model import check_model
 from miles.preflight.report import PreflightError, Report
+from miles.preflight.resume import check_resume
 from miles.spec.tables import Spec
 
 CHECKS = ("data", "model", "code", "resume")
@@ -42,10 +46,6 @@ def check(spec: Spec, local_only: bool, skip: Collection[str] = (), overrides: S
     ``overrides`` are the ``--set`` arguments the spec was loaded with, so that a problem
     with a value set there is reported at its ``--set``.
     """
-    from miles.preflight.code import check_code
-    from miles.preflight.data import check_data
-    from miles.preflight.model import check_model
-    from miles.preflight.resume import check_resume
 
     report = Report(spec.source, overrides)
     if "all" in skip:
@@ -61,8 +61,9 @@ def check(spec: Spec, local_only: bool, skip: Collection[str] = (), overrides: S
     return report
 
 
-def preflight(spec: Spec, command: str, skip: Collection[str] = (), overrides: Sequence[str] = (),
-              err: IO[str] | None = None) -> None:
+def preflight(
+    spec: Spec, command: str, skip: Collection[str] = (), overrides: Sequence[str] = (), err: IO[str] | None = None
+) -> None:
     """The pre-flight of ``miles COMMAND``: print the notes, raise :class:`PreflightError` (exit 2) on problems."""
     report = check(spec, local_only=command == "run", skip=skip, overrides=overrides)
     out = err or sys.stderr

@@ -37,8 +37,10 @@ def _filter_problem(fn: Callable[..., Any], what: str) -> str | None:
     try:
         sig.bind("args", "samples")
     except TypeError as e:
-        return (f"{what} takes {sig} and cannot be called as f(args, samples) ({e}); give it two positional "
-                "arguments: the [rollout] config and the list of a prompt's samples")
+        return (
+            f"{what} takes {sig} and cannot be called as f(args, samples) ({e}); give it two positional "
+            "arguments: the [rollout] config and the list of a prompt's samples"
+        )
     return None
 
 

@@ -25,8 +25,14 @@ def check_data(spec: Spec, report: Report, local_only: bool) -> None:
     """Check ``[rollout] prompt_data`` and every ``[eval] eval_prompt_data`` file."""
     files: list[tuple[tuple[str, ...], str, str, DataKeys]] = []
     if spec.rollout.prompt_data:
-        files.append((("rollout", "prompt_data"), "rollout.prompt_data", spec.rollout.prompt_data,
-                      DataKeys.for_rollout(spec.rollout)))
+        files.append(
+            (
+                ("rollout", "prompt_data"),
+                "rollout.prompt_data",
+                spec.rollout.prompt_data,
+                DataKeys.for_rollout(spec.rollout),
+            )
+        )
     eval_keys = DataKeys.for_eval(spec.eval, spec.rollout)
     for name, path in spec.eval.eval_prompt_data.items():
         files.append((("eval", "eval_prompt_data", name), f"eval.eval_prompt_data.{name}", path, eval_keys))

@@ -55,8 +55,11 @@ def check_model(spec: Spec, report: Report, local_only: bool) -> None:
         return
     config_path = root / "config.json"
     if not config_path.is_file():
-        report.problem(KEY, f"{path} has no config.json, so no engine or trainer can load it; {fix} "
-                            "(a directory written by save_pretrained has one)")
+        report.problem(
+            KEY,
+            f"{path} has no config.json, so no engine or trainer can load it; {fix} "
+            "(a directory written by save_pretrained has one)",
+        )
         return
     config, why = _read_json(config_path)
     if why:
@@ -73,8 +76,11 @@ def check_model(spec: Spec, report: Report, local_only: bool) -> None:
     if not any(any(root.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         report.problem(KEY, f"{path} holds no weights (*.safetensors or pytorch_model*.bin); {fix}")
     if not any((root / name).is_file() for name in TOKENIZER_FILES):
-        report.problem(KEY, f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
-                            "files of the base model into it (tokenizer.save_pretrained does this)")
+        report.problem(
+            KEY,
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
+            "files of the base model into it (tokenizer.save_pretrained does this)",
+        )
     tokenizer_config = root / "tokenizer_config.json"
     if tokenizer_config.is_file():
         _, why = _read_json(tokenizer_config)

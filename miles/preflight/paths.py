@@ -37,9 +37,14 @@ def look(path: str, local_only: bool) -> Seen:
         p = Path.cwd() / p
     top = Path(*p.parts[:2]) if len(p.parts) > 1 else p
     if not local_only and p.is_absolute() and not top.exists():
-        return Seen("elsewhere", f"{top} does not exist on this machine, so {path} is taken to be a path of the "
-                                 "compute nodes and not checked here")
+        return Seen(
+            "elsewhere",
+            f"{top} does not exist on this machine, so {path} is taken to be a path of the "
+            "compute nodes and not checked here",
+        )
     nearest = next((a for a in p.parents if a.exists()), None)
     where = f" (the nearest existing directory is {nearest})" if nearest is not None and nearest != Path("/") else ""
-    return Seen("missing", f"no such file or directory{where}; relative paths count from the directory miles is "
-                           f"started in ({Path.cwd()})")
+    return Seen(
+        "missing",
+        f"no such file or directory{where}; relative paths count from the directory miles is started in ({Path.cwd()})",
+    )

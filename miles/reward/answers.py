@@ -63,7 +63,9 @@ def label_answer(label: Any) -> str:
 
 
 def normalize(answer: str) -> str:
-    """A canonical spelling for string comparison: no spaces, ``$``, ``\\left``/``\\right``, outer braces, or thousands commas."""
+    """A canonical spelling for string comparison: no spaces, ``$``, ``\\left``/``\\right``, outer braces, or thousands
+    commas.
+    """
     s = answer.strip()
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
     for token in ("\\left", "\\right", "\\!", "\\,", "\\;", "\\ ", "$", " "):

@@ -22,7 +22,9 @@ from miles.errors import UserError
 
 
 def load_function(path: str, spec_key: str, known: str, base_dir: str | Path | None = None) -> Callable[..., Any]:
-    """The callable named by ``path``; any failure is a ``UserError`` naming ``spec_key`` and the built-ins ``known``."""
+    """The callable named by ``path``; any failure is a ``UserError`` naming ``spec_key`` and the built-ins
+    ``known``.
+    """
     module_part, sep, attr = path.rpartition(":")
     if not sep or not module_part or not attr:
         raise UserError(
@@ -42,8 +44,10 @@ def load_function(path: str, spec_key: str, known: str, base_dir: str | Path | N
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         found = "" if fn is None else f" ({attr!r} is a {type(fn).__name__})"
-        raise UserError(f"{spec_key} = {path!r}: module {module_part!r} has no callable {attr!r}{found}; "
-                        "name a function defined in that module")
+        raise UserError(
+            f"{spec_key} = {path!r}: module {module_part!r} has no callable {attr!r}{found}; "
+            "name a function defined in that module"
+        )
     return fn
 
 
@@ -52,8 +56,10 @@ def _load_file(file: str, spec_key: str, base_dir: str | Path | None) -> Any:
     if not p.is_absolute() and base_dir is not None and not p.exists():
         p = Path(base_dir) / p
     if not p.is_file():
-        raise UserError(f"{spec_key}: no such file {str(p)!r}; relative paths are looked up in the directory miles "
-                        "is started in, then next to the spec")
+        raise UserError(
+            f"{spec_key}: no such file {str(p)!r}; relative paths are looked up in the directory miles "
+            "is started in, then next to the spec"
+        )
     # A stable, unique module name per file, so two reward files named reward.py do not collide.
     name = f"miles_custom_rm_{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:12]}"
     if name in sys.modules:
@@ -101,8 +107,10 @@ def call_problem(fn: Callable[..., Any], what: str) -> str | None:
     try:
         sig.bind(*args)
     except TypeError as e:
-        return (f"{what} takes {sig} and cannot be called as f(sample) or f(args, sample) ({e}); give it one "
-                "required positional argument (the sample), or two (the [rollout] config, the sample)")
+        return (
+            f"{what} takes {sig} and cannot be called as f(sample) or f(args, sample) ({e}); give it one "
+            "required positional argument (the sample), or two (the [rollout] config, the sample)"
+        )
     return None
 
 

@@ -144,14 +144,17 @@ class RolloutClient:
         now = time.monotonic()
         alive = [e for e in self.engines if e.dead_until <= now and e.url not in avoid]
         if not alive:
-            alive = [e for e in self.engines if e.dead_until <= now] or sorted(self.engines, key=lambda e: e.dead_until)[:1]
+            alive = [e for e in self.engines if e.dead_until <= now] or sorted(
+                self.engines, key=lambda e: e.dead_until
+            )[:1]
         return min(alive, key=lambda e: (e.outstanding, e.failures))
 
     async def _request(self, engine: _Engine, method: str, path: str, body: Any, timeout: float) -> Any:
         session = self._http()
         try:
-            async with session.request(method, engine.url + path, json=body,
-                                       timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with session.request(
+                method, engine.url + path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
                 text = await resp.text()
                 if resp.status >= 500 or resp.status in (408, 429):
                     raise _Retriable(f"{engine.url}{path} answered {resp.status}: {text[:300]}")
@@ -189,8 +192,9 @@ class RolloutClient:
 
     async def call_all(self, path: str, body: Any = None, method: str = "POST") -> list[Any]:
         """Send one control request to every engine (pause, continue, flush ...); errors are raised."""
-        return list(await asyncio.gather(*(self._request(e, method, path, body or {}, self.timeout_s)
-                                           for e in self.engines)))
+        return list(
+            await asyncio.gather(*(self._request(e, method, path, body or {}, self.timeout_s) for e in self.engines))
+        )
 
     async def wait_healthy(self, deadline_s: float = 600.0, poll_s: float = 1.0) -> None:
         """Wait until every engine answers /health_generate with 200, or raise naming those that did not."""
@@ -213,9 +217,7 @@ class RolloutClient:
 
     # ------------------------------------------------------------------ rollouts
 
-    async def generate(
-        self, samples: Sequence[Sample], cfg: RolloutConfig, rollout_id: int, **overrides: Any
-    ) -> None:
+    async def generate(self, samples: Sequence[Sample], cfg: RolloutConfig, rollout_id: int, **overrides: Any) -> None:
         """Fill ``response_*``, ``finish_reason`` and ``weight_version`` of every sample, in place.
 
         ``overrides`` replace sampling params (``temperature=``, ``max_new_tokens=`` ... for eval).
@@ -226,7 +228,11 @@ class RolloutClient:
         await asyncio.gather(*(self._generate_chunk(samples, list(c), seeds, cfg, overrides) for c in chunks))
 
     async def _generate_chunk(
-        self, samples: Sequence[Sample], index: list[int], seeds: list[int], cfg: RolloutConfig,
+        self,
+        samples: Sequence[Sample],
+        index: list[int],
+        seeds: list[int],
+        cfg: RolloutConfig,
         overrides: dict[str, Any],
     ) -> None:
         todo = index
@@ -239,8 +245,11 @@ class RolloutClient:
                 )
             else:  # one sample: a single-prompt body, answered by one object
                 (only,) = todo
-                body = proto.generate_body(input_ids=samples[only].prompt_ids,
-                                           sampling=sampling_params(cfg, seeds[only], **overrides), return_logprob=True)
+                body = proto.generate_body(
+                    input_ids=samples[only].prompt_ids,
+                    sampling=sampling_params(cfg, seeds[only], **overrides),
+                    return_logprob=True,
+                )
             outs = await self.post(proto.GENERATE.path, body)
             if not self.batched and isinstance(outs, dict):
                 outs = [outs]

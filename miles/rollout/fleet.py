@@ -88,7 +88,6 @@ class EngineFleet:
 
         self.router: SglangRouter | None = None
         if spec.sglang.use_router:  # first: a router that is not installed is the user's to fix (UserError)
-
             self.router = start_driver_router(spec, task, os.environ.get("MILES_ENGINE_API_KEY") or None)
         self.spec = spec
         self.task = task
@@ -118,17 +117,24 @@ class EngineFleet:
         return found
 
     def restarted(self) -> list[int]:
-        """Engines announced again (new pid or address) since they were last seen: they have the checkpoint's weights."""
+        """Engines announced again (new pid or address) since they were last seen: they have the checkpoint's
+        weights.
+        """
         return sorted(i for i, a in self._announcements().items() if self.known.get(i) != a)
 
     def _form_group(self, port: int) -> Any:
 
         self.groups_formed += 1
         if weight_sync_kind(self.spec, self.task.device) == "tensor":  # colocated: handles to each GPU's copy, no group
-
-            return TensorSync(self.urls, bucket_bytes=self.spec.rollout.update_weight_buffer_size, api_key=self.api_key,
-                              device=local_device(self.task), ranks_per_engine=self._ranks_per_engine(),
-                              engine_indices=[a.index for a in self.members], group=trainer_group())
+            return TensorSync(
+                self.urls,
+                bucket_bytes=self.spec.rollout.update_weight_buffer_size,
+                api_key=self.api_key,
+                device=local_device(self.task),
+                ranks_per_engine=self._ranks_per_engine(),
+                engine_indices=[a.index for a in self.members],
+                group=trainer_group(),
+            )
         name = DEFAULT_GROUP if self.groups_formed == 1 else f"{DEFAULT_GROUP}_{self.groups_formed}"
         group = WeightSync(
             self.urls,
@@ -162,21 +168,27 @@ class EngineFleet:
                 break
             time.sleep(1.0)
         if not live:
-            raise RuntimeError(f"no engine answers /health_generate after {engine_deadline_s():.0f} s ({why}); "
-                               f"see the engines' logs in {Path(self.task.run_dir) / rundir.LOGS}")
+            raise RuntimeError(
+                f"no engine answers /health_generate after {engine_deadline_s():.0f} s ({why}); "
+                f"see the engines' logs in {Path(self.task.run_dir) / rundir.LOGS}"
+            )
         self.members = live
         self.client = BlockingRolloutClient(self.urls, api_key=self.api_key)
         # A fresh port: the old group's listener may still hold the previous one.
         self.sync_group = self._form_group(free_port(0))
         left_out = sorted(set(self.known) - {a.index for a in live})
-        print(f"miles: weight-update group re-formed ({why}): engines {[a.index for a in live]}"
-              + (f"; engines {left_out} are down and rejoin once they are back" if left_out else ""), flush=True)
+        print(
+            f"miles: weight-update group re-formed ({why}): engines {[a.index for a in live]}"
+            + (f"; engines {left_out} are down and rejoin once they are back" if left_out else ""),
+            flush=True,
+        )
 
     def _post_each(self, path: str, body: dict[str, Any]) -> None:
         """POST ``body`` to every member, one at a time; an engine that is down is skipped (best effort)."""
         for url in self.urls:
-            req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                url + path, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+            )
             if self.api_key:
                 req.add_header("Authorization", f"Bearer {self.api_key}")
             try:
@@ -193,8 +205,10 @@ class EngineFleet:
         changed = set(self.restarted())
         urls = [a.url for a in self.members if a.index not in changed]
         if not urls:
-            raise RuntimeError(f"every engine restarted since the last weight sync (engines {sorted(changed)}); "
-                               "none holds the actor's weights")
+            raise RuntimeError(
+                f"every engine restarted since the last weight sync (engines {sorted(changed)}); "
+                "none holds the actor's weights"
+            )
         if self.router is not None:  # it routes to these engines only; one announced again leaves it at once
             self._generate_routed(samples, rollout_id, urls)
             return
@@ -212,8 +226,12 @@ class EngineFleet:
         assert router is not None
         routed = router.route_to(urls)
         # One sample per request: keep as many in flight as batched chunks would (within a file-descriptor budget).
-        client = BlockingRolloutClient([router.url], api_key=router.api_key, batched=False,
-                                       max_concurrency=min(MAX_IN_FLIGHT, PER_ENGINE_IN_FLIGHT * len(routed)))
+        client = BlockingRolloutClient(
+            [router.url],
+            api_key=router.api_key,
+            batched=False,
+            max_concurrency=min(MAX_IN_FLIGHT, PER_ENGINE_IN_FLIGHT * len(routed)),
+        )
         stale = lambda: [self.known[i].url for i in self.restarted() if i in self.known]  # noqa: E731
         try:
             with router.guard(routed, stale):
@@ -283,9 +301,11 @@ def weight_sync_kind(spec: Spec, device: str) -> str:
     if choice == "auto":
         return "tensor" if spec.cluster.mode == "colocate" and device == "cuda" else "distributed"
     if choice == "tensor" and spec.cluster.mode != "colocate":
-        raise UserError(f"{spec.source or 'the run spec'}: [rollout] weight_sync = \"tensor\" needs "
-                        f"[cluster] mode = \"colocate\" (engines on the trainers' GPUs), but mode is "
-                        f"\"{spec.cluster.mode}\". Fix: set weight_sync = \"auto\" or \"distributed\".")
+        raise UserError(
+            f'{spec.source or "the run spec"}: [rollout] weight_sync = "tensor" needs '
+            f'[cluster] mode = "colocate" (engines on the trainers\' GPUs), but mode is '
+            f'"{spec.cluster.mode}". Fix: set weight_sync = "auto" or "distributed".'
+        )
     return choice
 
 

@@ -75,8 +75,9 @@ def resume(parts: Components, spec: Spec) -> RunState:
     return RunState(next_rollout=rollout_id, weight_version=driver_state["weight_version"], saved_at=rollout_id)
 
 
-def save(parts: Components, spec: Spec, state: RunState, run_dir: Path, next_rollout: int,
-         start: RolloutStart | None = None) -> None:
+def save(
+    parts: Components, spec: Spec, state: RunState, run_dir: Path, next_rollout: int, start: RolloutStart | None = None
+) -> None:
     """Collective save of the whole RL state as the checkpoint before ``next_rollout``.
 
     ``start`` is given when ``next_rollout`` is the rollout in progress (a stop before it

@@ -78,7 +78,6 @@ def build(spec: Spec, task: TaskContext) -> Components:
     colocated_gpu = spec.cluster.mode == "colocate" and task.device == "cuda"
     sync_peer = None
     if not is_driver and weight_sync_kind(spec, task.device) == "tensor" and trainer_group() is not None:
-
         sync_peer = TensorSyncPeer(spec.rollout.update_weight_buffer_size, local_device(task), trainer_group())
     return Components(
         actor=actor,
@@ -96,7 +95,6 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver,
     """The driver's components and the run's number of rollouts (``num_rollout``, or from ``num_epoch``)."""
     from transformers import AutoTokenizer
 
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
     dataset = PromptDataset.from_spec(spec.rollout, tokenizer)
     reward = RewardModel.from_spec(spec.rollout, base_dir=Path(spec.source).parent if spec.source else None)
@@ -109,7 +107,6 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver,
                 f"[run] num_epoch = {spec.run.num_epoch} over {len(dataset)} prompts gives no full rollout of "
                 f"rollout_batch_size = {spec.rollout.rollout_batch_size}; raise num_epoch or set num_rollout"
             )
-    announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id,
-                                        deadline_s=engine_deadline_s())
+    announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id, deadline_s=engine_deadline_s())
     engines = EngineFleet(spec, task, announced)
     return Driver(dataset=dataset, engines=engines, reward=reward), num_rollout

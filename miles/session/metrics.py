@@ -111,13 +111,15 @@ def console_line(rollout_id: int, num_rollout: int, metrics: dict[str, float], p
     )
     return (
         f"rollout {rollout_id + 1}/{num_rollout} | samples {int(metrics.get('rollout/samples', 0))} | "
-        f"gen {perf.get('rollout/tokens_per_s', 0.0):.0f} tok/s | reward {metrics.get('rollout/reward_mean', 0.0):.3f} | "
+        f"gen {perf.get('rollout/tokens_per_s', 0.0):.0f} tok/s | reward "
+        f"{metrics.get('rollout/reward_mean', 0.0):.3f} | "
         f"kl {metrics.get('train/kl_loss', 0.0):.4f} | {phases} | total {perf.get('time/total', 0.0):.2f}s"
     )
 
 
-def rollout_metrics(samples: list[Sample], reward_stats: dict[str, float], step_metrics: list[dict[str, float]],
-                    weight_version: int) -> tuple[dict[str, float], dict[str, float]]:
+def rollout_metrics(
+    samples: list[Sample], reward_stats: dict[str, float], step_metrics: list[dict[str, float]], weight_version: int
+) -> tuple[dict[str, float], dict[str, float]]:
     """One rollout's figures: ``(metrics, perf)``.
 
     ``metrics`` are a pure function of the run (they go to ``metrics.jsonl``); any

@@ -24,8 +24,9 @@ from miles.train.batch import RolloutBatch
 from miles.transfer.checksum import tensor_checksum
 
 
-def generate(parts: Components, spec: Spec, rollout_id: int, weight_version: int, timer: PhaseTimer,
-             run_dir: Path) -> tuple[list[Sample] | None, float]:
+def generate(
+    parts: Components, spec: Spec, rollout_id: int, weight_version: int, timer: PhaseTimer, run_dir: Path
+) -> tuple[list[Sample] | None, float]:
     """Driver: draw ``rollout_batch_size`` prompts and have the engines answer each ``n`` times.
 
     Returns the samples (``None`` on the other ranks) and the seconds the engines took.
@@ -66,8 +67,9 @@ def batch(parts: Components, samples: list[Sample], spec: Spec, timer: PhaseTime
     return out
 
 
-def train(parts: Components, spec: Spec, batch: RolloutBatch, rollout_id: int, run_dir: Path,
-          rank: int) -> list[StepMetrics]:
+def train(
+    parts: Components, spec: Spec, batch: RolloutBatch, rollout_id: int, run_dir: Path, rank: int
+) -> list[StepMetrics]:
     """``num_steps_per_rollout`` optimizer steps of the actor over this rollout, then the reference's refresh."""
     fault.point("train", rollout_id, run_dir, rank)
     metrics = parts.actor.train(batch, rollout_id)
@@ -121,6 +123,8 @@ def _check_engine_weights(engines: Any, sent: dict[str, str]) -> None:
         held = answer["ranks"][0]["checksums"]
         wrong = sorted(n for n in sent if held.get(n) != sent[n])
         if wrong:
-            raise RuntimeError(f"weight sync check failed: engine {url} differs from the actor in {len(wrong)} "
-                               f"tensors, e.g. {wrong[:3]}")
+            raise RuntimeError(
+                f"weight sync check failed: engine {url} differs from the actor in {len(wrong)} "
+                f"tensors, e.g. {wrong[:3]}"
+            )
     print(f"miles: weight sync verified: {len(sent)} tensors bit-equal on {len(answers)} engines", flush=True)

@@ -382,9 +382,7 @@ def _manual_flags(src: _Source, field_defaults: dict[str, Any]) -> dict[str, dic
             continue
         for call in ast.walk(node):
             if not (
-                isinstance(call, ast.Call)
-                and isinstance(call.func, ast.Attribute)
-                and call.func.attr == "add_argument"
+                isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "add_argument"
             ):
                 continue
             names = [a.value for a in call.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
@@ -410,7 +408,11 @@ def _manual_flags(src: _Source, field_defaults: dict[str, Any]) -> dict[str, dic
                 choices = _choices(src, _SERVER_ARGS, kw.get("choices"))
                 if choices is not None:
                     entry["choices"] = choices
-            if action_name is not None and action_name.startswith("Deprecated") or key.startswith("enable_flashinfer_a"):
+            if (
+                action_name is not None
+                and action_name.startswith("Deprecated")
+                or key.startswith("enable_flashinfer_a")
+            ):
                 entry["deprecated"] = True
             if len(names) > 1:
                 entry["aliases"] = [n.lstrip("-").replace("-", "_") for n in names[1:]]

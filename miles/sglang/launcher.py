@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from miles.job import enginekey, orphans
 from miles.plan.engine_argv import embedded_argv, sglang_argv
 from miles.plan.engine_argv import passthrough_args as passthrough_args  # re-exported: the launcher's API
 from miles.sglang import protocol as proto
@@ -115,13 +116,31 @@ def engine_launch(
     kind = kind or spec.rollout.engine
     seed = spec.rollout.rollout_seed + index
     if kind == "sglang":
-        argv = sglang_argv(spec, model_path=model_path, host=host, port=port, api_key=api_key, tp_size=tp_size,
-                           seed=seed, nccl_port=nccl_port, python=python)
+        argv = sglang_argv(
+            spec,
+            model_path=model_path,
+            host=host,
+            port=port,
+            api_key=api_key,
+            tp_size=tp_size,
+            seed=seed,
+            nccl_port=nccl_port,
+            python=python,
+        )
     else:
-        argv = embedded_argv(spec, model_path=model_path, host=host, port=port, api_key=api_key, seed=seed,
-                             device=device, python=python)
-    return EngineLaunch(index=index, kind=kind, argv=tuple(argv), env=engine_env(gpus, device), host=host, port=port,
-                        api_key=api_key, log_path=log_dir / f"engine-{index}.log")
+        argv = embedded_argv(
+            spec, model_path=model_path, host=host, port=port, api_key=api_key, seed=seed, device=device, python=python
+        )
+    return EngineLaunch(
+        index=index,
+        kind=kind,
+        argv=tuple(argv),
+        env=engine_env(gpus, device),
+        host=host,
+        port=port,
+        api_key=api_key,
+        log_path=log_dir / f"engine-{index}.log",
+    )
 
 
 def plan_launches(
@@ -138,9 +157,20 @@ def plan_launches(
     """One :class:`EngineLaunch` per engine of ``plan`` (a ``miles.plan.model.Plan``), or per index in ``only``."""
     device = "cuda" if plan.device == "gpu" else "cpu"
     return [
-        engine_launch(spec, index=e.index, model_path=model_path, host=host, port=int(plan.ports.engine_http[e.index]),
-                      api_key=api_key, log_dir=log_dir, gpus=e.gpus, device=device, tp_size=e.tp,
-                      nccl_port=plan.ports.engine_nccl[e.index] if plan.ports.engine_nccl else None, python=python)
+        engine_launch(
+            spec,
+            index=e.index,
+            model_path=model_path,
+            host=host,
+            port=int(plan.ports.engine_http[e.index]),
+            api_key=api_key,
+            log_dir=log_dir,
+            gpus=e.gpus,
+            device=device,
+            tp_size=e.tp,
+            nccl_port=plan.ports.engine_nccl[e.index] if plan.ports.engine_nccl else None,
+            python=python,
+        )
         for e in plan.engines
         if only is None or e.index in only
     ]
@@ -182,7 +212,6 @@ class EngineProcess:
     def start(self) -> None:
         """Start the process (own session, so it and SGLang's scheduler children stop together); it dies with
         the process that starts it (:mod:`miles.job.orphans`), and the key is kept out of its log."""
-        from miles.job import enginekey, orphans
 
         if self.alive():
             raise RuntimeError(f"engine {self.launch.index} is already running (pid {self.pid})")
@@ -196,14 +225,23 @@ class EngineProcess:
             log.write(f"\n===== miles: start {self.starts} of {what} at {stamp}: {shown}\n".encode())
             log.flush()
             key = self.launch.api_key
-            self.proc = subprocess.Popen(list(self.launch.argv), stdout=subprocess.PIPE if key else log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                         start_new_session=self.launch.own_session,
-                                         preexec_fn=orphans.die_with_parent())
+            self.proc = subprocess.Popen(
+                list(self.launch.argv),
+                stdout=subprocess.PIPE if key else log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=self.launch.own_session,
+                preexec_fn=orphans.die_with_parent(),
+            )
         if key:
             assert self.proc.stdout is not None
-            self._copier = threading.Thread(target=enginekey.copy_redacted, name=f"engine-{self.launch.index}-log",
-                                            args=(self.proc.stdout, self.launch.log_path, key), daemon=True)
+            self._copier = threading.Thread(
+                target=enginekey.copy_redacted,
+                name=f"engine-{self.launch.index}-log",
+                args=(self.proc.stdout, self.launch.log_path, key),
+                daemon=True,
+            )
             self._copier.start()
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:

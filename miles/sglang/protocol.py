@@ -40,9 +40,7 @@ HEALTH_GENERATE = Endpoint("/health_generate", "GET", None)
 HEALTH = Endpoint("/health", "GET", None)
 FLUSH_CACHE = Endpoint("/flush_cache", "POST", None)
 INIT_WEIGHTS_UPDATE_GROUP = Endpoint("/init_weights_update_group", "POST", "InitWeightsUpdateGroupReqInput")
-DESTROY_WEIGHTS_UPDATE_GROUP = Endpoint(
-    "/destroy_weights_update_group", "POST", "DestroyWeightsUpdateGroupReqInput"
-)
+DESTROY_WEIGHTS_UPDATE_GROUP = Endpoint("/destroy_weights_update_group", "POST", "DestroyWeightsUpdateGroupReqInput")
 UPDATE_WEIGHTS_FROM_DISTRIBUTED = Endpoint(
     "/update_weights_from_distributed", "POST", "UpdateWeightsFromDistributedReqInput"
 )

@@ -1,4 +1,5 @@
-"""sglang-router in front of the engines (``[sglang] use_router = true``): start it, and decide which engines it routes to.
+"""sglang-router in front of the engines (``[sglang] use_router = true``): start it, and decide which engines it routes
+to.
 
 Why miles, not the router, decides the membership: after an engine restarts it
 serves the checkpoint's weights, not the actor's, until the next weight sync
@@ -111,7 +112,8 @@ def require_router(python: str, spec_source: str | None = None) -> str:
             "(MILES_SGLANG_PYTHON, else the interpreter running miles). "
             f"Fix: install it there (`{python} -m pip install sglang-router=={ROUTER_PIN}`, or miles' `sglang` extra), "
             "or set [sglang] use_router = false: miles' client then balances the requests over the engines itself "
-            "(least outstanding requests)")
+            "(least outstanding requests)"
+        )
     if version != ROUTER_PIN:
         print(f"miles: warning: sglang-router {version} for {python}; miles is tested with {ROUTER_PIN}", flush=True)
     return version
@@ -128,8 +130,21 @@ def router_argv(
 ) -> list[str]:
     """``python -m sglang_router.launch_router``: its ``policy``, quiet logs (it logs every request at INFO) and a
     short shutdown grace; ``api_key`` is the key it asks of clients and presents to the engines."""
-    argv = [python or sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
-            "--policy", policy, "--log-level", "warn", "--shutdown-grace-period-secs", "5"]
+    argv = [
+        python or sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--policy",
+        policy,
+        "--log-level",
+        "warn",
+        "--shutdown-grace-period-secs",
+        "5",
+    ]
     if worker_urls:
         argv += ["--worker-urls", *worker_urls]
     if api_key:
@@ -150,8 +165,17 @@ def router_launch(
     """The router as a process like an engine (index -1, log ``router.log``), in its starter's process group: it
     lives and dies with the driver that uses it."""
     argv = router_argv(worker_urls, host=host, port=port, api_key=api_key, policy=policy, python=python)
-    return EngineLaunch(index=-1, kind="router", argv=tuple(argv), env={}, host=host, port=port, api_key=api_key,
-                        log_path=log_dir / "router.log", own_session=False)
+    return EngineLaunch(
+        index=-1,
+        kind="router",
+        argv=tuple(argv),
+        env={},
+        host=host,
+        port=port,
+        api_key=api_key,
+        log_path=log_dir / "router.log",
+        own_session=False,
+    )
 
 
 def router_port(task: TaskContext) -> int:
@@ -183,8 +207,9 @@ class SglangRouter:
         """Workers the watchdog took out, in order (for logs and tests)."""
 
     @classmethod
-    def start(cls, launch: EngineLaunch, *, extra_env: dict[str, str] | None = None,
-              deadline_s: float = START_DEADLINE_S) -> SglangRouter:
+    def start(
+        cls, launch: EngineLaunch, *, extra_env: dict[str, str] | None = None, deadline_s: float = START_DEADLINE_S
+    ) -> SglangRouter:
         """Start the router process and wait until it listens; :class:`EngineStartError` quotes its log."""
         router = cls(launch.url, launch.api_key, EngineProcess(launch, extra_env))
         router._start_process(deadline_s)
@@ -198,8 +223,10 @@ class SglangRouter:
         while not self._live():
             if not self.process.alive() or time.monotonic() - t0 > deadline_s:
                 self.process.stop(timeout_s=5)
-                raise EngineStartError(f"sglang-router at {self.url} did not start within {deadline_s:.0f} s; last "
-                                       f"lines of {self.process.launch.log_path}:\n{self.process.log_tail()}")
+                raise EngineStartError(
+                    f"sglang-router at {self.url} did not start within {deadline_s:.0f} s; last "
+                    f"lines of {self.process.launch.log_path}:\n{self.process.log_tail()}"
+                )
             time.sleep(0.2)
 
     def _live(self) -> bool:
@@ -210,17 +237,21 @@ class SglangRouter:
             return False
 
     def _call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
-        req = urllib.request.Request(self.url + path, method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 raw = r.read()
         except urllib.error.HTTPError as e:
-            raise RouterError(f"sglang-router {method} {path} answered {e.code}: "
-                              f"{e.read().decode(errors='replace')[:300]}") from e
+            raise RouterError(
+                f"sglang-router {method} {path} answered {e.code}: {e.read().decode(errors='replace')[:300]}"
+            ) from e
         except (urllib.error.URLError, OSError) as e:
             raise RouterError(f"sglang-router at {self.url} unreachable ({method} {path}): {e}") from e
         text = raw.decode(errors="replace")
@@ -249,8 +280,10 @@ class SglangRouter:
         end = time.monotonic() + deadline_s
         while url not in self.workers():
             if time.monotonic() > end:
-                raise RouterError(f"sglang-router did not add {url} within {deadline_s:.0f} s; see "
-                                  + (str(self.process.launch.log_path) if self.process else "the router's log"))
+                raise RouterError(
+                    f"sglang-router did not add {url} within {deadline_s:.0f} s; see "
+                    + (str(self.process.launch.log_path) if self.process else "the router's log")
+                )
             time.sleep(0.1)
 
     def remove(self, url: str, deadline_s: float = 30.0) -> None:
@@ -284,8 +317,9 @@ class SglangRouter:
         return routed
 
     @contextmanager
-    def guard(self, urls: Sequence[str], stale: Callable[[], Iterable[str]] = lambda: (),
-              poll_s: float = 0.5) -> Iterator[None]:
+    def guard(
+        self, urls: Sequence[str], stale: Callable[[], Iterable[str]] = lambda: (), poll_s: float = 0.5
+    ) -> Iterator[None]:
         """While the block runs, and once more when it ends, remove a worker of ``urls`` whose port closed or that
         ``stale`` names (an engine announced again: restarted, with the checkpoint's weights)."""
         watched = [u.rstrip("/") for u in urls]
@@ -299,8 +333,11 @@ class SglangRouter:
                         self.remove(url)
                         watched.remove(url)
                         self.removed.append(url)
-                        print(f"miles: sglang-router: engine {url} is down or restarted; routing around it "
-                              "until a weight sync gives it the actor's weights", flush=True)
+                        print(
+                            f"miles: sglang-router: engine {url} is down or restarted; routing around it "
+                            "until a weight sync gives it the actor's weights",
+                            flush=True,
+                        )
             except (RouterError, OSError) as e:  # the next sweep tries again
                 print(f"miles: sglang-router watchdog: {e}", flush=True)
 
@@ -328,8 +365,14 @@ def start_driver_router(spec: Spec, task: TaskContext, api_key: str | None) -> S
 
     python = router_python()
     require_router(python, spec.source)
-    launch = router_launch(host="0.0.0.0", port=free_port(router_port(task)), api_key=api_key,
-                           log_dir=Path(task.run_dir) / rundir.LOGS, policy=spec.sglang.router_policy, python=python)
+    launch = router_launch(
+        host="0.0.0.0",
+        port=free_port(router_port(task)),
+        api_key=api_key,
+        log_dir=Path(task.run_dir) / rundir.LOGS,
+        policy=spec.sglang.router_policy,
+        python=python,
+    )
     router = SglangRouter.start(launch)
     print(f"miles: sglang-router {spec.sglang.router_policy} at {router.url} (log {launch.log_path})", flush=True)
     return router

@@ -19,8 +19,12 @@ from typing import Any, Literal, Union
 
 from miles.spec.writer import toml_value
 
-_NAMES = {bool: ("true or false", "true or false"), int: ("an integer", "integers"), float: ("a number", "numbers"),
-          str: ("a string", "strings")}
+_NAMES = {
+    bool: ("true or false", "true or false"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+}
 
 
 class Mismatch(Exception):

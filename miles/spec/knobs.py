@@ -59,8 +59,10 @@ def resolve(values: dict[str, int | None]) -> tuple[dict[str, int], list[KnobPro
         others = [k for k in missing if k != N] if v[N] is None else missing
         need = len(others) - 1 if v[N] is None else len(missing) - 1
         names = ", ".join(_where(k) for k in others)
-        msg = (f"the batch knobs obey {R} x {N} = {G} x {S}, so three of them must be set to derive the fourth "
-               f"({N} defaults to 1 when two of the others are set); set {need} more of: {names}")
+        msg = (
+            f"the batch knobs obey {R} x {N} = {G} x {S}, so three of them must be set to derive the fourth "
+            f"({N} defaults to 1 when two of the others are set); set {need} more of: {names}"
+        )
         return {}, [KnobProblem(others[0], msg)]
     if not missing:
         r, n, g, s = (int(v[k] or 0) for k in KNOBS)
@@ -71,8 +73,10 @@ def resolve(values: dict[str, int | None]) -> tuple[dict[str, int], list[KnobPro
             if num % den == 0:
                 fixes.append(f"leave out {_where(k)} to have it derived as {num // den}")
         hint = "; or ".join(fixes) if fixes else f"change them so that {R} x {N} = {G} x {S}"
-        msg = (f"{R} ({r}) x {N} ({n}) = {r * n} but {G} ({g}) x {S} ({s}) = {g * s}; "
-               f"the four knobs must satisfy {R} x {N} = {G} x {S}: {hint}")
+        msg = (
+            f"{R} ({r}) x {N} ({n}) = {r * n} but {G} ({g}) x {S} ({s}) = {g * s}; "
+            f"the four knobs must satisfy {R} x {N} = {G} x {S}: {hint}"
+        )
         return {}, [KnobProblem(S, msg)]
     (unknown,) = missing
     known = {k: int(v[k] or 0) for k in KNOBS if k != unknown}
@@ -87,7 +91,9 @@ def resolve(values: dict[str, int | None]) -> tuple[dict[str, int], list[KnobPro
         v[unknown] = total // divisor
         return {k: int(v[k] or 0) for k in KNOBS}, []
     near = _near_divisors(total, divisor)
-    msg = (f"{lhs} is not divisible by {div_key} ({divisor}), so {unknown} cannot be derived "
-           f"({total}/{divisor} is not a whole number): set {div_key} to a divisor of {total} such as {_or(near)}, "
-           f"or set {_where(unknown)} and change the others so that {R} x {N} = {G} x {S}")
+    msg = (
+        f"{lhs} is not divisible by {div_key} ({divisor}), so {unknown} cannot be derived "
+        f"({total}/{divisor} is not a whole number): set {div_key} to a divisor of {total} such as {_or(near)}, "
+        f"or set {_where(unknown)} and change the others so that {R} x {N} = {G} x {S}"
+    )
     return {}, [KnobProblem(div_key, msg)]

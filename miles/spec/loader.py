@@ -65,7 +65,13 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError([Problem(Origin(source), "", "no such file; pass the path of a TOML run spec, e.g. configs/quickstart.toml")]) from None
+        raise SpecError(
+            [
+                Problem(
+                    Origin(source), "", "no such file; pass the path of a TOML run spec, e.g. configs/quickstart.toml"
+                )
+            ]
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError([Problem(Origin(source), "", f"cannot read the run spec: {e}")]) from None
     try:
@@ -105,9 +111,13 @@ def _field_type(table: str, parts: Sequence[str]) -> Any:
 def _wants_string(tp: Any) -> bool:
     """Whether a field holds text only (``str``, a Literal of strings, optionally ``| None``)."""
     origin = typing.get_origin(tp)
-    parts = [a for a in typing.get_args(tp) if a is not type(None)] if origin in (typing.Union, types.UnionType) else [tp]
-    return all(p is str or (typing.get_origin(p) is Literal and all(isinstance(a, str) for a in typing.get_args(p)))
-               for p in parts)
+    parts = (
+        [a for a in typing.get_args(tp) if a is not type(None)] if origin in (typing.Union, types.UnionType) else [tp]
+    )
+    return all(
+        p is str or (typing.get_origin(p) is Literal and all(isinstance(a, str) for a in typing.get_args(p)))
+        for p in parts
+    )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -132,7 +142,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str], problems: Problems) -> dict[tuple[str, ...], Origin]:
+def _apply_overrides(
+    raw: dict[str, Any], overrides: Sequence[str], problems: Problems
+) -> dict[tuple[str, ...], Origin]:
     set_origins: dict[tuple[str, ...], Origin] = {}
     for text in overrides:
         origin = Origin(f"--set {text}")
@@ -170,7 +182,9 @@ def _suggest(table: str, key: str, fields: list[str]) -> str:
     hint = unknown_key_hint(table, key)
     if hint:
         return f"; {hint}"
-    elsewhere = [t for t, cls in TABLES.items() if t != table and key in table_fields(cls) and (t, key) not in _NOT_KEYS]
+    elsewhere = [
+        t for t, cls in TABLES.items() if t != table and key in table_fields(cls) and (t, key) not in _NOT_KEYS
+    ]
     if elsewhere:
         return f"; {key} belongs in [{elsewhere[0]}]"
     close = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
@@ -179,8 +193,9 @@ def _suggest(table: str, key: str, fields: list[str]) -> str:
     return f"; the keys of [{table}] are listed in docs/spec.md"
 
 
-def _check_table(name: str, values: dict[str, Any], origin_of: Callable[[tuple[str, ...]], Origin],
-                 problems: Problems) -> dict[str, Any]:
+def _check_table(
+    name: str, values: dict[str, Any], origin_of: Callable[[tuple[str, ...]], Origin], problems: Problems
+) -> dict[str, Any]:
     cls = TABLES[name]
     fields = table_fields(cls)
     keys = [k for k in fields if (name, k) not in _NOT_KEYS]
@@ -190,8 +205,12 @@ def _check_table(name: str, values: dict[str, Any], origin_of: Callable[[tuple[s
     for key, value in values.items():
         origin, where = origin_of((name, key)), f"[{name}] {key}"
         if (name, key) in _NOT_KEYS:
-            problems.add(origin, where, "is filled by miles from the other [sglang] keys: write SGLang flags directly "
-                         "as [sglang] keys, e.g. chunked_prefill_size = 4096")
+            problems.add(
+                origin,
+                where,
+                "is filled by miles from the other [sglang] keys: write SGLang flags directly "
+                "as [sglang] keys, e.g. chunked_prefill_size = 4096",
+            )
         elif key in fields:
             tp, f = fields[key]
             try:
@@ -219,8 +238,9 @@ def _check_table(name: str, values: dict[str, Any], origin_of: Callable[[tuple[s
     return kwargs
 
 
-def _build(raw: dict[str, Any], source: str, locate: Locate, overrides: Sequence[str],
-           spec_dir: Path | None = None) -> Spec:
+def _build(
+    raw: dict[str, Any], source: str, locate: Locate, overrides: Sequence[str], spec_dir: Path | None = None
+) -> Spec:
     problems = Problems()
     raw = copy.deepcopy(raw)
     set_origins = _apply_overrides(raw, overrides, problems)
@@ -234,7 +254,11 @@ def _build(raw: dict[str, Any], source: str, locate: Locate, overrides: Sequence
         if name in TABLES and isinstance(values, dict):
             tables[name] = TABLES[name](**_check_table(name, values, origin_of, problems))
         elif name in TABLES:
-            problems.add(origin_of((name,)), f"[{name}]", f"must be a table ([{name}] followed by key = value lines), got {given(values)}")
+            problems.add(
+                origin_of((name,)),
+                f"[{name}]",
+                f"must be a table ([{name}] followed by key = value lines), got {given(values)}",
+            )
         elif not isinstance(values, dict):
             homes = [t for t, cls in TABLES.items() if name in table_fields(cls) and (t, name) not in _NOT_KEYS]
             flag = unknown_key_hint("", name)
@@ -258,8 +282,12 @@ def _build(raw: dict[str, Any], source: str, locate: Locate, overrides: Sequence
     if resolved:
         spec = dataclasses.replace(
             spec,
-            rollout=dataclasses.replace(spec.rollout, rollout_batch_size=resolved[knobs.R], n_samples_per_prompt=resolved[knobs.N]),
-            train=dataclasses.replace(spec.train, global_batch_size=resolved[knobs.G], num_steps_per_rollout=resolved[knobs.S]),
+            rollout=dataclasses.replace(
+                spec.rollout, rollout_batch_size=resolved[knobs.R], n_samples_per_prompt=resolved[knobs.N]
+            ),
+            train=dataclasses.replace(
+                spec.train, global_batch_size=resolved[knobs.G], num_steps_per_rollout=resolved[knobs.S]
+            ),
         )
     rules.check(spec, report)
     problems.raise_if_any()
@@ -273,8 +301,9 @@ def _build(raw: dict[str, Any], source: str, locate: Locate, overrides: Sequence
         spec = anchor_paths(spec, anchor)
     run_dir = spec.run.run_dir or f"runs/{spec.run.name}"
     save = spec.ckpt.save or f"{run_dir.rstrip('/')}/checkpoints"
-    return dataclasses.replace(spec, run=dataclasses.replace(spec.run, run_dir=run_dir),
-                               ckpt=dataclasses.replace(spec.ckpt, save=save))
+    return dataclasses.replace(
+        spec, run=dataclasses.replace(spec.run, run_dir=run_dir), ckpt=dataclasses.replace(spec.ckpt, save=save)
+    )
 
 
 def _infer_mode(spec: Spec, raw: Mapping[str, Any]) -> Spec:
@@ -289,9 +318,11 @@ def _infer_mode(spec: Spec, raw: Mapping[str, Any]) -> Spec:
     mode: Literal["colocate", "split"]
     if sized:
         mode = "split"
-        why = (f"[cluster] {sized[0]} gives the engines GPUs of their own, as Miles does without --colocate")
+        why = f"[cluster] {sized[0]} gives the engines GPUs of their own, as Miles does without --colocate"
     else:
         mode = "colocate"
-        why = "no [cluster] rollout_num_gpus / rollout_num_nodes names GPUs for the engines, so they share the trainers'"
+        why = (
+            "no [cluster] rollout_num_gpus / rollout_num_nodes names GPUs for the engines, so they share the trainers'"
+        )
     note = f'[cluster] mode not set: planned as "{mode}" because {why}; set mode to make the choice explicit'
     return dataclasses.replace(spec, cluster=dataclasses.replace(c, mode=mode), notes=(*spec.notes, note))

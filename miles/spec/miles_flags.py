@@ -67,8 +67,12 @@ class Disposition:
     """For ``fixed``: the value miles uses; a flag given another value changes the experiment."""
 
     def summary(self) -> str:
-        head = {"always": "always on in miles", "fixed": "fixed in miles", "model": "read from config.json",
-                "unsupported": "not supported"}[self.kind]
+        head = {
+            "always": "always on in miles",
+            "fixed": "fixed in miles",
+            "model": "read from config.json",
+            "unsupported": "not supported",
+        }[self.kind]
         return f"{head}: {self.reason}"
 
 
@@ -82,26 +86,36 @@ DISPOSITIONS: dict[str, Disposition] = {
     "attention_dropout": Disposition("fixed", _DROPOUT, value=0.0),
     "hidden_dropout": Disposition("fixed", _DROPOUT, value=0.0),
     "accumulate_allreduce_grads_in_fp32": Disposition(
-        "always", "gradients are accumulated and reduced over data-parallel ranks in fp32 (Megatron DDP with "
-        "grad_reduce_in_fp32; FSDP with an fp32 reduce dtype)"),
+        "always",
+        "gradients are accumulated and reduced over data-parallel ranks in fp32 (Megatron DDP with "
+        "grad_reduce_in_fp32; FSDP with an fp32 reduce dtype)",
+    ),
     "attention_softmax_in_fp32": Disposition(
-        "always", "the attention softmax runs in fp32 (Megatron's default; torch SDPA accumulates in fp32)"),
+        "always", "the attention softmax runs in fp32 (Megatron's default; torch SDPA accumulates in fp32)"
+    ),
     "use_distributed_optimizer": Disposition(
-        "always", "the Megatron backend shards optimizer state over data-parallel ranks on GPUs"),
+        "always", "the Megatron backend shards optimizer state over data-parallel ranks on GPUs"
+    ),
     "no_gradient_accumulation_fusion": Disposition("fixed", "gradient-accumulation fusion is off (it needs apex)"),
     "no_bias_swiglu_fusion": Disposition("fixed", "the local Megatron path runs SwiGLU unfused"),
     "no_rope_fusion": Disposition("fixed", "the local Megatron path runs RoPE unfused"),
     "no_masked_softmax_fusion": Disposition("fixed", "the local Megatron path runs the masked softmax unfused"),
     "use_precision_aware_optimizer": Disposition(
-        "unsupported", "miles keeps fp32 master weights and fp32 Adam moments (Megatron's behaviour without the "
-        "flag); remove it: only memory differs"),
+        "unsupported",
+        "miles keeps fp32 master weights and fp32 Adam moments (Megatron's behaviour without the "
+        "flag); remove it: only memory differs",
+    ),
     "overlap_cpu_optimizer_d2h_h2d": Disposition(
-        "unsupported", "there is no overlapped CPU optimizer; remove it: it only changes speed"),
+        "unsupported", "there is no overlapped CPU optimizer; remove it: it only changes speed"
+    ),
     "moe_grouped_gemm": Disposition(
-        "unsupported", "experts run as one MLP each (SequentialMLP), the layout miles' weight mapping and sync "
-        "read; remove it: only speed differs"),
+        "unsupported",
+        "experts run as one MLP each (SequentialMLP), the layout miles' weight mapping and sync "
+        "read; remove it: only speed differs",
+    ),
     "log_probs_max_tokens_per_gpu": Disposition(
-        "fixed", "log-probs are computed with the training micro-batches ([train] max_tokens_per_gpu)"),
+        "fixed", "log-probs are computed with the training micro-batches ([train] max_tokens_per_gpu)"
+    ),
     "async_save": Disposition("fixed", "checkpoints are written synchronously, then committed atomically"),
     "megatron_to_hf_mode": Disposition("fixed", "miles' own name mapping converts weights for sync and export"),
     "use_miles_router": Disposition("unsupported", "use [sglang] use_router (sglang-router) or miles' client"),
@@ -132,16 +146,20 @@ DISPOSITIONS: dict[str, Disposition] = {
     "moe_router_pre_softmax": _model("norm_topk_prob"),
     "moe_layer_freq": _model("every layer an MoE layer"),
     "rollout_health_check_interval": Disposition(
-        "fixed", "miles' launcher supervises each engine process and restarts it when it exits"),
+        "fixed", "miles' launcher supervises each engine process and restarts it when it exits"
+    ),
     "rollout_health_check_timeout": Disposition(
-        "fixed", "miles' launcher supervises each engine process and restarts it when it exits"),
+        "fixed", "miles' launcher supervises each engine process and restarts it when it exits"
+    ),
     "rollout_health_check_first_wait": Disposition(
-        "fixed", "miles' launcher waits for each engine's /health_generate before the run starts"),
+        "fixed", "miles' launcher waits for each engine's /health_generate before the run starts"
+    ),
     "sglang_router_ip": Disposition("fixed", "miles plans the router's address and port from the job"),
     "sglang_router_port": Disposition("fixed", "miles plans the router's address and port from the job"),
     "log_passrate": Disposition("fixed", "miles logs each rollout's mean reward (rollout/reward_mean)"),
     "use_fault_tolerance": Disposition(
-        "always", "engines are supervised and restarted; trainer failures end the job, which Slurm requeues"),
+        "always", "engines are supervised and restarted; trainer failures end the job, which Slurm requeues"
+    ),
 }
 """Flag (underscored) -> what miles does instead of having a key for it."""
 
@@ -175,7 +193,7 @@ def unknown_key_hint(table: str, key: str) -> str | None:
     if name in DISPOSITIONS:
         return f"Miles' --{name.replace('_', '-')} has no key: {DISPOSITIONS[name].summary()}"
     if name.startswith(SGLANG_PREFIX) and table == "sglang":
-        return f"write SGLang's flag without the prefix: {name[len(SGLANG_PREFIX):]}"
+        return f"write SGLang's flag without the prefix: {name[len(SGLANG_PREFIX) :]}"
     return None
 
 

@@ -5,7 +5,8 @@ is handed to ``python -m sglang.launch_server`` as ``--key-with-dashes value``.
 A typo there would otherwise surface only on the cluster, minutes after the job
 started, as an argparse error in an engine log; so the keys are checked here
 against ``sglang_flags.json``, which ``miles.sglang.flags`` generates
-from the pinned SGLang wheel (its docstring describes the format). Without that file (a checkout that never generated it) the
+from the pinned SGLang wheel (its docstring describes the format). Without that file (a checkout that never generated
+it) the
 names cannot be checked and are passed through as written.
 
 Some flags are miles' to set, because they follow from other spec keys or from
@@ -39,7 +40,7 @@ MANAGED_FLAGS: dict[str, str] = {
     "dist_init_addr": "miles plans the engines' nodes and ports",
     "base_gpu_id": "miles places engines on GPUs",
     "api_key": "miles gives the engines the run's own key (run_dir/engine.key); set [rollout] engine_auth = false "
-               "to run them without one",
+    "to run them without one",
 }
 """SGLang flags a user may not pass through, with what to do instead."""
 

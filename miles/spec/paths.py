@@ -65,15 +65,30 @@ def anchor_paths(spec: Spec, anchor: Anchor) -> Spec:
 
     ro, ev, model, ckpt = spec.rollout, spec.eval, spec.model, spec.ckpt
     tables: dict[str, Any] = {}
-    tables |= swap("rollout", {
-        "prompt_data": _absolute(ro.prompt_data, anchor(("rollout", "prompt_data"))),
-        "custom_rm_path": _code_path(ro.custom_rm_path, anchor(("rollout", "custom_rm_path"))),
-        "dynamic_sampling_filter_path": _code_path(ro.dynamic_sampling_filter_path,
-                                                   anchor(("rollout", "dynamic_sampling_filter_path"))),
-    })
-    tables |= swap("eval", {"eval_prompt_data": {
-        k: _absolute(v, anchor(("eval", "eval_prompt_data", k))) for k, v in ev.eval_prompt_data.items()}})
+    tables |= swap(
+        "rollout",
+        {
+            "prompt_data": _absolute(ro.prompt_data, anchor(("rollout", "prompt_data"))),
+            "custom_rm_path": _code_path(ro.custom_rm_path, anchor(("rollout", "custom_rm_path"))),
+            "dynamic_sampling_filter_path": _code_path(
+                ro.dynamic_sampling_filter_path, anchor(("rollout", "dynamic_sampling_filter_path"))
+            ),
+        },
+    )
+    tables |= swap(
+        "eval",
+        {
+            "eval_prompt_data": {
+                k: _absolute(v, anchor(("eval", "eval_prompt_data", k))) for k, v in ev.eval_prompt_data.items()
+            }
+        },
+    )
     tables |= swap("model", {"hf_checkpoint": _model_dir(model.hf_checkpoint, anchor(("model", "hf_checkpoint")))})
-    tables |= swap("ckpt", {"load": _model_dir(ckpt.load, anchor(("ckpt", "load"))),
-                            "ref_load": _model_dir(ckpt.ref_load, anchor(("ckpt", "ref_load")))})
+    tables |= swap(
+        "ckpt",
+        {
+            "load": _model_dir(ckpt.load, anchor(("ckpt", "load"))),
+            "ref_load": _model_dir(ckpt.ref_load, anchor(("ckpt", "ref_load"))),
+        },
+    )
     return dataclasses.replace(spec, **tables)

@@ -39,7 +39,11 @@ def attribute_docs() -> dict[str, tuple[str, dict[str, str]]]:
         body = node.body
         for stmt, nxt in zip(body, body[1:] + [None], strict=True):
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                if (
+                    isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)
+                ):
                     docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
         out[node.name] = (ast.get_docstring(node) or "", docs)
     return out
@@ -64,7 +68,9 @@ def _type_words(tp: Any) -> str:
             val = typing.get_args(p)[1]
             words.append("table" if val is object else f"table of {_type_words(val)}")
         else:
-            words.append({bool: "boolean", int: "integer", float: "number", str: "string", object: "any"}.get(p, str(p)))
+            words.append(
+                {bool: "boolean", int: "integer", float: "number", str: "string", object: "any"}.get(p, str(p))
+            )
     return " or ".join(words)
 
 
@@ -95,12 +101,12 @@ def render() -> str:
         "(`--rollout-batch-size 32` is `[rollout] rollout_batch_size = 32`). Check one with",
         "`miles validate run.toml`.",
         "",
-        "- **Strict.** An unknown table or key, a value of the wrong type (`\"8\"` for 8, `1` for `true`;",
+        '- **Strict.** An unknown table or key, a value of the wrong type (`"8"` for 8, `1` for `true`;',
         "  an integer is accepted for a number) or out of range is an error naming the file, the line,",
         "  the `[table] key`, what was expected, what was given and the closest valid key. Every problem",
         "  is reported at once, one per line; `miles` exits with code 2.",
         "- **Overrides.** `--set table.key=value` (repeatable) changes a key before the checks. The value",
-        "  is a TOML value (`64`, `true`, `[\"a\", \"b\"]`, `{ a = 1 }`); text that is not valid TOML, or any value",
+        '  is a TOML value (`64`, `true`, `["a", "b"]`, `{ a = 1 }`); text that is not valid TOML, or any value',
         "  of a string key, is taken as a string: `--set run.name=exp2 --set slurm.time=08:00:00`. A table's",
         "  entry can be set with a longer path: `--set eval.eval_prompt_data.gsm8k=data/gsm8k.jsonl`. An inline",
         "  table merges into the spec's table (`--set 'slurm.env={NCCL_DEBUG=\"WARN\"}'` keeps the other",

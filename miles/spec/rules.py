@@ -6,7 +6,8 @@ planner's (``miles.plan``). Every rule reports through ``report(table, key,
 message)`` and its message says what to change. The rules, in order:
 
 * ``[run]``: exactly one of ``num_rollout`` / ``num_epoch``; ``name`` usable as a directory name.
-* ``[model]``: exactly one of ``hf_checkpoint`` / ``builtin``; ``builtin`` names a built-in model (``miles.model.builtin``).
+* ``[model]``: exactly one of ``hf_checkpoint`` / ``builtin``; ``builtin`` names a built-in model
+  (``miles.model.builtin``).
 * ``[rollout]``: ``prompt_data`` set, a ``.jsonl`` or ``.parquet`` file; exactly one reward
   (``rm_type`` / ``custom_rm_path`` / ``rm_url``); custom code as ``module:function``;
   ``rm_url`` is http(s); ``group_rm`` needs ``custom_rm_path``; ``rollout_top_k`` is -1 or >= 1;
@@ -35,9 +36,7 @@ from miles.spec.tables import Spec
 
 Report = Callable[[str, str, str], None]
 
-_CODE_PATH = re.compile(
-    r"^(?:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*|[^:]+\.py):[A-Za-z_][A-Za-z0-9_]*$"
-)
+_CODE_PATH = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*|[^:]+\.py):[A-Za-z_][A-Za-z0-9_]*$")
 """``package.module:function``, or ``path/to/file.py:function`` (looked up next to the spec too)."""
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MEM = re.compile(r"^[0-9]+[KMGT]?$")
@@ -45,7 +44,9 @@ _DATA_SUFFIXES = (".jsonl", ".parquet")
 
 
 def slurm_time_seconds(text: str) -> int | None:
-    """Seconds of a Slurm time limit (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``); -1 for unlimited; None if invalid."""
+    """Seconds of a Slurm time limit (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``); -1 for unlimited; None if
+    invalid.
+    """
     if text.upper() in ("UNLIMITED", "INFINITE"):
         return -1
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
@@ -83,58 +84,104 @@ def _run_and_model(spec: Spec, report: Report) -> None:
     run = spec.run
     if (run.num_rollout is None) == (run.num_epoch is None):
         which = "both are set; keep one" if run.num_rollout is not None else "set one, e.g. num_rollout = 100"
-        report("run", "num_rollout" if run.num_rollout is not None else "", f"exactly one of num_rollout or num_epoch sets the run's length: {which}")
+        report(
+            "run",
+            "num_rollout" if run.num_rollout is not None else "",
+            f"exactly one of num_rollout or num_epoch sets the run's length: {which}",
+        )
     name = run.name
     if not name or name in (".", "..") or "/" in name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        report("run", "name", f"{name!r} cannot name a run directory and a Slurm job: use letters, digits, '-', '_' and '.', without '/' or control characters")
+        report(
+            "run",
+            "name",
+            f"{name!r} cannot name a run directory and a Slurm job: use letters, digits, '-', '_' and '.', without "
+            "'/' or control characters",
+        )
     m = spec.model
     if bool(m.hf_checkpoint) == bool(m.builtin):
         if m.hf_checkpoint:
             report("model", "builtin", "set either hf_checkpoint or builtin, not both: remove one of them")
         else:
-            report("model", "", 'set the model: hf_checkpoint = "/path/to/hf-model-dir", or builtin = "<name>" for a tiny built-in model')
+            report(
+                "model",
+                "",
+                'set the model: hf_checkpoint = "/path/to/hf-model-dir", or builtin = "<name>" for a tiny built-in '
+                "model",
+            )
     elif m.builtin:
-
         known = names()
         if m.builtin not in known:
             close = difflib.get_close_matches(m.builtin, known, n=1, cutoff=0.5)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            report("model", "builtin", f"unknown built-in model {m.builtin!r}: {hint}the built-ins are {', '.join(known)}")
+            report(
+                "model", "builtin", f"unknown built-in model {m.builtin!r}: {hint}the built-ins are {', '.join(known)}"
+            )
 
 
 def _rollout(spec: Spec, report: Report) -> None:
     ro = spec.rollout
     if not ro.prompt_data:
-        report("rollout", "prompt_data", 'the prompt dataset is required: prompt_data = "/path/to/prompts.jsonl" (or .parquet)')
+        report(
+            "rollout",
+            "prompt_data",
+            'the prompt dataset is required: prompt_data = "/path/to/prompts.jsonl" (or .parquet)',
+        )
     elif not ro.prompt_data.endswith(_DATA_SUFFIXES):
         report("rollout", "prompt_data", f"{ro.prompt_data!r} must be a .jsonl or .parquet file")
     rewards = [k for k in ("rm_type", "custom_rm_path", "rm_url") if getattr(ro, k)]
     if not rewards:
-        report("rollout", "", 'set the reward: one of rm_type (e.g. "math"), custom_rm_path ("module:function") or rm_url')
+        report(
+            "rollout", "", 'set the reward: one of rm_type (e.g. "math"), custom_rm_path ("module:function") or rm_url'
+        )
     elif len(rewards) > 1:
         report("rollout", rewards[1], f"set exactly one reward, found {' and '.join(rewards)}: remove all but one")
     for key in ("custom_rm_path", "dynamic_sampling_filter_path"):
         value = getattr(ro, key)
         if value and not _CODE_PATH.match(value):
-            report("rollout", key, f"{value!r} must name importable code as \"module:function\" (e.g. \"my_pkg.rewards:score\"){_code_path_fix(value)}")
+            report(
+                "rollout",
+                key,
+                f'{value!r} must name importable code as "module:function" (e.g. '
+                f'"my_pkg.rewards:score"){_code_path_fix(value)}',
+            )
     if ro.rm_url and not re.match(r"^https?://[^\s/]+", ro.rm_url):
-        report("rollout", "rm_url", f"{ro.rm_url!r} must be an http:// or https:// URL, e.g. \"http://reward-host:8000/score\"")
+        report(
+            "rollout",
+            "rm_url",
+            f'{ro.rm_url!r} must be an http:// or https:// URL, e.g. "http://reward-host:8000/score"',
+        )
     if ro.group_rm and not ro.custom_rm_path:
-        report("rollout", "group_rm", "group_rm scores whole groups with a custom reward: set custom_rm_path, or remove group_rm")
+        report(
+            "rollout",
+            "group_rm",
+            "group_rm scores whole groups with a custom reward: set custom_rm_path, or remove group_rm",
+        )
     if ro.rollout_top_k == 0:
         report("rollout", "rollout_top_k", "0 keeps no token: use -1 to disable top-k, or a value >= 1")
     rbs = ro.rollout_batch_size
     if ro.over_sampling_batch_size is not None and rbs is not None and ro.over_sampling_batch_size < rbs:
-        report("rollout", "over_sampling_batch_size",
-               f"must be >= rollout_batch_size ({rbs}), got {ro.over_sampling_batch_size}: each round samples at least a full batch of prompts")
+        report(
+            "rollout",
+            "over_sampling_batch_size",
+            f"must be >= rollout_batch_size ({rbs}), got {ro.over_sampling_batch_size}: each round samples at least a "
+            "full batch of prompts",
+        )
 
 
 def _eval(spec: Spec, report: Report) -> None:
     ev = spec.eval
     if ev.eval_interval is not None and not ev.eval_prompt_data:
-        report("eval", "eval_interval", 'evaluation needs data: set eval_prompt_data = { name = "/path/to/eval.jsonl" }, or remove eval_interval')
+        report(
+            "eval",
+            "eval_interval",
+            'evaluation needs data: set eval_prompt_data = { name = "/path/to/eval.jsonl" }, or remove eval_interval',
+        )
     if ev.eval_prompt_data and ev.eval_interval is None:
-        report("eval", "eval_prompt_data", "no evaluation would run: set eval_interval (rollouts between evaluations), or remove eval_prompt_data")
+        report(
+            "eval",
+            "eval_prompt_data",
+            "no evaluation would run: set eval_interval (rollouts between evaluations), or remove eval_prompt_data",
+        )
     for name, path in ev.eval_prompt_data.items():
         if not path.endswith(_DATA_SUFFIXES):
             report("eval", "eval_prompt_data", f"dataset {name!r}: {path!r} must be a .jsonl or .parquet file")
@@ -143,10 +190,19 @@ def _eval(spec: Spec, report: Report) -> None:
 def _train_and_algo(spec: Spec, report: Report) -> None:
     tr = spec.train
     if tr.use_dynamic_batch_size and tr.max_tokens_per_gpu is None:
-        report("train", "use_dynamic_batch_size", "dynamic batching packs micro-batches by tokens: set max_tokens_per_gpu (e.g. 16384)")
+        report(
+            "train",
+            "use_dynamic_batch_size",
+            "dynamic batching packs micro-batches by tokens: set max_tokens_per_gpu (e.g. 16384)",
+        )
     g = spec.grpo
     if g.kl_loss_coef > 0 and not g.use_kl_loss:
-        report("grpo", "kl_loss_coef", f"kl_loss_coef = {g.kl_loss_coef} has no effect without use_kl_loss = true: set use_kl_loss = true, or remove kl_loss_coef")
+        report(
+            "grpo",
+            "kl_loss_coef",
+            f"kl_loss_coef = {g.kl_loss_coef} has no effect without use_kl_loss = true: set use_kl_loss = true, or "
+            "remove kl_loss_coef",
+        )
     o = spec.optimizer
     if o.min_lr > o.lr:
         report("optimizer", "min_lr", f"min_lr ({o.min_lr}) must not exceed lr ({o.lr}): lower min_lr or raise lr")
@@ -157,46 +213,97 @@ def _perf(spec: Spec, report: Report) -> None:
     if p.backend == "fsdp":
         for key in ("tp", "pp", "cp", "ep"):
             if getattr(p, key) != 1:
-                report("perf", key, f"the fsdp backend is data parallel only: set {key} = 1, or backend = \"megatron\"")
+                report("perf", key, f'the fsdp backend is data parallel only: set {key} = 1, or backend = "megatron"')
         if p.etp is not None:
             report("perf", "etp", 'the fsdp backend is data parallel only: remove etp, or set backend = "megatron"')
     if p.sequence_parallel and p.tp == 1:
-        report("perf", "sequence_parallel", "sequence parallelism splits over the tensor-parallel group: set tp > 1, or remove sequence_parallel")
+        report(
+            "perf",
+            "sequence_parallel",
+            "sequence parallelism splits over the tensor-parallel group: set tp > 1, or remove sequence_parallel",
+        )
     if p.backend == "fsdp":
-        moe = [k for k, default in (("moe_aux_loss_coeff", 0.0), ("moe_router_load_balancing_type", "none"),
-                                    ("moe_router_dtype", None), ("moe_token_dispatcher_type", "alltoall"),
-                                    ("moe_permute_fusion", False)) if getattr(p, k) != default]
+        moe = [
+            k
+            for k, default in (
+                ("moe_aux_loss_coeff", 0.0),
+                ("moe_router_load_balancing_type", "none"),
+                ("moe_router_dtype", None),
+                ("moe_token_dispatcher_type", "alltoall"),
+                ("moe_permute_fusion", False),
+            )
+            if getattr(p, k) != default
+        ]
         for key in moe:
-            report("perf", key, f"{key} is a Megatron MoE option; the fsdp backend trains the HF model as its "
-                   'config.json says: remove it, or set backend = "megatron"')
+            report(
+                "perf",
+                key,
+                f"{key} is a Megatron MoE option; the fsdp backend trains the HF model as its "
+                'config.json says: remove it, or set backend = "megatron"',
+            )
     if p.moe_token_dispatcher_type == "allgather":
-        report("perf", "moe_token_dispatcher_type", 'Megatron\'s allgather dispatcher refuses variable sequence lengths, '
-               'which every RL batch has: use "alltoall"')
+        report(
+            "perf",
+            "moe_token_dispatcher_type",
+            "Megatron's allgather dispatcher refuses variable sequence lengths, "
+            'which every RL batch has: use "alltoall"',
+        )
     elif p.moe_token_dispatcher_type == "flex":
-        report("perf", "moe_token_dispatcher_type", 'the flex dispatcher needs DeepEP, which miles does not install: '
-               'use "alltoall"')
+        report(
+            "perf",
+            "moe_token_dispatcher_type",
+            'the flex dispatcher needs DeepEP, which miles does not install: use "alltoall"',
+        )
     for key in ("recompute_method", "recompute_num_layers"):
         if getattr(p, key) is not None and p.recompute_granularity != "full":
-            report("perf", key, f'{key} applies to full recomputation: set recompute_granularity = "full", or remove {key}')
+            report(
+                "perf", key, f'{key} applies to full recomputation: set recompute_granularity = "full", or remove {key}'
+            )
 
 
 def _cluster_and_slurm(spec: Spec, report: Report) -> None:
     if not _MEM.match(spec.cluster.mem_per_node):
-        report("cluster", "mem_per_node", f"{spec.cluster.mem_per_node!r} is not Slurm memory syntax: use a number with an optional K/M/G/T suffix, e.g. \"512G\", or \"0\" for all")
+        report(
+            "cluster",
+            "mem_per_node",
+            f"{spec.cluster.mem_per_node!r} is not Slurm memory syntax: use a number with an optional K/M/G/T suffix, "
+            'e.g. "512G", or "0" for all',
+        )
     sl = spec.slurm
     seconds = slurm_time_seconds(sl.time)
     if seconds is None:
-        report("slurm", "time", f"{sl.time!r} is not a Slurm time: use \"HH:MM:SS\", \"D-HH:MM:SS\" or minutes, e.g. \"04:00:00\"")
+        report(
+            "slurm",
+            "time",
+            f'{sl.time!r} is not a Slurm time: use "HH:MM:SS", "D-HH:MM:SS" or minutes, e.g. "04:00:00"',
+        )
     elif 0 <= seconds <= sl.signal_lead_time:
-        report("slurm", "signal_lead_time", f"the save signal would come {sl.signal_lead_time} s before a time limit of {seconds} s: lower signal_lead_time or raise time")
+        report(
+            "slurm",
+            "signal_lead_time",
+            f"the save signal would come {sl.signal_lead_time} s before a time limit of {seconds} s: lower "
+            "signal_lead_time or raise time",
+        )
     if sl.container_runtime and not sl.container_image:
-        report("slurm", "container_image", f"container_runtime = {sl.container_runtime!r} needs an image: set container_image")
+        report(
+            "slurm",
+            "container_image",
+            f"container_runtime = {sl.container_runtime!r} needs an image: set container_image",
+        )
     if sl.container_image and not sl.container_runtime:
-        report("slurm", "container_runtime", 'container_image is set but no runtime: set container_runtime = "pyxis" or "apptainer"')
+        report(
+            "slurm",
+            "container_runtime",
+            'container_image is set but no runtime: set container_runtime = "pyxis" or "apptainer"',
+        )
     for mount in sl.container_mounts:
         src, sep, dst = mount.partition(":")
         if not (sep and src and dst):
-            report("slurm", "container_mounts", f"{mount!r} must be \"src:dst\" (optionally \"src:dst:ro\")")
+            report("slurm", "container_mounts", f'{mount!r} must be "src:dst" (optionally "src:dst:ro")')
     for key in sl.env:
         if not _ENV_NAME.match(key):
-            report("slurm", "env", f"{key!r} is not an environment variable name: use letters, digits and '_', not starting with a digit")
+            report(
+                "slurm",
+                "env",
+                f"{key!r} is not an environment variable name: use letters, digits and '_', not starting with a digit",
+            )

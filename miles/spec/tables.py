@@ -36,13 +36,17 @@ class RunConfig:
     """Name of the run; the Slurm job name and the default run directory (``runs/<name>``)."""
 
     run_dir: str = ""
-    """Run directory holding the resolved spec, plan, script, logs, metrics and checkpoints. Empty means ``runs/<name>`` relative to the current directory."""
+    """Run directory holding the resolved spec, plan, script, logs, metrics and checkpoints. Empty means ``runs/<name>``
+    relative to the current directory.
+    """
 
     seed: int = field(default=1234, metadata={"ge": 0})
     """Global seed for python, numpy and torch RNGs (Miles ``--seed``)."""
 
     num_rollout: int | None = field(default=None, metadata={"gt": 0})
-    """Number of rollouts (loop iterations) to run (Miles ``--num-rollout``). One of ``num_rollout`` or ``num_epoch`` is required."""
+    """Number of rollouts (loop iterations) to run (Miles ``--num-rollout``). One of ``num_rollout`` or ``num_epoch`` is
+    required.
+    """
 
     num_epoch: int | None = field(default=None, metadata={"gt": 0})
     """Number of passes over the prompt data, converted to rollouts at start (Miles ``--num-epoch``)."""
@@ -60,7 +64,8 @@ class RunConfig:
     """W&B group name (Miles ``--wandb-group``)."""
 
     plot: bool = True
-    """Write ``plot.png`` (reward, KL, entropy, response length per rollout) into the run directory after each rollout."""
+    """Write ``plot.png`` (reward, KL, entropy, response length per rollout) into the run directory after each rollout.
+    """
 
 
 @dataclass(**_KW)
@@ -68,10 +73,14 @@ class ModelConfig:
     """[model]: which model is trained, and its shape for the planner's checks."""
 
     hf_checkpoint: str = ""
-    """HF-format model directory (config.json, safetensors, tokenizer) used to build the actor and the engines (Miles ``--hf-checkpoint``)."""
+    """HF-format model directory (config.json, safetensors, tokenizer) used to build the actor and the engines (Miles
+    ``--hf-checkpoint``).
+    """
 
     builtin: str = ""
-    """Name of a tiny built-in model config (e.g. ``tiny-qwen2``) that miles writes as an HF directory into the run directory; used instead of ``hf_checkpoint`` for CPU runs and tests."""
+    """Name of a tiny built-in model config (e.g. ``tiny-qwen2``) that miles writes as an HF directory into the run
+    directory; used instead of ``hf_checkpoint`` for CPU runs and tests.
+    """
 
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Parameter dtype of the actor and the engines. Use ``float32`` on CPUs."""
@@ -80,7 +89,9 @@ class ModelConfig:
     """Pass ``trust_remote_code`` to transformers when loading the config and tokenizer."""
 
     num_layers: int | None = field(default=None, metadata={"gt": 0})
-    """Number of transformer layers. Read from config.json when it is readable at plan time; set it here when the checkpoint lives only on the cluster."""
+    """Number of transformer layers. Read from config.json when it is readable at plan time; set it here when the
+    checkpoint lives only on the cluster.
+    """
 
     num_attention_heads: int | None = field(default=None, metadata={"gt": 0})
     """Attention heads, for the planner's TP divisibility check. Read from config.json when readable."""
@@ -89,7 +100,9 @@ class ModelConfig:
     """Key/value heads (GQA), for the planner's TP divisibility check. Read from config.json when readable."""
 
     num_experts: int | None = field(default=None, metadata={"ge": 0})
-    """Routed experts of an MoE model (0 or unset for dense), for the planner's EP check. Read from config.json when readable."""
+    """Routed experts of an MoE model (0 or unset for dense), for the planner's EP check. Read from config.json when
+    readable.
+    """
 
 
 @dataclass(**_KW)
@@ -97,7 +110,10 @@ class CkptConfig:
     """[ckpt]: where checkpoints are loaded from and saved to."""
 
     load: str = ""
-    """Checkpoint directory to resume the actor from (Miles ``--load``). Empty means the run's own ``save`` directory when it holds a complete checkpoint."""
+    """Checkpoint directory to resume the actor from (Miles ``--load``). Empty means the run's own ``save`` directory
+    when
+    it holds a complete checkpoint.
+    """
 
     ref_load: str = ""
     """Checkpoint of the frozen reference model (Miles ``--ref-load``). Empty means the initial model weights."""
@@ -115,7 +131,8 @@ class CkptConfig:
     """Do not save optimizer state (Miles ``--no-save-optim``). Such checkpoints cannot resume exactly."""
 
     save_hf: str = ""
-    """Also export HF-format weights here at each save; ``{rollout_id}`` in the path is replaced (Miles ``--save-hf``)."""
+    """Also export HF-format weights here at each save; ``{rollout_id}`` in the path is replaced (Miles ``--save-hf``).
+    """
 
 
 @dataclass(**_KW)
@@ -123,7 +140,9 @@ class RolloutConfig:
     """[rollout]: prompt data, the engines, sampling, reward and batch sizes of the sampling half."""
 
     engine: Literal["sglang", "embedded"] = "embedded"
-    """Rollout engine: SGLang servers (production, GPUs) or miles' embedded torch engine (CPUs, tests, small GPU jobs). Both speak SGLang's HTTP protocol."""
+    """Rollout engine: SGLang servers (production, GPUs) or miles' embedded torch engine (CPUs, tests, small GPU jobs).
+    Both speak SGLang's HTTP protocol.
+    """
 
     prompt_data: str = ""
     """Prompt dataset, ``.jsonl`` or ``.parquet`` (Miles ``--prompt-data``)."""
@@ -138,7 +157,10 @@ class RolloutConfig:
     """Key of per-record metadata handed to the reward (Miles ``--metadata-key``)."""
 
     apply_chat_template: bool = False
-    """Render the prompt with the tokenizer's chat template (Miles ``--apply-chat-template``); the prompt is then a list of messages or a string used as the user turn."""
+    """Render the prompt with the tokenizer's chat template (Miles ``--apply-chat-template``); the prompt is then a list
+    of
+    messages or a string used as the user turn.
+    """
 
     apply_chat_template_kwargs: dict[str, object] = field(default_factory=dict)
     """Extra keyword arguments for ``apply_chat_template`` (Miles ``--apply-chat-template-kwargs``)."""
@@ -177,7 +199,9 @@ class RolloutConfig:
     """Stop token ids in addition to the tokenizer's EOS (Miles ``--rollout-stop-token-ids``)."""
 
     rm_type: str = ""
-    """Built-in reward: ``math``, ``gsm8k``, ``exact_match``, ``f1``, ``dapo``, ``deepscaler``, ... (Miles ``--rm-type``)."""
+    """Built-in reward: ``math``, ``gsm8k``, ``exact_match``, ``f1``, ``dapo``, ``deepscaler``, ... (Miles
+    ``--rm-type``).
+    """
 
     custom_rm_path: str = ""
     """Custom reward ``module:function``, sync or async (Miles ``--custom-rm-path``)."""
@@ -192,7 +216,9 @@ class RolloutConfig:
     """When a reward returns a dict, the key that holds the scalar reward (Miles ``--reward-key``)."""
 
     rm_timeout: float = field(default=60.0, metadata={"gt": 0.0})
-    """Seconds one reward call (a sample, a group, or one HTTP attempt to ``rm_url``) may take; a call that takes longer scores 0.0 and is counted as failed."""
+    """Seconds one reward call (a sample, a group, or one HTTP attempt to ``rm_url``) may take; a call that takes longer
+    scores 0.0 and is counted as failed.
+    """
 
     rm_concurrency: int = field(default=32, metadata={"gt": 0})
     """Reward calls in flight at once (bounds load on ``rm_url`` services and threads for sync functions)."""
@@ -207,13 +233,25 @@ class RolloutConfig:
     """Bucket size in bytes of each weight-sync broadcast (Miles ``--update-weight-buffer-size``)."""
 
     check_weight_sync: bool = False
-    """After every weight sync, compare each engine's weight checksums (SGLang's ``/weights_checker``) with the actor's and stop the run on a mismatch. Costs a hash of all weights per sync; for tests and debugging."""
+    """After every weight sync, compare each engine's weight checksums (SGLang's ``/weights_checker``) with the actor's
+    and
+    stop the run on a mismatch. Costs a hash of all weights per sync; for tests and debugging.
+    """
 
     weight_sync: Literal["auto", "distributed", "tensor"] = "auto"
-    """How the actor's weights reach the engines. ``distributed``: trainer rank 0 broadcasts flattened buckets to every engine over a weight-update group (``/update_weights_from_distributed``; any layout). ``tensor``: colocated only; every trainer rank hands the engine on its own GPU a CUDA-IPC handle (shared memory on CPUs) to each bucket through ``/update_weights_from_tensor``, so no weight crosses a link. ``auto``: ``tensor`` when ``[cluster] mode = "colocate"`` on GPUs, else ``distributed``."""
+    """How the actor's weights reach the engines. ``distributed``: trainer rank 0 broadcasts flattened buckets to every
+    engine over a weight-update group (``/update_weights_from_distributed``; any layout). ``tensor``: colocated only;
+    every trainer rank hands the engine on its own GPU a CUDA-IPC handle (shared memory on CPUs) to each bucket through
+    ``/update_weights_from_tensor``, so no weight crosses a link. ``auto``: ``tensor`` when ``[cluster] mode =
+    "colocate"`` on GPUs, else ``distributed``.
+    """
 
     engine_auth: bool = True
-    """Engines and sglang-router serve only requests that carry the run's key (SGLang's ``--api-key``; every path but ``/health*``, ``/ready`` and ``/metrics``): ``miles submit`` and ``miles run`` generate it into ``run_dir/engine.key`` (mode 0600) and the driver sends it. ``false`` opens the engines to anyone who can reach their node, weight pushes included: only for a trusted single-user machine."""
+    """Engines and sglang-router serve only requests that carry the run's key (SGLang's ``--api-key``; every path but
+    ``/health*``, ``/ready`` and ``/metrics``): ``miles submit`` and ``miles run`` generate it into
+    ``run_dir/engine.key`` (mode 0600) and the driver sends it. ``false`` opens the engines to anyone who can reach
+    their node, weight pushes included: only for a trusted single-user machine.
+    """
 
 
 @dataclass(**_KW)
@@ -253,7 +291,8 @@ class TrainConfig:
     """[train]: batch sizes of the training half."""
 
     global_batch_size: int | None = field(default=None, metadata={"gt": 0})
-    """Samples per optimizer step across all data-parallel ranks (Miles ``--global-batch-size``); one of the four knobs."""
+    """Samples per optimizer step across all data-parallel ranks (Miles ``--global-batch-size``); one of the four knobs.
+    """
 
     num_steps_per_rollout: int | None = field(default=None, metadata={"gt": 0})
     """Optimizer steps per rollout (Miles ``--num-steps-per-rollout``); one of the four knobs."""
@@ -268,7 +307,10 @@ class TrainConfig:
     """Token budget per micro-batch with dynamic batching (Miles ``--max-tokens-per-gpu``)."""
 
     balance_data: bool = False
-    """Give every data-parallel rank of a step about the same number of tokens (still the same number of samples) instead of a contiguous slice (Miles ``--balance-data``); the loss is unchanged, the slowest rank waits less."""
+    """Give every data-parallel rank of a step about the same number of tokens (still the same number of samples)
+    instead
+    of a contiguous slice (Miles ``--balance-data``); the loss is unchanged, the slowest rank waits less.
+    """
 
 
 @dataclass(**_KW)
@@ -285,7 +327,10 @@ class PerfConfig:
     """Pipeline-parallel size (Megatron ``--pipeline-model-parallel-size``)."""
 
     cp: int = field(default=1, metadata={"gt": 0})
-    """Context-parallel size (Megatron ``--context-parallel-size``): each sequence split over ``cp`` ranks in ``2 * cp`` load-balanced chunks. Without Transformer Engine it needs ``attention_backend = "sdpa"`` (miles' context-parallel attention)."""
+    """Context-parallel size (Megatron ``--context-parallel-size``): each sequence split over ``cp`` ranks in ``2 * cp``
+    load-balanced chunks. Without Transformer Engine it needs ``attention_backend = "sdpa"`` (miles' context-parallel
+    attention).
+    """
 
     ep: int = field(default=1, metadata={"gt": 0})
     """Expert-parallel size (Megatron ``--expert-model-parallel-size``); must divide the expert count."""
@@ -294,13 +339,28 @@ class PerfConfig:
     """Expert tensor-parallel size (Megatron ``--expert-tensor-parallel-size``); unset means ``tp``."""
 
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs ``tp`` > 1): between the tensor-parallel matmuls (norms, residual stream) each rank holds ``1/tp`` of the tokens, which saves activation memory. Without Transformer Engine it uses miles' RMSNorm (see ``fused_kernels``). Required for MoE models with ``tp`` > 1."""
+    """Megatron sequence parallelism (needs ``tp`` > 1): between the tensor-parallel matmuls (norms, residual stream)
+    each
+    rank holds ``1/tp`` of the tokens, which saves activation memory. Without Transformer Engine it uses miles' RMSNorm
+    (see ``fused_kernels``). Required for MoE models with ``tp`` > 1.
+    """
 
     attention_backend: Literal["unfused", "sdpa", "flash", "fused", "local", "auto"] = "unfused"
-    """Megatron core attention (Miles ``--attention-backend``). Without Transformer Engine: ``unfused``/``local`` run Megatron's unfused kernels; ``sdpa``, ``flash``, ``fused`` and ``auto`` run torch's ``scaled_dot_product_attention`` (flash / cuDNN / memory-efficient kernels; numerically equal, faster at long sequences), which is also miles' context-parallel attention (``cp`` > 1 needs one of these). With Transformer Engine, Miles' names (``flash``, ``fused``, ``local``, ``auto``) are Megatron's own ``--attention-backend``; ``unfused`` and ``sdpa`` leave it to Megatron (``auto``). Ignored by FSDP (HF's SDPA attention)."""
+    """Megatron core attention (Miles ``--attention-backend``). Without Transformer Engine: ``unfused``/``local`` run
+    Megatron's unfused kernels; ``sdpa``, ``flash``, ``fused`` and ``auto`` run torch's ``scaled_dot_product_attention``
+    (flash / cuDNN / memory-efficient kernels; numerically equal, faster at long sequences), which is also miles'
+    context-parallel attention (``cp`` > 1 needs one of these). With Transformer Engine, Miles' names (``flash``,
+    ``fused``, ``local``, ``auto``) are Megatron's own ``--attention-backend``; ``unfused`` and ``sdpa`` leave it to
+    Megatron (``auto``). Ignored by FSDP (HF's SDPA attention).
+    """
 
     fused_kernels: bool = False
-    """Megatron backend: miles' replacements for what runs unfused without Transformer Engine: RMSNorm by torch's fused kernel with weights in the model dtype (as HF stores them; fp32 master copies in the optimizer), and the log-probs/entropy over the vocabulary in chunks with a hand-written backward instead of fp32 ``[tokens, vocab]`` temporaries. Same math; faster and leaner in bf16. The norms are left to Transformer Engine when it is installed; ignored by FSDP."""
+    """Megatron backend: miles' replacements for what runs unfused without Transformer Engine: RMSNorm by torch's fused
+    kernel with weights in the model dtype (as HF stores them; fp32 master copies in the optimizer), and the
+    log-probs/entropy over the vocabulary in chunks with a hand-written backward instead of fp32 ``[tokens, vocab]``
+    temporaries. Same math; faster and leaner in bf16. The norms are left to Transformer Engine when it is installed;
+    ignored by FSDP.
+    """
 
     recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recomputation (Megatron ``--recompute-granularity``)."""
@@ -315,29 +375,41 @@ class PerfConfig:
     """Weight of the MoE load-balancing loss (Megatron ``--moe-aux-loss-coeff``); 0 trains without it."""
 
     moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"] = "none"
-    """MoE load balancing (Megatron ``--moe-router-load-balancing-type``); the aux-loss kinds add a loss only with ``moe_aux_loss_coeff`` > 0."""
+    """MoE load balancing (Megatron ``--moe-router-load-balancing-type``); the aux-loss kinds add a loss only with
+    ``moe_aux_loss_coeff`` > 0.
+    """
 
     moe_router_dtype: Literal["fp32", "fp64"] | None = None
     """Dtype of the MoE router's logits and softmax (Megatron ``--moe-router-dtype``); unset means the model dtype."""
 
     moe_token_dispatcher_type: Literal["alltoall", "allgather", "flex"] = "alltoall"
-    """How tokens reach their experts (Megatron ``--moe-token-dispatcher-type``). Only ``alltoall`` runs: ``allgather`` refuses variable sequence lengths, which RL batches always have, and ``flex`` needs DeepEP."""
+    """How tokens reach their experts (Megatron ``--moe-token-dispatcher-type``). Only ``alltoall`` runs: ``allgather``
+    refuses variable sequence lengths, which RL batches always have, and ``flex`` needs DeepEP.
+    """
 
     moe_permute_fusion: bool = False
-    """Fuse the MoE token permutation (Megatron ``--moe-permute-fusion``); needs Transformer Engine on the trainer nodes."""
+    """Fuse the MoE token permutation (Megatron ``--moe-permute-fusion``); needs Transformer Engine on the trainer
+    nodes.
+    """
 
     offload_train: bool | None = None
-    """Move the actor's weights and optimizer off the GPU while engines generate (Miles ``--offload-train``); unset means on when colocated."""
+    """Move the actor's weights and optimizer off the GPU while engines generate (Miles ``--offload-train``); unset
+    means
+    on when colocated.
+    """
 
     offload_rollout: bool | None = None
-    """Release the engines' memory while the actor trains (Miles ``--offload-rollout``); unset means on when colocated."""
+    """Release the engines' memory while the actor trains (Miles ``--offload-rollout``); unset means on when colocated.
+    """
 
 
 @dataclass(**_KW)
 class GrpoConfig:
     """[grpo]: the RL algorithm: advantages, clipping, KL and entropy."""
 
-    advantage_estimator: Literal["grpo", "dr_grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"] = "grpo"
+    advantage_estimator: Literal["grpo", "dr_grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"] = (
+        "grpo"
+    )
     """Advantage estimator (Miles ``--advantage-estimator``)."""
 
     use_kl_loss: bool = False
@@ -368,10 +440,14 @@ class GrpoConfig:
     """Whiten advantages across the batch (Miles ``--normalize-advantages``)."""
 
     disable_grpo_std_normalization: bool = False
-    """Do not divide group-centred rewards by their std (Miles ``--disable-grpo-std-normalization``; Dr. GRPO does this by design)."""
+    """Do not divide group-centred rewards by their std (Miles ``--disable-grpo-std-normalization``; Dr. GRPO does this
+    by
+    design).
+    """
 
     calculate_per_token_loss: bool = False
-    """Average the loss over all tokens of the batch instead of per sample first (Miles ``--calculate-per-token-loss``)."""
+    """Average the loss over all tokens of the batch instead of per sample first (Miles ``--calculate-per-token-loss``).
+    """
 
     gamma: float = field(default=1.0, metadata={"ge": 0.0, "le": 1.0})
     """Discount for reinforce_plus_plus returns (Miles ``--gamma``)."""
@@ -429,22 +505,36 @@ class OptimizerConfig:
 
 @dataclass(**_KW)
 class SglangConfig:
-    """[sglang]: the SGLang engines. Keys not listed here are passed to ``sglang.launch_server`` as flags, checked against the pinned SGLang release's own flag list."""
+    """[sglang]: the SGLang engines. Keys not listed here are passed to ``sglang.launch_server`` as flags, checked
+    against
+    the pinned SGLang release's own flag list.
+    """
 
     rollout_num_gpus_per_engine: int = field(default=1, metadata={"gt": 0})
     """GPUs per engine, SGLang's tensor-parallel size (Miles ``--rollout-num-gpus-per-engine``)."""
 
     mem_fraction_static: float | None = field(default=None, metadata={"gt": 0.0, "le": 1.0})
-    """Fraction of GPU memory SGLang reserves for weights and KV cache (``--mem-fraction-static``); unset means SGLang's default. Colocated runs need a lower value."""
+    """Fraction of GPU memory SGLang reserves for weights and KV cache (``--mem-fraction-static``); unset means SGLang's
+    default. Colocated runs need a lower value.
+    """
 
     use_router: bool = False
-    """Put sglang-router (0.3.2, installed beside SGLang) in front of the engines: the driver starts it at the plan's router port and sends it the rollouts, one request per sample; miles keeps its worker list to the engines holding the last pushed weights. ``false``: miles' client balances requests over the engines itself (least outstanding requests)."""
+    """Put sglang-router (0.3.2, installed beside SGLang) in front of the engines: the driver starts it at the plan's
+    router port and sends it the rollouts, one request per sample; miles keeps its worker list to the engines holding
+    the last pushed weights. ``false``: miles' client balances requests over the engines itself (least outstanding
+    requests).
+    """
 
     router_policy: Literal["cache_aware", "round_robin", "random"] = "cache_aware"
-    """How sglang-router picks an engine (its ``--policy``); ``cache_aware`` sends prompts that share a prefix, such as a prompt's n samples, to the same engine. Used with ``use_router = true``."""
+    """How sglang-router picks an engine (its ``--policy``); ``cache_aware`` sends prompts that share a prefix, such as
+    a
+    prompt's n samples, to the same engine. Used with ``use_router = true``.
+    """
 
     server_args: dict[str, object] = field(default_factory=dict)
-    """Every other ``[sglang]`` key, passed through as ``--key-with-dashes value`` (filled by the loader; not a TOML key)."""
+    """Every other ``[sglang]`` key, passed through as ``--key-with-dashes value`` (filled by the loader; not a TOML
+    key).
+    """
 
 
 @dataclass(**_KW)
@@ -452,10 +542,17 @@ class ClusterConfig:
     """[cluster]: how the run is laid out on nodes and GPUs."""
 
     mode: Literal["colocate", "split"] = "colocate"
-    """``colocate``: one Slurm job, every GPU runs a trainer rank and an engine shard. ``split``: engines and trainers on GPUs of their own: one job when both fit one node (disjoint ``CUDA_VISIBLE_DEVICES``), else a heterogeneous job, component 0 engines and component 1 trainers (Miles ``--colocate`` or not). Left out, it is chosen as Miles does and the plan says so: ``split`` when ``rollout_num_gpus`` or ``rollout_num_nodes`` names the engines' own GPUs (Miles without ``--colocate``), else ``colocate``."""
+    """``colocate``: one Slurm job, every GPU runs a trainer rank and an engine shard. ``split``: engines and trainers
+    on
+    GPUs of their own: one job when both fit one node (disjoint ``CUDA_VISIBLE_DEVICES``), else a heterogeneous job,
+    component 0 engines and component 1 trainers (Miles ``--colocate`` or not). Left out, it is chosen as Miles does and
+    the plan says so: ``split`` when ``rollout_num_gpus`` or ``rollout_num_nodes`` names the engines' own GPUs (Miles
+    without ``--colocate``), else ``colocate``.
+    """
 
     gpus_per_node: int = field(default=8, metadata={"ge": 0})
-    """GPUs on each node (Miles ``--num-gpus-per-node``); 0 means CPU-only nodes, where each trainer rank is a process."""
+    """GPUs on each node (Miles ``--num-gpus-per-node``); 0 means CPU-only nodes, where each trainer rank is a process.
+    """
 
     actor_num_nodes: int = field(default=1, metadata={"gt": 0})
     """Nodes of the trainers (Miles ``--actor-num-nodes``)."""
@@ -529,7 +626,9 @@ class SlurmConfig:
     """Environment variables exported for every rank (e.g. ``NCCL_SOCKET_IFNAME``)."""
 
     signal_lead_time: int = field(default=120, metadata={"ge": 10})
-    """Seconds before the time limit at which Slurm sends USR1 to the batch shell (``--signal=B:USR1@N``) so the run can save and requeue."""
+    """Seconds before the time limit at which Slurm sends USR1 to the batch shell (``--signal=B:USR1@N``) so the run can
+    save and requeue.
+    """
 
     max_requeues: int = field(default=3, metadata={"ge": 0})
     """Stop requeuing after this many restarts (``SLURM_RESTART_COUNT``)."""

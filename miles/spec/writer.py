@@ -68,8 +68,10 @@ def _table_items(spec: Spec, name: str) -> list[tuple[str, Any]]:
 
 def spec_to_toml(spec: Spec) -> str:
     """The resolved spec as TOML text: every table, every set key; unset (None) keys are left out."""
-    lines = [f"# Resolved run spec written by miles from {toml_value(spec.source)}: every key explicit,",
-             "# the four batch knobs derived, directories filled in. `miles run` accepts this file as it is."]
+    lines = [
+        f"# Resolved run spec written by miles from {toml_value(spec.source)}: every key explicit,",
+        "# the four batch knobs derived, directories filled in. `miles run` accepts this file as it is.",
+    ]
     for name in TABLES:
         lines.append("")
         lines.append(f"[{name}]")

@@ -127,7 +127,8 @@ class Actor(Protocol):
         ...
 
     def save(self, path: str) -> None:
-        """Write the training state (weights, optimizer, step counter, a reference that ``ref_update_interval`` moved) to ``path``.
+        """Write the training state (weights, optimizer, step counter, a reference that ``ref_update_interval`` moved)
+        to ``path``.
 
         Uses ``torch.distributed.checkpoint`` (sharded: every rank writes its
         part). ``path`` is a directory the caller created; the caller makes

@@ -26,4 +26,4 @@ def build_actor(spec: Spec, ctx: TrainerContext) -> Actor:
 
         # cast: the Megatron actor is checked against this protocol by its own tests (offload/onload pending there)
         return cast(Actor, build_megatron_actor(spec, ctx))
-    raise UserError(f"[perf] backend = {backend!r} is not a training backend; use \"fsdp\" or \"megatron\"")
+    raise UserError(f'[perf] backend = {backend!r} is not a training backend; use "fsdp" or "megatron"')

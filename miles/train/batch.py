@@ -138,7 +138,9 @@ def rank_slices(batch: RolloutBatch, indices: Sequence[int], dp_size: int, train
     return shard(indices, dp_size)
 
 
-def _split_rank(indices: list[int], lengths: Sequence[int], micro_batch_size: int, max_tokens: int | None) -> list[list[int]]:
+def _split_rank(
+    indices: list[int], lengths: Sequence[int], micro_batch_size: int, max_tokens: int | None
+) -> list[list[int]]:
     if max_tokens is None:
         return [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
     mbs: list[list[int]] = []
@@ -235,8 +237,15 @@ def collate(batch: RolloutBatch, indices: Sequence[int], pad_id: int = 0) -> Mic
     if not indices:
         one = torch.full((1, 1), pad_id, dtype=torch.long)
         zero = torch.zeros(1, 1)
-        return MicroBatch([], one, torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
-                          torch.zeros(1, 1, dtype=torch.long), zero, zero.clone())
+        return MicroBatch(
+            [],
+            one,
+            torch.ones(1, 1, dtype=torch.long),
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.zeros(1, 1, dtype=torch.long),
+            zero,
+            zero.clone(),
+        )
     T = max(batch.seq_len(i) for i in indices)
     R = max(max(batch.response_lens[i] for i in indices), 1)
     B = len(indices)
@@ -310,13 +319,24 @@ def micro_batch_loss(
     micro-batches of all DP ranks add up to the loss of the whole batch.
     """
 
-    w = token_weights(mb.mask, aggregation, global_tokens=global_tokens, global_samples=global_samples,
-                      max_response_len=max_response_len)
+    w = token_weights(
+        mb.mask,
+        aggregation,
+        global_tokens=global_tokens,
+        global_samples=global_samples,
+        max_response_len=max_response_len,
+    )
     assert mb.advantages is not None
     return policy_loss(
         loss,
         LossInputs(
-            logprobs=logprobs, advantages=mb.advantages, mask=mb.mask, weights=w, old_logprobs=mb.old_logprobs,
-            entropy=entropy, ref_logprobs=mb.ref_logprobs, rollout_logprobs=mb.rollout_logprobs,
+            logprobs=logprobs,
+            advantages=mb.advantages,
+            mask=mb.mask,
+            weights=w,
+            old_logprobs=mb.old_logprobs,
+            entropy=entropy,
+            ref_logprobs=mb.ref_logprobs,
+            rollout_logprobs=mb.rollout_logprobs,
         ),
     )

@@ -94,7 +94,9 @@ class FSDPActor:
 
     def __init__(self, spec: Spec, ctx: TrainerContext) -> None:
         if spec.train.global_batch_size is None or spec.train.num_steps_per_rollout is None:
-            raise UserError("[train] global_batch_size and num_steps_per_rollout must be resolved before building the actor")
+            raise UserError(
+                "[train] global_batch_size and num_steps_per_rollout must be resolved before building the actor"
+            )
         if spec.optimizer.optimizer_cpu_offload:
             raise UserError(
                 "[optimizer] optimizer_cpu_offload is not supported by the FSDP backend; remove it "
@@ -134,9 +136,15 @@ class FSDPActor:
         self._step = 0
         if self.dp_rank == 0:
             n_params = sum(p.numel() for p in self._module(self.model).parameters())
-            log.info("FSDP actor: %s (%.1fM params) on %d %s rank(s), compute dtype %s, reference %s",
-                     ctx.model_dir, n_params / 1e6, self.dp_size, self.device.type, spec.model.dtype,
-                     "on" if self.ref is not None else "off")
+            log.info(
+                "FSDP actor: %s (%.1fM params) on %d %s rank(s), compute dtype %s, reference %s",
+                ctx.model_dir,
+                n_params / 1e6,
+                self.dp_size,
+                self.device.type,
+                spec.model.dtype,
+                "on" if self.ref is not None else "off",
+            )
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -145,7 +153,9 @@ class FSDPActor:
         return m
 
     def _forward(self, model: FSDPModule, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Response-token log-probs and entropies ``[B, R]`` in fp32; the LM head runs only from the first response position on."""
+        """Response-token log-probs and entropies ``[B, R]`` in fp32; the LM head runs only from the first response
+        position on.
+        """
         T = mb.input_ids.shape[1]
         first = mb.first_logit_pos
         keep = T - first
@@ -216,7 +226,13 @@ class FSDPActor:
                 continue
             n_tokens += int(mb.attention_mask.sum())
             loss, metrics = micro_batch_loss(
-                self.loss_cfg, self.aggregation, mb, lp, ent, global_tokens=global_tokens, global_samples=len(idx),
+                self.loss_cfg,
+                self.aggregation,
+                mb,
+                lp,
+                ent,
+                global_tokens=global_tokens,
+                global_samples=len(idx),
                 max_response_len=self.spec.rollout.rollout_max_response_len,
             )
             # FSDP averages gradients over the DP ranks; the weights already divide by the global count.
@@ -240,8 +256,13 @@ class FSDPActor:
         self._step += 1
 
         out = self._reduce_metrics(sums, n_tokens)
-        out.update(grad_norm=grad_norm, lr=lr, step=float(self._step), rollout_id=float(rollout_id),
-                   step_time_s=time.perf_counter() - t0)
+        out.update(
+            grad_norm=grad_norm,
+            lr=lr,
+            step=float(self._step),
+            rollout_id=float(rollout_id),
+            step_time_s=time.perf_counter() - t0,
+        )
         return out
 
     def _reduce_metrics(self, sums: dict[str, torch.Tensor], n_tokens: int) -> StepMetrics:
@@ -345,7 +366,9 @@ class FSDPActor:
         return state
 
     def _ref_is_state(self) -> bool:
-        """The reference changes during the run only with ``ref_update_interval``; otherwise it is the initial weights."""
+        """The reference changes during the run only with ``ref_update_interval``; otherwise it is the initial
+        weights.
+        """
         return self.ref is not None and self.spec.grpo.ref_update_interval is not None
 
     def save(self, path: str) -> None:

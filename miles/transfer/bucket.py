@@ -86,13 +86,18 @@ class Bucket:
         """
         with torch.no_grad():
             if out is None:
-                target = torch.device(device) if device is not None else (
-                    self.tensors[0].device if self.tensors else torch.device("cpu"))
+                target = (
+                    torch.device(device)
+                    if device is not None
+                    else (self.tensors[0].device if self.tensors else torch.device("cpu"))
+                )
                 flat = torch.empty(self.size, dtype=torch.uint8, device=target)
             else:
                 if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < self.size:
-                    raise ValueError(f"out must be a 1-d uint8 tensor of at least {self.size} elements, "
-                                     f"got {out.dtype} {tuple(out.shape)}")
+                    raise ValueError(
+                        f"out must be a 1-d uint8 tensor of at least {self.size} elements, "
+                        f"got {out.dtype} {tuple(out.shape)}"
+                    )
                 if device is not None and out.device != torch.device(device):
                     raise ValueError(f"out is on {out.device}, not on {device}")
                 flat = out[: self.size]
@@ -129,13 +134,18 @@ class Bucket:
         base = storage.data_ptr()
         expected = first.data_ptr()
         for t in self.tensors:
-            if t.device != target or not t.is_contiguous() or t.data_ptr() != expected or (
-                    t.untyped_storage().data_ptr() != base):
+            if (
+                t.device != target
+                or not t.is_contiguous()
+                or t.data_ptr() != expected
+                or (t.untyped_storage().data_ptr() != base)
+            ):
                 return None
             expected += t.numel() * t.element_size()
         with torch.no_grad():
             return torch.empty(0, dtype=torch.uint8, device=target).set_(
-                storage, first.data_ptr() - base, (self.size,), (1,))
+                storage, first.data_ptr() - base, (self.size,), (1,)
+            )
 
 
 def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[Bucket]:

@@ -177,8 +177,10 @@ def _rebuild_cuda_tensor(*args: Any) -> torch.Tensor:
     if isinstance(device, str):
         found = [i for i in range(torch.cuda.device_count()) if _gpu_uuid(i) == device]
         if not found:
-            raise ValueError(f"the tensor lives on GPU {device}, which this engine process does not see "
-                             "(colocated sync needs the trainer and the engine on the same GPU)")
+            raise ValueError(
+                f"the tensor lives on GPU {device}, which this engine process does not see "
+                "(colocated sync needs the trainer and the engine on the same GPU)"
+            )
         device = found[0]
     rebuild: Any = reductions.rebuild_cuda_tensor
     return rebuild(*args[:6], device, *args[7:])
@@ -220,7 +222,8 @@ class _BucketUnpickler(pickle.Unpickler):
         if found is None:
             raise pickle.UnpicklingError(
                 f"refusing to load {module}.{name}: a serialized flattened bucket may only contain torch tensors, "
-                f"dtypes and {'.'.join(SGLANG_METADATA)}")
+                f"dtypes and {'.'.join(SGLANG_METADATA)}"
+            )
         return found
 
 
@@ -245,8 +248,10 @@ def deserialize_bucket(entry: str | bytes) -> tuple[torch.Tensor, list[Flattened
             count *= int(s)
         size = count * torch.empty((), dtype=m.dtype).element_size()
         if m.numel != size or m.end_idx - m.start_idx != size or m.start_idx < 0 or m.end_idx > flat.numel():
-            raise ValueError(f"metadata of {m.name!r} ({m.start_idx}:{m.end_idx}, {m.numel} bytes for "
-                             f"{tuple(m.shape)} {m.dtype}) does not fit the {flat.numel()}-byte buffer")
+            raise ValueError(
+                f"metadata of {m.name!r} ({m.start_idx}:{m.end_idx}, {m.numel} bytes for "
+                f"{tuple(m.shape)} {m.dtype}) does not fit the {flat.numel()}-byte buffer"
+            )
     return flat, metadata
 
 
@@ -368,13 +373,20 @@ class TensorSync:
         world = dist.get_world_size(group) if group is not None else 1
         needed = (max(self.engine_indices) + 1) * ranks_per_engine
         if world > 1 and needed > world:
-            raise ValueError(f"{needed} engine GPUs but {world} trainer ranks: colocated engines share the trainers' GPUs")
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(2, len(self.engine_urls)),
-                                                           thread_name_prefix="miles-colocate")
+            raise ValueError(
+                f"{needed} engine GPUs but {world} trainer ranks: colocated engines share the trainers' GPUs"
+            )
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max(2, len(self.engine_urls)), thread_name_prefix="miles-colocate"
+        )
 
     def _post(self, url: str, path: str, body: dict[str, Any] | None) -> Any:
-        req = urllib.request.Request(url + path, data=json.dumps(body or {}).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url + path,
+            data=json.dumps(body or {}).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
         try:
@@ -394,8 +406,9 @@ class TensorSync:
 
     def _post_all(self, path: str, bodies: Sequence[dict[str, Any]]) -> None:
         """POST to every engine at once (``bodies[k]`` to engine ``k``); raise one error naming every failure."""
-        futures = [self._pool.submit(self._post, url, path, body) for url, body in zip(self.engine_urls, bodies,
-                                                                                       strict=True)]
+        futures = [
+            self._pool.submit(self._post, url, path, body) for url, body in zip(self.engine_urls, bodies, strict=True)
+        ]
         errors = []
         for f in futures:
             try:
@@ -431,15 +444,21 @@ class TensorSync:
                 status = ""
                 share: _Share | None = None
                 try:
-                    share = _Share(bucket, self.device, self.trainer_group, source=True,
-                                   copies=every * self.ranks_per_engine)
-                    self._post_all(proto.UPDATE_WEIGHTS_FROM_TENSOR.path, [
-                        proto.update_weights_from_tensor_body(
-                            serialized_named_tensors=self._entries_for(share, k),
-                            load_format=proto.FLATTENED_BUCKET,
-                            flush_cache=last,
-                            weight_version=version if last and version else None)
-                        for k in range(every)])
+                    share = _Share(
+                        bucket, self.device, self.trainer_group, source=True, copies=every * self.ranks_per_engine
+                    )
+                    self._post_all(
+                        proto.UPDATE_WEIGHTS_FROM_TENSOR.path,
+                        [
+                            proto.update_weights_from_tensor_body(
+                                serialized_named_tensors=self._entries_for(share, k),
+                                load_format=proto.FLATTENED_BUCKET,
+                                flush_cache=last,
+                                weight_version=version if last and version else None,
+                            )
+                            for k in range(every)
+                        ],
+                    )
                 except Exception as e:  # every rank must hear of it, or the others wait forever
                     status = str(e) or type(e).__name__
                 status = _agree(status, self.trainer_group, source=True)
@@ -473,4 +492,3 @@ class TensorSyncPeer:
                 for _ in it:  # rank 0 walks its iterator to the end (a collective) before it raises
                     pass
                 raise SyncError(status)
-

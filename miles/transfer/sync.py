@@ -3,7 +3,8 @@
 One :class:`WeightSync` lives on the sending trainer rank (rank 0; one per PP
 stage when stages own disjoint weights). ``connect`` forms the weight-update
 group: engine ``i`` is told over ``/init_weights_update_group`` to join with
-ranks from ``1 + i * ranks_per_engine`` (one per TP rank) while this process joins as rank 0 (:mod:`miles.transfer.group`
+ranks from ``1 + i * ranks_per_engine`` (one per TP rank) while this process joins as rank 0
+(:mod:`miles.transfer.group`
 builds the group exactly as SGLang does). ``sync`` then streams the actor's
 HF-named full tensors in flattened buckets of ``bucket_bytes``: for each bucket
 every engine is sent ``/update_weights_from_distributed`` (names, dtypes,
@@ -156,8 +157,10 @@ class Channel:
 
     def send(self, path: str, body: dict[str, Any] | None) -> None:
         data = json.dumps(body or {}).encode()
-        head = (f"POST {self.prefix}{path} HTTP/1.1\r\nHost: {self.host_header}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n")
+        head = (
+            f"POST {self.prefix}{path} HTTP/1.1\r\nHost: {self.host_header}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        )
         if self.api_key:
             head += f"Authorization: Bearer {self.api_key}\r\n"
         try:
@@ -235,7 +238,9 @@ class WeightSync:
         syncs is memory the trainer cannot use."""
         self._staging: Staging | None = None
         self.group: Any = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(2, len(self.engine_urls)), thread_name_prefix="miles-sync")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max(2, len(self.engine_urls)), thread_name_prefix="miles-sync"
+        )
 
     # ------------------------------------------------------------------ HTTP
 
@@ -290,24 +295,38 @@ class WeightSync:
             return
         world = 1 + len(self.engine_urls) * self.ranks_per_engine
         futures = [
-            self._pool.submit(self._post, url, proto.INIT_WEIGHTS_UPDATE_GROUP.path, proto.init_weights_update_group_body(
-                master_address=self.master_address,
-                master_port=self.master_port,
-                rank_offset=1 + i * self.ranks_per_engine,
-                world_size=world,
-                group_name=self.group_name,
-                backend="nccl" if self.backend == "nccl" else "gloo",
-            ))
+            self._pool.submit(
+                self._post,
+                url,
+                proto.INIT_WEIGHTS_UPDATE_GROUP.path,
+                proto.init_weights_update_group_body(
+                    master_address=self.master_address,
+                    master_port=self.master_port,
+                    rank_offset=1 + i * self.ranks_per_engine,
+                    world_size=world,
+                    group_name=self.group_name,
+                    backend="nccl" if self.backend == "nccl" else "gloo",
+                ),
+            )
             for i, url in enumerate(self.engine_urls)
         ]
         try:
-            self.group = join_group(self.master_address, self.master_port, 0, world, self.group_name,
-                                    backend=self.backend, timeout_s=self.timeout_s)
+            self.group = join_group(
+                self.master_address,
+                self.master_port,
+                0,
+                world,
+                self.group_name,
+                backend=self.backend,
+                timeout_s=self.timeout_s,
+            )
         except Exception as e:
             for f in futures:
                 f.cancel()
-            raise SyncError(f"could not form weight-update group {self.group_name!r} at "
-                            f"{self.master_address}:{self.master_port} with {world - 1} engine(s): {e}") from e
+            raise SyncError(
+                f"could not form weight-update group {self.group_name!r} at "
+                f"{self.master_address}:{self.master_port} with {world - 1} engine(s): {e}"
+            ) from e
         self._wait(futures)
 
     def close(self) -> None:
@@ -316,8 +335,9 @@ class WeightSync:
             return
         # Both sides at once: tearing down an NCCL communicator can wait for its peers to tear down theirs,
         # so waiting for the engines' answers before leaving would deadlock.
-        answers = self._post_all(proto.DESTROY_WEIGHTS_UPDATE_GROUP.path,
-                                 proto.destroy_weights_update_group_body(group_name=self.group_name))
+        answers = self._post_all(
+            proto.DESTROY_WEIGHTS_UPDATE_GROUP.path, proto.destroy_weights_update_group_body(group_name=self.group_name)
+        )
         leave_group(self.group)
         for f in answers:
             try:
@@ -456,8 +476,9 @@ class WeightSync:
             self.connect()
         device = self._device()
         buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        futures = self._post_all("/miles/broadcast_bench", {"group_name": self.group_name, "nbytes": nbytes,
-                                                            "iters": iters})
+        futures = self._post_all(
+            "/miles/broadcast_bench", {"group_name": self.group_name, "nbytes": nbytes, "iters": iters}
+        )
         times = []
         try:
             for _ in range(iters):
@@ -474,8 +495,7 @@ class WeightSync:
         return times
 
 
-def bench(sync: WeightSync, named: list[tuple[str, torch.Tensor]], iters: int = 3,
-          warmup: int = 1) -> dict[str, float]:
+def bench(sync: WeightSync, named: list[tuple[str, torch.Tensor]], iters: int = 3, warmup: int = 1) -> dict[str, float]:
     """Sync ``named`` ``iters`` times and compare with a raw broadcast of the same bytes (``miles bench sync``).
 
     ``warmup`` untimed syncs and one small raw broadcast come first, so that one-time costs (NCCL

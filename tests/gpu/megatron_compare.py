@@ -44,9 +44,19 @@ def equiv_summary(res: dict[str, Any]) -> dict[str, Any]:
     w_abs = max(float((m["weights"][k] - f["weights"][k]).abs().max()) for k in w_rel)
     worst = max(regular, key=lambda k: regular[k])
     return {
-        "world": res["world"], "device": res["device"], "logprob_rel": lp, "losses": losses, "loss_rel": loss_rel,
-        "grad_norms": norms, "names_equal": names_equal, "weights_rel_max": regular[worst], "weights_rel_worst": worst,
-        "weights_abs_max": w_abs, "zero_start_rel_max": max(zero_start.values(), default=0.0), "megatron_train_s": m["train_s"], "fsdp_train_s": f["train_s"],
+        "world": res["world"],
+        "device": res["device"],
+        "logprob_rel": lp,
+        "losses": losses,
+        "loss_rel": loss_rel,
+        "grad_norms": norms,
+        "names_equal": names_equal,
+        "weights_rel_max": regular[worst],
+        "weights_rel_worst": worst,
+        "weights_abs_max": w_abs,
+        "zero_start_rel_max": max(zero_start.values(), default=0.0),
+        "megatron_train_s": m["train_s"],
+        "fsdp_train_s": f["train_s"],
     }
 
 
@@ -73,8 +83,11 @@ if __name__ == "__main__":
             for fam, r in v.items():
                 print(f"roundtrip {fam}: {r['tensors']} tensors, mismatched {len(r['mismatched'])}, extra {r['extra']}")
         else:
-            print(f"{k}: logprob_rel {v['logprob_rel']:.2e} loss_rel {v['loss_rel']:.2e} weights_rel_max "
-                  f"{v['weights_rel_max']:.2e} ({v['weights_rel_worst']}) zero-start q/v bias {v['zero_start_rel_max']:.2e} "
-                  f"abs {v['weights_abs_max']:.2e} "
-                  f"losses {v['losses']} grad_norms {v['grad_norms']} t_mcore {v['megatron_train_s']:.2f}s "
-                  f"t_fsdp {v['fsdp_train_s']:.2f}s")
+            print(
+                f"{k}: logprob_rel {v['logprob_rel']:.2e} loss_rel {v['loss_rel']:.2e} weights_rel_max "
+                f"{v['weights_rel_max']:.2e} ({v['weights_rel_worst']}) zero-start q/v bias "
+                f"{v['zero_start_rel_max']:.2e} "
+                f"abs {v['weights_abs_max']:.2e} "
+                f"losses {v['losses']} grad_norms {v['grad_norms']} t_mcore {v['megatron_train_s']:.2f}s "
+                f"t_fsdp {v['fsdp_train_s']:.2f}s"
+            )

@@ -56,17 +56,30 @@ def _mesh(perf: PerfConfig) -> Any:
 def hf_config(family: str) -> Any:
     from transformers import AutoConfig
 
-    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4) if SMALL else dict(
-        hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8
+    size = (
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
+        if SMALL
+        else dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8)
     )
     extra: dict[str, Any] = {
         "qwen2": {"tie_word_embeddings": True},
         "qwen3": {"head_dim": 64 if not SMALL else 16},
-        "llama": {"max_position_embeddings": 4096, "rope_scaling": {
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 256}},
-        "qwen3_moe": {"moe_intermediate_size": 128 if not SMALL else 32, "num_experts": 8, "num_experts_per_tok": 2,
-                      "norm_topk_prob": True},
+        "llama": {
+            "max_position_embeddings": 4096,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            },
+        },
+        "qwen3_moe": {
+            "moe_intermediate_size": 128 if not SMALL else 32,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+        },
     }[family]
     return AutoConfig.for_model(family, vocab_size=VOCAB, num_key_value_heads=4 if not SMALL else 2, **size, **extra)
 
@@ -85,10 +98,18 @@ def rollout(seed: int = 1, n: int = 16) -> RolloutBatch:
         p = 8 + int(torch.randint(0, 16, (1,), generator=g))
         r = 8 + int(torch.randint(0, 32, (1,), generator=g))
         ids = torch.randint(1, VOCAB, (p + r,), generator=g).tolist()
-        samples.append(Sample(
-            group_index=i // 4, prompt_index=i // 4, prompt="", prompt_text="", prompt_ids=ids[:p],
-            response_ids=ids[p:], response_logprobs=[-1.0] * r, reward=float(torch.rand(1, generator=g) > 0.5),
-        ))
+        samples.append(
+            Sample(
+                group_index=i // 4,
+                prompt_index=i // 4,
+                prompt="",
+                prompt_text="",
+                prompt_ids=ids[:p],
+                response_ids=ids[p:],
+                response_logprobs=[-1.0] * r,
+                reward=float(torch.rand(1, generator=g) > 0.5),
+            )
+        )
     batch = RolloutBatch.from_samples(samples)
     batch.advantages = compute_advantages(
         GrpoConfig(), AdvantageInputs(rewards=batch.rewards, group_index=batch.group_index, loss_masks=batch.loss_masks)
@@ -138,15 +159,21 @@ def run_backend(name: str, sp: Spec, ctx: TrainerContext) -> dict[str, Any]:
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
     weights = {n: t.detach().float().cpu().clone() for n, t in actor.named_hf_weights()}
-    res = {"old_logprobs": batch.old_logprobs, "metrics": metrics, "train_s": train_s,
-           "weights": fsdp_names_to_checkpoint(weights) if name == "fsdp" else weights}
+    res = {
+        "old_logprobs": batch.old_logprobs,
+        "metrics": metrics,
+        "train_s": train_s,
+        "weights": fsdp_names_to_checkpoint(weights) if name == "fsdp" else weights,
+    }
     del actor
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return res
 
 
-def scenario_equiv(work: str, out: dict[str, Any], family: str, perf: PerfConfig, dtype: str, device: torch.device) -> None:
+def scenario_equiv(
+    work: str, out: dict[str, Any], family: str, perf: PerfConfig, dtype: str, device: torch.device
+) -> None:
     d = os.path.join(work, family)
     ctx = TrainerContext(model_dir=d, num_rollout=1, device=device)
     out["fsdp"] = run_backend("fsdp", spec(PerfConfig(backend="fsdp"), dtype), ctx)
@@ -161,7 +188,11 @@ def scenario_roundtrip(work: str, out: dict[str, Any], device: torch.device) -> 
     for family in ("qwen2", "qwen3", "llama", "qwen3_moe"):
         d = os.path.join(work, family)
         arch = read_hf_arch(d)
-        perf = PerfConfig(tp=1, ep=dist.get_world_size()) if family == "qwen3_moe" else PerfConfig(tp=dist.get_world_size())
+        perf = (
+            PerfConfig(tp=1, ep=dist.get_world_size())
+            if family == "qwen3_moe"
+            else PerfConfig(tp=dist.get_world_size())
+        )
         for dtype in (torch.float32, torch.bfloat16):
             init_parallel(_mesh(perf), 1234)
             model = build_gpt_model(arch, perf, dtype, False, device)
@@ -169,8 +200,12 @@ def scenario_roundtrip(work: str, out: dict[str, Any], device: torch.device) -> 
             got = {n: t.cpu().clone() for n, t in export_hf_weights(model, arch, device)}
             reader = SafetensorsReader(d)
             bad = [n for n in reader.files if n not in got or not torch.equal(got[n], reader.get(n).to(dtype))]
-            out[f"{family}/{dtype}"] = {"perf": dataclasses.asdict(perf), "tensors": len(got), "mismatched": bad,
-                                        "extra": sorted(set(got) - set(reader.files))}
+            out[f"{family}/{dtype}"] = {
+                "perf": dataclasses.asdict(perf),
+                "tensors": len(got),
+                "mismatched": bad,
+                "extra": sorted(set(got) - set(reader.files)),
+            }
             del model
 
 
@@ -193,21 +228,26 @@ def main() -> None:
                 write_model(os.path.join(work, family), family)
     dist.barrier()
     for scenario in sys.argv[3:]:
-        out: dict[str, Any] = {"world": world, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+        out: dict[str, Any] = {
+            "world": world,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        }
         t0 = time.perf_counter()
         if scenario == "roundtrip":
             scenario_roundtrip(work, out, device)
         elif scenario.startswith("equiv_"):
             _, layout, dtype = scenario.split("_")
-            perf = {"tp2": PerfConfig(tp=2), "tp2pp2": PerfConfig(tp=2, pp=2),
-                    "tp2sdpa": PerfConfig(tp=2, attention_backend="sdpa"),
-                    # context parallelism: miles' attention over the CP group
-                    "cp2": PerfConfig(cp=2, attention_backend="sdpa"),
-                    "tp2cp2": PerfConfig(tp=2, cp=2, sequence_parallel=True, attention_backend="sdpa"),
-                    "pp2cp2": PerfConfig(pp=2, cp=2, attention_backend="sdpa"),
-                    # sequence parallelism with the recommended GPU switches
-                    "tp2sp": PerfConfig(tp=2, sequence_parallel=True, attention_backend="sdpa", fused_kernels=True),
-                    }[layout]
+            perf = {
+                "tp2": PerfConfig(tp=2),
+                "tp2pp2": PerfConfig(tp=2, pp=2),
+                "tp2sdpa": PerfConfig(tp=2, attention_backend="sdpa"),
+                # context parallelism: miles' attention over the CP group
+                "cp2": PerfConfig(cp=2, attention_backend="sdpa"),
+                "tp2cp2": PerfConfig(tp=2, cp=2, sequence_parallel=True, attention_backend="sdpa"),
+                "pp2cp2": PerfConfig(pp=2, cp=2, attention_backend="sdpa"),
+                # sequence parallelism with the recommended GPU switches
+                "tp2sp": PerfConfig(tp=2, sequence_parallel=True, attention_backend="sdpa", fused_kernels=True),
+            }[layout]
             scenario_equiv(work, out, "qwen2", perf, {"fp32": "float32", "bf16": "bfloat16"}[dtype], device)
         elif scenario.startswith("moe_"):
             _, layout, dtype = scenario.split("_")

@@ -57,10 +57,16 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq, 4096),
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(args.seq, 4096),
+        tie_word_embeddings=True,
+    )
     model_dir = tempfile.mkdtemp(prefix="mfu-model-")
     torch.manual_seed(0)
     with device:
@@ -73,8 +79,10 @@ def main() -> None:
     spec = Spec(
         model=ModelConfig(dtype="bfloat16" if cuda else "float32"),
         train=TrainConfig(global_batch_size=args.samples, num_steps_per_rollout=1, micro_batch_size=1),
-        perf=PerfConfig(recompute_granularity=args.recompute or None,  # type: ignore[arg-type]
-                        attention_backend=args.attention),  # type: ignore[arg-type]
+        perf=PerfConfig(
+            recompute_granularity=args.recompute or None,  # type: ignore[arg-type]
+            attention_backend=args.attention,
+        ),  # type: ignore[arg-type]
         optimizer=OptimizerConfig(lr=1e-5),
         grpo=GrpoConfig(),
     )
@@ -83,9 +91,17 @@ def main() -> None:
     samples = []
     for i in range(args.samples):
         ids = torch.randint(1, args.vocab, (args.seq,), generator=g).tolist()
-        samples.append(Sample(group_index=i // 4, prompt_index=i // 4, prompt="", prompt_text="",
-                              prompt_ids=ids[: args.prompt], response_ids=ids[args.prompt :],
-                              reward=float(i % 2)))
+        samples.append(
+            Sample(
+                group_index=i // 4,
+                prompt_index=i // 4,
+                prompt="",
+                prompt_text="",
+                prompt_ids=ids[: args.prompt],
+                response_ids=ids[args.prompt :],
+                reward=float(i % 2),
+            )
+        )
     batch = RolloutBatch.from_samples(samples)
     batch.advantages = compute_advantages(
         GrpoConfig(), AdvantageInputs(rewards=batch.rewards, group_index=batch.group_index, loss_masks=batch.loss_masks)
@@ -107,11 +123,18 @@ def main() -> None:
     flops_per_token = 6 * n_params + 12 * args.layers * args.hidden * args.seq
     tflops = tokens * flops_per_token / step / 1e12
     res = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "params": n_params, "seq": args.seq,
-        "samples": args.samples, "step_s": times, "tokens_per_s": tokens / step, "model_tflops": tflops,
-        "mfu": tflops / args.peak_tflops, "peak_tflops": args.peak_tflops,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "params": n_params,
+        "seq": args.seq,
+        "samples": args.samples,
+        "step_s": times,
+        "tokens_per_s": tokens / step,
+        "model_tflops": tflops,
+        "mfu": tflops / args.peak_tflops,
+        "peak_tflops": args.peak_tflops,
         "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-        "recompute": args.recompute, "attention": args.attention,
+        "recompute": args.recompute,
+        "attention": args.attention,
     }
     print(json.dumps(res), flush=True)
     if args.out:

@@ -32,11 +32,29 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from megatron_compare import summarize  # noqa: E402
 
-WORLD2 = ["roundtrip", "equiv_tp2_fp32", "equiv_tp2_bf16", "equiv_tp2sdpa_fp32", "equiv_tp2sdpa_bf16", "moe_ep2_fp32",
-          "moe_ep2_bf16", "equiv_cp2_fp32", "equiv_cp2_bf16", "equiv_tp2sp_fp32", "equiv_tp2sp_bf16", "moe_tp2sp_fp32",
-          "moe_tp2sp_bf16"]
-WORLD4 = ["equiv_tp2pp2_fp32", "equiv_tp2pp2_bf16", "equiv_tp2cp2_fp32", "equiv_tp2cp2_bf16", "equiv_pp2cp2_fp32",
-          "equiv_pp2cp2_bf16"]
+WORLD2 = [
+    "roundtrip",
+    "equiv_tp2_fp32",
+    "equiv_tp2_bf16",
+    "equiv_tp2sdpa_fp32",
+    "equiv_tp2sdpa_bf16",
+    "moe_ep2_fp32",
+    "moe_ep2_bf16",
+    "equiv_cp2_fp32",
+    "equiv_cp2_bf16",
+    "equiv_tp2sp_fp32",
+    "equiv_tp2sp_bf16",
+    "moe_tp2sp_fp32",
+    "moe_tp2sp_bf16",
+]
+WORLD4 = [
+    "equiv_tp2pp2_fp32",
+    "equiv_tp2pp2_bf16",
+    "equiv_tp2cp2_fp32",
+    "equiv_tp2cp2_bf16",
+    "equiv_pp2cp2_fp32",
+    "equiv_pp2cp2_bf16",
+]
 FP32_TOL = 1e-5
 ZERO_START_TOL = 1e-4
 """fp32 bound for the q/v biases, which start at zero (see ``megatron_compare.ZERO_START``): measured up to 1.5e-5
@@ -61,10 +79,20 @@ def _launch(world: int, scenarios: list[str], out: str, work: str) -> None:
     port = _free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
-        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "megatron_gpu_worker.py"), out, work,
-                                       *scenarios], env=env))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            PYTHONUNBUFFERED="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "megatron_gpu_worker.py"), out, work, *scenarios], env=env
+            )
+        )
     codes = [p.wait(timeout=900) for p in procs]
     assert codes == [0] * world, f"worker exit codes {codes}"
 

@@ -41,8 +41,18 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpus() < 2, reason="needs 2 C
 
 def run_spec(run_dir: Path, rollouts: int, extra: Sequence[str] = (), timeout_s: float = 540) -> str:
     """``miles run`` the GPU spec into ``run_dir``; returns the combined output (asserts exit code 0)."""
-    cmd = [sys.executable, "-m", "miles.cli", "run", str(SPEC), "--set", f'run.run_dir="{run_dir}"',
-           "--set", f"run.num_rollout={rollouts}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "miles.cli",
+        "run",
+        str(SPEC),
+        "--set",
+        f'run.run_dir="{run_dir}"',
+        "--set",
+        f"run.num_rollout={rollouts}",
+        *extra,
+    ]
     env = {**os.environ, "MILES_GRACE_S": "5"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     out = proc.stdout + proc.stderr

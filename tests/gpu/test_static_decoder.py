@@ -42,8 +42,11 @@ def _requests(vocab: int) -> list[GenerationRequest]:
     rng = random.Random(1)
     out = []
     for i in range(ROWS):
-        kw: dict[str, Any] = {"max_new_tokens": rng.randrange(1, 48), "temperature": rng.choice([0.0, 0.0, 0.8, 1.0]),
-                              "sampling_seed": 100 + i}
+        kw: dict[str, Any] = {
+            "max_new_tokens": rng.randrange(1, 48),
+            "temperature": rng.choice([0.0, 0.0, 0.8, 1.0]),
+            "sampling_seed": 100 + i,
+        }
         if i % 3 == 0:
             kw.update(top_k=rng.choice([-1, 20]), top_p=rng.choice([1.0, 0.9]))
         if i % 4 == 0:
@@ -58,8 +61,9 @@ def _requests(vocab: int) -> list[GenerationRequest]:
 def _agreement(a: list[Any], b: list[Any]) -> tuple[int, float]:
     """(rows with equal tokens, max |logprob difference| over those rows)."""
     equal = [(x, y) for x, y in zip(a, b, strict=True) if x.output_ids == y.output_ids]
-    lp = max((abs(p - q) for x, y in equal for p, q in zip(x.output_logprobs, y.output_logprobs, strict=True)),
-             default=0.0)
+    lp = max(
+        (abs(p - q) for x, y in equal for p, q in zip(x.output_logprobs, y.output_logprobs, strict=True)), default=0.0
+    )
     return len(equal), lp
 
 
@@ -78,8 +82,9 @@ def _prefix_agreement(a: list[Any], b: list[Any]) -> tuple[int, float]:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graphs_reproduce_and_equal_eager_and_hf(tmp_path: Path, dtype: str) -> None:
     data = with_layers(load_config_dict(None, "qwen2.5-0.5b"), 4)
-    engine = Engine(write_model_dir(data, tmp_path / "model", dtype), device="cuda:0", dtype=dtype, seed=0,
-                    max_batch_size=64)
+    engine = Engine(
+        write_model_dir(data, tmp_path / "model", dtype), device="cuda:0", dtype=dtype, seed=0, max_batch_size=64
+    )
     requests = _requests(int(engine.vocab_size))
     graphs = engine.generate(requests)
     again = engine.generate(requests)
@@ -93,8 +98,10 @@ def test_graphs_reproduce_and_equal_eager_and_hf(tmp_path: Path, dtype: str) -> 
     engine.decoder = decoder
     eager_rows, eager_lp = _agreement(graphs, eager)
     hf_rows, hf_lp = _agreement(graphs, hf)
-    print(f"{dtype}: graphs vs eager {eager_rows}/{ROWS} rows equal (max |logprob diff| {eager_lp:.2e}); "
-          f"vs HF forward {hf_rows}/{ROWS} (max |logprob diff| {hf_lp:.2e})")
+    print(
+        f"{dtype}: graphs vs eager {eager_rows}/{ROWS} rows equal (max |logprob diff| {eager_lp:.2e}); "
+        f"vs HF forward {hf_rows}/{ROWS} (max |logprob diff| {hf_lp:.2e})"
+    )
     reasons = {o.finish_reason["type"] for o in graphs}
     assert "length" in reasons, reasons
     if dtype == "float32":

@@ -30,8 +30,10 @@ def _cluster(cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
 
 def _why_not() -> str | None:
     if os.geteuid() != 0:
-        return "SLURM TESTS SKIPPED: not root, so the local Slurm cluster cannot be installed/started " \
-               "(run as root with apt, or start slurm/local-cluster.sh yourself and export SLURM_CONF)"
+        return (
+            "SLURM TESTS SKIPPED: not root, so the local Slurm cluster cannot be installed/started "
+            "(run as root with apt, or start slurm/local-cluster.sh yourself and export SLURM_CONF)"
+        )
     if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
         return "SLURM TESTS SKIPPED: no apt-get and no Slurm installed on this machine"
     return None

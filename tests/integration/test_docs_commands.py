@@ -26,8 +26,9 @@ def _miles(argv: tuple[str, ...], cwd: Path) -> subprocess.CompletedProcess[str]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for var in ("MILES_SELFTEST", "MILES_SELFTEST_HOLD", "MILES_FAULT"):
         env.pop(var, None)
-    return subprocess.run([sys.executable, "-m", "miles.cli", *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "miles.cli", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_trying_miles_on_the_local_cluster_as_documented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,8 +38,11 @@ def test_trying_miles_on_the_local_cluster_as_documented(tmp_path: Path, monkeyp
     slurm_md = [e for e in examples("docs/slurm.md") if e.line in range(70, 90)]  # the block of "Trying miles on it"
     assert [e.argv[0] for e in slurm_md] == ["submit", "status", "cancel"], slurm_md
     cli_md = [e for e in examples("docs/cli.md") if e.argv[:1] in (("status",), ("cancel",))]
-    assert [e.argv for e in cli_md] == [("status", "runs/quickstart"), ("cancel", "runs/quickstart"),
-                                        ("cancel", "--now", "runs/quickstart")]
+    assert [e.argv for e in cli_md] == [
+        ("status", "runs/quickstart"),
+        ("cancel", "runs/quickstart"),
+        ("cancel", "--now", "runs/quickstart"),
+    ]
 
     submit = _miles(slurm_md[0].argv, tmp_path)
     assert submit.returncode == 0, submit.stderr
@@ -60,8 +64,9 @@ def test_trying_miles_on_the_local_cluster_as_documented(tmp_path: Path, monkeyp
     logs = (run_dir / f"slurm-{job_id}.out").read_text() + (run_dir / f"slurm-{job_id}.err").read_text()
     assert "preempted; saved the state before rollout" in logs and f"job {job_id} was cancelled" in logs, logs
     assert "requeueing job" not in logs and any((run_dir / "checkpoints").iterdir()), logs
-    acct = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True,
-                          text=True, timeout=20).stdout.split()
+    acct = subprocess.run(
+        ["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True, timeout=20
+    ).stdout.split()
     assert acct[:1] == ["CANCELLED"] and "REQUEUED" not in acct, acct
     for e in cli_md:  # status, then the cancels of a job that has ended: nothing to do, exit 0
         res = _miles(e.argv, tmp_path)

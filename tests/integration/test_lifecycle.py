@@ -44,8 +44,12 @@ def _sacct(job_id: str, timeout: float = 30) -> list[str]:
     end = time.monotonic() + timeout
     states: list[str] = []
     while time.monotonic() < end:
-        res = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State"],
-                             capture_output=True, text=True, timeout=20)
+        res = subprocess.run(
+            ["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         states = [ln.split("|")[1].split()[0] for ln in res.stdout.splitlines() if "|" in ln]
         if states and all(s not in ("PENDING", "RUNNING", "COMPLETING") for s in states):
             return states
@@ -54,8 +58,7 @@ def _sacct(job_id: str, timeout: float = 30) -> list[str]:
 
 
 def _scontrol(job_id: str) -> str:
-    return subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
-                          timeout=20).stdout
+    return subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=20).stdout
 
 
 def _status(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> str:
@@ -90,8 +93,9 @@ def _at_random_moment(rng: random.Random, run_dir: Path, job_id: str) -> str:
 
 
 @pytest.mark.slow
-def test_cancel_now_and_preemption_at_random_moments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_cancel_now_and_preemption_at_random_moments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MILES_SELFTEST", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -118,8 +122,13 @@ def test_cancel_now_and_preemption_at_random_moments(tmp_path: Path, monkeypatch
             # What Slurm sends before a time limit; preemption's SIGTERM takes the same path.
             _wait("reached the hold", lambda: _holding(run_dir), run_dir, job_id, 90)
             subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=20)
-            _wait("was requeued", lambda j=job_id: "Restarts=1" in _scontrol(j) and "JobState=PENDING" in _scontrol(j),
-                  run_dir, job_id, 60)
+            _wait(
+                "was requeued",
+                lambda j=job_id: "Restarts=1" in _scontrol(j) and "JobState=PENDING" in _scontrol(j),
+                run_dir,
+                job_id,
+                60,
+            )
             assert "state: requeued: preempted and requeued (restart 1)" in _status(run_dir, capsys)
             time.sleep(2.0)  # test-side nudge (see test_preemption): never in the requeue's own second
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=20)
@@ -144,8 +153,9 @@ def test_cancel_now_and_preemption_at_random_moments(tmp_path: Path, monkeypatch
     assert len(seen) == 10
 
 
-def test_cancel_ends_a_het_job_for_good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_cancel_ends_a_het_job_for_good(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Split mode: the leader's Requeue=0 and stop file end both components, CANCELLED, after a preemption too."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MILES_SELFTEST", "1")
@@ -157,8 +167,13 @@ def test_cancel_ends_a_het_job_for_good(tmp_path: Path, monkeypatch: pytest.Monk
     job_id = _job_id(run_dir)
     _wait("reached the hold", lambda: _holding(run_dir), run_dir, job_id, 90)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=20)
-    _wait("was requeued", lambda: "Restarts=1" in _scontrol(job_id) and "JobState=PENDING" in _scontrol(job_id),
-          run_dir, job_id, 60)
+    _wait(
+        "was requeued",
+        lambda: "Restarts=1" in _scontrol(job_id) and "JobState=PENDING" in _scontrol(job_id),
+        run_dir,
+        job_id,
+        60,
+    )
     time.sleep(2.0)  # test-side nudge, as above
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=20)
     _wait("held again", lambda: _holding(run_dir) and "JobState=RUNNING" in _scontrol(job_id), run_dir, job_id, 90)
@@ -174,10 +189,13 @@ def test_slurm_does_not_cap_explicit_requeues_at_max_batch_requeue(tmp_path: Pat
     config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20).stdout
     assert "max_batch_requeue" not in config  # the default, 5
     script = tmp_path / "requeue.sh"
-    script.write_text("#!/bin/bash\n#SBATCH --requeue\n#SBATCH --output=/dev/null\n"
-                      'if [ "${SLURM_RESTART_COUNT:-0}" -lt 6 ]; then scontrol requeue "$SLURM_JOB_ID"; fi\n')
-    job_id = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True,
-                            timeout=20).stdout.strip()
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --requeue\n#SBATCH --output=/dev/null\n"
+        'if [ "${SLURM_RESTART_COUNT:-0}" -lt 6 ]; then scontrol requeue "$SLURM_JOB_ID"; fi\n'
+    )
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True, timeout=20
+    ).stdout.strip()
     end = time.monotonic() + 120
     while "JobState=COMPLETED" not in (info := _scontrol(job_id)):
         assert time.monotonic() < end and "JobState=FAILED" not in info and "JobHeldAdmin" not in info, info

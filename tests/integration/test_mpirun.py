@@ -56,8 +56,12 @@ device = "cpu"
 def mpirun() -> str:
     path = shutil.which("mpirun")
     if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "openmpi-bin"],
-                       capture_output=True, timeout=600, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "openmpi-bin"],
+            capture_output=True,
+            timeout=600,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
         path = shutil.which("mpirun")
     if path is None:
         reason = "MPI TEST SKIPPED: no mpirun (apt-get install openmpi-bin as root to run it)"
@@ -90,8 +94,18 @@ def test_mpirun_mpmd_selftest(tmp_path: Path, mpirun: str, use_mpi4py: bool, mon
         (tmp_path / "nompi" / "mpi4py" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
         env.update(MASTER_ADDR="127.0.0.1", PYTHONPATH=f"{tmp_path / 'nompi'}:{env['PYTHONPATH']}")
         cmd += ["-x", "MASTER_ADDR"]
-    cmd += [sys.executable, "-m", "miles.launch.task", "--selftest", "--run-dir", str(run_dir),
-            "--engine-deadline", "60", "--timeout", "60"]
+    cmd += [
+        sys.executable,
+        "-m",
+        "miles.launch.task",
+        "--selftest",
+        "--run-dir",
+        str(run_dir),
+        "--engine-deadline",
+        "60",
+        "--timeout",
+        "60",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     reports = {p.stem: json.loads(p.read_text()) for p in (run_dir / "selftest").glob("*.json")}

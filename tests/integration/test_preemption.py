@@ -77,13 +77,15 @@ def _submit(run_dir: Path, rollouts: int, extra: list[str]) -> str:
 
 
 def _logs(run_dir: Path, job_id: str) -> str:
-    return "".join((run_dir / f"slurm-{job_id}.{ext}").read_text() for ext in ("out", "err")
-                   if (run_dir / f"slurm-{job_id}.{ext}").exists())
+    return "".join(
+        (run_dir / f"slurm-{job_id}.{ext}").read_text()
+        for ext in ("out", "err")
+        if (run_dir / f"slurm-{job_id}.{ext}").exists()
+    )
 
 
 def _scontrol_job(job_id: str) -> str:
-    return subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
-                          timeout=20).stdout
+    return subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=20).stdout
 
 
 def _restarts(job_id: str) -> int:
@@ -107,8 +109,13 @@ def _wait_for(what: str, cond: Callable[[], bool], run_dir: Path, job_id: str, t
 
 def _poke_after_requeue(run_dir: Path, job_id: str, restarts: int, timeout: float = 90) -> None:
     """Wait until the job is pending again after its ``restarts``-th requeue, then start it now (test-side nudge)."""
-    _wait_for(f"requeue #{restarts}", lambda: _restarts(job_id) >= restarts and "JobState=PENDING" in
-              _scontrol_job(job_id), run_dir, job_id, timeout)
+    _wait_for(
+        f"requeue #{restarts}",
+        lambda: _restarts(job_id) >= restarts and "JobState=PENDING" in _scontrol_job(job_id),
+        run_dir,
+        job_id,
+        timeout,
+    )
     time.sleep(2.0)  # never in the requeue's own second: Slurm would revoke the new credential
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=20)
 
@@ -126,8 +133,12 @@ def _sacct_states(job_id: str, timeout: float = 20) -> list[str]:
     end = time.monotonic() + timeout
     states: list[str] = []
     while time.monotonic() < end:
-        res = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State"],
-                             capture_output=True, text=True, timeout=20)
+        res = subprocess.run(
+            ["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         states = [line.split("|")[1].split()[0] for line in res.stdout.splitlines() if "|" in line]
         if states and all(s not in ("PENDING", "RUNNING", "COMPLETING") for s in states):
             return states
@@ -172,8 +183,9 @@ def quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("mode", ["colocate", "split"])
-def test_usr1_saves_requeues_and_resumes_exactly(mode: str, tmp_path: Path, quiet_env: None,
-                                                 baseline: tuple[str, dict[str, torch.Tensor]]) -> None:
+def test_usr1_saves_requeues_and_resumes_exactly(
+    mode: str, tmp_path: Path, quiet_env: None, baseline: tuple[str, dict[str, torch.Tensor]]
+) -> None:
     run_dir = tmp_path / f"usr1-{mode}"
     job_id = _submit(run_dir, ROLLOUTS, SPLIT if mode == "split" else [])
     _wait_for("a first metrics row", lambda: _metric_rows(run_dir) >= 1, run_dir, job_id, 150)
@@ -209,8 +221,9 @@ def test_time_limit_saves_in_lead_time_requeues_and_max_requeues_stops(tmp_path:
     assert first_life < 75, f"the first life took {first_life:.0f} s: the USR1 came after the 60 s limit"
 
     # Second life: preempt it as soon as it runs; max_requeues = 1 is reached, so it must not requeue.
-    _wait_for("the second life", lambda: f"miles: job {job_id}, restart 1," in _logs(run_dir, job_id),
-              run_dir, job_id, 90)
+    _wait_for(
+        "the second life", lambda: f"miles: job {job_id}, restart 1," in _logs(run_dir, job_id), run_dir, job_id, 90
+    )
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=20)
     _wait_gone(run_dir, job_id, 120)
     logs = _logs(run_dir, job_id)

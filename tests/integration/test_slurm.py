@@ -35,7 +35,9 @@ POLL_S = 0.3
 
 def write_prompts(path: Path) -> Path:
     """A tiny prompt set in the tiny-arith alphabet: "12+34=" -> last digit of the sum."""
-    rows = [{"prompt": f"{a:02d}+{b:02d}=", "label": str((a + b) % 10)} for a in range(0, 40, 5) for b in range(3, 40, 7)]
+    rows = [
+        {"prompt": f"{a:02d}+{b:02d}=", "label": str((a + b) % 10)} for a in range(0, 40, 5) for b in range(3, 40, 7)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -110,16 +112,20 @@ def _final_states(job_id: str, timeout: float = 20, components: int = 1) -> dict
     states: dict[str, str] = {}
     while time.monotonic() < end:
         states = {k: v["State"] for k, v in submission.job_states(job_id).items()}
-        if (len(states) >= components
-                and all(s not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED") for s in states.values())):
+        if len(states) >= components and all(
+            s not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED") for s in states.values()
+        ):
             return states
         time.sleep(POLL_S)
     pytest.fail(f"sacct never showed job {job_id} finished: {states}")
 
 
 def _logs(run_dir: Path, job_id: str) -> str:
-    return "".join((run_dir / f"slurm-{job_id}.{ext}").read_text() for ext in ("out", "err")
-                   if (run_dir / f"slurm-{job_id}.{ext}").exists())
+    return "".join(
+        (run_dir / f"slurm-{job_id}.{ext}").read_text()
+        for ext in ("out", "err")
+        if (run_dir / f"slurm-{job_id}.{ext}").exists()
+    )
 
 
 def _reports(run_dir: Path) -> dict[str, dict]:
@@ -131,8 +137,9 @@ def _check_against_plan(spec, run_dir: Path, job_id: str) -> None:
     plan = make_plan(spec, job_id=int(job_id))
     reports = _reports(run_dir)
     world = plan.mesh.world_size
-    assert sorted(reports) == sorted([f"trainer-{r}" for r in range(world)]
-                                     + [f"engine-{i}" for i in range(len(plan.engines))]), sorted(reports)
+    assert sorted(reports) == sorted(
+        [f"trainer-{r}" for r in range(world)] + [f"engine-{i}" for i in range(len(plan.engines))]
+    ), sorted(reports)
     trainer_nodes = reports["trainer-0"]["env"]["SLURM_STEP_NODELIST"]
     for r in plan.trainer_ranks:
         rep = reports[f"trainer-{r.rank}"]
@@ -177,14 +184,20 @@ def test_colocated_job_completes_with_checked_values(in_tmp: Path) -> None:
     assert "miles: run complete" in _logs(run_dir, job_id)
 
 
-def test_self_test_under_sbatch_export_none(in_tmp: Path, monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_self_test_under_sbatch_export_none(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A site with SBATCH_EXPORT=NONE: nothing of the submitter's environment reaches the job, so the self-test
     is asked for through slurm.env (docs/admin.md), and the steps still get what the script exports."""
     monkeypatch.setenv("SBATCH_EXPORT", "NONE")
     monkeypatch.delenv("MILES_SELFTEST")
-    spec = _spec(in_tmp, "noexport", "colocate", "actor_num_nodes = 1\nactor_num_gpus_per_node = 1",
-                 overrides=["slurm.env.MILES_SELFTEST=1", "slurm.env.OMP_NUM_THREADS=1"])
+    spec = _spec(
+        in_tmp,
+        "noexport",
+        "colocate",
+        "actor_num_nodes = 1\nactor_num_gpus_per_node = 1",
+        overrides=["slurm.env.MILES_SELFTEST=1", "slurm.env.OMP_NUM_THREADS=1"],
+    )
     job_id, run_dir = _submit(in_tmp, spec)
     _wait_gone(job_id, 120)
     assert _final_states(job_id) == {job_id: "COMPLETED"}, _logs(run_dir, job_id)
@@ -196,8 +209,13 @@ def test_self_test_under_sbatch_export_none(in_tmp: Path, monkeypatch: pytest.Mo
 
 def test_a_failure_at_start_is_shown_by_status(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A `slurm.python` that does not exist: the reason is in slurm-<id>.err, and `miles status` prints it."""
-    spec = _spec(in_tmp, "nopython", "colocate", "actor_num_nodes = 1\nactor_num_gpus_per_node = 1",
-                 overrides=['slurm.python="/nonexistent/bin/python"'])
+    spec = _spec(
+        in_tmp,
+        "nopython",
+        "colocate",
+        "actor_num_nodes = 1\nactor_num_gpus_per_node = 1",
+        overrides=['slurm.python="/nonexistent/bin/python"'],
+    )
     job_id, run_dir = _submit(in_tmp, spec)
     _wait_gone(job_id, 60)
     assert _final_states(job_id) == {job_id: "FAILED"}, _logs(run_dir, job_id)
@@ -212,8 +230,9 @@ def test_split_het_job_completes_with_checked_values(in_tmp: Path, capsys: pytes
     spec = _spec(in_tmp, "split", "split", SPLIT)
     job_id, run_dir = _submit(in_tmp, spec)
     _wait_gone(job_id, 120)
-    assert _final_states(job_id, components=2) == {f"{job_id}+0": "COMPLETED", f"{job_id}+1": "COMPLETED"}, \
-        _logs(run_dir, job_id)
+    assert _final_states(job_id, components=2) == {f"{job_id}+0": "COMPLETED", f"{job_id}+1": "COMPLETED"}, _logs(
+        run_dir, job_id
+    )
     _check_against_plan(spec, run_dir, job_id)
     # the engines (het group 0) and the trainers (het group 1) ran on different nodes
     reports = _reports(run_dir)
@@ -227,12 +246,17 @@ def test_split_het_job_completes_with_checked_values(in_tmp: Path, capsys: pytes
     assert "state: complete: the self-test passed" in out
 
 
-@pytest.mark.parametrize(("victim", "step_message"), [
-    ("trainer-1", "the trainers step failed"),
-    ("engine-0", "the engines step ended"),
-], ids=["trainer", "engine"])
-def test_killed_task_fails_the_job_within_60s_naming_it(in_tmp: Path, monkeypatch: pytest.MonkeyPatch, victim: str,
-                                                         step_message: str) -> None:
+@pytest.mark.parametrize(
+    ("victim", "step_message"),
+    [
+        ("trainer-1", "the trainers step failed"),
+        ("engine-0", "the engines step ended"),
+    ],
+    ids=["trainer", "engine"],
+)
+def test_killed_task_fails_the_job_within_60s_naming_it(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, victim: str, step_message: str
+) -> None:
     monkeypatch.setenv("MILES_SELFTEST_HOLD", "300")
     spec = _spec(in_tmp, "kill", "split", SPLIT)
     job_id, run_dir = _submit(in_tmp, spec)
@@ -257,12 +281,22 @@ def _queue() -> str:
     return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=20).stdout
 
 
-@pytest.mark.parametrize(("cluster", "overrides", "needle"), [
-    ("actor_num_nodes = 5\nactor_num_gpus_per_node = 1", ["rollout.rollout_batch_size=5", "train.global_batch_size=10"],
-     "needs 5 nodes but partition 'debug' (4 nodes"),
-    ("actor_num_nodes = 1\nactor_num_gpus_per_node = 6", ["cluster.gpus_per_node=8", "rollout.rollout_batch_size=6",
-                                                         "train.global_batch_size=12"], "needs 6 GPUs per node"),
-], ids=["5-nodes", "6-gpus-per-node"])
+@pytest.mark.parametrize(
+    ("cluster", "overrides", "needle"),
+    [
+        (
+            "actor_num_nodes = 5\nactor_num_gpus_per_node = 1",
+            ["rollout.rollout_batch_size=5", "train.global_batch_size=10"],
+            "needs 5 nodes but partition 'debug' (4 nodes",
+        ),
+        (
+            "actor_num_nodes = 1\nactor_num_gpus_per_node = 6",
+            ["cluster.gpus_per_node=8", "rollout.rollout_batch_size=6", "train.global_batch_size=12"],
+            "needs 6 GPUs per node",
+        ),
+    ],
+    ids=["5-nodes", "6-gpus-per-node"],
+)
 def test_too_big_is_refused_before_submission(in_tmp: Path, cluster: str, overrides: list[str], needle: str) -> None:
     spec = _spec(in_tmp, "big", "colocate", cluster, overrides=overrides)
     before = _queue()
@@ -292,8 +326,13 @@ def test_cluster_down_is_a_clear_error_and_leaves_nothing(in_tmp: Path, monkeypa
     assert not (in_tmp / "runs").exists()
     # the CLI turns it into exit code 2 with the message, no traceback
     path = in_tmp / "down.toml"
-    res = subprocess.run([sys.executable, "-m", "miles.cli", "submit", str(path)], capture_output=True, text=True,
-                         timeout=60, env=dict(os.environ))
+    res = subprocess.run(
+        [sys.executable, "-m", "miles.cli", "submit", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+    )
     assert res.returncode == 2 and "controller is down" in res.stderr and "Traceback" not in res.stderr
     assert not (in_tmp / "runs").exists()
 
@@ -315,16 +354,31 @@ def test_sbatch_refusal_removes_the_new_run_dir_and_restores_an_old_one(in_tmp: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "cluster"), [
-    ("colocate", "actor_num_nodes = 1\nactor_num_gpus_per_node = 1"),
-    ("split", SPLIT),
-], ids=["colocate", "split"])
-def test_grpo_loop_completes_on_the_cluster(in_tmp: Path, monkeypatch: pytest.MonkeyPatch, mode: str,
-                                            cluster: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "cluster"),
+    [
+        ("colocate", "actor_num_nodes = 1\nactor_num_gpus_per_node = 1"),
+        ("split", SPLIT),
+    ],
+    ids=["colocate", "split"],
+)
+def test_grpo_loop_completes_on_the_cluster(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, mode: str, cluster: str
+) -> None:
     """The real launch path: engines serve the embedded engine, the driver reaches them, two GRPO rollouts run."""
     monkeypatch.delenv("MILES_SELFTEST")
-    spec = _spec(in_tmp, f"loop-{mode}", mode, cluster, overrides=[
-        "run.num_rollout=2", "run.plot=false", "run.use_tensorboard=false", "rollout.rollout_max_response_len=1"])
+    spec = _spec(
+        in_tmp,
+        f"loop-{mode}",
+        mode,
+        cluster,
+        overrides=[
+            "run.num_rollout=2",
+            "run.plot=false",
+            "run.use_tensorboard=false",
+            "rollout.rollout_max_response_len=1",
+        ],
+    )
     job_id, run_dir = _submit(in_tmp, spec)
     _wait_gone(job_id, 240)
     states = _final_states(job_id)

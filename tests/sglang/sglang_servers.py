@@ -64,20 +64,48 @@ def launch(kind: str, index: int, model_dir: Path, log_dir: Path, api_key: str) 
     """An engine process of ``kind`` built by miles' launcher (not started)."""
     python = str(SGLANG_PYTHON) if kind == "sglang" else sys.executable
     spec = engine_spec(kind)
-    entry = sl.engine_launch(spec, index=index, model_path=str(model_dir), host="127.0.0.1", port=free_port(0),
-                             api_key=api_key, log_dir=log_dir, python=python)
+    entry = sl.engine_launch(
+        spec,
+        index=index,
+        model_path=str(model_dir),
+        host="127.0.0.1",
+        port=free_port(0),
+        api_key=api_key,
+        log_dir=log_dir,
+        python=python,
+    )
     return sl.EngineProcess(entry, extra_env=engine_extra_env(kind))
 
 
-
-
-def driver_task(run_dir: Path, num_engines: int, master_port: int = 20000,
-                weight_update_port: int | None = None) -> TaskContext:
+def driver_task(
+    run_dir: Path, num_engines: int, master_port: int = 20000, weight_update_port: int | None = None
+) -> TaskContext:
     """Trainer rank 0 (the driver) of a one-trainer CPU run with ``num_engines`` engines announced in ``run_dir``."""
     return TaskContext(
-        role="trainer", rank=0, world_size=1, local_rank=0, node_index=0, node_name="localhost", het_group=None,
-        engine_index=None, num_engines=num_engines, master_addr="127.0.0.1", master_port=master_port,
-        weight_update_addr="127.0.0.1", weight_update_port=weight_update_port or master_port + 2,
-        weight_update_world_size=1 + num_engines, weight_update_rank=0, engine_host="127.0.0.1", engine_port=None,
-        engine_nccl_port=None, engine_gpus=(), device="cpu", backend="gloo", run_dir=run_dir, job_id=None,
-        restart_count=0, launcher="torchrun", launch_id="test-launch")
+        role="trainer",
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        node_index=0,
+        node_name="localhost",
+        het_group=None,
+        engine_index=None,
+        num_engines=num_engines,
+        master_addr="127.0.0.1",
+        master_port=master_port,
+        weight_update_addr="127.0.0.1",
+        weight_update_port=weight_update_port or master_port + 2,
+        weight_update_world_size=1 + num_engines,
+        weight_update_rank=0,
+        engine_host="127.0.0.1",
+        engine_port=None,
+        engine_nccl_port=None,
+        engine_gpus=(),
+        device="cpu",
+        backend="gloo",
+        run_dir=run_dir,
+        job_id=None,
+        restart_count=0,
+        launcher="torchrun",
+        launch_id="test-launch",
+    )

@@ -52,8 +52,13 @@ def test_engine_task_announces_restarts_and_stops(tmp_path: Path) -> None:
     script = tmp_path / "task.py"
     script.write_text(textwrap.dedent(TASK))
     env = {**os.environ, "MILES_ENGINE_API_KEY": "job-key", "OMP_NUM_THREADS": "1"}
-    task = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(free_port(0))], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    task = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), str(free_port(0))],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         first = _wait_announcement(tmp_path, None, 300)
         assert sl.health_ok(first.url, "job-key")

@@ -113,7 +113,10 @@ def _kill_engine_0_and_hold_the_trainers_until_it_is_back(run_dir: Path, held: l
 def test_grpo_learns_and_survives_an_engine_kill(tmp_path: Path, kind: str) -> None:
     run_dir = tmp_path / "run"
     sets: dict[str, object] = {
-        "run.run_dir": str(run_dir), "run.num_rollout": ROLLOUTS, "run.use_tensorboard": False, "run.plot": False,
+        "run.run_dir": str(run_dir),
+        "run.num_rollout": ROLLOUTS,
+        "run.use_tensorboard": False,
+        "run.plot": False,
         "rollout.engine": kind,
     }
     if kind == "sglang":
@@ -121,8 +124,13 @@ def test_grpo_learns_and_survives_an_engine_kill(tmp_path: Path, kind: str) -> N
     cmd = [sys.executable, "-m", "miles.cli", "run", str(ROOT / "configs" / "quickstart.toml")]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={_toml(value)}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "MILES_SGLANG_PYTHON": str(_sglang_wrapper(tmp_path)), "MILES_ENGINE_API_KEY": "grpo-test-key"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MILES_SGLANG_PYTHON": str(_sglang_wrapper(tmp_path)),
+        "MILES_ENGINE_API_KEY": "grpo-test-key",
+    }
     env.pop("MILES_FAULT", None)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -152,8 +160,10 @@ def test_grpo_learns_and_survives_an_engine_kill(tmp_path: Path, kind: str) -> N
     rewards = [m["rollout/reward_mean"] for m in _rollouts(run_dir)]
     assert len(rewards) == ROLLOUTS
     first, last = statistics.fmean(rewards[:5]), statistics.fmean(rewards[-5:])
-    print(f"{kind} GRPO: {ROLLOUTS} rollouts in {wall:.0f} s; reward first 5 {first:.3f} -> last 5 {last:.3f}; "
-          f"per rollout {[round(r, 3) for r in rewards]}")
+    print(
+        f"{kind} GRPO: {ROLLOUTS} rollouts in {wall:.0f} s; reward first 5 {first:.3f} -> last 5 {last:.3f}; "
+        f"per rollout {[round(r, 3) for r in rewards]}"
+    )
     assert last > first + MARGIN, f"reward did not rise: {rewards}"
 
     # The killed engine came back under a new pid, rejoined a re-formed weight-update group, got the weights and

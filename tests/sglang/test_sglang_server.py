@@ -53,15 +53,25 @@ def _tokenizer(model_dir: Path) -> Any:
 
 def _samples(model_dir: Path, prompts: list[str] = PROMPTS) -> list[Sample]:
     tok = _tokenizer(model_dir)
-    return [Sample(group_index=i, prompt_index=i, prompt=p, prompt_text=p,
-                   prompt_ids=tok(p, add_special_tokens=False)["input_ids"]) for i, p in enumerate(prompts)]
+    return [
+        Sample(
+            group_index=i,
+            prompt_index=i,
+            prompt=p,
+            prompt_text=p,
+            prompt_ids=tok(p, add_special_tokens=False)["input_ids"],
+        )
+        for i, p in enumerate(prompts)
+    ]
 
 
 def _greedy(max_len: int = RESPONSE_LEN) -> RolloutConfig:
     return RolloutConfig(rollout_temperature=0.0, rollout_max_response_len=max_len, rollout_seed=0)
 
 
-def _generate(urls: list[str], api_key: str, samples: list[Sample], cfg: RolloutConfig, **kw: Any) -> BlockingRolloutClient:
+def _generate(
+    urls: list[str], api_key: str, samples: list[Sample], cfg: RolloutConfig, **kw: Any
+) -> BlockingRolloutClient:
     """Generate ``samples``. Greedy runs are made reproducible the way SGLang can promise it on CPU (its
     deterministic-inference mode needs a GPU attention backend): the same computation every time, i.e. an empty
     prefix cache (a cached prompt prefill is a shorter extend, rounded differently) and one request at a time
@@ -83,8 +93,12 @@ def _outputs(samples: list[Sample]) -> list[tuple[list[int], list[float]]]:
 
 
 def _post(url: str, api_key: str, ep: proto.Endpoint, body: dict[str, Any] | None = None) -> Any:
-    req = urllib.request.Request(url + ep.path, data=json.dumps(body or {}).encode(), method=ep.method,
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"})
+    req = urllib.request.Request(
+        url + ep.path,
+        data=json.dumps(body or {}).encode(),
+        method=ep.method,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         raw = r.read()
     return json.loads(raw) if raw.strip().startswith(b"{") else raw.decode()
@@ -114,9 +128,15 @@ def _hf_greedy(model_dir: Path, weights: dict[str, torch.Tensor], samples: list[
     with torch.no_grad():
         for s in samples:
             ids = torch.tensor([s.prompt_ids])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-            out = gen[0, ids.shape[1]:].tolist()
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            out = gen[0, ids.shape[1] :].tolist()
             eos = model.config.eos_token_id
             outs.append(out[: out.index(eos) + 1] if eos in out else out)  # engines stop at EOS, keeping it
     return outs
@@ -153,7 +173,9 @@ def test_wrong_api_key_is_refused(served: sl.EngineProcess) -> None:
 
 def _status_without_key(url: str, ep: proto.Endpoint) -> int:
     data = json.dumps({}).encode() if ep.method == "POST" else None
-    req = urllib.request.Request(url + ep.path, data=data, method=ep.method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + ep.path, data=data, method=ep.method, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return int(r.status)
@@ -181,8 +203,16 @@ def test_weight_sync_follows_new_weights_and_restores_old_exactly(
 ) -> None:
     original = _hf_weights(model_dir)
     new = _sharpened(original)
-    sync = WeightSync([served.url], "127.0.0.1", free_port(0), backend="gloo", api_key=served.launch.api_key,
-                      bucket_bytes=64 * 1024, group_name="miles-test-sync", timeout_s=120)
+    sync = WeightSync(
+        [served.url],
+        "127.0.0.1",
+        free_port(0),
+        backend="gloo",
+        api_key=served.launch.api_key,
+        bucket_bytes=64 * 1024,
+        group_name="miles-test-sync",
+        timeout_s=120,
+    )
     try:
         stats = sync.sync(list(new.items()), weight_version=1)
         assert stats.buckets > 1 and stats.tensors == len(new)
@@ -199,7 +229,6 @@ def test_weight_sync_follows_new_weights_and_restores_old_exactly(
         assert all(s.weight_version == 2 for s in restored)
     finally:
         sync.close()
-
 
 
 def test_colocated_tensor_sync_follows_new_weights_and_restores_old_exactly(
@@ -224,6 +253,7 @@ def test_colocated_tensor_sync_follows_new_weights_and_restores_old_exactly(
         assert all(s.weight_version == 12 for s in restored)
     finally:
         sync.close()
+
 
 def test_requests_wait_while_paused_and_finish_after_continue(served: sl.EngineProcess, model_dir: Path) -> None:
     key = served.launch.api_key
@@ -265,7 +295,8 @@ def test_pause_during_a_rollout_aborts_and_the_client_resends(served: sl.EngineP
     client.close()
     assert not worker.is_alive()
     assert all(len(s.response_ids) == 100 and s.finish_reason == "length" for s in samples), [
-        (len(s.response_ids), s.finish_reason) for s in samples]
+        (len(s.response_ids), s.finish_reason) for s in samples
+    ]
     assert client.client.retries >= 1, "no request was aborted by the pause"
 
 
@@ -276,8 +307,11 @@ def test_sglang_router_in_front_of_the_engine(
     """sglang-router forwards single-prompt /generate bodies and refuses a batch with per-prompt sampling params."""
     key = served.launch.api_key
     assert key is not None
-    router = sr.SglangRouter.start(sr.router_launch([served.url], host="127.0.0.1", port=free_port(0), api_key=key,
-                                                    log_dir=tmp_path, python=str(SGLANG_PYTHON)))
+    router = sr.SglangRouter.start(
+        sr.router_launch(
+            [served.url], host="127.0.0.1", port=free_port(0), api_key=key, log_dir=tmp_path, python=str(SGLANG_PYTHON)
+        )
+    )
     try:
         deadline = time.monotonic() + 60
         while served.url not in router.workers():  # --worker-urls are added in the background
@@ -285,8 +319,10 @@ def test_sglang_router_in_front_of_the_engine(
             time.sleep(0.2)
         samples = _samples(model_dir)
         for sample, (ids, logprobs) in zip(samples, baseline, strict=True):
-            body = proto.generate_body(input_ids=sample.prompt_ids, sampling=proto.sampling_params(
-                max_new_tokens=RESPONSE_LEN, temperature=0.0, no_stop_trim=True))
+            body = proto.generate_body(
+                input_ids=sample.prompt_ids,
+                sampling=proto.sampling_params(max_new_tokens=RESPONSE_LEN, temperature=0.0, no_stop_trim=True),
+            )
             out = _post(router.url, key, proto.GENERATE, body)
             assert out["output_ids"] == ids
             # the prompts may come from the prefix cache here (an extend, not a full prefill): equal up to
@@ -304,7 +340,11 @@ def test_sglang_router_in_front_of_the_engine(
 
 @pytest.mark.skipif(not sglang_available(), reason=SKIP_REASON)  # the router lives in .venv-sglang
 def test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_a_sync(
-    kind: str, served: sl.EngineProcess, standby: sl.EngineProcess, model_dir: Path, tmp_path: Path,
+    kind: str,
+    served: sl.EngineProcess,
+    standby: sl.EngineProcess,
+    model_dir: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The driver's fleet with ``use_router``: rollouts through the real sglang-router (over ``served`` and an
@@ -321,19 +361,29 @@ def test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_
 
     def announce(index: int, eng: sl.EngineProcess) -> None:
         assert eng.pid is not None
-        rundir.announce_engine(run_dir, rundir.Announcement(index=index, url=eng.url, host="127.0.0.1",
-                                                            port=eng.launch.port, pid=eng.pid, launch_id="test-launch"))
+        rundir.announce_engine(
+            run_dir,
+            rundir.Announcement(
+                index=index, url=eng.url, host="127.0.0.1", port=eng.launch.port, pid=eng.pid, launch_id="test-launch"
+            ),
+        )
 
     announce(0, served)
     announce(1, standby)
-    rollout = RolloutConfig(engine=kind, rollout_temperature=1.0, rollout_max_response_len=24,  # type: ignore[arg-type]
-                            rollout_seed=9)
-    spec = Spec(model=ModelConfig(dtype="float32"), rollout=rollout,
-                sglang=SglangConfig(use_router=True))  # cache_aware: a prompt's samples go where it went before
+    rollout = RolloutConfig(
+        engine=kind,
+        rollout_temperature=1.0,
+        rollout_max_response_len=24,  # type: ignore[arg-type]
+        rollout_seed=9,
+    )
+    spec = Spec(
+        model=ModelConfig(dtype="float32"), rollout=rollout, sglang=SglangConfig(use_router=True)
+    )  # cache_aware: a prompt's samples go where it went before
     task = driver_task(run_dir, 2, master_port=free_port(0), weight_update_port=free_port(0))
     fleet = EngineFleet(spec, task, rundir.wait_for_engines(run_dir, 2, "test-launch", deadline_s=10))
-    sup = sl.Supervisor([standby], health_deadline_s=START_DEADLINE_S, poll_s=0.2,
-                        on_restart=lambda eng: announce(1, eng))
+    sup = sl.Supervisor(
+        [standby], health_deadline_s=START_DEADLINE_S, poll_s=0.2, on_restart=lambda eng: announce(1, eng)
+    )
     router = fleet.router
     assert router is not None
     try:
@@ -349,8 +399,9 @@ def test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_
         standby.signal(signal.SIGKILL)
         worker.join(180)
         assert not worker.is_alive()
-        assert all(s.response_ids and s.finish_reason in ("stop", "length") for s in during), \
+        assert all(s.response_ids and s.finish_reason in ("stop", "length") for s in during), (
             "a request of the killed engine was lost"
+        )
         assert router.removed == [standby.url]
 
         assert sup.restarted_event.wait(START_DEADLINE_S), f"not restarted: {sup.failed}\n{standby.log_tail()}"
@@ -404,8 +455,9 @@ def test_killed_engine_requests_finish_elsewhere_and_it_rejoins(
         result: dict[str, Any] = {}
 
         def run() -> None:
-            client = BlockingRolloutClient(urls, api_key=key, timeout_s=120, chunk_size=1, backoff_s=0.2,
-                                           dead_cooldown_s=600)
+            client = BlockingRolloutClient(
+                urls, api_key=key, timeout_s=120, chunk_size=1, backoff_s=0.2, dead_cooldown_s=600
+            )
             try:
                 client.generate(samples, cfg, 0, ignore_eos=True)
                 result["retries"] = client.client.retries
@@ -429,8 +481,7 @@ def test_killed_engine_requests_finish_elsewhere_and_it_rejoins(
         assert sup.take_restarted() == [0] and served.starts == 2
         # The restarted engine has the checkpoint's weights: re-form the group and push the current ones.
         sync.close()
-        sync = WeightSync(urls, "127.0.0.1", free_port(0), api_key=key, group_name="miles-test-rejoin",
-                          timeout_s=120)
+        sync = WeightSync(urls, "127.0.0.1", free_port(0), api_key=key, group_name="miles-test-rejoin", timeout_s=120)
         sync.sync(list(new.items()), weight_version=6)
         after = _samples(model_dir)
         _generate([served.url], key, after, _greedy())

@@ -22,4 +22,3 @@ def engine(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
 
     torch.set_num_threads(1)
     return Engine(tiny_model_dir, seed=0, max_batch_size=8)
-

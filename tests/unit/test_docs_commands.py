@@ -59,8 +59,11 @@ def examples(doc: str) -> list[Example]:
             fenced = not fenced
             i += 1
             continue
-        m = re.match(r"\s*(\$ )?(miles (?!COMMAND)(?![a-z]+: error).*)", line) if fenced or line.startswith("    ") \
+        m = (
+            re.match(r"\s*(\$ )?(miles (?!COMMAND)(?![a-z]+: error).*)", line)
+            if fenced or line.startswith("    ")
             else None
+        )
         if not m:
             i += 1
             continue
@@ -104,8 +107,9 @@ def _appears(pattern: str, actual: str) -> bool:
 
 
 @pytest.mark.parametrize("example", CHEAP, ids=[e.id for e in CHEAP])
-def test_cheap_documented_commands_run_as_shown(example: Example, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cheap_documented_commands_run_as_shown(
+    example: Example, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.chdir(ROOT)
     rc = cli.main(list(example.argv))
     out, err = capsys.readouterr()
@@ -115,6 +119,7 @@ def test_cheap_documented_commands_run_as_shown(example: Example, monkeypatch: p
     for shown in example.shown:
         while at < len(actual) and not _appears(shown, actual[at]):
             at += 1
-        assert at < len(actual), f"{example.id}: the doc shows {shown!r}, which the command did not print:\n" \
-                                 + "\n".join(actual[:20])
+        assert at < len(actual), (
+            f"{example.id}: the doc shows {shown!r}, which the command did not print:\n" + "\n".join(actual[:20])
+        )
         at += 1

@@ -27,10 +27,17 @@ pytestmark = pytest.mark.slow
 def test_quickstart_reward_rises_and_engines_hold_the_actors_weights(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "miles.cli", "run", str(ROOT / "configs" / "quickstart.toml"),
-        "--set", f'run.run_dir="{run_dir}"',
-        "--set", f"run.num_rollout={ROLLOUTS}",
-        "--set", "rollout.check_weight_sync=true",
+        sys.executable,
+        "-m",
+        "miles.cli",
+        "run",
+        str(ROOT / "configs" / "quickstart.toml"),
+        "--set",
+        f'run.run_dir="{run_dir}"',
+        "--set",
+        f"run.num_rollout={ROLLOUTS}",
+        "--set",
+        "rollout.check_weight_sync=true",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MILES_FAULT", None)

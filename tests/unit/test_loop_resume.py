@@ -32,17 +32,31 @@ def _miles_run(run_dir: Path, fault: str = "", timeout: float = 300) -> subproce
     if fault:
         env["MILES_FAULT"] = fault
     cmd = [
-        sys.executable, "-m", "miles.cli", "run", str(ROOT / "configs" / "quickstart.toml"),
-        "--set", f"run.run_dir={str(run_dir)!r}".replace("'", '"'),
-        "--set", f"run.num_rollout={ROLLOUTS}",
-        "--set", "run.use_tensorboard=false",
-        "--set", "run.plot=false",
-        "--set", "rollout.rollout_batch_size=16",
-        "--set", "rollout.n_samples_per_prompt=4",
-        "--set", "train.global_batch_size=32",
-        "--set", "train.micro_batch_size=8",
-        "--set", "ckpt.save_interval=2",
-        "--set", "ckpt.keep_last=3",
+        sys.executable,
+        "-m",
+        "miles.cli",
+        "run",
+        str(ROOT / "configs" / "quickstart.toml"),
+        "--set",
+        f"run.run_dir={str(run_dir)!r}".replace("'", '"'),
+        "--set",
+        f"run.num_rollout={ROLLOUTS}",
+        "--set",
+        "run.use_tensorboard=false",
+        "--set",
+        "run.plot=false",
+        "--set",
+        "rollout.rollout_batch_size=16",
+        "--set",
+        "rollout.n_samples_per_prompt=4",
+        "--set",
+        "train.global_batch_size=32",
+        "--set",
+        "train.micro_batch_size=8",
+        "--set",
+        "ckpt.save_interval=2",
+        "--set",
+        "ckpt.keep_last=3",
     ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -107,10 +121,25 @@ def test_resume_refuses_a_changed_four_knob(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MILES_FAULT", None)
     cmd = [
-        sys.executable, "-m", "miles.cli", "run", str(ROOT / "configs" / "quickstart.toml"),
-        "--set", f'run.run_dir="{run_dir}"', "--set", f"run.num_rollout={ROLLOUTS}",
-        "--set", "rollout.rollout_batch_size=16", "--set", "rollout.n_samples_per_prompt=8",
-        "--set", "train.global_batch_size=32", "--set", "train.micro_batch_size=8", "--set", "ckpt.save_interval=2",
+        sys.executable,
+        "-m",
+        "miles.cli",
+        "run",
+        str(ROOT / "configs" / "quickstart.toml"),
+        "--set",
+        f'run.run_dir="{run_dir}"',
+        "--set",
+        f"run.num_rollout={ROLLOUTS}",
+        "--set",
+        "rollout.rollout_batch_size=16",
+        "--set",
+        "rollout.n_samples_per_prompt=8",
+        "--set",
+        "train.global_batch_size=32",
+        "--set",
+        "train.micro_batch_size=8",
+        "--set",
+        "ckpt.save_interval=2",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     out = proc.stdout + proc.stderr

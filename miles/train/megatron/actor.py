@@ -78,7 +78,9 @@ class MegatronActor:
 
         t = spec.train
         if t.global_batch_size is None or t.num_steps_per_rollout is None:
-            raise UserError("[train] global_batch_size and num_steps_per_rollout must be resolved before building the actor")
+            raise UserError(
+                "[train] global_batch_size and num_steps_per_rollout must be resolved before building the actor"
+            )
         if ctx.group is not None and dist.get_world_size(ctx.group) != dist.get_world_size():
             raise UserError(
                 "the Megatron backend builds its TP/PP/DP groups over the whole torch.distributed world; "
@@ -86,8 +88,8 @@ class MegatronActor:
             )
         if ctx.device.type != "cuda" and not getattr(torch.cuda, "miles_cpu_shim", False):
             raise UserError(
-                "[perf] backend = \"megatron\" needs CUDA GPUs (megatron-core calls CUDA for devices, RNG and "
-                "streams); on CPUs use backend = \"fsdp\" (miles' own CPU tests run Megatron through a test-only shim)"
+                '[perf] backend = "megatron" needs CUDA GPUs (megatron-core calls CUDA for devices, RNG and '
+                'streams); on CPUs use backend = "fsdp" (miles\' own CPU tests run Megatron through a test-only shim)'
             )
         self.spec, self.ctx, self.device = spec, ctx, ctx.device
         self.arch = read_hf_arch(ctx.model_dir)
@@ -171,8 +173,11 @@ class MegatronActor:
         """
         local_vocab = output.shape[-1]
         kw: dict[str, Any] = dict(
-            vocab_start=self.tp_rank * local_vocab, vocab_size=self.arch.vocab_size, temperature=self.temperature,
-            group=self.tp_group, chunked=self.spec.perf.fused_kernels,
+            vocab_start=self.tp_rank * local_vocab,
+            vocab_size=self.arch.vocab_size,
+            temperature=self.temperature,
+            group=self.tp_group,
+            chunked=self.spec.perf.fused_kernels,
         )
         if self.cp.size == 1:
             sel = torch.gather(output, 1, mb.logit_pos.unsqueeze(-1).expand(-1, -1, local_vocab))
@@ -242,7 +247,10 @@ class MegatronActor:
         t = self.spec.train
         assert t.global_batch_size is not None and t.num_steps_per_rollout is not None
         check_trainable(batch, t, self.loss_cfg)
-        return [self._optimizer_step(batch, idx, rollout_id) for idx in step_indices(len(batch), t.global_batch_size, t.num_steps_per_rollout)]
+        return [
+            self._optimizer_step(batch, idx, rollout_id)
+            for idx in step_indices(len(batch), t.global_batch_size, t.num_steps_per_rollout)
+        ]
 
     def _optimizer_step(self, batch: RolloutBatch, idx: list[int], rollout_id: int) -> StepMetrics:
         t0 = time.perf_counter()
@@ -255,7 +263,13 @@ class MegatronActor:
             if not mb.indices:  # a dummy micro-batch keeps the collectives in step with the other DP ranks
                 return lp.sum() * 0.0, self._zero_tokens(), {"metrics": {}, "tokens": 0}
             loss, metrics = micro_batch_loss(
-                self.loss_cfg, self.aggregation, mb, lp, ent, global_tokens=global_tokens, global_samples=len(idx),
+                self.loss_cfg,
+                self.aggregation,
+                mb,
+                lp,
+                ent,
+                global_tokens=global_tokens,
+                global_samples=len(idx),
                 max_response_len=self.spec.rollout.rollout_max_response_len,
             )
             tokens = int(mb.attention_mask.sum())
@@ -276,14 +290,18 @@ class MegatronActor:
             grad_norm = self._cpu_step()
         self._step += 1
         out = self._reduce_metrics(store)
-        out.update(grad_norm=float(grad_norm or 0.0), lr=lr, step=float(self._step), rollout_id=float(rollout_id),
-                   step_time_s=time.perf_counter() - t0)
+        out.update(
+            grad_norm=float(grad_norm or 0.0),
+            lr=lr,
+            step=float(self._step),
+            rollout_id=float(rollout_id),
+            step_time_s=time.perf_counter() - t0,
+        )
         return out
 
     def _cpu_step(self) -> float:
         """AdamW on ``main_grad`` with the global gradient norm: each slice counted once over TP/PP/EP."""
         from megatron.core import parallel_state as ps
-
 
         rules = {r.mcore: r for r in param_rules(self.arch)}
         etp_rank = ps.get_expert_tensor_parallel_rank() if self.arch.num_experts else 0
@@ -354,7 +372,9 @@ class MegatronActor:
 
     # -- weights -------------------------------------------------------------------------------
     def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """See :meth:`miles.train.actor.Actor.named_hf_weights`: gathered over TP/EP, sent from each PP stage to rank 0."""
+        """See :meth:`miles.train.actor.Actor.named_hf_weights`: gathered over TP/EP, sent from each PP stage to
+        rank 0.
+        """
         return export_hf_weights(self.model.module, self.arch, self.device)
 
     def save_hf(self, out_dir: str) -> None:

@@ -88,7 +88,9 @@ class SdpaAttention(MegatronModule):  # type: ignore[misc]
                 q, k, v, dropout_p=dropout, is_causal=self.causal and sq > 1, scale=self.scale
             )
         else:  # Megatron's masks are True where attention is *forbidden*; SDPA's boolean masks the opposite
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=self.scale)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=self.scale
+            )
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
     def _context_parallel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -111,7 +113,9 @@ class SdpaAttention(MegatronModule):  # type: ignore[misc]
             q_half = q[:, :, half * c : (half + 1) * c]
             k_vis, v_vis = k[:, :, :visible], v[:, :, :visible]
             if chunk == 0:  # square: the ordinary causal mask
-                out = F.scaled_dot_product_attention(q_half, k_vis, v_vis, dropout_p=dropout, is_causal=True, scale=self.scale)
+                out = F.scaled_dot_product_attention(
+                    q_half, k_vis, v_vis, dropout_p=dropout, is_causal=True, scale=self.scale
+                )
             else:
                 out = F.scaled_dot_product_attention(
                     q_half, k_vis, v_vis, attn_mask=causal_lower_right(c, visible), dropout_p=dropout, scale=self.scale

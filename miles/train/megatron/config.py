@@ -105,7 +105,9 @@ def arch_from_dict(cfg: dict[str, Any], source: str = "config.json") -> HFArch:
     if family == "qwen3_moe":
         step = int(cfg.get("decoder_sparse_step", 1))
         if step != 1 or cfg.get("mlp_only_layers"):
-            raise UserError(f"{source}: Qwen3-MoE with dense layers (decoder_sparse_step/mlp_only_layers) is not mapped")
+            raise UserError(
+                f"{source}: Qwen3-MoE with dense layers (decoder_sparse_step/mlp_only_layers) is not mapped"
+            )
     qkv_bias = True if family == "qwen2" else bool(cfg.get("attention_bias", False))
     if cfg.get("mlp_bias"):
         raise UserError(f"{source}: mlp_bias = true is not supported by the Megatron mapping")
@@ -147,8 +149,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def check_runtime(perf: PerfConfig, use_te: bool) -> None:
     """Refuse what the trainer node's software cannot run (the layout itself was checked by the planner)."""
     if perf.moe_permute_fusion and not use_te:
-        raise UserError("[perf] moe_permute_fusion = true needs Transformer Engine, which does not import here: "
-                        "install it on the trainer nodes, or set moe_permute_fusion = false")
+        raise UserError(
+            "[perf] moe_permute_fusion = true needs Transformer Engine, which does not import here: "
+            "install it on the trainer nodes, or set moe_permute_fusion = false"
+        )
 
 
 def _known_fields(cls: type) -> set[str]:
@@ -244,8 +248,10 @@ def transformer_config(
     # what the field would do.
     asked = {"moe_router_dtype"} | ({"moe_permute_fusion"} if perf.moe_permute_fusion else set())
     if dropped & asked:
-        raise UserError(f"[perf] {', '.join(sorted(dropped & asked))}: this megatron-core release has no such option; "
-                        "remove the key or install a newer megatron-core")
+        raise UserError(
+            f"[perf] {', '.join(sorted(dropped & asked))}: this megatron-core release has no such option; "
+            "remove the key or install a newer megatron-core"
+        )
     for k in dropped & {"moe_permute_fusion", "moe_router_score_function"}:
         kwargs.pop(k)
     backend = megatron_attention_backend(perf.attention_backend) if use_te else None
@@ -258,8 +264,14 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-LOCAL_ATTENTION = {"unfused": "unfused", "local": "unfused", "sdpa": "sdpa", "flash": "sdpa", "fused": "sdpa",
-                   "auto": "sdpa"}
+LOCAL_ATTENTION = {
+    "unfused": "unfused",
+    "local": "unfused",
+    "sdpa": "sdpa",
+    "flash": "sdpa",
+    "fused": "sdpa",
+    "auto": "sdpa",
+}
 """``[perf] attention_backend`` (Miles' names and miles' own) -> the core attention miles runs without Transformer
 Engine: Megatron's unfused kernels, or torch SDPA (which dispatches to flash, cuDNN or memory-efficient kernels)."""
 
@@ -299,8 +311,11 @@ def layer_spec(arch: HFArch, use_te: bool, attention_backend: str = "unfused", f
         from miles.train.megatron.norm import RMSNorm  # only with fused kernels
 
         qk = {"q_layernorm": RMSNorm, "k_layernorm": RMSNorm} if arch.qk_norm else {}
-        layer = {"self_attention": dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, **qk)),
-                 "input_layernorm": RMSNorm, "pre_mlp_layernorm": RMSNorm}
+        layer = {
+            "self_attention": dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, **qk)),
+            "input_layernorm": RMSNorm,
+            "pre_mlp_layernorm": RMSNorm,
+        }
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **layer))
 
 

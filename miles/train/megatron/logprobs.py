@@ -54,7 +54,9 @@ def vocab_parallel_logprobs_and_entropy(
     tp = dist.get_world_size(group) if dist.is_initialized() else 1
     valid = min(max(vocab_size - vocab_start, 0), logits.shape[-1])
     if chunked and valid > 0:
-        lp, ent = _ChunkedLogprobEntropy.apply(logits, targets, vocab_start, valid, temperature, group if tp > 1 else None)
+        lp, ent = _ChunkedLogprobEntropy.apply(
+            logits, targets, vocab_start, valid, temperature, group if tp > 1 else None
+        )
         return lp, ent
 
     from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region

@@ -70,7 +70,9 @@ def param_rules(arch: HFArch) -> list[ParamRule]:
             rules.append(ParamRule(mc + "self_attention.q_layernorm.weight", (at + "q_norm.weight",), "replicated", i))
             rules.append(ParamRule(mc + "self_attention.k_layernorm.weight", (at + "k_norm.weight",), "replicated", i))
         rules.append(ParamRule(mc + "self_attention.linear_proj.weight", (at + "o_proj.weight",), "row", i))
-        rules.append(ParamRule(mc + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",), "replicated", i))
+        rules.append(
+            ParamRule(mc + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",), "replicated", i)
+        )
         if arch.num_experts:
             rules.append(ParamRule(mc + "mlp.router.weight", (hf + "mlp.gate.weight",), "replicated", i))
             for e in range(arch.num_experts):

@@ -30,7 +30,9 @@ from torch.nn import functional as F
 
 
 class RMSNorm(torch.nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dimension, with the builder signature Megatron's specs use."""
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dimension, with the builder signature Megatron's
+    specs use.
+    """
 
     def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
         super().__init__()

@@ -14,7 +14,10 @@ from miles.spec.tables import GrpoConfig
 
 def _inp(rewards: list[float], groups: list[int], lens: list[int], **kw: object) -> AdvantageInputs:
     return AdvantageInputs(
-        rewards=torch.tensor(rewards), group_index=groups, loss_masks=[torch.ones(n) for n in lens], **kw  # type: ignore[arg-type]
+        rewards=torch.tensor(rewards),
+        group_index=groups,
+        loss_masks=[torch.ones(n) for n in lens],
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -48,17 +51,24 @@ def test_gspo_shares_grpo_advantages_and_singleton_groups_get_zero() -> None:
 
 
 def test_advantages_are_zero_on_masked_tokens() -> None:
-    inp = AdvantageInputs(rewards=torch.tensor([1.0, 0.0]), group_index=[0, 0],
-                          loss_masks=[torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0])])
+    inp = AdvantageInputs(
+        rewards=torch.tensor([1.0, 0.0]),
+        group_index=[0, 0],
+        loss_masks=[torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0])],
+    )
     a = 0.5 / (math.sqrt(0.5) + 1e-6)
     _close(compute_advantages(GrpoConfig(), inp), [[a, 0.0, a], [-a]])
 
 
 def test_reinforce_plus_plus_discounts_kl_and_reward_then_whitens() -> None:
     cfg = GrpoConfig(advantage_estimator="reinforce_plus_plus", kl_coef=0.5, gamma=0.5)
-    inp = _inp([1, 0], [0, 1], [3, 1],
-               old_logprobs=[torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.0])],
-               ref_logprobs=[torch.tensor([-1.0, 0.0, 1.0]), torch.tensor([0.0])])
+    inp = _inp(
+        [1, 0],
+        [0, 1],
+        [3, 1],
+        old_logprobs=[torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.0])],
+        ref_logprobs=[torch.tensor([-1.0, 0.0, 1.0]), torch.tensor([0.0])],
+    )
     # kl = old - ref = [1, 0, -1]; token rewards = -0.5*kl + reward on the last token = [-0.5, 0, 1.5]
     # returns with gamma .5: G2 = 1.5, G1 = 0.75, G0 = -0.5 + 0.375 = -0.125; sample 2: [0]
     flat = [-0.125, 0.75, 1.5, 0.0]
@@ -70,8 +80,11 @@ def test_reinforce_plus_plus_discounts_kl_and_reward_then_whitens() -> None:
 
 def test_reinforce_plus_plus_puts_the_reward_on_the_last_trained_token() -> None:
     cfg = GrpoConfig(advantage_estimator="reinforce_plus_plus", gamma=1.0)
-    inp = AdvantageInputs(rewards=torch.tensor([2.0, 0.0]), group_index=[0, 1],
-                          loss_masks=[torch.tensor([1.0, 1.0, 0.0]), torch.tensor([1.0])])
+    inp = AdvantageInputs(
+        rewards=torch.tensor([2.0, 0.0]),
+        group_index=[0, 1],
+        loss_masks=[torch.tensor([1.0, 1.0, 0.0]), torch.tensor([1.0])],
+    )
     # returns [2, 2, 0] and [0]; whitened over the 3 trained tokens [2, 2, 0]: mean 4/3, var 8/9
     s = 1 / math.sqrt(8 / 9 + 1e-8)
     _close(compute_advantages(cfg, inp), [[(2 - 4 / 3) * s, (2 - 4 / 3) * s, 0.0], [(0 - 4 / 3) * s]], tol=1e-5)
@@ -79,9 +92,13 @@ def test_reinforce_plus_plus_puts_the_reward_on_the_last_trained_token() -> None
 
 def test_reinforce_plus_plus_baseline() -> None:
     cfg = GrpoConfig(advantage_estimator="reinforce_plus_plus_baseline", kl_coef=1.0)
-    inp = _inp([1, 0], [0, 0], [2, 1],
-               old_logprobs=[torch.tensor([0.0, 0.5]), torch.tensor([0.0])],
-               ref_logprobs=[torch.tensor([0.0, 0.0]), torch.tensor([0.0])])
+    inp = _inp(
+        [1, 0],
+        [0, 0],
+        [2, 1],
+        old_logprobs=[torch.tensor([0.0, 0.5]), torch.tensor([0.0])],
+        ref_logprobs=[torch.tensor([0.0, 0.0]), torch.tensor([0.0])],
+    )
     # centred rewards .5, -.5; minus kl (0, .5 | 0): tokens [0.5, 0.0 | -0.5]; mean 0, var 1/6
     s = 1 / math.sqrt(1 / 6 + 1e-8)
     _close(compute_advantages(cfg, inp), [[0.5 * s, 0.0], [-0.5 * s]], tol=1e-5)

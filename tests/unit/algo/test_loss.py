@@ -49,15 +49,17 @@ def _ppo(cfg: LossConfig, ratios: list[float], adv: list[float]) -> tuple[torch.
     lp = torch.log(_row(*ratios)).requires_grad_(True)
     n = len(ratios)
     mask = torch.ones(1, n)
-    loss, m = policy_loss(cfg, LossInputs(logprobs=lp, old_logprobs=torch.zeros(1, n), advantages=_row(*adv),
-                                          mask=mask, weights=mask / n))
+    loss, m = policy_loss(
+        cfg, LossInputs(logprobs=lp, old_logprobs=torch.zeros(1, n), advantages=_row(*adv), mask=mask, weights=mask / n)
+    )
     loss.backward()
     assert lp.grad is not None
     return loss, m, lp.grad
 
 
 def test_ppo_clip() -> None:
-    # ratio 1.5, A=+1 -> clipped at 1.2 (-1.2); ratio .5, A=+1 -> -0.5; ratio 1.5, A=-1 -> 1.5; ratio .5, A=-1 -> 0.8 clipped
+    # ratio 1.5, A=+1 -> clipped at 1.2 (-1.2); ratio .5, A=+1 -> -0.5; ratio 1.5, A=-1 -> 1.5; ratio .5, A=-1 -> 0.8
+    # clipped
     loss, m, grad = _ppo(LossConfig(eps_clip=0.2), [1.5, 0.5, 1.5, 0.5], [1, 1, -1, -1])
     assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.5 + 0.8) / 4)
     assert m["clip_frac"].item() == pytest.approx(0.5)
@@ -108,8 +110,13 @@ def test_tis_weights_by_the_clipped_engine_ratio() -> None:
     # on-policy (old = current): ratio 1; tis = exp(lp - rollout) = [1/3, 4] -> clipped at 2
     loss, m = policy_loss(
         LossConfig(use_tis=True, tis_clip=2.0),
-        LossInputs(logprobs=lp, advantages=_row(1.0, 1.0), mask=mask, weights=mask / 2,
-                   rollout_logprobs=torch.log(_row(1.5, 0.125))),
+        LossInputs(
+            logprobs=lp,
+            advantages=_row(1.0, 1.0),
+            mask=mask,
+            weights=mask / 2,
+            rollout_logprobs=torch.log(_row(1.5, 0.125)),
+        ),
     )
     assert loss.item() == pytest.approx(-(1 / 3 + 2) / 2, abs=1e-6)
     assert m["tis"].item() == pytest.approx((1 / 3 + 4) / 2, abs=1e-5)
@@ -121,26 +128,44 @@ def test_entropy_bonus_and_kl_loss_compose() -> None:
     lp = torch.zeros(1, 2, requires_grad=True)
     mask = torch.ones(1, 2)
     cfg = LossConfig(entropy_coef=0.1, use_kl_loss=True, kl_loss_coef=0.5, kl_loss_type="k1")
-    loss, m = policy_loss(cfg, LossInputs(logprobs=lp, advantages=torch.zeros(1, 2), mask=mask, weights=mask / 2,
-                                          entropy=_row(1.0, 3.0), ref_logprobs=_row(-1.0, -1.0)))
+    loss, m = policy_loss(
+        cfg,
+        LossInputs(
+            logprobs=lp,
+            advantages=torch.zeros(1, 2),
+            mask=mask,
+            weights=mask / 2,
+            entropy=_row(1.0, 3.0),
+            ref_logprobs=_row(-1.0, -1.0),
+        ),
+    )
     assert m["entropy"].item() == pytest.approx(2.0)
     assert m["kl_loss"].item() == pytest.approx(1.0)
     assert loss.item() == pytest.approx(0.0 - 0.1 * 2.0 + 0.5 * 1.0)
     # the KL term is only reported (not added) without use_kl_loss
-    loss, m = policy_loss(LossConfig(), LossInputs(logprobs=lp, advantages=torch.zeros(1, 2), mask=mask,
-                                                   weights=mask / 2, ref_logprobs=_row(-1.0, -1.0)))
+    loss, m = policy_loss(
+        LossConfig(),
+        LossInputs(
+            logprobs=lp, advantages=torch.zeros(1, 2), mask=mask, weights=mask / 2, ref_logprobs=_row(-1.0, -1.0)
+        ),
+    )
     assert loss.item() == 0.0 and m["kl_loss"].item() == pytest.approx(1.0)
 
 
 def test_token_weights() -> None:
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     assert token_weights(mask, "token", global_tokens=8, global_samples=4).tolist() == [
-        [1 / 8, 1 / 8, 1 / 8, 0.0], [1 / 8, 0.0, 0.0, 0.0]]
-    torch.testing.assert_close(token_weights(mask, "sample", global_tokens=8, global_samples=4),
-                               torch.tensor([[1 / 12, 1 / 12, 1 / 12, 0.0], [1 / 4, 0.0, 0.0, 0.0]]))
+        [1 / 8, 1 / 8, 1 / 8, 0.0],
+        [1 / 8, 0.0, 0.0, 0.0],
+    ]
+    torch.testing.assert_close(
+        token_weights(mask, "sample", global_tokens=8, global_samples=4),
+        torch.tensor([[1 / 12, 1 / 12, 1 / 12, 0.0], [1 / 4, 0.0, 0.0, 0.0]]),
+    )
     torch.testing.assert_close(
         token_weights(mask, "sample_token_sum", global_tokens=8, global_samples=4, max_response_len=10),
-        torch.tensor([[1 / 40, 1 / 40, 1 / 40, 0.0], [1 / 40, 0.0, 0.0, 0.0]]))
+        torch.tensor([[1 / 40, 1 / 40, 1 / 40, 0.0], [1 / 40, 0.0, 0.0, 0.0]]),
+    )
 
 
 def test_aggregation_for() -> None:
@@ -150,9 +175,21 @@ def test_aggregation_for() -> None:
 
 
 @pytest.mark.parametrize("mode", ["token", "sample", "sample_token_sum"])
-@pytest.mark.parametrize("cfg", [LossConfig(eps_clip=0.2, eps_clip_c=3.0, entropy_coef=0.01, use_kl_loss=True,
-                                            kl_loss_coef=0.1, kl_loss_type="low_var_kl"),
-                                 LossConfig(sequence_ratio=True, use_tis=True)], ids=["ppo", "gspo_tis"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LossConfig(
+            eps_clip=0.2,
+            eps_clip_c=3.0,
+            entropy_coef=0.01,
+            use_kl_loss=True,
+            kl_loss_coef=0.1,
+            kl_loss_type="low_var_kl",
+        ),
+        LossConfig(sequence_ratio=True, use_tis=True),
+    ],
+    ids=["ppo", "gspo_tis"],
+)
 def test_micro_batches_and_ranks_add_up_to_the_whole_batch(mode: str, cfg: LossConfig) -> None:
     """Splitting a global batch into micro-batches (and DP ranks) gives the same loss and gradient."""
     g = torch.Generator().manual_seed(0)
@@ -175,11 +212,26 @@ def test_micro_batches_and_ranks_add_up_to_the_whole_batch(mode: str, cfg: LossC
         total = 0.0
         for idx in split:
             mask = pad([torch.ones(n) for n in lens], idx)
-            w = token_weights(mask, mode, global_tokens=total_tokens, global_samples=len(lens),  # type: ignore[arg-type]
-                              max_response_len=8)
-            loss, _ = policy_loss(cfg, LossInputs(
-                logprobs=pad(leaves, idx), old_logprobs=pad(old, idx), advantages=pad(adv, idx), mask=mask,
-                weights=w, entropy=pad(ent, idx), ref_logprobs=pad(ref, idx), rollout_logprobs=pad(roll, idx)))
+            w = token_weights(
+                mask,
+                mode,
+                global_tokens=total_tokens,
+                global_samples=len(lens),  # type: ignore[arg-type]
+                max_response_len=8,
+            )
+            loss, _ = policy_loss(
+                cfg,
+                LossInputs(
+                    logprobs=pad(leaves, idx),
+                    old_logprobs=pad(old, idx),
+                    advantages=pad(adv, idx),
+                    mask=mask,
+                    weights=w,
+                    entropy=pad(ent, idx),
+                    ref_logprobs=pad(ref, idx),
+                    rollout_logprobs=pad(roll, idx),
+                ),
+            )
             loss.backward()
             total += loss.item()
         return total, [leaf.grad.clone() for leaf in leaves]  # type: ignore[union-attr]

@@ -15,8 +15,16 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """config.json of a 2-layer Qwen2, hidden 32, vocab 96, tied embeddings."""
     from transformers import Qwen2Config
 
-    cfg = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     path = tmp_path_factory.mktemp("bench-config") / "config.json"
     path.write_text(json.dumps(cfg.to_dict()))
     return path

@@ -90,9 +90,27 @@ def _check_pytest(words: list[str], case: Case) -> None:
 
 def _collect(paths: list[str], keyword: str) -> list[str]:
     """Node ids that ``pytest -m gpu -k KEYWORD PATHS`` selects (collection only: CUDA is not needed)."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           "-m", "gpu", "-k", keyword, *paths], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "gpu",
+            "-k",
+            keyword,
+            *paths,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     return [line for line in proc.stdout.splitlines() if "::" in line]
 
 
@@ -141,11 +159,20 @@ def test_cp_selection_starts_only_the_context_parallel_ranks() -> None:
         sys.path.remove(str(ROOT / "tests" / "gpu"))
     _, words = split(BY_NAME["cp-equivalence-4gpu"].steps[0].command)
     ids = _collect(["tests/gpu/test_megatron_gpu.py"], words[words.index("-k") + 1])
-    items = [SimpleNamespace(path=ROOT / i.split("::")[0], name=i.split("::")[1],
-                             callspec=SimpleNamespace(params={"name": i.split("[")[1].rstrip("]")}))
-             for i in ids]
-    assert selected_scenarios(items) == {"equiv_tp2cp2_fp32", "equiv_tp2cp2_bf16", "equiv_pp2cp2_fp32",
-                                         "equiv_pp2cp2_bf16"}
+    items = [
+        SimpleNamespace(
+            path=ROOT / i.split("::")[0],
+            name=i.split("::")[1],
+            callspec=SimpleNamespace(params={"name": i.split("[")[1].rstrip("]")}),
+        )
+        for i in ids
+    ]
+    assert selected_scenarios(items) == {
+        "equiv_tp2cp2_fp32",
+        "equiv_tp2cp2_bf16",
+        "equiv_pp2cp2_fp32",
+        "equiv_pp2cp2_bf16",
+    }
     whole = [SimpleNamespace(path=ROOT / "tests/gpu/test_megatron_gpu.py", name="test_roundtrip_bit_identical")]
     assert selected_scenarios(whole) == {"roundtrip"}
 
@@ -156,8 +183,7 @@ def test_list_names_every_case(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(f"{c.name}  (" in out for c in CASES)
 
 
-def test_dry_run_prints_the_commands_with_the_output_folder(tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_prints_the_commands_with_the_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cases.main(["sync-1to1-7b", "--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"--json {tmp_path}/sync-1to1-7b/sync-1to1-7b.json" in out and "{out}" not in out
@@ -167,12 +193,19 @@ def test_dry_run_prints_the_commands_with_the_output_folder(tmp_path: Path,
 
 
 def test_run_case_logs_each_command_and_reports_failures_and_timeouts(tmp_path: Path) -> None:
-    case = Case("engine-runner-check", 1, "a case of three trivial commands, to check the runner itself", (
-        Step("GREETING=hello python -c 'import os; print(os.environ[\"GREETING\"], os.environ[\"NCCL_NVLS_ENABLE\"])'",
-             60),
-        Step("python -c 'import sys; sys.exit(3)'", 60),
-        Step("python -c 'import time; time.sleep(60)'", 1),
-    ))
+    case = Case(
+        "engine-runner-check",
+        1,
+        "a case of three trivial commands, to check the runner itself",
+        (
+            Step(
+                'GREETING=hello python -c \'import os; print(os.environ["GREETING"], os.environ["NCCL_NVLS_ENABLE"])\'',
+                60,
+            ),
+            Step("python -c 'import sys; sys.exit(3)'", 60),
+            Step("python -c 'import time; time.sleep(60)'", 1),
+        ),
+    )
     assert run_case(case, tmp_path, tail=5) == 1
     summary = json.loads((tmp_path / case.name / "summary.json").read_text())
     assert [s["rc"] for s in summary["steps"]] == [0, 3, 124]
@@ -184,8 +217,11 @@ def test_docs_cite_only_registered_cases_and_list_them_all() -> None:
     cited = set()
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = doc.read_text(encoding="utf-8")
-        for pattern in (r"run\.sh\s+([a-z][a-z0-9.-]+)", r"miles\.bench\.cases\s+([a-z][a-z0-9.-]+)",
-                        r"[Cc]ases?:?\s+`([a-z][a-z0-9.-]+)`"):
+        for pattern in (
+            r"run\.sh\s+([a-z][a-z0-9.-]+)",
+            r"miles\.bench\.cases\s+([a-z][a-z0-9.-]+)",
+            r"[Cc]ases?:?\s+`([a-z][a-z0-9.-]+)`",
+        ):
             cited |= {(doc.name, m) for m in re.findall(pattern, text)}
     assert cited and {name for _, name in cited} <= set(BY_NAME), sorted(cited)
     table = re.findall(r"^\| `([a-z][a-z0-9.-]+)` \| (\d) \|", (ROOT / "docs" / "benchmarks.md").read_text(), re.M)

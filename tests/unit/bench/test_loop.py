@@ -18,9 +18,18 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_loop_reads_phases_and_overhead_of_a_run_dir(tmp_path: Path) -> None:
     log = MetricsLog(tmp_path, 0, tensorboard=False, plot=False)  # what the loop's driver writes
     for i, (gen, train, total) in enumerate([(5.0, 2.0, 10.0), (1.0, 2.0, 4.0), (1.0, 1.5, 3.5)]):
-        log.log(i, {"rollout/reward_mean": 0.5},
-                {"time/generate": gen, "time/reward": 0.25, "time/train": train, "time/sync": 0.5,
-                 "time/total": total, "rollout/tokens_per_s": 100.0})
+        log.log(
+            i,
+            {"rollout/reward_mean": 0.5},
+            {
+                "time/generate": gen,
+                "time/reward": 0.25,
+                "time/train": train,
+                "time/sync": 0.5,
+                "time/total": total,
+                "rollout/tokens_per_s": 100.0,
+            },
+        )
     out = tmp_path / "loop.json"
     assert main("loop", ["--from-run", str(tmp_path), "--json", str(out)]) == 0
     report = load_report(out, "loop")
@@ -43,8 +52,23 @@ def test_loop_without_perf_is_a_user_error(tmp_path: Path) -> None:
 def test_loop_runs_the_quickstart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     out = tmp_path / "loop.json"
-    assert main("loop", ["configs/quickstart.toml", "--rollouts", "2", "--run-dir", str(tmp_path / "run"),
-                         "--set", "run.plot=false", "--json", str(out)]) == 0
+    assert (
+        main(
+            "loop",
+            [
+                "configs/quickstart.toml",
+                "--rollouts",
+                "2",
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--set",
+                "run.plot=false",
+                "--json",
+                str(out),
+            ],
+        )
+        == 0
+    )
     report = load_report(out, "loop")
     assert len(report["rows"]) == 2
     for row in report["rows"]:

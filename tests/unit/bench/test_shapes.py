@@ -20,15 +20,18 @@ from miles.bench.shapes import (
 from miles.errors import UserError
 
 
-@pytest.mark.parametrize(("preset", "params"), [
-    ("qwen2.5-0.5b", 494_032_768),  # the published parameter counts of these checkpoints
-    ("qwen2.5-1.5b", 1_543_714_304),
-    ("qwen2.5-3b", 3_085_938_688),
-    ("qwen2.5-7b", 7_615_616_512),
-    ("llama3.2-1b", 1_235_814_400),
-    ("qwen3-8b", 8_190_735_360),
-    ("llama3-8b", 8_030_261_248),
-])
+@pytest.mark.parametrize(
+    ("preset", "params"),
+    [
+        ("qwen2.5-0.5b", 494_032_768),  # the published parameter counts of these checkpoints
+        ("qwen2.5-1.5b", 1_543_714_304),
+        ("qwen2.5-3b", 3_085_938_688),
+        ("qwen2.5-7b", 7_615_616_512),
+        ("llama3.2-1b", 1_235_814_400),
+        ("qwen3-8b", 8_190_735_360),
+        ("llama3-8b", 8_030_261_248),
+    ],
+)
 def test_presets_have_the_published_parameter_counts(preset: str, params: int) -> None:
     assert param_count(PRESETS[preset]) == params
 
@@ -77,13 +80,16 @@ def test_unknown_preset_and_missing_config_are_user_errors(tmp_path: Path) -> No
         load_config_dict(str(tmp_path), "qwen2.5-0.5b")
 
 
-@pytest.mark.parametrize(("name", "card", "tflops", "bw"), [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.0, 3350.0),
-    ("NVIDIA H100 PCIe", "H100 PCIe", 756.0, 2000.0),
-    ("NVIDIA H200", "H200", 989.0, 4800.0),
-    ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM", 312.0, 2039.0),
-    ("NVIDIA A100-SXM4-40GB", "A100 40GB", 312.0, 1555.0),
-])
+@pytest.mark.parametrize(
+    ("name", "card", "tflops", "bw"),
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.0, 3350.0),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 756.0, 2000.0),
+        ("NVIDIA H200", "H200", 989.0, 4800.0),
+        ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM", 312.0, 2039.0),
+        ("NVIDIA A100-SXM4-40GB", "A100 40GB", 312.0, 1555.0),
+    ],
+)
 def test_card_table(name: str, card: str, tflops: float, bw: float) -> None:
     c = card_for(name)
     assert c is not None and (c.name, c.bf16_tflops, c.mem_bw_gbs) == (card, tflops, bw)

@@ -18,8 +18,29 @@ from .conftest import load_report, positive_finite
 
 def test_sync_sweeps_bucket_sizes_against_raw_broadcast(tiny_config: Path, tmp_path: Path) -> None:
     out, png = tmp_path / "sync.json", tmp_path / "sync.png"
-    assert main("sync", ["--config", str(tiny_config), "--dtype", "float32", "--total-gb", "0.002",
-                         "--bucket-mb", "0.25", "1", "--iters", "1", "--json", str(out), "--plot", str(png)]) == 0
+    assert (
+        main(
+            "sync",
+            [
+                "--config",
+                str(tiny_config),
+                "--dtype",
+                "float32",
+                "--total-gb",
+                "0.002",
+                "--bucket-mb",
+                "0.25",
+                "1",
+                "--iters",
+                "1",
+                "--json",
+                str(out),
+                "--plot",
+                str(png),
+            ],
+        )
+        == 0
+    )
     report = load_report(out, "sync")
     assert report["settings"]["backend"] == "gloo" and report["settings"]["engines"] == 1
     assert [r["bucket_mb"] for r in report["rows"]] == [0.25, 1.0]
@@ -49,14 +70,43 @@ def test_sync_inside_a_slurm_step(tiny_config: Path, tmp_path: Path) -> None:
 
     (rdv / "engine-1.url").write_text(f"http://127.0.0.1:{free_port()}\n")  # left by an earlier run: dead
     (rdv / "done").write_text("done\n")
-    args = ["--config", str(tiny_config), "--dtype", "float32", "--bucket-mb", "1", "--iters", "1", "--slurm",
-            "--rendezvous", str(rdv), "--master-addr", "127.0.0.1", "--json", str(out), "--timeout", "300"]
+    args = [
+        "--config",
+        str(tiny_config),
+        "--dtype",
+        "float32",
+        "--bucket-mb",
+        "1",
+        "--iters",
+        "1",
+        "--slurm",
+        "--rendezvous",
+        str(rdv),
+        "--master-addr",
+        "127.0.0.1",
+        "--json",
+        str(out),
+        "--timeout",
+        "300",
+    ]
     procs = []
     for procid in (1, 0):
-        env = dict(os.environ, SLURM_PROCID=str(procid), SLURM_NTASKS="2", SLURM_LOCALID=str(procid),
-                   SLURM_JOB_ID="4242", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "miles.cli", "bench", "sync", *args], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        env = dict(
+            os.environ,
+            SLURM_PROCID=str(procid),
+            SLURM_NTASKS="2",
+            SLURM_LOCALID=str(procid),
+            SLURM_JOB_ID="4242",
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "miles.cli", "bench", "sync", *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     outputs = [p.communicate(timeout=400)[0].decode(errors="replace") for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     report = json.loads(out.read_text())
@@ -70,10 +120,39 @@ def test_sync_under_torchrun(tiny_config: Path, tmp_path: Path) -> None:
     out = tmp_path / "sync.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "miles.cli",
-         "bench", "sync", "--torchrun", "--config", str(tiny_config), "--dtype", "float32", "--bucket-mb", "0.25", "1",
-         "--iters", "1", "--warmup", "0", "--json", str(out), "--timeout", "300"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=400)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "miles.cli",
+            "bench",
+            "sync",
+            "--torchrun",
+            "--config",
+            str(tiny_config),
+            "--dtype",
+            "float32",
+            "--bucket-mb",
+            "0.25",
+            "1",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+            "--timeout",
+            "300",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stdout.decode(errors="replace")[-3000:]
     report = json.loads(out.read_text())
     assert report["settings"]["engines"] == 1 and [r["bucket_mb"] for r in report["rows"]] == [0.25, 1.0]

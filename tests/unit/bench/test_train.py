@@ -13,8 +13,27 @@ from .conftest import load_report, positive_finite
 def test_train_reports_tokens_per_s_and_flops(tiny_config: Path, tmp_path: Path) -> None:
     out = tmp_path / "train.json"
     # its own process: the suite forms (and destroys) a torch.distributed group
-    cmd = [sys.executable, "-m", "miles.cli", "bench", "train", "--config", str(tiny_config), "--seq-len", "32",
-           "--batch", "2", "--steps", "1", "--warmup", "1", "--peak-tflops", "1.0", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "miles.cli",
+        "bench",
+        "train",
+        "--config",
+        str(tiny_config),
+        "--seq-len",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--peak-tflops",
+        "1.0",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "tokens_per_s" in proc.stdout  # the table
@@ -33,9 +52,32 @@ def test_train_on_two_ranks_shares_rank0s_model(tiny_config: Path, tmp_path: Pat
     """Under torchrun without --workdir, both ranks load the model rank 0 wrote (regression: each rank made its own
     temporary directory and rank 1 found no model); the report counts both ranks' devices."""
     out = tmp_path / "train2.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "miles.cli",
-           "bench", "train", "--config", str(tiny_config), "--seq-len", "32", "--batch", "4", "--steps", "1",
-           "--warmup", "0", "--peak-tflops", "1.0", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "miles.cli",
+        "bench",
+        "train",
+        "--config",
+        str(tiny_config),
+        "--seq-len",
+        "32",
+        "--batch",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--peak-tflops",
+        "1.0",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = load_report(out, "train")["rows"]
@@ -51,7 +93,9 @@ def test_variants_parse_perf_fields_and_refuse_typos() -> None:
 
     assert parse_variant("default") == ({}, None)
     assert parse_variant("attention_backend=sdpa,fused_kernels=true,micro_batch=4") == (
-        {"attention_backend": "sdpa", "fused_kernels": True}, 4)
+        {"attention_backend": "sdpa", "fused_kernels": True},
+        4,
+    )
     for bad in ("attention=sdpa", "fused_kernels", "backend=fsdp", "micro_batch=0"):
         with pytest.raises(UserError, match="--variant"):
             parse_variant(bad)

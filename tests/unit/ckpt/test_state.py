@@ -36,8 +36,11 @@ def test_rng_round_trip_through_json() -> None:
 def test_harmless_changes_resume() -> None:
     spec = Spec(rollout=RolloutConfig(rollout_batch_size=8, n_samples_per_prompt=4))
     saved = json.loads(json.dumps(binding_fields(spec)))
-    changed = replace(spec, run=replace(spec.run, num_rollout=500, use_tensorboard=False),
-                      ckpt=CkptConfig(save_interval=3, keep_last=5))
+    changed = replace(
+        spec,
+        run=replace(spec.run, num_rollout=500, use_tensorboard=False),
+        ckpt=CkptConfig(save_interval=3, keep_last=5),
+    )
     check_resumable(saved, changed, "ckpt/rollout-000004")
 
 

@@ -7,9 +7,11 @@ from pathlib import Path
 from miles.cli import main
 from miles.convert import Conversion, convert
 
-BASE = ("--hf-checkpoint /m --prompt-data /d.jsonl --rm-type math --num-rollout 2 --rollout-batch-size 4 "
-        "--n-samples-per-prompt 2 --global-batch-size 8 --actor-num-gpus-per-node 2 --num-gpus-per-node 2 "
-        "--train-backend fsdp --colocate")
+BASE = (
+    "--hf-checkpoint /m --prompt-data /d.jsonl --rm-type math --num-rollout 2 --rollout-batch-size 4 "
+    "--n-samples-per-prompt 2 --global-batch-size 8 --actor-num-gpus-per-node 2 --num-gpus-per-node 2 "
+    "--train-backend fsdp --colocate"
+)
 
 
 def _convert(tmp_path: Path, extra: str) -> Conversion:
@@ -66,5 +68,5 @@ def test_cli_writes_the_spec_and_prints_the_table(tmp_path: Path, capsys) -> Non
     assert main(["convert", str(script), "-o", str(out)]) == 0
     assert out.read_text().startswith("# Run spec converted by `miles convert` from flags.txt")
     printed = capsys.readouterr().out
-    assert "--train-backend" in printed and "[perf] backend = \"fsdp\"" in printed and f"wrote {out}" in printed
+    assert "--train-backend" in printed and '[perf] backend = "fsdp"' in printed and f"wrote {out}" in printed
     assert main(["validate", str(out)]) == 0

@@ -47,7 +47,10 @@ def test_chat_template_messages_and_kwargs(tmp_path: Path, tokenizer: Any) -> No
     path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": messages, "answer": "4"}, {"prompt": "hello"}])
     keys = DataKeys(input_key="prompt", apply_chat_template=True, apply_chat_template_kwargs={"enable_thinking": True})
     ds = PromptDataset.from_file(path, tokenizer, keys)
-    expected = "<|im_start|> system be brief <|im_end|> <|im_start|> user what is 2 plus 2 <|im_end|> <|im_start|> assistant think "
+    expected = (
+        "<|im_start|> system be brief <|im_end|> <|im_start|> user what is 2 "
+        "plus 2 <|im_end|> <|im_start|> assistant think "
+    )
     assert ds[0].prompt_text == expected
     assert ds[0].prompt == messages
     assert ds[0].prompt_ids == tokenizer(expected, add_special_tokens=False)["input_ids"]

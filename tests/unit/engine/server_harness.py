@@ -39,16 +39,18 @@ class ServerThread:
         self.thread.start()
         assert started.wait(30)
 
-    def call(self, method: str, path: str, body: object = None, key: str | None = None,
-             timeout: float = 60.0) -> tuple[int, object]:
+    def call(
+        self, method: str, path: str, body: object = None, key: str | None = None, timeout: float = 60.0
+    ) -> tuple[int, object]:
         """One HTTP request; returns (status, parsed JSON or text or None)."""
         import json
         import urllib.error
         import urllib.request
 
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         if key:
             req.add_header("Authorization", f"Bearer {key}")
         try:

@@ -20,9 +20,14 @@ def test_greedy_equals_hf_generate(engine: Engine) -> None:
     for text in PROMPTS[:3]:
         ids = engine.encode(text)
         out = engine.generate([GenerationRequest(ids, SamplingParams(max_new_tokens=12, temperature=0.0))])[0]
-        ref = engine.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                                    eos_token_id=sorted(engine.eos_ids), pad_token_id=engine.pad_id)
-        assert out.output_ids == ref[0, len(ids):].tolist()
+        ref = engine.model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=sorted(engine.eos_ids),
+            pad_token_id=engine.pad_id,
+        )
+        assert out.output_ids == ref[0, len(ids) :].tolist()
         if out.output_ids[-1] in engine.eos_ids:
             assert out.finish_reason == {"type": "stop", "matched": out.output_ids[-1]}
         else:
@@ -39,13 +44,16 @@ def test_batched_equals_unbatched(engine: Engine) -> None:
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(engine: Engine) -> None:
-    reqs = [_req(engine, t, temperature=1.0, max_new_tokens=16, sampling_seed=1000 + i, ignore_eos=True)
-            for i, t in enumerate(PROMPTS)]
+    reqs = [
+        _req(engine, t, temperature=1.0, max_new_tokens=16, sampling_seed=1000 + i, ignore_eos=True)
+        for i, t in enumerate(PROMPTS)
+    ]
     first = engine.generate(reqs)
     again = engine.generate(reqs)
     assert [o.output_ids for o in first] == [o.output_ids for o in again]
-    other = engine.generate([_req(engine, PROMPTS[0], temperature=1.0, max_new_tokens=16, sampling_seed=7,
-                                  ignore_eos=True)])[0]
+    other = engine.generate(
+        [_req(engine, PROMPTS[0], temperature=1.0, max_new_tokens=16, sampling_seed=7, ignore_eos=True)]
+    )[0]
     assert other.output_ids != first[0].output_ids
     # a random model is near uniform: sampled text must not be the greedy text
     greedy = engine.generate([_req(engine, PROMPTS[0], temperature=0.0, max_new_tokens=16, ignore_eos=True)])[0]
@@ -55,8 +63,10 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(engine: Engine) -> N
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
 def test_logprobs_equal_a_forward_recomputation(engine: Engine, temperature: float) -> None:
     """SGLang's returned logprob: log softmax(logits / T) of the sampled token (T = 1 when greedy)."""
-    reqs = [_req(engine, t, temperature=temperature, max_new_tokens=8, sampling_seed=3, top_p=0.9, top_k=10)
-            for t in PROMPTS[:4]]
+    reqs = [
+        _req(engine, t, temperature=temperature, max_new_tokens=8, sampling_seed=3, top_p=0.9, top_k=10)
+        for t in PROMPTS[:4]
+    ]
     for req, out in zip(reqs, engine.generate(reqs), strict=True):
         full = torch.tensor([req.input_ids + out.output_ids])
         with torch.no_grad():
@@ -73,13 +83,21 @@ def test_top_k_and_top_p_restrict_the_support(engine: Engine) -> None:
     with torch.no_grad():
         logits = engine.model(torch.tensor([ids])).logits[0, -1].float()
     top2 = set(torch.topk(logits, 2).indices.tolist())
-    reqs = [GenerationRequest(ids, SamplingParams(max_new_tokens=1, temperature=1.0, top_k=2, sampling_seed=s,
-                                                  ignore_eos=True)) for s in range(40)]
+    reqs = [
+        GenerationRequest(
+            ids, SamplingParams(max_new_tokens=1, temperature=1.0, top_k=2, sampling_seed=s, ignore_eos=True)
+        )
+        for s in range(40)
+    ]
     firsts = {o.output_ids[0] for o in engine.generate(reqs)}
     assert firsts <= top2 and len(firsts) == 2
     greedy = int(torch.argmax(logits))
-    tiny_p = [GenerationRequest(ids, SamplingParams(max_new_tokens=1, temperature=1.0, top_p=1e-6, sampling_seed=s,
-                                                    ignore_eos=True)) for s in range(10)]
+    tiny_p = [
+        GenerationRequest(
+            ids, SamplingParams(max_new_tokens=1, temperature=1.0, top_p=1e-6, sampling_seed=s, ignore_eos=True)
+        )
+        for s in range(10)
+    ]
     assert {o.output_ids[0] for o in engine.generate(tiny_p)} == {greedy}
 
 
@@ -87,22 +105,36 @@ def test_stop_token_stop_string_eos_and_min_new_tokens(engine: Engine) -> None:
     greedy = engine.generate([_req(engine, "12+3=", temperature=0.0, max_new_tokens=12, ignore_eos=True)])[0]
     tok = greedy.output_ids[3]
     first = greedy.output_ids.index(tok)
-    out = engine.generate([_req(engine, "12+3=", temperature=0.0, max_new_tokens=12, stop_token_ids=[tok],
-                                ignore_eos=True)])[0]
+    out = engine.generate(
+        [_req(engine, "12+3=", temperature=0.0, max_new_tokens=12, stop_token_ids=[tok], ignore_eos=True)]
+    )[0]
     assert out.output_ids == greedy.output_ids[: first + 1]
     assert out.finish_reason == {"type": "stop", "matched": tok}
 
     stop_str = greedy.text[4:6]
-    out = engine.generate([_req(engine, "12+3=", temperature=0.0, max_new_tokens=12, stop=[stop_str],
-                                ignore_eos=True)])[0]
+    out = engine.generate(
+        [_req(engine, "12+3=", temperature=0.0, max_new_tokens=12, stop=[stop_str], ignore_eos=True)]
+    )[0]
     assert out.finish_reason == {"type": "stop", "matched": stop_str}
     assert stop_str not in out.text and greedy.text.startswith(out.text)
-    kept = engine.generate([_req(engine, "12+3=", temperature=0.0, max_new_tokens=12, stop=[stop_str],
-                                 no_stop_trim=True, ignore_eos=True)])[0]
+    kept = engine.generate(
+        [_req(engine, "12+3=", temperature=0.0, max_new_tokens=12, stop=[stop_str], no_stop_trim=True, ignore_eos=True)]
+    )[0]
     assert kept.text.endswith(stop_str) and kept.output_ids == out.output_ids
 
-    blocked = engine.generate([_req(engine, "12+3=", temperature=0.0, max_new_tokens=12, stop_token_ids=[tok],
-                                    min_new_tokens=12, ignore_eos=True)])[0]
+    blocked = engine.generate(
+        [
+            _req(
+                engine,
+                "12+3=",
+                temperature=0.0,
+                max_new_tokens=12,
+                stop_token_ids=[tok],
+                min_new_tokens=12,
+                ignore_eos=True,
+            )
+        ]
+    )[0]
     assert len(blocked.output_ids) == 12 and tok not in blocked.output_ids
 
     # EOS: make it the only likely token by asking for it as the sole allowed (top_k=1 on a biased model is
@@ -132,8 +164,9 @@ def test_eos_finishes_unless_ignored(tiny_model_dir) -> None:  # type: ignore[no
 
 
 def test_input_logprobs(engine: Engine) -> None:
-    req = GenerationRequest(engine.encode("12+3="), SamplingParams(max_new_tokens=2, temperature=0.0),
-                            logprob_start_len=0)
+    req = GenerationRequest(
+        engine.encode("12+3="), SamplingParams(max_new_tokens=2, temperature=0.0), logprob_start_len=0
+    )
     out = engine.generate([req, _req(engine, "1=", temperature=0.0, max_new_tokens=2)])[0]
     with torch.no_grad():
         lp = torch.log_softmax(engine.model(torch.tensor([req.input_ids])).logits[0].float(), -1)
@@ -147,14 +180,29 @@ def test_context_length_and_vocab_are_checked(engine: Engine) -> None:
         engine.generate([GenerationRequest([4] * engine.max_context, SamplingParams())])
     with pytest.raises(ValueError, match="vocabulary"):
         engine.generate([GenerationRequest([engine.vocab_size + 3], SamplingParams())])
-    near = engine.generate([GenerationRequest([4] * (engine.max_context - 3),
-                                              SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True))])[0]
+    near = engine.generate(
+        [
+            GenerationRequest(
+                [4] * (engine.max_context - 3), SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True)
+            )
+        ]
+    )[0]
     assert len(near.output_ids) == 3 and near.finish_reason["type"] == "length"
 
 
 def test_sampling_params_follow_sglang_names_and_checks() -> None:
-    p = SamplingParams.from_json({"temperature": 0, "top_k": 1 << 30, "stop": "x", "stop_token_ids": [3],
-                                  "max_new_tokens": 4, "sampling_seed": 9, "min_p": 0.0, "regex": None})
+    p = SamplingParams.from_json(
+        {
+            "temperature": 0,
+            "top_k": 1 << 30,
+            "stop": "x",
+            "stop_token_ids": [3],
+            "max_new_tokens": 4,
+            "sampling_seed": 9,
+            "min_p": 0.0,
+            "regex": None,
+        }
+    )
     assert p.greedy and p.top_k == -1 and p.stop == ("x",) and p.stop_token_ids == (3,) and p.sampling_seed == 9
     with pytest.raises(SamplingError, match="unknown"):
         SamplingParams.from_json({"temprature": 1.0})

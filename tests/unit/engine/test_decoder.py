@@ -20,8 +20,11 @@ def _mixed_requests(vocab: int, n: int, seed: int = 0) -> list[GenerationRequest
     rng = random.Random(seed)
     reqs = []
     for i in range(n):
-        kw: dict[str, object] = {"max_new_tokens": rng.randrange(1, 30), "sampling_seed": 100 + i,
-                                 "temperature": rng.choice([0.0, 0.7, 1.0])}
+        kw: dict[str, object] = {
+            "max_new_tokens": rng.randrange(1, 30),
+            "sampling_seed": 100 + i,
+            "temperature": rng.choice([0.0, 0.7, 1.0]),
+        }
         if i % 3 == 0:
             kw.update(top_k=rng.choice([-1, 5]), top_p=rng.choice([1.0, 0.8]))
         if i % 4 == 0:
@@ -72,8 +75,9 @@ def test_fused_layer_order_equals_the_plain_forward(tiny_model_dir: Path) -> Non
         fused.decoder.set_fusion(True)
 
 
-def test_reading_every_step_or_every_few_steps_gives_the_same_outputs(tiny_model_dir: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reading_every_step_or_every_few_steps_gives_the_same_outputs(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     eng = Engine(tiny_model_dir, seed=0, max_batch_size=16)
     reqs = _mixed_requests(eng.vocab_size, 12, seed=1)
     lazy = eng.generate(reqs)
@@ -88,8 +92,12 @@ def test_weight_updates_reach_the_packed_copies(tiny_model_dir: Path) -> None:
     before = fast.generate(reqs)
     for eng in (fast, slow):
         state = eng.state()
-        eng.load_weights([(name, state[name] * 1.5) for name in ("model.layers.0.self_attn.k_proj.weight",
-                                                                  "model.layers.1.mlp.up_proj.weight")])
+        eng.load_weights(
+            [
+                (name, state[name] * 1.5)
+                for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.up_proj.weight")
+            ]
+        )
     after = fast.generate(reqs)
     _assert_same(after, slow.generate(reqs))
     assert [o.output_ids for o in after] != [o.output_ids for o in before]
@@ -101,9 +109,17 @@ def test_other_llama_family_decoders(tiny_model_dir: Path, tmp_path: Path, famil
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
     base = Engine(tiny_model_dir, seed=0).config
-    common = dict(vocab_size=base.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id)
+    common = dict(
+        vocab_size=base.vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=base.eos_token_id,
+        pad_token_id=base.pad_token_id,
+    )
     cfg = LlamaConfig(**common) if family == "llama" else Qwen3Config(head_dim=24, **common)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)

@@ -16,10 +16,23 @@ from miles.transfer.checksum import tensor_checksum
 
 def _moe(vocab: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(Qwen3MoeConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-        decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False))
+    return AutoModelForCausalLM.from_config(
+        Qwen3MoeConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def test_checkpoint_named_moe_weights_load_and_verify(tiny_model_dir: Path, tmp_path: Path) -> None:

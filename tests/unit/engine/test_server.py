@@ -54,16 +54,19 @@ def test_generate_single_batched_text_and_n(srv: ServerThread) -> None:
     assert meta["prompt_tokens"] == 3 and meta["weight_version"] == "default"
 
     prompts = [[4, 5], [6, 7, 8, 9], [10]]
-    status, outs = srv.call("POST", "/generate", proto.generate_body(
-        input_ids=prompts, sampling=[greedy(4), greedy(5), greedy(3)]), key=KEY)
+    status, outs = srv.call(
+        "POST", "/generate", proto.generate_body(input_ids=prompts, sampling=[greedy(4), greedy(5), greedy(3)]), key=KEY
+    )
     assert status == 200 and isinstance(outs, list) and len(outs) == 3
     assert [o["meta_info"]["prompt_tokens"] for o in outs] == [2, 4, 1]
 
     status, by_text = srv.call("POST", "/generate", {"text": "12+3=", "sampling_params": greedy()}, key=KEY)
     assert status == 200 and isinstance(by_text, dict)
     ids = engine.encode("12+3=")
-    assert by_text["output_ids"] == engine.generate([GenerationRequest(ids, SamplingParams(max_new_tokens=6,
-                                                                                          temperature=0.0))])[0].output_ids
+    assert (
+        by_text["output_ids"]
+        == engine.generate([GenerationRequest(ids, SamplingParams(max_new_tokens=6, temperature=0.0))])[0].output_ids
+    )
     assert "output_token_logprobs" not in by_text["meta_info"]  # return_logprob not asked
 
     sampling = proto.sampling_params(max_new_tokens=5, temperature=1.0, n=3, sampling_seed=11)
@@ -74,22 +77,33 @@ def test_generate_single_batched_text_and_n(srv: ServerThread) -> None:
 
 def test_concurrent_single_requests_are_batched_and_correct(srv: ServerThread) -> None:
     prompts = [[4 + i, 5, 13] for i in range(8)]
-    expect = [o.output_ids for o in srv.server.engine.generate(
-        [GenerationRequest(p, SamplingParams(max_new_tokens=6, temperature=0.0)) for p in prompts])]
+    expect = [
+        o.output_ids
+        for o in srv.server.engine.generate(
+            [GenerationRequest(p, SamplingParams(max_new_tokens=6, temperature=0.0)) for p in prompts]
+        )
+    ]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda p: srv.call("POST", "/generate", proto.generate_body(
-            input_ids=p, sampling=greedy()), key=KEY), prompts))
+        results = list(
+            pool.map(
+                lambda p: srv.call("POST", "/generate", proto.generate_body(input_ids=p, sampling=greedy()), key=KEY),
+                prompts,
+            )
+        )
     assert [r[1]["output_ids"] for r in results] == expect  # type: ignore[index]
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"input_ids": [4], "sampling_params": {"temprature": 1}}, "unknown sampling_params"),
-    ({"sampling_params": {}}, "Either text or input_ids"),
-    ({"input_ids": [4], "stream": True}, "stream"),
-    ({"input_ids": [4], "sampling_params": {"top_p": 2.0}}, "top_p"),
-    ({"input_ids": [10**6]}, "vocabulary"),
-    ({"input_ids": [[4], [5]], "sampling_params": [{}, {}, {}]}, "3 entries for 2"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"input_ids": [4], "sampling_params": {"temprature": 1}}, "unknown sampling_params"),
+        ({"sampling_params": {}}, "Either text or input_ids"),
+        ({"input_ids": [4], "stream": True}, "stream"),
+        ({"input_ids": [4], "sampling_params": {"top_p": 2.0}}, "top_p"),
+        ({"input_ids": [10**6]}, "vocabulary"),
+        ({"input_ids": [[4], [5]], "sampling_params": [{}, {}, {}]}, "3 entries for 2"),
+    ],
+)
 def test_bad_generate_requests_get_sglang_error_bodies(srv: ServerThread, body: dict, message: str) -> None:
     status, out = srv.call("POST", "/generate", body, key=KEY)
     assert status == 400 and isinstance(out, dict) and message in out["error"]["message"]
@@ -98,7 +112,9 @@ def test_bad_generate_requests_get_sglang_error_bodies(srv: ServerThread, body: 
 def test_pause_holds_requests_and_abort_answers_them(srv: ServerThread) -> None:
     body = proto.generate_body(input_ids=[4, 5], sampling=greedy(4))
     assert srv.call("POST", "/pause_generation", proto.pause_generation_body(mode="in_place"), key=KEY) == (
-        200, {"message": "Generation paused successfully.", "status": "ok"})
+        200,
+        {"message": "Generation paused successfully.", "status": "ok"},
+    )
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         held = pool.submit(srv.call, "POST", "/generate", body, KEY)
         time.sleep(0.5)
@@ -118,7 +134,10 @@ def test_pause_holds_requests_and_abort_answers_them(srv: ServerThread) -> None:
 
 
 def test_release_and_resume_memory(srv: ServerThread) -> None:
-    assert srv.call("POST", "/release_memory_occupation", proto.release_memory_occupation_body(), key=KEY) == (200, None)
+    assert srv.call("POST", "/release_memory_occupation", proto.release_memory_occupation_body(), key=KEY) == (
+        200,
+        None,
+    )
     status, out = srv.call("POST", "/generate", proto.generate_body(input_ids=[4], sampling=greedy(2)), key=KEY)
     assert status == 400 and "released" in out["error"]["message"]  # type: ignore[index]
     assert srv.call("POST", "/resume_memory_occupation", proto.resume_memory_occupation_body(), key=KEY) == (200, None)
@@ -141,10 +160,14 @@ def test_weights_by_name_checksums_disk_update_and_version(srv: ServerThread, tm
     before = srv.call("POST", "/generate", body, key=KEY)[1]["output_ids"]  # type: ignore[index]
     noisy = {k: v + 0.3 * torch.randn_like(v) for k, v in state.items()}
     save_file(noisy, str(tmp_path / "model.safetensors"))
-    status, out = srv.call("POST", "/update_weights_from_disk", {"model_path": str(tmp_path), "weight_version": "7"},
-                           key=KEY)
-    assert status == 200 and out == {"success": True, "message": "Succeeded to update model weights. Weight version "
-                                     "updated to 7.", "num_paused_requests": 0}
+    status, out = srv.call(
+        "POST", "/update_weights_from_disk", {"model_path": str(tmp_path), "weight_version": "7"}, key=KEY
+    )
+    assert status == 200 and out == {
+        "success": True,
+        "message": "Succeeded to update model weights. Weight version updated to 7.",
+        "num_paused_requests": 0,
+    }
     changed = srv.call("POST", "/generate", body, key=KEY)[1]
     assert changed["output_ids"] != before and changed["meta_info"]["weight_version"] == "7"  # type: ignore[index]
     engine.load_weights(state.items())
@@ -156,11 +179,19 @@ def test_weights_by_name_checksums_disk_update_and_version(srv: ServerThread, tm
 
 
 def test_weight_paths_that_cannot_work_here_fail_clearly(srv: ServerThread) -> None:
-    status, out = srv.call("POST", "/update_weights_from_tensor",
-                           proto.update_weights_from_tensor_body(serialized_named_tensors=["AAAA"]), key=KEY)
+    status, out = srv.call(
+        "POST",
+        "/update_weights_from_tensor",
+        proto.update_weights_from_tensor_body(serialized_named_tensors=["AAAA"]),
+        key=KEY,
+    )
     assert status == 400 and out["success"] is False and "Failed to update weights from tensor" in out["message"]  # type: ignore[index]
-    status, out = srv.call("POST", "/update_weights_from_distributed", proto.update_weights_from_distributed_body(
-        names=["x"], dtypes=["float32"], shapes=[[1]], group_name="nope"), key=KEY)
+    status, out = srv.call(
+        "POST",
+        "/update_weights_from_distributed",
+        proto.update_weights_from_distributed_body(names=["x"], dtypes=["float32"], shapes=[[1]], group_name="nope"),
+        key=KEY,
+    )
     assert status == 400 and "init_weights_update_group" in out["message"]  # type: ignore[index]
     status, out = srv.call("POST", "/update_weights_from_disk", {"model_path": "/nonexistent"}, key=KEY)
     assert status == 400 and out["success"] is False  # type: ignore[index]

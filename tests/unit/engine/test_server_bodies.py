@@ -84,8 +84,17 @@ def tour(tiny_model_dir: Path) -> Iterator[tuple[ServerThread, dict[str, tuple[i
         seen[path] = srv.call(method, path, body, key=KEY)
         return seen[path]
 
-    sampling = proto.sampling_params(max_new_tokens=4, temperature=0.8, top_p=0.9, top_k=5, stop=["*"],
-                                     stop_token_ids=[2], sampling_seed=3, no_stop_trim=True, skip_special_tokens=True)
+    sampling = proto.sampling_params(
+        max_new_tokens=4,
+        temperature=0.8,
+        top_p=0.9,
+        top_k=5,
+        stop=["*"],
+        stop_token_ids=[2],
+        sampling_seed=3,
+        no_stop_trim=True,
+        skip_special_tokens=True,
+    )
     call("GET", "/health")
     call("GET", "/health_generate")
     call("GET", "/ready")
@@ -93,8 +102,11 @@ def tour(tiny_model_dir: Path) -> Iterator[tuple[ServerThread, dict[str, tuple[i
     call("GET", "/get_model_info")
     call("GET", "/server_info")
     call("GET", "/get_server_info")
-    call("POST", "/generate", proto.generate_body(input_ids=[[4, 5], [6]], sampling=[sampling, sampling],
-                                                  return_logprob=True, rid="r"))
+    call(
+        "POST",
+        "/generate",
+        proto.generate_body(input_ids=[[4, 5], [6]], sampling=[sampling, sampling], return_logprob=True, rid="r"),
+    )
     call("POST", "/flush_cache")
     call("POST", "/pause_generation", proto.pause_generation_body(mode="in_place"))
     call("POST", "/continue_generation", proto.continue_generation_body())
@@ -108,14 +120,25 @@ def tour(tiny_model_dir: Path) -> Iterator[tuple[ServerThread, dict[str, tuple[i
     bucket = Bucket()
     bucket.add("model.norm.weight", srv.server.engine.state()["model.norm.weight"].clone())
     flat = bucket.flatten()
-    call("POST", "/update_weights_from_tensor", proto.update_weights_from_tensor_body(
-        serialized_named_tensors=[serialize_bucket(flat, bucket_metadata(bucket))],
-        load_format=proto.FLATTENED_BUCKET, weight_version="2"))
+    call(
+        "POST",
+        "/update_weights_from_tensor",
+        proto.update_weights_from_tensor_body(
+            serialized_named_tensors=[serialize_bucket(flat, bucket_metadata(bucket))],
+            load_format=proto.FLATTENED_BUCKET,
+            weight_version="2",
+        ),
+    )
     call("POST", "/update_weights_from_disk", {"model_path": str(tiny_model_dir), "weight_version": "4"})
 
     # the weight-update group: the trainer side must be another process (a process registers a group name once)
-    result = subprocess.run([sys.executable, "-c", SENDER, srv.url, KEY, str(free_port()), str(tiny_model_dir)],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", SENDER, srv.url, KEY, str(free_port()), str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for path, answer in json.loads(result.stdout.strip().splitlines()[-1]):
         seen[path] = (200, answer)
@@ -138,7 +161,9 @@ def test_every_served_route_is_sglangs_with_the_same_methods(tour, sgl: SglangSo
     assert len(served) >= 20
     for path, methods in served.items():
         assert path in sgl.routes, f"{path} is not an SGLang {sgl.version} route"
-        assert methods == set(sgl.routes[path].methods), f"{path}: {sorted(methods)} vs SGLang {sorted(sgl.routes[path].methods)}"
+        assert methods == set(sgl.routes[path].methods), (
+            f"{path}: {sorted(methods)} vs SGLang {sorted(sgl.routes[path].methods)}"
+        )
     assert set(served) <= set(seen), f"the tour missed {sorted(set(served) - set(seen))}"
 
 
@@ -178,7 +203,8 @@ def test_json_answers_have_sglangs_keys(tour, sgl: SglangSource) -> None:  # typ
         literal_sets, extras = _returned_keys(sgl, handlers, handlers[path])
         keys = set(body)
         assert any(lit <= keys <= lit | extras for lit in literal_sets), (
-            f"{path} answers keys {sorted(keys)}; SGLang's handler returns {[sorted(s) for s in literal_sets]}")
+            f"{path} answers keys {sorted(keys)}; SGLang's handler returns {[sorted(s) for s in literal_sets]}"
+        )
         compared += 1
     assert compared >= 10
     for path in ("/release_memory_occupation", "/resume_memory_occupation"):
@@ -234,8 +260,11 @@ def _dataclass_fields(sgl: SglangSource, name: str) -> dict[str, ast.expr]:
     """Fields of a ``@dataclass`` in io_struct.py (GenerateReqInput is one, not a msgspec struct)."""
     for node in sgl.tree("sglang/srt/managers/io_struct.py").body:
         if isinstance(node, ast.ClassDef) and node.name == name:
-            return {s.target.id: s.annotation for s in node.body
-                    if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
+            return {
+                s.target.id: s.annotation
+                for s in node.body
+                if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+            }
     raise KeyError(name)
 
 
@@ -254,8 +283,11 @@ def _handlers(sgl: SglangSource) -> dict[str, ast.AsyncFunctionDef | ast.Functio
 def _dict_literal_keys(node: ast.AST) -> list[set[str]]:
     found = []
     for n in ast.walk(node):
-        if isinstance(n, ast.Dict) and n.keys and all(isinstance(k, ast.Constant) and isinstance(k.value, str)
-                                                       for k in n.keys):
+        if (
+            isinstance(n, ast.Dict)
+            and n.keys
+            and all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in n.keys)
+        ):
             found.append({str(k.value) for k in n.keys if isinstance(k, ast.Constant)})
     return found
 
@@ -263,11 +295,21 @@ def _dict_literal_keys(node: ast.AST) -> list[set[str]]:
 def _returned_keys(sgl: SglangSource, handlers: dict[str, Any], fn: Any) -> tuple[list[set[str]], set[str]]:
     """The key sets of the dict literals a handler builds, plus keys it adds by subscript; follows delegation."""
     literals = _dict_literal_keys(fn)
-    extras = {str(t.slice.value) for n in ast.walk(fn) if isinstance(n, ast.Assign) for t in n.targets
-              if isinstance(t, ast.Subscript) and isinstance(t.slice, ast.Constant)}
+    extras = {
+        str(t.slice.value)
+        for n in ast.walk(fn)
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Subscript) and isinstance(t.slice, ast.Constant)
+    }
     if not literals:
         for n in ast.walk(fn):
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in handlers and handlers[n.func.id] is not fn:
+            if (
+                isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Name)
+                and n.func.id in handlers
+                and handlers[n.func.id] is not fn
+            ):
                 lit, ext = _returned_keys(sgl, handlers, handlers[n.func.id])
                 literals += lit
                 extras |= ext
@@ -286,12 +328,22 @@ def _meta_info_keys(tree: ast.Module) -> tuple[set[str], set[str]]:
                     if {"id", "finish_reason"} <= keys:
                         always |= keys
                     allowed |= keys
-                if (isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id == "meta_info"
-                        and isinstance(t.slice, ast.Constant)):
+                if (
+                    isinstance(t, ast.Subscript)
+                    and isinstance(t.value, ast.Name)
+                    and t.value.id == "meta_info"
+                    and isinstance(t.slice, ast.Constant)
+                ):
                     allowed.add(str(t.slice.value))
-        if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "update"
-                and isinstance(n.func.value, ast.Name) and n.func.value.id == "meta_info"
-                and n.args and isinstance(n.args[0], ast.Dict)):
+        if (
+            isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute)
+            and n.func.attr == "update"
+            and isinstance(n.func.value, ast.Name)
+            and n.func.value.id == "meta_info"
+            and n.args
+            and isinstance(n.args[0], ast.Dict)
+        ):
             keys = {str(k.value) for k in n.args[0].keys if isinstance(k, ast.Constant)}
             allowed |= keys
             if "completion_tokens" in keys:

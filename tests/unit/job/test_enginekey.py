@@ -51,16 +51,18 @@ def test_a_run_directory_without_its_key_is_an_error_naming_the_file(tmp_path: P
 
 
 def test_the_sglang_api_key_flag_is_refused_with_where_to_look(tmp_path: Path) -> None:
-    (tmp_path / "s.toml").write_text('[run]\nnum_rollout = 1\n[model]\nbuiltin = "tiny-arith"\n'
-                                     '[sglang]\napi_key = "mine"\n')
+    (tmp_path / "s.toml").write_text(
+        '[run]\nnum_rollout = 1\n[model]\nbuiltin = "tiny-arith"\n[sglang]\napi_key = "mine"\n'
+    )
     with pytest.raises(UserError, match="engine_auth"):
         load_spec(str(tmp_path / "s.toml"), [])
 
 
 def test_copy_redacted_takes_the_key_out_of_a_server_log(tmp_path: Path) -> None:
     key = "0123abcd" * 8
-    p = subprocess.Popen([sys.executable, "-c", f"print('server_args=api_key={key!s} port=1'); print('{key}')"],
-                         stdout=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-c", f"print('server_args=api_key={key!s} port=1'); print('{key}')"], stdout=subprocess.PIPE
+    )
     assert p.stdout is not None
     enginekey.copy_redacted(p.stdout, tmp_path / "log", key)
     p.wait()
@@ -94,8 +96,12 @@ device = "cpu"
 
 
 def _status(url: str, method: str, key: str | None) -> int:
-    req = urllib.request.Request(url, data=b"{}" if method == "POST" else None, method=method,
-                                 headers={"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(
+        url,
+        data=b"{}" if method == "POST" else None,
+        method=method,
+        headers={"Authorization": f"Bearer {key}"} if key else {},
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return int(r.status)
@@ -117,11 +123,16 @@ def test_an_engine_rank_serves_with_the_run_directory_key_and_prints_it_nowhere(
     held.release()
     key = (run_dir / enginekey.KEY_FILE).read_text().strip()
     base = {k: v for k, v in os.environ.items() if k != "MILES_ENGINE_API_KEY"}
-    (_, _, env), = [e for e in rank_envs(run_dir, 1, 1, dict(base, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
-                    if e[1] == "engine"]
+    ((_, _, env),) = [
+        e for e in rank_envs(run_dir, 1, 1, dict(base, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")) if e[1] == "engine"
+    ]
     out = open(tmp_path / "engine.out", "w+")  # noqa: SIM115 - closed below
-    task = subprocess.Popen([sys.executable, "-m", "miles.launch.task", "--run-dir", str(run_dir), "--role", "engine"],
-                            env=env, stdout=out, stderr=subprocess.STDOUT)
+    task = subprocess.Popen(
+        [sys.executable, "-m", "miles.launch.task", "--run-dir", str(run_dir), "--role", "engine"],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
     try:
         end = time.monotonic() + 180
         while (a := rundir.read_announcement(run_dir, 0, env["MILES_LAUNCH_ID"])) is None:

@@ -13,19 +13,41 @@ from miles.job.nodelist import expand_nodelist, first_host
 from miles.plan import make_plan, ports, to_json
 from miles.spec import load_spec
 
-SPLIT = Layout(mode="split", trainer_world_size=4, num_engines=2, master_port=20000, weight_update_port=20002,
-               engine_http_ports=(20003, 20005), engine_rank_offsets=(1, 2), engine_het_group=0,
-               trainer_het_group=1, job_id=None)
-COLOCATE = Layout(mode="colocate", trainer_world_size=4, num_engines=2, master_port=20000, weight_update_port=20002,
-                  engine_http_ports=(20003, 20005), engine_tp=2, engine_rank_offsets=(1, 3))
+SPLIT = Layout(
+    mode="split",
+    trainer_world_size=4,
+    num_engines=2,
+    master_port=20000,
+    weight_update_port=20002,
+    engine_http_ports=(20003, 20005),
+    engine_rank_offsets=(1, 2),
+    engine_het_group=0,
+    trainer_het_group=1,
+    job_id=None,
+)
+COLOCATE = Layout(
+    mode="colocate",
+    trainer_world_size=4,
+    num_engines=2,
+    master_port=20000,
+    weight_update_port=20002,
+    engine_http_ports=(20003, 20005),
+    engine_tp=2,
+    engine_rank_offsets=(1, 3),
+)
 
 # What a batch shell of het job 7 (engines on node1, trainers on node[2-3]) exports, plus
 # what `srun --het-group=N` adds per task (values seen on the local Slurm 22.05 cluster).
 HET_BATCH = {
-    "SLURM_JOB_ID": "7", "SLURM_HET_SIZE": "2", "SLURM_JOB_NODELIST": "node1",
-    "SLURM_JOB_NODELIST_HET_GROUP_0": "node1", "SLURM_JOB_NODELIST_HET_GROUP_1": "node[2-3]",
-    "SLURM_NTASKS_HET_GROUP_0": "2", "SLURM_NTASKS_HET_GROUP_1": "4",
-    "MILES_JOB_ID": "7", "MILES_RESTART_COUNT": "0",
+    "SLURM_JOB_ID": "7",
+    "SLURM_HET_SIZE": "2",
+    "SLURM_JOB_NODELIST": "node1",
+    "SLURM_JOB_NODELIST_HET_GROUP_0": "node1",
+    "SLURM_JOB_NODELIST_HET_GROUP_1": "node[2-3]",
+    "SLURM_NTASKS_HET_GROUP_0": "2",
+    "SLURM_NTASKS_HET_GROUP_1": "4",
+    "MILES_JOB_ID": "7",
+    "MILES_RESTART_COUNT": "0",
 }
 
 
@@ -45,8 +67,15 @@ def test_nodelist_expansion() -> None:
 
 
 def test_split_trainer_in_het_group_1() -> None:
-    env = _step(SLURM_PROCID="3", SLURM_NTASKS="4", SLURM_LOCALID="1", SLURM_NODEID="1",
-                SLURM_STEP_NODELIST="node[2-3]", SLURMD_NODENAME="node3", SLURM_STEP_ID="1")
+    env = _step(
+        SLURM_PROCID="3",
+        SLURM_NTASKS="4",
+        SLURM_LOCALID="1",
+        SLURM_NODEID="1",
+        SLURM_STEP_NODELIST="node[2-3]",
+        SLURMD_NODENAME="node3",
+        SLURM_STEP_ID="1",
+    )
     ctx = task_context(env, SPLIT, role="trainer", run_dir="/r")
     shift = ports.block_base(7) - ports.block_base(0)
     assert (ctx.role, ctx.rank, ctx.world_size, ctx.local_rank, ctx.node_index) == ("trainer", 3, 4, 1, 1)
@@ -58,8 +87,14 @@ def test_split_trainer_in_het_group_1() -> None:
 
 
 def test_split_engine_in_het_group_0_finds_the_trainers() -> None:
-    env = _step(SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_LOCALID="1", SLURM_NODEID="0",
-                SLURM_STEP_NODELIST="node1", SLURMD_NODENAME="node1")
+    env = _step(
+        SLURM_PROCID="1",
+        SLURM_NTASKS="2",
+        SLURM_LOCALID="1",
+        SLURM_NODEID="0",
+        SLURM_STEP_NODELIST="node1",
+        SLURMD_NODENAME="node1",
+    )
     ctx = task_context(env, SPLIT, role="engine", run_dir="/r")
     shift = ports.block_base(7) - ports.block_base(0)
     assert (ctx.role, ctx.rank, ctx.engine_index, ctx.het_group) == ("engine", 1, 1, 0)
@@ -78,9 +113,16 @@ def test_one_step_spanning_both_components_puts_engines_first() -> None:
 
 
 def test_colocated_ranks_and_engine_tp_offsets() -> None:
-    env = {"SLURM_JOB_ID": "12", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_STEP_NODELIST": "node[1-2]",
-           "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-           "SLURM_RESTART_COUNT": "2"}
+    env = {
+        "SLURM_JOB_ID": "12",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_STEP_NODELIST": "node[1-2]",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_RESTART_COUNT": "2",
+    }
     t = task_context(env, COLOCATE, role="trainer", run_dir="/r")
     assert t.is_driver and t.weight_update_rank == 0 and t.het_group is None and t.master_addr == "node1"
     assert t.weight_update_world_size == 5 and t.restart_count == 2 and t.launch_id == "slurm-12.2"
@@ -89,17 +131,33 @@ def test_colocated_ranks_and_engine_tp_offsets() -> None:
 
 
 def test_batch_shell_exports_win() -> None:
-    env = _step(SLURM_PROCID="0", SLURM_NTASKS="4", SLURM_STEP_NODELIST="node[2-3]",
-                MILES_MASTER_ADDR="10.0.0.5", MILES_MASTER_PORT="21000", MILES_WEIGHT_UPDATE_PORT="21002",
-                MASTER_PORT="1", MASTER_ADDR="ignored")
+    env = _step(
+        SLURM_PROCID="0",
+        SLURM_NTASKS="4",
+        SLURM_STEP_NODELIST="node[2-3]",
+        MILES_MASTER_ADDR="10.0.0.5",
+        MILES_MASTER_PORT="21000",
+        MILES_WEIGHT_UPDATE_PORT="21002",
+        MASTER_PORT="1",
+        MASTER_ADDR="ignored",
+    )
     ctx = task_context(env, SPLIT, role="trainer", run_dir="/r")
     assert (ctx.master_addr, ctx.master_port, ctx.weight_update_port) == ("10.0.0.5", 21000, 21002)
 
 
 def test_torchrun_style_env_of_the_local_launcher() -> None:
-    env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555",
-           "MILES_WEIGHT_UPDATE_PORT": "29556", "MILES_LAUNCH_ID": "local-abc", "MILES_RUN_DIR": "/run",
-           "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}  # torchrun inside an allocation: RANK wins
+    env = {
+        "RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29555",
+        "MILES_WEIGHT_UPDATE_PORT": "29556",
+        "MILES_LAUNCH_ID": "local-abc",
+        "MILES_RUN_DIR": "/run",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+    }  # torchrun inside an allocation: RANK wins
     ctx = task_context(env, SPLIT, role="trainer", cuda_available=True)
     assert detect_launcher(env) == "torchrun"
     assert (ctx.rank, ctx.world_size, ctx.master_addr, ctx.master_port) == (1, 4, "127.0.0.1", 29555)
@@ -108,8 +166,15 @@ def test_torchrun_style_env_of_the_local_launcher() -> None:
 
 
 def test_mpi_envs() -> None:
-    ompi = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
-            "SLURM_JOB_NODELIST": "node[3-4]", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "9"}
+    ompi = {
+        "OMPI_COMM_WORLD_RANK": "2",
+        "OMPI_COMM_WORLD_SIZE": "4",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+        "SLURM_JOB_NODELIST": "node[3-4]",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_ID": "9",
+    }
     ctx = task_context(ompi, SPLIT, role="trainer", run_dir="/r")
     assert (ctx.launcher, ctx.rank, ctx.world_size, ctx.master_addr) == ("mpi", 2, 4, "node3")
     assert task_context(ompi, SPLIT, role="trainer", run_dir="/r", rank0_host="node4").master_addr == "node4"
@@ -140,10 +205,12 @@ def test_layout_from_a_real_plan_and_rebased_ports(tmp_path: Path, monkeypatch: 
     (tmp_path / "p.jsonl").write_text('{"prompt": "1+1=", "label": "2"}\n')
     (tmp_path / "run.toml").write_text(
         '[run]\nnum_rollout = 1\n[model]\nbuiltin = "tiny-arith"\ndtype = "float32"\n'
-        '[rollout]\nprompt_data = "p.jsonl"\ninput_key = "prompt"\nrm_type = "exact_match"\nrollout_batch_size = 8\nn_samples_per_prompt = 8\n'
+        '[rollout]\nprompt_data = "p.jsonl"\ninput_key = "prompt"\nrm_type = "exact_match"\nrollout_batch_size = '
+        "8\nn_samples_per_prompt = 8\n"
         '[train]\nglobal_batch_size = 64\n[perf]\nbackend = "fsdp"\n'
         '[cluster]\nmode = "split"\ngpus_per_node = 0\nrollout_num_nodes = 1\nrollout_num_gpus = 2\n'
-        'actor_num_nodes = 2\nactor_num_gpus_per_node = 2\ndevice = "cpu"\n')
+        'actor_num_nodes = 2\nactor_num_gpus_per_node = 2\ndevice = "cpu"\n'
+    )
     spec = load_spec("run.toml", [])
     plan = make_plan(spec)
     layout = Layout.from_plan(json.loads(to_json(plan)))

@@ -43,8 +43,13 @@ def _chain(tmp: Path, middle_body: str) -> tuple[subprocess.Popen[str], list[int
     """Start a middle process running ``middle_body`` (which writes the pids it started to pids.json)."""
     script = tmp / "middle.py"
     script.write_text(textwrap.dedent(middle_body))
-    proc = subprocess.Popen([PY, str(script), str(tmp / "pids.json")], env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [PY, str(script), str(tmp / "pids.json")],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     end = time.monotonic() + 30
     while not (tmp / "pids.json").exists():
         assert proc.poll() is None and time.monotonic() < end, proc.communicate()[0]
@@ -53,14 +58,17 @@ def _chain(tmp: Path, middle_body: str) -> tuple[subprocess.Popen[str], list[int
 
 
 def test_a_child_started_with_the_parent_death_signal_dies_with_its_killed_parent(tmp_path: Path) -> None:
-    middle, (child,) = _chain(tmp_path, """
+    middle, (child,) = _chain(
+        tmp_path,
+        """
         import json, subprocess, sys, time
         from miles.job.orphans import die_with_parent
         p = subprocess.Popen(["sleep", "600"], preexec_fn=die_with_parent(), start_new_session=True)
         open(sys.argv[1] + ".tmp", "w").write(json.dumps([p.pid]))
         import os; os.replace(sys.argv[1] + ".tmp", sys.argv[1])
         time.sleep(600)
-    """)
+    """,
+    )
     assert _alive(child)
     middle.kill()
     middle.wait()
@@ -69,7 +77,9 @@ def test_a_child_started_with_the_parent_death_signal_dies_with_its_killed_paren
 
 def test_a_process_whose_parent_is_gone_ends_its_whole_group(tmp_path: Path) -> None:
     # middle -> watcher (session leader, watching its parent) -> sleep (no death signal of its own)
-    middle, (watcher, grandchild) = _chain(tmp_path, """
+    middle, (watcher, grandchild) = _chain(
+        tmp_path,
+        """
         import json, os, subprocess, sys, time
         code = ("import subprocess, sys, time, json, os; from miles.job.orphans import watch_parent; "
                 "watch_parent(poll_s=0.1); p = subprocess.Popen(['sleep', '600']); "
@@ -77,7 +87,8 @@ def test_a_process_whose_parent_is_gone_ends_its_whole_group(tmp_path: Path) -> 
                 "os.replace(sys.argv[1] + '.tmp', sys.argv[1]); time.sleep(600)")
         subprocess.Popen([sys.executable, "-c", code, sys.argv[1]], start_new_session=True)
         time.sleep(600)
-    """)
+    """,
+    )
     assert _alive(watcher) and _alive(grandchild)
     middle.kill()
     middle.wait()
@@ -155,12 +166,14 @@ def test_sigkill_of_miles_run_at_random_moments_leaves_no_process_of_the_run(tmp
     moments: list[float | None] = [rng.uniform(0.5, 10.0) for _ in range(3)] + [None]
     for i, at in enumerate(moments):
         log = open(tmp_path / f"run-{i}.out", "w")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen([PY, "-m", "miles.cli", "run", "run.toml"], cwd=tmp_path, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [PY, "-m", "miles.cli", "run", "run.toml"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         t0 = time.monotonic()
         if at is None:
             while len(list((run_dir / "engines").glob("engine-*.json"))) < 2 or not any(
-                    "miles.engine.server" in _describe([p]) for p in _run_processes(run_dir)):
+                "miles.engine.server" in _describe([p]) for p in _run_processes(run_dir)
+            ):
                 assert proc.poll() is None and time.monotonic() - t0 < 120, (tmp_path / f"run-{i}.out").read_text()
                 time.sleep(0.2)
         else:
@@ -172,6 +185,8 @@ def test_sigkill_of_miles_run_at_random_moments_leaves_no_process_of_the_run(tmp
         proc.wait()
         log.close()
         left = _wait_gone(_run_processes(run_dir), 5)
-        assert not left, (f"kill {i} at {time.monotonic() - t0:.1f} s (seed {seed}): {len(left)} of {len(before)} "
-                          f"processes of the run outlived miles run by 5 s:\n{_describe(left)}")
+        assert not left, (
+            f"kill {i} at {time.monotonic() - t0:.1f} s (seed {seed}): {len(left)} of {len(before)} "
+            f"processes of the run outlived miles run by 5 s:\n{_describe(left)}"
+        )
     assert len(before) >= 5, _describe(before)  # launcher, 2 trainers, 2 engine tasks (+ their servers)

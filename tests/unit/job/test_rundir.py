@@ -14,8 +14,10 @@ from miles.launch.submission import gpus_in_gres
 
 
 def _announce(run_dir: Path, i: int, launch: str) -> None:
-    rundir.announce_engine(run_dir, rundir.Announcement(index=i, url=f"http://h:{9000 + i}", host="h", port=9000 + i,
-                                                        pid=1, launch_id=launch))
+    rundir.announce_engine(
+        run_dir,
+        rundir.Announcement(index=i, url=f"http://h:{9000 + i}", host="h", port=9000 + i, pid=1, launch_id=launch),
+    )
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:

@@ -26,21 +26,36 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize(("files", "states", "state", "needle"), [
-    ({"control/done": '{"num_rollout": 3}'}, _ended("COMPLETED"), "complete", "the run is complete"),
-    ({"control/done": "selftest\n"}, _ended("COMPLETED"), "complete", "the self-test passed"),
-    ({"control/stop-7": '{"save": true}'}, _ended("CANCELLED"), "cancelled", "after saving a checkpoint"),
-    ({"control/stop-7": '{"save": false}'}, _ended("CANCELLED"), "cancelled", "at once, without a save"),
-    ({}, _ended("CANCELLED"), "cancelled", "by scancel (not through `miles cancel`)"),
-    ({"control/stop-6": '{"save": true}'}, _ended("CANCELLED"), "cancelled", "by scancel"),  # another job's
-    ({}, _ended("FAILED", "2:0"), "failed", "failed (FAILED, exit 2:0)"),
-    ({"control/done": "selftest\n"}, _ended("FAILED", "1:0"), "failed", "FAILED"),  # a stale flag is no success
-    ({}, _ended("COMPLETED"), "ended", "before the run was complete"),
-    ({}, {}, "unknown", "Slurm has no record of this job"),
-], ids=["complete", "selftest", "cancel-save", "cancel-now", "scancel", "other-jobs-stop", "failed",
-        "stale-done", "ended", "unknown"])
-def test_verdict_of_an_ended_job(run_dir: Path, files: dict[str, str], states: dict[str, dict[str, str]],
-                                 state: str, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("files", "states", "state", "needle"),
+    [
+        ({"control/done": '{"num_rollout": 3}'}, _ended("COMPLETED"), "complete", "the run is complete"),
+        ({"control/done": "selftest\n"}, _ended("COMPLETED"), "complete", "the self-test passed"),
+        ({"control/stop-7": '{"save": true}'}, _ended("CANCELLED"), "cancelled", "after saving a checkpoint"),
+        ({"control/stop-7": '{"save": false}'}, _ended("CANCELLED"), "cancelled", "at once, without a save"),
+        ({}, _ended("CANCELLED"), "cancelled", "by scancel (not through `miles cancel`)"),
+        ({"control/stop-6": '{"save": true}'}, _ended("CANCELLED"), "cancelled", "by scancel"),  # another job's
+        ({}, _ended("FAILED", "2:0"), "failed", "failed (FAILED, exit 2:0)"),
+        ({"control/done": "selftest\n"}, _ended("FAILED", "1:0"), "failed", "FAILED"),  # a stale flag is no success
+        ({}, _ended("COMPLETED"), "ended", "before the run was complete"),
+        ({}, {}, "unknown", "Slurm has no record of this job"),
+    ],
+    ids=[
+        "complete",
+        "selftest",
+        "cancel-save",
+        "cancel-now",
+        "scancel",
+        "other-jobs-stop",
+        "failed",
+        "stale-done",
+        "ended",
+        "unknown",
+    ],
+)
+def test_verdict_of_an_ended_job(
+    run_dir: Path, files: dict[str, str], states: dict[str, dict[str, str]], state: str, needle: str
+) -> None:
     for name, text in files.items():
         (run_dir / name).write_text(text)
     v = lifecycle.verdict(run_dir, "7", states)
@@ -56,8 +71,10 @@ def test_clear_stale_control_removes_flags_of_earlier_launches_only(run_dir: Pat
 
 
 def test_err_head_is_the_first_non_empty_lines(run_dir: Path) -> None:
-    (run_dir / "slurm-7.err").write_text("\nslurmstepd: error: execve(): /x/python: No such file or directory\n\n"
-                                         + "".join(f"line {i}\n" for i in range(40)))
+    (run_dir / "slurm-7.err").write_text(
+        "\nslurmstepd: error: execve(): /x/python: No such file or directory\n\n"
+        + "".join(f"line {i}\n" for i in range(40))
+    )
     head = lifecycle.err_head(run_dir, "7")
     assert head[0].endswith("No such file or directory") and len(head) == lifecycle.ERR_HEAD_LINES
     assert lifecycle.err_head(run_dir, "8") == []

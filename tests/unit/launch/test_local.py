@@ -46,10 +46,22 @@ def _start(tmp: Path, hold: float = 0, grace: float = 30) -> subprocess.Popen[st
     rows = [{"prompt": f"{a:02d}+{a:02d}=", "label": str(2 * a % 10)} for a in range(20)]
     (tmp / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp / "run.toml").write_text(SPEC)
-    env = dict(os.environ, MILES_SELFTEST="1", MILES_SELFTEST_HOLD=str(hold), MILES_GRACE_S=str(grace),
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "miles.cli", "run", "run.toml"], cwd=tmp, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(
+        os.environ,
+        MILES_SELFTEST="1",
+        MILES_SELFTEST_HOLD=str(hold),
+        MILES_GRACE_S=str(grace),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "miles.cli", "run", "run.toml"],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_report(run_dir: Path, name: str, proc: subprocess.Popen[str], timeout: float = 90) -> dict:
@@ -74,8 +86,12 @@ def test_local_run_completes_and_runs_again_on_the_same_dir(tmp_path: Path) -> N
         driver = json.loads((run_dir / "selftest" / "trainer-0.json").read_text())
         assert driver["all_reduce"] == 3 and driver["engines_ok"] == 2 and driver["phase"] == "done"
         ctx = driver["context"]
-        assert (ctx["launcher"], ctx["world_size"], ctx["backend"], ctx["master_addr"]) == ("torchrun", 2, "gloo",
-                                                                                           "127.0.0.1")
+        assert (ctx["launcher"], ctx["world_size"], ctx["backend"], ctx["master_addr"]) == (
+            "torchrun",
+            2,
+            "gloo",
+            "127.0.0.1",
+        )
         launch_ids.append(ctx["launch_id"])
     assert launch_ids[0] != launch_ids[1]
     assert {"spec.toml", "plan.json", "engines", "control"} <= {p.name for p in run_dir.iterdir()}
@@ -121,13 +137,18 @@ def test_a_split_plan_on_one_machine_puts_the_trainers_after_the_engines(tmp_pat
     from miles.launch.local import local_trainer_gpus, rank_envs
 
     split = SPEC.replace('mode = "colocate"\ngpus_per_node = 0', 'mode = "split"\ngpus_per_node = 2').replace(
-        'device = "cpu"', 'device = "cuda"\nrollout_num_nodes = 1\nrollout_num_gpus = 2')
+        'device = "cpu"', 'device = "cuda"\nrollout_num_nodes = 1\nrollout_num_gpus = 2'
+    )
     plan = _plan(split)
     assert [e.gpus for e in plan.engines] == [(0,), (1,)]
     assert local_trainer_gpus(plan) == (2, 3)
     envs = rank_envs(tmp_path, 2, 2, {}, local_trainer_gpus(plan))
     assert [(n, env.get("CUDA_VISIBLE_DEVICES"), env["LOCAL_RANK"]) for n, _, env in envs] == [
-        ("engine 0", None, "0"), ("engine 1", None, "1"), ("trainer 0", "2,3", "0"), ("trainer 1", "2,3", "1")]
+        ("engine 0", None, "0"),
+        ("engine 1", None, "1"),
+        ("trainer 0", "2,3", "0"),
+        ("trainer 1", "2,3", "1"),
+    ]
     assert local_trainer_gpus(_plan(SPEC)) == ()  # colocated: trainers and engines share the GPUs by design
     with pytest.raises(UserError, match="actor_num_nodes = 1"):
         local_trainer_gpus(_plan(split.replace("actor_num_nodes = 1", "actor_num_nodes = 2")))
@@ -136,15 +157,23 @@ def test_a_split_plan_on_one_machine_puts_the_trainers_after_the_engines(tmp_pat
 def test_a_failing_driver_is_told_first_and_its_followers_in_one_line(tmp_path: Path) -> None:
     """A real run whose driver dies of an error: its traceback on the console, trainer 1's (a lost peer) only
     in trainer 1's log, and one line naming the ranks that ended because of it."""
-    (tmp_path / "boom.py").write_text("class Fatal(BaseException):\n    pass\n\n\n"
-                                      "def reward(sample):\n    raise Fatal('the reward model is gone')\n")
+    (tmp_path / "boom.py").write_text(
+        "class Fatal(BaseException):\n    pass\n\n\ndef reward(sample):\n    raise Fatal('the reward model is gone')\n"
+    )
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "01+01=", "label": "2"}\n' * 8)
-    (tmp_path / "run.toml").write_text(SPEC.replace('rm_type = "exact_match"', 'custom_rm_path = "boom.py:reward"\n'
-                                                    'rollout_max_response_len = 4'))
+    (tmp_path / "run.toml").write_text(
+        SPEC.replace('rm_type = "exact_match"', 'custom_rm_path = "boom.py:reward"\nrollout_max_response_len = 4')
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("MILES_SELFTEST", None)
-    proc = subprocess.run([sys.executable, "-m", "miles.cli", "run", "run.toml"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "miles.cli", "run", "run.toml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     out = proc.stdout
     assert proc.returncode == 1, out + proc.stderr
     assert "trainer 0 | miles task trainer 0" in out and "FAILED: Fatal: the reward model is gone" in out

@@ -28,8 +28,13 @@ time.sleep(600)
 
 
 def _holder(run_dir: Path) -> subprocess.Popen[str]:
-    p = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert p.stdout is not None
     assert p.stdout.readline().strip() == "held", p.communicate()[0]
     return p
@@ -100,8 +105,14 @@ def test_miles_run_refuses_a_run_directory_in_use_with_exit_2(tmp_path: Path) ->
     holder = _holder(run_dir)
     try:
         t0 = time.monotonic()
-        res = subprocess.run([sys.executable, "-m", "miles.cli", "run", "run.toml"], cwd=tmp_path, timeout=120,
-                             env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+        res = subprocess.run(
+            [sys.executable, "-m", "miles.cli", "run", "run.toml"],
+            cwd=tmp_path,
+            timeout=120,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            capture_output=True,
+            text=True,
+        )
         assert res.returncode == 2, res.stdout + res.stderr
         assert f"is in use by a test holder (pid {holder.pid} on {socket.gethostname()}" in res.stderr
         assert not (run_dir / "spec.toml").exists()  # refused before writing anything

@@ -45,16 +45,18 @@ def spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return load_spec("run.toml", [])
 
 
-def test_dry_run_prints_the_het_script_and_writes_nothing(spec, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_prints_the_het_script_and_writes_nothing(
+    spec, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert submission.submit(spec, dry_run=True) == 0
     out = capsys.readouterr().out
     assert out.startswith("#!/bin/bash") and "#SBATCH hetjob" in out and "--het-group=1" in out
     assert "miles.launch.task" in out and not (tmp_path / "runs").exists()
 
 
-def test_no_slurm_tools_is_a_clear_error_and_leaves_nothing(spec, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_slurm_tools_is_a_clear_error_and_leaves_nothing(
+    spec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     with pytest.raises(UserError, match="`scontrol` is not installed on this host"):
         submission.submit(spec)

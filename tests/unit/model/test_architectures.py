@@ -9,9 +9,18 @@ import pytest
 from miles.errors import UserError
 from miles.model.architectures import MEGATRON_FAMILIES, causal_lm_types, support
 
-BASE = {"vocab_size": 95, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "num_experts": 4,
-        "num_experts_per_tok": 2, "moe_intermediate_size": 16}
+BASE = {
+    "vocab_size": 95,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 16,
+}
 
 
 def test_megatron_families_are_what_the_mapping_builds() -> None:
@@ -34,8 +43,9 @@ def test_causal_lm_types_are_read_from_transformers_without_importing_it() -> No
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     assert causal_lm_types() == dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    problems, _ = support({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, "fsdp", "embedded",
-                          False)
+    problems, _ = support(
+        {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, "fsdp", "embedded", False
+    )
     assert "is not a causal LM" in problems[0]
     assert '[perf] backend = "fsdp" and [rollout] engine = "embedded"' in problems[0]
     problems, _ = support({"model_type": "t5"}, "megatron", "sglang", False)

@@ -15,9 +15,19 @@ from miles.model.checkpoint_names import FusedTargets, conversions, to_checkpoin
 def _moe(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = Qwen3MoeConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-        decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        tie_word_embeddings=False,
     )
     return AutoModelForCausalLM.from_config(cfg)
 
@@ -55,9 +65,16 @@ def test_engine_side_loads_checkpoint_names_into_fused_parameters(tmp_path: Path
 
 
 def test_dense_models_pass_through() -> None:
-    model = AutoModelForCausalLM.from_config(Qwen2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2))
+    model = AutoModelForCausalLM.from_config(
+        Qwen2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     named = list(model.named_parameters())
     assert list(to_checkpoint_names(model, iter(named))) == named
     assert not FusedTargets(model).enabled

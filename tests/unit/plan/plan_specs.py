@@ -22,15 +22,26 @@ def spec(mode: str = "split", **tables: dict[str, Any]) -> Spec:
     """A valid spec (Qwen3-8B-like shape, 8-GPU nodes), with ``tables`` overriding fields per table."""
     base = Spec(
         run=RunConfig(name="t", run_dir="/shared/runs/t", num_rollout=10),
-        model=ModelConfig(hf_checkpoint="/nonexistent/model", num_layers=36, num_attention_heads=32,
-                          num_key_value_heads=8, num_experts=0),
-        rollout=RolloutConfig(engine="sglang", prompt_data="/d.jsonl", rm_type="math",
-                              rollout_batch_size=32, n_samples_per_prompt=8),
+        model=ModelConfig(
+            hf_checkpoint="/nonexistent/model",
+            num_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            num_experts=0,
+        ),
+        rollout=RolloutConfig(
+            engine="sglang", prompt_data="/d.jsonl", rm_type="math", rollout_batch_size=32, n_samples_per_prompt=8
+        ),
         train=TrainConfig(global_batch_size=64, num_steps_per_rollout=4),
         perf=PerfConfig(backend="megatron", tp=2, sequence_parallel=True),
         sglang=SglangConfig(rollout_num_gpus_per_engine=2),
-        cluster=ClusterConfig(mode=mode, gpus_per_node=8, actor_num_nodes=1, actor_num_gpus_per_node=8,  # type: ignore[arg-type]
-                              rollout_num_nodes=1 if mode == "split" else None),
+        cluster=ClusterConfig(
+            mode=mode,
+            gpus_per_node=8,
+            actor_num_nodes=1,
+            actor_num_gpus_per_node=8,  # type: ignore[arg-type]
+            rollout_num_nodes=1 if mode == "split" else None,
+        ),
         slurm=SlurmConfig(),
         source="test.toml",
     )

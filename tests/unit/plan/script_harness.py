@@ -35,7 +35,8 @@ if [ "$role" = trainer ]; then
     ok) exit 0;;
     fail) exit 7;;
     wait-preempt) for i in $(seq 600); do [ -e "$MILES_RUN_DIR/control/preempt" ] && exit 0; sleep 0.05; done; exit 9;;
-    killed-on-stop) for i in $(seq 600); do ls "$MILES_RUN_DIR"/control/stop-* >/dev/null 2>&1 && exit 143; sleep 0.05; done; exit 9;;
+    killed-on-stop) for i in $(seq 600); do ls "$MILES_RUN_DIR"/control/stop-* >/dev/null 2>&1 && exit 143; sleep 0.05;
+    done; exit 9;;
   esac
 else
   touch "$STUB_DIR/ready-engine"
@@ -70,16 +71,30 @@ def _stub_dir(tmp: Path) -> Path:
     stubs = tmp / "stubs"
     stubs.mkdir(exist_ok=True)
     scancel = '#!/bin/bash\necho "$*" >> "$STUB_DIR/scancelled"\n'
-    for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("scancel", scancel), ("module", "#!/bin/bash\nexit 0\n")):
+    for name, text in (
+        ("srun", SRUN),
+        ("scontrol", SCONTROL),
+        ("scancel", scancel),
+        ("module", "#!/bin/bash\nexit 0\n"),
+    ):
         path = stubs / name
         path.write_text(text)
         path.chmod(0o755)
     return stubs
 
 
-def run_script(script: str, tmp: Path, *, job_id: int = 12345, restart: int | None = None, trainer: str = "done",
-               engine: str = "serve", signal_after_start: signal.Signals | None = None, stop_file: str = "",
-               timeout: float = 60) -> Outcome:
+def run_script(
+    script: str,
+    tmp: Path,
+    *,
+    job_id: int = 12345,
+    restart: int | None = None,
+    trainer: str = "done",
+    engine: str = "serve",
+    signal_after_start: signal.Signals | None = None,
+    stop_file: str = "",
+    timeout: float = 60,
+) -> Outcome:
     """Run ``script`` (whose run directory is ``tmp/run``); ``stop_file`` is created in its control/ once
     both steps run (before ``signal_after_start`` is sent), as ``miles cancel`` does."""
     stubs = _stub_dir(tmp)
@@ -100,8 +115,15 @@ def run_script(script: str, tmp: Path, *, job_id: int = 12345, restart: int | No
         env["SLURM_RESTART_COUNT"] = str(restart)
     for f in [*stubs.glob("args-*"), *stubs.glob("env-*"), *stubs.glob("ready-*")]:
         f.unlink()
-    proc = subprocess.Popen(["bash", str(path)], cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(path)],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         if signal_after_start is not None or stop_file:
             deadline = time.monotonic() + timeout

@@ -30,7 +30,14 @@ def test_validate_refuses_bad_layout(capsys: pytest.CaptureFixture[str]) -> None
 def test_plan_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", str(CONFIGS["split-2node-qwen3-8b"]), "--job-id", "1000"]) == 0
     out = capsys.readouterr().out
-    for needle in ("Slurm components", "Trainer mesh", "Trainer ranks", "Engines (4 x TP2", "Ports (job id 1000)", "Weight-update groups"):
+    for needle in (
+        "Slurm components",
+        "Trainer mesh",
+        "Trainer ranks",
+        "Engines (4 x TP2",
+        "Ports (job id 1000)",
+        "Weight-update groups",
+    ):
         assert needle in out
 
 

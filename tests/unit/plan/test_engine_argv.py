@@ -13,8 +13,12 @@ from tests.unit.plan.plan_specs import cpu_spec, spec
 
 def _with_flags():  # type: ignore[no-untyped-def]
     s = spec("split")
-    return dataclasses.replace(s, sglang=dataclasses.replace(
-        s.sglang, mem_fraction_static=0.7, server_args={"chunked_prefill_size": 4096, "enable_memory_saver": True}))
+    return dataclasses.replace(
+        s,
+        sglang=dataclasses.replace(
+            s.sglang, mem_fraction_static=0.7, server_args={"chunked_prefill_size": 4096, "enable_memory_saver": True}
+        ),
+    )
 
 
 def test_plan_table_shows_every_engines_sglang_command_with_pass_through_flags() -> None:
@@ -35,8 +39,15 @@ def test_the_plan_shows_what_the_launcher_runs() -> None:
     s = _with_flags()
     plan = make_plan(s)
     shown = plan_argvs(s, plan)
-    launched = sglang_launcher.plan_launches(s, plan, model_path=s.model.hf_checkpoint, api_key=API_KEY_SHOWN,
-                                             log_dir=Path("/tmp"), host="0.0.0.0", python=s.slurm.python)
+    launched = sglang_launcher.plan_launches(
+        s,
+        plan,
+        model_path=s.model.hf_checkpoint,
+        api_key=API_KEY_SHOWN,
+        log_dir=Path("/tmp"),
+        host="0.0.0.0",
+        python=s.slurm.python,
+    )
     assert shown == [list(launch.argv) for launch in launched]
 
 

@@ -20,8 +20,10 @@ def test_rendering_matches_golden(config) -> None:  # type: ignore[no-untyped-de
         path = golden.GOLDEN / name
         committed = path.read_text() if path.exists() else ""
         if committed != text:
-            pytest.fail(f"{name} differs from the committed golden file:\n{golden.diff(name, committed, text)}\n"
-                        f"If the change is intended, accept it with: {golden.ACCEPT}")
+            pytest.fail(
+                f"{name} differs from the committed golden file:\n{golden.diff(name, committed, text)}\n"
+                f"If the change is intended, accept it with: {golden.ACCEPT}"
+            )
 
 
 def test_golden_scripts_parse() -> None:

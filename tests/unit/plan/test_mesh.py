@@ -34,18 +34,22 @@ def test_the_mesh_of_a_valid_layout(tmp_path: Path) -> None:
     assert trainer_mesh(_spec(cp=2, attention_backend="sdpa"), 2, _model(tmp_path)).cp == 2
 
 
-@pytest.mark.parametrize("perf,world,cfg,message", [
-    ({"tp": 4}, 4, {}, "perf.tp"),                                     # 2 KV heads do not split 4 ways
-    ({"pp": 3}, 3, {}, "perf.pp = 3 does not divide model.num_layers = 4"),
-    ({"pp": 8}, 8, {}, "exceeds model.num_layers"),
-    ({"tp": 2}, 3, {}, "does not divide the 3 trainer GPUs"),
-    ({"ep": 3}, 3, {"num_experts": 4}, "perf.ep = 3 does not divide"),
-    ({"ep": 2}, 2, {}, "the model has no experts"),
-    ({"tp": 2}, 2, {"num_experts": 4}, "sequence_parallel = true"),
-    ({"cp": 2}, 2, {}, 'attention_backend = \\"sdpa\\"'),
-])
-def test_a_mesh_the_model_cannot_take_is_refused_with_the_fix(tmp_path: Path, perf: dict[str, object], world: int,
-                                                               cfg: dict[str, int], message: str) -> None:
+@pytest.mark.parametrize(
+    "perf,world,cfg,message",
+    [
+        ({"tp": 4}, 4, {}, "perf.tp"),  # 2 KV heads do not split 4 ways
+        ({"pp": 3}, 3, {}, "perf.pp = 3 does not divide model.num_layers = 4"),
+        ({"pp": 8}, 8, {}, "exceeds model.num_layers"),
+        ({"tp": 2}, 3, {}, "does not divide the 3 trainer GPUs"),
+        ({"ep": 3}, 3, {"num_experts": 4}, "perf.ep = 3 does not divide"),
+        ({"ep": 2}, 2, {}, "the model has no experts"),
+        ({"tp": 2}, 2, {"num_experts": 4}, "sequence_parallel = true"),
+        ({"cp": 2}, 2, {}, 'attention_backend = \\"sdpa\\"'),
+    ],
+)
+def test_a_mesh_the_model_cannot_take_is_refused_with_the_fix(
+    tmp_path: Path, perf: dict[str, object], world: int, cfg: dict[str, int], message: str
+) -> None:
     with pytest.raises(PlanError, match=message) as err:
         trainer_mesh(_spec(**perf), world, _model(tmp_path, **cfg))
     assert "Fix:" in str(err.value)
@@ -57,8 +61,11 @@ def test_the_planner_and_the_runtime_share_one_mesh(tmp_path: Path) -> None:
     from miles.spec.tables import ClusterConfig
 
     model = _model(tmp_path)
-    spec = Spec(model=ModelConfig(hf_checkpoint=model), perf=PerfConfig(backend="megatron", tp=2),
-                cluster=ClusterConfig(actor_num_gpus_per_node=4, gpus_per_node=4))
+    spec = Spec(
+        model=ModelConfig(hf_checkpoint=model),
+        perf=PerfConfig(backend="megatron", tp=2),
+        cluster=ClusterConfig(actor_num_gpus_per_node=4, gpus_per_node=4),
+    )
     try:
         planned = make_plan(spec).mesh
     except PlanError as e:  # other tables' rules do not concern this test

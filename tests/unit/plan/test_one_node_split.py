@@ -10,8 +10,11 @@ from tests.unit.plan.plan_specs import spec
 
 
 def _four_plus_four():  # type: ignore[no-untyped-def]
-    return spec("split", cluster={"actor_num_gpus_per_node": 4, "rollout_num_nodes": None, "rollout_num_gpus": 4},
-                train={"global_batch_size": 64})
+    return spec(
+        "split",
+        cluster={"actor_num_gpus_per_node": 4, "rollout_num_nodes": None, "rollout_num_gpus": 4},
+        train={"global_batch_size": 64},
+    )
 
 
 def test_engines_and_trainers_that_fit_one_node_plan_one_component() -> None:
@@ -34,8 +37,8 @@ def test_the_script_is_one_job_with_cuda_visible_devices_per_step() -> None:
     assert "#SBATCH hetjob" not in text and len(srun_lines) == 2
     assert not any("--het-group" in line for line in srun_lines)
     assert "#SBATCH --nodes=1" in text and "#SBATCH --gpus-per-node=8" in text
-    assert "env CUDA_VISIBLE_DEVICES=0,1,2,3 \"${MILES_TASK[@]}\" --role engine" in text
-    assert "env CUDA_VISIBLE_DEVICES=4,5,6,7 \"${MILES_TASK[@]}\" --role trainer" in text
+    assert 'env CUDA_VISIBLE_DEVICES=0,1,2,3 "${MILES_TASK[@]}" --role engine' in text
+    assert 'env CUDA_VISIBLE_DEVICES=4,5,6,7 "${MILES_TASK[@]}" --role trainer' in text
     assert "--ntasks-per-node=2" in text  # two engines of TP 2
 
 
@@ -46,8 +49,11 @@ def test_split_that_does_not_fit_one_node_stays_a_het_job() -> None:
 
 
 def test_a_mapped_architecture_passes(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "num_hidden_layers": 36,
-                                                      "num_attention_heads": 32, "num_key_value_heads": 8}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"model_type": "qwen3", "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8}
+        )
+    )
     make_plan(spec("split", model={"hf_checkpoint": str(tmp_path)}))
 
 

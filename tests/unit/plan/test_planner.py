@@ -10,10 +10,30 @@ from tests.unit.plan.plan_specs import cpu_spec, spec
 
 
 def test_split_components_engines_first() -> None:
-    plan = make_plan(spec(cluster={"rollout_num_nodes": 2, "actor_num_nodes": 3}, train={"global_batch_size": 96}, slurm={"partition": "train", "rollout_partition": "infer"}))
+    plan = make_plan(
+        spec(
+            cluster={"rollout_num_nodes": 2, "actor_num_nodes": 3},
+            train={"global_batch_size": 96},
+            slurm={"partition": "train", "rollout_partition": "infer"},
+        )
+    )
     engines, trainers = plan.components
-    assert (engines.het_group, engines.role, engines.nodes, engines.gpus_per_node, engines.tasks_per_node, engines.partition) == (0, "engines", 2, 8, 4, "infer")
-    assert (trainers.het_group, trainers.role, trainers.nodes, trainers.gpus_per_node, trainers.tasks_per_node, trainers.partition) == (1, "trainers", 3, 8, 8, "train")
+    assert (
+        engines.het_group,
+        engines.role,
+        engines.nodes,
+        engines.gpus_per_node,
+        engines.tasks_per_node,
+        engines.partition,
+    ) == (0, "engines", 2, 8, 4, "infer")
+    assert (
+        trainers.het_group,
+        trainers.role,
+        trainers.nodes,
+        trainers.gpus_per_node,
+        trainers.tasks_per_node,
+        trainers.partition,
+    ) == (1, "trainers", 3, 8, 8, "train")
     assert (plan.engine_het_group, plan.trainer_het_group) == (0, 1)
     assert len(plan.engines) == 8 and plan.rollout_gpus == 16
     e5 = plan.engines[5]
@@ -30,17 +50,33 @@ def test_colocate_engines_share_trainer_gpus() -> None:
     (comp,) = plan.components
     assert (comp.role, comp.nodes, comp.gpus_per_node, comp.tasks_per_node) == ("colocated", 2, 8, 8)
     assert len(plan.engines) == 4 and plan.rollout_gpus == plan.trainer_gpus == 16
-    assert [(e.node, e.gpus) for e in plan.engines] == [(0, (0, 1, 2, 3)), (0, (4, 5, 6, 7)), (1, (0, 1, 2, 3)), (1, (4, 5, 6, 7))]
+    assert [(e.node, e.gpus) for e in plan.engines] == [
+        (0, (0, 1, 2, 3)),
+        (0, (4, 5, 6, 7)),
+        (1, (0, 1, 2, 3)),
+        (1, (4, 5, 6, 7)),
+    ]
     assert plan.engine_het_group == plan.trainer_het_group == 0
 
 
 def test_rank_map_follows_megatron_order() -> None:
     # 32 GPUs, TP2 CP2 PP2 -> DP4; order tp-cp-ep-dp-pp: tp fastest, then cp, dp, pp slowest.
-    plan = make_plan(spec(cluster={"actor_num_nodes": 4}, perf={"tp": 2, "cp": 2, "pp": 2, "attention_backend": "sdpa"},
-                     train={"global_batch_size": 64}))
+    plan = make_plan(
+        spec(
+            cluster={"actor_num_nodes": 4},
+            perf={"tp": 2, "cp": 2, "pp": 2, "attention_backend": "sdpa"},
+            train={"global_batch_size": 64},
+        )
+    )
     assert (plan.mesh.dp, plan.mesh.world_size) == (4, 32)
     r = plan.trainer_ranks
-    assert [(x.tp, x.cp, x.dp, x.pp) for x in r[:5]] == [(0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (1, 1, 0, 0), (0, 0, 1, 0)]
+    assert [(x.tp, x.cp, x.dp, x.pp) for x in r[:5]] == [
+        (0, 0, 0, 0),
+        (1, 0, 0, 0),
+        (0, 1, 0, 0),
+        (1, 1, 0, 0),
+        (0, 0, 1, 0),
+    ]
     assert (r[16].pp, r[16].dp, r[16].tp, r[16].cp) == (1, 0, 0, 0)
     assert (r[13].node, r[13].local_rank, r[13].gpu) == (1, 5, 5)
     # every coordinate tuple appears exactly once
@@ -102,7 +138,9 @@ def test_cpus_per_task_from_cpus_per_node() -> None:
 
 
 def test_json_round_trip() -> None:
-    plan = make_plan(spec(cluster={"actor_num_nodes": 2}, perf={"tp": 2, "pp": 2}, train={"global_batch_size": 64}), job_id=77)
+    plan = make_plan(
+        spec(cluster={"actor_num_nodes": 2}, perf={"tp": 2, "pp": 2}, train={"global_batch_size": 64}), job_id=77
+    )
     assert from_json(to_json(plan)) == plan
     cpu = make_plan(cpu_spec())
     assert from_json(to_json(cpu)) == cpu

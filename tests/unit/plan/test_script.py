@@ -33,40 +33,99 @@ def directives(text: str) -> list[str]:
 
 def test_bash_accepts_every_variant() -> None:
     variants = [
-        spec("split"), spec("colocate"), cpu_spec("colocate"), cpu_spec("split"),
-        spec(slurm={"container_runtime": "pyxis", "container_image": "nvcr.io#nvidia/pytorch:25.01-py3", "container_mounts": ["/a:/b"]}),
-        spec("colocate", slurm={"container_runtime": "apptainer", "container_image": "/img/m.sif", "container_mounts": ["/a:/b:ro"],
-                                 "modules": ["cuda/12.4"], "setup": ["ulimit -n 65536"], "env": {"NCCL_DEBUG": "WARN"}}),
+        spec("split"),
+        spec("colocate"),
+        cpu_spec("colocate"),
+        cpu_spec("split"),
+        spec(
+            slurm={
+                "container_runtime": "pyxis",
+                "container_image": "nvcr.io#nvidia/pytorch:25.01-py3",
+                "container_mounts": ["/a:/b"],
+            }
+        ),
+        spec(
+            "colocate",
+            slurm={
+                "container_runtime": "apptainer",
+                "container_image": "/img/m.sif",
+                "container_mounts": ["/a:/b:ro"],
+                "modules": ["cuda/12.4"],
+                "setup": ["ulimit -n 65536"],
+                "env": {"NCCL_DEBUG": "WARN"},
+            },
+        ),
     ]
     for s in variants:
         subprocess.run(["bash", "-n"], input=script_of(s), text=True, check=True)
 
 
 def test_split_directives() -> None:
-    text = script_of(spec(slurm={"partition": "train", "rollout_partition": "infer", "account": "acc", "qos": "q",
-                                 "constraint": "h100&ib", "reservation": "r1", "time": "1-00:00:00"},
-                          cluster={"cpus_per_node": 64, "mem_per_node": "512G"}))
+    text = script_of(
+        spec(
+            slurm={
+                "partition": "train",
+                "rollout_partition": "infer",
+                "account": "acc",
+                "qos": "q",
+                "constraint": "h100&ib",
+                "reservation": "r1",
+                "time": "1-00:00:00",
+            },
+            cluster={"cpus_per_node": 64, "mem_per_node": "512G"},
+        )
+    )
     d = directives(text)
     head = d[: d.index("#SBATCH hetjob")]
-    tail = d[d.index("#SBATCH hetjob") + 1:]
-    for line in ("--job-name=t", "--output=/shared/runs/t/slurm-%j.out", "--error=/shared/runs/t/slurm-%j.err",
-                 "--open-mode=append", "--requeue", "--signal=B:USR1@120", "--time=1-00:00:00"):
+    tail = d[d.index("#SBATCH hetjob") + 1 :]
+    for line in (
+        "--job-name=t",
+        "--output=/shared/runs/t/slurm-%j.out",
+        "--error=/shared/runs/t/slurm-%j.err",
+        "--open-mode=append",
+        "--requeue",
+        "--signal=B:USR1@120",
+        "--time=1-00:00:00",
+    ):
         assert f"#SBATCH {line}" in head
-    for line in ("--nodes=1", "--ntasks-per-node=4", "--gpus-per-node=8", "--cpus-per-task=16", "--mem=512G", "--partition=infer",
-                 "--account=acc", "--qos=q", "--constraint=h100&ib", "--reservation=r1", "--exclusive"):
+    for line in (
+        "--nodes=1",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=8",
+        "--cpus-per-task=16",
+        "--mem=512G",
+        "--partition=infer",
+        "--account=acc",
+        "--qos=q",
+        "--constraint=h100&ib",
+        "--reservation=r1",
+        "--exclusive",
+    ):
         assert f"#SBATCH {line}" in head, line
     for line in ("--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=8", "--partition=train"):
         assert f"#SBATCH {line}" in tail, line
     assert d.count("#SBATCH hetjob") == 1
     # directives come before the first command, so sbatch reads them all
     assert text.index("set -euo pipefail") > text.index("#SBATCH --exclusive\n\n")
-    assert "srun --het-group=0 --job-name=miles-engines --kill-on-bad-exit=1 --wait=60" in text and "srun --het-group=1 --job-name=miles-trainers --kill-on-bad-exit=1 --wait=60" in text
+    assert (
+        "srun --het-group=0 --job-name=miles-engines --kill-on-bad-exit=1 --wait=60" in text
+        and "srun --het-group=1 --job-name=miles-trainers --kill-on-bad-exit=1 --wait=60" in text
+    )
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1"' in text
 
 
 def test_optional_directives_only_when_set() -> None:
     d = "\n".join(directives(script_of(spec("colocate", slurm={"exclusive": False}))))
-    for flag in ("--partition", "--account", "--qos", "--constraint", "--reservation", "--exclusive", "--cpus-per-task", "hetjob"):
+    for flag in (
+        "--partition",
+        "--account",
+        "--qos",
+        "--constraint",
+        "--reservation",
+        "--exclusive",
+        "--cpus-per-task",
+        "hetjob",
+    ):
         assert flag not in d
 
 
@@ -78,7 +137,9 @@ def test_gres_request_and_cpu_jobs() -> None:
 
 def test_colocate_steps_overlap() -> None:
     text = script_of(spec("colocate"))
-    assert "srun --overlap --job-name=miles-engines --kill-on-bad-exit=1 --wait=60" in text and "--het-group" not in text
+    assert (
+        "srun --overlap --job-name=miles-engines --kill-on-bad-exit=1 --wait=60" in text and "--het-group" not in text
+    )
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in text
 
 
@@ -100,7 +161,9 @@ def test_finished_run_exits_zero(tmp_path: Path) -> None:
 
 
 def test_ports_and_rendezvous_agree_with_planner(tmp_path: Path) -> None:
-    s = in_run_dir(spec(perf={"tp": 2, "pp": 2}, cluster={"actor_num_nodes": 2}, train={"global_batch_size": 64}), tmp_path)
+    s = in_run_dir(
+        spec(perf={"tp": 2, "pp": 2}, cluster={"actor_num_nodes": 2}, train={"global_batch_size": 64}), tmp_path
+    )
     for job_id in (12345, 199, 7):
         out = run_script(script_of(s), tmp_path, job_id=job_id)
         assert out.rc == 0, out.stderr
@@ -120,16 +183,41 @@ def test_step_command_lines(tmp_path: Path) -> None:
     s = in_run_dir(spec(), tmp_path, slurm={"python": "/opt/py env/bin/python"})
     out = run_script(script_of(s), tmp_path)
     run = str(tmp_path / "run")
-    assert out.args["engine"] == ["--het-group=0", "--job-name=miles-engines", "--kill-on-bad-exit=1", "--wait=60", "--nodes=1",
-                                  "--ntasks-per-node=4",
-                                  "/opt/py env/bin/python", "-m", "miles.launch.task", "--run-dir", run, "--role", "engine"]
-    assert out.args["trainer"][:6] == ["--het-group=1", "--job-name=miles-trainers", "--kill-on-bad-exit=1", "--wait=60",
-                                      "--nodes=1", "--ntasks-per-node=8"]
+    assert out.args["engine"] == [
+        "--het-group=0",
+        "--job-name=miles-engines",
+        "--kill-on-bad-exit=1",
+        "--wait=60",
+        "--nodes=1",
+        "--ntasks-per-node=4",
+        "/opt/py env/bin/python",
+        "-m",
+        "miles.launch.task",
+        "--run-dir",
+        run,
+        "--role",
+        "engine",
+    ]
+    assert out.args["trainer"][:6] == [
+        "--het-group=1",
+        "--job-name=miles-trainers",
+        "--kill-on-bad-exit=1",
+        "--wait=60",
+        "--nodes=1",
+        "--ntasks-per-node=8",
+    ]
 
 
 def test_pyxis_flags(tmp_path: Path) -> None:
-    s = in_run_dir(spec(), tmp_path, slurm={"container_runtime": "pyxis", "container_image": "nvcr.io#nvidia/pytorch:25.01-py3",
-                                            "container_mounts": ["/data:/data:ro", "/my models:/m"]})
+    s = in_run_dir(
+        spec(),
+        tmp_path,
+        slurm={
+            "container_runtime": "pyxis",
+            "container_image": "nvcr.io#nvidia/pytorch:25.01-py3",
+            "container_mounts": ["/data:/data:ro", "/my models:/m"],
+        },
+    )
     out = run_script(script_of(s), tmp_path)
     run = str(tmp_path / "run")
     args = out.args["trainer"]
@@ -139,13 +227,20 @@ def test_pyxis_flags(tmp_path: Path) -> None:
 
 
 def test_apptainer_prefix(tmp_path: Path) -> None:
-    s = in_run_dir(spec(), tmp_path, slurm={"container_runtime": "apptainer", "container_image": "/img/miles.sif",
-                                            "container_mounts": ["/data:/data"]})
+    s = in_run_dir(
+        spec(),
+        tmp_path,
+        slurm={
+            "container_runtime": "apptainer",
+            "container_image": "/img/miles.sif",
+            "container_mounts": ["/data:/data"],
+        },
+    )
     out = run_script(script_of(s), tmp_path)
     run = str(tmp_path / "run")
     args = out.args["engine"]
     i = args.index("apptainer")
-    assert args[i:i + 8] == ["apptainer", "exec", "--nv", "--bind", run, "--bind", "/data:/data", "/img/miles.sif"]
+    assert args[i : i + 8] == ["apptainer", "exec", "--nv", "--bind", run, "--bind", "/data:/data", "/img/miles.sif"]
 
 
 def test_preempted_run_requeues_itself(tmp_path: Path) -> None:
@@ -155,14 +250,20 @@ def test_preempted_run_requeues_itself(tmp_path: Path) -> None:
 
 
 def test_requeue_stops_at_max_requeues(tmp_path: Path) -> None:
-    out = run_script(script_of(in_run_dir(spec(), tmp_path, slurm={"max_requeues": 2})), tmp_path, trainer="ok", restart=2)
+    out = run_script(
+        script_of(in_run_dir(spec(), tmp_path, slurm={"max_requeues": 2})), tmp_path, trainer="ok", restart=2
+    )
     assert out.rc == 3 and out.requeued == []
     assert "slurm.max_requeues = 2" in out.stderr
 
 
 def test_usr1_asks_ranks_to_checkpoint_then_requeues(tmp_path: Path) -> None:
-    out = run_script(script_of(in_run_dir(spec("colocate"), tmp_path)), tmp_path, trainer="wait-preempt",
-                     signal_after_start=signal.SIGUSR1)
+    out = run_script(
+        script_of(in_run_dir(spec("colocate"), tmp_path)),
+        tmp_path,
+        trainer="wait-preempt",
+        signal_after_start=signal.SIGUSR1,
+    )
     assert out.rc == 0, out.stderr
     assert "received SIGUSR1" in out.stderr and out.requeued == ["12345"]
     assert (tmp_path / "run" / "control" / "preempt").exists()
@@ -206,11 +307,15 @@ def test_a_run_directory_held_by_another_run_is_refused_before_any_step(tmp_path
     assert out.rc == 0, out.stderr
     assert lock.holder(run_dir)["what"] == "Slurm job 12345"
     root = Path(__file__).resolve().parents[3]
-    probe = (f"import sys; sys.path.insert(0, {str(root)!r}); from pathlib import Path; from miles.launch import lock; "
-             "lock.check_free(Path(sys.argv[1]))")
+    probe = (
+        f"import sys; sys.path.insert(0, {str(root)!r}); from pathlib import Path; from miles.launch import lock; "
+        "lock.check_free(Path(sys.argv[1]))"
+    )
     script = script_of(in_run_dir(spec(), tmp_path)).replace(
         'MILES_CONTROL="$MILES_RUN_DIR/control"\n',
-        f'MILES_CONTROL="$MILES_RUN_DIR/control"\n{sys.executable} -c "{probe}" "$MILES_RUN_DIR" || exit 42\n', 1)
+        f'MILES_CONTROL="$MILES_RUN_DIR/control"\n{sys.executable} -c "{probe}" "$MILES_RUN_DIR" || exit 42\n',
+        1,
+    )
     out = run_script(script, tmp_path, trainer="done")
     assert out.rc == 42 and "is in use by Slurm job 12345" in out.stderr, out.stderr
 
@@ -220,8 +325,12 @@ def test_stale_done_of_an_earlier_job_or_selftest_does_not_end_this_one(tmp_path
     control.mkdir(parents=True)
     (control / "done").write_text("selftest\n")
     (control / "stop-999").write_text("{}")  # another job's stop request
-    out = run_script(script_of(in_run_dir(spec("colocate"), tmp_path)), tmp_path, trainer="wait-preempt",
-                     signal_after_start=signal.SIGUSR1)
+    out = run_script(
+        script_of(in_run_dir(spec("colocate"), tmp_path)),
+        tmp_path,
+        trainer="wait-preempt",
+        signal_after_start=signal.SIGUSR1,
+    )
     assert out.rc == 0, out.stderr
     assert "run complete" not in out.stdout and out.requeued == ["12345"] and out.scancelled == []
 
@@ -229,8 +338,13 @@ def test_stale_done_of_an_earlier_job_or_selftest_does_not_end_this_one(tmp_path
 def test_usr1_with_this_jobs_stop_request_saves_and_cancels_instead_of_requeueing(tmp_path: Path) -> None:
     """`miles cancel`: control/stop-<id>, then USR1; the ranks save and the job cancels itself."""
     (tmp_path / "run" / "control").mkdir(parents=True)
-    out = run_script(script_of(in_run_dir(spec("colocate"), tmp_path)), tmp_path, trainer="wait-preempt",
-                     signal_after_start=signal.SIGUSR1, stop_file="stop-12345")
+    out = run_script(
+        script_of(in_run_dir(spec("colocate"), tmp_path)),
+        tmp_path,
+        trainer="wait-preempt",
+        signal_after_start=signal.SIGUSR1,
+        stop_file="stop-12345",
+    )
     assert out.rc == 0, out.stderr
     assert out.requeued == [] and out.scancelled == ["12345"], (out.stdout, out.stderr)
     assert "job 12345 was cancelled" in out.stdout
@@ -250,14 +364,16 @@ def test_trainers_killed_by_a_cancel_do_not_fail_or_requeue_the_job(tmp_path: Pa
     """`miles cancel --now`: the ranks die of the TERM; the shell reports the cancel, not a failure."""
     control = tmp_path / "run" / "control"
     control.mkdir(parents=True)
-    out = run_script(script_of(in_run_dir(spec(), tmp_path)), tmp_path, trainer="killed-on-stop",
-                     stop_file="stop-12345")
+    out = run_script(
+        script_of(in_run_dir(spec(), tmp_path)), tmp_path, trainer="killed-on-stop", stop_file="stop-12345"
+    )
     assert out.rc == 0 and out.requeued == [] and out.scancelled == ["12345"], out.stderr
     assert "trainers step failed" not in out.stderr
 
 
-def test_a_site_port_range_reaches_the_plan_the_script_and_the_ranks(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_site_port_range_reaches_the_plan_the_script_and_the_ranks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """MILES_PORT_RANGE where miles plans: the script exports it, and its shell arithmetic agrees with the planner."""
     monkeypatch.setenv("MILES_PORT_RANGE", "40000-40639")  # 10 blocks of 64
     s = in_run_dir(spec(), tmp_path)

@@ -34,13 +34,22 @@ atexit.register(shutil.rmtree, WORK, True)  # also when the module is only colle
 MARK = WORK / "pwned"
 
 _PAYLOADS = [
-    f"$(touch {MARK})", f"`touch {MARK}`", f"'; touch {MARK}; '", f'"; touch {MARK}; "', f"\ntouch {MARK}\n",
-    f"$(IFS=_;touch${{IFS}}{MARK})", f"\\'$(touch {MARK})", f"' \"$(touch {MARK})\" '", f"${{X:-$(touch {MARK})}}",
+    f"$(touch {MARK})",
+    f"`touch {MARK}`",
+    f"'; touch {MARK}; '",
+    f'"; touch {MARK}; "',
+    f"\ntouch {MARK}\n",
+    f"$(IFS=_;touch${{IFS}}{MARK})",
+    f"\\'$(touch {MARK})",
+    f"' \"$(touch {MARK})\" '",
+    f"${{X:-$(touch {MARK})}}",
     f"\r\n#SBATCH --wrap=touch {MARK}\n",
 ]
 _PIECES = st.sampled_from(_PAYLOADS) | st.text(alphabet=" \t\n'\"\\$`;|&()<>{}*?![]#~%=:,.-_/aZ0é", max_size=6)
 VALUES = st.lists(_PIECES, min_size=1, max_size=4).map("".join)
-_RUN = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+_RUN = settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 _PARSE = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -141,9 +150,23 @@ def test_module_names(module: str) -> None:
 
 
 @_PARSE
-@given(value=VALUES, field=st.sampled_from([("run", "name"), ("run", "run_dir"), ("slurm", "partition"), ("slurm", "account"),
-                                           ("slurm", "qos"), ("slurm", "constraint"), ("slurm", "reservation"),
-                                           ("slurm", "rollout_partition"), ("slurm", "time"), ("cluster", "mem_per_node")]))
+@given(
+    value=VALUES,
+    field=st.sampled_from(
+        [
+            ("run", "name"),
+            ("run", "run_dir"),
+            ("slurm", "partition"),
+            ("slurm", "account"),
+            ("slurm", "qos"),
+            ("slurm", "constraint"),
+            ("slurm", "reservation"),
+            ("slurm", "rollout_partition"),
+            ("slurm", "time"),
+            ("cluster", "mem_per_node"),
+        ]
+    ),
+)
 def test_directive_values_are_refused_or_inert(value: str, field: tuple[str, str]) -> None:
     table, key = field
     s = _with(_base(), **{table: {key: value}})

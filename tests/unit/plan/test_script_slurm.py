@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 FAKE_RANK = r"""#!/bin/bash
 role=""; prev=""
 for a in "$@"; do [ "$prev" = "--role" ] && role=$a; prev=$a; done
-env | grep -E '^(MILES_|MASTER_|SLURM_PROCID=|SLURMD_NODENAME=)' | sort > "$MILES_RUN_DIR/env-$role-$SLURM_PROCID-r$MILES_RESTART_COUNT"
+env | grep -E '^(MILES_|MASTER_|SLURM_PROCID=|SLURMD_NODENAME=)' | sort >
+"$MILES_RUN_DIR/env-$role-$SLURM_PROCID-r$MILES_RESTART_COUNT"
 if [ "$role" = engine ]; then trap 'exit 0' TERM; while :; do sleep 0.2; done; fi
 if [ "$MILES_RESTART_COUNT" = 0 ]; then
   for i in $(seq 450); do [ -e "$MILES_RUN_DIR/control/preempt" ] && exit 0; sleep 0.2; done
@@ -36,7 +37,9 @@ exit 0
 
 
 def _sacct_states(job_id: str) -> set[str]:
-    res = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True, timeout=20)
+    res = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True, timeout=20
+    )
     return {s.split(" ")[0] for s in res.stdout.split()}
 
 
@@ -50,16 +53,37 @@ def test_preempt_requeue_resume_on_slurm(mode: str, tmp_path: Path, slurm_cluste
     fake.write_text(FAKE_RANK)
     fake.chmod(0o755)
     run_dir = tmp_path / "run"
-    s = spec(mode, run={"name": f"plan-{mode}", "run_dir": str(run_dir)},
-             cluster={"gpus_per_node": 2, "actor_num_gpus_per_node": 2, "rollout_num_nodes": None,
-                      "rollout_num_gpus": 2 if mode == "split" else None, "mem_per_node": "500M", "cpus_per_node": 2},
-             sglang={"rollout_num_gpus_per_engine": 1}, perf={"tp": 1, "sequence_parallel": False},
-             train={"global_batch_size": 64}, slurm={"python": str(fake), "exclusive": False, "time": "00:05:00", "max_requeues": 1})
+    s = spec(
+        mode,
+        run={"name": f"plan-{mode}", "run_dir": str(run_dir)},
+        cluster={
+            "gpus_per_node": 2,
+            "actor_num_gpus_per_node": 2,
+            "rollout_num_nodes": None,
+            "rollout_num_gpus": 2 if mode == "split" else None,
+            "mem_per_node": "500M",
+            "cpus_per_node": 2,
+        },
+        sglang={"rollout_num_gpus_per_engine": 1},
+        perf={"tp": 1, "sequence_parallel": False},
+        train={"global_batch_size": 64},
+        slurm={"python": str(fake), "exclusive": False, "time": "00:05:00", "max_requeues": 1},
+    )
     script = render_script(s, make_plan(s))
     run_dir.mkdir()
     (tmp_path / "job.sbatch").write_text(script)
-    job_id = subprocess.run(["sbatch", "--parsable", str(tmp_path / "job.sbatch")], capture_output=True, text=True,
-                            timeout=30, check=True, cwd=tmp_path).stdout.strip().split(";")[0]
+    job_id = (
+        subprocess.run(
+            ["sbatch", "--parsable", str(tmp_path / "job.sbatch")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+            cwd=tmp_path,
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
     try:
         deadline = time.monotonic() + 90
         while len(list(run_dir.glob("env-*-r0"))) < 4:  # 2 engines + 2 trainers running
@@ -68,14 +92,16 @@ def test_preempt_requeue_resume_on_slurm(mode: str, tmp_path: Path, slurm_cluste
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=20)
         poked = False
         while not (run_dir / "control" / "done").exists() or _sacct_states(job_id) != {"COMPLETED"}:
-            assert time.monotonic() < deadline + 90, f"job {job_id}: {_sacct_states(job_id)}\n" + \
-                "\n".join(p.read_text() for p in run_dir.glob("slurm-*"))
+            assert time.monotonic() < deadline + 90, f"job {job_id}: {_sacct_states(job_id)}\n" + "\n".join(
+                p.read_text() for p in run_dir.glob("slurm-*")
+            )
             if not poked and _sacct_states(job_id) == {"PENDING"}:
                 # The local cluster starts a requeued het job only at its next backfill pass; nudge
                 # its scheduler (test-only; never in miles) a couple of seconds after the requeue.
                 time.sleep(2)
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True,
-                               timeout=20)
+                subprocess.run(
+                    ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=20
+                )
                 poked = True
             time.sleep(1)
     finally:

@@ -33,6 +33,7 @@ def case(area: str, *expect: str) -> Callable[[Build], Build]:
     def register(build: Build) -> Build:
         CASES.append(Case(build.__name__, area, build, expect))
         return build
+
     return register
 
 
@@ -99,8 +100,12 @@ def spec_eval_suffix(ws: Workspace) -> list[str]:
 # ---------------------------------------------------------------- data
 
 
-@case("data", "[rollout] prompt_data:", "{root}/missing.jsonl: no such file or directory",
-      "set rollout.prompt_data to an existing .jsonl or .parquet file")
+@case(
+    "data",
+    "[rollout] prompt_data:",
+    "{root}/missing.jsonl: no such file or directory",
+    "set rollout.prompt_data to an existing .jsonl or .parquet file",
+)
 def data_missing(ws: Workspace) -> list[str]:
     return spec_with(ws, rollout={"prompt_data": f"{ws.root}/missing.jsonl"})
 
@@ -151,8 +156,11 @@ def data_not_an_object(ws: Workspace) -> list[str]:
     return spec_with(ws, rollout={"prompt_data": "array.jsonl"})
 
 
-@case("data", "nokey.jsonl:2: missing prompt key 'prompt' (keys present: label, question)",
-      "set rollout.input_key to the key that holds the prompt")
+@case(
+    "data",
+    "nokey.jsonl:2: missing prompt key 'prompt' (keys present: label, question)",
+    "set rollout.input_key to the key that holds the prompt",
+)
 def data_missing_input_key(ws: Workspace) -> list[str]:
     ws.write_rows("nokey.jsonl", [ROWS[0], {"question": "1+1=", "label": "2"}])
     return spec_with(ws, rollout={"prompt_data": "nokey.jsonl"})
@@ -234,8 +242,12 @@ def _eval(ws: Workspace, path: str, **more: object) -> list[str]:
     return spec_with(ws, eval={"eval_prompt_data": {"dev": path}, "eval_interval": 1, **more})
 
 
-@case("eval", "[eval] eval_prompt_data.dev:", "dev.jsonl: no such file or directory",
-      "set eval.eval_prompt_data.dev to an existing .jsonl or .parquet file")
+@case(
+    "eval",
+    "[eval] eval_prompt_data.dev:",
+    "dev.jsonl: no such file or directory",
+    "set eval.eval_prompt_data.dev to an existing .jsonl or .parquet file",
+)
 def eval_missing(ws: Workspace) -> list[str]:
     return _eval(ws, "dev.jsonl")
 
@@ -286,8 +298,12 @@ def eval_directory(ws: Workspace) -> list[str]:
 
 
 def _model(ws: Workspace, path: str, backend: str = "fsdp", engine: str = "embedded", **model: object) -> list[str]:
-    return spec_with(ws, model={"builtin": DROP, "hf_checkpoint": path, **model}, perf={"backend": backend},
-                     rollout={"engine": engine})
+    return spec_with(
+        ws,
+        model={"builtin": DROP, "hf_checkpoint": path, **model},
+        perf={"backend": backend},
+        rollout={"engine": engine},
+    )
 
 
 @case("model", "[model] hf_checkpoint:", "nomodel: no such file or directory", "set [model] hf_checkpoint")
@@ -325,8 +341,11 @@ def model_no_model_type(ws: Workspace) -> list[str]:
     return _model(ws, "model")
 
 
-@case("model", "model_type 'nosucharch' (NoSuchArchForCausalLM) is not a causal LM that the installed transformers",
-      '[perf] backend = "fsdp" and [rollout] engine = "embedded"')
+@case(
+    "model",
+    "model_type 'nosucharch' (NoSuchArchForCausalLM) is not a causal LM that the installed transformers",
+    '[perf] backend = "fsdp" and [rollout] engine = "embedded"',
+)
 def model_unknown_architecture(ws: Workspace) -> list[str]:
     ws.model_dir(config={**QWEN2, "model_type": "nosucharch", "architectures": ["NoSuchArchForCausalLM"]})
     return _model(ws, "model")
@@ -338,8 +357,11 @@ def model_no_megatron_mapping(ws: Workspace) -> list[str]:
     return _model(ws, "model", backend="megatron")
 
 
-@case("model", "model_type 'mistral' (MistralForCausalLM) has no Megatron mapping",
-      "supported: qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), llama (LlamaForCausalLM), qwen3_moe")
+@case(
+    "model",
+    "model_type 'mistral' (MistralForCausalLM) has no Megatron mapping",
+    "supported: qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), llama (LlamaForCausalLM), qwen3_moe",
+)
 def model_mistral_on_megatron(ws: Workspace) -> list[str]:
     ws.model_dir(config={**QWEN2, "model_type": "mistral", "architectures": ["MistralForCausalLM"]})
     return _model(ws, "model", backend="megatron")
@@ -353,13 +375,21 @@ def model_no_backend_supports(ws: Workspace) -> list[str]:
 
 @case("model", "ships its own modelling code (auto_map): set [model] trust_remote_code = true")
 def model_remote_code_not_trusted(ws: Workspace) -> list[str]:
-    ws.model_dir(config={"model_type": "custom_lm", "architectures": ["CustomLM"],
-                         "auto_map": {"AutoModelForCausalLM": "modeling_custom.CustomLM"}})
+    ws.model_dir(
+        config={
+            "model_type": "custom_lm",
+            "architectures": ["CustomLM"],
+            "auto_map": {"AutoModelForCausalLM": "modeling_custom.CustomLM"},
+        }
+    )
     return _model(ws, "model")
 
 
-@case("model", "model has no tokenizer (none of tokenizer.json, tokenizer.model",
-      "copy the tokenizer files of the base model into it")
+@case(
+    "model",
+    "model has no tokenizer (none of tokenizer.json, tokenizer.model",
+    "copy the tokenizer files of the base model into it",
+)
 def model_no_tokenizer(ws: Workspace) -> list[str]:
     ws.model_dir(config=QWEN2, tokenizer=False)
     return _model(ws, "model")
@@ -390,14 +420,21 @@ def _reward(ws: Workspace, path: str, **more: object) -> list[str]:
     return spec_with(ws, rollout={"rm_type": DROP, "custom_rm_path": path, **more})
 
 
-@case("reward", "rollout.custom_rm_path = 'nosuchmodule:f': cannot import module 'nosuchmodule'",
-      "Check PYTHONPATH", "pass --skip-check code")
+@case(
+    "reward",
+    "rollout.custom_rm_path = 'nosuchmodule:f': cannot import module 'nosuchmodule'",
+    "Check PYTHONPATH",
+    "pass --skip-check code",
+)
 def reward_no_module(ws: Workspace) -> list[str]:
     return _reward(ws, "nosuchmodule:f")
 
 
-@case("reward", "rollout.custom_rm_path = 'os:path': module 'os' has no callable 'path' ('path' is a module)",
-      "name a function defined in that module")
+@case(
+    "reward",
+    "rollout.custom_rm_path = 'os:path': module 'os' has no callable 'path' ('path' is a module)",
+    "name a function defined in that module",
+)
 def reward_not_callable(ws: Workspace) -> list[str]:
     return _reward(ws, "os:path")
 
@@ -435,8 +472,11 @@ def reward_module_dependency_missing(ws: Workspace) -> list[str]:
     return _reward(ws, "rm_dep_missing:score")
 
 
-@case("reward", "rollout.custom_rm_path = 'three.py:score' takes (a, b, c)",
-      "cannot be called as f(sample) or f(args, sample)")
+@case(
+    "reward",
+    "rollout.custom_rm_path = 'three.py:score' takes (a, b, c)",
+    "cannot be called as f(sample) or f(args, sample)",
+)
 def reward_three_arguments(ws: Workspace) -> list[str]:
     ws.write("three.py", "def score(a, b, c):\n    return 1.0\n")
     return _reward(ws, "three.py:score")
@@ -483,15 +523,22 @@ def filter_one_argument(ws: Workspace) -> list[str]:
 
 @case("reward", "2 problems with the run's inputs", "custom_rm_path", "dynamic_sampling_filter_path")
 def reward_and_filter_both_bad(ws: Workspace) -> list[str]:
-    return spec_with(ws, rollout={"rm_type": DROP, "custom_rm_path": "os:sep",
-                                  "dynamic_sampling_filter_path": "os:curdir"})
+    return spec_with(
+        ws, rollout={"rm_type": DROP, "custom_rm_path": "os:sep", "dynamic_sampling_filter_path": "os:curdir"}
+    )
 
 
 # ---------------------------------------------------------------- resume
 
 
-@case("resume", "[ckpt] save:", "cannot resume from", "rollout-000002",
-      "rollout.rollout_seed: checkpoint has 7, spec has 42", "Restore these values, or start a new run")
+@case(
+    "resume",
+    "[ckpt] save:",
+    "cannot resume from",
+    "rollout-000002",
+    "rollout.rollout_seed: checkpoint has 7, spec has 42",
+    "Restore these values, or start a new run",
+)
 def resume_changed_seed(ws: Workspace) -> list[str]:
     ws.checkpoint(["rollout.rollout_seed=7"])
     return []
@@ -544,9 +591,17 @@ def resume_load_changed(ws: Workspace) -> list[str]:
 # ---------------------------------------------------------------- several areas at once
 
 
-@case("mixed", "3 problems with the run's inputs", "prompts.jsonl:1: invalid JSON", "nomodel: no such file",
-      "cannot import module 'nosuchmodule'")
+@case(
+    "mixed",
+    "3 problems with the run's inputs",
+    "prompts.jsonl:1: invalid JSON",
+    "nomodel: no such file",
+    "cannot import module 'nosuchmodule'",
+)
 def mixed_data_model_reward(ws: Workspace) -> list[str]:
     ws.write("prompts.jsonl", "{\n")
-    return spec_with(ws, model={"builtin": DROP, "hf_checkpoint": "nomodel"},
-                     rollout={"rm_type": DROP, "custom_rm_path": "nosuchmodule:f"})
+    return spec_with(
+        ws,
+        model={"builtin": DROP, "hf_checkpoint": "nomodel"},
+        rollout={"rm_type": DROP, "custom_rm_path": "nosuchmodule:f"},
+    )

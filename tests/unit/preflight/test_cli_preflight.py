@@ -32,12 +32,18 @@ def test_a_valid_workspace_passes_for_run(ws: Workspace) -> None:
     assert report.problems == [] and report.notes == []
 
 
-def test_a_valid_model_directory_and_a_matching_checkpoint_pass(ws: Workspace,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_valid_model_directory_and_a_matching_checkpoint_pass(
+    ws: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
     ws.model_dir(config=QWEN2, extra={"tokenizer_config.json": "{}"})
     ws.write("rm_ok.py", "def score(args, sample):\n    return 1.0\n")
-    ws.write_spec({"model": {"builtin": DROP, "hf_checkpoint": "model"}, "perf": {"backend": "megatron"},
-                   "rollout": {"rm_type": DROP, "custom_rm_path": "rm_ok.py:score"}})
+    ws.write_spec(
+        {
+            "model": {"builtin": DROP, "hf_checkpoint": "model"},
+            "perf": {"backend": "megatron"},
+            "rollout": {"rm_type": DROP, "custom_rm_path": "rm_ok.py:score"},
+        }
+    )
     ws.checkpoint([])
     assert cli.main(["validate", str(ws.spec), "--set", "perf.backend=fsdp"]) == 2  # the checkpoint was megatron's
     assert "perf.backend: checkpoint has 'megatron', spec has 'fsdp'" in capsys.readouterr().err
@@ -60,9 +66,14 @@ def test_sglang_architectures_are_left_to_the_engines_when_sglang_is_absent(ws: 
 
 
 def test_paths_of_the_compute_nodes_are_noted_for_submit_and_refused_by_run(
-        ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
-    ws.write_spec({"rollout": {"prompt_data": f"{ELSEWHERE}/train.jsonl"},
-                   "model": {"builtin": DROP, "hf_checkpoint": f"{ELSEWHERE}/model"}})
+    ws: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ws.write_spec(
+        {
+            "rollout": {"prompt_data": f"{ELSEWHERE}/train.jsonl"},
+            "model": {"builtin": DROP, "hf_checkpoint": f"{ELSEWHERE}/model"},
+        }
+    )
     assert cli.main(["validate", str(ws.spec)]) == 0
     err = capsys.readouterr().err
     assert f"note: rollout.prompt_data: {ELSEWHERE} does not exist on this machine" in err
@@ -101,12 +112,20 @@ def test_a_problem_points_at_the_spec_line_of_its_key(ws: Workspace, capsys: pyt
 def test_pre_flight_does_not_import_torch(ws: Workspace) -> None:
     ws.model_dir(config=QWEN2)
     ws.write("dev.jsonl", json.dumps(ROWS[0]) + "\n")
-    ws.write_spec({"model": {"builtin": DROP, "hf_checkpoint": "model"}, "perf": {"backend": "megatron"},
-                   "eval": {"eval_prompt_data": {"dev": "dev.jsonl"}, "eval_interval": 1}})
+    ws.write_spec(
+        {
+            "model": {"builtin": DROP, "hf_checkpoint": "model"},
+            "perf": {"backend": "megatron"},
+            "eval": {"eval_prompt_data": {"dev": "dev.jsonl"}, "eval_interval": 1},
+        }
+    )
     ws.checkpoint([])
-    code = ("import sys; from miles.cli import main; assert main(['validate', 'spec.toml']) == 0; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; from miles.cli import main; assert main(['validate', 'spec.toml']) == 0; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     env = {"PYTHONPATH": str(ROOT), "PATH": ws.env_path()}
-    res = subprocess.run([sys.executable, "-c", code], cwd=ws.root, env=env, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=ws.root, env=env, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr

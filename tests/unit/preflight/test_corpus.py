@@ -24,8 +24,9 @@ def test_the_corpus_covers_every_area() -> None:
 
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_exits_2_and_leaves_nothing(case: Case, command: str, ws: Workspace,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_exits_2_and_leaves_nothing(
+    case: Case, command: str, ws: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
     extra = case.build(ws)
     before = ws.snapshot()
     code = cli.main([command, str(ws.spec), *extra])

@@ -24,18 +24,38 @@ DROP = object()
 BASE: dict[str, dict[str, Any]] = {
     "run": {"name": "t", "num_rollout": 2},
     "model": {"builtin": "tiny-arith", "dtype": "float32"},
-    "rollout": {"engine": "embedded", "prompt_data": "prompts.jsonl", "input_key": "prompt", "label_key": "label",
-                "rollout_batch_size": 4, "n_samples_per_prompt": 2, "rm_type": "exact_match"},
+    "rollout": {
+        "engine": "embedded",
+        "prompt_data": "prompts.jsonl",
+        "input_key": "prompt",
+        "label_key": "label",
+        "rollout_batch_size": 4,
+        "n_samples_per_prompt": 2,
+        "rm_type": "exact_match",
+    },
     "train": {"global_batch_size": 8},
     "perf": {"backend": "fsdp"},
-    "cluster": {"mode": "colocate", "gpus_per_node": 0, "actor_num_nodes": 1, "actor_num_gpus_per_node": 2,
-                "device": "cpu"},
+    "cluster": {
+        "mode": "colocate",
+        "gpus_per_node": 0,
+        "actor_num_nodes": 1,
+        "actor_num_gpus_per_node": 2,
+        "device": "cpu",
+    },
 }
 
 ROWS = [{"prompt": f"{a}+{a}=", "label": str(2 * a)} for a in range(8)]
 
-QWEN2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32, "intermediate_size": 128}
+QWEN2 = {
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 32,
+    "intermediate_size": 128,
+}
 
 _TOOL = """#!/bin/sh
 echo "$(basename "$0") $*" >> {record}
@@ -99,8 +119,16 @@ class Workspace:
     def write_rows(self, name: str, rows: list[Any]) -> Path:
         return self.write(name, "".join(json.dumps(r) + "\n" for r in rows))
 
-    def model_dir(self, name: str = "model", config: Any = None, *, config_text: str | None = None,
-                  tokenizer: bool = True, weights: bool = True, extra: dict[str, str] | None = None) -> Path:
+    def model_dir(
+        self,
+        name: str = "model",
+        config: Any = None,
+        *,
+        config_text: str | None = None,
+        tokenizer: bool = True,
+        weights: bool = True,
+        extra: dict[str, str] | None = None,
+    ) -> Path:
         """An HF-shaped directory (config.json, weights and tokenizer files; contents are not loaded)."""
         root = self.root / name
         root.mkdir(parents=True)
@@ -114,8 +142,13 @@ class Workspace:
             (root / file).write_text(text)
         return root
 
-    def checkpoint(self, saved_overrides: list[str], rollout_id: int = 2, root: str = "runs/t/checkpoints",
-                   driver: str | None = None) -> Path:
+    def checkpoint(
+        self,
+        saved_overrides: list[str],
+        rollout_id: int = 2,
+        root: str = "runs/t/checkpoints",
+        driver: str | None = None,
+    ) -> Path:
         """A complete checkpoint (manifest present) saved by the base spec with ``saved_overrides`` applied."""
         spec = load_spec(self.spec, saved_overrides)
         path = self.root / root / f"rollout-{rollout_id:06d}"

@@ -22,8 +22,18 @@ def three(a: Any, b: Any, c: Any) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize("fn", [lambda sample: 1.0, async_reward, with_config, lambda *samples: 1.0,
-                                lambda sample, extra=2: 1.0, functools.partial(three, 1), len])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda sample: 1.0,
+        async_reward,
+        with_config,
+        lambda *samples: 1.0,
+        lambda sample, extra=2: 1.0,
+        functools.partial(three, 1),
+        len,
+    ],
+)
 def test_callable_rewards_pass(fn: Any) -> None:
     assert call_problem(fn, "r") is None
 

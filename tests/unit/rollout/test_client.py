@@ -20,8 +20,16 @@ CFG = RolloutConfig(rollout_temperature=1.0, rollout_max_response_len=12, rollou
 
 
 def samples(n: int, engine_tokens: list[list[int]]) -> list[Sample]:
-    return [Sample(group_index=i // 2, prompt_index=i // 2, prompt="", prompt_text="", prompt_ids=engine_tokens[i % len(engine_tokens)])
-            for i in range(n)]
+    return [
+        Sample(
+            group_index=i // 2,
+            prompt_index=i // 2,
+            prompt="",
+            prompt_text="",
+            prompt_ids=engine_tokens[i % len(engine_tokens)],
+        )
+        for i in range(n)
+    ]
 
 
 PROMPTS = [[4, 5, 13], [6, 7, 16], [8, 9, 10, 13]]
@@ -104,8 +112,9 @@ def test_a_request_whose_engine_dies_finishes_on_another(engines: list[LocalEngi
     killer = threading.Timer(0.3, doomed.kill)
 
     async def run() -> RolloutClient:
-        client = RolloutClient([doomed.url, survivor.url], chunk_size=1, max_concurrency=8, backoff_s=0.05,
-                               timeout_s=60)
+        client = RolloutClient(
+            [doomed.url, survivor.url], chunk_size=1, max_concurrency=8, backoff_s=0.05, timeout_s=60
+        )
         killer.start()
         await client.generate(batch, cfg, rollout_id=0)
         await client.close()

@@ -29,8 +29,16 @@ def test_resume_drops_rollouts_at_or_after_the_resume_point(tmp_path: Path) -> N
 def test_tensorboard_and_plot_are_written(tmp_path: Path) -> None:
     log = MetricsLog(tmp_path, start_rollout=0, tensorboard=True, plot=True)
     for r in range(3):
-        log.log(r, {"rollout/reward_mean": 0.1 * r, "train/kl_loss": 0.0, "train/entropy": 1.0,
-                    "rollout/response_len_mean": 3.0}, {"time/generate": 0.5})
+        log.log(
+            r,
+            {
+                "rollout/reward_mean": 0.1 * r,
+                "train/kl_loss": 0.0,
+                "train/entropy": 1.0,
+                "rollout/response_len_mean": 3.0,
+            },
+            {"time/generate": 0.5},
+        )
     log.close()
     png = (tmp_path / "plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -38,7 +46,11 @@ def test_tensorboard_and_plot_are_written(tmp_path: Path) -> None:
 
 
 def test_console_line_shows_progress() -> None:
-    line = console_line(4, 10, {"rollout/samples": 256, "rollout/reward_mean": 0.5, "train/kl_loss": 0.01},
-                        {"time/generate": 1.5, "time/train": 2.0, "time/total": 4.0, "rollout/tokens_per_s": 123.0})
+    line = console_line(
+        4,
+        10,
+        {"rollout/samples": 256, "rollout/reward_mean": 0.5, "train/kl_loss": 0.01},
+        {"time/generate": 1.5, "time/train": 2.0, "time/total": 4.0, "rollout/tokens_per_s": 123.0},
+    )
     assert line.startswith("rollout 5/10 | samples 256 | gen 123 tok/s | reward 0.500 | kl 0.0100")
     assert "generate=1.50s" in line and "train=2.00s" in line and "total 4.00s" in line

@@ -53,7 +53,12 @@ BODIES: list[tuple[proto.Endpoint, dict[str, Any]]] = [
     (
         proto.INIT_WEIGHTS_UPDATE_GROUP,
         proto.init_weights_update_group_body(
-            master_address="10.0.0.1", master_port=29600, rank_offset=1, world_size=9, group_name="miles", backend="gloo"
+            master_address="10.0.0.1",
+            master_port=29600,
+            rank_offset=1,
+            world_size=9,
+            group_name="miles",
+            backend="gloo",
         ),
     ),
     (proto.DESTROY_WEIGHTS_UPDATE_GROUP, proto.destroy_weights_update_group_body(group_name="miles")),
@@ -111,7 +116,9 @@ def test_body_matches_sglang_request_class(sgl: SglangSource, endpoint: proto.En
     assert not missing, f"{endpoint.path}: required fields {sorted(missing)} of {cls.name} are missing"
     for key, value in body.items():
         ann = cls.fields[key].annotation
-        assert conforms(value, ann), f"{endpoint.path}: {key}={value!r} does not fit {cls.name}.{key}: {ast.unparse(ann)}"
+        assert conforms(value, ann), (
+            f"{endpoint.path}: {key}={value!r} does not fit {cls.name}.{key}: {ast.unparse(ann)}"
+        )
 
 
 def test_sampling_params_are_sglang_sampling_params(sgl: SglangSource) -> None:
@@ -119,7 +126,9 @@ def test_sampling_params_are_sglang_sampling_params(sgl: SglangSource) -> None:
     unknown = set(SAMPLING_FULL) - set(fields)
     assert not unknown, f"{sorted(unknown)} are not SGLang sampling params"
     for key, value in SAMPLING_FULL.items():
-        assert conforms(value, fields[key].annotation), f"sampling_params.{key}={value!r}: {fields[key].annotation_text}"
+        assert conforms(value, fields[key].annotation), (
+            f"sampling_params.{key}={value!r}: {fields[key].annotation_text}"
+        )
 
 
 def test_weight_sync_dtypes_are_names_sglang_resolves_with_getattr_torch() -> None:

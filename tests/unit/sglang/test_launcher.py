@@ -51,8 +51,7 @@ def test_sglang_command_uses_only_flags_of_the_pinned_release_with_their_types()
         radix_eviction_policy_config={"protected_threshold": 4},
         chunked_prefill_size=512,
     )
-    argv = sl.sglang_argv(spec, model_path="/m", host="10.0.0.2", port=31000, api_key="k", nccl_port=31100,
-                          python="py")
+    argv = sl.sglang_argv(spec, model_path="/m", host="10.0.0.2", port=31000, api_key="k", nccl_port=31100, python="py")
     assert argv[:3] == ["py", "-m", "sglang.launch_server"]
     args = _parse(argv[3:])
     flags = load_flags()
@@ -116,27 +115,42 @@ def test_engine_env_pins_gpus_per_engine() -> None:
 def _launch(tmp_path: Path, code: str, port: int = 0, index: int = 0) -> sl.EngineLaunch:
     script = tmp_path / f"server{index}.py"
     script.write_text(textwrap.dedent(code))
-    return sl.EngineLaunch(index=index, kind="embedded", argv=(sys.executable, str(script)), env={},
-                           host="127.0.0.1", port=port, api_key="k", log_path=tmp_path / f"engine-{index}.log")
+    return sl.EngineLaunch(
+        index=index,
+        kind="embedded",
+        argv=(sys.executable, str(script)),
+        env={},
+        host="127.0.0.1",
+        port=port,
+        api_key="k",
+        log_path=tmp_path / f"engine-{index}.log",
+    )
 
 
 def test_start_failure_quotes_the_engine_log(tmp_path: Path) -> None:
-    launch = _launch(tmp_path, """
+    launch = _launch(
+        tmp_path,
+        """
         import sys
         print("loading weights from /m", flush=True)
         print("RuntimeError: CUDA out of memory", file=sys.stderr, flush=True)
         sys.exit(3)
-    """)
+    """,
+    )
     with pytest.raises(sl.EngineStartError, match=r"(?s)exited with code 3.*CUDA out of memory"):
         sl.start_engines([launch], health_deadline_s=30)
 
 
 def test_health_deadline_quotes_the_log(tmp_path: Path) -> None:
-    launch = _launch(tmp_path, """
+    launch = _launch(
+        tmp_path,
+        """
         import time
         print("still loading", flush=True)
         time.sleep(60)
-    """, port=9)
+    """,
+        port=9,
+    )
     t0 = time.monotonic()
     with pytest.raises(sl.EngineStartError, match=r"(?s)not healthy after 2 s.*still loading"):
         sl.start_engines([launch], health_deadline_s=2)

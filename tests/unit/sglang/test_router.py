@@ -21,11 +21,29 @@ from tests.sglang.sglang_servers import driver_task
 
 
 def test_router_command() -> None:
-    argv = sr.router_argv(["http://a:1", "http://b:2"], host="0.0.0.0", port=30000, api_key="k", python="py",
-                          policy="round_robin")
-    assert argv == ["py", "-m", "sglang_router.launch_router", "--host", "0.0.0.0", "--port", "30000",
-                    "--policy", "round_robin", "--log-level", "warn", "--shutdown-grace-period-secs", "5",
-                    "--worker-urls", "http://a:1", "http://b:2", "--api-key", "k"]
+    argv = sr.router_argv(
+        ["http://a:1", "http://b:2"], host="0.0.0.0", port=30000, api_key="k", python="py", policy="round_robin"
+    )
+    assert argv == [
+        "py",
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "30000",
+        "--policy",
+        "round_robin",
+        "--log-level",
+        "warn",
+        "--shutdown-grace-period-secs",
+        "5",
+        "--worker-urls",
+        "http://a:1",
+        "http://b:2",
+        "--api-key",
+        "k",
+    ]
     launch = sr.router_launch(host="0.0.0.0", port=30000, api_key=None, log_dir=Path("/logs"), python="py")
     assert "--worker-urls" not in launch.argv and "--api-key" not in launch.argv  # workers come later, by miles
     assert launch.argv[launch.argv.index("--policy") + 1] == "cache_aware"
@@ -47,8 +65,9 @@ def test_use_router_without_the_router_installed_is_a_user_error(
     assert not sr.router_available(sys.executable)
     monkeypatch.setenv("MILES_SGLANG_PYTHON", sys.executable)
     spec = Spec(sglang=SglangConfig(use_router=True), source="run.toml")
-    engines = [rundir.Announcement(index=0, url="http://127.0.0.1:1", host="127.0.0.1", port=1, pid=1,
-                                   launch_id="test-launch")]
+    engines = [
+        rundir.Announcement(index=0, url="http://127.0.0.1:1", host="127.0.0.1", port=1, pid=1, launch_id="test-launch")
+    ]
     with pytest.raises(UserError) as err:
         EngineFleet(spec, driver_task(tmp_path, 1), engines)
     text = str(err.value)

@@ -1,4 +1,6 @@
-"""Helpers for the spec tests (imported by conftest.py and the tests): write a small valid spec with changes, and find a key's line in it."""
+"""Helpers for the spec tests (imported by conftest.py and the tests): write a small valid spec with changes, and find a
+key's line in it.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +19,12 @@ DROP = object()
 BASE: dict[str, dict[str, Any]] = {
     "run": {"name": "t", "num_rollout": 3},
     "model": {"builtin": "tiny-arith"},
-    "rollout": {"prompt_data": "data/prompts.jsonl", "rm_type": "exact_match", "rollout_batch_size": 4,
-                "n_samples_per_prompt": 2},
+    "rollout": {
+        "prompt_data": "data/prompts.jsonl",
+        "rm_type": "exact_match",
+        "rollout_batch_size": 4,
+        "n_samples_per_prompt": 2,
+    },
     "train": {"global_batch_size": 8},
 }
 
@@ -65,8 +71,9 @@ class SpecFiles:
         path.write_text(text)
         return path, text
 
-    def error(self, changes: dict[str, dict[str, Any]] | None = None, text: str | None = None,
-              overrides: tuple[str, ...] = ()) -> tuple[str, Path, str]:
+    def error(
+        self, changes: dict[str, dict[str, Any]] | None = None, text: str | None = None, overrides: tuple[str, ...] = ()
+    ) -> tuple[str, Path, str]:
         """Load a spec that must fail; return the error message, the path and the text."""
         path, text = self.write(changes, text)
         with pytest.raises(SpecError) as info:

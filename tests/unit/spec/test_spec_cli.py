@@ -39,13 +39,18 @@ def test_installed_command(specs: SpecFiles) -> None:
 
 
 def test_spec_and_cli_do_not_import_torch() -> None:
-    code = "import miles.cli, miles.spec, miles.spec.reference, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import miles.cli, miles.spec, miles.spec.reference, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
 
 def test_loading_a_spec_does_not_import_torch() -> None:
-    code = ("import sys; from miles.spec import load_spec, spec_to_toml; spec_to_toml(load_spec('configs/quickstart.toml')); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; from miles.spec import load_spec, spec_to_toml; "
+        "spec_to_toml(load_spec('configs/quickstart.toml')); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
 

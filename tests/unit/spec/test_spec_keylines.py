@@ -23,9 +23,9 @@ LINES = [
     '  "a",',  # 16
     "]",  # 17
     "a.b.c = 1",  # 18
-    "literal = \'\'\'",  # 19
+    "literal = '''",  # 19
     "exclusive = false",  # 20
-    "still inside \'\'\'",  # 21
+    "still inside '''",  # 21
     'reservation = "r"',  # 22
     "",  # 23
     "[ rollout ]",  # 24

@@ -14,13 +14,19 @@ KNOBS = ("rollout_batch_size", "n_samples_per_prompt", "global_batch_size", "num
 
 
 def knob_changes(r: Any = DROP, n: Any = DROP, g: Any = DROP, s: Any = DROP) -> dict[str, dict[str, Any]]:
-    return {"rollout": {"rollout_batch_size": r, "n_samples_per_prompt": n},
-            "train": {"global_batch_size": g, "num_steps_per_rollout": s}}
+    return {
+        "rollout": {"rollout_batch_size": r, "n_samples_per_prompt": n},
+        "train": {"global_batch_size": g, "num_steps_per_rollout": s},
+    }
 
 
 def resolved(spec: Any) -> tuple[int | None, ...]:
-    return (spec.rollout.rollout_batch_size, spec.rollout.n_samples_per_prompt, spec.train.global_batch_size,
-            spec.train.num_steps_per_rollout)
+    return (
+        spec.rollout.rollout_batch_size,
+        spec.rollout.n_samples_per_prompt,
+        spec.train.global_batch_size,
+        spec.train.num_steps_per_rollout,
+    )
 
 
 @pytest.mark.parametrize(
@@ -35,9 +41,16 @@ def resolved(spec: Any) -> tuple[int | None, ...]:
         (dict(r=32, s=4), (32, 1, 8, 4)),  # n defaults to 1, then global batch derived
         (dict(g=16, s=2), (32, 1, 16, 2)),  # n defaults to 1, then rollout batch derived
     ],
-    ids=["derive-rollout_batch_size", "derive-n_samples_per_prompt", "derive-global_batch_size",
-         "derive-num_steps_per_rollout", "all-four", "n-default-derive-steps", "n-default-derive-gbs",
-         "n-default-derive-rbs"],
+    ids=[
+        "derive-rollout_batch_size",
+        "derive-n_samples_per_prompt",
+        "derive-global_batch_size",
+        "derive-num_steps_per_rollout",
+        "all-four",
+        "n-default-derive-steps",
+        "n-default-derive-gbs",
+        "n-default-derive-rbs",
+    ],
 )
 def test_derivation(specs: SpecFiles, given: dict[str, int], expected: tuple[int, ...]) -> None:
     path, _ = specs.write(knob_changes(**given))
@@ -48,8 +61,10 @@ def test_four_inconsistent_shows_the_equation_and_the_ways_out(specs: SpecFiles)
     message, path, text = specs.error(knob_changes(r=32, n=8, g=100, s=2))
     line = line_of(text, "train", "num_steps_per_rollout")
     assert f"{path}:{line}: [train] num_steps_per_rollout: " in message
-    assert ("rollout_batch_size (32) x n_samples_per_prompt (8) = 256 but global_batch_size (100) x "
-            "num_steps_per_rollout (2) = 200") in message
+    assert (
+        "rollout_batch_size (32) x n_samples_per_prompt (8) = 256 but global_batch_size (100) x "
+        "num_steps_per_rollout (2) = 200"
+    ) in message
     assert "leave out [rollout] n_samples_per_prompt to have it derived as 6" not in message  # 200/32 is not whole
     assert "leave out [rollout] rollout_batch_size to have it derived as 25" in message
     message, _, _ = specs.error(knob_changes(r=3, n=7, g=5, s=2))
@@ -59,14 +74,32 @@ def test_four_inconsistent_shows_the_equation_and_the_ways_out(specs: SpecFiles)
 @pytest.mark.parametrize(
     ("given", "blamed", "numbers", "fix"),
     [
-        (dict(r=32, n=8, g=100), "global_batch_size", "rollout_batch_size (32) x n_samples_per_prompt (8) = 256 is not "
-         "divisible by global_batch_size (100), so num_steps_per_rollout cannot be derived", "such as 64 or 128"),
-        (dict(r=32, n=8, s=3), "num_steps_per_rollout", "= 256 is not divisible by num_steps_per_rollout (3), so "
-         "global_batch_size cannot be derived", "such as 2 or 4"),
-        (dict(n=3, g=16, s=2), "n_samples_per_prompt", "global_batch_size (16) x num_steps_per_rollout (2) = 32 is not "
-         "divisible by n_samples_per_prompt (3), so rollout_batch_size cannot be derived", "such as 2 or 4"),
-        (dict(r=5, g=16, s=2), "rollout_batch_size", "= 32 is not divisible by rollout_batch_size (5), so "
-         "n_samples_per_prompt cannot be derived", "such as 4 or 8"),
+        (
+            dict(r=32, n=8, g=100),
+            "global_batch_size",
+            "rollout_batch_size (32) x n_samples_per_prompt (8) = 256 is not "
+            "divisible by global_batch_size (100), so num_steps_per_rollout cannot be derived",
+            "such as 64 or 128",
+        ),
+        (
+            dict(r=32, n=8, s=3),
+            "num_steps_per_rollout",
+            "= 256 is not divisible by num_steps_per_rollout (3), so global_batch_size cannot be derived",
+            "such as 2 or 4",
+        ),
+        (
+            dict(n=3, g=16, s=2),
+            "n_samples_per_prompt",
+            "global_batch_size (16) x num_steps_per_rollout (2) = 32 is not "
+            "divisible by n_samples_per_prompt (3), so rollout_batch_size cannot be derived",
+            "such as 2 or 4",
+        ),
+        (
+            dict(r=5, g=16, s=2),
+            "rollout_batch_size",
+            "= 32 is not divisible by rollout_batch_size (5), so n_samples_per_prompt cannot be derived",
+            "such as 4 or 8",
+        ),
     ],
     ids=["steps", "global_batch_size", "rollout_batch_size", "n_samples_per_prompt"],
 )
@@ -82,7 +115,10 @@ def test_underivable(specs: SpecFiles, given: dict[str, int], blamed: str, numbe
     [
         (dict(r=32), "set 1 more of: [train] global_batch_size, [train] num_steps_per_rollout"),
         (dict(n=8, g=16), "set 1 more of: [rollout] rollout_batch_size, [train] num_steps_per_rollout"),
-        (dict(), "set 2 more of: [rollout] rollout_batch_size, [train] global_batch_size, [train] num_steps_per_rollout"),
+        (
+            dict(),
+            "set 2 more of: [rollout] rollout_batch_size, [train] global_batch_size, [train] num_steps_per_rollout",
+        ),
     ],
     ids=["one-knob", "n-and-one", "none"],
 )
@@ -93,8 +129,17 @@ def test_too_few_knobs(specs: SpecFiles, given: dict[str, int], missing: str) ->
 
 
 def test_resolve_is_pure() -> None:
-    values = {"rollout_batch_size": 4, "n_samples_per_prompt": None, "global_batch_size": 2, "num_steps_per_rollout": None}
+    values = {
+        "rollout_batch_size": 4,
+        "n_samples_per_prompt": None,
+        "global_batch_size": 2,
+        "num_steps_per_rollout": None,
+    }
     out, problems = resolve(values)
-    assert problems == [] and out == {"rollout_batch_size": 4, "n_samples_per_prompt": 1, "global_batch_size": 2,
-                                      "num_steps_per_rollout": 2}
+    assert problems == [] and out == {
+        "rollout_batch_size": 4,
+        "n_samples_per_prompt": 1,
+        "global_batch_size": 2,
+        "num_steps_per_rollout": 2,
+    }
     assert values["n_samples_per_prompt"] is None

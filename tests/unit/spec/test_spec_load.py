@@ -25,28 +25,85 @@ def test_spec_error_is_a_user_error() -> None:
 @pytest.mark.parametrize(
     ("changes", "table", "key", "expected"),
     [
-        ({"rollout": {"rollout_batch_sise": 4}}, "rollout", "rollout_batch_sise", "unknown key in [rollout]; did you mean rollout_batch_size?"),
-        ({"rollout": {"global_batch_size": 8}}, "rollout", "global_batch_size", "unknown key in [rollout]; global_batch_size belongs in [train]"),
-        ({"rollout": {"rollout-seed": 1}}, "rollout", "rollout-seed", "unknown key in [rollout]; write rollout_seed (underscores"),
+        (
+            {"rollout": {"rollout_batch_sise": 4}},
+            "rollout",
+            "rollout_batch_sise",
+            "unknown key in [rollout]; did you mean rollout_batch_size?",
+        ),
+        (
+            {"rollout": {"global_batch_size": 8}},
+            "rollout",
+            "global_batch_size",
+            "unknown key in [rollout]; global_batch_size belongs in [train]",
+        ),
+        (
+            {"rollout": {"rollout-seed": 1}},
+            "rollout",
+            "rollout-seed",
+            "unknown key in [rollout]; write rollout_seed (underscores",
+        ),
         ({"run": {"zzz": 1}}, "run", "zzz", "unknown key in [run]; the keys of [run] are listed in docs/spec.md"),
         ({"run": {"seed": "8"}}, "run", "seed", 'expected an integer, got the string "8"'),
         ({"run": {"seed": True}}, "run", "seed", "expected an integer, got true"),
         ({"run": {"plot": 1}}, "run", "plot", "expected true or false, got the integer 1"),
         ({"run": {"num_rollout": 2.5}}, "run", "num_rollout", "expected an integer, got the number 2.5"),
         ({"optimizer": {"lr": "1e-6"}}, "optimizer", "lr", 'expected a number, got the string "1e-6"'),
-        ({"rollout": {"engine": "vllm"}}, "rollout", "engine", 'expected one of "sglang", "embedded", got the string "vllm"'),
-        ({"perf": {"recompute_granularity": "all"}}, "perf", "recompute_granularity", 'expected one of "full", "selective"'),
+        (
+            {"rollout": {"engine": "vllm"}},
+            "rollout",
+            "engine",
+            'expected one of "sglang", "embedded", got the string "vllm"',
+        ),
+        (
+            {"perf": {"recompute_granularity": "all"}},
+            "perf",
+            "recompute_granularity",
+            'expected one of "full", "selective"',
+        ),
         ({"rollout": {"label_key": 3}}, "rollout", "label_key", "expected a string, got the integer 3"),
-        ({"rollout": {"rollout_stop_token_ids": [1, "2"]}}, "rollout", "rollout_stop_token_ids",
-         'expected a list of integers, got the list [1, "2"] (element 2 is the string "2")'),
-        ({"rollout": {"rollout_stop": "###"}}, "rollout", "rollout_stop", 'expected a list of strings, got the string "###"'),
-        ({"slurm": {"env": {"A": 1}}}, "slurm", "env", "expected a table of strings, got the table { A = 1 } (entry 'A' is the integer 1)"),
+        (
+            {"rollout": {"rollout_stop_token_ids": [1, "2"]}},
+            "rollout",
+            "rollout_stop_token_ids",
+            'expected a list of integers, got the list [1, "2"] (element 2 is the string "2")',
+        ),
+        (
+            {"rollout": {"rollout_stop": "###"}},
+            "rollout",
+            "rollout_stop",
+            'expected a list of strings, got the string "###"',
+        ),
+        (
+            {"slurm": {"env": {"A": 1}}},
+            "slurm",
+            "env",
+            "expected a table of strings, got the table { A = 1 } (entry 'A' is the integer 1)",
+        ),
         ({"eval": {"eval_prompt_data": ["a.jsonl"]}}, "eval", "eval_prompt_data", "expected a table of strings"),
     ],
-    ids=["typo", "other-table", "dashes", "no-match", "str-for-int", "bool-for-int", "int-for-bool", "float-for-int",
-         "str-for-float", "literal", "optional-literal", "optional-str", "list-element", "list", "dict-value", "dict"],
+    ids=[
+        "typo",
+        "other-table",
+        "dashes",
+        "no-match",
+        "str-for-int",
+        "bool-for-int",
+        "int-for-bool",
+        "float-for-int",
+        "str-for-float",
+        "literal",
+        "optional-literal",
+        "optional-str",
+        "list-element",
+        "list",
+        "dict-value",
+        "dict",
+    ],
 )
-def test_key_and_type_errors(specs: SpecFiles, changes: dict[str, dict[str, Any]], table: str, key: str, expected: str) -> None:
+def test_key_and_type_errors(
+    specs: SpecFiles, changes: dict[str, dict[str, Any]], table: str, key: str, expected: str
+) -> None:
     message, path, text = specs.error(changes)
     assert f"{path}:{line_of(text, table, key)}: [{table}] {key}: {expected}" in message, message
 
@@ -61,7 +118,10 @@ def test_int_is_accepted_for_float(specs: SpecFiles) -> None:
 def test_unquoted_time_says_to_quote_it(specs: SpecFiles) -> None:
     text = render() + "\n[slurm]\ntime = 04:00:00\n"
     message, path, _ = specs.error(text=text)
-    assert f"{path}:{len(text.splitlines())}: [slurm] time: expected a string, got the time 04:00:00 (put it in quotes" in message
+    assert (
+        f"{path}:{len(text.splitlines())}: [slurm] time: expected a string, got the time 04:00:00 (put it in quotes"
+        in message
+    )
 
 
 def test_unknown_table(specs: SpecFiles) -> None:
@@ -81,7 +141,10 @@ def test_top_level_key_and_non_table(specs: SpecFiles) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         load_spec(tmp_path / "nope.toml")
-    assert str(info.value) == f"{tmp_path / 'nope.toml'}: no such file; pass the path of a TOML run spec, e.g. configs/quickstart.toml"
+    assert (
+        str(info.value)
+        == f"{tmp_path / 'nope.toml'}: no such file; pass the path of a TOML run spec, e.g. configs/quickstart.toml"
+    )
 
 
 def test_toml_syntax_error_names_the_line(specs: SpecFiles) -> None:
@@ -98,24 +161,38 @@ def test_server_args_is_not_a_key(specs: SpecFiles) -> None:
 def flags_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A small flag table in the format of miles/spec/sglang_flags.json (miles.sglang.flags)."""
     path = tmp_path / "sglang_flags.json"
-    path.write_text(json.dumps({"version": "0.0", "flags": {
-        "chunked_prefill_size": {"type": "int", "default": None},
-        "attention_backend": {"type": "str", "default": None, "choices": ["triton", "fa3"]},
-        "cuda_graph_bs": {"type": "list", "item_type": "int", "default": None},
-        "json_model_override_args": {"type": "json", "default": "{}"},
-        "enable_metrics": {"type": "bool", "default": False},
-        "schedule_conservativeness": {"type": "float", "default": 1.0},
-        "tp_size": {"type": "int", "default": 1, "aliases": ["tensor_parallel_size"]},
-        "grammar_backend": {"type": "str", "default": None, "aliases": ["grammar"]},
-    }}))
+    path.write_text(
+        json.dumps(
+            {
+                "version": "0.0",
+                "flags": {
+                    "chunked_prefill_size": {"type": "int", "default": None},
+                    "attention_backend": {"type": "str", "default": None, "choices": ["triton", "fa3"]},
+                    "cuda_graph_bs": {"type": "list", "item_type": "int", "default": None},
+                    "json_model_override_args": {"type": "json", "default": "{}"},
+                    "enable_metrics": {"type": "bool", "default": False},
+                    "schedule_conservativeness": {"type": "float", "default": 1.0},
+                    "tp_size": {"type": "int", "default": 1, "aliases": ["tensor_parallel_size"]},
+                    "grammar_backend": {"type": "str", "default": None, "aliases": ["grammar"]},
+                },
+            }
+        )
+    )
     monkeypatch.setattr(passthrough, "FLAGS_FILE", path)
     return path
 
 
 def test_sglang_passthrough(specs: SpecFiles, flags_file: Path) -> None:
-    sglang = {"mem_fraction_static": 0.5, "chunked_prefill_size": 4096, "attention_backend": "fa3",
-              "cuda_graph_bs": [1, 2, 4], "json_model_override_args": {"rope_scaling": {"factor": 2}},
-              "enable_metrics": True, "schedule_conservativeness": 1, "grammar": "xgrammar"}
+    sglang = {
+        "mem_fraction_static": 0.5,
+        "chunked_prefill_size": 4096,
+        "attention_backend": "fa3",
+        "cuda_graph_bs": [1, 2, 4],
+        "json_model_override_args": {"rope_scaling": {"factor": 2}},
+        "enable_metrics": True,
+        "schedule_conservativeness": 1,
+        "grammar": "xgrammar",
+    }
     path, _ = specs.write({"sglang": sglang})
     spec = load_spec(path)
     assert spec.sglang.mem_fraction_static == 0.5
@@ -125,14 +202,31 @@ def test_sglang_passthrough(specs: SpecFiles, flags_file: Path) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        ("chunked_prefil_size", 1, "is neither a miles [sglang] key nor a flag of the pinned SGLang (sglang.launch_server --help); did you mean chunked_prefill_size?"),
+        (
+            "chunked_prefil_size",
+            1,
+            "is neither a miles [sglang] key nor a flag of the pinned SGLang (sglang.launch_server --help); did you "
+            "mean chunked_prefill_size?",
+        ),
         ("chunked_prefill_size", "big", 'expected an integer (SGLang --chunked-prefill-size), got the string "big"'),
-        ("attention_backend", "flash", 'expected one of "triton", "fa3" (SGLang --attention-backend), got the string "flash"'),
+        (
+            "attention_backend",
+            "flash",
+            'expected one of "triton", "fa3" (SGLang --attention-backend), got the string "flash"',
+        ),
         ("cuda_graph_bs", [1, "2"], 'expected an integer (SGLang --cuda-graph-bs), got the string "2"'),
         ("cuda_graph_bs", 4, "expected a list of integers (SGLang --cuda-graph-bs), got the integer 4"),
         ("enable_metrics", "yes", "expected true or false (SGLang --enable-metrics)"),
-        ("tp_size", 2, "is set by miles, not passed through to SGLang: set [sglang] rollout_num_gpus_per_engine instead"),
-        ("tensor_parallel_size", 2, "is set by miles, not passed through to SGLang: set [sglang] rollout_num_gpus_per_engine"),
+        (
+            "tp_size",
+            2,
+            "is set by miles, not passed through to SGLang: set [sglang] rollout_num_gpus_per_engine instead",
+        ),
+        (
+            "tensor_parallel_size",
+            2,
+            "is set by miles, not passed through to SGLang: set [sglang] rollout_num_gpus_per_engine",
+        ),
         ("chunked-prefill-size", 2, "write SGLang flags with underscores: chunked_prefill_size"),
     ],
     ids=["typo", "type", "choices", "list-item", "list", "bool", "managed", "managed-alias", "dashes"],
@@ -142,7 +236,9 @@ def test_sglang_flag_errors(specs: SpecFiles, flags_file: Path, key: str, value:
     assert f"{path}:{line_of(text, 'sglang', key)}: [sglang] {key}: {expected}" in message, message
 
 
-def test_sglang_without_flag_file_passes_names_through(specs: SpecFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sglang_without_flag_file_passes_names_through(
+    specs: SpecFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(passthrough, "FLAGS_FILE", tmp_path / "absent.json")
     path, _ = specs.write({"sglang": {"some_future_flag": 3}})
     assert load_spec(path).sglang.server_args == {"some_future_flag": 3}

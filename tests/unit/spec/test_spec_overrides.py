@@ -12,9 +12,17 @@ from tests.unit.spec.specfiles import SpecFiles
 
 def test_overrides_apply_before_validation(specs: SpecFiles) -> None:
     path, _ = specs.write({"train": {"global_batch_size": 3}})  # invalid alone: 4 x 2 = 8 is not divisible by 3
-    spec = load_spec(path, ["train.global_batch_size=4", "rollout.rollout_temperature=0.5", "run.plot=false",
-                            "slurm.modules=[\"cuda/12\", \"nccl\"]", "eval.eval_prompt_data.gsm8k=data/gsm8k.jsonl",
-                            "eval.eval_interval=5"])
+    spec = load_spec(
+        path,
+        [
+            "train.global_batch_size=4",
+            "rollout.rollout_temperature=0.5",
+            "run.plot=false",
+            'slurm.modules=["cuda/12", "nccl"]',
+            "eval.eval_prompt_data.gsm8k=data/gsm8k.jsonl",
+            "eval.eval_interval=5",
+        ],
+    )
     assert spec.train.global_batch_size == 4 and spec.train.num_steps_per_rollout == 2
     assert spec.rollout.rollout_temperature == 0.5 and spec.run.plot is False
     assert spec.slurm.modules == ["cuda/12", "nccl"]
@@ -23,8 +31,16 @@ def test_overrides_apply_before_validation(specs: SpecFiles) -> None:
 
 def test_string_keys_take_the_text_as_is(specs: SpecFiles) -> None:
     path, _ = specs.write()
-    spec = load_spec(path, ["run.name=exp-2", "slurm.time=08:00:00", "rollout.label_key=123", "slurm.partition=\"gpu\"",
-                            "run.run_dir=/scratch/a b"])
+    spec = load_spec(
+        path,
+        [
+            "run.name=exp-2",
+            "slurm.time=08:00:00",
+            "rollout.label_key=123",
+            'slurm.partition="gpu"',
+            "run.run_dir=/scratch/a b",
+        ],
+    )
     assert spec.run.name == "exp-2" and spec.slurm.time == "08:00:00" and spec.rollout.label_key == "123"
     assert spec.slurm.partition == "gpu" and spec.run.run_dir == "/scratch/a b"
     assert spec.ckpt.save == "/scratch/a b/checkpoints"
@@ -45,8 +61,11 @@ def test_later_overrides_win(specs: SpecFiles) -> None:
         ("run.seed", "--set run.seed: expected --set TABLE.KEY=VALUE"),
         ("run.name.x=1", "--set run.name.x=1: run.name is not a table, so run.name.x cannot be set"),
         ("run.seed.x=1", "--set run.seed.x=1: [run] seed: expected an integer, got the table { x = 1 }"),
-        ("train.global_batch_size=3", "--set train.global_batch_size=3: [train] global_batch_size: rollout_batch_size (4) x "
-         "n_samples_per_prompt (2) = 8 is not divisible by global_batch_size (3)"),
+        (
+            "train.global_batch_size=3",
+            "--set train.global_batch_size=3: [train] global_batch_size: rollout_batch_size (4) x "
+            "n_samples_per_prompt (2) = 8 is not divisible by global_batch_size (3)",
+        ),
     ],
     ids=["type", "unknown-key", "unknown-table", "no-table", "no-value", "not-a-table", "table-for-int", "knobs"],
 )

@@ -40,8 +40,9 @@ global_batch_size = 8
 """
 
 
-def test_inputs_resolve_from_the_spec_directory_not_the_current_one(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inputs_resolve_from_the_spec_directory_not_the_current_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     exp = tmp_path / "exp"
     (exp / "models" / "tiny").mkdir(parents=True)
     path = _write(exp, SPEC)
@@ -67,15 +68,17 @@ def test_set_paths_resolve_from_the_current_directory(tmp_path: Path, monkeypatc
     assert spec.eval.eval_prompt_data["abs"] == "/abs/test.jsonl"
 
 
-def test_the_copied_spec_records_absolute_paths_and_finds_the_reward_file(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_copied_spec_records_absolute_paths_and_finds_the_reward_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What `miles submit` writes to RUN_DIR/spec.toml, loaded by a rank from the run directory."""
     exp = tmp_path / "exp"
     _write(exp, SPEC.replace('hf_checkpoint = "models/tiny"', 'builtin = "tiny-arith"'))
     (exp / "rewards.py").write_text("def score(sample):\n    return 1.0\n")
     monkeypatch.chdir(tmp_path)
     copy = _write(tmp_path / "runs" / "t", spec_to_toml(load_spec("exp/run.toml"))).rename(
-        tmp_path / "runs" / "t" / "spec.toml")
+        tmp_path / "runs" / "t" / "spec.toml"
+    )
     monkeypatch.chdir(tmp_path / "runs")
     loaded = load_spec(copy)
     assert loaded.rollout.custom_rm_path == f"{exp / 'rewards.py'}:score"

@@ -31,16 +31,31 @@ def test_configs_roundtrip(config: str, tmp_path: Path) -> None:
 
 def test_awkward_values_roundtrip(specs: SpecFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(passthrough, "FLAGS_FILE", tmp_path / "absent.json")
-    path, _ = specs.write({
-        "run": {"name": 'we"ird $(x) `y` é', "wandb_group": "tab\there\\back"},
-        "rollout": {"rollout_stop": ["\n\n", "</s>", "\u0001"], "apply_chat_template_kwargs": {"enable_thinking": False,
-                    "nested": {"a": [1, 2.5, "x"]}}, "rollout_temperature": 0.7, "rollout_batch_size": 4},
-        "grpo": {"eps_clip_c": 3.0, "kl_loss_coef": 1e-3, "use_kl_loss": True},
-        "optimizer": {"lr": 1e-6, "adam_eps": 1e-15},
-        "slurm": {"env": {"NCCL_DEBUG": "INFO", "PATH": "/a:$PATH"}, "setup": ["source /x/y.sh", "echo 'hi'"],
-                  "container_mounts": ["/data:/data:ro"], "container_runtime": "pyxis", "container_image": "nvcr.io#x"},
-        "sglang": {"chunked_prefill_size": 4096, "json_model_override_args": {"rope": {"f": 2}}, "enable_metrics": True},
-    })
+    path, _ = specs.write(
+        {
+            "run": {"name": 'we"ird $(x) `y` é', "wandb_group": "tab\there\\back"},
+            "rollout": {
+                "rollout_stop": ["\n\n", "</s>", "\u0001"],
+                "apply_chat_template_kwargs": {"enable_thinking": False, "nested": {"a": [1, 2.5, "x"]}},
+                "rollout_temperature": 0.7,
+                "rollout_batch_size": 4,
+            },
+            "grpo": {"eps_clip_c": 3.0, "kl_loss_coef": 1e-3, "use_kl_loss": True},
+            "optimizer": {"lr": 1e-6, "adam_eps": 1e-15},
+            "slurm": {
+                "env": {"NCCL_DEBUG": "INFO", "PATH": "/a:$PATH"},
+                "setup": ["source /x/y.sh", "echo 'hi'"],
+                "container_mounts": ["/data:/data:ro"],
+                "container_runtime": "pyxis",
+                "container_image": "nvcr.io#x",
+            },
+            "sglang": {
+                "chunked_prefill_size": 4096,
+                "json_model_override_args": {"rope": {"f": 2}},
+                "enable_metrics": True,
+            },
+        }
+    )
     spec = load_spec(path)
     assert spec.sglang.server_args["chunked_prefill_size"] == 4096
     assert roundtrip(spec, tmp_path) == spec

@@ -16,46 +16,145 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str, str | None, str]] = [
     ("name-slash", {"run": {"name": "a/b"}}, "run", "name", "without '/'"),
     ("name-newline", {"run": {"name": "a\nb"}}, "run", "name", "control characters"),
     ("model-both", {"model": {"hf_checkpoint": "/m"}}, "model", "builtin", "not both: remove one"),
-    ("model-neither", {"model": {"builtin": DROP, "dtype": "float32"}}, "model", None, 'hf_checkpoint = "/path/to/hf-model-dir"'),
+    (
+        "model-neither",
+        {"model": {"builtin": DROP, "dtype": "float32"}},
+        "model",
+        None,
+        'hf_checkpoint = "/path/to/hf-model-dir"',
+    ),
     ("model-builtin-unknown", {"model": {"builtin": "tiny-arithm"}}, "model", "builtin", "did you mean 'tiny-arith'?"),
-    ("prompt-data-missing", {"rollout": {"prompt_data": DROP}}, "rollout", "prompt_data", 'prompt_data = "/path/to/prompts.jsonl"'),
-    ("prompt-data-suffix", {"rollout": {"prompt_data": "p.csv"}}, "rollout", "prompt_data", "must be a .jsonl or .parquet file"),
+    (
+        "prompt-data-missing",
+        {"rollout": {"prompt_data": DROP}},
+        "rollout",
+        "prompt_data",
+        'prompt_data = "/path/to/prompts.jsonl"',
+    ),
+    (
+        "prompt-data-suffix",
+        {"rollout": {"prompt_data": "p.csv"}},
+        "rollout",
+        "prompt_data",
+        "must be a .jsonl or .parquet file",
+    ),
     ("reward-missing", {"rollout": {"rm_type": DROP}}, "rollout", None, "set the reward: one of rm_type"),
     ("reward-two", {"rollout": {"custom_rm_path": "m:f"}}, "rollout", "custom_rm_path", "remove all but one"),
-    ("custom-rm-dotted", {"rollout": {"rm_type": DROP, "custom_rm_path": "pkg.mod.score"}}, "rollout", "custom_rm_path",
-     'write "pkg.mod:score"'),
-    ("filter-path", {"rollout": {"dynamic_sampling_filter_path": "not a path"}}, "rollout", "dynamic_sampling_filter_path",
-     '"module:function"'),
-    ("rm-url-scheme", {"rollout": {"rm_type": DROP, "rm_url": "ftp://x/y"}}, "rollout", "rm_url", "http:// or https://"),
+    (
+        "custom-rm-dotted",
+        {"rollout": {"rm_type": DROP, "custom_rm_path": "pkg.mod.score"}},
+        "rollout",
+        "custom_rm_path",
+        'write "pkg.mod:score"',
+    ),
+    (
+        "filter-path",
+        {"rollout": {"dynamic_sampling_filter_path": "not a path"}},
+        "rollout",
+        "dynamic_sampling_filter_path",
+        '"module:function"',
+    ),
+    (
+        "rm-url-scheme",
+        {"rollout": {"rm_type": DROP, "rm_url": "ftp://x/y"}},
+        "rollout",
+        "rm_url",
+        "http:// or https://",
+    ),
     ("group-rm", {"rollout": {"group_rm": True}}, "rollout", "group_rm", "set custom_rm_path, or remove group_rm"),
     ("top-k-zero", {"rollout": {"rollout_top_k": 0}}, "rollout", "rollout_top_k", "use -1 to disable top-k"),
-    ("over-sampling", {"rollout": {"over_sampling_batch_size": 2}}, "rollout", "over_sampling_batch_size",
-     "must be >= rollout_batch_size (4)"),
+    (
+        "over-sampling",
+        {"rollout": {"over_sampling_batch_size": 2}},
+        "rollout",
+        "over_sampling_batch_size",
+        "must be >= rollout_batch_size (4)",
+    ),
     ("eval-interval-alone", {"eval": {"eval_interval": 5}}, "eval", "eval_interval", "set eval_prompt_data"),
-    ("eval-data-alone", {"eval": {"eval_prompt_data": {"gsm8k": "g.jsonl"}}}, "eval", "eval_prompt_data", "set eval_interval"),
-    ("eval-data-suffix", {"eval": {"eval_interval": 5, "eval_prompt_data": {"g": "g.txt"}}}, "eval", "eval_prompt_data",
-     "must be a .jsonl or .parquet file"),
-    ("dynamic-batch", {"train": {"use_dynamic_batch_size": True}}, "train", "use_dynamic_batch_size", "set max_tokens_per_gpu"),
+    (
+        "eval-data-alone",
+        {"eval": {"eval_prompt_data": {"gsm8k": "g.jsonl"}}},
+        "eval",
+        "eval_prompt_data",
+        "set eval_interval",
+    ),
+    (
+        "eval-data-suffix",
+        {"eval": {"eval_interval": 5, "eval_prompt_data": {"g": "g.txt"}}},
+        "eval",
+        "eval_prompt_data",
+        "must be a .jsonl or .parquet file",
+    ),
+    (
+        "dynamic-batch",
+        {"train": {"use_dynamic_batch_size": True}},
+        "train",
+        "use_dynamic_batch_size",
+        "set max_tokens_per_gpu",
+    ),
     ("kl-coef-unused", {"grpo": {"kl_loss_coef": 0.1}}, "grpo", "kl_loss_coef", "set use_kl_loss = true"),
     ("min-lr", {"optimizer": {"lr": 1e-6, "min_lr": 1e-5}}, "optimizer", "min_lr", "lower min_lr or raise lr"),
     ("fsdp-tp", {"perf": {"backend": "fsdp", "tp": 2}}, "perf", "tp", "set tp = 1"),
     ("fsdp-etp", {"perf": {"backend": "fsdp", "etp": 2}}, "perf", "etp", "remove etp"),
     ("sequence-parallel", {"perf": {"sequence_parallel": True}}, "perf", "sequence_parallel", "set tp > 1"),
-    ("recompute-method", {"perf": {"recompute_method": "uniform"}}, "perf", "recompute_method", 'recompute_granularity = "full"'),
-    ("moe-allgather", {"perf": {"moe_token_dispatcher_type": "allgather"}}, "perf", "moe_token_dispatcher_type",
-     'refuses variable sequence lengths, which every RL batch has: use "alltoall"'),
-    ("moe-fsdp", {"perf": {"backend": "fsdp", "moe_aux_loss_coeff": 0.01}}, "perf", "moe_aux_loss_coeff",
-     'the fsdp backend trains the HF model as its config.json says: remove it, or set backend = "megatron"'),
-    ("moe-flex", {"perf": {"moe_token_dispatcher_type": "flex"}}, "perf", "moe_token_dispatcher_type",
-     'needs DeepEP, which miles does not install: use "alltoall"'),
-    ("recompute-layers", {"perf": {"recompute_granularity": "selective", "recompute_num_layers": 2}}, "perf",
-     "recompute_num_layers", 'recompute_granularity = "full"'),
+    (
+        "recompute-method",
+        {"perf": {"recompute_method": "uniform"}},
+        "perf",
+        "recompute_method",
+        'recompute_granularity = "full"',
+    ),
+    (
+        "moe-allgather",
+        {"perf": {"moe_token_dispatcher_type": "allgather"}},
+        "perf",
+        "moe_token_dispatcher_type",
+        'refuses variable sequence lengths, which every RL batch has: use "alltoall"',
+    ),
+    (
+        "moe-fsdp",
+        {"perf": {"backend": "fsdp", "moe_aux_loss_coeff": 0.01}},
+        "perf",
+        "moe_aux_loss_coeff",
+        'the fsdp backend trains the HF model as its config.json says: remove it, or set backend = "megatron"',
+    ),
+    (
+        "moe-flex",
+        {"perf": {"moe_token_dispatcher_type": "flex"}},
+        "perf",
+        "moe_token_dispatcher_type",
+        'needs DeepEP, which miles does not install: use "alltoall"',
+    ),
+    (
+        "recompute-layers",
+        {"perf": {"recompute_granularity": "selective", "recompute_num_layers": 2}},
+        "perf",
+        "recompute_num_layers",
+        'recompute_granularity = "full"',
+    ),
     ("mem-syntax", {"cluster": {"mem_per_node": "lots"}}, "cluster", "mem_per_node", '"512G"'),
     ("slurm-time", {"slurm": {"time": "4 hours"}}, "slurm", "time", '"HH:MM:SS"'),
-    ("signal-lead", {"slurm": {"time": "00:01:00", "signal_lead_time": 120}}, "slurm", "signal_lead_time",
-     "lower signal_lead_time or raise time"),
-    ("container-no-image", {"slurm": {"container_runtime": "pyxis"}}, "slurm", "container_image", "set container_image"),
-    ("container-no-runtime", {"slurm": {"container_image": "x.sqsh"}}, "slurm", "container_runtime", 'container_runtime = "pyxis"'),
+    (
+        "signal-lead",
+        {"slurm": {"time": "00:01:00", "signal_lead_time": 120}},
+        "slurm",
+        "signal_lead_time",
+        "lower signal_lead_time or raise time",
+    ),
+    (
+        "container-no-image",
+        {"slurm": {"container_runtime": "pyxis"}},
+        "slurm",
+        "container_image",
+        "set container_image",
+    ),
+    (
+        "container-no-runtime",
+        {"slurm": {"container_image": "x.sqsh"}},
+        "slurm",
+        "container_runtime",
+        'container_runtime = "pyxis"',
+    ),
     ("container-mount", {"slurm": {"container_mounts": ["/data"]}}, "slurm", "container_mounts", '"src:dst"'),
     ("env-name", {"slurm": {"env": {"NOT-A-NAME": "1"}}}, "slurm", "env", "not an environment variable name"),
     ("eps-clip-c-range", {"grpo": {"eps_clip_c": 1.0}}, "grpo", "eps_clip_c", "must be > 1.0, got the number 1.0"),
@@ -95,13 +194,18 @@ def test_directories_keep_what_the_user_wrote(specs: SpecFiles) -> None:
 
 
 def test_all_problems_are_reported_together(specs: SpecFiles) -> None:
-    message, path, text = specs.error({"run": {"seed": "1"}, "rollout": {"rollout_top_k": 0, "rollout_batch_sise": 4},
-                                       "perf": {"tp": 0}})
+    message, path, text = specs.error(
+        {"run": {"seed": "1"}, "rollout": {"rollout_top_k": 0, "rollout_batch_sise": 4}, "perf": {"tp": 0}}
+    )
     assert message.startswith("3 problems in the run spec:"), message
-    assert f"{path}:{line_of(text, 'run', 'seed')}: [run] seed: expected an integer, got the string \"1\"" in message
-    assert f"{path}:{line_of(text, 'rollout', 'rollout_batch_sise')}: [rollout] rollout_batch_sise: unknown key" in message
+    assert f'{path}:{line_of(text, "run", "seed")}: [run] seed: expected an integer, got the string "1"' in message
+    assert (
+        f"{path}:{line_of(text, 'rollout', 'rollout_batch_sise')}: [rollout] rollout_batch_sise: unknown key" in message
+    )
     assert f"{path}:{line_of(text, 'perf', 'tp')}: [perf] tp: must be > 0" in message
     # Cross-field rules run once the types are right, and then all of theirs are reported together too.
     message, _, _ = specs.error({"rollout": {"rollout_top_k": 0, "group_rm": True}, "train": {"global_batch_size": 3}})
     assert message.startswith("3 problems"), message
-    assert "rollout_top_k" in message and "group_rm" in message and "is not divisible by global_batch_size (3)" in message
+    assert (
+        "rollout_top_k" in message and "group_rm" in message and "is not divisible by global_batch_size (3)" in message
+    )

@@ -25,12 +25,42 @@ from miles.train.batch import RolloutBatch
 
 PRESETS = {
     # name: (config kwargs, dtype, samples, prompt len, response len, global batch, micro batch)
-    "qwen2.5-0.5b": (dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                          max_position_embeddings=4096), "bfloat16", 64, 256, 768, 32, 4),
-    "tiny-arith": (dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=24, tie_word_embeddings=True,
-                        max_position_embeddings=128), "float32", 256, 7, 1, 128, 64),
+    "qwen2.5-0.5b": (
+        dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            max_position_embeddings=4096,
+        ),
+        "bfloat16",
+        64,
+        256,
+        768,
+        32,
+        4,
+    ),
+    "tiny-arith": (
+        dict(
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=24,
+            tie_word_embeddings=True,
+            max_position_embeddings=128,
+        ),
+        "float32",
+        256,
+        7,
+        1,
+        128,
+        64,
+    ),
 }
 
 
@@ -66,16 +96,30 @@ def main() -> None:
     )
     t0 = time.perf_counter()
     actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=10, device=device))
-    report = {"preset": preset, "world_size": dist.get_world_size(), "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "build_s": time.perf_counter() - t0}
+    report = {
+        "preset": preset,
+        "world_size": dist.get_world_size(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "build_s": time.perf_counter() - t0,
+    }
     g = torch.Generator().manual_seed(0)
     vocab = int(cfg_kw["vocab_size"])  # type: ignore[call-overload]
-    samples = [Sample(group_index=i // 8, prompt_index=i // 8, prompt="", prompt_text="",
-                      prompt_ids=torch.randint(1, vocab, (plen,), generator=g).tolist(),
-                      response_ids=torch.randint(1, vocab, (rlen,), generator=g).tolist(), reward=float(i % 3 == 0))
-               for i in range(n)]
+    samples = [
+        Sample(
+            group_index=i // 8,
+            prompt_index=i // 8,
+            prompt="",
+            prompt_text="",
+            prompt_ids=torch.randint(1, vocab, (plen,), generator=g).tolist(),
+            response_ids=torch.randint(1, vocab, (rlen,), generator=g).tolist(),
+            reward=float(i % 3 == 0),
+        )
+        for i in range(n)
+    ]
     batch = RolloutBatch.from_samples(samples)
-    batch.advantages = compute_advantages(spec.grpo, AdvantageInputs(batch.rewards, batch.group_index, batch.loss_masks))
+    batch.advantages = compute_advantages(
+        spec.grpo, AdvantageInputs(batch.rewards, batch.group_index, batch.loss_masks)
+    )
 
     def timed(fn):  # type: ignore[no-untyped-def]
         if cuda:
@@ -90,9 +134,13 @@ def main() -> None:
         batch.ref_logprobs, t_ref = timed(lambda: actor.compute_logprobs(batch, model="ref"))
         batch.old_logprobs, t_old = timed(lambda: actor.compute_logprobs(batch))
         metrics, t_train = timed(lambda it=it: actor.train(batch, it))  # type: ignore[misc]
-        report[f"rollout{it}"] = {"ref_logprobs_s": t_ref, "old_logprobs_s": t_old, "train_s": t_train,
-                                  "step_s": [m["step_time_s"] for m in metrics],
-                                  "tokens_per_s": sum(m["train_tokens"] for m in metrics) / t_train}
+        report[f"rollout{it}"] = {
+            "ref_logprobs_s": t_ref,
+            "old_logprobs_s": t_old,
+            "train_s": t_train,
+            "step_s": [m["step_time_s"] for m in metrics],
+            "tokens_per_s": sum(m["train_tokens"] for m in metrics) / t_train,
+        }
     _, report["export_s"] = timed(lambda: [t.sum() for _, t in actor.named_hf_weights()])
     ckpt = os.path.join(work, f"bench-ckpt-{preset}")
     _, report["dcp_save_s"] = timed(lambda: actor.save(ckpt))

@@ -166,9 +166,20 @@ def scenario_moe_export(ctx: TrainerContext, out: dict, work: str) -> None:
     if dist.get_rank() == 0:
         torch.manual_seed(0)
         cfg = Qwen3MoeConfig(
-            vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-            decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False)
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            tie_word_embeddings=False,
+        )
         AutoModelForCausalLM.from_config(cfg).save_pretrained(moe_dir)
     dist.barrier()
     actor = build_actor(tiny_spec(), dataclasses.replace(ctx, model_dir=moe_dir))

@@ -19,8 +19,16 @@ from miles.train.batch import (
 
 
 def _sample(prompt: list[int], response: list[int], reward: float = 0.0, group: int = 0, lps: bool = True) -> Sample:
-    return Sample(group_index=group, prompt_index=group, prompt="", prompt_text="", prompt_ids=prompt,
-                  response_ids=response, response_logprobs=[-0.5] * len(response) if lps else [], reward=reward)
+    return Sample(
+        group_index=group,
+        prompt_index=group,
+        prompt="",
+        prompt_text="",
+        prompt_ids=prompt,
+        response_ids=response,
+        response_logprobs=[-0.5] * len(response) if lps else [],
+        reward=reward,
+    )
 
 
 def test_from_samples() -> None:

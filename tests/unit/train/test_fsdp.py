@@ -23,8 +23,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     write_tiny_qwen2(str(model_dir))
     # Both launches run at once (three single-threaded processes).
     one = Launch(1, root / "ws1", model_dir, ["update"])
-    two = Launch(2, root / "ws2", model_dir, ["update", "update_dynamic", "update_balanced", "learn", "resume", "export", "bf16",
-                                                   "save_variants", "moe_export"])
+    two = Launch(
+        2,
+        root / "ws2",
+        model_dir,
+        [
+            "update",
+            "update_dynamic",
+            "update_balanced",
+            "learn",
+            "resume",
+            "export",
+            "bf16",
+            "save_variants",
+            "moe_export",
+        ],
+    )
     return {1: one.results(), 2: two.results()}
 
 

@@ -22,9 +22,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     model_dir = root / "model"
     write_tiny_qwen2(str(model_dir))
     one = Launch(1, root / "ws1", model_dir, ["update"], device="cuda").results()
-    two = Launch(2, root / "ws2", model_dir, ["update", "update_dynamic", "learn", "resume", "export", "bf16",
-                                                   "offload"],
-                 device="cuda").results()
+    two = Launch(
+        2,
+        root / "ws2",
+        model_dir,
+        ["update", "update_dynamic", "learn", "resume", "export", "bf16", "offload"],
+        device="cuda",
+    ).results()
     return {1: one, 2: two}
 
 

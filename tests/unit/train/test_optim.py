@@ -38,8 +38,9 @@ def test_cosine_decay_and_explicit_decay_iters() -> None:
 
 def test_adamw_decays_matrices_only() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
-    opt = build_adamw(OptimizerConfig(weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.9, adam_eps=1e-6),
-                      model.named_parameters())
+    opt = build_adamw(
+        OptimizerConfig(weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.9, adam_eps=1e-6), model.named_parameters()
+    )
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3  # linear bias, norm weight and bias
@@ -52,7 +53,9 @@ def test_fsdp_refuses_optimizer_cpu_offload_with_a_user_error() -> None:
     from miles.train.actor import TrainerContext
     from miles.train.fsdp import FSDPActor
 
-    spec = Spec(train=TrainConfig(global_batch_size=2, num_steps_per_rollout=1),
-                optimizer=OptimizerConfig(optimizer_cpu_offload=True))
+    spec = Spec(
+        train=TrainConfig(global_batch_size=2, num_steps_per_rollout=1),
+        optimizer=OptimizerConfig(optimizer_cpu_offload=True),
+    )
     with pytest.raises(UserError, match="optimizer_cpu_offload"):
         FSDPActor(spec, TrainerContext(model_dir="unused", num_rollout=1, device=torch.device("cpu")))

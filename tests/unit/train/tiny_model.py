@@ -17,8 +17,15 @@ def write_tiny_qwen2(path: str, seed: int = 0) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=0,
     )
     torch.manual_seed(seed)
     Qwen2ForCausalLM(cfg).save_pretrained(path)
@@ -45,10 +52,18 @@ def fixed_samples(seed: int = 1, n: int = 8, group: int = 4) -> list[Sample]:
         p = 3 + int(torch.randint(0, 4, (1,), generator=g))
         r = 2 + int(torch.randint(0, 6, (1,), generator=g))
         ids = torch.randint(1, VOCAB, (p + r,), generator=g).tolist()
-        out.append(Sample(
-            group_index=i // group, prompt_index=i // group, prompt="", prompt_text="", prompt_ids=ids[:p],
-            response_ids=ids[p:], response_logprobs=[-1.0] * r, reward=float((i * 7 + seed) % 3 == 0),
-        ))
+        out.append(
+            Sample(
+                group_index=i // group,
+                prompt_index=i // group,
+                prompt="",
+                prompt_text="",
+                prompt_ids=ids[:p],
+                response_ids=ids[p:],
+                response_logprobs=[-1.0] * r,
+                reward=float((i * 7 + seed) % 3 == 0),
+            )
+        )
     return out
 
 

@@ -30,13 +30,26 @@ class Launch:
         port = _free_port()
         self.procs = []
         for rank in range(world_size):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", MILES_TEST_DEVICE=device,
-                       PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                WORLD_SIZE=str(world_size),
+                LOCAL_RANK=str(rank),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1",
+                MILES_TEST_DEVICE=device,
+                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            )
             with open(out / f"rank{rank}.log", "w") as log:
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, str(WORKER), str(out), str(model_dir), *scenarios],
-                    env=env, stdout=log, stderr=subprocess.STDOUT))
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, str(WORKER), str(out), str(model_dir), *scenarios],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
 
     def results(self) -> dict[str, Any]:
         try:

@@ -50,13 +50,16 @@ def test_flatten_into_a_reused_buffer_writes_the_same_bytes() -> None:
     buf = torch.full((bucket.size + 64,), 7, dtype=torch.uint8)
     flat = bucket.flatten(out=buf)
     assert flat.data_ptr() == buf.data_ptr() and torch.equal(flat, bucket.flatten())
-    assert torch.equal(buf[bucket.size:], torch.full((64,), 7, dtype=torch.uint8))  # nothing past the bucket
+    assert torch.equal(buf[bucket.size :], torch.full((64,), 7, dtype=torch.uint8))  # nothing past the bucket
     with pytest.raises(ValueError, match="at least"):
         bucket.flatten(out=torch.empty(bucket.size - 1, dtype=torch.uint8))
     # strided tensors are gathered straight into the buffer, aligned (float32 at 0) or not (after 6 bytes)
     g = torch.Generator().manual_seed(1)
-    strided = [("t", torch.randn(5, 7, generator=g).t()), ("h", torch.randn(3, generator=g).to(torch.bfloat16)),
-               ("u", torch.randn(4, 6, generator=g)[:, ::2])]
+    strided = [
+        ("t", torch.randn(5, 7, generator=g).t()),
+        ("h", torch.randn(3, generator=g).to(torch.bfloat16)),
+        ("u", torch.randn(4, 6, generator=g)[:, ::2]),
+    ]
     (b2,) = list(buckets(strided, 1 << 20))
     got = unflatten(b2.flatten(out=torch.empty(b2.size, dtype=torch.uint8)), **b2.metadata())
     assert all(torch.equal(x, y) for (_, x), (_, y) in zip(strided, got, strict=True))

@@ -32,8 +32,9 @@ def engine(tiny_model_dir: Path) -> Iterator[LocalEngine]:
 
 
 def post_raw(url: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + path, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -56,8 +57,7 @@ def test_serialized_bucket_round_trips_with_sglang_names() -> None:
         assert n == n2 and t.dtype == t2.dtype and torch.equal(t, t2)
 
 
-def test_weights_land_bit_exactly_and_old_weights_restore_the_output(engine: LocalEngine,
-                                                                     tiny_model_dir: Path) -> None:
+def test_weights_land_bit_exactly_and_old_weights_restore_the_output(engine: LocalEngine, tiny_model_dir: Path) -> None:
     original = trainer_weights(tiny_model_dir)
     base, _ = greedy(engine.url)
     g = torch.Generator().manual_seed(3)
@@ -86,9 +86,16 @@ def _entry(named: list[tuple[str, torch.Tensor]]) -> tuple[str, torch.Tensor]:
 
 def _refused(url: str, entries: list[str], **kw: Any) -> str:
     before = checksums(url)
-    status, answer = post_raw(url, proto.UPDATE_WEIGHTS_FROM_TENSOR.path, proto.update_weights_from_tensor_body(
-        serialized_named_tensors=entries, load_format=kw.pop("load_format", proto.FLATTENED_BUCKET),
-        weight_version="refused", **kw))
+    status, answer = post_raw(
+        url,
+        proto.UPDATE_WEIGHTS_FROM_TENSOR.path,
+        proto.update_weights_from_tensor_body(
+            serialized_named_tensors=entries,
+            load_format=kw.pop("load_format", proto.FLATTENED_BUCKET),
+            weight_version="refused",
+            **kw,
+        ),
+    )
     assert status == 400 and answer["success"] is False, answer
     assert checksums(url) == before, "a refused bucket changed the engine's weights"
     return str(answer["message"])
@@ -160,9 +167,13 @@ def test_wire_form_is_sglangs_own() -> None:
     common = sgl.text("sglang/srt/utils/common.py")
     assert "ForkingPickler(buf).dump(obj)" in common and "pybase64.b64decode(data, validate=True)" in common
     # SGLang's SafeUnpickler must let through every module this sender names.
-    allowed = ast.literal_eval(next(
-        n.value for n in ast.walk(sgl.tree("sglang/srt/utils/common.py"))
-        if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "ALLOWED_MODULE_PREFIXES" for t in n.targets)))
+    allowed = ast.literal_eval(
+        next(
+            n.value
+            for n in ast.walk(sgl.tree("sglang/srt/utils/common.py"))
+            if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "ALLOWED_MODULE_PREFIXES" for t in n.targets)
+        )
+    )
     for mod in (module, "torch.multiprocessing.reductions", "torch.storage", "torch"):
         assert any((mod + ".").startswith(p) for p in allowed), mod
     tp_worker = sgl.text("sglang/srt/managers/tp_worker.py")
@@ -199,8 +210,7 @@ def _trainer_rank(rank: int, port: int, url: str, shape: list[int], bad: bool, o
 
 
 @pytest.mark.parametrize("bad", [False, True], ids=["ok", "engine-refuses"])
-def test_two_trainer_ranks_stay_in_step(engine: LocalEngine, tiny_model_dir: Path, tmp_path: Path,
-                                        bad: bool) -> None:
+def test_two_trainer_ranks_stay_in_step(engine: LocalEngine, tiny_model_dir: Path, tmp_path: Path, bad: bool) -> None:
     import subprocess
     import sys
 
@@ -208,15 +218,36 @@ def test_two_trainer_ranks_stay_in_step(engine: LocalEngine, tiny_model_dir: Pat
 
     shape = list(trainer_weights(tiny_model_dir)["model.norm.weight"].shape)
     port = free_port()
-    code = ("import sys; from tests.unit.transfer.test_colocate import _trainer_rank; "
-            "_trainer_rank(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], [int(sys.argv[4])], sys.argv[5] == '1', "
-            "sys.argv[6])")
+    code = (
+        "import sys; from tests.unit.transfer.test_colocate import _trainer_rank; "
+        "_trainer_rank(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], [int(sys.argv[4])], sys.argv[5] == '1', "
+        "sys.argv[6])"
+    )
     root = Path(__file__).resolve().parents[3]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = [tmp_path / f"rank{r}.log" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", code, str(r), str(port), engine.url,
-                               str(shape[0]), "1" if bad else "0", str(tmp_path)], cwd=root, env=env,
-                              stdout=logs[r].open("w"), stderr=subprocess.STDOUT) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-X",
+                "faulthandler",
+                "-c",
+                code,
+                str(r),
+                str(port),
+                engine.url,
+                str(shape[0]),
+                "1" if bad else "0",
+                str(tmp_path),
+            ],
+            cwd=root,
+            env=env,
+            stdout=logs[r].open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
     try:
         for proc in procs:
             proc.wait(timeout=120)

@@ -22,13 +22,23 @@ pytestmark = pytest.mark.slow
 def test_two_trainer_ranks_hand_their_buckets_to_their_engines(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "miles.cli", "run", str(ROOT / "configs" / "quickstart.toml"),
-        "--set", f'run.run_dir="{run_dir}"',
-        "--set", "run.num_rollout=2",
-        "--set", "run.use_tensorboard=false",
-        "--set", "ckpt.save_interval=100",
-        "--set", "rollout.check_weight_sync=true",
-        "--set", 'rollout.weight_sync="tensor"',
+        sys.executable,
+        "-m",
+        "miles.cli",
+        "run",
+        str(ROOT / "configs" / "quickstart.toml"),
+        "--set",
+        f'run.run_dir="{run_dir}"',
+        "--set",
+        "run.num_rollout=2",
+        "--set",
+        "run.use_tensorboard=false",
+        "--set",
+        "ckpt.save_interval=100",
+        "--set",
+        "rollout.check_weight_sync=true",
+        "--set",
+        'rollout.weight_sync="tensor"',
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MILES_FAULT", None)

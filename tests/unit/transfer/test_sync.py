@@ -30,16 +30,22 @@ def engines(tiny_model_dir: Path) -> Iterator[list[LocalEngine]]:
 
 
 def post(url: str, path: str, body: Any = None) -> Any:
-    req = urllib.request.Request(url + path, data=json.dumps(body or {}).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + path, data=json.dumps(body or {}).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=60) as resp:
         raw = resp.read()
     return json.loads(raw) if raw else None
 
 
 def greedy(url: str) -> tuple[list[int], str]:
-    out = post(url, "/generate", proto.generate_body(input_ids=PROMPT, sampling=proto.sampling_params(
-        max_new_tokens=10, temperature=0.0, ignore_eos=True)))
+    out = post(
+        url,
+        "/generate",
+        proto.generate_body(
+            input_ids=PROMPT, sampling=proto.sampling_params(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+        ),
+    )
     return out["output_ids"], out["meta_info"]["weight_version"]
 
 
@@ -54,27 +60,39 @@ def trainer_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("bucket_bytes", [1024, 1 << 30], ids=["small-buckets", "one-bucket"])
-def test_engine_weights_equal_the_trainers_bit_for_bit(engines: list[LocalEngine], tiny_model_dir: Path,
-                                                       bucket_bytes: int) -> None:
+def test_engine_weights_equal_the_trainers_bit_for_bit(
+    engines: list[LocalEngine], tiny_model_dir: Path, bucket_bytes: int
+) -> None:
     urls = [e.url for e in engines]
     original = trainer_weights(tiny_model_dir)
     base = [greedy(u)[0] for u in urls]
     g = torch.Generator().manual_seed(bucket_bytes % 97)
     noisy = {k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in original.items()}
-    sync = WeightSync(urls, "127.0.0.1", free_port(), backend="gloo", bucket_bytes=bucket_bytes,
-                      group_name=f"sync_test_{bucket_bytes}", timeout_s=120)
+    sync = WeightSync(
+        urls,
+        "127.0.0.1",
+        free_port(),
+        backend="gloo",
+        bucket_bytes=bucket_bytes,
+        group_name=f"sync_test_{bucket_bytes}",
+        timeout_s=120,
+    )
     try:
         stats = sync.sync(noisy.items(), weight_version=1)
         assert stats.bytes == sum(t.numel() * t.element_size() for t in noisy.values())
         assert stats.tensors == len(noisy) and stats.weight_version == "1"
-        assert stats.buckets == (1 if bucket_bytes > stats.bytes else pytest.approx(stats.buckets)) and stats.buckets >= 1
+        assert (
+            stats.buckets == (1 if bucket_bytes > stats.bytes else pytest.approx(stats.buckets)) and stats.buckets >= 1
+        )
         if bucket_bytes == 1024:
             assert stats.buckets > 10
         want = {k: tensor_checksum(v) for k, v in noisy.items()}
         for u in urls:
             got = checksums(u)
             assert {k: got[k] for k in want} == want
-            rows = post(u, "/get_weights_by_name", {"name": "model.layers.0.mlp.down_proj.weight", "truncate_size": 10**6})
+            rows = post(
+                u, "/get_weights_by_name", {"name": "model.layers.0.mlp.down_proj.weight", "truncate_size": 10**6}
+            )
             assert torch.equal(torch.tensor(rows), noisy["model.layers.0.mlp.down_proj.weight"])
             ids, version = greedy(u)
             assert version == "1"
@@ -90,8 +108,14 @@ def test_engine_weights_equal_the_trainers_bit_for_bit(engines: list[LocalEngine
 
 
 def test_bench_compares_with_a_raw_broadcast(engines: list[LocalEngine], tiny_model_dir: Path) -> None:
-    sync = WeightSync([e.url for e in engines], "127.0.0.1", free_port(), bucket_bytes=1 << 20,
-                      group_name="sync_bench_test", timeout_s=120)
+    sync = WeightSync(
+        [e.url for e in engines],
+        "127.0.0.1",
+        free_port(),
+        bucket_bytes=1 << 20,
+        group_name="sync_bench_test",
+        timeout_s=120,
+    )
     try:
         result = bench(sync, list(trainer_weights(tiny_model_dir).items()), iters=2)
     finally:
@@ -101,8 +125,9 @@ def test_bench_compares_with_a_raw_broadcast(engines: list[LocalEngine], tiny_mo
     assert result["gb_per_s"] == pytest.approx(result["bytes"] / result["seconds"] / 1e9)
 
 
-def test_views_of_one_flat_buffer_go_without_a_copy_and_buffers_are_reused(engines: list[LocalEngine],
-                                                                           tiny_model_dir: Path) -> None:
+def test_views_of_one_flat_buffer_go_without_a_copy_and_buffers_are_reused(
+    engines: list[LocalEngine], tiny_model_dir: Path
+) -> None:
     """Weights that are slices of one flat buffer (as in trainers that keep a contiguous parameter buffer)
     are sent in place; the flattening buffers of a CPU sync outlive it. Either way the engine gets the bits."""
     original = trainer_weights(tiny_model_dir)
@@ -132,8 +157,9 @@ def test_views_of_one_flat_buffer_go_without_a_copy_and_buffers_are_reused(engin
         sync.close()
 
 
-def test_slow_buckets_reopen_the_pipelined_connections(engines: list[LocalEngine], tiny_model_dir: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slow_buckets_reopen_the_pipelined_connections(
+    engines: list[LocalEngine], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A bucket that took longer than IDLE_SAFE_S to produce goes on a new connection (the server may be
     closing the idle one); at 0 s every bucket does, and the engine still gets every bit in order."""
     import miles.transfer.sync as sync_module
@@ -150,8 +176,9 @@ def test_slow_buckets_reopen_the_pipelined_connections(engines: list[LocalEngine
         sync.close()
 
 
-def test_pause_and_continue_ride_the_pipelined_connection(engines: list[LocalEngine], tiny_model_dir: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pause_and_continue_ride_the_pipelined_connection(
+    engines: list[LocalEngine], tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A sync that succeeds makes no HTTP call besides its pipelined connection (pause, buckets, continue);
     one that fails continues every engine on a fresh connection, so none stays paused."""
     sent: list[str] = []
@@ -164,8 +191,9 @@ def test_pause_and_continue_ride_the_pipelined_connection(engines: list[LocalEng
     monkeypatch.setattr(WeightSync, "_post", recording_post)
     urls = [e.url for e in engines]
     weights = {k: v * 0.25 for k, v in trainer_weights(tiny_model_dir).items()}
-    sync = WeightSync(urls, "127.0.0.1", free_port(), bucket_bytes=16384, group_name="sync_pipeline_test",
-                      timeout_s=120)
+    sync = WeightSync(
+        urls, "127.0.0.1", free_port(), bucket_bytes=16384, group_name="sync_pipeline_test", timeout_s=120
+    )
     try:
         sync.connect()
         sent.clear()
@@ -220,8 +248,9 @@ def _trainer_rank(rank: int, url: str, master_port: int, group_port: int, model_
     dist.destroy_process_group()
 
 
-def test_trainer_rank_zero_of_a_job_syncs_beside_the_jobs_own_group(engines: list[LocalEngine],
-                                                                     tiny_model_dir: Path) -> None:
+def test_trainer_rank_zero_of_a_job_syncs_beside_the_jobs_own_group(
+    engines: list[LocalEngine], tiny_model_dir: Path
+) -> None:
     import torch.multiprocessing as mp
 
     mp.spawn(_trainer_rank, args=(engines[1].url, free_port(), free_port(), str(tiny_model_dir)), nprocs=2)

@@ -28,16 +28,29 @@ def test_cuda_greedy_equals_hf_and_nccl_sync_is_bit_exact(tmp_path: Path) -> Non
     engine = Engine(model_dir, device="cuda:0", dtype="bfloat16")
     ids = engine.encode("12+3=")
     out = engine.generate([GenerationRequest(ids, SamplingParams(max_new_tokens=12, temperature=0.0))])[0]
-    ref = engine.model.generate(torch.tensor([ids], device="cuda:0"), max_new_tokens=12, do_sample=False,
-                                eos_token_id=sorted(engine.eos_ids), pad_token_id=engine.pad_id)
-    assert out.output_ids == ref[0, len(ids):].tolist()
+    ref = engine.model.generate(
+        torch.tensor([ids], device="cuda:0"),
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=sorted(engine.eos_ids),
+        pad_token_id=engine.pad_id,
+    )
+    assert out.output_ids == ref[0, len(ids) :].tolist()
 
     weights = {k: v.detach().clone() for k, v in engine.state().items()}
     noisy = {k: (v.float() + 0.5 * torch.randn_like(v.float())).to(v.dtype) for k, v in weights.items()}
     with LocalEngine(model_dir, extra_args=["--device", "cuda:1", "--dtype", "bfloat16"]) as proc:
         base = greedy(proc.url)[0]
-        sync = WeightSync([proc.url], "127.0.0.1", free_port(), backend="nccl", device="cuda:0", bucket_bytes=4096,
-                          group_name="sync_gpu_test", timeout_s=300)
+        sync = WeightSync(
+            [proc.url],
+            "127.0.0.1",
+            free_port(),
+            backend="nccl",
+            device="cuda:0",
+            bucket_bytes=4096,
+            group_name="sync_gpu_test",
+            timeout_s=300,
+        )
         try:
             sync.sync(noisy.items(), weight_version=1)
             got = checksums(proc.url)

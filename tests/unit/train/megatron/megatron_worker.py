@@ -35,12 +35,21 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         "model_type": "llama",
         "max_position_embeddings": 256,
         "rope_scaling": {
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64,
         },
     },
-    "qwen3_moe": {"model_type": "qwen3_moe", "head_dim": 8, "moe_intermediate_size": 16, "num_experts": 4,
-                  "num_experts_per_tok": 2, "norm_topk_prob": True},
+    "qwen3_moe": {
+        "model_type": "qwen3_moe",
+        "head_dim": 8,
+        "moe_intermediate_size": 16,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
+    },
 }
 
 
@@ -60,8 +69,15 @@ def write_family(path: str, family: str, seed: int = 0, vocab: int = 95) -> None
     kw = dict(FAMILY_CONFIGS[family])
     model_type = kw.pop("model_type")
     cfg = AutoConfig.for_model(
-        model_type, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **kw,
+        model_type,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        **kw,
     )
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(cfg).float().save_pretrained(path)
@@ -81,8 +97,9 @@ def _weights(actor: Any) -> dict[str, torch.Tensor]:
     return {n: t.clone() for n, t in actor.named_hf_weights()}
 
 
-def scenario_equiv(work: str, out: dict[str, Any], perf: PerfConfig, with_fsdp: bool = True,
-                   model: str = "qwen2-tied") -> None:
+def scenario_equiv(
+    work: str, out: dict[str, Any], perf: PerfConfig, with_fsdp: bool = True, model: str = "qwen2-tied"
+) -> None:
     """FSDP (DP=2) and Megatron (``perf``) from the same tiny model, same rollout: log-probs, losses, weights."""
     model_dir = os.path.join(work, model)
     ctx = TrainerContext(model_dir=model_dir, num_rollout=1, device=torch.device("cpu"))
@@ -95,8 +112,11 @@ def scenario_equiv(work: str, out: dict[str, Any], perf: PerfConfig, with_fsdp: 
         config = actor.model.config if name == "megatron" else None  # type: ignore[attr-defined]
         out[name] = {
             "parallel": None if config is None else (config.context_parallel_size, config.sequence_parallel),
-            "old_logprobs": batch.old_logprobs, "ref_logprobs": batch.ref_logprobs, "metrics": metrics,
-            "weights": _weights(actor), "train_s": time.perf_counter() - t0,
+            "old_logprobs": batch.old_logprobs,
+            "ref_logprobs": batch.ref_logprobs,
+            "metrics": metrics,
+            "weights": _weights(actor),
+            "train_s": time.perf_counter() - t0,
         }
 
 
@@ -126,15 +146,22 @@ def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
             logits = model(ids, torch.arange(12).unsqueeze(0).expand(2, -1), None)
             local = logits.shape[-1]
             lp, ent = vocab_parallel_logprobs_and_entropy(
-                logits[:, :-1], ids[:, 1:], vocab_start=ps.get_tensor_model_parallel_rank() * local,
-                vocab_size=arch.vocab_size, group=ps.get_tensor_model_parallel_group(),
+                logits[:, :-1],
+                ids[:, 1:],
+                vocab_start=ps.get_tensor_model_parallel_rank() * local,
+                vocab_size=arch.vocab_size,
+                group=ps.get_tensor_model_parallel_group(),
             )
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
             ref_lp, ref_ent = logprobs_and_entropy(hf(ids).logits[:, :-1], ids[:, 1:])
         out[family] = {
-            "names": sorted(exported), "hf_names": sorted(reader.files),
+            "names": sorted(exported),
+            "hf_names": sorted(reader.files),
             "mismatched": [n for n in reader.files if n not in exported or not torch.equal(exported[n], reader.get(n))],
-            "lp": lp, "ref_lp": ref_lp, "ent": ent, "ref_ent": ref_ent,
+            "lp": lp,
+            "ref_lp": ref_lp,
+            "ent": ent,
+            "ref_ent": ref_ent,
         }
     # [perf] attention_backend = "sdpa": same log-probs as HF, same gradients as Megatron's unfused attention.
     d = os.path.join(work, "qwen3")  # GQA and qk-norm
@@ -149,15 +176,22 @@ def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
         logits = model(ids, torch.arange(12).unsqueeze(0).expand(2, -1), None)
         local = logits.shape[-1]
         lp, _ = vocab_parallel_logprobs_and_entropy(
-            logits[:, :-1], ids[:, 1:], vocab_start=ps.get_tensor_model_parallel_rank() * local,
-            vocab_size=arch.vocab_size, group=ps.get_tensor_model_parallel_group(),
+            logits[:, :-1],
+            ids[:, 1:],
+            vocab_start=ps.get_tensor_model_parallel_rank() * local,
+            vocab_size=arch.vocab_size,
+            group=ps.get_tensor_model_parallel_group(),
         )
         lp.sum().backward()
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters()}
-        out[f"qwen3_{backend}"] = {"lp": lp.detach(), "core": type(model.decoder.layers[0].self_attention.core_attention).__name__}
+        out[f"qwen3_{backend}"] = {
+            "lp": lp.detach(),
+            "core": type(model.decoder.layers[0].self_attention.core_attention).__name__,
+        }
     with torch.no_grad():
-        hf_lp, _ = logprobs_and_entropy(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(ids).logits[:, :-1],
-                                        ids[:, 1:])
+        hf_lp, _ = logprobs_and_entropy(
+            AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(ids).logits[:, :-1], ids[:, 1:]
+        )
     out["qwen3_hf_lp"] = hf_lp
     out["sdpa_grad_rel"] = max(
         float((grads["sdpa"][n] - g).norm() / g.norm().clamp(min=1e-30)) for n, g in grads["unfused"].items()
@@ -171,7 +205,8 @@ def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
     exported = {n: t.clone() for n, t in export_hf_weights(model, arch, torch.device("cpu"))}
     reader = SafetensorsReader(d)
     out["qwen3_pp2_bf16"] = {
-        "names": sorted(exported), "hf_names": sorted(reader.files),
+        "names": sorted(exported),
+        "hf_names": sorted(reader.files),
         "dtypes": sorted({str(t.dtype) for t in exported.values()}),
         "mismatched": [n for n in reader.files if not torch.equal(exported[n], reader.get(n).to(torch.bfloat16))],
     }
@@ -190,22 +225,35 @@ def scenario_fused(work: str, out: dict[str, Any]) -> None:
     arch = read_hf_arch(d)
     ids = torch.randint(0, arch.vocab_size, (2, 12), generator=torch.Generator().manual_seed(9))
     w = torch.randn(2, 2, 11, generator=torch.Generator().manual_seed(10))
-    for name, perf in (("plain", PerfConfig(tp=2)), ("fused", PerfConfig(tp=2, attention_backend="sdpa", fused_kernels=True))):
+    for name, perf in (
+        ("plain", PerfConfig(tp=2)),
+        ("fused", PerfConfig(tp=2, attention_backend="sdpa", fused_kernels=True)),
+    ):
         init_parallel(_mesh(perf), 1234)
         model = build_gpt_model(arch, perf, torch.float32, False, torch.device("cpu"))
         load_hf_weights(model, arch, d)
         logits = model(ids, torch.arange(12).unsqueeze(0).expand(2, -1), None)
         local = logits.shape[-1]
         lp, ent = vocab_parallel_logprobs_and_entropy(
-            logits[:, :-1], ids[:, 1:], vocab_start=ps.get_tensor_model_parallel_rank() * local,
-            vocab_size=arch.vocab_size, group=ps.get_tensor_model_parallel_group(), chunked=perf.fused_kernels,
+            logits[:, :-1],
+            ids[:, 1:],
+            vocab_start=ps.get_tensor_model_parallel_rank() * local,
+            vocab_size=arch.vocab_size,
+            group=ps.get_tensor_model_parallel_group(),
+            chunked=perf.fused_kernels,
         )
         (lp * w[0] + ent * w[1]).sum().backward()
         out[name] = {
-            "lp": lp.detach(), "ent": ent.detach(),
+            "lp": lp.detach(),
+            "ent": ent.detach(),
             "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-            "norms": sorted({type(m).__module__ + "." + type(m).__name__ for n, m in model.named_modules()
-                             if n.endswith("layernorm") and type(m).__name__ != "IdentityOp"}),
+            "norms": sorted(
+                {
+                    type(m).__module__ + "." + type(m).__name__
+                    for n, m in model.named_modules()
+                    if n.endswith("layernorm") and type(m).__name__ != "IdentityOp"
+                }
+            ),
         }
     scenario_equiv(work, out, PerfConfig(tp=2, attention_backend="sdpa", fused_kernels=True), with_fsdp=False)
 

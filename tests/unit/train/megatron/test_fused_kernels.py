@@ -57,7 +57,9 @@ def test_chunked_logprobs_entropy_unused_and_no_grad() -> None:
         lp.sum().backward()
         grads.append(x.grad)
         with torch.no_grad():
-            lp2, _ = lp_mod.vocab_parallel_logprobs_and_entropy(x, targets, vocab_start=0, vocab_size=11, chunked=chunked)
+            lp2, _ = lp_mod.vocab_parallel_logprobs_and_entropy(
+                x, targets, vocab_start=0, vocab_size=11, chunked=chunked
+            )
         assert torch.allclose(lp2, lp.detach(), rtol=0, atol=1e-6)
     assert grads[0] is not None and grads[1] is not None
     assert _rel(grads[1], grads[0]) < 1e-6
@@ -75,4 +77,6 @@ def test_rmsnorm_matches_torch_norm_and_keeps_model_dtype() -> None:
     assert torch.allclose(norm.float()(x), ref(x), rtol=0, atol=1e-6)
     # Under sequence parallelism the tag tells Megatron's gradient finalisation to sum the weight's gradient over TP.
     assert norm.weight.sequence_parallel is False
-    assert RMSNorm(types.SimpleNamespace(params_dtype=torch.float32, sequence_parallel=True), 16).weight.sequence_parallel
+    assert RMSNorm(
+        types.SimpleNamespace(params_dtype=torch.float32, sequence_parallel=True), 16
+    ).weight.sequence_parallel

@@ -27,8 +27,18 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is the [megatron] extra; scripts/test installs it")
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ["roundtrip", "equiv_tp2", "equiv_pp2", "equiv_cp2", "equiv_sp", "equiv_moe_sp", "resume", "resume_cp2", "offload",
-             "fused"]
+SCENARIOS = [
+    "roundtrip",
+    "equiv_tp2",
+    "equiv_pp2",
+    "equiv_cp2",
+    "equiv_sp",
+    "equiv_moe_sp",
+    "resume",
+    "resume_cp2",
+    "offload",
+    "fused",
+]
 SCENARIOS_WORLD4 = ["equiv_tp2cp2", "equiv_pp2cp2"]
 FP32_TOL = 1e-5
 
@@ -43,12 +53,24 @@ def _launch(world: int, scenarios: list[str], out: Path, work: Path) -> dict[str
     port = _free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(HERE / "megatron_worker.py"), str(out), str(work), *scenarios],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONWARNINGS="ignore",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(HERE / "megatron_worker.py"), str(out), str(work), *scenarios],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     logs = []
     for p in procs:
         stdout, _ = p.communicate(timeout=540)
@@ -128,8 +150,15 @@ def test_bf16_pipeline_export_keeps_checkpoint_dtype(results: dict[str, Any]) ->
 DEGENERATE = ("k_proj.bias",)
 
 
-PARALLEL = {"equiv_tp2": (1, False), "equiv_pp2": (1, False), "equiv_cp2": (2, False), "equiv_sp": (1, True),
-            "equiv_moe_sp": (1, True), "equiv_tp2cp2": (2, True), "equiv_pp2cp2": (2, False)}
+PARALLEL = {
+    "equiv_tp2": (1, False),
+    "equiv_pp2": (1, False),
+    "equiv_cp2": (2, False),
+    "equiv_sp": (1, True),
+    "equiv_moe_sp": (1, True),
+    "equiv_tp2cp2": (2, True),
+    "equiv_pp2cp2": (2, False),
+}
 """(context_parallel_size, sequence_parallel) each scenario's Megatron model must have been built with."""
 
 

@@ -45,17 +45,33 @@ def test_megatron_tp2_loop_syncs_every_rollout_and_learns(tmp_path: Path) -> Non
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "miles.cli", "run", str(ROOT / "configs" / "quickstart.toml"),
-        "--set", f'run.run_dir="{run_dir}"',
-        "--set", f"run.num_rollout={ROLLOUTS}",
-        "--set", 'perf.backend="megatron"',
-        "--set", "perf.tp=2",
-        "--set", "rollout.check_weight_sync=true",
-        "--set", "run.use_tensorboard=false",
-        "--set", "run.plot=false",
+        sys.executable,
+        "-m",
+        "miles.cli",
+        "run",
+        str(ROOT / "configs" / "quickstart.toml"),
+        "--set",
+        f'run.run_dir="{run_dir}"',
+        "--set",
+        f"run.num_rollout={ROLLOUTS}",
+        "--set",
+        'perf.backend="megatron"',
+        "--set",
+        "perf.tp=2",
+        "--set",
+        "rollout.check_weight_sync=true",
+        "--set",
+        "run.use_tensorboard=false",
+        "--set",
+        "run.plot=false",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MILES_GRACE_S": "5", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MILES_GRACE_S": "5",
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p),
+    }
     env.pop("MILES_FAULT", None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540, check=False)
     out = proc.stdout + proc.stderr

@@ -12,17 +12,38 @@ from miles.spec.tables import PerfConfig
 from miles.train.megatron.config import arch_from_dict, padded_vocab_size
 from miles.train.megatron.mapping import canonical_name, from_megatron, hf_shapes, param_rules, to_megatron
 
-BASE = {"vocab_size": 95, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+BASE = {
+    "vocab_size": 95,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+}
 FAMILIES = {
     "qwen2": {"model_type": "qwen2"},
     "qwen3": {"model_type": "qwen3", "head_dim": 16},
-    "llama": {"model_type": "llama", "rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
-    "qwen3_moe": {"model_type": "qwen3_moe", "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
-                  "moe_intermediate_size": 16, "norm_topk_prob": True},
+    "llama": {
+        "model_type": "llama",
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
+    "qwen3_moe": {
+        "model_type": "qwen3_moe",
+        "head_dim": 8,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "norm_topk_prob": True,
+    },
 }
 
 
@@ -35,8 +56,12 @@ def test_family_features_are_read_from_config_json() -> None:
     q3 = arch("qwen3")
     assert q3.qk_norm and not q3.qkv_bias and q3.head_dim == 16
     ll = arch("llama")
-    assert ll.rope_scaling == {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                               "original_max_position_embeddings": 8192}
+    assert ll.rope_scaling == {
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     assert ll.rope_theta == 500000.0
     moe = arch("qwen3_moe")
     assert (moe.num_experts, moe.moe_topk, moe.moe_ffn_hidden_size, moe.norm_topk_prob) == (4, 2, 16, True)
@@ -47,12 +72,15 @@ def test_family_features_are_read_from_config_json() -> None:
     assert old.rope_theta == 1e6 and old.rope_scaling is None
 
 
-@pytest.mark.parametrize("bad,message", [
-    ({"model_type": "gpt2"}, "no Megatron mapping"),
-    ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act"),
-    ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
-    ({"model_type": "qwen3_moe", "num_experts": 4, "decoder_sparse_step": 2}, "dense layers"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"model_type": "gpt2"}, "no Megatron mapping"),
+        ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act"),
+        ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
+        ({"model_type": "qwen3_moe", "num_experts": 4, "decoder_sparse_step": 2}, "dense layers"),
+    ],
+)
 def test_unsupported_configs_are_user_errors(bad: dict[str, object], message: str) -> None:
     with pytest.raises(UserError, match=message):
         arch_from_dict({**BASE, **bad})
@@ -67,8 +95,9 @@ def test_transformer_config_translation() -> None:
     assert c.add_qkv_bias and not c.add_bias_linear and not c.qk_layernorm and c.gated_linear_unit
     assert c.normalization == "RMSNorm" and c.layernorm_epsilon == 1e-6 and c.bf16
     assert c.tensor_model_parallel_size == 2 and c.calculate_per_token_loss
-    m = transformer_config(arch("qwen3_moe"), PerfConfig(ep=2, recompute_granularity="full"), dtype=torch.float32,
-                           use_te=False)
+    m = transformer_config(
+        arch("qwen3_moe"), PerfConfig(ep=2, recompute_granularity="full"), dtype=torch.float32, use_te=False
+    )
     assert m.qk_layernorm and not m.add_qkv_bias
     assert (m.num_moe_experts, m.moe_router_topk, m.moe_ffn_hidden_size, m.expert_model_parallel_size) == (4, 2, 16, 2)
     assert m.moe_router_pre_softmax is False  # norm_topk_prob: softmax over the top-k only
@@ -146,8 +175,12 @@ def test_llama3_frequencies_match_transformers() -> None:
     from miles.train.megatron.model import llama3_inv_freq
 
     a = arch("llama")
-    cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, max_position_embeddings=131072,
-                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **a.rope_scaling})
+    cfg = LlamaConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        max_position_embeddings=131072,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **a.rope_scaling},
+    )
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     base = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32) / a.head_dim))
     assert torch.allclose(llama3_inv_freq(base, a.rope_scaling), ref.float(), rtol=1e-6, atol=0)

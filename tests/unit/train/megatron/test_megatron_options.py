@@ -22,7 +22,10 @@ def test_moe_router_keys_become_transformer_config_fields() -> None:
     assert c.moe_token_dispatcher_type == "alltoall"
     default = transformer_config(arch("qwen3_moe"), PerfConfig(ep=2), dtype=torch.float32, use_te=False)
     assert (default.moe_aux_loss_coeff, default.moe_router_load_balancing_type, default.moe_router_dtype) == (
-        0.0, "none", None)
+        0.0,
+        "none",
+        None,
+    )
 
 
 def test_permute_fusion_needs_transformer_engine() -> None:
@@ -46,7 +49,13 @@ def test_local_is_megatrons_unfused_attention() -> None:
 
 def test_with_te_miles_names_are_megatrons_and_miles_own_leave_it_to_auto() -> None:
     assert [megatron_attention_backend(n) for n in ("flash", "fused", "local", "auto", "unfused", "sdpa")] == [
-        "flash", "fused", "local", "auto", "auto", "auto"]
+        "flash",
+        "fused",
+        "local",
+        "auto",
+        "auto",
+        "auto",
+    ]
 
 
 def test_flash_swaps_in_sdpa_core_attention_on_the_local_spec() -> None:
