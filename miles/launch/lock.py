@@ -68,16 +68,18 @@ def _describe(h: dict[str, object]) -> str:
     return f"{h.get('what', 'a run')} (pid {h.get('pid')} on {h.get('host')}, since {h.get('since')})"
 
 
-def acquire(run_dir: Path, what: str, settle_s: float = 15.0) -> RunDirLock:
+def acquire(run_dir: Path, what: str, settle_s: float = 15.0, wait_live_s: float = 0.0) -> RunDirLock:
     """Take the run directory's lock, or raise a :class:`UserError` (exit 2) naming the holder.
 
     When the named holder is a dead process of this host, its children still hold the lock while they die
-    (the kernel kills them with their parent); the lock is then awaited for up to ``settle_s``.
+    (the kernel kills them with their parent); the lock is then awaited for up to ``settle_s``. A live holder is
+    awaited for ``wait_live_s``: a Slurm job that accounting already reports ended can still be in its epilogue.
     """
     path = run_dir / LOCK
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    end = time.monotonic() + settle_s
+    start = time.monotonic()
+    end = start + settle_s
     try:
         while True:
             try:
@@ -97,7 +99,8 @@ def acquire(run_dir: Path, what: str, settle_s: float = 15.0) -> RunDirLock:
             h = holder(run_dir)
             pid = h.get("pid")
             dying = h.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
-            if not dying or time.monotonic() >= end:
+            patient = time.monotonic() < start + wait_live_s
+            if not (dying or patient) or (dying and not patient and time.monotonic() >= end):
                 raise UserError(
                     f"run directory {run_dir} is in use by {_describe(h)}; two runs must not write one run "
                     f"directory. Wait for it to end (or stop it), or set run.run_dir to another directory"
@@ -118,8 +121,8 @@ def acquire(run_dir: Path, what: str, settle_s: float = 15.0) -> RunDirLock:
         raise
 
 
-def check_free(run_dir: Path) -> None:
+def check_free(run_dir: Path, wait_live_s: float = 0.0) -> None:
     """Refuse (exit 2, naming the holder) when a live process holds the run directory's lock; takes nothing."""
     if not (run_dir / LOCK).exists():
         return
-    acquire(run_dir, "a check", settle_s=0).release()
+    acquire(run_dir, "a check", settle_s=0, wait_live_s=wait_live_s).release()

@@ -243,7 +243,7 @@ def submit(spec: Spec, dry_run: bool = False, test_only: bool = False) -> int:
                 f"{final} belongs to job {active}, which is still queued or running; "
                 f"`miles cancel {final}` first, or set run.run_dir to a new directory"
             )
-        lock.check_free(final)  # e.g. a `miles run` of the same directory
+        lock.check_free(final, wait_live_s=20)  # a `miles run` of it, or a job still in its epilogue
         old = {
             name: (final / name).read_text()
             for name in (rundir.SPEC, rundir.PLAN, rundir.SCRIPT, rundir.JOB)
