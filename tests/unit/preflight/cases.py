@@ -115,7 +115,7 @@ def data_missing_relative(ws: Workspace) -> list[str]:
     return spec_with(ws, rollout={"prompt_data": "data/missing.jsonl"})
 
 
-@case("data", "--set rollout.prompt_data=other.jsonl: [rollout] prompt_data: other.jsonl: no such file")
+@case("data", "--set rollout.prompt_data=other.jsonl: [rollout] prompt_data: {root}/other.jsonl: no such file")
 def data_missing_from_override(ws: Workspace) -> list[str]:
     return ["--set", "rollout.prompt_data=other.jsonl"]
 
@@ -126,13 +126,13 @@ def data_directory(ws: Workspace) -> list[str]:
     return spec_with(ws, rollout={"prompt_data": "dir.jsonl"})
 
 
-@case("data", "rollout.prompt_data = 'empty.jsonl': the file holds no records", "write one JSON object per line")
+@case("data", "rollout.prompt_data = '{root}/empty.jsonl': the file holds no records", "write one JSON object per line")
 def data_empty(ws: Workspace) -> list[str]:
     ws.write("empty.jsonl", "")
     return spec_with(ws, rollout={"prompt_data": "empty.jsonl"})
 
 
-@case("data", "'blank.jsonl': the file holds no records")
+@case("data", "'{root}/blank.jsonl': the file holds no records")
 def data_blank_lines(ws: Workspace) -> list[str]:
     ws.write("blank.jsonl", "\n  \n\n")
     return spec_with(ws, rollout={"prompt_data": "blank.jsonl"})
@@ -258,7 +258,7 @@ def eval_invalid_json(ws: Workspace) -> list[str]:
     return _eval(ws, "dev.jsonl")
 
 
-@case("eval", "eval.eval_prompt_data.dev = 'dev.jsonl': the file holds no records")
+@case("eval", "eval.eval_prompt_data.dev = '{root}/dev.jsonl': the file holds no records")
 def eval_empty(ws: Workspace) -> list[str]:
     ws.write("dev.jsonl", "")
     return _eval(ws, "dev.jsonl")
@@ -474,7 +474,7 @@ def reward_module_dependency_missing(ws: Workspace) -> list[str]:
 
 @case(
     "reward",
-    "rollout.custom_rm_path = 'three.py:score' takes (a, b, c)",
+    "rollout.custom_rm_path = '{root}/three.py:score' takes (a, b, c)",
     "cannot be called as f(sample) or f(args, sample)",
 )
 def reward_three_arguments(ws: Workspace) -> list[str]:
@@ -550,7 +550,7 @@ def resume_changed_dtype(ws: Workspace) -> list[str]:
     return []
 
 
-@case("resume", "rollout.prompt_data: checkpoint has 'old.jsonl', spec has 'prompts.jsonl'")
+@case("resume", "rollout.prompt_data: checkpoint has '{root}/old.jsonl', spec has '{root}/prompts.jsonl'")
 def resume_changed_data(ws: Workspace) -> list[str]:
     ws.write_rows("old.jsonl", ROWS)
     ws.checkpoint(["rollout.prompt_data=old.jsonl"])
