@@ -35,16 +35,13 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from miles.job import enginekey, orphans
 from miles.plan.engine_argv import embedded_argv, sglang_argv
 from miles.plan.engine_argv import passthrough_args as passthrough_args  # re-exported: the launcher's API
 from miles.sglang import protocol as proto
 from miles.spec.tables import Spec
-
-if TYPE_CHECKING:
-    pass
 
 EngineKind = Literal["sglang", "embedded"]
 ProcessKind = Literal["sglang", "embedded", "router"]
