@@ -24,8 +24,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 FAKE_RANK = r"""#!/bin/bash
 role=""; prev=""
 for a in "$@"; do [ "$prev" = "--role" ] && role=$a; prev=$a; done
-env | grep -E '^(MILES_|MASTER_|SLURM_PROCID=|SLURMD_NODENAME=)' | sort >
-"$MILES_RUN_DIR/env-$role-$SLURM_PROCID-r$MILES_RESTART_COUNT"
+env | grep -E '^(MILES_|MASTER_|SLURM_PROCID=|SLURMD_NODENAME=)' | sort \
+  > "$MILES_RUN_DIR/env-$role-$SLURM_PROCID-r$MILES_RESTART_COUNT"
 if [ "$role" = engine ]; then trap 'exit 0' TERM; while :; do sleep 0.2; done; fi
 if [ "$MILES_RESTART_COUNT" = 0 ]; then
   for i in $(seq 450); do [ -e "$MILES_RUN_DIR/control/preempt" ] && exit 0; sleep 0.2; done
