@@ -68,7 +68,18 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (prompt + response)")
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step (global batch)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="sequences per forward/backward (default: as many as --max-tokens-per-gpu holds, at least 1)",
+    )
+    p.add_argument(
+        "--max-tokens-per-gpu",
+        type=int,
+        default=8192,
+        help="token budget of one micro-batch when --micro-batch is not given (default 8192: 4 sequences at 2048)",
+    )
     p.add_argument(
         "--variant",
         nargs="+",
@@ -249,7 +260,10 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     a = parser().parse_args(argv)
-    for name in ("seq_len", "batch", "micro_batch", "steps"):
+    if a.micro_batch is None:
+        # The fast default: fill the token budget (one sequence per forward wastes most of a GPU's throughput).
+        a.micro_batch = max(1, min(a.batch, a.max_tokens_per_gpu // a.seq_len))
+    for name in ("seq_len", "batch", "micro_batch", "steps", "max_tokens_per_gpu"):
         if getattr(a, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     data = load_config_dict(a.config, a.preset)

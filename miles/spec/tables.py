@@ -345,21 +345,22 @@ class PerfConfig:
     (see ``fused_kernels``). Required for MoE models with ``tp`` > 1.
     """
 
-    attention_backend: Literal["unfused", "sdpa", "flash", "fused", "local", "auto"] = "unfused"
-    """Megatron core attention (Miles ``--attention-backend``). Without Transformer Engine: ``unfused``/``local`` run
-    Megatron's unfused kernels; ``sdpa``, ``flash``, ``fused`` and ``auto`` run torch's ``scaled_dot_product_attention``
-    (flash / cuDNN / memory-efficient kernels; numerically equal, faster at long sequences), which is also miles'
-    context-parallel attention (``cp`` > 1 needs one of these). With Transformer Engine, Miles' names (``flash``,
-    ``fused``, ``local``, ``auto``) are Megatron's own ``--attention-backend``; ``unfused`` and ``sdpa`` leave it to
-    Megatron (``auto``). Ignored by FSDP (HF's SDPA attention).
+    attention_backend: Literal["unfused", "sdpa", "flash", "fused", "local", "auto"] = "auto"
+    """Megatron core attention (Miles ``--attention-backend``). Without Transformer Engine: ``sdpa``, ``flash``,
+    ``fused`` and ``auto`` (the default, the fastest) run torch's ``scaled_dot_product_attention`` (flash / cuDNN /
+    memory-efficient kernels; numerically equal to the unfused path, faster at every length measured), which is also
+    miles' context-parallel attention (``cp`` > 1 needs one of these); ``unfused``/``local`` run Megatron's unfused
+    kernels (slower; for comparison). With Transformer Engine, Miles' names (``flash``, ``fused``, ``local``,
+    ``auto``) are Megatron's own ``--attention-backend``; ``unfused`` and ``sdpa`` leave it to Megatron (``auto``).
+    Ignored by FSDP (HF's SDPA attention).
     """
 
-    fused_kernels: bool = False
+    fused_kernels: bool = True
     """Megatron backend: miles' replacements for what runs unfused without Transformer Engine: RMSNorm by torch's fused
     kernel with weights in the model dtype (as HF stores them; fp32 master copies in the optimizer), and the
     log-probs/entropy over the vocabulary in chunks with a hand-written backward instead of fp32 ``[tokens, vocab]``
-    temporaries. Same math; faster and leaner in bf16. The norms are left to Transformer Engine when it is installed;
-    ignored by FSDP.
+    temporaries. Same math; faster and leaner in bf16, hence on by default; ``false`` runs Megatron's own unfused
+    modules (for comparison). The norms are left to Transformer Engine when it is installed; ignored by FSDP.
     """
 
     recompute_granularity: Literal["full", "selective"] | None = None

@@ -213,7 +213,8 @@ def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
 
 
 def scenario_fused(work: str, out: dict[str, Any]) -> None:
-    """``[perf] fused_kernels`` + SDPA at TP=2 against the default spec; then a full GRPO step (vs FSDP in the test)."""
+    """``[perf] fused_kernels`` + SDPA at TP=2 against the plain spec (unfused attention, Megatron's norms); then a
+    full GRPO step (vs FSDP in the test)."""
     from megatron.core import parallel_state as ps
 
     from miles.train.megatron.config import read_hf_arch
@@ -226,7 +227,7 @@ def scenario_fused(work: str, out: dict[str, Any]) -> None:
     ids = torch.randint(0, arch.vocab_size, (2, 12), generator=torch.Generator().manual_seed(9))
     w = torch.randn(2, 2, 11, generator=torch.Generator().manual_seed(10))
     for name, perf in (
-        ("plain", PerfConfig(tp=2)),
+        ("plain", PerfConfig(tp=2, attention_backend="unfused", fused_kernels=False)),
         ("fused", PerfConfig(tp=2, attention_backend="sdpa", fused_kernels=True)),
     ):
         init_parallel(_mesh(perf), 1234)
