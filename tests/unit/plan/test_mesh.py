@@ -44,7 +44,7 @@ def test_the_mesh_of_a_valid_layout(tmp_path: Path) -> None:
         ({"ep": 3}, 3, {"num_experts": 4}, "perf.ep = 3 does not divide"),
         ({"ep": 2}, 2, {}, "the model has no experts"),
         ({"tp": 2}, 2, {"num_experts": 4}, "sequence_parallel = true"),
-        ({"cp": 2}, 2, {}, 'attention_backend = \\"sdpa\\"'),
+        ({"cp": 2, "attention_backend": "unfused"}, 2, {}, 'attention_backend = \\"sdpa\\"'),
     ],
 )
 def test_a_mesh_the_model_cannot_take_is_refused_with_the_fix(

@@ -411,6 +411,11 @@ def test_every_problem_is_reported_at_once() -> None:
 
 
 def test_context_parallelism_needs_the_sdpa_attention() -> None:
-    refused(spec(perf={"tp": 2, "cp": 2, "sequence_parallel": True}), "perf.cp = 2", 'perf.attention_backend = "sdpa"')
+    refused(
+        spec(perf={"tp": 2, "cp": 2, "sequence_parallel": True, "attention_backend": "unfused"}),
+        "perf.cp = 2",
+        'perf.attention_backend = "sdpa"',
+    )
     plan = make_plan(spec(perf={"tp": 2, "cp": 2, "sequence_parallel": True, "attention_backend": "sdpa"}))
     assert (plan.mesh.tp, plan.mesh.cp, plan.mesh.dp) == (2, 2, 2)
+    assert make_plan(spec(perf={"tp": 2, "cp": 2, "sequence_parallel": True})).mesh.cp == 2  # auto is SDPA

@@ -23,7 +23,7 @@ def test_every_field_is_documented() -> None:
         assert class_doc.startswith(f"[{name}]")
         assert f"## [{name}]" in text
         for f in dataclasses.fields(cls):
-            assert field_docs.get(f.name), f"[{name}] {f.name} has no attribute docstring in miles/spec/tables.py"
+            assert field_docs.get(f.name), f"[{name}] {f.name} has no attribute docstring in its table module"
             if f.name != "server_args":
                 assert f"| `{f.name}` |" in text
 

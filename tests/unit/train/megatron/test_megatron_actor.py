@@ -179,7 +179,20 @@ def test_megatron_step_equals_fsdp_step(results: dict[str, Any], scenario: str) 
     for name, w in f["weights"].items():
         assert float((m["weights"][name] - w).abs().max()) < 1e-5, name
         if not name.endswith(DEGENERATE):
-            assert _rel(m["weights"][name], w) < FP32_TOL, name
+            assert _rel(m["weights"][name], w) < _weight_bound(w, f["metrics"]), name
+
+
+def _weight_bound(w: torch.Tensor, metrics: list[dict[str, float]]) -> float:
+    """How far two backends' weights may drift apart, relative to the weight, after their Adam steps.
+
+    Adam normalises each gradient element, so a gradient computed to relative error ``delta`` moves the update
+    by about ``lr * delta`` per element and step. ``delta`` is the float32 summation error of a reduction over
+    the step's tokens (``train_tokens * eps32``, the recursive-summation bound); over ``numel`` elements that is
+    ``lr * delta * sqrt(numel)`` in norm. Small tensors that see few tokens (an expert) reach that bound; the
+    floor is the float32 tolerance every other comparison uses.
+    """
+    drift = sum(m["lr"] * m["train_tokens"] * EPS32 for m in metrics) * w.numel() ** 0.5
+    return max(FP32_TOL, drift / float(w.double().norm()))
 
 
 def test_fused_kernels_match_default_spec_and_fsdp_step(results: dict[str, Any]) -> None:
