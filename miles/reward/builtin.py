@@ -82,6 +82,13 @@ def exact_match_reward(response: str, label: Any, metadata: Mapping[str, Any]) -
     return float(any(g is not None and r == _squash(g) for g in _labels(label)))
 
 
+def final_turn_reward(response: str, label: Any, metadata: Mapping[str, Any]) -> float:
+    """Exact match on the model's final turn (``metadata["final_turn"]``, which multi-turn generation writes),
+    so tool answers earlier in the response earn nothing; the whole response when there is no such entry."""
+    final = metadata.get("final_turn") if isinstance(metadata, Mapping) else None
+    return exact_match_reward(final if isinstance(final, str) else response, label, metadata)
+
+
 def f1_score(prediction: str, truth: str) -> float:
     """Token-level F1 of the SQuAD evaluation (harmonic mean of token precision and recall)."""
     pred, gold = f1_tokens(prediction), f1_tokens(truth)
@@ -132,6 +139,7 @@ BUILTIN_REWARDS: dict[str, RuleReward] = {
     "math": math_reward,
     "gsm8k": gsm8k_reward,
     "exact_match": exact_match_reward,
+    "final_turn": final_turn_reward,
     "f1": f1_reward,
     "dapo": dapo_reward,
     "deepscaler": deepscaler_reward,

@@ -46,6 +46,23 @@ from miles.sglang import protocol as proto
 from miles.spec.tables import RolloutConfig
 
 
+@dataclass(frozen=True)
+class TurnOutput:
+    """One ``/generate`` answer for one token sequence: what a generate function builds a conversation from."""
+
+    output_ids: list[int]
+    logprobs: list[float]
+    """The engine's log-probability of each of ``output_ids`` (0.0 where it gave none)."""
+    text: str
+    finish_reason: str
+    """``stop``, ``length`` or ``abort`` (aborted again after every retry)."""
+    weight_version: int | None
+    cached_tokens: int
+    """Prompt tokens the engine found in its prefix cache (SGLang's ``meta_info.cached_tokens``; 0 when absent)."""
+    engine: str
+    """URL the request went to (the router's, behind a router)."""
+
+
 class RolloutError(RuntimeError):
     """Generation failed for good: every retry failed, or an engine rejected a request as invalid."""
 
@@ -54,6 +71,11 @@ def sample_seed(rollout_seed: int, rollout_id: int, index: int) -> int:
     """The ``sampling_seed`` of sample ``index`` of rollout ``rollout_id`` (stable across runs and machines)."""
     digest = hashlib.sha256(f"miles:{rollout_seed}:{rollout_id}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def turn_seed(seed: int, turn: int) -> int:
+    """The ``sampling_seed`` of turn ``turn`` of a conversation whose first turn has ``seed``."""
+    return seed if turn == 0 else sample_seed(seed, 0, turn)
 
 
 def sampling_params(cfg: RolloutConfig, seed: int | None = None, **overrides: Any) -> dict[str, Any]:
@@ -119,6 +141,8 @@ class RolloutClient:
         self._session: aiohttp.ClientSession | None = None
         self.retries = 0
         """Requests re-sent so far (a metric for the loop's log)."""
+        self.sessions: dict[str, str] = {}
+        """Session (a conversation) -> the engine URL its turns go to."""
 
     async def __aenter__(self) -> RolloutClient:
         return self
@@ -164,20 +188,30 @@ class RolloutClient:
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
             raise _Retriable(f"{engine.url}{path} failed: {type(e).__name__}: {e}") from e
 
-    async def post(self, path: str, body: Any) -> Any:
-        """POST to the least loaded engine, retrying elsewhere with backoff on engine failure."""
+    async def post(self, path: str, body: Any, session: str | None = None) -> Any:
+        """POST to the least loaded engine, retrying elsewhere with backoff on engine failure.
+
+        ``session``: requests of one session go to the engine that answered its first one while that engine is up
+        (its prefix cache holds the conversation so far); see :meth:`generate_turn`.
+        """
+        result, _ = await self._post(path, body, session)
+        return result
+
+    async def _post(self, path: str, body: Any, session: str | None) -> tuple[Any, str]:
         self._http()
         assert self._sem is not None
         errors: list[str] = []
         avoid: set[str] = set()
         for attempt in range(self.max_retries + 1):
-            engine = self._pick(avoid)
+            engine = self._sticky(session, avoid) or self._pick(avoid)
             async with self._sem:
                 engine.outstanding += 1
                 try:
                     result = await self._request(engine, "POST", path, body, self.timeout_s)
                     engine.failures = 0
-                    return result
+                    if session is not None:
+                        self.sessions[session] = engine.url
+                    return result, engine.url
                 except _Retriable as e:
                     errors.append(str(e))
                     engine.failures += 1
@@ -189,6 +223,11 @@ class RolloutClient:
                 self.retries += 1
                 await asyncio.sleep(self.backoff_s * (2**attempt) * (0.5 + random.random()))
         raise RolloutError(f"{path} failed after {self.max_retries + 1} tries: " + " | ".join(errors[-3:]))
+
+    def _sticky(self, session: str | None, avoid: set[str]) -> _Engine | None:
+        url = self.sessions.get(session) if session is not None else None
+        now = time.monotonic()
+        return next((e for e in self.engines if e.url == url and e.dead_until <= now and url not in avoid), None)
 
     async def call_all(self, path: str, body: Any = None, method: str = "POST") -> list[Any]:
         """Send one control request to every engine (pause, continue, flush ...); errors are raised."""
@@ -267,6 +306,52 @@ class RolloutClient:
                 self.retries += 1
                 await asyncio.sleep(self.backoff_s * (2**attempt))
 
+    async def generate_turn(
+        self, input_ids: list[int], params: dict[str, Any], session: str | None = None
+    ) -> TurnOutput:
+        """Generate from token ids (token in, token out): the call a generate function makes once per model turn.
+
+        ``params`` are SGLang ``sampling_params`` (:func:`sampling_params`). Without a router the body is a batch of
+        one, which the embedded engine generates on its own, so a conversation's tokens do not depend on what
+        else is in flight (exact resume); behind a router it is one object (what sglang-router parses). An
+        aborted answer (a pause around a weight sync) is sent again, up to the retry budget. ``session`` keeps
+        a conversation's turns on one engine (see :meth:`post`).
+        """
+        for attempt in range(self.max_retries + 1):
+            if self.batched:
+                body = proto.generate_body(input_ids=[list(input_ids)], sampling=[params], return_logprob=True)
+            else:
+                body = proto.generate_body(input_ids=list(input_ids), sampling=params, return_logprob=True)
+            out, url = await self._post(proto.GENERATE.path, body, session)
+            if isinstance(out, list):
+                if len(out) != 1:
+                    raise RolloutError(f"/generate answered {len(out)} outputs for one prompt")
+                out = out[0]
+            turn = _turn(out, url)
+            if turn.finish_reason != "abort" or attempt == self.max_retries:
+                return turn
+            self.retries += 1
+            await asyncio.sleep(self.backoff_s * (2**attempt))
+        raise AssertionError("unreachable")
+
+
+def _turn(out: dict[str, Any], url: str) -> TurnOutput:
+    meta = out.get("meta_info", {})
+    ids = [int(t) for t in out.get("output_ids", [])]
+    lps = [float(x[0]) if x[0] is not None else 0.0 for x in meta.get("output_token_logprobs", [])][: len(ids)]
+    lps += [0.0] * (len(ids) - len(lps))
+    reason = meta.get("finish_reason") or {}
+    version = str(meta.get("weight_version", ""))
+    return TurnOutput(
+        output_ids=ids,
+        logprobs=lps,
+        text=out.get("text") or "",
+        finish_reason=str(reason.get("type", "")) if isinstance(reason, dict) else str(reason),
+        weight_version=int(version) if version.isdigit() else None,
+        cached_tokens=int(meta.get("cached_tokens") or 0),
+        engine=url,
+    )
+
 
 def _fill(sample: Sample, out: dict[str, Any]) -> None:
     meta = out.get("meta_info", {})
@@ -291,6 +376,10 @@ class BlockingRolloutClient:
 
     def generate(self, samples: Sequence[Sample], cfg: RolloutConfig, rollout_id: int, **overrides: Any) -> None:
         self._loop.run_until_complete(self.client.generate(samples, cfg, rollout_id, **overrides))
+
+    def run(self, coro: Any) -> Any:
+        """Run a coroutine (a custom generation over :attr:`client`) on this client's event loop."""
+        return self._loop.run_until_complete(coro)
 
     def wait_healthy(self, deadline_s: float = 600.0) -> None:
         self._loop.run_until_complete(self.client.wait_healthy(deadline_s))

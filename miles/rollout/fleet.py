@@ -22,6 +22,7 @@ from miles.job import rundir
 from miles.job.environment import TaskContext
 from miles.job.ports import free_port
 from miles.rollout.client import BlockingRolloutClient
+from miles.rollout.custom import CustomGeneration
 from miles.sample import Sample
 from miles.sglang import protocol as proto
 from miles.sglang.launcher import health_ok
@@ -84,13 +85,17 @@ class EngineFleet:
     :mod:`miles.sglang.router`); everything else still goes to each engine.
     """
 
-    def __init__(self, spec: Spec, task: TaskContext, announced: list[rundir.Announcement]) -> None:
+    def __init__(
+        self, spec: Spec, task: TaskContext, announced: list[rundir.Announcement], tokenizer: Any = None
+    ) -> None:
 
         self.router: SglangRouter | None = None
         if spec.sglang.use_router:  # first: a router that is not installed is the user's to fix (UserError)
             self.router = start_driver_router(spec, task, os.environ.get("MILES_ENGINE_API_KEY") or None)
         self.spec = spec
         self.task = task
+        self.custom = CustomGeneration.from_spec(spec, tokenizer)
+        """The spec's generate or rollout function, or None for miles' single-turn generation."""
         self.api_key = os.environ.get("MILES_ENGINE_API_KEY") or None
         self.backend, self.device = sync_transport(spec, task)
         self.known: dict[int, rundir.Announcement] = {a.index: a for a in announced}
@@ -210,15 +215,24 @@ class EngineFleet:
                 "none holds the actor's weights"
             )
         if self.router is not None:  # it routes to these engines only; one announced again leaves it at once
-            self._generate_routed(samples, rollout_id, urls)
+            self._generate_routed(samples, rollout_id, urls, weight_version)
             return
         client = BlockingRolloutClient(urls, api_key=self.api_key, dead_cooldown_s=_NEVER_S)
         try:
-            client.generate(samples, self.spec.rollout, rollout_id)
+            self._generate_with(client, samples, rollout_id, weight_version)
         finally:
             client.close()
 
-    def _generate_routed(self, samples: list[Sample], rollout_id: int, urls: list[str]) -> None:
+    def _generate_with(
+        self, client: BlockingRolloutClient, samples: list[Sample], rollout_id: int, weight_version: int
+    ) -> None:
+        """Single-turn generation, or the spec's generate/rollout function; ``samples`` are filled or replaced."""
+        if self.custom is None:
+            client.generate(samples, self.spec.rollout, rollout_id)
+        else:
+            samples[:] = client.run(self.custom.run(client.client, samples, rollout_id, weight_version))
+
+    def _generate_routed(self, samples: list[Sample], rollout_id: int, urls: list[str], weight_version: int) -> None:
         """One rollout through sglang-router to the engines of ``urls``: one request per sample, the router's
         worker list watched while it runs (:meth:`miles.sglang.router.SglangRouter.guard`)."""
 
@@ -235,7 +249,7 @@ class EngineFleet:
         stale = lambda: [self.known[i].url for i in self.restarted() if i in self.known]  # noqa: E731
         try:
             with router.guard(routed, stale):
-                client.generate(samples, self.spec.rollout, rollout_id)
+                self._generate_with(client, samples, rollout_id, weight_version)
         finally:
             client.close()
 

@@ -108,5 +108,5 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver,
                 f"rollout_batch_size = {spec.rollout.rollout_batch_size}; raise num_epoch or set num_rollout"
             )
     announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id, deadline_s=engine_deadline_s())
-    engines = EngineFleet(spec, task, announced)
+    engines = EngineFleet(spec, task, announced, tokenizer=tokenizer)
     return Driver(dataset=dataset, engines=engines, reward=reward), num_rollout

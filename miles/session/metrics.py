@@ -136,6 +136,17 @@ def rollout_metrics(
         "rollout/truncated_frac": statistics.fmean(1.0 if x.finish_reason == "length" else 0.0 for x in samples),
         "rollout/weight_version": float(weight_version),
     }
+    if any(x.turns for x in samples):  # multi-turn rollouts: turns, tools and how much of a response trains
+        metrics.update(
+            {
+                "rollout/turns_mean": statistics.fmean(x.turns for x in samples),
+                "rollout/tool_calls_mean": statistics.fmean(x.tool_calls for x in samples),
+                "rollout/tool_call_frac": statistics.fmean(1.0 if x.tool_calls else 0.0 for x in samples),
+                "rollout/tool_failures": float(sum(x.tool_failures for x in samples)),
+                "rollout/tool_timeouts": float(sum(x.tool_timeouts for x in samples)),
+                "rollout/trained_tokens_mean": statistics.fmean(sum(x.trained_mask()) for x in samples),
+            }
+        )
     metrics.update({k: float(v) for k, v in reward_stats.items()})
     for k in sorted({k for m in step_metrics for k in m}):
         metrics[f"train/{k}"] = statistics.fmean(m[k] for m in step_metrics if k in m)

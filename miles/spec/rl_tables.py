@@ -186,6 +186,48 @@ class RolloutConfig:
     rollout_stop_token_ids: list[int] = field(default_factory=list)
     """Stop token ids in addition to the tokenizer's EOS (Miles ``--rollout-stop-token-ids``)."""
 
+    custom_generate_function_path: str = ""
+    """``module:function`` (or ``file.py:function``) that generates one sample, ``async def f(input:
+    GenerateFnInput) -> GenerateFnOutput``, in place of single-turn generation (Miles
+    ``--custom-generate-function-path``); ``miles.rollout.multi_turn:generate`` is the built-in multi-turn tool
+    loop. See docs/multi-turn.md.
+    """
+
+    rollout_function_path: str = ""
+    """``module:function`` that generates a whole rollout, ``async def f(input: RolloutFnInput) -> RolloutFnOutput``
+    (Miles ``--rollout-function-path``): it receives every group of samples and the engine client at once.
+    """
+
+    generate_max_turns: int = field(default=16, metadata={"gt": 0})
+    """Model turns of one multi-turn conversation at most (Miles ``--generate-max-turns``); the built-in
+    multi-turn function stops a conversation after this many.
+    """
+
+    generate_max_tokens_per_turn: int | None = field(default=None, metadata={"gt": 0})
+    """New tokens of one model turn at most; unset: only the total ``rollout_max_response_len`` bounds a turn. The
+    total counts every response token, tool outputs and template glue included.
+    """
+
+    generate_tool_call_parser: Literal["hermes", "bare"] = "hermes"
+    """How tool calls are written (Miles ``--generate-tool-call-parser``): ``hermes``,
+    ``<tool_call>{"name", "arguments"}</tool_call>`` in ChatML turns (Hermes, Qwen2.5, SmolLM2); ``bare``, a
+    ``<tool_call>`` token calls the first of ``generate_tools`` with the record's ``metadata.tool_input`` (tiny
+    models, the CPU example).
+    """
+
+    generate_tools: list[str] = field(default_factory=lambda: ["calculator"])
+    """Built-in tools the model may call: ``calculator`` (parsed arithmetic) and ``python`` (the model's program
+    in a sandbox: no network, ``generate_tool_timeout`` and ``generate_tool_memory_mb``).
+    """
+
+    generate_tool_timeout: float = field(default=5.0, metadata={"gt": 0.0})
+    """Seconds one sandboxed tool call may run; then it is killed, its tool message says so, and the sample is
+    kept and counted in ``rollout/tool_timeouts``.
+    """
+
+    generate_tool_memory_mb: int = field(default=512, metadata={"gt": 0})
+    """Address space of one sandboxed tool call in MiB (``RLIMIT_AS``)."""
+
     rm_type: str = ""
     """Built-in reward: ``math``, ``gsm8k``, ``exact_match``, ``f1``, ``dapo``, ``deepscaler``, ... (Miles
     ``--rm-type``).

@@ -32,7 +32,8 @@ import re
 from collections.abc import Callable
 
 from miles.model.builtin import names
-from miles.spec.tables import Spec
+from miles.spec.tables import RolloutConfig, Spec
+from miles.tools.toolbox import TOOL_NAMES
 
 Report = Callable[[str, str, str], None]
 
@@ -135,7 +136,13 @@ def _rollout(spec: Spec, report: Report) -> None:
         )
     elif len(rewards) > 1:
         report("rollout", rewards[1], f"set exactly one reward, found {' and '.join(rewards)}: remove all but one")
-    for key in ("custom_rm_path", "dynamic_sampling_filter_path"):
+    code_keys = (
+        "custom_rm_path",
+        "dynamic_sampling_filter_path",
+        "custom_generate_function_path",
+        "rollout_function_path",
+    )
+    for key in code_keys:
         value = getattr(ro, key)
         if value and not _CODE_PATH.match(value):
             report(
@@ -156,6 +163,7 @@ def _rollout(spec: Spec, report: Report) -> None:
             "group_rm",
             "group_rm scores whole groups with a custom reward: set custom_rm_path, or remove group_rm",
         )
+    _generation(ro, report)
     if ro.rollout_top_k == 0:
         report("rollout", "rollout_top_k", "0 keeps no token: use -1 to disable top-k, or a value >= 1")
     rbs = ro.rollout_batch_size
@@ -166,6 +174,30 @@ def _rollout(spec: Spec, report: Report) -> None:
             f"must be >= rollout_batch_size ({rbs}), got {ro.over_sampling_batch_size}: each round samples at least a "
             "full batch of prompts",
         )
+
+
+def _generation(ro: RolloutConfig, report: Report) -> None:
+    """Custom generation (docs/multi-turn.md): one of the two functions, turn limits within the total, known tools."""
+    if ro.custom_generate_function_path and ro.rollout_function_path:
+        report(
+            "rollout",
+            "rollout_function_path",
+            "set custom_generate_function_path (one sample at a time) or rollout_function_path (the whole rollout), "
+            "not both: a rollout function calls whatever generation it wants itself",
+        )
+    per_turn = ro.generate_max_tokens_per_turn
+    if per_turn is not None and per_turn > ro.rollout_max_response_len:
+        report(
+            "rollout",
+            "generate_max_tokens_per_turn",
+            f"{per_turn} exceeds rollout_max_response_len ({ro.rollout_max_response_len}), the limit of a whole "
+            "response: lower it, or raise rollout_max_response_len",
+        )
+    unknown = [t for t in ro.generate_tools if t not in TOOL_NAMES]
+    if unknown:
+        report("rollout", "generate_tools", f"unknown tools {unknown}: the built-in tools are {list(TOOL_NAMES)}")
+    if ro.generate_tool_call_parser == "bare" and not ro.generate_tools:
+        report("rollout", "generate_tools", 'the "bare" tool-call parser calls the first tool: name at least one')
 
 
 def _eval(spec: Spec, report: Report) -> None:

@@ -65,7 +65,8 @@ class RolloutBatch:
 
     @classmethod
     def from_samples(cls, samples: Sequence[Sample]) -> RolloutBatch:
-        """Tensors from samples; a sample without response tokens gets a mask of zeros (and trains nothing)."""
+        """Tensors from samples: each sample's loss mask (all ones for single-turn), so a multi-turn sample's tool
+        outputs and template glue are in the sequence the forward pass sees but train nothing."""
         tokens, plens, rlens, masks, lps = [], [], [], [], []
         have_lp = all(len(s.response_logprobs) == len(s.response_ids) for s in samples) and bool(samples)
         for s in samples:
@@ -74,7 +75,7 @@ class RolloutBatch:
             tokens.append(torch.tensor(list(s.prompt_ids) + list(s.response_ids), dtype=torch.long))
             plens.append(len(s.prompt_ids))
             rlens.append(len(s.response_ids))
-            masks.append(torch.ones(len(s.response_ids), dtype=torch.float32))
+            masks.append(torch.tensor(s.trained_mask(), dtype=torch.float32))
             if have_lp:
                 lps.append(torch.tensor(s.response_logprobs, dtype=torch.float32))
         return cls(
