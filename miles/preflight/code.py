@@ -1,4 +1,5 @@
-"""Pre-flight of the user's code named in the spec: the custom reward and the dynamic-sampling filter.
+"""Pre-flight of the user's code named in the spec: the custom reward, the dynamic-sampling filter and the
+custom generate or rollout function.
 
 Each ``module:function`` (or ``file.py:function``) is imported the way the run
 imports it (:func:`miles.reward.custom.load_function`, with the directory miles
@@ -44,6 +45,41 @@ def _filter_problem(fn: Callable[..., Any], what: str) -> str | None:
     return None
 
 
+_GENERATION = {
+    "custom_generate_function_path": "async def generate(input: GenerateFnInput) -> GenerateFnOutput",
+    "rollout_function_path": "async def rollout(input: RolloutFnInput) -> RolloutFnOutput",
+}
+"""The generation hooks and the signature each is called with (miles/rollout/generate.py, docs/multi-turn.md)."""
+
+
+def _generation_problem(fn: Callable[..., Any], what: str, contract: str) -> str | None:
+    """Why ``fn`` cannot be called as ``f(input)``, the one argument both generation hooks receive."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind("input")
+    except TypeError as e:
+        return f"{what} takes {sig} and cannot be called as f(input) ({e}); write it as `{contract}`"
+    return None
+
+
+def _check_generation(spec: Spec, report: Report, base_dir: Path | None) -> None:
+    for key, contract in _GENERATION.items():
+        path = getattr(spec.rollout, key)
+        if not path:
+            continue
+        try:
+            fn = load_function(path, f"rollout.{key}", "miles.rollout.multi_turn:generate", base_dir)
+        except UserError as e:
+            report.problem(("rollout", key), f"{e}{_hint(e)}")
+            continue
+        why = _generation_problem(fn, f"rollout.{key} = {path!r}", contract)
+        if why:
+            report.problem(("rollout", key), why)
+
+
 def check_code(spec: Spec, report: Report) -> None:
     """Build the run's reward (``[rollout]`` rm_type, custom_rm_path or rm_url) and import its filter function."""
     base_dir = Path(spec.source).parent if spec.source else None
@@ -75,6 +111,7 @@ def check_code(spec: Spec, report: Report) -> None:
                 why = _filter_problem(fn, f"rollout.{key} = {ro.dynamic_sampling_filter_path!r}")
                 if why:
                     report.problem(("rollout", key), why)
+        _check_generation(spec, report, base_dir)
     finally:
         if added and cwd in sys.path:
             sys.path.remove(cwd)

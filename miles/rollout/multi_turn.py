@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from miles.rollout.client import turn_seed
+from miles.rollout.conversation import Conversation
 from miles.rollout.generate import GenerateFnInput, GenerateFnOutput
 from miles.tools.calls import CLOSE, OPEN, parse
 from miles.tools.sandbox import SandboxLimits
@@ -54,7 +55,7 @@ FORMATS: dict[str, ToolFormat] = {
         next_turn="<|im_end|>\n<|im_start|>assistant\n",
     ),
     # Tiny character-level models (the CPU example): the answer follows the call token directly.
-    "bare": ToolFormat(stop=(OPEN,), turn_end="", response="<tool_response>{result}</tool_response>", next_turn=""),
+    "bare": ToolFormat(stop=(OPEN,), turn_end="", response="<tool_response>{result}", next_turn=""),
 }
 
 
@@ -76,27 +77,20 @@ async def generate(input: GenerateFnInput) -> GenerateFnOutput:
     seed = int(input.sampling_params.get("sampling_seed") or 0)
     session = f"{state.rollout_id}:{seed}"
     stop = list(dict.fromkeys([*(input.sampling_params.get("stop") or []), *fmt.stop]))
-    ids: list[int] = []
-    logprobs: list[float] = []
-    mask: list[int] = []
+    conv = Conversation(list(sample.prompt_ids), cfg.rollout_max_response_len, cfg.generate_max_tokens_per_turn)
     finish, final_ids = "", []
     for turn in range(cfg.generate_max_turns):
-        room = cfg.rollout_max_response_len - len(ids)
-        if room <= 0:
+        if conv.room <= 0:
             finish = "length"
             break
-        limit = min(room, cfg.generate_max_tokens_per_turn or room)
         params: dict[str, Any] = {
             **input.sampling_params,
-            "max_new_tokens": limit,
+            "max_new_tokens": conv.turn_limit(),
             "stop": stop,
             "sampling_seed": turn_seed(seed, turn),
         }
-        out = await state.client.generate_turn(sample.prompt_ids + ids, params, session=session)
-        ids += out.output_ids
-        logprobs += out.logprobs
-        mask += [1] * len(out.output_ids)
-        sample.turns += 1
+        out = await state.client.generate_turn(conv.input_ids(), params, session=session)
+        conv.add_model_turn(out.output_ids, out.logprobs)
         if out.weight_version is not None:
             sample.weight_version = out.weight_version
         finish, final_ids = out.finish_reason, out.output_ids
@@ -117,15 +111,14 @@ async def generate(input: GenerateFnInput) -> GenerateFnOutput:
         sample.tool_failures += sum(r.failed for r in results)
         sample.tool_timeouts += sum(r.timed_out for r in results)
         glue = tok.encode(glue_text(fmt, results, text), add_special_tokens=False)
-        if len(ids) + len(glue) >= cfg.rollout_max_response_len:
+        if not conv.fits(glue):
             finish = "length"  # no room for the answers and a further turn
             break
-        ids += glue
-        logprobs += [0.0] * len(glue)
-        mask += [0] * len(glue)
+        conv.add_glue(glue)
         final_ids = []
-        finish = "stop"
-    sample.response_ids, sample.response_logprobs, sample.loss_mask = ids, logprobs, mask
+    sample.turns = conv.turns
+    ids = conv.ids
+    sample.response_ids, sample.response_logprobs, sample.loss_mask = conv.ids, conv.logprobs, conv.mask
     sample.response_text = tok.decode(ids, skip_special_tokens=True)
     sample.finish_reason = finish
     final_turn = tok.decode(final_ids, skip_special_tokens=True)

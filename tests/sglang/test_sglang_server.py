@@ -23,6 +23,7 @@ import torch
 from miles.job import rundir
 from miles.job.ports import free_port
 from miles.rollout.client import BlockingRolloutClient
+from miles.rollout.generate import GenerateFnInput, GenerateFnOutput, GenerateState, generate_samples
 from miles.sample import Sample
 from miles.sglang import launcher as sl
 from miles.sglang import protocol as proto
@@ -162,6 +163,43 @@ def test_generate_with_logprobs(served: sl.EngineProcess, model_dir: Path, basel
     again = _samples(model_dir)
     _generate([served.url], served.launch.api_key, again, _greedy())
     assert _outputs(again) == baseline, "greedy generation is not reproducible"
+
+
+def test_a_generate_function_drives_the_engine_token_in_token_out(served: sl.EngineProcess, model_dir: Path) -> None:
+    """A user's generate function (Miles' contract) over the same client: turn 2 is generated from turn 1's ids
+    and appended glue ids, masks mark the model's tokens; SGLang reuses the conversation's prefix from its cache."""
+    tok = _tokenizer(model_dir)
+    glue = tok("=1+", add_special_tokens=False)["input_ids"]
+    cached: list[int] = []
+
+    async def two_turns(input: GenerateFnInput) -> GenerateFnOutput:
+        s, params = input.sample, {**input.sampling_params, "max_new_tokens": 4}
+        first = await input.state.client.generate_turn(s.prompt_ids, params, session="c")
+        ids = first.output_ids + glue
+        second = await input.state.client.generate_turn(s.prompt_ids + ids, params, session="c")
+        cached.append(second.cached_tokens)
+        s.response_ids = ids + second.output_ids
+        s.response_logprobs = first.logprobs + [0.0] * len(glue) + second.logprobs
+        s.loss_mask = [1] * len(first.output_ids) + [0] * len(glue) + [1] * len(second.output_ids)
+        s.turns = 2
+        return GenerateFnOutput(samples=s)
+
+    _post(served.url, served.launch.api_key, proto.FLUSH_CACHE)
+    cfg = RolloutConfig(rollout_temperature=1.0, rollout_max_response_len=12, rollout_seed=3)
+    samples = _samples(model_dir, PROMPTS[:2])
+    client = BlockingRolloutClient([served.url], api_key=served.launch.api_key, timeout_s=120)
+    try:
+        state = GenerateState(client.client, tok, cfg, rollout_id=0, weight_version=0)
+        out = client.run(generate_samples(two_turns, "two_turns", samples, state))
+    finally:
+        client.close()
+    for s in out:
+        n_glue = s.loss_mask.count(0)
+        assert n_glue == len(glue) and len(s.response_logprobs) == len(s.response_ids) == len(s.loss_mask)
+        start = s.loss_mask.index(0)
+        assert s.response_ids[start : start + n_glue] == glue  # the appended ids, as they were, in the sequence
+    if served.launch.kind == "sglang":  # the radix cache held the prompt and turn 1 when turn 2 came
+        assert all(c >= len(p) for c, p in zip(cached, (s.prompt_ids for s in out), strict=True)), cached
 
 
 def test_wrong_api_key_is_refused(served: sl.EngineProcess) -> None:

@@ -528,6 +528,23 @@ def reward_and_filter_both_bad(ws: Workspace) -> list[str]:
     )
 
 
+@case("reward", "rollout.custom_generate_function_path = 'nosuchgen:generate': cannot import module 'nosuchgen'")
+def generate_no_module(ws: Workspace) -> list[str]:
+    return spec_with(ws, rollout={"custom_generate_function_path": "nosuchgen:generate"})
+
+
+@case("reward", "gen2.py:generate' takes (input, state)", "cannot be called as f(input)", "GenerateFnInput")
+def generate_two_arguments(ws: Workspace) -> list[str]:
+    ws.write("gen2.py", "async def generate(input, state):\n    return input.sample\n")
+    return spec_with(ws, rollout={"custom_generate_function_path": "gen2.py:generate"})
+
+
+@case("reward", "rollout.rollout_function_path", "takes ()", "RolloutFnInput")
+def rollout_function_no_argument(ws: Workspace) -> list[str]:
+    ws.write("rollfn.py", "def rollout():\n    return []\n")
+    return spec_with(ws, rollout={"rollout_function_path": "rollfn.py:rollout"})
+
+
 # ---------------------------------------------------------------- resume
 
 
