@@ -40,6 +40,9 @@ class Builtin:
     max_position_embeddings: int = 128
     words: tuple[str, ...] = ()
     """Multi-character tokens (tool-call tags), one id each after the alphabet; kept in decoded text."""
+    tie_word_embeddings: bool = False
+    """Output layer = input embeddings (as SmolLM2 and Qwen2.5's small models): a random model then leans towards
+    repeating the token it reads, which is what reading a tool's answer back needs."""
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -62,12 +65,13 @@ BUILTINS: dict[str, Builtin] = {
     ),
     "tiny-tool": Builtin(
         alphabet="0123456789+-*%=() ",
-        hidden_size=64,
-        num_layers=2,
+        hidden_size=128,
+        num_layers=1,
         num_heads=4,
         num_kv_heads=2,
-        intermediate_size=192,
+        intermediate_size=384,
         words=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"),
+        tie_word_embeddings=True,
     ),
 }
 
@@ -153,7 +157,7 @@ def materialize(name: str, out_dir: str | Path, seed: int = 0, dtype: str = "flo
         num_attention_heads=b.num_heads,
         num_key_value_heads=b.num_kv_heads,
         max_position_embeddings=b.max_position_embeddings,
-        tie_word_embeddings=False,
+        tie_word_embeddings=b.tie_word_embeddings,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,

@@ -334,6 +334,37 @@ class RolloutClient:
             await asyncio.sleep(self.backoff_s * (2**attempt))
         raise AssertionError("unreachable")
 
+    async def generate_turns(self, requests: Sequence[tuple[list[int], dict[str, Any]]]) -> list[TurnOutput]:
+        """Several sequences' next turns: fixed consecutive chunks of ``chunk_size``, each one batched request
+        (single requests behind a router); an aborted answer is sent again, up to the retry budget."""
+        if not self.batched:
+            return list(await asyncio.gather(*(self.generate_turn(ids, p) for ids, p in requests)))
+        size = self.chunk_size
+        chunks = [list(range(s, min(s + size, len(requests)))) for s in range(0, len(requests), size)]
+        results: list[TurnOutput | None] = [None] * len(requests)
+
+        async def chunk(index: list[int]) -> None:
+            todo = index
+            for attempt in range(self.max_retries + 1):
+                body = proto.generate_body(
+                    input_ids=[list(requests[i][0]) for i in todo],
+                    sampling=[requests[i][1] for i in todo],
+                    return_logprob=True,
+                )
+                outs, url = await self._post(proto.GENERATE.path, body, None)
+                if not isinstance(outs, list) or len(outs) != len(todo):
+                    raise RolloutError(f"/generate answered {type(outs).__name__} for a batch of {len(todo)}")
+                for i, out in zip(todo, outs, strict=True):
+                    results[i] = _turn(out, url)
+                todo = [i for i in todo if results[i].finish_reason == "abort"]  # type: ignore[union-attr]
+                if not todo or attempt == self.max_retries:
+                    return
+                self.retries += 1
+                await asyncio.sleep(self.backoff_s * (2**attempt))
+
+        await asyncio.gather(*(chunk(c) for c in chunks))
+        return [r for r in results if r is not None]
+
 
 def _turn(out: dict[str, Any], url: str) -> TurnOutput:
     meta = out.get("meta_info", {})

@@ -1,6 +1,9 @@
 """The built-in multi-turn generate function: the model calls tools, reads their answers, and goes on.
 
-``[rollout] custom_generate_function_path = "miles.rollout.multi_turn:generate"``.
+``[rollout] custom_generate_function_path = "miles.rollout.multi_turn:generate"`` (each conversation's turns
+sent as they come), or ``rollout_function_path = "miles.rollout.multi_turn:rollout"`` (the same conversations,
+each turn of all of them sent together in batched requests: faster on the embedded engine, which generates a
+batched request as one batch).
 
 Token in, token out: the conversation is the prompt's ids followed by every id
 the engine generated and every id appended between turns, and each turn is
@@ -24,9 +27,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from miles.rollout.client import turn_seed
+from miles.rollout.client import TurnOutput, turn_seed
 from miles.rollout.conversation import Conversation
-from miles.rollout.generate import GenerateFnInput, GenerateFnOutput
+from miles.rollout.generate import (
+    GenerateFnInput,
+    GenerateFnOutput,
+    GenerateState,
+    RolloutFnInput,
+    RolloutFnOutput,
+)
+from miles.sample import Sample
 from miles.tools.calls import CLOSE, OPEN, parse
 from miles.tools.sandbox import SandboxLimits
 from miles.tools.toolbox import Toolbox, ToolResult
@@ -68,62 +78,112 @@ def glue_text(fmt: ToolFormat, results: list[ToolResult], turn_text: str) -> str
     return f"{fmt.turn_end}{answers}{fmt.next_turn}"
 
 
-async def generate(input: GenerateFnInput) -> GenerateFnOutput:
-    """One conversation: model turn, tool calls answered, model turn ... (see the module docstring)."""
-    state, cfg, sample = input.state, input.args, input.sample
-    tok = state.tokenizer
-    fmt = FORMATS[cfg.generate_tool_call_parser]
-    toolbox = Toolbox(cfg.generate_tools, SandboxLimits(cfg.generate_tool_timeout, cfg.generate_tool_memory_mb))
-    seed = int(input.sampling_params.get("sampling_seed") or 0)
-    session = f"{state.rollout_id}:{seed}"
-    stop = list(dict.fromkeys([*(input.sampling_params.get("stop") or []), *fmt.stop]))
-    conv = Conversation(list(sample.prompt_ids), cfg.rollout_max_response_len, cfg.generate_max_tokens_per_turn)
-    finish, final_ids = "", []
-    for turn in range(cfg.generate_max_turns):
-        if conv.room <= 0:
-            finish = "length"
-            break
-        params: dict[str, Any] = {
-            **input.sampling_params,
-            "max_new_tokens": conv.turn_limit(),
-            "stop": stop,
-            "sampling_seed": turn_seed(seed, turn),
+class Episode:
+    """One conversation of the tool loop, stepped a turn at a time (by :func:`generate` or :func:`rollout`)."""
+
+    def __init__(self, state: GenerateState, sample: Sample, sampling_params: dict[str, Any]) -> None:
+        cfg = state.rollout
+        self.cfg, self.sample, self.tok = cfg, sample, state.tokenizer
+        self.fmt = FORMATS[cfg.generate_tool_call_parser]
+        self.toolbox = Toolbox(
+            cfg.generate_tools, SandboxLimits(cfg.generate_tool_timeout, cfg.generate_tool_memory_mb)
+        )
+        self.params = sampling_params
+        self.seed = int(sampling_params.get("sampling_seed") or 0)
+        self.session = f"{state.rollout_id}:{self.seed}"
+        self.stop = list(dict.fromkeys([*(sampling_params.get("stop") or []), *self.fmt.stop]))
+        self.conv = Conversation(
+            list(sample.prompt_ids), cfg.rollout_max_response_len, cfg.generate_max_tokens_per_turn
+        )
+        self.finish = ""
+        self.final_ids: list[int] = []
+        self.done = False
+
+    def request(self, turn: int) -> tuple[list[int], dict[str, Any]] | None:
+        """The ids and sampling params of model turn ``turn``, or None when the conversation has ended."""
+        if self.done or turn >= self.cfg.generate_max_turns:
+            self.done = True
+            return None
+        if self.conv.room <= 0:
+            self.finish, self.done = "length", True
+            return None
+        params = {
+            **self.params,
+            "max_new_tokens": self.conv.turn_limit(),
+            "stop": self.stop,
+            "sampling_seed": turn_seed(self.seed, turn),
         }
-        out = await state.client.generate_turn(conv.input_ids(), params, session=session)
-        conv.add_model_turn(out.output_ids, out.logprobs)
+        return self.conv.input_ids(), params
+
+    async def take(self, turn: int, out: TurnOutput) -> None:
+        """Add the model's turn; run the tools it called and append their answers, or end the conversation."""
+        sample, cfg = self.sample, self.cfg
+        self.conv.add_model_turn(out.output_ids, out.logprobs)
         if out.weight_version is not None:
             sample.weight_version = out.weight_version
-        finish, final_ids = out.finish_reason, out.output_ids
-        if finish == "abort":
-            break
-        text = tok.decode(out.output_ids, skip_special_tokens=False)
+        self.finish, self.final_ids = out.finish_reason, out.output_ids
+        if self.finish == "abort":
+            self.done = True
+            return
+        text = self.tok.decode(out.output_ids, skip_special_tokens=False)
         default = str(sample.metadata.get("tool_input", "")) if isinstance(sample.metadata, dict) else ""
         first_tool = cfg.generate_tools[0] if cfg.generate_tools else ""
         calls = parse(
             cfg.generate_tool_call_parser, text, tool=first_tool, argument=_argument(first_tool), default=default
         )
-        if not calls:
-            break  # the model answered
-        if turn == cfg.generate_max_turns - 1:
-            break  # no turn left to read the answers: the conversation ends at the call
-        results = [await toolbox.call(c) for c in calls]
+        if not calls or turn == cfg.generate_max_turns - 1:
+            self.done = True  # the model answered, or no turn is left to read the answers
+            return
+        results = [await self.toolbox.call(c) for c in calls]
         sample.tool_calls += len(calls)
         sample.tool_failures += sum(r.failed for r in results)
         sample.tool_timeouts += sum(r.timed_out for r in results)
-        glue = tok.encode(glue_text(fmt, results, text), add_special_tokens=False)
-        if not conv.fits(glue):
-            finish = "length"  # no room for the answers and a further turn
+        glue = self.tok.encode(glue_text(self.fmt, results, text), add_special_tokens=False)
+        if not self.conv.fits(glue):
+            self.finish, self.done = "length", True  # no room for the answers and a further turn
+            return
+        self.conv.add_glue(glue)
+        self.final_ids = []
+
+    def finished(self) -> Sample:
+        """The sample with the conversation as its response."""
+        sample, conv, tok = self.sample, self.conv, self.tok
+        sample.turns = conv.turns
+        sample.response_ids, sample.response_logprobs, sample.loss_mask = conv.ids, conv.logprobs, conv.mask
+        sample.response_text = tok.decode(conv.ids, skip_special_tokens=True)
+        sample.finish_reason = self.finish
+        final_turn = tok.decode(self.final_ids, skip_special_tokens=True)
+        sample.metadata = {**(sample.metadata if isinstance(sample.metadata, dict) else {}), "final_turn": final_turn}
+        return sample
+
+
+async def generate(input: GenerateFnInput) -> GenerateFnOutput:
+    """One conversation, its turns sent one by one (a generate function: ``custom_generate_function_path``)."""
+    ep = Episode(input.state, input.sample, input.sampling_params)
+    turn = 0
+    while (req := ep.request(turn)) is not None:
+        out = await input.state.client.generate_turn(*req, session=ep.session)
+        await ep.take(turn, out)
+        turn += 1
+    return GenerateFnOutput(samples=ep.finished())
+
+
+async def rollout(input: RolloutFnInput) -> RolloutFnOutput:
+    """Every conversation of the rollout, turn by turn: each turn of all that are still going is sent in batched
+    chunks (a rollout function: ``rollout_function_path``). The same conversations as :func:`generate`, batched."""
+    flat = [s for g in input.groups for s in g]
+    eps = [Episode(input.state, s, input.sampling_params(i)) for i, s in enumerate(flat)]
+    turn = 0
+    while True:
+        asks = [(ep, req) for ep in eps if (req := ep.request(turn)) is not None]
+        if not asks:
             break
-        conv.add_glue(glue)
-        final_ids = []
-    sample.turns = conv.turns
-    ids = conv.ids
-    sample.response_ids, sample.response_logprobs, sample.loss_mask = conv.ids, conv.logprobs, conv.mask
-    sample.response_text = tok.decode(ids, skip_special_tokens=True)
-    sample.finish_reason = finish
-    final_turn = tok.decode(final_ids, skip_special_tokens=True)
-    sample.metadata = {**(sample.metadata if isinstance(sample.metadata, dict) else {}), "final_turn": final_turn}
-    return GenerateFnOutput(samples=sample)
+        outs = await input.state.client.generate_turns([r for _, r in asks])
+        for (ep, _), out in zip(asks, outs, strict=True):
+            await ep.take(turn, out)
+        turn += 1
+    done = iter(ep.finished() for ep in eps)
+    return RolloutFnOutput(samples=[[next(done) for _ in g] for g in input.groups])
 
 
 def _argument(tool: str) -> str:

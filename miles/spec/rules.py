@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable
 
 from miles.model.builtin import names
-from miles.spec.tables import RolloutConfig, Spec
+from miles.spec.tables import Spec
 from miles.tools.toolbox import TOOL_NAMES
 
 Report = Callable[[str, str, str], None]
@@ -163,7 +163,7 @@ def _rollout(spec: Spec, report: Report) -> None:
             "group_rm",
             "group_rm scores whole groups with a custom reward: set custom_rm_path, or remove group_rm",
         )
-    _generation(ro, report)
+    _generation(spec, report)
     if ro.rollout_top_k == 0:
         report("rollout", "rollout_top_k", "0 keeps no token: use -1 to disable top-k, or a value >= 1")
     rbs = ro.rollout_batch_size
@@ -176,8 +176,19 @@ def _rollout(spec: Spec, report: Report) -> None:
         )
 
 
-def _generation(ro: RolloutConfig, report: Report) -> None:
-    """Custom generation (docs/multi-turn.md): one of the two functions, turn limits within the total, known tools."""
+def _generation(spec: Spec, report: Report) -> None:
+    """Custom generation (docs/multi-turn.md): one of the two functions, turn limits within the total, known tools,
+    and behind a router a policy that keeps a conversation's turns on the engine that caches its prefix."""
+    ro = spec.rollout
+    custom = ro.custom_generate_function_path or ro.rollout_function_path
+    if custom and spec.sglang.use_router and spec.sglang.router_policy != "cache_aware":
+        report(
+            "sglang",
+            "router_policy",
+            f'"{spec.sglang.router_policy}" sends each turn of a conversation to any engine, which then computes the '
+            'whole conversation again; with a custom generate or rollout function use "cache_aware" (turns go to '
+            "the engine whose prefix cache holds the conversation)",
+        )
     if ro.custom_generate_function_path and ro.rollout_function_path:
         report(
             "rollout",

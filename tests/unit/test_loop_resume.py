@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,25 @@ ROLLOUTS = 6
 pytestmark = pytest.mark.slow
 
 
-def _miles_run(run_dir: Path, fault: str = "", timeout: float = 300) -> subprocess.CompletedProcess[str]:
+QUICKSTART = [
+    "rollout.rollout_batch_size=16",
+    "rollout.n_samples_per_prompt=4",
+    "train.global_batch_size=32",
+    "train.micro_batch_size=8",
+]
+TOOL_CALC = [  # multi-turn: tool calls, appended tool answers with loss mask 0, one trainer rank
+    "rollout.rollout_batch_size=8",
+    "rollout.n_samples_per_prompt=4",
+    "train.global_batch_size=32",
+    "train.micro_batch_size=32",
+]
+CONFIGS = {"quickstart": ("quickstart.toml", QUICKSTART), "tool-calc": ("tool-calc.toml", TOOL_CALC)}
+
+
+def _miles_run(
+    run_dir: Path, fault: str = "", timeout: float = 300, config: str = "quickstart"
+) -> subprocess.CompletedProcess[str]:
+    toml, sets = CONFIGS[config]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MILES_GRACE_S": "60"}
     env.pop("MILES_FAULT", None)
     if fault:
@@ -36,7 +55,7 @@ def _miles_run(run_dir: Path, fault: str = "", timeout: float = 300) -> subproce
         "-m",
         "miles.cli",
         "run",
-        str(ROOT / "configs" / "quickstart.toml"),
+        str(ROOT / "configs" / toml),
         "--set",
         f"run.run_dir={str(run_dir)!r}".replace("'", '"'),
         "--set",
@@ -46,18 +65,12 @@ def _miles_run(run_dir: Path, fault: str = "", timeout: float = 300) -> subproce
         "--set",
         "run.plot=false",
         "--set",
-        "rollout.rollout_batch_size=16",
-        "--set",
-        "rollout.n_samples_per_prompt=4",
-        "--set",
-        "train.global_batch_size=32",
-        "--set",
-        "train.micro_batch_size=8",
-        "--set",
         "ckpt.save_interval=2",
         "--set",
         "ckpt.keep_last=3",
     ]
+    for item in sets:
+        cmd += ["--set", item]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -67,15 +80,26 @@ def _final(run_dir: Path) -> tuple[str, dict[str, object]]:
     return metrics, weights  # type: ignore[return-value]
 
 
+Baseline = tuple[str, dict[str, object]]
+
+
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, object]]:
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    proc = _miles_run(run_dir)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (run_dir / "control" / "done").exists()
-    metrics, weights = _final(run_dir)
-    assert len(metrics.splitlines()) == ROLLOUTS
-    return metrics, weights
+def baselines(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Baseline]:
+    """The straight run of each config, made once per module on first use."""
+    made: dict[str, Baseline] = {}
+
+    def get(config: str) -> Baseline:
+        if config not in made:
+            run_dir = tmp_path_factory.mktemp(f"straight-{config}") / "run"
+            proc = _miles_run(run_dir, config=config)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            assert (run_dir / "control" / "done").exists()
+            metrics, weights = _final(run_dir)
+            assert len(metrics.splitlines()) == ROLLOUTS
+            made[config] = metrics, weights
+        return made[config]
+
+    return get
 
 
 LIVES = {
@@ -83,16 +107,18 @@ LIVES = {
     "between-phases": ["preempt@sync:1", "preempt@generate:3", ""],
     "mid-rollout-and-mid-step": ["term@generate:2", "term@train:3", "term@train:4", ""],
     "kill-mid-save": ["kill@save:4", "kill@save:6", ""],
+    "tool-calc:between-phases": ["preempt@sync:1", "term@generate:3", ""],
 }
 
 
 @pytest.mark.parametrize("case", sorted(LIVES))
 def test_interrupted_run_matches_the_straight_one(
-    case: str, baseline: tuple[str, dict[str, object]], tmp_path: Path
+    case: str, baselines: Callable[[str], Baseline], tmp_path: Path
 ) -> None:
+    config = case.split(":")[0] if ":" in case else "quickstart"
     run_dir = tmp_path / "run"
     for life, fault in enumerate(LIVES[case]):
-        proc = _miles_run(run_dir, fault)
+        proc = _miles_run(run_dir, fault, config=config)
         output = proc.stdout + proc.stderr
         last = life == len(LIVES[case]) - 1
         if last:
@@ -106,7 +132,7 @@ def test_interrupted_run_matches_the_straight_one(
             assert "preempted; saved the state" in output, output[-4000:]
             assert not (run_dir / "control" / "done").exists()
     metrics, weights = _final(run_dir)
-    base_metrics, base_weights = baseline
+    base_metrics, base_weights = baselines(config)
     assert metrics == base_metrics
     assert weights.keys() == base_weights.keys()
     for name, tensor in weights.items():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from miles.rollout.client import RolloutError
 from miles.rollout.conversation import Conversation
 from miles.rollout.generate import check_sample
-from miles.rollout.client import RolloutError
 from miles.sample import Sample
 from miles.train.batch import RolloutBatch, collate
 
