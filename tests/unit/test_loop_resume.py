@@ -107,7 +107,7 @@ LIVES = {
     "between-phases": ["preempt@sync:1", "preempt@generate:3", ""],
     "mid-rollout-and-mid-step": ["term@generate:2", "term@train:3", "term@train:4", ""],
     "kill-mid-save": ["kill@save:4", "kill@save:6", ""],
-    "tool-calc:between-phases": ["preempt@sync:1", "term@generate:3", ""],
+    "tool-calc:mid-rollout": ["term@generate:2", ""],
 }
 
 
