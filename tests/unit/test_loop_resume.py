@@ -33,7 +33,10 @@ QUICKSTART = [
     "train.global_batch_size=32",
     "train.micro_batch_size=8",
 ]
-TOOL_CALC = [  # multi-turn: tool calls, appended tool answers with loss mask 0, one trainer rank
+TOOL_CALC = [  # multi-turn: tool calls, appended tool answers with loss mask 0, one trainer rank; the per-sample
+    # generate function (each turn its own request) rather than the example's batched rollout function
+    'rollout.rollout_function_path=""',
+    'rollout.custom_generate_function_path="miles.rollout.multi_turn:generate"',
     "rollout.rollout_batch_size=8",
     "rollout.n_samples_per_prompt=4",
     "train.global_batch_size=32",
