@@ -317,7 +317,8 @@ CASES: tuple[Case, ...] = (
                 270,
             ),
             Step(
-                "miles bench loop configs/smollm2-arith-gpu.toml --rollouts 30 --timeout 250 --run-dir {out}/run-megatron "
+                "miles bench loop configs/smollm2-arith-gpu.toml --rollouts 30 --timeout 250 "
+                "--run-dir {out}/run-megatron "
                 "--set 'perf.backend=\"megatron\"' --json {out}/loop-1gpu-smollm2-megatron.json",
                 270,
             ),

@@ -57,6 +57,7 @@ from miles.errors import UserError
 from miles.job import rundir
 from miles.job.ports import free_port
 from miles.plan import ports
+from miles.plan.engine_argv import keyed_module
 from miles.sglang.launcher import EngineLaunch, EngineProcess, EngineStartError, health_ok
 
 if TYPE_CHECKING:
@@ -124,16 +125,15 @@ def router_argv(
     *,
     host: str,
     port: int,
-    api_key: str | None = None,
+    keyed: bool = False,
     policy: RouterPolicy = "cache_aware",
     python: str | None = None,
 ) -> list[str]:
     """``python -m sglang_router.launch_router``: its ``policy``, quiet logs (it logs every request at INFO) and a
-    short shutdown grace; ``api_key`` is the key it asks of clients and presents to the engines."""
+    short shutdown grace; ``keyed``: it asks clients for the engine key and presents it to the engines, reading it
+    from the environment (``miles.plan.engine_argv.KEY_FROM_ENV``), never from its command line."""
     argv = [
-        python or sys.executable,
-        "-m",
-        "sglang_router.launch_router",
+        *keyed_module(python or sys.executable, "sglang_router.launch_router", keyed),
         "--host",
         host,
         "--port",
@@ -147,8 +147,6 @@ def router_argv(
     ]
     if worker_urls:
         argv += ["--worker-urls", *worker_urls]
-    if api_key:
-        argv += ["--api-key", api_key]
     return argv
 
 
@@ -164,7 +162,7 @@ def router_launch(
 ) -> EngineLaunch:
     """The router as a process like an engine (index -1, log ``router.log``), in its starter's process group: it
     lives and dies with the driver that uses it."""
-    argv = router_argv(worker_urls, host=host, port=port, api_key=api_key, policy=policy, python=python)
+    argv = router_argv(worker_urls, host=host, port=port, keyed=api_key is not None, policy=policy, python=python)
     return EngineLaunch(
         index=-1,
         kind="router",

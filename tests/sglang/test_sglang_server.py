@@ -191,11 +191,23 @@ def test_every_endpoint_but_health_refuses_a_request_without_the_key(served: sl.
     assert _status_without_key(served.url, proto.HEALTH) == 200  # probes carry no secret
 
 
-def test_the_key_stays_out_of_the_engine_log(served: sl.EngineProcess) -> None:
+def test_the_key_stays_out_of_the_engine_log_and_every_command_line(served: sl.EngineProcess) -> None:
     key = served.launch.api_key
-    assert key and key in served.launch.argv  # the server was given it ...
+    assert key and key not in " ".join(served.launch.argv)  # the server gets it through its environment ...
     text = served.launch.log_path.read_text()
-    assert key not in text and "--api-key <engine key>" in text  # ... and its log (SGLang logs its args) hides it
+    assert key not in text and "<engine key>" in text  # ... its log (SGLang logs its args) hides it ...
+    assert served.pid is not None
+    tree = [served.pid, *_descendants(served.pid)]
+    assert len(tree) > 1  # SGLang's scheduler and detokenizer processes
+    for pid in tree:  # ... and no process of the engine shows it to the node's other users
+        assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        out += [int(child), *_descendants(int(child))]
+    return out
 
 
 def test_weight_sync_follows_new_weights_and_restores_old_exactly(
