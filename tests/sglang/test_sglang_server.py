@@ -195,10 +195,11 @@ def test_the_key_stays_out_of_the_engine_log_and_every_command_line(served: sl.E
     key = served.launch.api_key
     assert key and key not in " ".join(served.launch.argv)  # the server gets it through its environment ...
     text = served.launch.log_path.read_text()
-    assert key not in text and "<engine key>" in text  # ... its log (SGLang logs its args) hides it ...
+    assert key not in text  # ... its log hides it (SGLang logs its arguments: they show "<engine key>") ...
     assert served.pid is not None
     tree = [served.pid, *_descendants(served.pid)]
-    assert len(tree) > 1  # SGLang's scheduler and detokenizer processes
+    if served.launch.kind == "sglang":
+        assert "<engine key>" in text and len(tree) > 1  # its scheduler and detokenizer processes too
     for pid in tree:  # ... and no process of the engine shows it to the node's other users
         assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
 
