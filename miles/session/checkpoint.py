@@ -38,6 +38,8 @@ class RunState:
     weight_version: int = 0
     saved_at: int | None = None
     """The rollout before which the newest checkpoint of this process was taken (or resumed from)."""
+    evaluated: int | None = None
+    """The step (rollouts trained) of the last evaluation that ran (:mod:`miles.session.evaluation`)."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,12 @@ def resume(parts: Components, spec: Spec) -> RunState:
     if parts.driver is not None:
         parts.driver.dataset.load_state_dict(driver_state["dataset"])
         print(f"miles: resumed from {path} at rollout {rollout_id}", flush=True)
-    return RunState(next_rollout=rollout_id, weight_version=driver_state["weight_version"], saved_at=rollout_id)
+    return RunState(
+        next_rollout=rollout_id,
+        weight_version=driver_state["weight_version"],
+        saved_at=rollout_id,
+        evaluated=driver_state.get("evaluated"),
+    )
 
 
 def save(
@@ -101,6 +108,7 @@ def save(
                 "rollout_id": next_rollout,
                 "weight_version": state.weight_version,
                 "actor_step": parts.actor.step,
+                "evaluated": state.evaluated,
                 "dataset": dataset_state,
                 "spec": binding_fields(spec),
                 "rollout_seed": spec.rollout.rollout_seed,

@@ -20,6 +20,7 @@ from miles.errors import UserError
 from miles.job import rundir
 from miles.job.environment import TaskContext
 from miles.plan import trainer_mesh
+from miles.plan.engine_argv import rollout_offload
 from miles.reward.model import RewardModel
 from miles.rollout.fleet import EngineFleet, engine_deadline_s, local_device, trainer_group, weight_sync_kind
 from miles.spec.tables import Spec
@@ -35,6 +36,8 @@ class Driver:
     dataset: Any
     engines: EngineFleet
     reward: Any
+    eval_data: dict[str, Any]
+    """``[eval] eval_prompt_data``'s datasets by name (empty without evaluation)."""
 
 
 @dataclass
@@ -86,7 +89,7 @@ def build(spec: Spec, task: TaskContext) -> Components:
         num_rollout=num_rollout,
         model_dir=model_dir,
         offload_train=colocated_gpu if spec.perf.offload_train is None else spec.perf.offload_train,
-        offload_rollout=colocated_gpu if spec.perf.offload_rollout is None else spec.perf.offload_rollout,
+        offload_rollout=rollout_offload(spec, gpu=task.device == "cuda"),
         sync_peer=sync_peer,
     )
 
@@ -97,6 +100,7 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver,
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
     dataset = PromptDataset.from_spec(spec.rollout, tokenizer)
+    eval_data = PromptDataset.eval_from_spec(spec.eval, spec.rollout, tokenizer)
     reward = RewardModel.from_spec(spec.rollout, base_dir=Path(spec.source).parent if spec.source else None)
     num_rollout = spec.run.num_rollout
     if num_rollout is None:
@@ -109,4 +113,4 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver,
             )
     announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id, deadline_s=engine_deadline_s())
     engines = EngineFleet(spec, task, announced)
-    return Driver(dataset=dataset, engines=engines, reward=reward), num_rollout
+    return Driver(dataset=dataset, engines=engines, reward=reward, eval_data=eval_data), num_rollout
