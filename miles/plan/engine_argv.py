@@ -82,6 +82,14 @@ def passthrough_args(server_args: Mapping[str, Any], flags: Mapping[str, dict[st
     return argv
 
 
+def train_offload(spec: Spec, gpu: bool) -> bool:
+    """Whether the actor leaves the GPU while the engines generate (``[perf] offload_train``; unset: on when
+    colocated on GPUs)."""
+    if spec.perf.offload_train is not None:
+        return spec.perf.offload_train
+    return spec.cluster.mode == "colocate" and gpu
+
+
 def rollout_offload(spec: Spec, gpu: bool) -> bool:
     """Whether the engines release their memory while the actor trains (``[perf] offload_rollout``; unset: on when
     colocated on GPUs). The loop's release calls and SGLang's ``--enable-memory-saver`` both follow this."""

@@ -117,9 +117,17 @@ def save(
         final = parts.store.commit(partial, next_rollout)
         log.info("saved %s in %.2fs", final, time.perf_counter() - t0)
     dist.barrier()
-    if spec.ckpt.save_hf:
-        export_hf(parts, Path(spec.ckpt.save_hf.replace("{rollout_id}", str(next_rollout))))
+    hf_dir = hf_export_dir(spec, next_rollout)
+    if hf_dir is not None:
+        export_hf(parts, hf_dir)
     state.saved_at = next_rollout
+
+
+def hf_export_dir(spec: Spec, next_rollout: int) -> Path | None:
+    """Where ``[ckpt] save_hf`` exports HF weights with the checkpoint before ``next_rollout`` (None: no export)."""
+    if not spec.ckpt.save_hf:
+        return None
+    return Path(spec.ckpt.save_hf.replace("{rollout_id}", str(next_rollout)))
 
 
 def save_due(spec: Spec, rollout_id: int) -> bool:

@@ -21,8 +21,16 @@ DYNAMIC_SAMPLING: dict[tuple[str, str], str] = {
 }
 """Over-sampling and dynamic filtering of groups (Miles' DAPO-style dynamic sampling)."""
 
+WANDB: dict[tuple[str, str], str] = {
+    ("run", "use_wandb"): "metrics go to metrics.jsonl, TensorBoard (<run_dir>/tb) and plot.png; remove it",
+    ("run", "wandb_project"): "remove it (W&B logging is not built)",
+    ("run", "wandb_group"): "remove it (W&B logging is not built)",
+}
+"""Weights & Biases logging."""
+
 NOT_YET: dict[str, dict[tuple[str, str], str]] = {
     "dynamic sampling": DYNAMIC_SAMPLING,
+    "W&B logging": WANDB,
 }
 """Capability -> its keys -> what a run does without the key, and what to do instead."""
 

@@ -15,7 +15,8 @@ message)`` and its message says what to change. The rules, in order:
 * ``[eval]``: ``eval_interval`` and ``eval_prompt_data`` go together; eval data files are .jsonl/.parquet;
   ``eval_top_k`` is -1 or >= 1.
 * ``[train]``: ``use_dynamic_batch_size`` needs ``max_tokens_per_gpu``.
-* ``[grpo]``: ``kl_loss_coef`` > 0 needs ``use_kl_loss``.
+* ``[grpo]``: ``kl_loss_coef`` > 0 needs ``use_kl_loss``; ``kl_coef`` needs a REINFORCE++ estimator and
+  ``gamma`` ``reinforce_plus_plus`` (the estimators that read them).
 * ``[optimizer]``: ``min_lr`` <= ``lr``.
 * ``[perf]``: FSDP is data parallel only (tp = pp = cp = ep = 1, no etp); ``sequence_parallel`` needs tp > 1;
   ``recompute_method`` / ``recompute_num_layers`` need ``recompute_granularity = "full"``;
@@ -208,6 +209,22 @@ def _train_and_algo(spec: Spec, report: Report) -> None:
             "kl_loss_coef",
             f"kl_loss_coef = {g.kl_loss_coef} has no effect without use_kl_loss = true: set use_kl_loss = true, or "
             "remove kl_loss_coef",
+        )
+    reinforce = g.advantage_estimator in ("reinforce_plus_plus", "reinforce_plus_plus_baseline")
+    if g.kl_coef > 0 and not reinforce:
+        report(
+            "grpo",
+            "kl_coef",
+            f"kl_coef folds a KL penalty into the per-token rewards of the REINFORCE++ estimators; "
+            f'advantage_estimator = "{g.advantage_estimator}" never reads it: use use_kl_loss = true with '
+            'kl_loss_coef, or advantage_estimator = "reinforce_plus_plus"',
+        )
+    if g.gamma != 1.0 and g.advantage_estimator != "reinforce_plus_plus":
+        report(
+            "grpo",
+            "gamma",
+            f'gamma discounts the returns of advantage_estimator = "reinforce_plus_plus" only; '
+            f'"{g.advantage_estimator}" never reads it: remove gamma, or change the estimator',
         )
     o = spec.optimizer
     if o.min_lr > o.lr:

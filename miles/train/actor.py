@@ -194,3 +194,9 @@ def reference_dir(ckpt: CkptConfig, model_dir: str) -> str:
     if why:
         raise UserError(f"[ckpt] ref_load: {why}")
     return ckpt.ref_load
+
+
+def ref_update_due(grpo: GrpoConfig, rollout_id: int) -> bool:
+    """Whether ``[grpo] ref_update_interval`` copies the actor into the reference after ``rollout_id``."""
+    interval = grpo.ref_update_interval
+    return interval is not None and (rollout_id + 1) % interval == 0
