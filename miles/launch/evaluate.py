@@ -66,6 +66,8 @@ def model_dir_for(spec: Spec, model: str | None) -> Path:
 
 def run(spec: Spec, model: str | None, out: str | None, stream: IO[str] | None = None) -> int:
     """Evaluate, print the table, write the JSON; returns the exit code."""
+    if not spec.eval.eval_prompt_data:
+        raise UserError('miles eval needs [eval] eval_prompt_data = { name = "/path/to/eval.jsonl" } in the spec')
     from transformers import AutoTokenizer
 
     from miles.data.dataset import PromptDataset
@@ -74,8 +76,6 @@ def run(spec: Spec, model: str | None, out: str | None, stream: IO[str] | None =
     from miles.sglang.launcher import EngineProcess, engine_launch
 
     stream = stream or sys.stdout
-    if not spec.eval.eval_prompt_data:
-        raise UserError('miles eval needs [eval] eval_prompt_data = { name = "/path/to/eval.jsonl" } in the spec')
     model_dir = model_dir_for(spec, model)
     out_path = Path(out) if out else Path(run_dir_of(spec)) / "eval" / f"{model_dir.resolve().name}.json"
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=spec.model.trust_remote_code)
