@@ -97,7 +97,11 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, o
 
 
 def test_evaluation_leaves_training_bit_identical(baseline: tuple[str, dict[str, object]], tmp_path: Path) -> None:
-    """The same run without [eval]: the same training metrics, line for line, and the same final weights."""
+    """The same run without [eval]: the same training metrics, line for line, and the same final weights.
+
+    Then ``miles eval`` of that run's initial model (one engine, the seeds of the loop's evaluation before
+    training) repeats the evaluated run's step-0 figures exactly, and writes them as JSON.
+    """
     run_dir = tmp_path / "run"
     proc = _miles_run(run_dir, config="quickstart.toml")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -108,6 +112,16 @@ def test_evaluation_leaves_training_bit_identical(baseline: tuple[str, dict[str,
     assert weights.keys() == base_weights.keys()
     for name, tensor in weights.items():
         assert bool((tensor == base_weights[name]).all()), name  # type: ignore[operator]
+
+    out = tmp_path / "initial.json"
+    cmd = [sys.executable, "-m", "miles.cli", "eval", str(ROOT / "configs" / "quickstart-eval.toml")]
+    cmd += ["--model", str(run_dir / "model"), "--out", str(out), "--set", "eval.n_samples_per_eval_prompt=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "majority" in proc.stdout and "pass@2" in proc.stdout
+    step0 = next(json.loads(line) for line in base_metrics.splitlines() if '"eval_step": 0' in line)
+    assert json.loads(out.read_text())["metrics"] == {k: v for k, v in step0.items() if k != "eval_step"}
 
 
 LIVES = {
