@@ -7,6 +7,7 @@
         for step in range(num_steps_per_rollout):                      # 3. optimize
             ...
         sync_weights(actor -> engines)                                 # 4. sync
+        if eval due: evaluate(engines, eval datasets)                  # 5. evaluate (never feeds training)
 
 Every trainer rank runs this function; the driver (trainer rank 0) is the one
 that talks to the engines, scores and writes metrics, and the others receive
@@ -29,7 +30,7 @@ import torch.distributed as dist
 
 from miles import fault
 from miles.job.environment import TaskContext
-from miles.session import checkpoint, components, control, phases
+from miles.session import checkpoint, components, control, evaluation, phases
 from miles.session.checkpoint import RunState
 from miles.session.components import Components
 from miles.session.metrics import MetricsLog, console_line, rollout_metrics
@@ -45,7 +46,12 @@ def run_trainer(spec: Spec, task: TaskContext) -> int:
     state = checkpoint.resume(parts, spec)  # the newest complete checkpoint, or a fresh start
     if state.saved_at is not None:  # the engines still hold the model they started with: give them the actor's
         phases.sync_weights(parts, spec, state.weight_version, resume_memory=False)
-    metrics = MetricsLog(run_dir, state.next_rollout, spec.run.use_tensorboard, spec.run.plot) if rank == 0 else None
+    metrics = (
+        MetricsLog(run_dir, state.next_rollout, spec.run.use_tensorboard, spec.run.plot, state.evaluated)
+        if rank == 0
+        else None
+    )
+    _evaluate(parts, spec, state, metrics, step=state.next_rollout)  # the initial model (or one a resume owes)
 
     for rollout_id in range(state.next_rollout, parts.num_rollout):
         start = checkpoint.capture(parts)  # what a save must restore if the run stops before this rollout trains
@@ -82,6 +88,9 @@ def run_trainer(spec: Spec, task: TaskContext) -> int:
                 timer,
                 engine_seconds,
             )
+        # 5. evaluate: the engines answer the eval datasets with these weights when due (training never sees it)
+        _evaluate(parts, spec, state, metrics, step=rollout_id + 1)
+
         if control.stop_requested(run_dir, task.device):
             return _stop(parts, spec, state, run_dir, metrics, next_rollout=rollout_id + 1)
         if checkpoint.save_due(spec, rollout_id):
@@ -109,6 +118,17 @@ def _log(
     perf["rollout/tokens_per_s"] = tokens / engine_seconds if engine_seconds > 0 else 0.0
     metrics.log(rollout_id, values, perf)
     print(console_line(rollout_id, num_rollout, values, perf), flush=True)
+
+
+def _evaluate(parts: Components, spec: Spec, state: RunState, metrics: MetricsLog | None, step: int) -> None:
+    """Evaluate the weights after ``step`` rollouts when due and not done yet; the run state records it."""
+    values = evaluation.run_if_due(parts, spec, step, state.evaluated)
+    if values is None:
+        return
+    state.evaluated = step
+    if metrics is not None:
+        metrics.log_eval(step, values)
+        print(f"miles: evaluation after {step} rollouts\n{evaluation.table(values)}", flush=True)
 
 
 def _stop(

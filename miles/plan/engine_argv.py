@@ -5,7 +5,7 @@ pass-through flags spelled the way SGLang wants them?) is the line that starts
 on the node. For SGLang::
 
     python -m sglang.launch_server --model-path M --host H --port P --tp-size T --dtype D --random-seed S
-        [--mem-fraction-static F] [--nccl-port N] [--trust-remote-code]
+        [--mem-fraction-static F] [--nccl-port N] [--trust-remote-code] [--enable-memory-saver]
         [every other [sglang] key as --key-with-dashes value]
 
 and for the embedded engine ``python -m miles.engine.server`` with the same
@@ -103,6 +103,36 @@ def passthrough_args(server_args: Mapping[str, Any], flags: Mapping[str, dict[st
     return argv
 
 
+def train_offload(spec: Spec, gpu: bool) -> bool:
+    """Whether the actor leaves the GPU while the engines generate (``[perf] offload_train``; unset: on when
+    colocated on GPUs)."""
+    if spec.perf.offload_train is not None:
+        return spec.perf.offload_train
+    return spec.cluster.mode == "colocate" and gpu
+
+
+def rollout_offload(spec: Spec, gpu: bool) -> bool:
+    """Whether the engines release their memory while the actor trains (``[perf] offload_rollout``; unset: on when
+    colocated on GPUs). The loop's release calls and SGLang's ``--enable-memory-saver`` both follow this."""
+    if spec.perf.offload_rollout is not None:
+        return spec.perf.offload_rollout
+    return spec.cluster.mode == "colocate" and gpu
+
+
+def _memory_saver(spec: Spec, gpu: bool) -> list[str]:
+    """SGLang frees memory on ``/release_memory_occupation`` only when started with ``--enable-memory-saver``."""
+    if not rollout_offload(spec, gpu):
+        return []
+    asked = spec.sglang.server_args.get("enable_memory_saver")
+    if asked is False:
+        raise UserError(
+            "[sglang] enable_memory_saver = false, but [perf] offload_rollout has the engines release their memory "
+            "while the actor trains, which SGLang does only with the memory saver: remove enable_memory_saver, or "
+            "set [perf] offload_rollout = false"
+        )
+    return [] if asked else ["--enable-memory-saver"]
+
+
 def sglang_argv(
     spec: Spec,
     *,
@@ -114,8 +144,10 @@ def sglang_argv(
     seed: int | None = None,
     nccl_port: int | None = None,
     python: str | None = None,
+    gpu: bool = False,
 ) -> list[str]:
-    """The ``sglang.launch_server`` command line of one engine; ``keyed``: it requires the key in ``KEY_ENV``."""
+    """The ``sglang.launch_server`` command line of one engine; ``keyed``: it requires the key in ``KEY_ENV``;
+    ``gpu``: it runs on GPUs."""
     sg = spec.sglang
     argv = [
         *keyed_module(python or spec.slurm.python, "sglang.launch_server", keyed),
@@ -138,7 +170,7 @@ def sglang_argv(
         argv += ["--nccl-port", str(nccl_port)]
     if spec.model.trust_remote_code:
         argv.append("--trust-remote-code")
-    return argv + passthrough_args(sg.server_args)
+    return argv + _memory_saver(spec, gpu) + passthrough_args(sg.server_args)
 
 
 def embedded_argv(
@@ -201,6 +233,7 @@ def plan_argvs(spec: Spec, plan: Plan, only: Sequence[int] | None = None) -> lis
                     tp_size=e.tp,
                     seed=seed,
                     nccl_port=nccl,
+                    gpu=plan.device == "gpu",
                 )
             )
         else:

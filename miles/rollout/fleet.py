@@ -199,8 +199,9 @@ class EngineFleet:
 
     # ------------------------------------------------------------------ the loop's calls
 
-    def generate(self, samples: list[Sample], rollout_id: int, weight_version: int) -> None:
-        """Fill every sample's response fields; each sample's seed is a pure function of its position."""
+    def generate(self, samples: list[Sample], rollout_id: int, weight_version: int, **overrides: Any) -> None:
+        """Fill every sample's response fields; each sample's seed is a pure function of ``rollout_id`` and its
+        position. ``overrides`` replace sampling params (evaluation's temperature, top-p, top-k, length)."""
 
         changed = set(self.restarted())
         urls = [a.url for a in self.members if a.index not in changed]
@@ -210,15 +211,17 @@ class EngineFleet:
                 "none holds the actor's weights"
             )
         if self.router is not None:  # it routes to these engines only; one announced again leaves it at once
-            self._generate_routed(samples, rollout_id, urls)
+            self._generate_routed(samples, rollout_id, urls, overrides)
             return
         client = BlockingRolloutClient(urls, api_key=self.api_key, dead_cooldown_s=_NEVER_S)
         try:
-            client.generate(samples, self.spec.rollout, rollout_id)
+            client.generate(samples, self.spec.rollout, rollout_id, **overrides)
         finally:
             client.close()
 
-    def _generate_routed(self, samples: list[Sample], rollout_id: int, urls: list[str]) -> None:
+    def _generate_routed(
+        self, samples: list[Sample], rollout_id: int, urls: list[str], overrides: dict[str, Any]
+    ) -> None:
         """One rollout through sglang-router to the engines of ``urls``: one request per sample, the router's
         worker list watched while it runs (:meth:`miles.sglang.router.SglangRouter.guard`)."""
 
@@ -235,7 +238,7 @@ class EngineFleet:
         stale = lambda: [self.known[i].url for i in self.restarted() if i in self.known]  # noqa: E731
         try:
             with router.guard(routed, stale):
-                client.generate(samples, self.spec.rollout, rollout_id)
+                client.generate(samples, self.spec.rollout, rollout_id, **overrides)
         finally:
             client.close()
 

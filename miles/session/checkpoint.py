@@ -38,6 +38,8 @@ class RunState:
     weight_version: int = 0
     saved_at: int | None = None
     """The rollout before which the newest checkpoint of this process was taken (or resumed from)."""
+    evaluated: int | None = None
+    """The step (rollouts trained) of the last evaluation that ran (:mod:`miles.session.evaluation`)."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,12 @@ def resume(parts: Components, spec: Spec) -> RunState:
     if parts.driver is not None:
         parts.driver.dataset.load_state_dict(driver_state["dataset"])
         print(f"miles: resumed from {path} at rollout {rollout_id}", flush=True)
-    return RunState(next_rollout=rollout_id, weight_version=driver_state["weight_version"], saved_at=rollout_id)
+    return RunState(
+        next_rollout=rollout_id,
+        weight_version=driver_state["weight_version"],
+        saved_at=rollout_id,
+        evaluated=driver_state.get("evaluated"),
+    )
 
 
 def save(
@@ -101,6 +108,7 @@ def save(
                 "rollout_id": next_rollout,
                 "weight_version": state.weight_version,
                 "actor_step": parts.actor.step,
+                "evaluated": state.evaluated,
                 "dataset": dataset_state,
                 "spec": binding_fields(spec),
                 "rollout_seed": spec.rollout.rollout_seed,
@@ -109,9 +117,17 @@ def save(
         final = parts.store.commit(partial, next_rollout)
         log.info("saved %s in %.2fs", final, time.perf_counter() - t0)
     dist.barrier()
-    if spec.ckpt.save_hf:
-        export_hf(parts, Path(spec.ckpt.save_hf.replace("{rollout_id}", str(next_rollout))))
+    hf_dir = hf_export_dir(spec, next_rollout)
+    if hf_dir is not None:
+        export_hf(parts, hf_dir)
     state.saved_at = next_rollout
+
+
+def hf_export_dir(spec: Spec, next_rollout: int) -> Path | None:
+    """Where ``[ckpt] save_hf`` exports HF weights with the checkpoint before ``next_rollout`` (None: no export)."""
+    if not spec.ckpt.save_hf:
+        return None
+    return Path(spec.ckpt.save_hf.replace("{rollout_id}", str(next_rollout)))
 
 
 def save_due(spec: Spec, rollout_id: int) -> bool:

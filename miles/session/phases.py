@@ -19,7 +19,7 @@ from miles.session.components import Components, broadcast
 from miles.session.timing import PhaseTimer
 from miles.sglang import protocol as proto
 from miles.spec.tables import Spec
-from miles.train.actor import StepMetrics, prepare_batch
+from miles.train.actor import StepMetrics, prepare_batch, ref_update_due
 from miles.train.batch import RolloutBatch
 from miles.transfer.checksum import tensor_checksum
 
@@ -73,8 +73,7 @@ def train(
     """``num_steps_per_rollout`` optimizer steps of the actor over this rollout, then the reference's refresh."""
     fault.point("train", rollout_id, run_dir, rank)
     metrics = parts.actor.train(batch, rollout_id)
-    interval = spec.grpo.ref_update_interval
-    if interval is not None and (rollout_id + 1) % interval == 0:
+    if ref_update_due(spec.grpo, rollout_id):
         parts.actor.update_ref()
     return metrics
 

@@ -123,6 +123,7 @@ def engine_launch(
             seed=seed,
             nccl_port=nccl_port,
             python=python,
+            gpu=device == "cuda",
         )
     else:
         argv = embedded_argv(spec, model_path=model_path, host=host, port=port, seed=seed, device=device, python=python)

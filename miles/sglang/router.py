@@ -357,20 +357,25 @@ class SglangRouter:
             self.process.stop(timeout_s=10)
 
 
+def driver_router_launch(spec: Spec, port: int, api_key: str | None, run_dir: Path, python: str) -> EngineLaunch:
+    """The driver's router process: every interface at ``port``, ``[sglang] router_policy``, no workers yet."""
+    return router_launch(
+        host="0.0.0.0",
+        port=port,
+        api_key=api_key,
+        log_dir=run_dir / rundir.LOGS,
+        policy=spec.sglang.router_policy,
+        python=python,
+    )
+
+
 def start_driver_router(spec: Spec, task: TaskContext, api_key: str | None) -> SglangRouter:
     """The driver's router: on its node at the plan's router port (a free one if that is taken), no workers yet,
     logging to ``<run_dir>/logs/router.log``. :class:`UserError` when sglang-router is not installed."""
 
     python = router_python()
     require_router(python, spec.source)
-    launch = router_launch(
-        host="0.0.0.0",
-        port=free_port(router_port(task)),
-        api_key=api_key,
-        log_dir=Path(task.run_dir) / rundir.LOGS,
-        policy=spec.sglang.router_policy,
-        python=python,
-    )
+    launch = driver_router_launch(spec, free_port(router_port(task)), api_key, Path(task.run_dir), python)
     router = SglangRouter.start(launch)
     print(f"miles: sglang-router {spec.sglang.router_policy} at {router.url} (log {launch.log_path})", flush=True)
     return router

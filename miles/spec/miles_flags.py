@@ -105,6 +105,12 @@ DISPOSITIONS: dict[str, Disposition] = {
         "miles keeps fp32 master weights and fp32 Adam moments (Megatron's behaviour without the "
         "flag); remove it: only memory differs",
     ),
+    "optimizer_cpu_offload": Disposition(
+        "unsupported",
+        "optimizer state stays beside the weights it updates (Megatron's hybrid CPU optimizer is not wired into "
+        "miles' checkpoints); colocated runs move weights, gradients and optimizer state to the host while the "
+        "engines generate ([perf] offload_train): remove it, only memory differs",
+    ),
     "overlap_cpu_optimizer_d2h_h2d": Disposition(
         "unsupported", "there is no overlapped CPU optimizer; remove it: it only changes speed"
     ),

@@ -246,22 +246,30 @@ class EvalConfig:
     """[eval]: evaluation datasets and their sampling."""
 
     eval_prompt_data: dict[str, str] = field(default_factory=dict)
-    """Evaluation datasets, name to path (Miles ``--eval-prompt-data NAME PATH ...``)."""
+    """Evaluation datasets, name to path (Miles ``--eval-prompt-data NAME PATH ...``): each is answered by the engines
+    with the current weights and scored by the run's reward; metrics per dataset go to ``metrics.jsonl``, TensorBoard
+    and ``plot.png`` as ``eval/<name>/...``. Evaluation never feeds training nor moves its data order or seeds.
+    """
 
     eval_interval: int | None = field(default=None, metadata={"gt": 0})
-    """Evaluate every N rollouts (Miles ``--eval-interval``). Unset disables evaluation."""
+    """Evaluate after every N rollouts and after the last (Miles ``--eval-interval``), and before the first unless
+    ``skip_eval_before_train``. Unset disables evaluation.
+    """
 
     n_samples_per_eval_prompt: int = field(default=1, metadata={"gt": 0})
-    """Responses per evaluation prompt (Miles ``--n-samples-per-eval-prompt``)."""
+    """Responses per evaluation prompt (Miles ``--n-samples-per-eval-prompt``): the k of pass@k and avg@k."""
 
     eval_max_response_len: int | None = field(default=None, metadata={"gt": 0})
-    """Maximum new tokens during evaluation; unset means the rollout's value."""
+    """Maximum new tokens during evaluation (Miles ``--eval-max-response-len``); unset means the rollout's value."""
 
     eval_temperature: float | None = field(default=None, metadata={"ge": 0.0})
-    """Temperature during evaluation; unset means the rollout's value."""
+    """Temperature during evaluation (Miles ``--eval-temperature``); unset means the rollout's value."""
 
     eval_top_p: float | None = field(default=None, metadata={"gt": 0.0, "le": 1.0})
-    """Top-p during evaluation; unset means the rollout's value."""
+    """Top-p during evaluation (Miles ``--eval-top-p``); unset means the rollout's value."""
+
+    eval_top_k: int | None = field(default=None, metadata={"ge": -1})
+    """Top-k during evaluation, -1 disables it (Miles ``--eval-top-k``); unset means the rollout's value."""
 
     eval_input_key: str | None = None
     """Prompt key of the evaluation data; unset means ``rollout.input_key``."""
@@ -395,6 +403,3 @@ class OptimizerConfig:
 
     clip_grad: float = field(default=1.0, metadata={"ge": 0.0})
     """Global gradient-norm clip; 0 disables it (Miles ``--clip-grad``)."""
-
-    optimizer_cpu_offload: bool = False
-    """Keep optimizer state on the CPU (Miles ``--optimizer-cpu-offload``)."""

@@ -12,9 +12,11 @@ message)`` and its message says what to change. The rules, in order:
   (``rm_type`` / ``custom_rm_path`` / ``rm_url``); custom code as ``module:function``;
   ``rm_url`` is http(s); ``group_rm`` needs ``custom_rm_path``; ``rollout_top_k`` is -1 or >= 1;
   ``over_sampling_batch_size`` >= ``rollout_batch_size``.
-* ``[eval]``: ``eval_interval`` and ``eval_prompt_data`` go together; eval data files are .jsonl/.parquet.
+* ``[eval]``: ``eval_interval`` and ``eval_prompt_data`` go together; eval data files are .jsonl/.parquet;
+  ``eval_top_k`` is -1 or >= 1.
 * ``[train]``: ``use_dynamic_batch_size`` needs ``max_tokens_per_gpu``.
-* ``[grpo]``: ``kl_loss_coef`` > 0 needs ``use_kl_loss``.
+* ``[grpo]``: ``kl_loss_coef`` > 0 needs ``use_kl_loss``; ``kl_coef`` needs a REINFORCE++ estimator and
+  ``gamma`` ``reinforce_plus_plus`` (the estimators that read them).
 * ``[optimizer]``: ``min_lr`` <= ``lr``.
 * ``[perf]``: FSDP is data parallel only (tp = pp = cp = ep = 1, no etp); ``sequence_parallel`` needs tp > 1;
   ``recompute_method`` / ``recompute_num_layers`` need ``recompute_granularity = "full"``;
@@ -23,6 +25,7 @@ message)`` and its message says what to change. The rules, in order:
 * ``[cluster]``: ``mem_per_node`` in Slurm's syntax.
 * ``[slurm]``: ``time`` in Slurm's syntax and longer than ``signal_lead_time``; a container runtime and
   an image go together; ``container_mounts`` are ``src:dst``; ``env`` names are shell variable names.
+* keys of capabilities miles has not built yet are refused when set (:mod:`miles.spec.not_yet`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import re
 from collections.abc import Callable
 
 from miles.model.builtin import names
+from miles.spec import not_yet
 from miles.spec.tables import Spec
 
 Report = Callable[[str, str, str], None]
@@ -78,6 +82,7 @@ def check(spec: Spec, report: Report) -> None:
     _train_and_algo(spec, report)
     _perf(spec, report)
     _cluster_and_slurm(spec, report)
+    not_yet.check(spec, report)
 
 
 def _run_and_model(spec: Spec, report: Report) -> None:
@@ -182,6 +187,8 @@ def _eval(spec: Spec, report: Report) -> None:
             "eval_prompt_data",
             "no evaluation would run: set eval_interval (rollouts between evaluations), or remove eval_prompt_data",
         )
+    if ev.eval_top_k == 0:
+        report("eval", "eval_top_k", "0 keeps no token: use -1 to disable top-k, or a value >= 1")
     for name, path in ev.eval_prompt_data.items():
         if not path.endswith(_DATA_SUFFIXES):
             report("eval", "eval_prompt_data", f"dataset {name!r}: {path!r} must be a .jsonl or .parquet file")
@@ -202,6 +209,22 @@ def _train_and_algo(spec: Spec, report: Report) -> None:
             "kl_loss_coef",
             f"kl_loss_coef = {g.kl_loss_coef} has no effect without use_kl_loss = true: set use_kl_loss = true, or "
             "remove kl_loss_coef",
+        )
+    reinforce = g.advantage_estimator in ("reinforce_plus_plus", "reinforce_plus_plus_baseline")
+    if g.kl_coef > 0 and not reinforce:
+        report(
+            "grpo",
+            "kl_coef",
+            f"kl_coef folds a KL penalty into the per-token rewards of the REINFORCE++ estimators; "
+            f'advantage_estimator = "{g.advantage_estimator}" never reads it: use use_kl_loss = true with '
+            'kl_loss_coef, or advantage_estimator = "reinforce_plus_plus"',
+        )
+    if g.gamma != 1.0 and g.advantage_estimator != "reinforce_plus_plus":
+        report(
+            "grpo",
+            "gamma",
+            f'gamma discounts the returns of advantage_estimator = "reinforce_plus_plus" only; '
+            f'"{g.advantage_estimator}" never reads it: remove gamma, or change the estimator',
         )
     o = spec.optimizer
     if o.min_lr > o.lr:

@@ -8,10 +8,17 @@ a preemption flag between phases, SIGTERM landing mid-rollout and mid-optimizer
 step, and SIGKILL in the middle of writing a checkpoint. Each interrupted life is
 restarted on the same run directory until the run completes. ``metrics.jsonl``
 and the exported final weights must be identical, bit for bit.
+
+The runs evaluate a held-back dataset (``configs/quickstart-eval.toml``) before
+training and every two rollouts, so the identical ``metrics.jsonl`` also says a
+resumed run neither skips nor repeats an evaluation; and the same run without
+evaluation trains bit-identically (evaluation never moves training's data order,
+seeds or weights).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,7 +33,13 @@ ROLLOUTS = 6
 pytestmark = pytest.mark.slow
 
 
-def _miles_run(run_dir: Path, fault: str = "", timeout: float = 300) -> subprocess.CompletedProcess[str]:
+EVALS = [0, 2, 4, 6]
+"""The steps evaluated: before training, every ``eval_interval = 2`` rollouts, and the last."""
+
+
+def _miles_run(
+    run_dir: Path, fault: str = "", timeout: float = 300, config: str = "quickstart-eval.toml"
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MILES_GRACE_S": "60"}
     env.pop("MILES_FAULT", None)
     if fault:
@@ -36,7 +49,7 @@ def _miles_run(run_dir: Path, fault: str = "", timeout: float = 300) -> subproce
         "-m",
         "miles.cli",
         "run",
-        str(ROOT / "configs" / "quickstart.toml"),
+        str(ROOT / "configs" / config),
         "--set",
         f"run.run_dir={str(run_dir)!r}".replace("'", '"'),
         "--set",
@@ -58,6 +71,8 @@ def _miles_run(run_dir: Path, fault: str = "", timeout: float = 300) -> subproce
         "--set",
         "ckpt.keep_last=3",
     ]
+    if config == "quickstart-eval.toml":
+        cmd += ["--set", "eval.eval_interval=2", "--set", "eval.n_samples_per_eval_prompt=2"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -74,8 +89,39 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, o
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (run_dir / "control" / "done").exists()
     metrics, weights = _final(run_dir)
-    assert len(metrics.splitlines()) == ROLLOUTS
+    rows = [json.loads(line) for line in metrics.splitlines()]
+    assert [r["rollout_id"] for r in rows if "rollout_id" in r] == list(range(ROLLOUTS))
+    assert [r["eval_step"] for r in rows if "eval_step" in r] == EVALS
+    assert all(r["eval/majority/prompts"] == 256 for r in rows if "eval_step" in r)
     return metrics, weights
+
+
+def test_evaluation_leaves_training_bit_identical(baseline: tuple[str, dict[str, object]], tmp_path: Path) -> None:
+    """The same run without [eval]: the same training metrics, line for line, and the same final weights.
+
+    Then ``miles eval`` of that run's initial model (one engine, the seeds of the loop's evaluation before
+    training) repeats the evaluated run's step-0 figures exactly, and writes them as JSON.
+    """
+    run_dir = tmp_path / "run"
+    proc = _miles_run(run_dir, config="quickstart.toml")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    metrics, weights = _final(run_dir)
+    base_metrics, base_weights = baseline
+    trained = [line for line in base_metrics.splitlines() if '"eval_step"' not in line]
+    assert metrics.splitlines() == trained
+    assert weights.keys() == base_weights.keys()
+    for name, tensor in weights.items():
+        assert bool((tensor == base_weights[name]).all()), name  # type: ignore[operator]
+
+    out = tmp_path / "initial.json"
+    cmd = [sys.executable, "-m", "miles.cli", "eval", str(ROOT / "configs" / "quickstart-eval.toml")]
+    cmd += ["--model", str(run_dir / "model"), "--out", str(out), "--set", "eval.n_samples_per_eval_prompt=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "majority" in proc.stdout and "pass@2" in proc.stdout
+    step0 = next(json.loads(line) for line in base_metrics.splitlines() if '"eval_step": 0' in line)
+    assert json.loads(out.read_text())["metrics"] == {k: v for k, v in step0.items() if k != "eval_step"}
 
 
 LIVES = {

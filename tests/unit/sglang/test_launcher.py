@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from miles.errors import UserError
 from miles.plan.engine_argv import KEY_FROM_ENV
 from miles.sglang import launcher as sl
 from miles.sglang.flags import alias_map, load_flags
-from miles.spec.tables import ModelConfig, RolloutConfig, SglangConfig, Spec
+from miles.spec.tables import ModelConfig, PerfConfig, RolloutConfig, SglangConfig, Spec
 
 
 def _spec(**server_args: object) -> Spec:
@@ -79,6 +80,29 @@ def test_sglang_command_uses_only_flags_of_the_pinned_release_with_their_types()
     assert args["no_dllm_fdfo"] == []
     assert args["cuda_graph_bs_decode"] == ["1", "2", "4"]
     assert args["radix_eviction_policy_config"] == ['{"protected_threshold": 4}']
+
+
+def test_offload_rollout_starts_sglang_with_the_memory_saver_of_the_pinned_release() -> None:
+    """Releasing memory frees it only in an SGLang started with the memory saver: colocated on GPUs (offload_rollout
+    unset) or with offload_rollout = true, the command carries the pinned release's own switch; not otherwise."""
+    assert load_flags()["enable_memory_saver"]["type"] == "bool"
+    base = _spec()
+
+    def argv(gpu: bool, offload: bool | None, **server_args: object) -> list[str]:
+        spec = dataclasses.replace(
+            base,
+            perf=PerfConfig(offload_rollout=offload),
+            sglang=dataclasses.replace(base.sglang, server_args=dict(server_args)),
+        )
+        return sl.sglang_argv(spec, model_path="/m", host="h", port=1, api_key="k", gpu=gpu)
+
+    assert argv(gpu=True, offload=None).count("--enable-memory-saver") == 1
+    assert argv(gpu=False, offload=True).count("--enable-memory-saver") == 1
+    assert argv(gpu=True, offload=True, enable_memory_saver=True).count("--enable-memory-saver") == 1
+    assert "--enable-memory-saver" not in argv(gpu=False, offload=None)
+    assert "--enable-memory-saver" not in argv(gpu=True, offload=False)
+    with pytest.raises(UserError, match="enable_memory_saver = false.*offload_rollout"):
+        argv(gpu=True, offload=None, enable_memory_saver=False)
 
 
 def test_unknown_flag_names_the_closest_one() -> None:

@@ -48,11 +48,11 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str, str | None, str]] = [
         'write "pkg.mod:score"',
     ),
     (
-        "filter-path",
-        {"rollout": {"dynamic_sampling_filter_path": "not a path"}},
+        "filter-not-yet",
+        {"rollout": {"dynamic_sampling_filter_path": "m:f"}},
         "rollout",
         "dynamic_sampling_filter_path",
-        '"module:function"',
+        "miles does not support dynamic sampling yet",
     ),
     (
         "rm-url-scheme",
@@ -64,11 +64,11 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str, str | None, str]] = [
     ("group-rm", {"rollout": {"group_rm": True}}, "rollout", "group_rm", "set custom_rm_path, or remove group_rm"),
     ("top-k-zero", {"rollout": {"rollout_top_k": 0}}, "rollout", "rollout_top_k", "use -1 to disable top-k"),
     (
-        "over-sampling",
-        {"rollout": {"over_sampling_batch_size": 2}},
+        "over-sampling-not-yet",
+        {"rollout": {"over_sampling_batch_size": 8}},
         "rollout",
         "over_sampling_batch_size",
-        "must be >= rollout_batch_size (4)",
+        "miles does not support dynamic sampling yet",
     ),
     ("eval-interval-alone", {"eval": {"eval_interval": 5}}, "eval", "eval_interval", "set eval_prompt_data"),
     (
