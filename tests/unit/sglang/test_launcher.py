@@ -94,7 +94,7 @@ def test_offload_rollout_starts_sglang_with_the_memory_saver_of_the_pinned_relea
             perf=PerfConfig(offload_rollout=offload),
             sglang=dataclasses.replace(base.sglang, server_args=dict(server_args)),
         )
-        return sl.sglang_argv(spec, model_path="/m", host="h", port=1, api_key="k", gpu=gpu)
+        return sl.sglang_argv(spec, model_path="/m", host="h", port=1, keyed=True, gpu=gpu)
 
     assert argv(gpu=True, offload=None).count("--enable-memory-saver") == 1
     assert argv(gpu=False, offload=True).count("--enable-memory-saver") == 1
