@@ -52,12 +52,12 @@ def run_trainer(spec: Spec, task: TaskContext) -> int:
         timer = PhaseTimer()
 
         # 1. sample: the driver draws prompts and the engines answer them
-        samples, engine_seconds = phases.generate(parts, spec, rollout_id, state.weight_version, timer, run_dir)
+        samples, engine_seconds, scored = phases.generate(parts, spec, rollout_id, state.weight_version, timer, run_dir)
         if control.stop_requested(run_dir, task.device):
             return _stop(parts, spec, state, run_dir, metrics, next_rollout=rollout_id, start=start)
 
         # 2. score: rewards (every rank receives the scored samples), then log-probs and advantages
-        samples, reward_stats = phases.score(parts, samples, timer)
+        samples, reward_stats = phases.score(parts, samples, timer, scored)
         batch = phases.batch(parts, samples, spec, timer)
 
         # 3. optimize: num_steps_per_rollout optimizer steps over the rollout

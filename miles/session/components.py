@@ -20,6 +20,7 @@ from miles.errors import UserError
 from miles.job import rundir
 from miles.job.environment import TaskContext
 from miles.plan import trainer_mesh
+from miles.reward.filters import load_filter
 from miles.reward.model import RewardModel
 from miles.rollout.fleet import EngineFleet, engine_deadline_s, local_device, trainer_group, weight_sync_kind
 from miles.spec.tables import Spec
@@ -35,6 +36,8 @@ class Driver:
     dataset: Any
     engines: EngineFleet
     reward: Any
+    keep: Any = None
+    """The dynamic-sampling filter (``[rollout] dynamic_sampling_filter_path``), or ``None``."""
 
 
 @dataclass
@@ -97,7 +100,10 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver,
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
     dataset = PromptDataset.from_spec(spec.rollout, tokenizer)
-    reward = RewardModel.from_spec(spec.rollout, base_dir=Path(spec.source).parent if spec.source else None)
+    base_dir = Path(spec.source).parent if spec.source else None
+    reward = RewardModel.from_spec(spec.rollout, base_dir=base_dir)
+    path = spec.rollout.dynamic_sampling_filter_path
+    keep = load_filter(path, base_dir) if path else None
     num_rollout = spec.run.num_rollout
     if num_rollout is None:
         assert spec.run.num_epoch is not None and spec.rollout.rollout_batch_size is not None
@@ -109,4 +115,4 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver,
             )
     announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id, deadline_s=engine_deadline_s())
     engines = EngineFleet(spec, task, announced)
-    return Driver(dataset=dataset, engines=engines, reward=reward), num_rollout
+    return Driver(dataset=dataset, engines=engines, reward=reward, keep=keep), num_rollout
