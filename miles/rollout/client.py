@@ -104,6 +104,7 @@ class RolloutClient:
         chunk_size: int = 32,
         dead_cooldown_s: float = 5.0,
         batched: bool = True,
+        abort_urls: Sequence[str] | None = None,
     ) -> None:
         if not urls:
             raise UserError("no engine URLs to send rollouts to")
@@ -115,6 +116,8 @@ class RolloutClient:
         self.chunk_size = max(1, chunk_size)
         self.batched = batched
         """False: one single-prompt request per sample (a router in front), else batched chunks."""
+        self.abort_urls = [u.rstrip("/") for u in abort_urls] if abort_urls else [e.url for e in self.engines]
+        """Where :meth:`abort` goes: the engines themselves, also when ``urls`` is a router in front of them."""
         self.dead_cooldown_s = dead_cooldown_s
         self.max_concurrency = max_concurrency
         self._sem: asyncio.Semaphore | None = None
@@ -251,11 +254,14 @@ class RolloutClient:
 
         An aborted request answers at once with what it generated so far and ``finish_reason`` abort.
         """
-        calls = [
-            self._request(e, "POST", proto.ABORT_REQUEST.path, proto.abort_request_body(rid=rid), self.timeout_s)
-            for e in self.engines
-            for rid in rids
-        ]
+        sem = asyncio.Semaphore(self.max_concurrency)  # not generation's: its slots wait for these very aborts
+
+        async def one(url: str, rid: str) -> None:
+            async with sem:  # thousands of rids over many engines: bounded like generation
+                body = proto.abort_request_body(rid=rid)
+                await self._request(_Engine(url), "POST", proto.ABORT_REQUEST.path, body, self.timeout_s)
+
+        calls = [one(url, rid) for url in self.abort_urls for rid in rids]
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, RolloutError):
                 raise result

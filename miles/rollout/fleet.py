@@ -224,14 +224,27 @@ class EngineFleet:
         """Run ``work`` (a rollout that decides as it goes what to send and abort, :mod:`miles.rollout.oversample`)
         with a client over the engines that hold the actor's weights."""
 
-        if self.router is not None:
-            raise UserError(
-                "miles does not support over-sampling or dynamic sampling through sglang-router yet (aborting "
-                "requests by id needs each engine); set [sglang] use_router = false"
-            )
-        client = BlockingRolloutClient(self._current_urls(), api_key=self.api_key, dead_cooldown_s=_NEVER_S)
+        urls = self._current_urls()
+        if self.router is None:
+            client = BlockingRolloutClient(urls, api_key=self.api_key, dead_cooldown_s=_NEVER_S)
+            try:
+                return client.run(work)
+            finally:
+                client.close()
+        # Through sglang-router (one request per sample, as in _generate_routed); aborts go to each engine.
+        router = self.router
+        routed = router.route_to(urls)
+        client = BlockingRolloutClient(
+            [router.url],
+            api_key=router.api_key,
+            batched=False,
+            max_concurrency=min(MAX_IN_FLIGHT, PER_ENGINE_IN_FLIGHT * len(routed)),
+            abort_urls=routed,
+        )
+        stale = lambda: [self.known[i].url for i in self.restarted() if i in self.known]  # noqa: E731
         try:
-            return client.run(work)
+            with router.guard(routed, stale):
+                return client.run(work)
         finally:
             client.close()
 

@@ -160,9 +160,10 @@ async def fill(
         finally:
             stop.set()
             surplus = requests[done_at:] if done_at is not None else []
-            if surplus:
+            running = [r for r in surplus if not r.task.done()]
+            if running:
                 rids = [
-                    f"{_rid_prefix(rollout_id)}-{r.first_index + i}" for r in surplus for i in range(len(r.samples))
+                    f"{_rid_prefix(rollout_id)}-{r.first_index + i}" for r in running for i in range(len(r.samples))
                 ]
                 await client.abort(rids)
             results = await asyncio.gather(*(r.task for r in requests), return_exceptions=True)

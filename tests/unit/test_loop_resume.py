@@ -26,7 +26,18 @@ ROLLOUTS = 6
 pytestmark = pytest.mark.slow
 
 
-def _miles_run(run_dir: Path, fault: str = "", timeout: float = 300) -> subprocess.CompletedProcess[str]:
+MODES = {
+    # Each rollout mode's keys over the quickstart; "sync" is the default loop (the cases above).
+    "dynamic-sampling": (
+        "rollout.over_sampling_batch_size=32",
+        'rollout.dynamic_sampling_filter_path="miles.reward.filters:check_reward_nonzero_std"',
+    ),
+}
+
+
+def _miles_run(
+    run_dir: Path, fault: str = "", timeout: float = 300, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MILES_GRACE_S": "60"}
     env.pop("MILES_FAULT", None)
     if fault:
@@ -57,6 +68,7 @@ def _miles_run(run_dir: Path, fault: str = "", timeout: float = 300) -> subproce
         "ckpt.save_interval=2",
         "--set",
         "ckpt.keep_last=3",
+        *(arg for setting in extra for arg in ("--set", setting)),
     ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -111,6 +123,22 @@ def test_interrupted_run_matches_the_straight_one(
     assert weights.keys() == base_weights.keys()
     for name, tensor in weights.items():
         assert tensor.dtype == base_weights[name].dtype  # type: ignore[attr-defined]
+        assert bool((tensor == base_weights[name]).all()), name  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_interrupted_run_in_each_rollout_mode_matches_the_straight_one(mode: str, tmp_path: Path) -> None:
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    proc = _miles_run(straight, extra=MODES[mode])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    proc = _miles_run(interrupted, "term@generate:2", extra=MODES[mode])  # mid-rollout: it is drawn again
+    assert proc.returncode == 0 and "preempted; saved the state" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    proc = _miles_run(interrupted, extra=MODES[mode])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    metrics, weights = _final(interrupted)
+    base_metrics, base_weights = _final(straight)
+    assert metrics == base_metrics and len(metrics.splitlines()) == ROLLOUTS
+    for name, tensor in weights.items():
         assert bool((tensor == base_weights[name]).all()), name  # type: ignore[operator]
 
 
