@@ -41,7 +41,20 @@ def generate(
         parts.actor.offload()  # every rank: the engines on these GPUs need the memory now
     if parts.driver is None:
         return None, 0.0, None
+    samples, engine_seconds, filled_stats = draw_and_generate(parts, spec, rollout_id, weight_version)
+    if parts.offload_rollout:
+        parts.driver.engines.release_memory()
+    timer.lap("generate")
+    fault.point("generate", rollout_id, run_dir, 0)
+    return samples, engine_seconds, filled_stats
+
+
+def draw_and_generate(
+    parts: Components, spec: Spec, rollout_id: int, weight_version: int
+) -> tuple[list[Sample], float, dict[str, float] | None]:
+    """Driver only, no collective: the prompts of rollout ``rollout_id`` drawn and answered (see :func:`generate`)."""
     driver = parts.driver
+    assert driver is not None
     t0 = time.perf_counter()
     filled_stats = None
     if oversample.enabled(spec.rollout):
@@ -57,12 +70,7 @@ def generate(
             driver.dataset.sample(spec.rollout.rollout_batch_size), spec.rollout.n_samples_per_prompt
         )
         driver.engines.generate(samples, rollout_id=rollout_id, weight_version=weight_version)
-    engine_seconds = time.perf_counter() - t0
-    if parts.offload_rollout:
-        parts.driver.engines.release_memory()
-    timer.lap("generate")
-    fault.point("generate", rollout_id, run_dir, 0)
-    return samples, engine_seconds, filled_stats
+    return samples, time.perf_counter() - t0, filled_stats
 
 
 def score(

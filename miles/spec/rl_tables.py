@@ -56,6 +56,13 @@ class RunConfig:
     rollout.
     """
 
+    train_async: bool = False
+    """One step off-policy, as slime's ``train_async.py``: rollout N+1 is generated while the actor trains on
+    rollout N, so it comes from the weights of one update earlier (each sample records its weight version; set
+    ``[grpo] use_tis`` to correct with the engine's log-probs). Needs engines that keep their memory while the actor
+    trains: split mode, or the CPU local run; refused on colocated GPUs that offload. See docs/rollout-modes.md.
+    """
+
 
 @dataclass(**_KW)
 class ModelConfig:

@@ -32,6 +32,8 @@ MODES = {
         "rollout.over_sampling_batch_size=32",
         'rollout.dynamic_sampling_filter_path="miles.reward.filters:check_reward_nonzero_std"',
     ),
+    # one step off: the stop lands while rollout 3 is generated ahead of rollout 2's training
+    "train-async": ("run.train_async=true", "grpo.use_tis=true"),
 }
 
 
