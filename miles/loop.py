@@ -74,6 +74,7 @@ def run_trainer(spec: Spec, task: TaskContext) -> int:
         timer.lap("train")
         if ahead is not None:
             state.pending = ahead.wait()
+            timer.lap("wait_ahead")  # the rest of the next rollout's generation, once training is done
 
         # 4. sync: the actor's new weights go to the engines as the next weight version
         state.weight_version += 1

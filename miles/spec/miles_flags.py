@@ -173,8 +173,8 @@ DISPOSITIONS: dict[str, Disposition] = {
     ),
     "fully_async": Disposition(
         "unsupported",
-        "miles does not support a persistent rollout worker with a bounded buffer yet; remove it and run the "
-        "synchronous loop",
+        "miles does not support a persistent rollout worker with a bounded buffer yet; remove it, and set "
+        "[run] train_async = true for one-step-off async training",
         changes_experiment=True,
     ),
     "max_weight_staleness": Disposition(

@@ -70,6 +70,13 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str, str | None, str]] = [
         "over_sampling_batch_size",
         "must be >= rollout_batch_size (4)",
     ),
+    (
+        "async-colocated-gpus",
+        {"run": {"train_async": True}, "cluster": {"mode": "colocate", "device": "cuda"}},
+        "run",
+        "train_async",
+        'use [cluster] mode = "split"',
+    ),
     ("eval-interval-alone", {"eval": {"eval_interval": 5}}, "eval", "eval_interval", "set eval_prompt_data"),
     (
         "eval-data-alone",
