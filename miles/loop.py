@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from miles import fault
 from miles.job.environment import TaskContext
-from miles.session import checkpoint, components, control, evaluation, phases
+from miles.session import asynchronous, checkpoint, components, control, evaluation, phases
 from miles.session.checkpoint import RunState
 from miles.session.components import Components
 from miles.session.metrics import MetricsLog, console_line, rollout_metrics
@@ -52,23 +52,35 @@ def run_trainer(spec: Spec, task: TaskContext) -> int:
         else None
     )
     _evaluate(parts, spec, state, metrics, step=state.next_rollout)  # the initial model (or one a resume owes)
+    asynchronous.check_mode(spec, parts)
+    ahead = asynchronous.Ahead() if spec.run.train_async else None  # one step off: the next rollout generates now
 
     for rollout_id in range(state.next_rollout, parts.num_rollout):
-        start = checkpoint.capture(parts)  # what a save must restore if the run stops before this rollout trains
+        start = checkpoint.capture(parts, state.pending)  # what a save restores if the run stops before training
         timer = PhaseTimer()
 
-        # 1. sample: the driver draws prompts and the engines answer them
-        samples, engine_seconds = phases.generate(parts, spec, rollout_id, state.weight_version, timer, run_dir)
+        # 1. sample: the driver draws prompts and the engines answer them (async: taken from the rollout ahead)
+        samples, engine_seconds, scored = asynchronous.generate(
+            parts, spec, rollout_id, state.weight_version, state.pending, ahead, timer, run_dir
+        )
+        state.pending = None
         if control.stop_requested(run_dir, task.device):
+            if ahead is not None:
+                ahead.wait()  # generated again after the resume, from the same weights and seeds
             return _stop(parts, spec, state, run_dir, metrics, next_rollout=rollout_id, start=start)
 
         # 2. score: rewards (every rank receives the scored samples), then log-probs and advantages
-        samples, reward_stats = phases.score(parts, samples, timer)
+        samples, reward_stats = phases.score(parts, samples, timer, scored)
+        if ahead is not None:
+            reward_stats.update(asynchronous.staleness(samples, state.weight_version))
         batch = phases.batch(parts, samples, spec, timer)
 
         # 3. optimize: num_steps_per_rollout optimizer steps over the rollout
         step_metrics = phases.train(parts, spec, batch, rollout_id, run_dir, rank)
         timer.lap("train")
+        if ahead is not None:
+            state.pending = ahead.wait()
+            timer.lap("wait_ahead")  # the rest of the next rollout's generation, once training is done
 
         # 4. sync: the actor's new weights go to the engines as the next weight version
         state.weight_version += 1

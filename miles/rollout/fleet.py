@@ -13,15 +13,15 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from miles.errors import UserError
 from miles.job import rundir
 from miles.job.environment import TaskContext
 from miles.job.ports import free_port
-from miles.rollout.client import BlockingRolloutClient
+from miles.rollout.client import BlockingRolloutClient, RolloutClient
 from miles.sample import Sample
 from miles.sglang import protocol as proto
 from miles.sglang.launcher import health_ok
@@ -32,6 +32,8 @@ from miles.transfer.sync import DEFAULT_GROUP, SyncError, WeightSync
 
 if TYPE_CHECKING:
     from miles.sglang.router import SglangRouter
+
+T = TypeVar("T")
 
 _NEVER_S = 1e9
 """Within one rollout an engine that failed a request is not used again: if it comes back, it was
@@ -218,6 +220,44 @@ class EngineFleet:
             client.generate(samples, self.spec.rollout, rollout_id, **overrides)
         finally:
             client.close()
+
+    def fill(self, work: Callable[[RolloutClient], Awaitable[T]]) -> T:
+        """Run ``work`` (a rollout that decides as it goes what to send and abort, :mod:`miles.rollout.oversample`)
+        with a client over the engines that hold the actor's weights."""
+
+        urls = self._current_urls()
+        if self.router is None:
+            client = BlockingRolloutClient(urls, api_key=self.api_key, dead_cooldown_s=_NEVER_S)
+            try:
+                return client.run(work)
+            finally:
+                client.close()
+        # Through sglang-router (one request per sample, as in _generate_routed); aborts go to each engine.
+        router = self.router
+        routed = router.route_to(urls)
+        client = BlockingRolloutClient(
+            [router.url],
+            api_key=router.api_key,
+            batched=False,
+            max_concurrency=min(MAX_IN_FLIGHT, PER_ENGINE_IN_FLIGHT * len(routed)),
+            abort_urls=routed,
+        )
+        stale = lambda: [self.known[i].url for i in self.restarted() if i in self.known]  # noqa: E731
+        try:
+            with router.guard(routed, stale):
+                return client.run(work)
+        finally:
+            client.close()
+
+    def _current_urls(self) -> list[str]:
+        changed = set(self.restarted())
+        urls = [a.url for a in self.members if a.index not in changed]
+        if not urls:
+            raise RuntimeError(
+                f"every engine restarted since the last weight sync (engines {sorted(changed)}); "
+                "none holds the actor's weights"
+            )
+        return urls
 
     def _generate_routed(
         self, samples: list[Sample], rollout_id: int, urls: list[str], overrides: dict[str, Any]

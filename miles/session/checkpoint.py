@@ -24,10 +24,14 @@ import torch.distributed as dist
 from miles import fault
 from miles.ckpt.state import binding_fields, capture_rng, check_resumable, restore_rng
 from miles.ckpt.store import CheckpointStore, write_json_atomic
+from miles.session.asynchronous import Generated
 from miles.session.components import Components, broadcast
 from miles.spec.tables import Spec
 
 log = logging.getLogger("miles.loop")
+
+PENDING = "pending_rollout.json"
+"""The rollout generated ahead of the checkpoint's next rollout (``[run] train_async``), in the checkpoint."""
 
 
 @dataclass
@@ -40,6 +44,8 @@ class RunState:
     """The rollout before which the newest checkpoint of this process was taken (or resumed from)."""
     evaluated: int | None = None
     """The step (rollouts trained) of the last evaluation that ran (:mod:`miles.session.evaluation`)."""
+    pending: Generated | None = None
+    """Driver, ``[run] train_async``: rollout ``next_rollout``, generated ahead and not yet trained on."""
 
 
 @dataclass(frozen=True)
@@ -48,11 +54,14 @@ class RolloutStart:
 
     dataset: dict[str, Any] | None
     rng: dict[str, Any]
+    pending: Generated | None = None
+    """The rollout generated ahead that this rollout trains on (async), restored with the cursor after it."""
 
 
-def capture(parts: Components) -> RolloutStart:
-    """The data cursor (driver) and this rank's RNG states, as of now."""
-    return RolloutStart(dataset=parts.driver.dataset.state_dict() if parts.driver else None, rng=capture_rng())
+def capture(parts: Components, pending: Generated | None = None) -> RolloutStart:
+    """The data cursor (driver), this rank's RNG states and the rollout generated ahead, as of now."""
+    dataset = parts.driver.dataset.state_dict() if parts.driver else None
+    return RolloutStart(dataset=dataset, rng=capture_rng(), pending=pending)
 
 
 def resume(parts: Components, spec: Spec) -> RunState:
@@ -71,14 +80,18 @@ def resume(parts: Components, spec: Spec) -> RunState:
     rng_file = path / "rng" / f"rank-{dist.get_rank()}.json"
     if rng_file.exists():
         restore_rng(json.loads(rng_file.read_text()))
+    pending = None
     if parts.driver is not None:
         parts.driver.dataset.load_state_dict(driver_state["dataset"])
+        if (path / PENDING).exists():
+            pending = Generated.from_json(json.loads((path / PENDING).read_text()))
         print(f"miles: resumed from {path} at rollout {rollout_id}", flush=True)
     return RunState(
         next_rollout=rollout_id,
         weight_version=driver_state["weight_version"],
         saved_at=rollout_id,
         evaluated=driver_state.get("evaluated"),
+        pending=pending,
     )
 
 
@@ -102,6 +115,9 @@ def save(
     fault.point("save", next_rollout, run_dir, rank)
     if parts.driver is not None:
         dataset_state = start.dataset if start else parts.driver.dataset.state_dict()
+        pending = start.pending if start else state.pending
+        if pending is not None:  # async: the rollout generated ahead goes with the cursor after its prompts
+            write_json_atomic(partial / PENDING, pending.to_json())
         write_json_atomic(
             partial / "driver.json",
             {

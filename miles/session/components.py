@@ -21,6 +21,7 @@ from miles.job import rundir
 from miles.job.environment import TaskContext
 from miles.plan import trainer_mesh
 from miles.plan.engine_argv import rollout_offload, train_offload
+from miles.reward.filters import load_filter
 from miles.reward.model import RewardModel
 from miles.rollout.fleet import EngineFleet, engine_deadline_s, local_device, trainer_group, weight_sync_kind
 from miles.spec.tables import Spec
@@ -38,6 +39,8 @@ class Driver:
     reward: Any
     eval_data: dict[str, Any]
     """``[eval] eval_prompt_data``'s datasets by name (empty without evaluation)."""
+    keep: Any = None
+    """The dynamic-sampling filter (``[rollout] dynamic_sampling_filter_path``), or ``None``."""
 
 
 @dataclass
@@ -114,8 +117,11 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver,
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
     dataset = PromptDataset.from_spec(spec.rollout, tokenizer)
     eval_data = PromptDataset.eval_from_spec(spec.eval, spec.rollout, tokenizer)
-    reward = RewardModel.from_spec(spec.rollout, base_dir=Path(spec.source).parent if spec.source else None)
+    base_dir = Path(spec.source).parent if spec.source else None
+    reward = RewardModel.from_spec(spec.rollout, base_dir=base_dir)
+    path = spec.rollout.dynamic_sampling_filter_path
+    keep = load_filter(path, base_dir) if path else None
     num_rollout = num_rollouts(spec, len(dataset))
     announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id, deadline_s=engine_deadline_s())
     engines = EngineFleet(spec, task, announced)
-    return Driver(dataset=dataset, engines=engines, reward=reward, eval_data=eval_data), num_rollout
+    return Driver(dataset=dataset, engines=engines, reward=reward, eval_data=eval_data, keep=keep), num_rollout

@@ -29,6 +29,9 @@ from typing import Any
 
 from miles.sample import Sample
 
+WALL_CLOCK_SUFFIXES = ("time_s", "_timing")
+"""Names of figures that depend on timing (seconds; how many surplus samples an abort caught mid-flight)."""
+
 
 def _kept(row: dict[str, Any], start_rollout: int, evaluated: int | None) -> bool:
     if "eval_step" in row:
@@ -169,8 +172,8 @@ def rollout_metrics(
     """One rollout's figures: ``(metrics, perf)``.
 
     ``metrics`` are a pure function of the run (they go to ``metrics.jsonl``); any
-    ``*time_s`` figure the reward or the actor reported is wall clock, so it moves to
-    ``perf``.
+    figure the reward, the rollout or the actor reported under a :data:`WALL_CLOCK_SUFFIXES`
+    name depends on timing, so it moves to ``perf``.
     """
     rewards = [x.reward for x in samples]
     lens = [len(x.response_ids) for x in samples]
@@ -185,5 +188,5 @@ def rollout_metrics(
     metrics.update({k: float(v) for k, v in reward_stats.items()})
     for k in sorted({k for m in step_metrics for k in m}):
         metrics[f"train/{k}"] = statistics.fmean(m[k] for m in step_metrics if k in m)
-    perf = {k: metrics.pop(k) for k in [k for k in metrics if k.endswith("time_s")]}
+    perf = {k: metrics.pop(k) for k in [k for k in metrics if k.endswith(WALL_CLOCK_SUFFIXES)]}
     return metrics, perf

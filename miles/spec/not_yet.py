@@ -15,12 +15,6 @@ from miles.spec.tables import TABLES, Spec
 
 Report = Callable[[str, str, str], None]
 
-DYNAMIC_SAMPLING: dict[tuple[str, str], str] = {
-    ("rollout", "over_sampling_batch_size"): "every rollout trains on exactly rollout_batch_size prompts; remove it",
-    ("rollout", "dynamic_sampling_filter_path"): "every sampled group is trained on; remove it",
-}
-"""Over-sampling and dynamic filtering of groups (Miles' DAPO-style dynamic sampling)."""
-
 WANDB: dict[tuple[str, str], str] = {
     ("run", "use_wandb"): "metrics go to metrics.jsonl, TensorBoard (<run_dir>/tb) and plot.png; remove it",
     ("run", "wandb_project"): "remove it (W&B logging is not built)",
@@ -29,7 +23,6 @@ WANDB: dict[tuple[str, str], str] = {
 """Weights & Biases logging."""
 
 NOT_YET: dict[str, dict[tuple[str, str], str]] = {
-    "dynamic sampling": DYNAMIC_SAMPLING,
     "W&B logging": WANDB,
 }
 """Capability -> its keys -> what a run does without the key, and what to do instead."""

@@ -56,6 +56,13 @@ class RunConfig:
     rollout.
     """
 
+    train_async: bool = False
+    """One step off-policy, as slime's ``train_async.py``: rollout N+1 is generated while the actor trains on
+    rollout N, so it comes from the weights of one update earlier (each sample records its weight version; set
+    ``[grpo] use_tis`` to correct with the engine's log-probs). Needs engines that keep their memory while the actor
+    trains: split mode, or the CPU local run; refused on colocated GPUs that offload. See docs/rollout-modes.md.
+    """
+
 
 @dataclass(**_KW)
 class ModelConfig:
@@ -212,10 +219,18 @@ class RolloutConfig:
     """Reward calls in flight at once (bounds load on ``rm_url`` services and threads for sync functions)."""
 
     over_sampling_batch_size: int | None = field(default=None, metadata={"gt": 0})
-    """Prompts sampled per round when dynamic filtering drops groups (Miles ``--over-sampling-batch-size``)."""
+    """Prompts drawn per round (Miles ``--over-sampling-batch-size``): the engines answer a whole round at once,
+    training takes the first ``rollout_batch_size`` groups that pass the filter (in draw order), and requests still
+    running then are aborted. Unset: rounds of ``rollout_batch_size``. The data cursor advances by every prompt
+    drawn. See docs/rollout-modes.md.
+    """
 
     dynamic_sampling_filter_path: str = ""
-    """``module:function`` that keeps or drops a group of samples (Miles ``--dynamic-sampling-filter-path``)."""
+    """``module:function`` that keeps or drops each scored group (Miles ``--dynamic-sampling-filter-path``,
+    signature ``f(args, samples, **kwargs)`` returning a bool or an object with ``keep``); rounds are drawn until
+    ``rollout_batch_size`` groups pass, at most one pass over the data per rollout. The built-in
+    ``miles.reward.filters:check_reward_nonzero_std`` drops groups whose rewards are all equal (DAPO).
+    """
 
     update_weight_buffer_size: int = field(default=512 * MiB, metadata={"gt": 0})
     """Bucket size in bytes of each weight-sync broadcast (Miles ``--update-weight-buffer-size``)."""

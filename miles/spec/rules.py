@@ -22,7 +22,7 @@ message)`` and its message says what to change. The rules, in order:
   ``recompute_method`` / ``recompute_num_layers`` need ``recompute_granularity = "full"``;
   ``moe_token_dispatcher_type`` is ``alltoall`` (allgather refuses variable lengths, flex needs DeepEP);
   the ``moe_*`` keys are Megatron's (refused with ``backend = "fsdp"``).
-* ``[cluster]``: ``mem_per_node`` in Slurm's syntax.
+* ``[cluster]``: ``mem_per_node`` in Slurm's syntax; ``[run] train_async`` not on colocated GPUs that offload.
 * ``[slurm]``: ``time`` in Slurm's syntax and longer than ``signal_lead_time``; a container runtime and
   an image go together; ``container_mounts`` are ``src:dst``; ``env`` names are shell variable names.
 * keys of capabilities miles has not built yet are refused when set (:mod:`miles.spec.not_yet`).
@@ -285,6 +285,15 @@ def _perf(spec: Spec, report: Report) -> None:
 
 
 def _cluster_and_slurm(spec: Spec, report: Report) -> None:
+    offloads = spec.perf.offload_train is not False or spec.perf.offload_rollout is not False
+    if spec.run.train_async and spec.cluster.mode == "colocate" and spec.cluster.device != "cpu" and offloads:
+        report(
+            "run",
+            "train_async",
+            "async training overlaps generation with training, but colocated GPUs take turns (the actor offloads "
+            'while the engines generate): use [cluster] mode = "split", or set [perf] offload_train = false and '
+            "offload_rollout = false if both fit in GPU memory at once",
+        )
     if not _MEM.match(spec.cluster.mem_per_node):
         report(
             "cluster",

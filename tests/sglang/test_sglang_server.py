@@ -313,6 +313,36 @@ def test_pause_during_a_rollout_aborts_and_the_client_resends(served: sl.EngineP
     assert client.client.retries >= 1, "no request was aborted by the pause"
 
 
+def test_abort_by_request_id_stops_one_sample_of_a_batch(served: sl.EngineProcess, model_dir: Path) -> None:
+    """Over-sampling's abort: samples sent with request ids in one batched /generate; ``/abort_request`` of one
+    id ends that sample alone with finish_reason abort (what :mod:`miles.rollout.oversample` relies on)."""
+    import asyncio
+
+    from miles.rollout.client import RolloutClient
+
+    key = served.launch.api_key
+    samples = _samples(model_dir, PROMPTS * 2)
+    cfg = RolloutConfig(rollout_temperature=1.0, rollout_max_response_len=100, rollout_seed=5)
+
+    async def go() -> None:
+        async with RolloutClient([served.url], api_key=key, timeout_s=120, chunk_size=16) as client:
+            stop = asyncio.Event()
+            job = asyncio.create_task(
+                client.generate(samples, cfg, 0, first_index=8, rid_prefix="abort-test", stop=stop, ignore_eos=True)
+            )
+            await asyncio.sleep(0.1)
+            stop.set()
+            await client.abort(["abort-test-9"])  # the second sample: position 8 + 1
+            await asyncio.wait_for(job, 120)
+
+    asyncio.run(go())
+    reasons = [s.finish_reason for s in samples]
+    assert reasons == ["length", "abort"] + ["length"] * 14, reasons
+    assert len(samples[1].response_ids) < 100 and all(
+        len(s.response_ids) == 100 for s in samples if s is not samples[1]
+    )
+
+
 @pytest.mark.skipif(not sglang_available(), reason=SKIP_REASON)  # the router lives in .venv-sglang
 def test_sglang_router_in_front_of_the_engine(
     served: sl.EngineProcess, model_dir: Path, tmp_path: Path, baseline: list

@@ -36,9 +36,23 @@ pytestmark = pytest.mark.slow
 EVALS = [0, 2, 4, 6]
 """The steps evaluated: before training, every ``eval_interval = 2`` rollouts, and the last."""
 
+MODES = (
+    # The rollout modes over the quickstart, together as a recipe would use them: over-sampled rounds with the
+    # dynamic-sampling filter, generated one step off (the stop lands while rollout 3 is generated ahead of
+    # rollout 2's training, so the checkpoint carries a rollout generated and not yet trained on).
+    "rollout.over_sampling_batch_size=32",
+    'rollout.dynamic_sampling_filter_path="miles.reward.filters:check_reward_nonzero_std"',
+    "run.train_async=true",
+    "grpo.use_tis=true",
+)
+
 
 def _miles_run(
-    run_dir: Path, fault: str = "", timeout: float = 300, config: str = "quickstart-eval.toml"
+    run_dir: Path,
+    fault: str = "",
+    timeout: float = 300,
+    config: str = "quickstart-eval.toml",
+    extra: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MILES_GRACE_S": "60"}
     env.pop("MILES_FAULT", None)
@@ -70,6 +84,7 @@ def _miles_run(
         "ckpt.save_interval=2",
         "--set",
         "ckpt.keep_last=3",
+        *(arg for setting in extra for arg in ("--set", setting)),
     ]
     if config == "quickstart-eval.toml":
         cmd += ["--set", "eval.eval_interval=2", "--set", "eval.n_samples_per_eval_prompt=2"]
@@ -124,24 +139,26 @@ def test_evaluation_leaves_training_bit_identical(baseline: tuple[str, dict[str,
     assert json.loads(out.read_text())["metrics"] == {k: v for k, v in step0.items() if k != "eval_step"}
 
 
-LIVES = {
-    # Each list is the sequence of lives: the faults of one life, then the next life's ...
-    "between-phases": ["preempt@sync:1", "preempt@generate:3", ""],
-    "mid-rollout-and-mid-step": ["term@generate:2", "term@train:3", "term@train:4", ""],
-    "kill-mid-save": ["kill@save:4", "kill@save:6", ""],
-}
+LIVES = [
+    # The faults of each life, in turn; every life resumes the run directory the previous one left.
+    "preempt@sync:1",  # a preemption flag between phases
+    "term@generate:2",  # SIGTERM mid-rollout: the rollout is drawn again
+    "term@train:3",  # SIGTERM mid-optimizer step
+    "kill@save:4",  # SIGKILL while a checkpoint is written: the newest complete one is used
+    "kill@save:6",  # ... and while the final one is written
+    "",
+]
 
 
-@pytest.mark.parametrize("case", sorted(LIVES))
-def test_interrupted_run_matches_the_straight_one(
-    case: str, baseline: tuple[str, dict[str, object]], tmp_path: Path
-) -> None:
+def test_interrupted_run_matches_the_straight_one(baseline: tuple[str, dict[str, object]], tmp_path: Path) -> None:
+    """Six lives, each stopped by a different fault, end with the straight run's metrics and weights.
+
+    Between two lives, a resume with a changed four-knob value is refused and leaves the run as it was."""
     run_dir = tmp_path / "run"
-    for life, fault in enumerate(LIVES[case]):
+    for life, fault in enumerate(LIVES):
         proc = _miles_run(run_dir, fault)
         output = proc.stdout + proc.stderr
-        last = life == len(LIVES[case]) - 1
-        if last:
+        if life == len(LIVES) - 1:
             assert proc.returncode == 0, output[-4000:]
             assert (run_dir / "control" / "done").exists()
         elif fault.startswith("kill"):
@@ -151,6 +168,8 @@ def test_interrupted_run_matches_the_straight_one(
             assert proc.returncode == 0, output[-4000:]
             assert "preempted; saved the state" in output, output[-4000:]
             assert not (run_dir / "control" / "done").exists()
+        if life == 0:
+            _refuses_a_changed_four_knob(run_dir)
     metrics, weights = _final(run_dir)
     base_metrics, base_weights = baseline
     assert metrics == base_metrics
@@ -160,10 +179,24 @@ def test_interrupted_run_matches_the_straight_one(
         assert bool((tensor == base_weights[name]).all()), name  # type: ignore[operator]
 
 
-def test_resume_refuses_a_changed_four_knob(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    proc = _miles_run(run_dir, "preempt@sync:0")
+def test_interrupted_run_in_the_rollout_modes_matches_the_straight_one(tmp_path: Path) -> None:
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    proc = _miles_run(straight, config="quickstart.toml", extra=MODES)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    proc = _miles_run(interrupted, "term@generate:2", config="quickstart.toml", extra=MODES)
+    assert proc.returncode == 0 and "preempted; saved the state" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    proc = _miles_run(interrupted, config="quickstart.toml", extra=MODES)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    metrics, weights = _final(interrupted)
+    base_metrics, base_weights = _final(straight)
+    assert metrics == base_metrics and len(metrics.splitlines()) == ROLLOUTS
+    for name, tensor in weights.items():
+        assert bool((tensor == base_weights[name]).all()), name  # type: ignore[operator]
+
+
+def _refuses_a_changed_four_knob(run_dir: Path) -> None:
+    """A resume with another n_samples_per_prompt is refused before it starts, naming both values."""
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MILES_FAULT", None)
     cmd = [
@@ -171,7 +204,7 @@ def test_resume_refuses_a_changed_four_knob(tmp_path: Path) -> None:
         "-m",
         "miles.cli",
         "run",
-        str(ROOT / "configs" / "quickstart.toml"),
+        str(ROOT / "configs" / "quickstart-eval.toml"),
         "--set",
         f'run.run_dir="{run_dir}"',
         "--set",
@@ -191,3 +224,4 @@ def test_resume_refuses_a_changed_four_knob(tmp_path: Path) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "rollout.n_samples_per_prompt: checkpoint has 4, spec has 8" in out
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before

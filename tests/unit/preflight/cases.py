@@ -510,9 +510,22 @@ def reward_remote_without_url(ws: Workspace) -> list[str]:
     return spec_with(ws, rollout={"rm_type": "remote_rm"})
 
 
-@case("spec", "[rollout] dynamic_sampling_filter_path: miles does not support dynamic sampling yet")
-def filter_not_built_yet(ws: Workspace) -> list[str]:
+@case("reward", "rollout.dynamic_sampling_filter_path = 'nosuchfilter:keep': cannot import module 'nosuchfilter'")
+def filter_no_module(ws: Workspace) -> list[str]:
+    return spec_with(ws, rollout={"dynamic_sampling_filter_path": "nosuchfilter:keep"})
+
+
+@case("reward", "flt.py:keep' takes (samples)", "cannot be called as f(args, samples)")
+def filter_one_argument(ws: Workspace) -> list[str]:
+    ws.write("flt.py", "def keep(samples):\n    return True\n")
     return spec_with(ws, rollout={"dynamic_sampling_filter_path": "flt.py:keep"})
+
+
+@case("reward", "2 problems with the run's inputs", "custom_rm_path", "dynamic_sampling_filter_path")
+def reward_and_filter_both_bad(ws: Workspace) -> list[str]:
+    return spec_with(
+        ws, rollout={"rm_type": DROP, "custom_rm_path": "os:sep", "dynamic_sampling_filter_path": "os:curdir"}
+    )
 
 
 # ---------------------------------------------------------------- resume

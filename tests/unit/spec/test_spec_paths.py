@@ -29,6 +29,7 @@ ref_load = "Org/Model"
 [rollout]
 prompt_data = "data/train.jsonl"
 custom_rm_path = "rewards.py:score"
+dynamic_sampling_filter_path = "my_pkg.filters:keep"
 rollout_batch_size = 4
 n_samples_per_prompt = 2
 [eval]
@@ -49,6 +50,7 @@ def test_inputs_resolve_from_the_spec_directory_not_the_current_one(
     spec = load_spec("exp/run.toml")
     assert spec.rollout.prompt_data == str(exp / "data" / "train.jsonl")
     assert spec.rollout.custom_rm_path == f"{exp / 'rewards.py'}:score"
+    assert spec.rollout.dynamic_sampling_filter_path == "my_pkg.filters:keep"  # a module, not a path
     assert spec.eval.eval_prompt_data == {"test": str(exp / "data" / "test.jsonl"), "abs": "/abs/test.jsonl"}
     assert spec.model.hf_checkpoint == str(exp / "models" / "tiny")
     assert spec.ckpt.load == str(tmp_path / "ckpts" / "start")  # ../ : a path, even before it exists

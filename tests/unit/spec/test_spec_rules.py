@@ -48,11 +48,11 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str, str | None, str]] = [
         'write "pkg.mod:score"',
     ),
     (
-        "filter-not-yet",
-        {"rollout": {"dynamic_sampling_filter_path": "m:f"}},
+        "filter-path",
+        {"rollout": {"dynamic_sampling_filter_path": "not a path"}},
         "rollout",
         "dynamic_sampling_filter_path",
-        "miles does not support dynamic sampling yet",
+        '"module:function"',
     ),
     (
         "rm-url-scheme",
@@ -64,11 +64,18 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str, str | None, str]] = [
     ("group-rm", {"rollout": {"group_rm": True}}, "rollout", "group_rm", "set custom_rm_path, or remove group_rm"),
     ("top-k-zero", {"rollout": {"rollout_top_k": 0}}, "rollout", "rollout_top_k", "use -1 to disable top-k"),
     (
-        "over-sampling-not-yet",
-        {"rollout": {"over_sampling_batch_size": 8}},
+        "over-sampling",
+        {"rollout": {"over_sampling_batch_size": 2}},
         "rollout",
         "over_sampling_batch_size",
-        "miles does not support dynamic sampling yet",
+        "must be >= rollout_batch_size (4)",
+    ),
+    (
+        "async-colocated-gpus",
+        {"run": {"train_async": True}, "cluster": {"mode": "colocate", "device": "cuda"}},
+        "run",
+        "train_async",
+        'use [cluster] mode = "split"',
     ),
     ("eval-interval-alone", {"eval": {"eval_interval": 5}}, "eval", "eval_interval", "set eval_prompt_data"),
     (
