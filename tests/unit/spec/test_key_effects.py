@@ -492,6 +492,11 @@ RUN_OBSERVED: dict[str, str] = {
     "ckpt.no_save_optim": "tests/unit/train/test_fsdp.py::test_no_save_optim_restores_weights_and_step_only",
     "rollout.check_weight_sync": "tests/unit/test_loop_learns.py::"
     "test_quickstart_reward_rises_and_engines_hold_the_actors_weights",
+    "rollout.over_sampling_batch_size": "tests/unit/rollout/test_oversample.py::"
+    "test_over_sampling_aborts_the_surplus_on_the_engine",
+    "rollout.dynamic_sampling_filter_path": "tests/unit/test_loop_resume.py::"
+    "test_interrupted_run_in_the_rollout_modes_matches_the_straight_one",
+    "run.train_async": "tests/unit/test_loop_resume.py::test_interrupted_run_in_the_rollout_modes_matches_the_straight_one",
     "sglang.use_router": "tests/sglang/test_sglang_server.py::"
     "test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_a_sync",
 }
