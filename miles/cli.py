@@ -101,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
 
     p = sub.add_parser(
+        "eval",
+        help="evaluate a model on the spec's [eval] datasets (no training); print a table and write JSON",
+        description="Serve one HF model directory (a run's final/ export, a [ckpt] save_hf export, or by default "
+        "the spec's model) with one engine on this machine and evaluate it as the loop does: the [eval] datasets, "
+        "sampling overrides and the run's reward. Prints a table per dataset and writes the figures as JSON.",
+    )
+    _add_spec_args(p)
+    p.add_argument("--model", default=None, help="HF model directory to evaluate (default: the spec's model)")
+    p.add_argument(
+        "--out", default=None, help="JSON file to write (default: <run_dir>/eval/<model directory name>.json)"
+    )
+
+    p = sub.add_parser(
         "convert",
         help="convert a Miles or slime launch script into a run spec, with what became of each flag",
         description="Read a Miles/slime launch script (bash with MODEL_ARGS/CKPT_ARGS/... arrays, sourced model "
@@ -166,6 +179,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         preflight(spec, args.command, args.skip_checks, args.overrides)
 
         return local.run(spec)
+    if args.command == "eval":
+        spec = load_spec(args.spec, args.overrides)
+        preflight(spec, "eval", [*args.skip_checks, "resume"], args.overrides)
+        from miles.launch import evaluate  # imports torch and transformers: the planner commands stay torch-free
+
+        return evaluate.run(spec, args.model, args.out)
     if args.command == "convert":
         conv = convert(args.script, output_name=args.output)
         if args.output:

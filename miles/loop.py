@@ -7,6 +7,7 @@
         for step in range(num_steps_per_rollout):                      # 3. optimize
             ...
         sync_weights(actor -> engines)                                 # 4. sync
+        if eval due: evaluate(engines, eval datasets)                  # 5. evaluate (never feeds training)
 
 Every trainer rank runs this function; the driver (trainer rank 0) is the one
 that talks to the engines, scores and writes metrics, and the others receive
@@ -29,7 +30,7 @@ import torch.distributed as dist
 
 from miles import fault
 from miles.job.environment import TaskContext
-from miles.session import checkpoint, components, control, phases
+from miles.session import asynchronous, checkpoint, components, control, evaluation, phases
 from miles.session.checkpoint import RunState
 from miles.session.components import Components
 from miles.session.metrics import MetricsLog, console_line, rollout_metrics
@@ -45,24 +46,41 @@ def run_trainer(spec: Spec, task: TaskContext) -> int:
     state = checkpoint.resume(parts, spec)  # the newest complete checkpoint, or a fresh start
     if state.saved_at is not None:  # the engines still hold the model they started with: give them the actor's
         phases.sync_weights(parts, spec, state.weight_version, resume_memory=False)
-    metrics = MetricsLog(run_dir, state.next_rollout, spec.run.use_tensorboard, spec.run.plot) if rank == 0 else None
+    metrics = (
+        MetricsLog(run_dir, state.next_rollout, spec.run.use_tensorboard, spec.run.plot, state.evaluated)
+        if rank == 0
+        else None
+    )
+    _evaluate(parts, spec, state, metrics, step=state.next_rollout)  # the initial model (or one a resume owes)
+    asynchronous.check_mode(spec, parts)
+    ahead = asynchronous.Ahead() if spec.run.train_async else None  # one step off: the next rollout generates now
 
     for rollout_id in range(state.next_rollout, parts.num_rollout):
-        start = checkpoint.capture(parts)  # what a save must restore if the run stops before this rollout trains
+        start = checkpoint.capture(parts, state.pending)  # what a save restores if the run stops before training
         timer = PhaseTimer()
 
-        # 1. sample: the driver draws prompts and the engines answer them
-        samples, engine_seconds = phases.generate(parts, spec, rollout_id, state.weight_version, timer, run_dir)
+        # 1. sample: the driver draws prompts and the engines answer them (async: taken from the rollout ahead)
+        samples, engine_seconds, scored = asynchronous.generate(
+            parts, spec, rollout_id, state.weight_version, state.pending, ahead, timer, run_dir
+        )
+        state.pending = None
         if control.stop_requested(run_dir, task.device):
+            if ahead is not None:
+                ahead.wait()  # generated again after the resume, from the same weights and seeds
             return _stop(parts, spec, state, run_dir, metrics, next_rollout=rollout_id, start=start)
 
         # 2. score: rewards (every rank receives the scored samples), then log-probs and advantages
-        samples, reward_stats = phases.score(parts, samples, timer)
+        samples, reward_stats = phases.score(parts, samples, timer, scored)
+        if ahead is not None:
+            reward_stats.update(asynchronous.staleness(samples, state.weight_version))
         batch = phases.batch(parts, samples, spec, timer)
 
         # 3. optimize: num_steps_per_rollout optimizer steps over the rollout
         step_metrics = phases.train(parts, spec, batch, rollout_id, run_dir, rank)
         timer.lap("train")
+        if ahead is not None:
+            state.pending = ahead.wait()
+            timer.lap("wait_ahead")  # the rest of the next rollout's generation, once training is done
 
         # 4. sync: the actor's new weights go to the engines as the next weight version
         state.weight_version += 1
@@ -82,6 +100,9 @@ def run_trainer(spec: Spec, task: TaskContext) -> int:
                 timer,
                 engine_seconds,
             )
+        # 5. evaluate: the engines answer the eval datasets with these weights when due (training never sees it)
+        _evaluate(parts, spec, state, metrics, step=rollout_id + 1)
+
         if control.stop_requested(run_dir, task.device):
             return _stop(parts, spec, state, run_dir, metrics, next_rollout=rollout_id + 1)
         if checkpoint.save_due(spec, rollout_id):
@@ -109,6 +130,17 @@ def _log(
     perf["rollout/tokens_per_s"] = tokens / engine_seconds if engine_seconds > 0 else 0.0
     metrics.log(rollout_id, values, perf)
     print(console_line(rollout_id, num_rollout, values, perf), flush=True)
+
+
+def _evaluate(parts: Components, spec: Spec, state: RunState, metrics: MetricsLog | None, step: int) -> None:
+    """Evaluate the weights after ``step`` rollouts when due and not done yet; the run state records it."""
+    values = evaluation.run_if_due(parts, spec, step, state.evaluated)
+    if values is None:
+        return
+    state.evaluated = step
+    if metrics is not None:
+        metrics.log_eval(step, values)
+        print(f"miles: evaluation after {step} rollouts\n{evaluation.table(values)}", flush=True)
 
 
 def _stop(

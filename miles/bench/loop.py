@@ -50,7 +50,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", type=int, default=1, help="first rollouts left out of the means (default 1)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is stopped")
     p.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON to this file")
+    p.add_argument(
+        "--compare-async",
+        action="store_true",
+        help="run the spec twice, synchronous and with run.train_async = true, and report samples/s of each and "
+        "the async speed-up",
+    )
     return p
+
+
+def samples_per_s(run_dir: Path, skip: int) -> float:
+    """Trained samples per second of loop time (the rollouts after the first ``skip``), from the run's files."""
+    perf = read_perf(run_dir / "perf.jsonl")
+    counts = {r["rollout_id"]: r["rollout/samples"] for r in read_perf(run_dir / "metrics.jsonl")}
+    kept = perf[skip:] if len(perf) > skip else perf
+    seconds = sum(float(r["time/total"]) for r in kept)
+    return sum(counts[r["rollout_id"]] for r in kept) / seconds if seconds > 0 else 0.0
+
+
+def compare_async(a: argparse.Namespace, root: Path) -> dict[str, float]:
+    """The same spec run synchronously and one step off (``run.train_async``): samples/s of each, and the ratio."""
+    base = list(a.overrides)
+    out: dict[str, float] = {}
+    for name, extra in (("sync", ["run.train_async=false"]), ("async", ["run.train_async=true"])):
+        a.overrides = base + extra
+        run_spec(a, root / name)
+        out[f"{name}_samples_per_s"] = samples_per_s(root / name, a.skip)
+    a.overrides = base
+    out["async_speedup"] = out["async_samples_per_s"] / out["sync_samples_per_s"] if out["sync_samples_per_s"] else 0.0
+    return out
 
 
 def read_perf(path: Path) -> list[dict[str, Any]]:
@@ -153,6 +181,23 @@ def main(argv: list[str]) -> int:
     tmp: Path | None = None
     wall: float | None = None
     try:
+        if a.compare_async:
+            if a.from_run:
+                raise UserError("--compare-async runs the spec itself; drop --from-run")
+            root = Path(a.run_dir) if a.run_dir else Path(tempfile.mkdtemp(prefix="miles-bench-loop-"))
+            tmp = None if a.run_dir else root
+            speed = compare_async(a, root)
+            report = Report("loop", settings={"spec": a.spec, "rollouts": a.rollouts, "overrides": a.overrides})
+            report.machine = machine("cpu")
+            report.summary = {**speed, "skip": a.skip}
+            report.notes.append(
+                "samples/s = trained samples / loop seconds (time/total) over the rollouts after --skip; async "
+                "generates rollout N+1 while rollout N trains (docs/rollout-modes.md)"
+            )
+            report.print()
+            if a.json_out:
+                report.write_json(a.json_out)
+            return 0
         if a.from_run:
             run_dir = Path(a.from_run)
         else:

@@ -28,6 +28,10 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from miles.spec.tables import CkptConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,11 @@ class CheckpointStore:
 
     root: Path
     keep_last: int = 2
+
+    @classmethod
+    def of_run(cls, ckpt: CkptConfig, run_dir: str | Path) -> CheckpointStore:
+        """The run's store: ``[ckpt] save`` (else ``<run_dir>/checkpoints``), keeping ``keep_last`` checkpoints."""
+        return cls(Path(ckpt.save or Path(run_dir) / "checkpoints"), ckpt.keep_last)
 
     def partial_dir(self, rollout_id: int) -> Path:
         """A fresh in-progress directory for the checkpoint before ``rollout_id`` (old leftovers removed)."""

@@ -156,7 +156,4 @@ def place(use: FlagUse) -> Row:
     return Row(use, "unsupported", note="miles has no key for this flag", changes_experiment=True)
 
 
-ASYNC_NOTE = (
-    "miles runs the synchronous loop (rollout, train, sync); train_async.py overlaps rollout N+1 with "
-    "training N (one step off-policy), which miles does not do"
-)
+ASYNC_NOTE = "rollout N+1 is generated while rollout N trains (one step off-policy)"

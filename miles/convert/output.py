@@ -73,6 +73,9 @@ def _collect(script: Script, rows: list[Row], base: Path) -> tuple[dict[str, dic
                 script.notes.append(f"{row.use.flag} is given twice; the last value counts, as with argparse")
             tables.setdefault(table, {})[key] = value
             origins[(table, key)] = f"{row.use.flag} ({_rel(row.use.where, base)})"
+    if script.entry_point == "train_async.py":
+        tables["run"]["train_async"] = True
+        origins[("run", "train_async")] = f"train_async.py: {ASYNC_NOTE}"
     cluster = tables.setdefault("cluster", {})
     if "mode" not in cluster:
         cluster["mode"] = "split"
@@ -97,10 +100,8 @@ def _spec_text(
         for key, value in keys.items():
             lines.append(f"{toml_key(key)} = {toml_value(value)}  # {origins.get((table, key), '')}".rstrip(" #"))
     rest = [r for r in rows if not r.keys]
-    if rest or conv_script.entry_point == "train_async.py":
+    if rest:
         lines += ["", "# Flags without a key:"]
-        if conv_script.entry_point == "train_async.py":
-            lines.append(f"#   train_async.py: not supported: {ASYNC_NOTE}")
         for r in rest:
             value = (" " + " ".join(r.use.values)) if r.use.values else ""
             lines.append(f"#   {r.use.flag}{value}: {r.became}: {r.note}")
@@ -148,12 +149,10 @@ def convert(path: str | Path, output_name: str = "") -> Conversion:
     tables, origins = _collect(script, rows, base)
     spec_text = _spec_text(script, rows, tables, origins)
     table = _table_text(rows, base)
-    if script.entry_point == "train_async.py":
-        table += f"NO HOME, changes the experiment: train_async.py: {ASYNC_NOTE}\n"
     for note in script.notes:
         table += "note: " + note.replace(f"{base}/", "") + "\n"
     check, valid = _check(spec_text, output_name or f"{script.path.stem}.toml")
-    lost = any(r.changes_experiment for r in rows) or script.entry_point == "train_async.py"
+    lost = any(r.changes_experiment for r in rows)
     return Conversion(
         script=script,
         rows=rows,

@@ -152,6 +152,9 @@ class Engine:
         """Set while the generating thread waits at the gate (a paused engine may then take new weights)."""
         self.abort = threading.Event()
         """Set by pause_generation (abort): running rows finish at the next step with finish_reason abort."""
+        self.cancelled: set[int] = set()
+        """Positions in the running ``generate`` call's requests to abort at the next step (``/abort_request``
+        by rid); the server empties it before each call."""
         self.released: set[str] = set()
         self._cpu_backup: dict[str, torch.Tensor] = {}
         why_not = StaticDecoder.unsupported(self.model)
@@ -326,6 +329,19 @@ class Engine:
                             "err_type": None,
                         }
                 return
+            if self.cancelled and any(i in self.cancelled for i in slots if i is not None):
+                drain()
+                for row, i in enumerate(slots):
+                    if i is not None and i in self.cancelled:
+                        finish[i] = {
+                            "type": "abort",
+                            "message": "Aborted by /abort_request",
+                            "status_code": None,
+                            "err_type": None,
+                        }
+                        slots[row] = None
+                if all(i is None for i in slots):
+                    return
             batch.step(b, longest + step)  # the highest KV slot a live row writes in this step
             step += 1
             if step < sync_at:

@@ -52,8 +52,6 @@ class LocalEngine:
             str(self.port),
             *(extra_args or []),
         ]
-        if api_key:
-            argv += ["--api-key", api_key]
         threads_env = {
             "OMP_NUM_THREADS": str(threads),
             "MKL_NUM_THREADS": str(threads),

@@ -155,6 +155,8 @@ class EngineServer(WeightEndpoints):
         self.paused = False
         self.busy = False
         self._queue: list[_Pending] = []
+        self._running: list[str] = []
+        """Request ids of the batch being generated, in the engine's request order (for abort by rid)."""
         self._wakeup: asyncio.Event | None = None
         self._unpaused: asyncio.Event | None = None
         self._model_lock: asyncio.Lock | None = None
@@ -420,6 +422,8 @@ class EngineServer(WeightEndpoints):
                 reqs = [r for p in group for r in p.requests]
                 async with self._model_lock:
                     self.busy = True
+                    self._running = [rid for p in group for rid in p.rids]
+                    self.engine.cancelled = set()
                     try:
                         outs = await loop.run_in_executor(self._gen_pool, self.engine.generate, reqs)
                     except Exception as e:  # the error belongs to these requests, the server lives on
@@ -431,6 +435,7 @@ class EngineServer(WeightEndpoints):
                         continue
                     finally:
                         self.busy = False
+                        self._running = []
                 start = 0
                 for p in group:
                     if not p.future.done():
@@ -514,7 +519,10 @@ class EngineServer(WeightEndpoints):
             async with self._model_lock:
                 self.engine.abort.clear()
         elif body.get("rid"):
-            self._abort_queued(str(body["rid"]))
+            rid = str(body["rid"])
+            self._abort_queued(rid)
+            if rid in self._running:  # running: its row stops at the engine's next step
+                self.engine.cancelled.add(self._running.index(rid))
         return web.Response(status=200)
 
     async def release_memory(self, request: web.Request) -> web.Response:

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import IO
 
 from miles.errors import UserError
+from miles.plan.engine_argv import KEY_ENV
 from miles.spec.tables import Spec
 
 KEY_FILE = "engine.key"
-ENV = "MILES_ENGINE_API_KEY"
+ENV = KEY_ENV  # the one name, beside the command lines it keeps the key out of
 REDACTED = "<engine key>"
 
 

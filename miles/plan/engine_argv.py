@@ -5,11 +5,18 @@ pass-through flags spelled the way SGLang wants them?) is the line that starts
 on the node. For SGLang::
 
     python -m sglang.launch_server --model-path M --host H --port P --tp-size T --dtype D --random-seed S
-        [--api-key K] [--mem-fraction-static F] [--nccl-port N] [--trust-remote-code]
+        [--mem-fraction-static F] [--nccl-port N] [--trust-remote-code] [--enable-memory-saver]
         [every other [sglang] key as --key-with-dashes value]
 
 and for the embedded engine ``python -m miles.engine.server`` with the same
-address, key and seed. Pure and torch-free: the planner path imports it.
+address and seed. Pure and torch-free: the planner path imports it.
+
+The engine key never appears on a command line, where every user of the node
+can read it (``ps``, ``/proc/PID/cmdline``): it travels in the process's
+environment (``MILES_ENGINE_API_KEY``, readable by its owner only). The
+embedded server reads it from there; SGLang and sglang-router start through
+:data:`KEY_FROM_ENV`, which adds ``--api-key`` to their arguments inside the
+process.
 """
 
 from __future__ import annotations
@@ -26,8 +33,22 @@ from miles.spec.tables import Spec
 if TYPE_CHECKING:
     from miles.plan.model import Plan
 
-API_KEY_SHOWN = "$MILES_ENGINE_API_KEY"
-"""What the plan shows for the engines' API key, which the job makes at start and never writes into the plan."""
+KEY_ENV = "MILES_ENGINE_API_KEY"
+"""The variable that carries the engine key into an engine's (and the router's) process."""
+
+KEY_FROM_ENV = (
+    "import os,runpy,sys;m=sys.argv[1];"
+    f"sys.argv=[m,*sys.argv[2:],'--api-key',os.environ['{KEY_ENV}']];"
+    "runpy.run_module(m,run_name='__main__',alter_sys=True)"
+)
+"""``python -c KEY_FROM_ENV MODULE ARGS...`` runs ``python -m MODULE ARGS... --api-key KEY`` with the key read from
+the environment inside the process, so the command line the node shows holds no secret. Plain Python, so it runs in
+an interpreter without miles (SGLang's own environment)."""
+
+
+def keyed_module(python: str, module: str, keyed: bool) -> list[str]:
+    """The start of a command line that runs ``module``, through :data:`KEY_FROM_ENV` when it needs the key."""
+    return [python, "-c", KEY_FROM_ENV, module] if keyed else [python, "-m", module]
 
 
 def _alias_map(flags: Mapping[str, dict[str, Any]]) -> dict[str, str]:
@@ -82,24 +103,54 @@ def passthrough_args(server_args: Mapping[str, Any], flags: Mapping[str, dict[st
     return argv
 
 
+def train_offload(spec: Spec, gpu: bool) -> bool:
+    """Whether the actor leaves the GPU while the engines generate (``[perf] offload_train``; unset: on when
+    colocated on GPUs)."""
+    if spec.perf.offload_train is not None:
+        return spec.perf.offload_train
+    return spec.cluster.mode == "colocate" and gpu
+
+
+def rollout_offload(spec: Spec, gpu: bool) -> bool:
+    """Whether the engines release their memory while the actor trains (``[perf] offload_rollout``; unset: on when
+    colocated on GPUs). The loop's release calls and SGLang's ``--enable-memory-saver`` both follow this."""
+    if spec.perf.offload_rollout is not None:
+        return spec.perf.offload_rollout
+    return spec.cluster.mode == "colocate" and gpu
+
+
+def _memory_saver(spec: Spec, gpu: bool) -> list[str]:
+    """SGLang frees memory on ``/release_memory_occupation`` only when started with ``--enable-memory-saver``."""
+    if not rollout_offload(spec, gpu):
+        return []
+    asked = spec.sglang.server_args.get("enable_memory_saver")
+    if asked is False:
+        raise UserError(
+            "[sglang] enable_memory_saver = false, but [perf] offload_rollout has the engines release their memory "
+            "while the actor trains, which SGLang does only with the memory saver: remove enable_memory_saver, or "
+            "set [perf] offload_rollout = false"
+        )
+    return [] if asked else ["--enable-memory-saver"]
+
+
 def sglang_argv(
     spec: Spec,
     *,
     model_path: str,
     host: str,
     port: int,
-    api_key: str | None,
+    keyed: bool,
     tp_size: int | None = None,
     seed: int | None = None,
     nccl_port: int | None = None,
     python: str | None = None,
+    gpu: bool = False,
 ) -> list[str]:
-    """The ``sglang.launch_server`` command line of one engine."""
+    """The ``sglang.launch_server`` command line of one engine; ``keyed``: it requires the key in ``KEY_ENV``;
+    ``gpu``: it runs on GPUs."""
     sg = spec.sglang
     argv = [
-        python or spec.slurm.python,
-        "-m",
-        "sglang.launch_server",
+        *keyed_module(python or spec.slurm.python, "sglang.launch_server", keyed),
         "--model-path",
         model_path,
         "--host",
@@ -113,15 +164,13 @@ def sglang_argv(
         "--random-seed",
         str(spec.rollout.rollout_seed if seed is None else seed),
     ]
-    if api_key:
-        argv += ["--api-key", api_key]
     if sg.mem_fraction_static is not None:
         argv += ["--mem-fraction-static", str(sg.mem_fraction_static)]
     if nccl_port is not None:
         argv += ["--nccl-port", str(nccl_port)]
     if spec.model.trust_remote_code:
         argv.append("--trust-remote-code")
-    return argv + passthrough_args(sg.server_args)
+    return argv + _memory_saver(spec, gpu) + passthrough_args(sg.server_args)
 
 
 def embedded_argv(
@@ -130,12 +179,12 @@ def embedded_argv(
     model_path: str,
     host: str,
     port: int,
-    api_key: str | None,
     seed: int | None = None,
     device: str = "cpu",
     python: str | None = None,
 ) -> list[str]:
-    """The embedded engine's command line (``python -m miles.engine.server``), same address, key and seed."""
+    """The embedded engine's command line (``python -m miles.engine.server``), same address and seed; the server
+    reads the key, when the run has one, from ``KEY_ENV``."""
     argv = [
         python or sys.executable,
         "-m",
@@ -153,8 +202,6 @@ def embedded_argv(
         "--seed",
         str(spec.rollout.rollout_seed if seed is None else seed),
     ]
-    if api_key:
-        argv += ["--api-key", api_key]
     if spec.model.trust_remote_code:
         argv.append("--trust-remote-code")
     return argv
@@ -167,7 +214,7 @@ def planned_model_path(spec: Spec, run_dir: str) -> str:
 
 def plan_argvs(spec: Spec, plan: Plan, only: Sequence[int] | None = None) -> list[list[str]]:
     """Each engine's command line as the job starts it (of the engines in ``only``, else all): the plan's port,
-    NCCL port and seed, bound on every interface, the job's API key as the variable that holds it, SGLang's
+    NCCL port and seed, bound on every interface, SGLang's
     interpreter as ``[slurm] python``."""
     model = planned_model_path(spec, plan.run_dir)
     out = []
@@ -182,10 +229,11 @@ def plan_argvs(spec: Spec, plan: Plan, only: Sequence[int] | None = None) -> lis
                     model_path=model,
                     host="0.0.0.0",
                     port=port,
-                    api_key=API_KEY_SHOWN,
+                    keyed=spec.rollout.engine_auth,
                     tp_size=e.tp,
                     seed=seed,
                     nccl_port=nccl,
+                    gpu=plan.device == "gpu",
                 )
             )
         else:
@@ -196,7 +244,6 @@ def plan_argvs(spec: Spec, plan: Plan, only: Sequence[int] | None = None) -> lis
                     model_path=model,
                     host="0.0.0.0",
                     port=port,
-                    api_key=API_KEY_SHOWN,
                     seed=seed,
                     device=device,
                     python=spec.slurm.python,

@@ -129,11 +129,38 @@ def summary(spec: Spec, plan: Plan) -> str:
         f"batch {knobs}; {len(plan.weight_update_groups)} weight-update group(s) of "
         f"{plan.weight_update_groups[0].world_size} ranks."
     ]
+    filling = rollout_filling(spec)
+    if filling:
+        lines.append(filling)
     for w in plan.warnings:
         lines.append(f"warning: {w}")
     for u in plan.unchecked:
         lines.append(f"unchecked: {u}")
     return "\n".join(lines)
+
+
+def rollout_filling(spec: Spec) -> str:
+    """How dynamic sampling and over-sampling change what is generated (empty when neither is set).
+
+    Training still consumes ``rollout_batch_size x n_samples_per_prompt`` samples (the four knobs);
+    the engines generate more: whole rounds of ``over_sampling_batch_size`` prompts.
+    """
+    r = spec.rollout
+    if not r.dynamic_sampling_filter_path and r.over_sampling_batch_size is None:
+        return ""
+    n = r.n_samples_per_prompt or 1
+    per_round = r.over_sampling_batch_size or r.rollout_batch_size or 0
+    judge = (
+        f"pass the filter {r.dynamic_sampling_filter_path} (another round of {per_round} prompts while fewer "
+        "pass, at most one pass over the data per rollout)"
+        if r.dynamic_sampling_filter_path
+        else "come back first in draw order"
+    )
+    return (
+        f"rollout filling: each rollout sends rounds of {per_round} prompts x {n} samples = {per_round * n} "
+        f"generations and trains on the first {r.rollout_batch_size} groups that {judge}; requests still running "
+        "when the batch is full are aborted."
+    )
 
 
 def _abbreviated(n: int) -> list[int | None]:
@@ -171,6 +198,9 @@ def render_table(spec: Spec, plan: Plan) -> str:
     console = Console(file=out, width=120, force_terminal=False, color_system=None, highlight=False, markup=False)
     unit = _unit(plan)
     console.print(f"{plan.name}  mode={plan.mode}  run_dir={plan.run_dir}  device={plan.device}")
+    filling = rollout_filling(spec)
+    if filling:
+        console.print(filling)
 
     t = Table(title="Slurm components", title_justify="left")
     for col in ("het group", "role", "partition", "nodes", f"{unit}s/node", "tasks/node", "cpus/task", "mem"):

@@ -65,7 +65,7 @@ def preflight(
     spec: Spec, command: str, skip: Collection[str] = (), overrides: Sequence[str] = (), err: IO[str] | None = None
 ) -> None:
     """The pre-flight of ``miles COMMAND``: print the notes, raise :class:`PreflightError` (exit 2) on problems."""
-    report = check(spec, local_only=command == "run", skip=skip, overrides=overrides)
+    report = check(spec, local_only=command in ("run", "eval"), skip=skip, overrides=overrides)
     out = err or sys.stderr
     for note in report.notes:
         print(f"miles {command}: note: {note}", file=out)

@@ -21,28 +21,12 @@ from typing import Any
 
 from miles.errors import UserError
 from miles.preflight.report import Report
-from miles.reward.builtin import builtin_names
 from miles.reward.custom import call_problem, load_function
+from miles.reward.filters import load_filter, signature_problem
 from miles.reward.model import RewardModel
 from miles.spec.tables import Spec
 
 SKIP_HINT = "; if it imports only on the compute nodes, pass --skip-check code"
-
-
-def _filter_problem(fn: Callable[..., Any], what: str) -> str | None:
-    """Why ``fn`` cannot be called as Miles calls a dynamic-sampling filter, ``f(args, samples)``."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-    try:
-        sig.bind("args", "samples")
-    except TypeError as e:
-        return (
-            f"{what} takes {sig} and cannot be called as f(args, samples) ({e}); give it two positional "
-            "arguments: the [rollout] config and the list of a prompt's samples"
-        )
-    return None
 
 
 _GENERATION = {
@@ -104,11 +88,11 @@ def check_code(spec: Spec, report: Report) -> None:
         if ro.dynamic_sampling_filter_path:
             key = "dynamic_sampling_filter_path"
             try:
-                fn = load_function(ro.dynamic_sampling_filter_path, f"rollout.{key}", builtin_names(), base_dir)
+                fn = load_filter(ro.dynamic_sampling_filter_path, base_dir)
             except UserError as e:
                 report.problem(("rollout", key), f"{e}{_hint(e)}")
             else:
-                why = _filter_problem(fn, f"rollout.{key} = {ro.dynamic_sampling_filter_path!r}")
+                why = signature_problem(fn, f"rollout.{key} = {ro.dynamic_sampling_filter_path!r}")
                 if why:
                     report.problem(("rollout", key), why)
         _check_generation(spec, report, base_dir)

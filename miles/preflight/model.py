@@ -1,4 +1,5 @@
-"""Pre-flight of ``[model] hf_checkpoint``: an HF directory the run can load (config.json, weights, tokenizer).
+"""Pre-flight of ``[model] hf_checkpoint``: an HF directory the run can load (config.json, weights, tokenizer);
+and of ``[ckpt] ref_load``: not a Megatron checkpoint (:mod:`miles.ckpt.reference`).
 
 The engines and the trainer both load this directory; when they cannot, the
 run fails after its processes (or its Slurm job) have started, often inside
@@ -13,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from miles.ckpt.reference import refuse_megatron_reference
 from miles.model.architectures import support
 from miles.preflight.paths import look
 from miles.preflight.report import Report
@@ -38,6 +40,7 @@ def _read_json(path: Path) -> tuple[Any, str]:
 
 def check_model(spec: Spec, report: Report, local_only: bool) -> None:
     """Check the model directory of ``spec`` against its ``[perf] backend`` and ``[rollout] engine``."""
+    _check_reference(spec, report, local_only)
     path = spec.model.hf_checkpoint
     if spec.model.builtin or not path:
         return
@@ -86,3 +89,23 @@ def check_model(spec: Spec, report: Report, local_only: bool) -> None:
         _, why = _read_json(tokenizer_config)
         if why:
             report.problem(KEY, f"{why}; restore the file")
+
+
+def _check_reference(spec: Spec, report: Report, local_only: bool) -> None:
+    """``[ckpt] ref_load`` is read as an HF directory: a Megatron checkpoint there is refused with the fix."""
+    path = spec.ckpt.ref_load
+    if not path:
+        return
+    seen = look(path, local_only)
+    if seen.kind == "elsewhere":
+        report.note(f"ckpt.ref_load: {seen.why}")
+        return
+    if seen.kind == "missing":
+        report.problem(
+            ("ckpt", "ref_load"),
+            f"{path}: {seen.why}; set ref_load to an HF model directory, or leave it empty to use the initial weights",
+        )
+        return
+    why = refuse_megatron_reference(path)
+    if why:
+        report.problem(("ckpt", "ref_load"), why)

@@ -34,9 +34,9 @@ import asyncio
 import hashlib
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -44,6 +44,8 @@ from miles.errors import UserError
 from miles.sample import Sample
 from miles.sglang import protocol as proto
 from miles.spec.tables import RolloutConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class RolloutClient:
         chunk_size: int = 32,
         dead_cooldown_s: float = 5.0,
         batched: bool = True,
+        abort_urls: Sequence[str] | None = None,
     ) -> None:
         if not urls:
             raise UserError("no engine URLs to send rollouts to")
@@ -135,6 +138,8 @@ class RolloutClient:
         self.chunk_size = max(1, chunk_size)
         self.batched = batched
         """False: one single-prompt request per sample (a router in front), else batched chunks."""
+        self.abort_urls = [u.rstrip("/") for u in abort_urls] if abort_urls else [e.url for e in self.engines]
+        """Where :meth:`abort` goes: the engines themselves, also when ``urls`` is a router in front of them."""
         self.dead_cooldown_s = dead_cooldown_s
         self.max_concurrency = max_concurrency
         self._sem: asyncio.Semaphore | None = None
@@ -256,23 +261,59 @@ class RolloutClient:
 
     # ------------------------------------------------------------------ rollouts
 
-    async def generate(self, samples: Sequence[Sample], cfg: RolloutConfig, rollout_id: int, **overrides: Any) -> None:
+    async def generate(
+        self,
+        samples: Sequence[Sample],
+        cfg: RolloutConfig,
+        rollout_id: int,
+        first_index: int = 0,
+        rid_prefix: str | None = None,
+        stop: asyncio.Event | None = None,
+        **overrides: Any,
+    ) -> None:
         """Fill ``response_*``, ``finish_reason`` and ``weight_version`` of every sample, in place.
 
+        ``first_index``: the position of ``samples[0]`` in its rollout (seeds follow positions, so a
+        rollout sent in several calls samples as one sent at once). ``rid_prefix``: each sample's
+        request id is ``{rid_prefix}-{position}``, for :meth:`abort`. Once ``stop`` is set, aborted
+        samples keep ``finish_reason`` abort instead of being sent again (the caller aborted them).
         ``overrides`` replace sampling params (``temperature=``, ``max_new_tokens=`` ... for eval).
         """
-        seeds = [sample_seed(cfg.rollout_seed, rollout_id, i) for i in range(len(samples))]
+        positions = range(first_index, first_index + len(samples))
+        seeds = [sample_seed(cfg.rollout_seed, rollout_id, i) for i in positions]
+        rids = [f"{rid_prefix}-{i}" for i in positions] if rid_prefix is not None else None
         size = self.chunk_size if self.batched else 1
         chunks = [range(s, min(s + size, len(samples))) for s in range(0, len(samples), size)]
-        await asyncio.gather(*(self._generate_chunk(samples, list(c), seeds, cfg, overrides) for c in chunks))
+        await asyncio.gather(
+            *(self._generate_chunk(samples, list(c), seeds, rids, cfg, overrides, stop) for c in chunks)
+        )
+
+    async def abort(self, rids: Sequence[str]) -> None:
+        """Ask every engine to abort the requests ``rids`` (SGLang's ``/abort_request``); an engine down is skipped.
+
+        An aborted request answers at once with what it generated so far and ``finish_reason`` abort.
+        """
+        sem = asyncio.Semaphore(self.max_concurrency)  # not generation's: its slots wait for these very aborts
+
+        async def one(url: str, rid: str) -> None:
+            async with sem:  # thousands of rids over many engines: bounded like generation
+                body = proto.abort_request_body(rid=rid)
+                await self._request(_Engine(url), "POST", proto.ABORT_REQUEST.path, body, self.timeout_s)
+
+        calls = [one(url, rid) for url in self.abort_urls for rid in rids]
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, RolloutError):
+                raise result
 
     async def _generate_chunk(
         self,
         samples: Sequence[Sample],
         index: list[int],
         seeds: list[int],
+        rids: list[str] | None,
         cfg: RolloutConfig,
         overrides: dict[str, Any],
+        stop: asyncio.Event | None,
     ) -> None:
         todo = index
         for attempt in range(self.max_retries + 1):
@@ -282,12 +323,15 @@ class RolloutClient:
                     sampling=[sampling_params(cfg, seeds[i], **overrides) for i in todo],
                     return_logprob=True,
                 )
+                if rids is not None:
+                    body["rid"] = [rids[i] for i in todo]
             else:  # one sample: a single-prompt body, answered by one object
                 (only,) = todo
                 body = proto.generate_body(
                     input_ids=samples[only].prompt_ids,
                     sampling=sampling_params(cfg, seeds[only], **overrides),
                     return_logprob=True,
+                    rid=None if rids is None else rids[only],
                 )
             outs = await self.post(proto.GENERATE.path, body)
             if not self.batched and isinstance(outs, dict):
@@ -299,7 +343,7 @@ class RolloutClient:
                 _fill(samples[i], out)
                 if samples[i].finish_reason == "abort":
                     aborted.append(i)
-            if not aborted:
+            if not aborted or (stop is not None and stop.is_set()):
                 return
             todo = aborted
             if attempt < self.max_retries:
@@ -408,9 +452,9 @@ class BlockingRolloutClient:
     def generate(self, samples: Sequence[Sample], cfg: RolloutConfig, rollout_id: int, **overrides: Any) -> None:
         self._loop.run_until_complete(self.client.generate(samples, cfg, rollout_id, **overrides))
 
-    def run(self, coro: Any) -> Any:
-        """Run a coroutine (a custom generation over :attr:`client`) on this client's event loop."""
-        return self._loop.run_until_complete(coro)
+    def run(self, work: Callable[[RolloutClient], Awaitable[T]]) -> T:
+        """``await work(client)`` on this client's event loop (a caller's own async rollout logic)."""
+        return self._loop.run_until_complete(work(self.client))
 
     def wait_healthy(self, deadline_s: float = 600.0) -> None:
         self._loop.run_until_complete(self.client.wait_healthy(deadline_s))

@@ -46,10 +46,19 @@ class CustomGeneration:
         return cls(fn, f"rollout.{key} = {path!r}", key == "rollout_function_path", spec, tokenizer)
 
     async def run(
-        self, client: RolloutClient, samples: list[Sample], rollout_id: int, weight_version: int
+        self,
+        client: RolloutClient,
+        samples: list[Sample],
+        rollout_id: int,
+        weight_version: int,
+        evaluation: bool = False,
+        overrides: dict[str, Any] | None = None,
     ) -> list[Sample]:
-        """The rollout's samples with their responses, in rollout order."""
-        state = GenerateState(client, self.tokenizer, self.spec.rollout, rollout_id, weight_version)
+        """The rollout's samples with their responses, in rollout order (``evaluation``: an eval set, sampled with
+        ``overrides``)."""
+        state = GenerateState(
+            client, self.tokenizer, self.spec.rollout, rollout_id, weight_version, evaluation, dict(overrides or {})
+        )
         if self.whole_rollout:
             return await rollout_samples(self.fn, self.name, samples, state)
         return await generate_samples(self.fn, self.name, samples, state)

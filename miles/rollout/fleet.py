@@ -13,15 +13,15 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from miles.errors import UserError
 from miles.job import rundir
 from miles.job.environment import TaskContext
 from miles.job.ports import free_port
-from miles.rollout.client import BlockingRolloutClient
+from miles.rollout.client import BlockingRolloutClient, RolloutClient
 from miles.rollout.custom import CustomGeneration
 from miles.sample import Sample
 from miles.sglang import protocol as proto
@@ -33,6 +33,8 @@ from miles.transfer.sync import DEFAULT_GROUP, SyncError, WeightSync
 
 if TYPE_CHECKING:
     from miles.sglang.router import SglangRouter
+
+T = TypeVar("T")
 
 _NEVER_S = 1e9
 """Within one rollout an engine that failed a request is not used again: if it comes back, it was
@@ -204,9 +206,70 @@ class EngineFleet:
 
     # ------------------------------------------------------------------ the loop's calls
 
-    def generate(self, samples: list[Sample], rollout_id: int, weight_version: int) -> None:
-        """Fill every sample's response fields; each sample's seed is a pure function of its position."""
+    def generate(
+        self, samples: list[Sample], rollout_id: int, weight_version: int, evaluation: bool = False, **overrides: Any
+    ) -> None:
+        """Fill every sample's response fields; each sample's seed is a pure function of ``rollout_id`` and its
+        position. ``evaluation``: an eval set, whose ``overrides`` replace sampling params (temperature, top-p,
+        top-k, length); a custom generate or rollout function is told which it serves."""
 
+        urls = self._current_urls()
+        if self.router is not None:  # it routes to these engines only; one announced again leaves it at once
+            self._generate_routed(samples, rollout_id, urls, weight_version, evaluation, overrides)
+            return
+        client = BlockingRolloutClient(urls, api_key=self.api_key, dead_cooldown_s=_NEVER_S)
+        try:
+            self._generate_with(client, samples, rollout_id, weight_version, evaluation, overrides)
+        finally:
+            client.close()
+
+    def _generate_with(
+        self,
+        client: BlockingRolloutClient,
+        samples: list[Sample],
+        rollout_id: int,
+        weight_version: int,
+        evaluation: bool,
+        overrides: dict[str, Any],
+    ) -> None:
+        """Single-turn generation, or the spec's generate/rollout function; ``samples`` are filled or replaced."""
+        if self.custom is None:
+            client.generate(samples, self.spec.rollout, rollout_id, **overrides)
+        else:
+            custom = self.custom
+            samples[:] = client.run(
+                lambda c: custom.run(c, samples, rollout_id, weight_version, evaluation=evaluation, overrides=overrides)
+            )
+
+    def fill(self, work: Callable[[RolloutClient], Awaitable[T]]) -> T:
+        """Run ``work`` (a rollout that decides as it goes what to send and abort, :mod:`miles.rollout.oversample`)
+        with a client over the engines that hold the actor's weights."""
+
+        urls = self._current_urls()
+        if self.router is None:
+            client = BlockingRolloutClient(urls, api_key=self.api_key, dead_cooldown_s=_NEVER_S)
+            try:
+                return client.run(work)
+            finally:
+                client.close()
+        # Through sglang-router (one request per sample, as in _generate_routed); aborts go to each engine.
+        router = self.router
+        routed = router.route_to(urls)
+        client = BlockingRolloutClient(
+            [router.url],
+            api_key=router.api_key,
+            batched=False,
+            max_concurrency=min(MAX_IN_FLIGHT, PER_ENGINE_IN_FLIGHT * len(routed)),
+            abort_urls=routed,
+        )
+        stale = lambda: [self.known[i].url for i in self.restarted() if i in self.known]  # noqa: E731
+        try:
+            with router.guard(routed, stale):
+                return client.run(work)
+        finally:
+            client.close()
+
+    def _current_urls(self) -> list[str]:
         changed = set(self.restarted())
         urls = [a.url for a in self.members if a.index not in changed]
         if not urls:
@@ -214,25 +277,17 @@ class EngineFleet:
                 f"every engine restarted since the last weight sync (engines {sorted(changed)}); "
                 "none holds the actor's weights"
             )
-        if self.router is not None:  # it routes to these engines only; one announced again leaves it at once
-            self._generate_routed(samples, rollout_id, urls, weight_version)
-            return
-        client = BlockingRolloutClient(urls, api_key=self.api_key, dead_cooldown_s=_NEVER_S)
-        try:
-            self._generate_with(client, samples, rollout_id, weight_version)
-        finally:
-            client.close()
+        return urls
 
-    def _generate_with(
-        self, client: BlockingRolloutClient, samples: list[Sample], rollout_id: int, weight_version: int
+    def _generate_routed(
+        self,
+        samples: list[Sample],
+        rollout_id: int,
+        urls: list[str],
+        weight_version: int,
+        evaluation: bool,
+        overrides: dict[str, Any],
     ) -> None:
-        """Single-turn generation, or the spec's generate/rollout function; ``samples`` are filled or replaced."""
-        if self.custom is None:
-            client.generate(samples, self.spec.rollout, rollout_id)
-        else:
-            samples[:] = client.run(self.custom.run(client.client, samples, rollout_id, weight_version))
-
-    def _generate_routed(self, samples: list[Sample], rollout_id: int, urls: list[str], weight_version: int) -> None:
         """One rollout through sglang-router to the engines of ``urls``: one request per sample, the router's
         worker list watched while it runs (:meth:`miles.sglang.router.SglangRouter.guard`)."""
 
@@ -249,7 +304,7 @@ class EngineFleet:
         stale = lambda: [self.known[i].url for i in self.restarted() if i in self.known]  # noqa: E731
         try:
             with router.guard(routed, stale):
-                self._generate_with(client, samples, rollout_id, weight_version)
+                self._generate_with(client, samples, rollout_id, weight_version, evaluation, overrides)
         finally:
             client.close()
 

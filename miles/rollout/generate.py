@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from miles.rollout.client import RolloutClient, RolloutError, sample_seed, sampling_params
@@ -54,6 +54,10 @@ class GenerateState:
     """The ``[rollout]`` table (turn limits, tools, stop strings ...)."""
     rollout_id: int
     weight_version: int
+    evaluation: bool = False
+    """An eval set (``[eval]``), not a training rollout."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Evaluation's sampling params, replacing the rollout's (``eval_temperature`` ...)."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class RolloutFnInput:
     def sampling_params(self, index: int) -> dict[str, Any]:
         """The ``sampling_params`` of the rollout's sample ``index`` (in group order), its seed included."""
         cfg = self.state.rollout
-        return sampling_params(cfg, sample_seed(cfg.rollout_seed, self.state.rollout_id, index))
+        return sampling_params(cfg, sample_seed(cfg.rollout_seed, self.state.rollout_id, index), **self.state.overrides)
 
 
 @dataclass
@@ -127,7 +131,8 @@ async def generate_samples(
 
     async def one(i: int, sample: Sample) -> Sample:
         seed = sample_seed(cfg.rollout_seed, state.rollout_id, i)
-        out = await _maybe_await(fn(GenerateFnInput(state, sample, sampling_params(cfg, seed))))
+        params = sampling_params(cfg, seed, **state.overrides)
+        out = await _maybe_await(fn(GenerateFnInput(state, sample, params, state.evaluation)))
         got = out.samples if isinstance(out, GenerateFnOutput) else out
         got = got if isinstance(got, list) else [got]
         if len(got) != 1 or not isinstance(got[0], Sample):
@@ -146,7 +151,7 @@ async def rollout_samples(
 ) -> list[Sample]:
     """The rollout through rollout function ``fn``: groups in, groups of the same sizes out, flattened."""
     groups = split_groups(samples)
-    out = await _maybe_await(fn(RolloutFnInput(state, groups)))
+    out = await _maybe_await(fn(RolloutFnInput(state, groups, state.evaluation)))
     got = out.samples if isinstance(out, RolloutFnOutput) else out
     sizes = [len(g) for g in groups]
     if not isinstance(got, list) or [len(g) for g in got] != sizes:

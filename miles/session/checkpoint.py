@@ -24,10 +24,14 @@ import torch.distributed as dist
 from miles import fault
 from miles.ckpt.state import binding_fields, capture_rng, check_resumable, restore_rng
 from miles.ckpt.store import CheckpointStore, write_json_atomic
+from miles.session.asynchronous import Generated
 from miles.session.components import Components, broadcast
 from miles.spec.tables import Spec
 
 log = logging.getLogger("miles.loop")
+
+PENDING = "pending_rollout.json"
+"""The rollout generated ahead of the checkpoint's next rollout (``[run] train_async``), in the checkpoint."""
 
 
 @dataclass
@@ -38,6 +42,10 @@ class RunState:
     weight_version: int = 0
     saved_at: int | None = None
     """The rollout before which the newest checkpoint of this process was taken (or resumed from)."""
+    evaluated: int | None = None
+    """The step (rollouts trained) of the last evaluation that ran (:mod:`miles.session.evaluation`)."""
+    pending: Generated | None = None
+    """Driver, ``[run] train_async``: rollout ``next_rollout``, generated ahead and not yet trained on."""
 
 
 @dataclass(frozen=True)
@@ -46,11 +54,14 @@ class RolloutStart:
 
     dataset: dict[str, Any] | None
     rng: dict[str, Any]
+    pending: Generated | None = None
+    """The rollout generated ahead that this rollout trains on (async), restored with the cursor after it."""
 
 
-def capture(parts: Components) -> RolloutStart:
-    """The data cursor (driver) and this rank's RNG states, as of now."""
-    return RolloutStart(dataset=parts.driver.dataset.state_dict() if parts.driver else None, rng=capture_rng())
+def capture(parts: Components, pending: Generated | None = None) -> RolloutStart:
+    """The data cursor (driver), this rank's RNG states and the rollout generated ahead, as of now."""
+    dataset = parts.driver.dataset.state_dict() if parts.driver else None
+    return RolloutStart(dataset=dataset, rng=capture_rng(), pending=pending)
 
 
 def resume(parts: Components, spec: Spec) -> RunState:
@@ -69,10 +80,19 @@ def resume(parts: Components, spec: Spec) -> RunState:
     rng_file = path / "rng" / f"rank-{dist.get_rank()}.json"
     if rng_file.exists():
         restore_rng(json.loads(rng_file.read_text()))
+    pending = None
     if parts.driver is not None:
         parts.driver.dataset.load_state_dict(driver_state["dataset"])
+        if (path / PENDING).exists():
+            pending = Generated.from_json(json.loads((path / PENDING).read_text()))
         print(f"miles: resumed from {path} at rollout {rollout_id}", flush=True)
-    return RunState(next_rollout=rollout_id, weight_version=driver_state["weight_version"], saved_at=rollout_id)
+    return RunState(
+        next_rollout=rollout_id,
+        weight_version=driver_state["weight_version"],
+        saved_at=rollout_id,
+        evaluated=driver_state.get("evaluated"),
+        pending=pending,
+    )
 
 
 def save(
@@ -95,12 +115,16 @@ def save(
     fault.point("save", next_rollout, run_dir, rank)
     if parts.driver is not None:
         dataset_state = start.dataset if start else parts.driver.dataset.state_dict()
+        pending = start.pending if start else state.pending
+        if pending is not None:  # async: the rollout generated ahead goes with the cursor after its prompts
+            write_json_atomic(partial / PENDING, pending.to_json())
         write_json_atomic(
             partial / "driver.json",
             {
                 "rollout_id": next_rollout,
                 "weight_version": state.weight_version,
                 "actor_step": parts.actor.step,
+                "evaluated": state.evaluated,
                 "dataset": dataset_state,
                 "spec": binding_fields(spec),
                 "rollout_seed": spec.rollout.rollout_seed,
@@ -109,9 +133,17 @@ def save(
         final = parts.store.commit(partial, next_rollout)
         log.info("saved %s in %.2fs", final, time.perf_counter() - t0)
     dist.barrier()
-    if spec.ckpt.save_hf:
-        export_hf(parts, Path(spec.ckpt.save_hf.replace("{rollout_id}", str(next_rollout))))
+    hf_dir = hf_export_dir(spec, next_rollout)
+    if hf_dir is not None:
+        export_hf(parts, hf_dir)
     state.saved_at = next_rollout
+
+
+def hf_export_dir(spec: Spec, next_rollout: int) -> Path | None:
+    """Where ``[ckpt] save_hf`` exports HF weights with the checkpoint before ``next_rollout`` (None: no export)."""
+    if not spec.ckpt.save_hf:
+        return None
+    return Path(spec.ckpt.save_hf.replace("{rollout_id}", str(next_rollout)))
 
 
 def save_due(spec: Spec, rollout_id: int) -> bool:

@@ -20,6 +20,8 @@ from miles.errors import UserError
 from miles.job import rundir
 from miles.job.environment import TaskContext
 from miles.plan import trainer_mesh
+from miles.plan.engine_argv import rollout_offload, train_offload
+from miles.reward.filters import load_filter
 from miles.reward.model import RewardModel
 from miles.rollout.fleet import EngineFleet, engine_deadline_s, local_device, trainer_group, weight_sync_kind
 from miles.spec.tables import Spec
@@ -35,6 +37,10 @@ class Driver:
     dataset: Any
     engines: EngineFleet
     reward: Any
+    eval_data: dict[str, Any]
+    """``[eval] eval_prompt_data``'s datasets by name (empty without evaluation)."""
+    keep: Any = None
+    """The dynamic-sampling filter (``[rollout] dynamic_sampling_filter_path``), or ``None``."""
 
 
 @dataclass
@@ -75,20 +81,33 @@ def build(spec: Spec, task: TaskContext) -> Components:
     device = torch.device(f"cuda:{task.local_rank}" if task.device == "cuda" else "cpu")
     mesh = trainer_mesh(spec, dist.get_world_size(), model_dir)  # the layout `miles plan` showed, checked again
     actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=num_rollout, device=device, mesh=mesh))
-    colocated_gpu = spec.cluster.mode == "colocate" and task.device == "cuda"
     sync_peer = None
     if not is_driver and weight_sync_kind(spec, task.device) == "tensor" and trainer_group() is not None:
         sync_peer = TensorSyncPeer(spec.rollout.update_weight_buffer_size, local_device(task), trainer_group())
     return Components(
         actor=actor,
         driver=driver,
-        store=CheckpointStore(Path(spec.ckpt.save or run_dir / "checkpoints"), spec.ckpt.keep_last),
+        store=CheckpointStore.of_run(spec.ckpt, run_dir),
         num_rollout=num_rollout,
         model_dir=model_dir,
-        offload_train=colocated_gpu if spec.perf.offload_train is None else spec.perf.offload_train,
-        offload_rollout=colocated_gpu if spec.perf.offload_rollout is None else spec.perf.offload_rollout,
+        offload_train=train_offload(spec, gpu=task.device == "cuda"),
+        offload_rollout=rollout_offload(spec, gpu=task.device == "cuda"),
         sync_peer=sync_peer,
     )
+
+
+def num_rollouts(spec: Spec, num_prompts: int) -> int:
+    """The run's length in rollouts: ``[run] num_rollout``, or ``num_epoch`` passes over ``num_prompts`` prompts."""
+    if spec.run.num_rollout is not None:
+        return spec.run.num_rollout
+    assert spec.run.num_epoch is not None and spec.rollout.rollout_batch_size is not None
+    num_rollout = spec.run.num_epoch * num_prompts // spec.rollout.rollout_batch_size
+    if num_rollout == 0:
+        raise UserError(
+            f"[run] num_epoch = {spec.run.num_epoch} over {num_prompts} prompts gives no full rollout of "
+            f"rollout_batch_size = {spec.rollout.rollout_batch_size}; raise num_epoch or set num_rollout"
+        )
+    return num_rollout
 
 
 def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver, int]:
@@ -97,16 +116,12 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver,
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
     dataset = PromptDataset.from_spec(spec.rollout, tokenizer)
-    reward = RewardModel.from_spec(spec.rollout, base_dir=Path(spec.source).parent if spec.source else None)
-    num_rollout = spec.run.num_rollout
-    if num_rollout is None:
-        assert spec.run.num_epoch is not None and spec.rollout.rollout_batch_size is not None
-        num_rollout = spec.run.num_epoch * len(dataset) // spec.rollout.rollout_batch_size
-        if num_rollout == 0:
-            raise UserError(
-                f"[run] num_epoch = {spec.run.num_epoch} over {len(dataset)} prompts gives no full rollout of "
-                f"rollout_batch_size = {spec.rollout.rollout_batch_size}; raise num_epoch or set num_rollout"
-            )
+    eval_data = PromptDataset.eval_from_spec(spec.eval, spec.rollout, tokenizer)
+    base_dir = Path(spec.source).parent if spec.source else None
+    reward = RewardModel.from_spec(spec.rollout, base_dir=base_dir)
+    path = spec.rollout.dynamic_sampling_filter_path
+    keep = load_filter(path, base_dir) if path else None
+    num_rollout = num_rollouts(spec, len(dataset))
     announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id, deadline_s=engine_deadline_s())
     engines = EngineFleet(spec, task, announced, tokenizer=tokenizer)
-    return Driver(dataset=dataset, engines=engines, reward=reward), num_rollout
+    return Driver(dataset=dataset, engines=engines, reward=reward, eval_data=eval_data, keep=keep), num_rollout

@@ -14,47 +14,78 @@ from typing import Any
 
 from miles import fault
 from miles.data import expand_groups
+from miles.rollout import oversample
 from miles.sample import Sample
 from miles.session.components import Components, broadcast
 from miles.session.timing import PhaseTimer
 from miles.sglang import protocol as proto
 from miles.spec.tables import Spec
-from miles.train.actor import StepMetrics, prepare_batch
+from miles.train.actor import StepMetrics, prepare_batch, ref_update_due
 from miles.train.batch import RolloutBatch
 from miles.transfer.checksum import tensor_checksum
 
 
 def generate(
     parts: Components, spec: Spec, rollout_id: int, weight_version: int, timer: PhaseTimer, run_dir: Path
-) -> tuple[list[Sample] | None, float]:
+) -> tuple[list[Sample] | None, float, dict[str, float] | None]:
     """Driver: draw ``rollout_batch_size`` prompts and have the engines answer each ``n`` times.
 
-    Returns the samples (``None`` on the other ranks) and the seconds the engines took.
+    With dynamic sampling or over-sampling (:mod:`miles.rollout.oversample`) the driver draws
+    rounds of prompts and scores groups as they come back, keeping the first
+    ``rollout_batch_size`` groups that pass the filter.
+
+    Returns the samples (``None`` on the other ranks), the seconds the engines took, and, when
+    the samples were scored while filling the batch, the reward's and the filling's metrics.
     """
     if parts.offload_train:
         parts.actor.offload()  # every rank: the engines on these GPUs need the memory now
     if parts.driver is None:
-        return None, 0.0
-    prompts = parts.driver.dataset.sample(spec.rollout.rollout_batch_size)
-    samples = expand_groups(prompts, spec.rollout.n_samples_per_prompt)
-    t0 = time.perf_counter()
-    parts.driver.engines.generate(samples, rollout_id=rollout_id, weight_version=weight_version)
-    engine_seconds = time.perf_counter() - t0
+        return None, 0.0, None
+    samples, engine_seconds, filled_stats = draw_and_generate(parts, spec, rollout_id, weight_version)
     if parts.offload_rollout:
         parts.driver.engines.release_memory()
     timer.lap("generate")
     fault.point("generate", rollout_id, run_dir, 0)
-    return samples, engine_seconds
+    return samples, engine_seconds, filled_stats
 
 
-def score(parts: Components, samples: list[Sample] | None, timer: PhaseTimer) -> tuple[list[Sample], dict[str, float]]:
-    """Driver: a reward for every sample; then every rank receives the scored rollout and the reward's stats."""
+def draw_and_generate(
+    parts: Components, spec: Spec, rollout_id: int, weight_version: int
+) -> tuple[list[Sample], float, dict[str, float] | None]:
+    """Driver only, no collective: the prompts of rollout ``rollout_id`` drawn and answered (see :func:`generate`)."""
+    driver = parts.driver
+    assert driver is not None
+    t0 = time.perf_counter()
+    filled_stats = None
+    if oversample.enabled(spec.rollout):
+        filled = driver.engines.fill(
+            lambda client: oversample.fill(
+                client, driver.dataset.sample, driver.reward, driver.keep, spec.rollout, rollout_id, len(driver.dataset)
+            )
+        )
+        samples = filled.samples
+        filled_stats = {**filled.reward.metrics(), **filled.counts.metrics(), **filled.timing()}
+    else:
+        samples = expand_groups(
+            driver.dataset.sample(spec.rollout.rollout_batch_size), spec.rollout.n_samples_per_prompt
+        )
+        driver.engines.generate(samples, rollout_id=rollout_id, weight_version=weight_version)
+    return samples, time.perf_counter() - t0, filled_stats
+
+
+def score(
+    parts: Components, samples: list[Sample] | None, timer: PhaseTimer, scored_stats: dict[str, float] | None = None
+) -> tuple[list[Sample], dict[str, float]]:
+    """Driver: a reward for every sample; then every rank receives the scored rollout and the reward's stats.
+
+    ``scored_stats``: the samples were scored while the batch was filled; these are the stats.
+    """
     stats: dict[str, float] = {}
     if parts.offload_train:
         parts.actor.onload()  # the engines released their memory after generating
     if parts.driver is not None:
         assert samples is not None
-        stats = parts.driver.reward.score_blocking(samples).metrics()
+        stats = scored_stats if scored_stats is not None else parts.driver.reward.score_blocking(samples).metrics()
     timer.lap("reward")
     scored: list[Sample] = broadcast(samples if parts.is_driver else None)
     return scored, stats
@@ -73,8 +104,7 @@ def train(
     """``num_steps_per_rollout`` optimizer steps of the actor over this rollout, then the reference's refresh."""
     fault.point("train", rollout_id, run_dir, rank)
     metrics = parts.actor.train(batch, rollout_id)
-    interval = spec.grpo.ref_update_interval
-    if interval is not None and (rollout_id + 1) % interval == 0:
+    if ref_update_due(spec.grpo, rollout_id):
         parts.actor.update_ref()
     return metrics
 

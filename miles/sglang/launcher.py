@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from miles.job import enginekey, orphans
-from miles.plan.engine_argv import embedded_argv, sglang_argv
+from miles.plan.engine_argv import KEY_ENV, embedded_argv, sglang_argv
 from miles.plan.engine_argv import passthrough_args as passthrough_args  # re-exported: the launcher's API
 from miles.sglang import protocol as proto
 from miles.spec.tables import Spec
@@ -118,16 +118,15 @@ def engine_launch(
             model_path=model_path,
             host=host,
             port=port,
-            api_key=api_key,
+            keyed=api_key is not None,
             tp_size=tp_size,
             seed=seed,
             nccl_port=nccl_port,
             python=python,
+            gpu=device == "cuda",
         )
     else:
-        argv = embedded_argv(
-            spec, model_path=model_path, host=host, port=port, api_key=api_key, seed=seed, device=device, python=python
-        )
+        argv = embedded_argv(spec, model_path=model_path, host=host, port=port, seed=seed, device=device, python=python)
     return EngineLaunch(
         index=index,
         kind=kind,
@@ -214,6 +213,9 @@ class EngineProcess:
             raise RuntimeError(f"engine {self.launch.index} is already running (pid {self.pid})")
         self.launch.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.launch.env, **self.extra_env}
+        env.pop(KEY_ENV, None)
+        if self.launch.api_key:  # in the environment, never on the command line (miles.plan.engine_argv)
+            env[KEY_ENV] = self.launch.api_key
         self.starts += 1
         with open(self.launch.log_path, "ab") as log:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")

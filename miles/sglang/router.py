@@ -57,6 +57,7 @@ from miles.errors import UserError
 from miles.job import rundir
 from miles.job.ports import free_port
 from miles.plan import ports
+from miles.plan.engine_argv import keyed_module
 from miles.sglang.launcher import EngineLaunch, EngineProcess, EngineStartError, health_ok
 
 if TYPE_CHECKING:
@@ -124,16 +125,15 @@ def router_argv(
     *,
     host: str,
     port: int,
-    api_key: str | None = None,
+    keyed: bool = False,
     policy: RouterPolicy = "cache_aware",
     python: str | None = None,
 ) -> list[str]:
     """``python -m sglang_router.launch_router``: its ``policy``, quiet logs (it logs every request at INFO) and a
-    short shutdown grace; ``api_key`` is the key it asks of clients and presents to the engines."""
+    short shutdown grace; ``keyed``: it asks clients for the engine key and presents it to the engines, reading it
+    from the environment (``miles.plan.engine_argv.KEY_FROM_ENV``), never from its command line."""
     argv = [
-        python or sys.executable,
-        "-m",
-        "sglang_router.launch_router",
+        *keyed_module(python or sys.executable, "sglang_router.launch_router", keyed),
         "--host",
         host,
         "--port",
@@ -147,8 +147,6 @@ def router_argv(
     ]
     if worker_urls:
         argv += ["--worker-urls", *worker_urls]
-    if api_key:
-        argv += ["--api-key", api_key]
     return argv
 
 
@@ -164,7 +162,7 @@ def router_launch(
 ) -> EngineLaunch:
     """The router as a process like an engine (index -1, log ``router.log``), in its starter's process group: it
     lives and dies with the driver that uses it."""
-    argv = router_argv(worker_urls, host=host, port=port, api_key=api_key, policy=policy, python=python)
+    argv = router_argv(worker_urls, host=host, port=port, keyed=api_key is not None, policy=policy, python=python)
     return EngineLaunch(
         index=-1,
         kind="router",
@@ -359,20 +357,25 @@ class SglangRouter:
             self.process.stop(timeout_s=10)
 
 
+def driver_router_launch(spec: Spec, port: int, api_key: str | None, run_dir: Path, python: str) -> EngineLaunch:
+    """The driver's router process: every interface at ``port``, ``[sglang] router_policy``, no workers yet."""
+    return router_launch(
+        host="0.0.0.0",
+        port=port,
+        api_key=api_key,
+        log_dir=run_dir / rundir.LOGS,
+        policy=spec.sglang.router_policy,
+        python=python,
+    )
+
+
 def start_driver_router(spec: Spec, task: TaskContext, api_key: str | None) -> SglangRouter:
     """The driver's router: on its node at the plan's router port (a free one if that is taken), no workers yet,
     logging to ``<run_dir>/logs/router.log``. :class:`UserError` when sglang-router is not installed."""
 
     python = router_python()
     require_router(python, spec.source)
-    launch = router_launch(
-        host="0.0.0.0",
-        port=free_port(router_port(task)),
-        api_key=api_key,
-        log_dir=Path(task.run_dir) / rundir.LOGS,
-        policy=spec.sglang.router_policy,
-        python=python,
-    )
+    launch = driver_router_launch(spec, free_port(router_port(task)), api_key, Path(task.run_dir), python)
     router = SglangRouter.start(launch)
     print(f"miles: sglang-router {spec.sglang.router_policy} at {router.url} (log {launch.log_path})", flush=True)
     return router

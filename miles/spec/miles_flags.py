@@ -105,6 +105,12 @@ DISPOSITIONS: dict[str, Disposition] = {
         "miles keeps fp32 master weights and fp32 Adam moments (Megatron's behaviour without the "
         "flag); remove it: only memory differs",
     ),
+    "optimizer_cpu_offload": Disposition(
+        "unsupported",
+        "optimizer state stays beside the weights it updates (Megatron's hybrid CPU optimizer is not wired into "
+        "miles' checkpoints); colocated runs move weights, gradients and optimizer state to the host while the "
+        "engines generate ([perf] offload_train): remove it, only memory differs",
+    ),
     "overlap_cpu_optimizer_d2h_h2d": Disposition(
         "unsupported", "there is no overlapped CPU optimizer; remove it: it only changes speed"
     ),
@@ -159,6 +165,28 @@ DISPOSITIONS: dict[str, Disposition] = {
     "log_passrate": Disposition("fixed", "miles logs each rollout's mean reward (rollout/reward_mean)"),
     "use_fault_tolerance": Disposition(
         "always", "engines are supervised and restarted; trainer failures end the job, which Slurm requeues"
+    ),
+    "partial_rollout": Disposition(
+        "unsupported",
+        "miles does not support partial rollouts yet (aborted samples continued next rollout); remove it: "
+        "over-sampling's surplus is aborted and dropped, and its prompts count as used",
+        changes_experiment=True,
+    ),
+    "mask_offpolicy_in_partial_rollout": Disposition(
+        "unsupported",
+        "miles does not support partial rollouts yet, so there are no off-policy token ranges to mask; remove it",
+        changes_experiment=True,
+    ),
+    "fully_async": Disposition(
+        "unsupported",
+        "miles does not support a persistent rollout worker with a bounded buffer yet; remove it, and set "
+        "[run] train_async = true for one-step-off async training",
+        changes_experiment=True,
+    ),
+    "max_weight_staleness": Disposition(
+        "unsupported",
+        "miles does not support fully_async yet, so there is no staleness bound to set; remove it",
+        changes_experiment=True,
     ),
 }
 """Flag (underscored) -> what miles does instead of having a key for it."""

@@ -56,6 +56,13 @@ class RunConfig:
     rollout.
     """
 
+    train_async: bool = False
+    """One step off-policy, as slime's ``train_async.py``: rollout N+1 is generated while the actor trains on
+    rollout N, so it comes from the weights of one update earlier (each sample records its weight version; set
+    ``[grpo] use_tis`` to correct with the engine's log-probs). Needs engines that keep their memory while the actor
+    trains: split mode, or the CPU local run; refused on colocated GPUs that offload. See docs/rollout-modes.md.
+    """
+
 
 @dataclass(**_KW)
 class ModelConfig:
@@ -254,10 +261,18 @@ class RolloutConfig:
     """Reward calls in flight at once (bounds load on ``rm_url`` services and threads for sync functions)."""
 
     over_sampling_batch_size: int | None = field(default=None, metadata={"gt": 0})
-    """Prompts sampled per round when dynamic filtering drops groups (Miles ``--over-sampling-batch-size``)."""
+    """Prompts drawn per round (Miles ``--over-sampling-batch-size``): the engines answer a whole round at once,
+    training takes the first ``rollout_batch_size`` groups that pass the filter (in draw order), and requests still
+    running then are aborted. Unset: rounds of ``rollout_batch_size``. The data cursor advances by every prompt
+    drawn. See docs/rollout-modes.md.
+    """
 
     dynamic_sampling_filter_path: str = ""
-    """``module:function`` that keeps or drops a group of samples (Miles ``--dynamic-sampling-filter-path``)."""
+    """``module:function`` that keeps or drops each scored group (Miles ``--dynamic-sampling-filter-path``,
+    signature ``f(args, samples, **kwargs)`` returning a bool or an object with ``keep``); rounds are drawn until
+    ``rollout_batch_size`` groups pass, at most one pass over the data per rollout. The built-in
+    ``miles.reward.filters:check_reward_nonzero_std`` drops groups whose rewards are all equal (DAPO).
+    """
 
     update_weight_buffer_size: int = field(default=512 * MiB, metadata={"gt": 0})
     """Bucket size in bytes of each weight-sync broadcast (Miles ``--update-weight-buffer-size``)."""
@@ -288,22 +303,30 @@ class EvalConfig:
     """[eval]: evaluation datasets and their sampling."""
 
     eval_prompt_data: dict[str, str] = field(default_factory=dict)
-    """Evaluation datasets, name to path (Miles ``--eval-prompt-data NAME PATH ...``)."""
+    """Evaluation datasets, name to path (Miles ``--eval-prompt-data NAME PATH ...``): each is answered by the engines
+    with the current weights and scored by the run's reward; metrics per dataset go to ``metrics.jsonl``, TensorBoard
+    and ``plot.png`` as ``eval/<name>/...``. Evaluation never feeds training nor moves its data order or seeds.
+    """
 
     eval_interval: int | None = field(default=None, metadata={"gt": 0})
-    """Evaluate every N rollouts (Miles ``--eval-interval``). Unset disables evaluation."""
+    """Evaluate after every N rollouts and after the last (Miles ``--eval-interval``), and before the first unless
+    ``skip_eval_before_train``. Unset disables evaluation.
+    """
 
     n_samples_per_eval_prompt: int = field(default=1, metadata={"gt": 0})
-    """Responses per evaluation prompt (Miles ``--n-samples-per-eval-prompt``)."""
+    """Responses per evaluation prompt (Miles ``--n-samples-per-eval-prompt``): the k of pass@k and avg@k."""
 
     eval_max_response_len: int | None = field(default=None, metadata={"gt": 0})
-    """Maximum new tokens during evaluation; unset means the rollout's value."""
+    """Maximum new tokens during evaluation (Miles ``--eval-max-response-len``); unset means the rollout's value."""
 
     eval_temperature: float | None = field(default=None, metadata={"ge": 0.0})
-    """Temperature during evaluation; unset means the rollout's value."""
+    """Temperature during evaluation (Miles ``--eval-temperature``); unset means the rollout's value."""
 
     eval_top_p: float | None = field(default=None, metadata={"gt": 0.0, "le": 1.0})
-    """Top-p during evaluation; unset means the rollout's value."""
+    """Top-p during evaluation (Miles ``--eval-top-p``); unset means the rollout's value."""
+
+    eval_top_k: int | None = field(default=None, metadata={"ge": -1})
+    """Top-k during evaluation, -1 disables it (Miles ``--eval-top-k``); unset means the rollout's value."""
 
     eval_input_key: str | None = None
     """Prompt key of the evaluation data; unset means ``rollout.input_key``."""
@@ -437,6 +460,3 @@ class OptimizerConfig:
 
     clip_grad: float = field(default=1.0, metadata={"ge": 0.0})
     """Global gradient-norm clip; 0 disables it (Miles ``--clip-grad``)."""
-
-    optimizer_cpu_offload: bool = False
-    """Keep optimizer state on the CPU (Miles ``--optimizer-cpu-offload``)."""

@@ -12,17 +12,20 @@ message)`` and its message says what to change. The rules, in order:
   (``rm_type`` / ``custom_rm_path`` / ``rm_url``); custom code as ``module:function``;
   ``rm_url`` is http(s); ``group_rm`` needs ``custom_rm_path``; ``rollout_top_k`` is -1 or >= 1;
   ``over_sampling_batch_size`` >= ``rollout_batch_size``.
-* ``[eval]``: ``eval_interval`` and ``eval_prompt_data`` go together; eval data files are .jsonl/.parquet.
+* ``[eval]``: ``eval_interval`` and ``eval_prompt_data`` go together; eval data files are .jsonl/.parquet;
+  ``eval_top_k`` is -1 or >= 1.
 * ``[train]``: ``use_dynamic_batch_size`` needs ``max_tokens_per_gpu``.
-* ``[grpo]``: ``kl_loss_coef`` > 0 needs ``use_kl_loss``.
+* ``[grpo]``: ``kl_loss_coef`` > 0 needs ``use_kl_loss``; ``kl_coef`` needs a REINFORCE++ estimator and
+  ``gamma`` ``reinforce_plus_plus`` (the estimators that read them).
 * ``[optimizer]``: ``min_lr`` <= ``lr``.
 * ``[perf]``: FSDP is data parallel only (tp = pp = cp = ep = 1, no etp); ``sequence_parallel`` needs tp > 1;
   ``recompute_method`` / ``recompute_num_layers`` need ``recompute_granularity = "full"``;
   ``moe_token_dispatcher_type`` is ``alltoall`` (allgather refuses variable lengths, flex needs DeepEP);
   the ``moe_*`` keys are Megatron's (refused with ``backend = "fsdp"``).
-* ``[cluster]``: ``mem_per_node`` in Slurm's syntax.
+* ``[cluster]``: ``mem_per_node`` in Slurm's syntax; ``[run] train_async`` not on colocated GPUs that offload.
 * ``[slurm]``: ``time`` in Slurm's syntax and longer than ``signal_lead_time``; a container runtime and
   an image go together; ``container_mounts`` are ``src:dst``; ``env`` names are shell variable names.
+* keys of capabilities miles has not built yet are refused when set (:mod:`miles.spec.not_yet`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import re
 from collections.abc import Callable
 
 from miles.model.builtin import names
+from miles.spec import not_yet
 from miles.spec.tables import Spec
 from miles.tools.toolbox import TOOL_NAMES
 
@@ -79,6 +83,7 @@ def check(spec: Spec, report: Report) -> None:
     _train_and_algo(spec, report)
     _perf(spec, report)
     _cluster_and_slurm(spec, report)
+    not_yet.check(spec, report)
 
 
 def _run_and_model(spec: Spec, report: Report) -> None:
@@ -181,6 +186,14 @@ def _generation(spec: Spec, report: Report) -> None:
     and behind a router a policy that keeps a conversation's turns on the engine that caches its prefix."""
     ro = spec.rollout
     custom = ro.custom_generate_function_path or ro.rollout_function_path
+    for key in ("over_sampling_batch_size", "dynamic_sampling_filter_path"):
+        if custom and getattr(ro, key) not in (None, ""):
+            report(
+                "rollout",
+                key,
+                "dynamic sampling generates single-turn rounds and cannot run a custom generate or rollout function "
+                "yet: remove it, or remove custom_generate_function_path / rollout_function_path",
+            )
     if custom and spec.sglang.use_router and spec.sglang.router_policy != "cache_aware":
         report(
             "sglang",
@@ -225,6 +238,8 @@ def _eval(spec: Spec, report: Report) -> None:
             "eval_prompt_data",
             "no evaluation would run: set eval_interval (rollouts between evaluations), or remove eval_prompt_data",
         )
+    if ev.eval_top_k == 0:
+        report("eval", "eval_top_k", "0 keeps no token: use -1 to disable top-k, or a value >= 1")
     for name, path in ev.eval_prompt_data.items():
         if not path.endswith(_DATA_SUFFIXES):
             report("eval", "eval_prompt_data", f"dataset {name!r}: {path!r} must be a .jsonl or .parquet file")
@@ -245,6 +260,22 @@ def _train_and_algo(spec: Spec, report: Report) -> None:
             "kl_loss_coef",
             f"kl_loss_coef = {g.kl_loss_coef} has no effect without use_kl_loss = true: set use_kl_loss = true, or "
             "remove kl_loss_coef",
+        )
+    reinforce = g.advantage_estimator in ("reinforce_plus_plus", "reinforce_plus_plus_baseline")
+    if g.kl_coef > 0 and not reinforce:
+        report(
+            "grpo",
+            "kl_coef",
+            f"kl_coef folds a KL penalty into the per-token rewards of the REINFORCE++ estimators; "
+            f'advantage_estimator = "{g.advantage_estimator}" never reads it: use use_kl_loss = true with '
+            'kl_loss_coef, or advantage_estimator = "reinforce_plus_plus"',
+        )
+    if g.gamma != 1.0 and g.advantage_estimator != "reinforce_plus_plus":
+        report(
+            "grpo",
+            "gamma",
+            f'gamma discounts the returns of advantage_estimator = "reinforce_plus_plus" only; '
+            f'"{g.advantage_estimator}" never reads it: remove gamma, or change the estimator',
         )
     o = spec.optimizer
     if o.min_lr > o.lr:
@@ -305,6 +336,15 @@ def _perf(spec: Spec, report: Report) -> None:
 
 
 def _cluster_and_slurm(spec: Spec, report: Report) -> None:
+    offloads = spec.perf.offload_train is not False or spec.perf.offload_rollout is not False
+    if spec.run.train_async and spec.cluster.mode == "colocate" and spec.cluster.device != "cpu" and offloads:
+        report(
+            "run",
+            "train_async",
+            "async training overlaps generation with training, but colocated GPUs take turns (the actor offloads "
+            'while the engines generate): use [cluster] mode = "split", or set [perf] offload_train = false and '
+            "offload_rollout = false if both fit in GPU memory at once",
+        )
     if not _MEM.match(spec.cluster.mem_per_node):
         report(
             "cluster",

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 import torch
 
 from miles.algo.advantages import AdvantageInputs, compute_advantages
+from miles.ckpt.reference import refuse_megatron_reference
+from miles.errors import UserError
 from miles.train.batch import RolloutBatch
 
 if TYPE_CHECKING:
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 
     from miles.plan.model import TrainerMesh
     from miles.sample import Sample
-    from miles.spec.tables import GrpoConfig, Spec
+    from miles.spec.tables import CkptConfig, GrpoConfig, Spec
     from miles.train.batch import RolloutBatch
 
 
@@ -179,3 +181,22 @@ def prepare_batch(actor: Actor, samples: Sequence[Sample], spec: Spec) -> Rollou
 def needs_reference(grpo: GrpoConfig) -> bool:
     """Whether the run needs the frozen reference's log-probs (KL loss or KL-in-reward)."""
     return grpo.use_kl_loss or grpo.kl_coef > 0
+
+
+def reference_dir(ckpt: CkptConfig, model_dir: str) -> str:
+    """The HF directory the frozen reference is built from: ``[ckpt] ref_load``, else the initial model.
+
+    A Megatron checkpoint there is refused (the pre-flight does so too, but only for paths it can see).
+    """
+    if not ckpt.ref_load:
+        return model_dir
+    why = refuse_megatron_reference(ckpt.ref_load)
+    if why:
+        raise UserError(f"[ckpt] ref_load: {why}")
+    return ckpt.ref_load
+
+
+def ref_update_due(grpo: GrpoConfig, rollout_id: int) -> bool:
+    """Whether ``[grpo] ref_update_interval`` copies the actor into the reference after ``rollout_id``."""
+    interval = grpo.ref_update_interval
+    return interval is not None and (rollout_id + 1) % interval == 0

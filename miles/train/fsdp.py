@@ -40,7 +40,7 @@ from miles.algo.loss import LossConfig, aggregation_for, logprobs_and_entropy
 from miles.errors import UserError
 from miles.model.checkpoint_names import to_checkpoint_names
 from miles.spec.tables import Spec
-from miles.train.actor import StepMetrics, TrainerContext, needs_reference
+from miles.train.actor import StepMetrics, TrainerContext, needs_reference, reference_dir
 from miles.train.batch import (
     MicroBatch,
     RolloutBatch,
@@ -97,11 +97,6 @@ class FSDPActor:
             raise UserError(
                 "[train] global_batch_size and num_steps_per_rollout must be resolved before building the actor"
             )
-        if spec.optimizer.optimizer_cpu_offload:
-            raise UserError(
-                "[optimizer] optimizer_cpu_offload is not supported by the FSDP backend; remove it "
-                "(colocated runs move the whole actor off the GPU during generation with [perf] offload_train)"
-            )
         self.spec = spec
         self.ctx = ctx
         group = ctx.group if ctx.group is not None else dist.group.WORLD
@@ -128,7 +123,7 @@ class FSDPActor:
         self._module(self.model).train()
         self.ref: FSDPModule | None = None
         if needs_reference(spec.grpo):
-            ref = load_hf_model(spec.ckpt.ref_load or ctx.model_dir, trust_remote_code=spec.model.trust_remote_code)
+            ref = load_hf_model(reference_dir(spec.ckpt, ctx.model_dir), trust_remote_code=spec.model.trust_remote_code)
             ref.requires_grad_(False)
             ref.eval()
             self.ref = shard_model(ref, mesh, mp)

@@ -229,11 +229,24 @@ def test_every_endpoint_but_health_refuses_a_request_without_the_key(served: sl.
     assert _status_without_key(served.url, proto.HEALTH) == 200  # probes carry no secret
 
 
-def test_the_key_stays_out_of_the_engine_log(served: sl.EngineProcess) -> None:
+def test_the_key_stays_out_of_the_engine_log_and_every_command_line(served: sl.EngineProcess) -> None:
     key = served.launch.api_key
-    assert key and key in served.launch.argv  # the server was given it ...
+    assert key and key not in " ".join(served.launch.argv)  # the server gets it through its environment ...
     text = served.launch.log_path.read_text()
-    assert key not in text and "--api-key <engine key>" in text  # ... and its log (SGLang logs its args) hides it
+    assert key not in text  # ... its log hides it (SGLang logs its arguments: they show "<engine key>") ...
+    assert served.pid is not None
+    tree = [served.pid, *_descendants(served.pid)]
+    if served.launch.kind == "sglang":
+        assert "<engine key>" in text and len(tree) > 1  # its scheduler and detokenizer processes too
+    for pid in tree:  # ... and no process of the engine shows it to the node's other users
+        assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        out += [int(child), *_descendants(int(child))]
+    return out
 
 
 def test_weight_sync_follows_new_weights_and_restores_old_exactly(
@@ -336,6 +349,36 @@ def test_pause_during_a_rollout_aborts_and_the_client_resends(served: sl.EngineP
         (len(s.response_ids), s.finish_reason) for s in samples
     ]
     assert client.client.retries >= 1, "no request was aborted by the pause"
+
+
+def test_abort_by_request_id_stops_one_sample_of_a_batch(served: sl.EngineProcess, model_dir: Path) -> None:
+    """Over-sampling's abort: samples sent with request ids in one batched /generate; ``/abort_request`` of one
+    id ends that sample alone with finish_reason abort (what :mod:`miles.rollout.oversample` relies on)."""
+    import asyncio
+
+    from miles.rollout.client import RolloutClient
+
+    key = served.launch.api_key
+    samples = _samples(model_dir, PROMPTS * 2)
+    cfg = RolloutConfig(rollout_temperature=1.0, rollout_max_response_len=100, rollout_seed=5)
+
+    async def go() -> None:
+        async with RolloutClient([served.url], api_key=key, timeout_s=120, chunk_size=16) as client:
+            stop = asyncio.Event()
+            job = asyncio.create_task(
+                client.generate(samples, cfg, 0, first_index=8, rid_prefix="abort-test", stop=stop, ignore_eos=True)
+            )
+            await asyncio.sleep(0.1)
+            stop.set()
+            await client.abort(["abort-test-9"])  # the second sample: position 8 + 1
+            await asyncio.wait_for(job, 120)
+
+    asyncio.run(go())
+    reasons = [s.finish_reason for s in samples]
+    assert reasons == ["length", "abort"] + ["length"] * 14, reasons
+    assert len(samples[1].response_ids) < 100 and all(
+        len(s.response_ids) == 100 for s in samples if s is not samples[1]
+    )
 
 
 @pytest.mark.skipif(not sglang_available(), reason=SKIP_REASON)  # the router lives in .venv-sglang

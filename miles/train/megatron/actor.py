@@ -26,6 +26,7 @@ TP/PP-aware gradient norm.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -40,7 +41,7 @@ from miles.algo.loss import LossConfig, aggregation_for
 from miles.errors import UserError
 from miles.plan import trainer_mesh
 from miles.spec.tables import Spec
-from miles.train.actor import StepMetrics, TrainerContext, needs_reference
+from miles.train.actor import StepMetrics, TrainerContext, needs_reference, reference_dir
 from miles.train.batch import (
     MicroBatch,
     RolloutBatch,
@@ -63,6 +64,9 @@ from miles.train.optim import build_adamw, lr_at
 
 _OPTIMIZER_CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 """How the distributed optimizer's state goes into dist_checkpointing (see :meth:`MegatronActor._sharded_state`)."""
+log = logging.getLogger(__name__)
+_NO_OPTIMIZER = "no_optimizer"
+"""Marker file in a checkpoint saved with ``[ckpt] no_save_optim``: the optimizer's state is not in it."""
 
 
 class MegatronActor:
@@ -123,7 +127,7 @@ class MegatronActor:
         model.config.finalize_model_grads_func = finalize_model_grads
         self.ref: Any = None
         if needs_reference(spec.grpo):
-            self.ref = self._build(spec.ckpt.ref_load or ctx.model_dir)
+            self.ref = self._build(reference_dir(spec.ckpt, ctx.model_dir))
             self.ref.requires_grad_(False)
             self.ref.eval()
         self.optimizer: Any
@@ -447,11 +451,11 @@ class MegatronActor:
         self._offloaded = []
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _sharded_state(self, is_loading: bool = False) -> dict[str, Any]:
+    def _sharded_state(self, is_loading: bool = False, optim: bool = True) -> dict[str, Any]:
         state: dict[str, Any] = {"model": self.model.module.sharded_state_dict(prefix="model."), "step": self._step}
         if self.ref is not None:
             state["ref"] = self.ref.sharded_state_dict(prefix="ref.")
-        if self.on_cuda:
+        if self.on_cuda and optim:
             # The distributed optimizer's state as its DP-local buckets: written and read by every rank in
             # parallel, reshardable over DP only (a resume keeps the TP/PP/EP layout). Megatron's default
             # ("fully_sharded_model_space") cannot be saved at all with megatron-core 0.19 (its ShardedTensors
@@ -465,28 +469,37 @@ class MegatronActor:
         """See :meth:`miles.train.actor.Actor.save`: ``megatron.core.dist_checkpointing`` (resharding-capable).
 
         On CPUs the plain AdamW's state goes to one file per rank next to it
-        (resumable with the same mesh only).
+        (resumable with the same mesh only). With ``[ckpt] no_save_optim`` the optimizer is left out and a
+        marker file says so, so that a load restores weights and step and restarts Adam's moments.
         """
         from megatron.core import dist_checkpointing
 
+        optim = not self.spec.ckpt.no_save_optim
         mdir = os.path.join(path, "megatron")
         if dist.get_rank() == 0:
             os.makedirs(mdir, exist_ok=True)
+            if not optim:
+                open(os.path.join(path, _NO_OPTIMIZER), "w").close()
         dist.barrier()
-        dist_checkpointing.save(self._sharded_state(), mdir)
-        if not self.on_cuda:
+        dist_checkpointing.save(self._sharded_state(optim=optim), mdir)
+        if optim and not self.on_cuda:
             torch.save(self.optimizer.state_dict(), os.path.join(path, f"adamw.rank{dist.get_rank()}.pt"))
         dist.barrier()
 
     def load(self, path: str) -> None:
-        """Restore what :meth:`save` wrote."""
+        """Restore what :meth:`save` wrote; a checkpoint without optimizer state restarts Adam's moments."""
         from megatron.core import dist_checkpointing
 
-        state = dist_checkpointing.load(self._sharded_state(is_loading=True), os.path.join(path, "megatron"))
+        optim = not os.path.exists(os.path.join(path, _NO_OPTIMIZER))
+        state = dist_checkpointing.load(
+            self._sharded_state(is_loading=True, optim=optim), os.path.join(path, "megatron")
+        )
         self.model.module.load_state_dict(_strip(state["model"], "model."))
         if self.ref is not None:
             self.ref.load_state_dict(_strip(state["ref"], "ref."))
-        if self.on_cuda:
+        if not optim:
+            log.warning("%s holds no optimizer state ([ckpt] no_save_optim): Adam restarts from zero moments", path)
+        elif self.on_cuda:
             self.optimizer.load_state_dict(state["optimizer"])
         else:
             self.optimizer.load_state_dict(torch.load(os.path.join(path, f"adamw.rank{dist.get_rank()}.pt")))

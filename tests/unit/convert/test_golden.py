@@ -63,9 +63,9 @@ def test_split_recipe_of_one_node_is_one_job_of_eight_gpus(tmp_path: Path) -> No
     assert sorted(r.gpu for r in plan.trainer_ranks) == [4, 5, 6, 7]
 
 
-def test_async_recipe_is_written_but_fails_because_miles_has_no_async_loop(tmp_path: Path) -> None:
-    conv, _, plan = _plan("run-qwen3-4B-async", tmp_path)
-    assert conv.exit_code == 2
-    assert "train_async.py" in conv.table_text and "NO HOME" in conv.table_text
-    assert "# Flags without a key:" in conv.spec_text and "train_async.py: not supported" in conv.spec_text
+def test_async_recipe_becomes_train_async(tmp_path: Path) -> None:
+    conv, spec, plan = _plan("run-qwen3-4B-async", tmp_path)
+    assert conv.exit_code == 0 and "NO HOME" not in conv.table_text
+    assert "train_async = true  # train_async.py: rollout N+1 is generated while rollout N trains" in conv.spec_text
+    assert spec.run.train_async
     assert plan.mode == "split"

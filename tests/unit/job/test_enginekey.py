@@ -149,4 +149,4 @@ def test_an_engine_rank_serves_with_the_run_directory_key_and_prints_it_nowhere(
         task.wait(timeout=30)
         out.close()
     printed = (tmp_path / "engine.out").read_text() + (run_dir / "logs" / "engine-0.log").read_text()
-    assert "--api-key <engine key>" in printed and key not in printed
+    assert "miles.engine.server" in printed and key not in printed  # the key went in the environment only

@@ -11,6 +11,7 @@ import pytest
 
 from miles.job.environment import Layout, TaskContext, task_context
 from miles.launch import engine_host
+from miles.plan.engine_argv import KEY_FROM_ENV
 from miles.spec.tables import ModelConfig, RolloutConfig, SglangConfig, Spec
 
 LAYOUT = Layout(
@@ -54,9 +55,9 @@ def test_each_engine_sees_only_its_gpus_from_the_plan(
     assert launch.url == f"http://node7:{launch.port}" and launch.host == "0.0.0.0"
     assert launch.log_path == tmp_path / "logs" / "engine-1.log"
     argv = list(launch.argv)
-    assert argv[argv.index("--api-key") + 1] == "k"
+    assert launch.api_key == "k" and "k" not in argv  # the key travels in the environment, not the command line
     if kind == "sglang":
-        assert argv[0] == "/opt/sglang/bin/python" and argv[1:3] == ["-m", "sglang.launch_server"]
+        assert argv[0] == "/opt/sglang/bin/python" and argv[1:4] == ["-c", KEY_FROM_ENV, "sglang.launch_server"]
         assert argv[argv.index("--tp-size") + 1] == "2" and "--nccl-port" in argv
     else:
         assert argv[1:3] == ["-m", "miles.engine.server"] and argv[argv.index("--device") + 1] == "cuda"

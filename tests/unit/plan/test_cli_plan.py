@@ -58,3 +58,19 @@ def test_plan_path_runs_without_torch(tmp_path: Path) -> None:
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_validate_and_plan_explain_what_over_sampling_generates(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        str(CONFIGS["quickstart"]),
+        "--set",
+        "rollout.over_sampling_batch_size=96",
+        "--set",
+        'rollout.dynamic_sampling_filter_path="miles.reward.filters:check_reward_nonzero_std"',
+    ]
+    assert main(["validate", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "batch 64 prompts x 8 samples = 512 = 512 per step x 1 step(s)" in out  # what training consumes
+    assert "rounds of 96 prompts x 8 samples = 768 generations and trains on the first 64 groups" in out
+    assert main(["plan", *argv]) == 0
+    assert "rounds of 96 prompts" in capsys.readouterr().out

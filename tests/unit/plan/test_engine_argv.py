@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from miles.plan import make_plan, render_table
-from miles.plan.engine_argv import API_KEY_SHOWN, plan_argvs
+from miles.plan.engine_argv import plan_argvs
 from miles.sglang import launcher as sglang_launcher
 from tests.unit.plan.plan_specs import cpu_spec, spec
 
@@ -43,7 +43,7 @@ def test_the_plan_shows_what_the_launcher_runs() -> None:
         s,
         plan,
         model_path=s.model.hf_checkpoint,
-        api_key=API_KEY_SHOWN,
+        api_key="the job's key",
         log_dir=Path("/tmp"),
         host="0.0.0.0",
         python=s.slurm.python,

@@ -26,6 +26,22 @@ def test_resume_drops_rollouts_at_or_after_the_resume_point(tmp_path: Path) -> N
     assert [r["rollout_id"] for r in _rows(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3]
 
 
+def test_resume_keeps_the_evaluations_the_checkpoint_records(tmp_path: Path) -> None:
+    """Evaluation lines are kept up to the last evaluation the checkpoint records, whatever the rollout lines."""
+    log = MetricsLog(tmp_path, start_rollout=0, tensorboard=False, plot=False)
+    log.log_eval(0, {"eval/a/reward_mean": 0.1})
+    for r in range(4):
+        log.log(r, {"rollout/reward_mean": r / 10}, {"time/total": 1.0})
+        if r % 2 == 1:
+            log.log_eval(r + 1, {"eval/a/reward_mean": 0.2})
+    log.close()
+    MetricsLog(tmp_path, start_rollout=2, tensorboard=False, plot=False, evaluated=2).close()
+    rows = _rows(tmp_path / "metrics.jsonl")
+    assert [(r.get("rollout_id"), r.get("eval_step")) for r in rows] == [(None, 0), (0, None), (1, None), (None, 2)]
+    MetricsLog(tmp_path, start_rollout=0, tensorboard=False, plot=False, evaluated=None).close()
+    assert _rows(tmp_path / "metrics.jsonl") == []
+
+
 def test_tensorboard_and_plot_are_written(tmp_path: Path) -> None:
     log = MetricsLog(tmp_path, start_rollout=0, tensorboard=True, plot=True)
     for r in range(3):
@@ -39,6 +55,7 @@ def test_tensorboard_and_plot_are_written(tmp_path: Path) -> None:
             },
             {"time/generate": 0.5},
         )
+    log.log_eval(2, {"eval/held-out/reward_mean": 0.4, "eval/held-out/response_len_mean": 2.0})
     log.close()
     png = (tmp_path / "plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import textwrap
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from miles.errors import UserError
+from miles.plan.engine_argv import KEY_FROM_ENV
 from miles.sglang import launcher as sl
 from miles.sglang.flags import alias_map, load_flags
-from miles.spec.tables import ModelConfig, RolloutConfig, SglangConfig, Spec
+from miles.spec.tables import ModelConfig, PerfConfig, RolloutConfig, SglangConfig, Spec
 
 
 def _spec(**server_args: object) -> Spec:
@@ -51,9 +53,9 @@ def test_sglang_command_uses_only_flags_of_the_pinned_release_with_their_types()
         radix_eviction_policy_config={"protected_threshold": 4},
         chunked_prefill_size=512,
     )
-    argv = sl.sglang_argv(spec, model_path="/m", host="10.0.0.2", port=31000, api_key="k", nccl_port=31100, python="py")
-    assert argv[:3] == ["py", "-m", "sglang.launch_server"]
-    args = _parse(argv[3:])
+    argv = sl.sglang_argv(spec, model_path="/m", host="10.0.0.2", port=31000, keyed=True, nccl_port=31100, python="py")
+    assert argv[:4] == ["py", "-c", KEY_FROM_ENV, "sglang.launch_server"]
+    args = _parse(argv[4:])
     flags = load_flags()
     names = alias_map(flags)
     for key, values in args.items():
@@ -72,7 +74,7 @@ def test_sglang_command_uses_only_flags_of_the_pinned_release_with_their_types()
             if "choices" in entry:
                 assert values[0] in map(str, entry["choices"])
     assert args["model_path"] == ["/m"] and args["host"] == ["10.0.0.2"] and args["port"] == ["31000"]
-    assert args["tp_size"] == ["2"] and args["api_key"] == ["k"] and args["mem_fraction_static"] == ["0.7"]
+    assert args["tp_size"] == ["2"] and "api_key" not in args and args["mem_fraction_static"] == ["0.7"]
     assert args["random_seed"] == ["7"] and args["dtype"] == ["float32"] and args["nccl_port"] == ["31100"]
     assert args["skip_server_warmup"] == [] and "enable_memory_saver" not in args
     assert args["no_dllm_fdfo"] == []
@@ -80,9 +82,32 @@ def test_sglang_command_uses_only_flags_of_the_pinned_release_with_their_types()
     assert args["radix_eviction_policy_config"] == ['{"protected_threshold": 4}']
 
 
+def test_offload_rollout_starts_sglang_with_the_memory_saver_of_the_pinned_release() -> None:
+    """Releasing memory frees it only in an SGLang started with the memory saver: colocated on GPUs (offload_rollout
+    unset) or with offload_rollout = true, the command carries the pinned release's own switch; not otherwise."""
+    assert load_flags()["enable_memory_saver"]["type"] == "bool"
+    base = _spec()
+
+    def argv(gpu: bool, offload: bool | None, **server_args: object) -> list[str]:
+        spec = dataclasses.replace(
+            base,
+            perf=PerfConfig(offload_rollout=offload),
+            sglang=dataclasses.replace(base.sglang, server_args=dict(server_args)),
+        )
+        return sl.sglang_argv(spec, model_path="/m", host="h", port=1, keyed=True, gpu=gpu)
+
+    assert argv(gpu=True, offload=None).count("--enable-memory-saver") == 1
+    assert argv(gpu=False, offload=True).count("--enable-memory-saver") == 1
+    assert argv(gpu=True, offload=True, enable_memory_saver=True).count("--enable-memory-saver") == 1
+    assert "--enable-memory-saver" not in argv(gpu=False, offload=None)
+    assert "--enable-memory-saver" not in argv(gpu=True, offload=False)
+    with pytest.raises(UserError, match="enable_memory_saver = false.*offload_rollout"):
+        argv(gpu=True, offload=None, enable_memory_saver=False)
+
+
 def test_unknown_flag_names_the_closest_one() -> None:
     with pytest.raises(UserError, match=r"chunked_prefil_size.*did you mean chunked_prefill_size"):
-        sl.sglang_argv(_spec(chunked_prefil_size=512), model_path="/m", host="h", port=1, api_key="k")
+        sl.sglang_argv(_spec(chunked_prefil_size=512), model_path="/m", host="h", port=1, keyed=True)
 
 
 def test_aliases_are_passed_as_the_canonical_flag() -> None:
@@ -215,3 +240,40 @@ def test_every_model_dtype_is_an_sglang_dtype_choice() -> None:
     choices = load_flags()["dtype"]["choices"]
     for dtype in dtypes:
         assert dtype in choices
+
+
+def test_the_key_reaches_the_server_through_its_environment_never_its_command_line(tmp_path: Path) -> None:
+    """A server started through ``KEY_FROM_ENV`` finds ``--api-key KEY`` in its own arguments, while its command
+    line, which every user of the node can read in ``/proc/PID/cmdline``, holds no secret."""
+    (tmp_path / "keyed_server.py").write_text(
+        textwrap.dedent(
+            """
+            import sys, time
+            print("args", sys.argv[1:], flush=True)
+            time.sleep(60)
+            """
+        )
+    )
+    key = "0123456789abcdef-the-job-key"
+    launch = sl.EngineLaunch(
+        index=0,
+        kind="sglang",
+        argv=(sys.executable, "-c", KEY_FROM_ENV, "keyed_server", "--port", "1"),
+        env={"PYTHONPATH": str(tmp_path)},
+        host="127.0.0.1",
+        port=9,
+        api_key=key,
+        log_path=tmp_path / "engine-0.log",
+    )
+    eng = sl.EngineProcess(launch)
+    eng.start()
+    try:
+        deadline = time.monotonic() + 20
+        while "args" not in launch.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert eng.pid is not None
+        assert key.encode() not in Path(f"/proc/{eng.pid}/cmdline").read_bytes()
+        log = launch.log_path.read_text()
+        assert "args ['--port', '1', '--api-key', '<engine key>']" in log and key not in log
+    finally:
+        eng.stop(timeout_s=5)

@@ -14,6 +14,7 @@ import pytest
 
 from miles.errors import UserError
 from miles.job import rundir
+from miles.plan.engine_argv import KEY_FROM_ENV
 from miles.rollout.fleet import EngineFleet
 from miles.sglang import router as sr
 from miles.spec.tables import SglangConfig, Spec
@@ -22,11 +23,12 @@ from tests.sglang.sglang_servers import driver_task
 
 def test_router_command() -> None:
     argv = sr.router_argv(
-        ["http://a:1", "http://b:2"], host="0.0.0.0", port=30000, api_key="k", python="py", policy="round_robin"
+        ["http://a:1", "http://b:2"], host="0.0.0.0", port=30000, keyed=True, python="py", policy="round_robin"
     )
     assert argv == [
         "py",
-        "-m",
+        "-c",
+        KEY_FROM_ENV,  # the key comes from the environment, inside the process
         "sglang_router.launch_router",
         "--host",
         "0.0.0.0",
@@ -41,10 +43,9 @@ def test_router_command() -> None:
         "--worker-urls",
         "http://a:1",
         "http://b:2",
-        "--api-key",
-        "k",
     ]
     launch = sr.router_launch(host="0.0.0.0", port=30000, api_key=None, log_dir=Path("/logs"), python="py")
+    assert launch.argv[:3] == ("py", "-m", "sglang_router.launch_router")
     assert "--worker-urls" not in launch.argv and "--api-key" not in launch.argv  # workers come later, by miles
     assert launch.argv[launch.argv.index("--policy") + 1] == "cache_aware"
     assert launch.log_path == Path("/logs/router.log") and launch.url == "http://127.0.0.1:30000"

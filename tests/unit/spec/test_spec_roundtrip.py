@@ -33,7 +33,7 @@ def test_awkward_values_roundtrip(specs: SpecFiles, tmp_path: Path, monkeypatch:
     monkeypatch.setattr(passthrough, "FLAGS_FILE", tmp_path / "absent.json")
     path, _ = specs.write(
         {
-            "run": {"name": 'we"ird $(x) `y` é', "wandb_group": "tab\there\\back"},
+            "run": {"name": 'we"ird $(x) `y` é'},
             "rollout": {
                 "rollout_stop": ["\n\n", "</s>", "\u0001"],
                 "apply_chat_template_kwargs": {"enable_thinking": False, "nested": {"a": [1, 2.5, "x"]}},
@@ -48,6 +48,7 @@ def test_awkward_values_roundtrip(specs: SpecFiles, tmp_path: Path, monkeypatch:
                 "container_mounts": ["/data:/data:ro"],
                 "container_runtime": "pyxis",
                 "container_image": "nvcr.io#x",
+                "reservation": "tab\there\\back",
             },
             "sglang": {
                 "chunked_prefill_size": 4096,

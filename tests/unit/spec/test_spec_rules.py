@@ -62,6 +62,13 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str, str | None, str]] = [
         "http:// or https://",
     ),
     ("group-rm", {"rollout": {"group_rm": True}}, "rollout", "group_rm", "set custom_rm_path, or remove group_rm"),
+    (
+        "dynamic-sampling-with-custom-generation",
+        {"rollout": {"over_sampling_batch_size": 8, "custom_generate_function_path": "m:f"}},
+        "rollout",
+        "over_sampling_batch_size",
+        "cannot run a custom generate or rollout function yet",
+    ),
     ("top-k-zero", {"rollout": {"rollout_top_k": 0}}, "rollout", "rollout_top_k", "use -1 to disable top-k"),
     (
         "over-sampling",
@@ -69,6 +76,13 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str, str | None, str]] = [
         "rollout",
         "over_sampling_batch_size",
         "must be >= rollout_batch_size (4)",
+    ),
+    (
+        "async-colocated-gpus",
+        {"run": {"train_async": True}, "cluster": {"mode": "colocate", "device": "cuda"}},
+        "run",
+        "train_async",
+        'use [cluster] mode = "split"',
     ),
     ("eval-interval-alone", {"eval": {"eval_interval": 5}}, "eval", "eval_interval", "set eval_prompt_data"),
     (

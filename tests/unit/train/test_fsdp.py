@@ -118,9 +118,17 @@ def test_bf16_mixed_precision_trains_and_exports_bf16(runs: dict[int, dict[str, 
     assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in r["metrics"])
     assert {w.dtype for w in r["weights"].values()} == {torch.bfloat16}
     fp32 = runs[2]["update"]["weights"]
-    # same update up to bf16 forward/backward rounding
+    # The same update up to bf16 rounding. Adam moves an element by at most the learning rate per step
+    # whatever the gradient's size, so where bf16 rounding flips the sign of a near-zero gradient, the two
+    # runs part by up to 2 * lr per step (tiny_spec: lr 1e-2, 2 steps); storing the weights in bf16 adds
+    # 2**-8 relative. Elsewhere the runs agree, so on average they must stay well inside one step; the
+    # exception is k_proj's bias, whose true gradient is zero (softmax ignores a shift shared by all keys),
+    # so both runs follow rounding noise there.
+    lr, steps = 1e-2, 2
     for name, w in r["weights"].items():
-        torch.testing.assert_close(w.float(), fp32[name], rtol=0.05, atol=2e-2)
+        torch.testing.assert_close(w.float(), fp32[name], rtol=2**-7, atol=2 * lr * steps)
+        if not name.endswith("k_proj.bias"):
+            assert float((w.float() - fp32[name]).abs().mean()) < lr / 2, name
 
 
 def test_a_moved_reference_is_checkpointed(runs: dict[int, dict[str, Any]]) -> None:

@@ -45,17 +45,3 @@ def test_adamw_decays_matrices_only() -> None:
     assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3  # linear bias, norm weight and bias
     assert decay["betas"] == (0.8, 0.9) and decay["eps"] == 1e-6
-
-
-def test_fsdp_refuses_optimizer_cpu_offload_with_a_user_error() -> None:
-    from miles.errors import UserError
-    from miles.spec.tables import Spec, TrainConfig
-    from miles.train.actor import TrainerContext
-    from miles.train.fsdp import FSDPActor
-
-    spec = Spec(
-        train=TrainConfig(global_batch_size=2, num_steps_per_rollout=1),
-        optimizer=OptimizerConfig(optimizer_cpu_offload=True),
-    )
-    with pytest.raises(UserError, match="optimizer_cpu_offload"):
-        FSDPActor(spec, TrainerContext(model_dir="unused", num_rollout=1, device=torch.device("cpu")))

@@ -259,12 +259,15 @@ def scenario_fused(work: str, out: dict[str, Any]) -> None:
     scenario_equiv(work, out, PerfConfig(tp=2, attention_backend="sdpa", fused_kernels=True), with_fsdp=False)
 
 
-def scenario_resume(work: str, out: dict[str, Any], ckpt: str, perf: PerfConfig | None = None) -> None:
+def scenario_resume(
+    work: str, out: dict[str, Any], ckpt: str, perf: PerfConfig | None = None, no_save_optim: bool = False
+) -> None:
     """Megatron (TP=2 unless ``perf``): train, save (dist_checkpointing), train; a fresh actor that loads repeats
-    the second train."""
+    the second train (with ``no_save_optim``: from the same weights and step, Adam's moments restarted)."""
     model_dir = os.path.join(work, "qwen2-tied")
     ctx = TrainerContext(model_dir=model_dir, num_rollout=2, device=torch.device("cpu"))
     spec = megatron_spec(perf or PerfConfig(tp=2))
+    spec = dataclasses.replace(spec, ckpt=dataclasses.replace(spec.ckpt, no_save_optim=no_save_optim))
     a = build_actor(spec, ctx)
     a.train(_prepare(a, rollout_batch(1)), rollout_id=0)
     if dist.get_rank() == 0:
@@ -273,6 +276,7 @@ def scenario_resume(work: str, out: dict[str, Any], ckpt: str, perf: PerfConfig 
     t0 = time.perf_counter()
     a.save(ckpt)
     out["save_s"] = time.perf_counter() - t0
+    out["files"] = sorted(os.listdir(ckpt))
     m_a = a.train(_prepare(a, rollout_batch(2)), rollout_id=1)
     w_a = _weights(a)
     b = build_actor(spec, ctx)
@@ -343,6 +347,8 @@ def main() -> None:
             scenario_offload(work, out)
         elif scenario == "resume":
             scenario_resume(work, out, os.path.join(work, "ckpt"))
+        elif scenario == "resume_no_optim":  # [ckpt] no_save_optim: weights and step only
+            scenario_resume(work, out, os.path.join(work, "ckpt-no-optim"), no_save_optim=True)
         elif scenario == "resume_cp2":  # the checkpoint of a context-parallel actor
             scenario_resume(work, out, os.path.join(work, "ckpt-cp2"), PerfConfig(cp=2, attention_backend="sdpa"))
         else:

@@ -9,7 +9,7 @@ ranks the TP x CP and PP x CP layouts; the tests below check their results:
   Qwen3-MoE at TP=2 + sequence parallelism (and on 4 ranks TP=2 x CP=2 + SP,
   PP=2 x CP=2) on the same model and rollout:
   log-probs, per-step losses, gradient norms and updated weights;
-* dist_checkpointing save / load / resume, bit for bit.
+* dist_checkpointing save / load / resume, bit for bit; without the optimizer (``no_save_optim``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ SCENARIOS = [
     "equiv_moe_sp",
     "resume",
     "resume_cp2",
+    "resume_no_optim",
     "offload",
     "fused",
 ]
@@ -226,6 +227,19 @@ def test_dist_checkpoint_resume_is_bit_identical(results: dict[str, Any], scenar
     assert sorted(w_a) == sorted(w_b)
     for name in w_a:
         assert torch.equal(w_a[name], w_b[name]), name
+
+
+def test_no_save_optim_leaves_the_optimizer_out_and_restarts_adam(results: dict[str, Any]) -> None:
+    """The checkpoint holds no optimizer file and says so; the load restores weights and step (the first loss
+    after it is the straight run's) while Adam's moments start again (the update, hence the weights, differ)."""
+    full, lean = results["resume"], results["resume_no_optim"]
+    assert "no_optimizer" in lean["files"] and "no_optimizer" not in full["files"]
+    assert not any(f.startswith("adamw.") for f in lean["files"]) and any(f.startswith("adamw.") for f in full["files"])
+    assert lean["step_after_load"] == 2
+    (a, *_), (b, *_) = lean["metrics"]
+    assert a["loss"] == b["loss"]
+    w_a, w_b = lean["weights"]
+    assert any(not torch.equal(w_a[name], w_b[name]) for name in w_a)
 
 
 def test_offload_releases_storage_and_training_continues_exactly(results: dict[str, Any]) -> None:
