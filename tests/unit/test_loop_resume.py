@@ -143,11 +143,11 @@ def test_evaluation_leaves_training_bit_identical(baseline: tuple[str, dict[str,
 
 LIVES = [
     # The faults of each life, in turn; every life resumes the run directory the previous one left.
-    "preempt@sync:1",  # a preemption flag between phases
-    "term@generate:2",  # SIGTERM mid-rollout: the rollout is drawn again
-    "term@train:3",  # SIGTERM mid-optimizer step
-    "kill@save:4",  # SIGKILL while a checkpoint is written: the newest complete one is used
-    "kill@save:6",  # ... and while the final one is written
+    "preempt@sync:1",  # a preemption flag between phases: saved before rollout 2
+    "term@generate:2",  # SIGTERM mid-rollout: saved before rollout 2 again, which is drawn again
+    "kill@save:4",  # SIGKILL while a checkpoint is written: the next life starts from the one before rollout 2
+    "term@train:3",  # SIGTERM mid-optimizer step: the step ends, then the save before rollout 4
+    "kill@save:6",  # SIGKILL while the final checkpoint is written
     "",
 ]
 

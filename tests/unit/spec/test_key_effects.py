@@ -263,6 +263,70 @@ def _base() -> Spec:
     return load_spec(ROOT / "configs" / "quickstart.toml")
 
 
+class _Bytes:
+    """A tokenizer of UTF-8 bytes (ids 0-255): every text round-trips, which a conversation's bookkeeping needs."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return bytes(ids).decode(errors="replace")
+
+
+class _ScriptedEngine:
+    """Answers every model turn with a call of the run's first tool, in the run's call format, and records what
+    each turn asked for. The conversation, tools and sandbox driven by it are miles' own."""
+
+    def __init__(self, ro: Any) -> None:
+        tool = (ro.generate_tools or ["calculator"])[0]
+        arg = "2+3" if tool == "calculator" else "import time\ntime.sleep(0.5)\nprint(len(bytearray(64 * 2**20)))"
+        if ro.generate_tool_call_parser == "hermes":
+            name = "expression" if tool == "calculator" else "code"
+            self.text = f"<tool_call>{json.dumps({'name': tool, 'arguments': {name: arg}})}</tool_call>"
+        else:
+            self.text = f"<tool_call>{arg}</tool_call>"
+        self.asked: list[tuple[int, list[str]]] = []
+
+    async def generate_turn(self, input_ids: list[int], params: dict[str, Any], session: str | None = None) -> Any:
+        from miles.rollout.client import TurnOutput
+
+        self.asked.append((params["max_new_tokens"], params["stop"]))
+        ids = list(self.text.encode())[: params["max_new_tokens"]]
+        finish = "stop" if len(ids) == len(self.text.encode()) else "length"
+        return TurnOutput(ids, [0.0] * len(ids), bytes(ids).decode(errors="replace"), finish, 0, 0, "scripted")
+
+
+def _tool_calc() -> Spec:
+    spec = load_spec(ROOT / "configs" / "tool-calc.toml")
+    return _set(spec, {"rollout.rollout_max_response_len": 4096, "rollout.generate_max_tokens_per_turn": None})
+
+
+def _conversation(spec: Spec) -> tuple[Any, ...]:
+    """Which generation hook the run loads, and one conversation of the built-in tool loop against a scripted
+    engine: what each turn asked for, the turns, tool calls and failures, the tool answers in the response."""
+    import asyncio
+
+    from miles.rollout.custom import CustomGeneration
+    from miles.rollout.generate import GenerateFnInput, GenerateState
+    from miles.rollout.multi_turn import generate
+    from miles.sample import Sample
+
+    hook = CustomGeneration.from_spec(spec, _Bytes())
+    engine = _ScriptedEngine(spec.rollout)
+    state = GenerateState(engine, _Bytes(), spec.rollout, 0, 0)  # type: ignore[arg-type]
+    sample = Sample(0, 0, "", "", list(b"question: "))
+    params = sampling_params(spec.rollout, 7)
+    out = asyncio.run(generate(GenerateFnInput(state, sample, params))).samples
+    assert isinstance(out, Sample)
+    return (
+        (hook.name, hook.whole_rollout) if hook else None,
+        engine.asked,
+        (out.turns, out.tool_calls, out.tool_failures, out.tool_timeouts),
+        out.response_text.replace(engine.text, ""),
+        out.loss_mask,
+    )
+
+
 GROUPS: dict[str, tuple[Callable[[], Spec], str, dict[str, Change]]] = {
     "plan": (
         _gpu_spec,
@@ -481,6 +545,23 @@ GROUPS: dict[str, tuple[Callable[[], Spec], str, dict[str, Change]]] = {
         },
     ),
     "router": (_base, "_router", {"sglang.router_policy": ("round_robin", {})}),
+    "multi-turn": (
+        _tool_calc,
+        "_conversation",
+        {
+            "rollout.rollout_function_path": ("", {}),
+            "rollout.custom_generate_function_path": (
+                "miles.rollout.multi_turn:generate",
+                {"rollout.rollout_function_path": ""},
+            ),
+            "rollout.generate_max_turns": (3, {}),
+            "rollout.generate_max_tokens_per_turn": (16, {}),
+            "rollout.generate_tool_call_parser": ("hermes", {}),
+            "rollout.generate_tools": (["python"], {}),
+            "rollout.generate_tool_timeout": (0.2, {"rollout.generate_tools": ["python"]}),
+            "rollout.generate_tool_memory_mb": (48, {"rollout.generate_tools": ["python"]}),
+        },
+    ),
     "metrics files": (_base, "metrics", {"run.use_tensorboard": (False, {}), "run.plot": (False, {})}),
     "engine key": (_base, "engine_key", {"rollout.engine_auth": (False, {})}),
     "built-in model": (_base, "builtin_model", {"run.seed": (99, {})}),
