@@ -21,23 +21,34 @@ from miles.job import rundir
 from miles.job.ports import free_port
 from miles.plan import run_dir_of
 from miles.sample import Sample
-from miles.spec.tables import RolloutConfig, Spec
+from miles.spec.tables import Spec
 
 ENGINE_START_S = 600.0
 """How long the engine may take to load the model and answer ``/health_generate``."""
 
 
 class _Engine:
-    """One engine behind the client, answering the loop's ``generate`` call."""
+    """One engine behind the client, answering the loop's ``generate`` call: single-turn, or through the spec's
+    generate or rollout function, as the loop's engines answer it."""
 
-    def __init__(self, url: str, rollout: RolloutConfig) -> None:
+    def __init__(self, url: str, spec: Spec, tokenizer: Any) -> None:
         from miles.rollout.client import BlockingRolloutClient
+        from miles.rollout.custom import CustomGeneration
 
         self.client = BlockingRolloutClient([url], api_key=None)
-        self.rollout = rollout
+        self.rollout = spec.rollout
+        self.custom = CustomGeneration.from_spec(spec, tokenizer)
 
-    def generate(self, samples: list[Sample], rollout_id: int, weight_version: int, **overrides: Any) -> None:
-        self.client.generate(samples, self.rollout, rollout_id, **overrides)
+    def generate(
+        self, samples: list[Sample], rollout_id: int, weight_version: int, evaluation: bool = False, **overrides: Any
+    ) -> None:
+        custom = self.custom
+        if custom is None:
+            self.client.generate(samples, self.rollout, rollout_id, **overrides)
+            return
+        samples[:] = self.client.run(
+            lambda c: custom.run(c, samples, rollout_id, weight_version, evaluation=evaluation, overrides=overrides)
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -99,7 +110,7 @@ def run(spec: Spec, model: str | None, out: str | None, stream: IO[str] | None =
         engine = None
         try:
             process.wait_healthy(ENGINE_START_S)
-            engine = _Engine(process.url, spec.rollout)
+            engine = _Engine(process.url, spec, tokenizer)
             values = evaluate(engine, reward, datasets, EvalSettings.from_spec(spec), step=0, version=0)
         finally:
             if engine is not None:

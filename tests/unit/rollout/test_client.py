@@ -104,6 +104,28 @@ def test_unbatched_requests_carry_one_sample_each(engines: list[LocalEngine]) ->
         client.close()
 
 
+def test_a_conversations_turns_stay_on_one_engine(engines: list[LocalEngine]) -> None:
+    """Token in, token out over two engines: each turn is generated from the ids so far, on the engine of turn 1."""
+    cfg = RolloutConfig(rollout_temperature=1.0, rollout_max_response_len=4, rollout_seed=9)
+
+    async def conversation(client: RolloutClient, k: int) -> list[str]:
+        ids, used = list(PROMPTS[k % len(PROMPTS)]), []
+        for turn in range(3):
+            out = await client.generate_turn(ids, sampling_params(cfg, seed=100 * k + turn), session=f"c{k}")
+            assert len(out.logprobs) == len(out.output_ids) > 0
+            ids += out.output_ids + [13]  # the engine's ids, then appended glue ("=")
+            used.append(out.engine)
+        return used
+
+    async def run() -> list[list[str]]:
+        async with RolloutClient([e.url for e in engines]) as client:
+            return list(await asyncio.gather(*(conversation(client, k) for k in range(6))))
+
+    routes = asyncio.run(run())
+    assert all(len(set(r)) == 1 for r in routes), routes  # every turn on the engine of the first
+    assert {r[0] for r in routes} == {e.url for e in engines}  # and conversations spread over both
+
+
 def test_a_request_whose_engine_dies_finishes_on_another(engines: list[LocalEngine]) -> None:
     """Last in this module: it kills one of the module's engines."""
     doomed, survivor = engines
@@ -126,25 +148,3 @@ def test_a_request_whose_engine_dies_finishes_on_another(engines: list[LocalEngi
     assert client.retries >= 1
     assert all(s.response_ids and s.finish_reason in ("stop", "length") for s in batch)
     assert time.monotonic() - t0 < 120
-
-
-def test_a_conversations_turns_stay_on_one_engine(engines: list[LocalEngine]) -> None:
-    """Token in, token out over two engines: each turn is generated from the ids so far, on the engine of turn 1."""
-    cfg = RolloutConfig(rollout_temperature=1.0, rollout_max_response_len=4, rollout_seed=9)
-
-    async def conversation(client: RolloutClient, k: int) -> list[str]:
-        ids, used = list(PROMPTS[k % len(PROMPTS)]), []
-        for turn in range(3):
-            out = await client.generate_turn(ids, sampling_params(cfg, seed=100 * k + turn), session=f"c{k}")
-            assert len(out.logprobs) == len(out.output_ids) > 0
-            ids += out.output_ids + [13]  # the engine's ids, then appended glue ("=")
-            used.append(out.engine)
-        return used
-
-    async def run() -> list[list[str]]:
-        async with RolloutClient([e.url for e in engines]) as client:
-            return list(await asyncio.gather(*(conversation(client, k) for k in range(6))))
-
-    routes = asyncio.run(run())
-    assert all(len(set(r)) == 1 for r in routes), routes  # every turn on the engine of the first
-    assert {r[0] for r in routes} == {e.url for e in engines}  # and conversations spread over both
