@@ -36,7 +36,7 @@ def test_a_non_zero_dropout_changes_the_experiment_and_has_no_home(tmp_path: Pat
 
 
 def test_an_unknown_flag_is_not_supported_and_fails(tmp_path: Path) -> None:
-    conv = _convert(tmp_path, "--rollout-function-path my.rollout:generate")
+    conv = _convert(tmp_path, "--custom-reward-post-process-path my.rewards:post")
     assert conv.exit_code == 2
     assert "not supported (miles has no key for this flag)" in conv.table_text
 
