@@ -143,4 +143,4 @@ def test_boxed_prefix_and_registry() -> None:
     assert score("exact_match", r"I think \boxed{Paris}", "Paris") == 0.0
     assert score("boxed_gsm8k", r"3 then \boxed{5} and 9", "5") == 1.0
     assert resolve_rule("boxed_nonsense") is None and resolve_rule("nonsense") is None
-    assert set(BUILTIN_REWARDS) == {"math", "gsm8k", "exact_match", "f1", "dapo", "deepscaler"}
+    assert set(BUILTIN_REWARDS) == {"math", "gsm8k", "exact_match", "f1", "dapo", "deepscaler", "final_turn"}
