@@ -190,7 +190,7 @@ def test_a_generate_function_drives_the_engine_token_in_token_out(served: sl.Eng
     client = BlockingRolloutClient([served.url], api_key=served.launch.api_key, timeout_s=120)
     try:
         state = GenerateState(client.client, tok, cfg, rollout_id=0, weight_version=0)
-        out = client.run(generate_samples(two_turns, "two_turns", samples, state))
+        out = client.run(lambda _client: generate_samples(two_turns, "two_turns", samples, state))
     finally:
         client.close()
     for s in out:
