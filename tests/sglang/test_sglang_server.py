@@ -505,6 +505,69 @@ def test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_
     assert router.process is not None and not router.process.alive()
 
 
+@pytest.mark.skipif(not sglang_available(), reason=SKIP_REASON)  # the router lives in .venv-sglang
+def test_a_conversations_turns_stay_on_its_engine_behind_the_router(
+    kind: str, served: sl.EngineProcess, standby: sl.EngineProcess, model_dir: Path, tmp_path: Path
+) -> None:
+    """Session affinity through the real sglang-router as the driver starts it (``manual`` policy): conversations
+    of three turns from a generate function, each turn sent with the conversation's session as routing key, over
+    ``served`` and an embedded standby. Every engine stamps its answers with its own weight version, so the answers
+    say which engine generated each turn: all turns of a conversation on one engine, the conversations on both;
+    SGLang answers its later turns from the prefix cache."""
+    key = served.launch.api_key
+    assert key is not None and standby.launch.api_key == key
+    stamps = {served.url: 1001, standby.url: 1002}
+    before = _model_info(served.url, key)["weight_version"]
+    for url, stamp in stamps.items():
+        _post(url, key, proto.UPDATE_WEIGHT_VERSION, proto.update_weight_version_body(new_version=str(stamp)))
+        _post(url, key, proto.FLUSH_CACHE)
+    spec = Spec(sglang=SglangConfig(use_router=True))
+    launch = sr.driver_router_launch(spec, free_port(0), key, tmp_path, str(SGLANG_PYTHON))
+    assert "manual" in launch.argv
+    router = sr.SglangRouter.start(launch)
+    tok = _tokenizer(model_dir)
+    glue = tok("=1+", add_special_tokens=False)["input_ids"]
+    turns: dict[int, list[tuple[int | None, int, int]]] = {}
+    """Conversation -> each turn's (engine stamp, cached tokens, input length)."""
+
+    async def three_turns(input: GenerateFnInput) -> GenerateFnOutput:
+        s, params = input.sample, {**input.sampling_params, "max_new_tokens": 3}
+        ids: list[int] = []
+        for turn in range(3):
+            out = await input.state.client.generate_turn(s.prompt_ids + ids, params, session=input.session)
+            turns.setdefault(s.prompt_index, []).append(
+                (out.weight_version, out.cached_tokens, len(s.prompt_ids) + len(ids))
+            )
+            ids += out.output_ids + (glue if turn < 2 else [])
+        s.response_ids, s.response_logprobs, s.turns = ids, [0.0] * len(ids), 3
+        return GenerateFnOutput(samples=s)
+
+    cfg = RolloutConfig(rollout_temperature=1.0, rollout_max_response_len=16, rollout_seed=3)
+    client = BlockingRolloutClient([router.url], api_key=key, batched=False, timeout_s=120)
+    try:
+        assert sorted(router.route_to(list(stamps))) == sorted(stamps)
+        state = GenerateState(client.client, tok, cfg, rollout_id=4, weight_version=0)
+        client.run(lambda _client: generate_samples(three_turns, "three_turns", _samples(model_dir), state))
+    finally:
+        client.close()
+        router.close()
+        _post(served.url, key, proto.UPDATE_WEIGHT_VERSION, proto.update_weight_version_body(new_version=before))
+    assert len(turns) == len(PROMPTS) and all(len(t) == 3 for t in turns.values())
+    engine_of = {c: {stamp for stamp, _, _ in t} for c, t in turns.items()}
+    assert all(len(e) == 1 for e in engine_of.values()), engine_of  # every turn on its conversation's engine
+    assert set().union(*engine_of.values()) == set(stamps.values()), engine_of  # conversations on both engines
+    if kind == "sglang":  # its radix cache held each conversation's earlier turns when the next came
+        on_sglang = [t for t in turns.values() if t[0][0] == stamps[served.url]]
+        later = [(t[k][1], t[k - 1][2]) for t in on_sglang for k in (1, 2)]  # (cached, the turn before's input)
+        assert later and all(cached >= before_len for cached, before_len in later), on_sglang
+
+
+def _model_info(url: str, api_key: str) -> dict[str, Any]:
+    req = urllib.request.Request(url + "/get_model_info", headers={"Authorization": f"Bearer {api_key}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return dict(json.loads(r.read()))
+
+
 @pytest.fixture()
 def standby(model_dir: Path, tmp_path: Path) -> Iterator[sl.EngineProcess]:
     """A second engine (embedded) that takes over the requests of a killed one."""
