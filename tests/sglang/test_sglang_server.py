@@ -459,7 +459,7 @@ def test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_
     )
     spec = Spec(
         model=ModelConfig(dtype="float32"), rollout=rollout, sglang=SglangConfig(use_router=True)
-    )  # cache_aware: a prompt's samples go where it went before
+    )  # manual: a prompt's samples, keyed by its group, go to one engine
     task = driver_task(run_dir, 2, master_port=free_port(0), weight_update_port=free_port(0))
     fleet = EngineFleet(spec, task, rundir.wait_for_engines(run_dir, 2, "test-launch", deadline_s=10))
     sup = sl.Supervisor(
