@@ -25,6 +25,14 @@ object, so a batch carrying each sample's own seed is refused with 422; see
 :mod:`miles.sglang.router`). Seeds are the same; which samples an
 engine batches together is then up to the engines' scheduler.
 
+Sessions: requests that share a prefix name it, and all of them go to one
+engine, whose prefix cache then holds it: a multi-turn sample's turns
+(:func:`conversation_key`) and, one request per sample, a prompt's samples
+(:func:`group_key`). The client keeps a session on the engine that answered
+its first request; behind a router it sends the session as the router's
+routing key (:data:`miles.sglang.router.ROUTING_KEY_HEADER`), which its
+``manual`` policy keeps on one engine.
+
 Use it from synchronous code through :class:`BlockingRolloutClient`.
 """
 
@@ -43,6 +51,7 @@ import aiohttp
 from miles.errors import UserError
 from miles.sample import Sample
 from miles.sglang import protocol as proto
+from miles.sglang.router import ROUTING_KEY_HEADER
 from miles.spec.tables import RolloutConfig
 
 T = TypeVar("T")
@@ -73,6 +82,17 @@ def sample_seed(rollout_seed: int, rollout_id: int, index: int) -> int:
     """The ``sampling_seed`` of sample ``index`` of rollout ``rollout_id`` (stable across runs and machines)."""
     digest = hashlib.sha256(f"miles:{rollout_seed}:{rollout_id}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def conversation_key(rollout_id: int, index: int, evaluation: bool = False) -> str:
+    """The session of sample ``index`` of rollout ``rollout_id`` when it is a conversation (several turns): the
+    same for all its turns, different for every sample of the run (an eval set's apart from the rollout's)."""
+    return f"r{rollout_id}{'-eval' if evaluation else ''}-s{index}"
+
+
+def group_key(rollout_id: int, group_index: int) -> str:
+    """The session of a prompt's samples sent one per request: they share the prompt, so one engine prefills it."""
+    return f"r{rollout_id}-g{group_index}"
 
 
 def turn_seed(seed: int, turn: int) -> int:
@@ -178,11 +198,14 @@ class RolloutClient:
             )[:1]
         return min(alive, key=lambda e: (e.outstanding, e.failures))
 
-    async def _request(self, engine: _Engine, method: str, path: str, body: Any, timeout: float) -> Any:
+    async def _request(
+        self, engine: _Engine, method: str, path: str, body: Any, timeout: float, key: str | None = None
+    ) -> Any:
         session = self._http()
+        headers = {ROUTING_KEY_HEADER: key} if key else None
         try:
             async with session.request(
-                method, engine.url + path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+                method, engine.url + path, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 text = await resp.text()
                 if resp.status >= 500 or resp.status in (408, 429):
@@ -197,7 +220,8 @@ class RolloutClient:
         """POST to the least loaded engine, retrying elsewhere with backoff on engine failure.
 
         ``session``: requests of one session go to the engine that answered its first one while that engine is up
-        (its prefix cache holds the conversation so far); see :meth:`generate_turn`.
+        (its prefix cache holds the conversation so far); behind a router the session is the request's routing key,
+        and the router keeps it on one engine. See :meth:`generate_turn`.
         """
         result, _ = await self._post(path, body, session)
         return result
@@ -212,7 +236,7 @@ class RolloutClient:
             async with self._sem:
                 engine.outstanding += 1
                 try:
-                    result = await self._request(engine, "POST", path, body, self.timeout_s)
+                    result = await self._request(engine, "POST", path, body, self.timeout_s, key=session)
                     engine.failures = 0
                     if session is not None:
                         self.sessions[session] = engine.url
@@ -285,7 +309,7 @@ class RolloutClient:
         size = self.chunk_size if self.batched else 1
         chunks = [range(s, min(s + size, len(samples))) for s in range(0, len(samples), size)]
         await asyncio.gather(
-            *(self._generate_chunk(samples, list(c), seeds, rids, cfg, overrides, stop) for c in chunks)
+            *(self._generate_chunk(samples, list(c), seeds, rids, cfg, rollout_id, overrides, stop) for c in chunks)
         )
 
     async def abort(self, rids: Sequence[str]) -> None:
@@ -312,6 +336,7 @@ class RolloutClient:
         seeds: list[int],
         rids: list[str] | None,
         cfg: RolloutConfig,
+        rollout_id: int,
         overrides: dict[str, Any],
         stop: asyncio.Event | None,
     ) -> None:
@@ -325,7 +350,8 @@ class RolloutClient:
                 )
                 if rids is not None:
                     body["rid"] = [rids[i] for i in todo]
-            else:  # one sample: a single-prompt body, answered by one object
+                session = None
+            else:  # one sample: a single-prompt body, answered by one object; its prompt's samples on one engine
                 (only,) = todo
                 body = proto.generate_body(
                     input_ids=samples[only].prompt_ids,
@@ -333,7 +359,8 @@ class RolloutClient:
                     return_logprob=True,
                     rid=None if rids is None else rids[only],
                 )
-            outs = await self.post(proto.GENERATE.path, body)
+                session = group_key(rollout_id, samples[only].group_index)
+            outs = await self.post(proto.GENERATE.path, body, session)
             if not self.batched and isinstance(outs, dict):
                 outs = [outs]
             if not isinstance(outs, list) or len(outs) != len(todo):
@@ -378,11 +405,18 @@ class RolloutClient:
             await asyncio.sleep(self.backoff_s * (2**attempt))
         raise AssertionError("unreachable")
 
-    async def generate_turns(self, requests: Sequence[tuple[list[int], dict[str, Any]]]) -> list[TurnOutput]:
+    async def generate_turns(
+        self, requests: Sequence[tuple[list[int], dict[str, Any]]], sessions: Sequence[str | None] | None = None
+    ) -> list[TurnOutput]:
         """Several sequences' next turns: fixed consecutive chunks of ``chunk_size``, each one batched request
-        (single requests behind a router); an aborted answer is sent again, up to the retry budget."""
+        (single requests behind a router, each in its ``sessions`` entry, a conversation's key); an aborted answer
+        is sent again, up to the retry budget."""
         if not self.batched:
-            return list(await asyncio.gather(*(self.generate_turn(ids, p) for ids, p in requests)))
+            keys = list(sessions) if sessions is not None else [None] * len(requests)
+            if len(keys) != len(requests):
+                raise ValueError(f"{len(keys)} sessions for {len(requests)} requests")
+            turns = (self.generate_turn(ids, p, session=k) for (ids, p), k in zip(requests, keys, strict=True))
+            return list(await asyncio.gather(*turns))
         size = self.chunk_size
         chunks = [list(range(s, min(s + size, len(requests)))) for s in range(0, len(requests), size)]
         results: list[TurnOutput | None] = [None] * len(requests)

@@ -10,7 +10,10 @@ Two hooks replace miles' single-turn generation (both Miles' contract; docs/mult
   prompt fields filled; ``input.sampling_params`` are SGLang ``sampling_params``
   with this sample's ``sampling_seed``; ``input.state.client`` is the engine
   client (:meth:`~miles.rollout.client.RolloutClient.generate_turn`, the same
-  code for the embedded engine, SGLang and sglang-router). It returns the sample
+  code for the embedded engine, SGLang and sglang-router); ``input.session`` names
+  the conversation: pass it to every ``generate_turn`` of the sample
+  (``session=input.session``) and its turns go to one engine, whose prefix cache
+  holds the conversation so far, also behind sglang-router. It returns the sample
   with ``response_ids``, ``response_logprobs`` (one per response token) and
   ``loss_mask`` (one per response token, or ``None`` for all ones) filled.
 
@@ -37,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from miles.rollout.client import RolloutClient, RolloutError, sample_seed, sampling_params
+from miles.rollout.client import RolloutClient, RolloutError, conversation_key, sample_seed, sampling_params
 from miles.sample import Sample, split_groups
 from miles.spec.tables import RolloutConfig
 
@@ -68,6 +71,9 @@ class GenerateFnInput:
     sample: Sample
     sampling_params: dict[str, Any]
     evaluation: bool = False
+    session: str | None = None
+    """The conversation's session (:func:`~miles.rollout.client.conversation_key`): the ``session`` of every
+    ``generate_turn`` of this sample, which keeps its turns on one engine."""
 
     @property
     def args(self) -> RolloutConfig:
@@ -94,6 +100,10 @@ class RolloutFnInput:
         """The ``sampling_params`` of the rollout's sample ``index`` (in group order), its seed included."""
         cfg = self.state.rollout
         return sampling_params(cfg, sample_seed(cfg.rollout_seed, self.state.rollout_id, index), **self.state.overrides)
+
+    def session(self, index: int) -> str:
+        """The session of the rollout's sample ``index`` (in group order), as :attr:`GenerateFnInput.session`."""
+        return conversation_key(self.state.rollout_id, index, self.state.evaluation)
 
 
 @dataclass
@@ -132,7 +142,8 @@ async def generate_samples(
     async def one(i: int, sample: Sample) -> Sample:
         seed = sample_seed(cfg.rollout_seed, state.rollout_id, i)
         params = sampling_params(cfg, seed, **state.overrides)
-        out = await _maybe_await(fn(GenerateFnInput(state, sample, params, state.evaluation)))
+        session = conversation_key(state.rollout_id, i, state.evaluation)
+        out = await _maybe_await(fn(GenerateFnInput(state, sample, params, state.evaluation, session)))
         got = out.samples if isinstance(out, GenerateFnOutput) else out
         got = got if isinstance(got, list) else [got]
         if len(got) != 1 or not isinstance(got[0], Sample):

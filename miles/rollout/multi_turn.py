@@ -81,7 +81,9 @@ def glue_text(fmt: ToolFormat, results: list[ToolResult], turn_text: str) -> str
 class Episode:
     """One conversation of the tool loop, stepped a turn at a time (by :func:`generate` or :func:`rollout`)."""
 
-    def __init__(self, state: GenerateState, sample: Sample, sampling_params: dict[str, Any]) -> None:
+    def __init__(
+        self, state: GenerateState, sample: Sample, sampling_params: dict[str, Any], session: str | None
+    ) -> None:
         cfg = state.rollout
         self.cfg, self.sample, self.tok = cfg, sample, state.tokenizer
         self.fmt = FORMATS[cfg.generate_tool_call_parser]
@@ -90,7 +92,9 @@ class Episode:
         )
         self.params = sampling_params
         self.seed = int(sampling_params.get("sampling_seed") or 0)
-        self.session = f"{state.rollout_id}:{self.seed}"
+        self.session = session or f"r{state.rollout_id}-seed{self.seed}"
+        """Every turn's session: the turns go to one engine, whose prefix cache holds the conversation (a caller
+        that names none gets one from the sample's seed, unique in the rollout)."""
         self.stop = list(dict.fromkeys([*(sampling_params.get("stop") or []), *self.fmt.stop]))
         self.conv = Conversation(
             list(sample.prompt_ids), cfg.rollout_max_response_len, cfg.generate_max_tokens_per_turn
@@ -159,7 +163,7 @@ class Episode:
 
 async def generate(input: GenerateFnInput) -> GenerateFnOutput:
     """One conversation, its turns sent one by one (a generate function: ``custom_generate_function_path``)."""
-    ep = Episode(input.state, input.sample, input.sampling_params)
+    ep = Episode(input.state, input.sample, input.sampling_params, input.session)
     turn = 0
     while (req := ep.request(turn)) is not None:
         out = await input.state.client.generate_turn(*req, session=ep.session)
@@ -172,13 +176,13 @@ async def rollout(input: RolloutFnInput) -> RolloutFnOutput:
     """Every conversation of the rollout, turn by turn: each turn of all that are still going is sent in batched
     chunks (a rollout function: ``rollout_function_path``). The same conversations as :func:`generate`, batched."""
     flat = [s for g in input.groups for s in g]
-    eps = [Episode(input.state, s, input.sampling_params(i)) for i, s in enumerate(flat)]
+    eps = [Episode(input.state, s, input.sampling_params(i), input.session(i)) for i, s in enumerate(flat)]
     turn = 0
     while True:
         asks = [(ep, req) for ep in eps if (req := ep.request(turn)) is not None]
         if not asks:
             break
-        outs = await input.state.client.generate_turns([r for _, r in asks])
+        outs = await input.state.client.generate_turns([r for _, r in asks], [ep.session for ep, _ in asks])
         for (ep, _), out in zip(asks, outs, strict=True):
             await ep.take(turn, out)
         turn += 1

@@ -27,6 +27,19 @@ sampling_params[0]: invalid type: map, expected f32``. The weight sync,
 and ``/resume_memory_occupation`` are not routes of the router (404) and go to
 each engine directly, as without a router.
 
+Affinity: a conversation's turns go to one engine, whose prefix cache holds
+the conversation so far. miles names each request's conversation in the
+``X-SMG-Routing-Key`` header (:data:`ROUTING_KEY_HEADER`: a multi-turn sample's
+session, a single-turn prompt's group) and starts the router with its
+``manual`` policy, which sends every request of one key to the engine it picked
+for the key's first request (``--assignment-mode min_group``: the engine with
+the fewest keys, so conversations spread evenly), and picks another only when
+that engine leaves the worker list. ``cache_aware`` matches the request's
+tokens against what it sent where, but sends a turn elsewhere whenever the
+engines' loads differ enough, which in a rollout (every conversation in flight
+at once) they do; ``round_robin`` and ``random`` ignore both. A request without
+the header goes to a random engine.
+
 The router's own API used here (0.3.2): ``GET /health`` (liveness),
 ``GET /workers`` (``{"workers": [{"id", "url", "is_healthy", ...}]}``),
 ``POST /workers`` ``{"url", "api_key"}`` (202; added in the background after the
@@ -67,7 +80,14 @@ if TYPE_CHECKING:
 ROUTER_PIN = "0.3.2"
 """The sglang-router release miles is tested with (``scripts/sglang-env.sh`` installs it beside SGLang)."""
 
-RouterPolicy = Literal["cache_aware", "round_robin", "random"]
+RouterPolicy = Literal["manual", "cache_aware", "round_robin", "random"]
+
+ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
+"""The header whose value the router's ``manual`` policy keeps on one engine (a conversation, a prompt's group)."""
+
+MANUAL_ASSIGNMENT = "min_group"
+"""How the ``manual`` policy places a key it has not seen (``--assignment-mode``): on the engine with the fewest
+keys, so a rollout's conversations spread evenly over the engines (its default, ``random``, may pile them up)."""
 
 START_DEADLINE_S = 120.0
 """The router is a Rust binary: it listens within seconds."""
@@ -126,12 +146,13 @@ def router_argv(
     host: str,
     port: int,
     keyed: bool = False,
-    policy: RouterPolicy = "cache_aware",
+    policy: RouterPolicy = "manual",
     python: str | None = None,
 ) -> list[str]:
-    """``python -m sglang_router.launch_router``: its ``policy``, quiet logs (it logs every request at INFO) and a
-    short shutdown grace; ``keyed``: it asks clients for the engine key and presents it to the engines, reading it
-    from the environment (``miles.plan.engine_argv.KEY_FROM_ENV``), never from its command line."""
+    """``python -m sglang_router.launch_router``: its ``policy`` (``manual`` places new keys by
+    :data:`MANUAL_ASSIGNMENT`), quiet logs (it logs every request at INFO) and a short shutdown grace; ``keyed``: it
+    asks clients for the engine key and presents it to the engines, reading it from the environment
+    (``miles.plan.engine_argv.KEY_FROM_ENV``), never from its command line."""
     argv = [
         *keyed_module(python or sys.executable, "sglang_router.launch_router", keyed),
         "--host",
@@ -140,6 +161,7 @@ def router_argv(
         str(port),
         "--policy",
         policy,
+        *(["--assignment-mode", MANUAL_ASSIGNMENT] if policy == "manual" else []),
         "--log-level",
         "warn",
         "--shutdown-grace-period-secs",
@@ -157,7 +179,7 @@ def router_launch(
     port: int,
     api_key: str | None,
     log_dir: Path,
-    policy: RouterPolicy = "cache_aware",
+    policy: RouterPolicy = "manual",
     python: str | None = None,
 ) -> EngineLaunch:
     """The router as a process like an engine (index -1, log ``router.log``), in its starter's process group: it

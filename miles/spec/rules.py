@@ -194,13 +194,13 @@ def _generation(spec: Spec, report: Report) -> None:
                 "dynamic sampling generates single-turn rounds and cannot run a custom generate or rollout function "
                 "yet: remove it, or remove custom_generate_function_path / rollout_function_path",
             )
-    if custom and spec.sglang.use_router and spec.sglang.router_policy != "cache_aware":
+    if custom and spec.sglang.use_router and spec.sglang.router_policy != "manual":
         report(
             "sglang",
             "router_policy",
-            f'"{spec.sglang.router_policy}" sends each turn of a conversation to any engine, which then computes the '
-            'whole conversation again; with a custom generate or rollout function use "cache_aware" (turns go to '
-            "the engine whose prefix cache holds the conversation)",
+            f'"{spec.sglang.router_policy}" may send a turn of a conversation to another engine than its earlier '
+            "turns, which then computes the whole conversation again; with a custom generate or rollout function use "
+            '"manual" (every turn goes to the engine of the conversation\'s first, whose prefix cache holds it)',
         )
     if ro.custom_generate_function_path and ro.rollout_function_path:
         report(

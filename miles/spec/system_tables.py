@@ -124,9 +124,11 @@ class SglangConfig:
     outstanding requests).
     """
 
-    router_policy: Literal["cache_aware", "round_robin", "random"] = "cache_aware"
-    """How sglang-router picks an engine (its ``--policy``); ``cache_aware`` sends prompts that share a prefix, such
-    as a prompt's n samples, to the same engine. Used with ``use_router = true``.
+    router_policy: Literal["manual", "cache_aware", "round_robin", "random"] = "manual"
+    """How sglang-router picks an engine (its ``--policy``). ``manual``: every request names its conversation (a
+    multi-turn sample; a single-turn prompt's n samples share one name) and all requests of one name go to one engine,
+    whose prefix cache holds what they share; new names go to the engine with the fewest. ``cache_aware`` matches
+    prefixes but moves requests off a busier engine. Used with ``use_router = true``.
     """
 
     server_args: dict[str, object] = field(default_factory=dict)

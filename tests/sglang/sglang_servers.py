@@ -1,4 +1,5 @@
-"""Helpers for driving real engine servers through miles' launcher: SGLang on CPU, or the embedded engine.
+"""Helpers for driving real engine servers through miles' launcher (SGLang on CPU, or the embedded engine) and for
+asking them what they hold.
 
 The SGLang variants need ``.venv-sglang`` (``scripts/sglang-env.sh`` builds it;
 ``scripts/test`` does when it can install packages). Without it they are
@@ -10,13 +11,20 @@ SGLang's CPU engine runs with ``SGLANG_USE_CPU_ENGINE=1 --device cpu
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import urllib.request
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from miles.job.environment import TaskContext
 from miles.job.ports import free_port
+from miles.sample import Sample
 from miles.sglang import launcher as sl
+from miles.sglang import protocol as proto
 from miles.spec.tables import ModelConfig, RolloutConfig, SglangConfig, Spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,3 +117,63 @@ def driver_task(
         launcher="torchrun",
         launch_id="test-launch",
     )
+
+
+def post(url: str, api_key: str, ep: proto.Endpoint, body: dict[str, Any] | None = None) -> Any:
+    """``ep`` of the engine (or router) at ``url``, with the key: its JSON answer, else its text."""
+    req = urllib.request.Request(
+        url + ep.path,
+        data=json.dumps(body or {}).encode(),
+        method=ep.method,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        raw = r.read()
+    return json.loads(raw) if raw.strip().startswith(b"{") else raw.decode()
+
+
+def hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as Hugging Face loads them: what a weight sync pushes."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def sharpened(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Different weights whose greedy choices are far from ties, so any correct engine agrees with HF on them."""
+    gen = torch.Generator().manual_seed(1)
+    out = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in weights.items()}
+    out["lm_head.weight"] = out["lm_head.weight"] * 40.0
+    return out
+
+
+def hf_greedy(model_dir: Path, weights: dict[str, torch.Tensor], samples: list[Sample], n: int) -> list[list[int]]:
+    """Hugging Face's greedy answers with ``weights``: what an engine holding them must generate."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.load_state_dict(weights)
+    outs = []
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([s.prompt_ids])
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            out = gen[0, ids.shape[1] :].tolist()
+            eos = model.config.eos_token_id
+            outs.append(out[: out.index(eos) + 1] if eos in out else out)  # engines stop at EOS, keeping it
+    return outs
+
+
+def model_info(url: str, api_key: str) -> dict[str, Any]:
+    """The engine's ``/get_model_info`` (its ``weight_version`` ...)."""
+    req = urllib.request.Request(url + "/get_model_info", headers={"Authorization": f"Bearer {api_key}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return dict(json.loads(r.read()))

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from miles.job import rundir
 from miles.job.ports import free_port
@@ -36,8 +35,13 @@ from tests.sglang.sglang_servers import (
     SKIP_REASON,
     START_DEADLINE_S,
     driver_task,
+    hf_greedy,
+    hf_weights,
     launch,
+    model_info,
+    post,
     sglang_available,
+    sharpened,
 )
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
@@ -79,7 +83,7 @@ def _generate(
     (SGLang batches concurrent requests by arrival, and a batch's shape changes its rounding)."""
     if cfg.rollout_temperature == 0.0:
         for url in urls:
-            _post(url, api_key, proto.FLUSH_CACHE)
+            post(url, api_key, proto.FLUSH_CACHE)
         kw = {"batched": False, "max_concurrency": 1, **kw}
     client = BlockingRolloutClient(urls, api_key=api_key, timeout_s=120, **kw)
     try:
@@ -91,56 +95,6 @@ def _generate(
 
 def _outputs(samples: list[Sample]) -> list[tuple[list[int], list[float]]]:
     return [(s.response_ids, s.response_logprobs) for s in samples]
-
-
-def _post(url: str, api_key: str, ep: proto.Endpoint, body: dict[str, Any] | None = None) -> Any:
-    req = urllib.request.Request(
-        url + ep.path,
-        data=json.dumps(body or {}).encode(),
-        method=ep.method,
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
-    )
-    with urllib.request.urlopen(req, timeout=60) as r:
-        raw = r.read()
-    return json.loads(raw) if raw.strip().startswith(b"{") else raw.decode()
-
-
-def _hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _sharpened(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Different weights whose greedy choices are far from ties, so any correct engine agrees with HF on them."""
-    gen = torch.Generator().manual_seed(1)
-    out = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in weights.items()}
-    out["lm_head.weight"] = out["lm_head.weight"] * 40.0
-    return out
-
-
-def _hf_greedy(model_dir: Path, weights: dict[str, torch.Tensor], samples: list[Sample], n: int) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.load_state_dict(weights)
-    outs = []
-    with torch.no_grad():
-        for s in samples:
-            ids = torch.tensor([s.prompt_ids])
-            gen = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            out = gen[0, ids.shape[1] :].tolist()
-            eos = model.config.eos_token_id
-            outs.append(out[: out.index(eos) + 1] if eos in out else out)  # engines stop at EOS, keeping it
-    return outs
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +138,7 @@ def test_a_generate_function_drives_the_engine_token_in_token_out(served: sl.Eng
         s.turns = 2
         return GenerateFnOutput(samples=s)
 
-    _post(served.url, served.launch.api_key, proto.FLUSH_CACHE)
+    post(served.url, served.launch.api_key, proto.FLUSH_CACHE)
     cfg = RolloutConfig(rollout_temperature=1.0, rollout_max_response_len=12, rollout_seed=3)
     samples = _samples(model_dir, PROMPTS[:2])
     client = BlockingRolloutClient([served.url], api_key=served.launch.api_key, timeout_s=120)
@@ -205,7 +159,7 @@ def test_a_generate_function_drives_the_engine_token_in_token_out(served: sl.Eng
 def test_wrong_api_key_is_refused(served: sl.EngineProcess) -> None:
     body = proto.generate_body(input_ids=[3, 4], sampling=proto.sampling_params(max_new_tokens=2))
     with pytest.raises(urllib.error.HTTPError) as err:
-        _post(served.url, "not-the-key", proto.GENERATE, body)
+        post(served.url, "not-the-key", proto.GENERATE, body)
     assert err.value.code == 401
 
 
@@ -252,8 +206,8 @@ def _descendants(pid: int) -> list[int]:
 def test_weight_sync_follows_new_weights_and_restores_old_exactly(
     served: sl.EngineProcess, model_dir: Path, baseline: list
 ) -> None:
-    original = _hf_weights(model_dir)
-    new = _sharpened(original)
+    original = hf_weights(model_dir)
+    new = sharpened(original)
     sync = WeightSync(
         [served.url],
         "127.0.0.1",
@@ -269,7 +223,7 @@ def test_weight_sync_follows_new_weights_and_restores_old_exactly(
         assert stats.buckets > 1 and stats.tensors == len(new)
         samples = _samples(model_dir)
         _generate([served.url], served.launch.api_key, samples, _greedy())
-        expected = _hf_greedy(model_dir, new, samples, RESPONSE_LEN)
+        expected = hf_greedy(model_dir, new, samples, RESPONSE_LEN)
         assert [s.response_ids for s in samples] == expected, "greedy output does not follow the pushed weights"
         assert all(s.weight_version == 1 for s in samples)
 
@@ -286,15 +240,15 @@ def test_colocated_tensor_sync_follows_new_weights_and_restores_old_exactly(
     served: sl.EngineProcess, model_dir: Path, baseline: list
 ) -> None:
     """/update_weights_from_tensor in SGLang's flattened-bucket form; on CPU the buckets travel by shared memory."""
-    original = _hf_weights(model_dir)
-    new = _sharpened(original)
+    original = hf_weights(model_dir)
+    new = sharpened(original)
     sync = TensorSync([served.url], api_key=served.launch.api_key, bucket_bytes=64 * 1024, timeout_s=120)
     try:
         stats = sync.sync(list(new.items()), weight_version=11)
         assert stats.buckets > 1 and stats.tensors == len(new)
         samples = _samples(model_dir)
         _generate([served.url], served.launch.api_key, samples, _greedy())
-        assert [s.response_ids for s in samples] == _hf_greedy(model_dir, new, samples, RESPONSE_LEN)
+        assert [s.response_ids for s in samples] == hf_greedy(model_dir, new, samples, RESPONSE_LEN)
         assert all(s.weight_version == 11 for s in samples)
 
         sync.sync(list(original.items()), weight_version=12)
@@ -308,7 +262,7 @@ def test_colocated_tensor_sync_follows_new_weights_and_restores_old_exactly(
 
 def test_requests_wait_while_paused_and_finish_after_continue(served: sl.EngineProcess, model_dir: Path) -> None:
     key = served.launch.api_key
-    assert _post(served.url, key, proto.PAUSE_GENERATION, proto.pause_generation_body(mode="abort"))["status"] == "ok"
+    assert post(served.url, key, proto.PAUSE_GENERATION, proto.pause_generation_body(mode="abort"))["status"] == "ok"
     samples = _samples(model_dir)
     done = threading.Event()
 
@@ -321,7 +275,7 @@ def test_requests_wait_while_paused_and_finish_after_continue(served: sl.EngineP
         worker.start()
         assert not done.wait(3.0), "requests were generated while the engine was paused"
     finally:
-        _post(served.url, key, proto.CONTINUE_GENERATION, proto.continue_generation_body())
+        post(served.url, key, proto.CONTINUE_GENERATION, proto.continue_generation_body())
     assert done.wait(120), "requests did not finish after continue_generation"
     worker.join()
     assert all(s.finish_reason in ("stop", "length") and s.response_ids for s in samples)
@@ -337,11 +291,11 @@ def test_pause_during_a_rollout_aborts_and_the_client_resends(served: sl.EngineP
     worker.start()
     try:
         time.sleep(0.3)
-        _post(served.url, key, proto.PAUSE_GENERATION, proto.pause_generation_body(mode="abort"))
+        post(served.url, key, proto.PAUSE_GENERATION, proto.pause_generation_body(mode="abort"))
         assert worker.is_alive(), "the rollout finished before the pause; make it longer for this machine"
         time.sleep(1.0)
     finally:
-        _post(served.url, key, proto.CONTINUE_GENERATION, proto.continue_generation_body())
+        post(served.url, key, proto.CONTINUE_GENERATION, proto.continue_generation_body())
         worker.join(180)
     client.close()
     assert not worker.is_alive()
@@ -404,7 +358,7 @@ def test_sglang_router_in_front_of_the_engine(
                 input_ids=sample.prompt_ids,
                 sampling=proto.sampling_params(max_new_tokens=RESPONSE_LEN, temperature=0.0, no_stop_trim=True),
             )
-            out = _post(router.url, key, proto.GENERATE, body)
+            out = post(router.url, key, proto.GENERATE, body)
             assert out["output_ids"] == ids
             # the prompts may come from the prefix cache here (an extend, not a full prefill): equal up to
             # the last bits
@@ -412,7 +366,7 @@ def test_sglang_router_in_front_of_the_engine(
         sampling = [proto.sampling_params(max_new_tokens=2, sampling_seed=i) for i in range(2)]
         batch = proto.generate_body(input_ids=[s.prompt_ids for s in samples[:2]], sampling=sampling)
         with pytest.raises(urllib.error.HTTPError) as err:
-            _post(router.url, key, proto.GENERATE, batch)
+            post(router.url, key, proto.GENERATE, batch)
         assert err.value.code == 422
         assert "sampling_params[0]: invalid type: map" in err.value.read().decode()
     finally:
@@ -459,7 +413,7 @@ def test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_
     )
     spec = Spec(
         model=ModelConfig(dtype="float32"), rollout=rollout, sglang=SglangConfig(use_router=True)
-    )  # cache_aware: a prompt's samples go where it went before
+    )  # manual: a prompt's samples, keyed by its group, go to one engine
     task = driver_task(run_dir, 2, master_port=free_port(0), weight_update_port=free_port(0))
     fleet = EngineFleet(spec, task, rundir.wait_for_engines(run_dir, 2, "test-launch", deadline_s=10))
     sup = sl.Supervisor(
@@ -491,18 +445,73 @@ def test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_
         assert set(router.workers()) == {served.url}
         assert all(s.response_ids for s in stale)
 
-        fleet.sync(list(_sharpened(_hf_weights(model_dir)).items()), version=7)
+        fleet.sync(list(sharpened(hf_weights(model_dir)).items()), version=7)
         after = _samples(model_dir)
         fleet.generate(after, rollout_id=3, weight_version=7)
         assert set(router.workers()) == {served.url, standby.url}
         assert all(s.weight_version == 7 for s in after), [s.weight_version for s in after]
-        req = urllib.request.Request(standby.url + "/get_model_info", headers={"Authorization": f"Bearer {key}"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            assert json.loads(r.read())["weight_version"] == "7"  # the restarted engine got the pushed weights
+        assert model_info(standby.url, key)["weight_version"] == "7"  # the restarted engine got the pushed weights
     finally:
         sup.stop()
         fleet.close()
     assert router.process is not None and not router.process.alive()
+
+
+@pytest.mark.skipif(not sglang_available(), reason=SKIP_REASON)  # the router lives in .venv-sglang
+def test_a_conversations_turns_stay_on_its_engine_behind_the_router(
+    kind: str, served: sl.EngineProcess, standby: sl.EngineProcess, model_dir: Path, tmp_path: Path
+) -> None:
+    """Session affinity through the real sglang-router as the driver starts it (``manual`` policy): conversations
+    of three turns from a generate function, each turn sent with the conversation's session as routing key, over
+    ``served`` and an embedded standby. Every engine stamps its answers with its own weight version, so the answers
+    say which engine generated each turn: all turns of a conversation on one engine, the conversations on both;
+    SGLang answers its later turns from the prefix cache."""
+    key = served.launch.api_key
+    assert key is not None and standby.launch.api_key == key
+    stamps = {served.url: 1001, standby.url: 1002}
+    before = model_info(served.url, key)["weight_version"]
+    for url, stamp in stamps.items():
+        post(url, key, proto.UPDATE_WEIGHT_VERSION, proto.update_weight_version_body(new_version=str(stamp)))
+        post(url, key, proto.FLUSH_CACHE)
+    spec = Spec(sglang=SglangConfig(use_router=True))
+    launch = sr.driver_router_launch(spec, free_port(0), key, tmp_path, str(SGLANG_PYTHON))
+    assert "manual" in launch.argv
+    router = sr.SglangRouter.start(launch)
+    tok = _tokenizer(model_dir)
+    glue = tok("=1+", add_special_tokens=False)["input_ids"]
+    turns: dict[int, list[tuple[int | None, int, int]]] = {}
+    """Conversation -> each turn's (engine stamp, cached tokens, input length)."""
+
+    async def three_turns(input: GenerateFnInput) -> GenerateFnOutput:
+        s, params = input.sample, {**input.sampling_params, "max_new_tokens": 3}
+        ids: list[int] = []
+        for turn in range(3):
+            out = await input.state.client.generate_turn(s.prompt_ids + ids, params, session=input.session)
+            turns.setdefault(s.prompt_index, []).append(
+                (out.weight_version, out.cached_tokens, len(s.prompt_ids) + len(ids))
+            )
+            ids += out.output_ids + (glue if turn < 2 else [])
+        s.response_ids, s.response_logprobs, s.turns = ids, [0.0] * len(ids), 3
+        return GenerateFnOutput(samples=s)
+
+    cfg = RolloutConfig(rollout_temperature=1.0, rollout_max_response_len=16, rollout_seed=3)
+    client = BlockingRolloutClient([router.url], api_key=key, batched=False, timeout_s=120)
+    try:
+        assert sorted(router.route_to(list(stamps))) == sorted(stamps)
+        state = GenerateState(client.client, tok, cfg, rollout_id=4, weight_version=0)
+        client.run(lambda _client: generate_samples(three_turns, "three_turns", _samples(model_dir), state))
+    finally:
+        client.close()
+        router.close()
+        post(served.url, key, proto.UPDATE_WEIGHT_VERSION, proto.update_weight_version_body(new_version=before))
+    assert len(turns) == len(PROMPTS) and all(len(t) == 3 for t in turns.values())
+    engine_of = {c: {stamp for stamp, _, _ in t} for c, t in turns.items()}
+    assert all(len(e) == 1 for e in engine_of.values()), engine_of  # every turn on its conversation's engine
+    assert set().union(*engine_of.values()) == set(stamps.values()), engine_of  # conversations on both engines
+    if kind == "sglang":  # its radix cache held each conversation's earlier turns when the next came
+        on_sglang = [t for t in turns.values() if t[0][0] == stamps[served.url]]
+        later = [(t[k][1], t[k - 1][2]) for t in on_sglang for k in (1, 2)]  # (cached, the turn before's input)
+        assert later and all(cached >= before_len for cached, before_len in later), on_sglang
 
 
 @pytest.fixture()
@@ -522,7 +531,7 @@ def test_killed_engine_requests_finish_elsewhere_and_it_rejoins(
 ) -> None:
     key = served.launch.api_key
     urls = [served.url, standby.url]
-    new = _sharpened(_hf_weights(model_dir))
+    new = sharpened(hf_weights(model_dir))
     sync = WeightSync(urls, "127.0.0.1", free_port(0), api_key=key, group_name="miles-test-kill", timeout_s=120)
     sync.sync(list(new.items()), weight_version=5)
     before = _samples(model_dir)

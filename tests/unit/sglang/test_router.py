@@ -47,7 +47,8 @@ def test_router_command() -> None:
     launch = sr.router_launch(host="0.0.0.0", port=30000, api_key=None, log_dir=Path("/logs"), python="py")
     assert launch.argv[:3] == ("py", "-m", "sglang_router.launch_router")
     assert "--worker-urls" not in launch.argv and "--api-key" not in launch.argv  # workers come later, by miles
-    assert launch.argv[launch.argv.index("--policy") + 1] == "cache_aware"
+    policy = launch.argv.index("--policy")  # the default: a request's routing key keeps it on one engine
+    assert launch.argv[policy : policy + 4] == ("--policy", "manual", "--assignment-mode", "min_group")
     assert launch.log_path == Path("/logs/router.log") and launch.url == "http://127.0.0.1:30000"
     assert not launch.own_session  # stops with the driver's process group
 

@@ -69,6 +69,16 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str, str | None, str]] = [
         "over_sampling_batch_size",
         "cannot run a custom generate or rollout function yet",
     ),
+    (
+        "custom-generation-behind-a-router-without-affinity",
+        {
+            "rollout": {"custom_generate_function_path": "m:f"},
+            "sglang": {"use_router": True, "router_policy": "cache_aware"},
+        },
+        "sglang",
+        "router_policy",
+        'use "manual" (every turn goes to the engine of the conversation\'s first',
+    ),
     ("top-k-zero", {"rollout": {"rollout_top_k": 0}}, "rollout", "rollout_top_k", "use -1 to disable top-k"),
     (
         "over-sampling",
