@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,7 @@ def test_each_life_logs_what_tensorboard_gets_to_the_same_offline_run(
     log.log_eval(0, {"eval/m/reward_mean": 0.25})
     log.log(0, {"rollout/reward_mean": 0.5}, {"time/total": 1.5})
     log.close()
+    time.sleep(1.0)  # W&B names a life's folder by the second it started: two lives within one would share it
     resumed = MetricsLog(tmp_path, 1, tensorboard=False, plot=False, wandb=WandbSink.open(spec, tmp_path))
     resumed.log(1, {"rollout/reward_mean": 0.75}, {"time/total": 1.25})
     resumed.close()
