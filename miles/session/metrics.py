@@ -11,8 +11,8 @@ Two streams, kept apart on purpose:
 
 Evaluations (:mod:`miles.session.evaluation`) are lines of their own in ``metrics.jsonl``,
 ``{"eval_step": s, "eval/<dataset>/<figure>": ...}``, ``s`` the number of rollouts trained into the
-evaluated weights; TensorBoard and W&B (:mod:`miles.session.wandb_sink`) have them at step ``s``, and a
-rollout's metrics and perf figures at step ``rollout_id``.
+evaluated weights; TensorBoard has them at step ``s``, and a rollout's metrics and perf figures at
+step ``rollout_id``; W&B (:mod:`miles.session.wandb_sink`) draws them against the same numbers.
 
 On resume, lines of rollouts at or after the resume point, and of evaluations after the
 last one the checkpoint records, are dropped first, so a rollout or evaluation that ran
@@ -106,7 +106,7 @@ class MetricsLog:
                 os.fsync(f.fileno())
         self._tb_add({**metrics, **perf}, rollout_id)
         if self.wandb is not None:
-            self.wandb.log({**metrics, **perf}, rollout_id)
+            self.wandb.log_rollout(rollout_id, {**metrics, **perf})
         if self.plot_enabled:
             self.plot()
 
@@ -118,7 +118,7 @@ class MetricsLog:
             os.fsync(f.fileno())
         self._tb_add(values, step)
         if self.wandb is not None:
-            self.wandb.log(values, step)
+            self.wandb.log_eval(step, values)
         if self.plot_enabled:
             self.plot()
 

@@ -1,13 +1,15 @@
 """Weights & Biases as one more sink of a run's metrics (``[run] use_wandb``), beside metrics.jsonl and TensorBoard.
 
 The driver opens one W&B run per life of the miles run (a first start, each requeue, each resume) and logs to
-it exactly what goes to TensorBoard: a rollout's metrics and perf figures at step ``rollout_id``, an
-evaluation's figures at step ``eval_step``; the resolved spec is the W&B run's config.
+it exactly what goes to TensorBoard: a rollout's metrics and perf figures against ``rollout_id``, an
+evaluation's figures against ``eval_step``; the resolved spec is the W&B run's config.
 
 One miles run is one W&B run: its id is made once and kept in ``<run_dir>/wandb-run-id``, and every life
 opens W&B with that id and ``resume="allow"``, so a preempted and requeued job continues the same W&B run
-instead of starting another. Rollouts a resume redoes are logged again at their step with the same
-metrics (exact resume); in online mode W&B keeps the first and warns about the rest.
+instead of starting another. The x axes are the logged ``rollout_id`` and ``eval_step`` figures
+(``define_metric``), not W&B's own step, which only counts ``log`` calls: W&B drops a row whose step is
+below one it already holds, and a resume redoes the rollouts after the last checkpoint. A redone rollout
+is logged again with the same metrics (exact resume), at the same ``rollout_id``.
 
 Offline mode (the default: compute nodes rarely reach the internet) writes W&B's files under
 ``<run_dir>/wandb``, one folder per life; the driver prints the ``wandb sync`` command that uploads all of
@@ -76,6 +78,8 @@ class WandbSink:
         self.run_dir = run_dir
         self.mode = mode
         self.id: str = run.id
+        self._axes: dict[str, str] = {}
+        """Figure -> the figure W&B draws it against (``rollout_id`` or ``eval_step``), as defined so far."""
 
     @classmethod
     def open(cls, spec: Spec, run_dir: Path) -> WandbSink:
@@ -87,13 +91,28 @@ class WandbSink:
         run = wandb.init(**init_arguments(spec, run_dir, run_id(run_dir)))
         return cls(run, run_dir, spec.run.wandb_mode)
 
-    def log(self, values: dict[str, float], step: int) -> None:
-        """Log one rollout's (or evaluation's) figures at ``step``, as TensorBoard has them."""
-        self._run.log(dict(values), step=step)
+    def log_rollout(self, rollout_id: int, values: dict[str, float]) -> None:
+        """Log one rollout's metrics and perf figures, drawn against ``rollout_id``."""
+        self._log("rollout_id", rollout_id, values)
+
+    def log_eval(self, step: int, values: dict[str, float]) -> None:
+        """Log one evaluation's figures, drawn against ``eval_step`` (rollouts trained into the weights)."""
+        self._log("eval_step", step, values)
+
+    def _log(self, axis: str, at: int, values: dict[str, float]) -> None:
+        for key in values:
+            if key not in self._axes:
+                self._run.define_metric(key, step_metric=axis)
+                self._axes[key] = axis
+        self._run.log({axis: at, **values})
 
     def close(self) -> None:
-        """Finish this life's W&B run; offline, print the command that uploads the whole run."""
+        """Finish this life's W&B run and wait until W&B's service has written everything (its exit hook does not
+        run in every launcher's processes); offline, print the command that uploads the whole run."""
+        import wandb
+
         self._run.finish()
+        wandb.teardown()
         if self.mode == "offline":
             print(
                 f"miles: W&B run {self.id} is saved offline in {self.run_dir / 'wandb'}; upload it from a machine "

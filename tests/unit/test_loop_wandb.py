@@ -4,8 +4,8 @@ The CPU quickstart with evaluation, cut small (one trainer rank, one engine, thr
 real ``wandb`` package in its default offline mode. SIGTERM lands in the second rollout (as a Slurm
 preemption does); the second life resumes the same run directory. Both lives must log to the one W&B run
 whose id the run directory keeps, and what the two offline folders hold, read back from W&B's own
-transaction logs, must be ``metrics.jsonl`` and ``perf.jsonl``: every figure at its step (a rollout's at
-``rollout_id``, an evaluation's at ``eval_step``), the later life's where it redid a rollout.
+transaction logs, must be ``metrics.jsonl`` and ``perf.jsonl``: every figure drawn against its rollout's
+``rollout_id`` or its evaluation's ``eval_step``, the later life's where it redid a rollout.
 """
 
 from __future__ import annotations
@@ -76,14 +76,16 @@ def test_a_preempted_run_logs_both_lives_to_one_wandb_run_as_its_metrics_files(t
         assert (life.project, life.group, life.name, life.tags) == ("miles-tests", "resume", "quickstart-eval", ["cpu"])
         assert life.config["rollout"]["rollout_batch_size"] == 8 and life.config["run"]["use_wandb"] is True
 
-    logged: dict[int, dict[str, Any]] = {}
+    logged: dict[tuple[str, int], dict[str, Any]] = {}
     for life in lives:  # the later life's figures replace those of a rollout it redid
         for row in life.history:
-            logged.setdefault(row["_step"], {}).update({k: v for k, v in row.items() if not k.startswith("_")})
-    files: dict[int, dict[str, Any]] = {}
+            figures = {k: v for k, v in row.items() if not k.startswith("_")}
+            axis = "rollout_id" if "rollout_id" in figures else "eval_step"
+            assert all(life.axes[k] == axis for k in figures if k != axis)
+            logged.setdefault((axis, figures.pop(axis)), {}).update(figures)
+    files: dict[tuple[str, int], dict[str, Any]] = {}
     for row in _rows(run_dir / "metrics.jsonl") + _rows(run_dir / "perf.jsonl"):
-        step = row.pop("rollout_id") if "rollout_id" in row else row.pop("eval_step")
-        files.setdefault(step, {}).update(row)
-    assert sorted(files) == [0, 1, 2, 3]
-    assert any(k.startswith("eval/majority/") for k in files[2]) and "rollout/reward_mean" in files[2]
+        axis = "rollout_id" if "rollout_id" in row else "eval_step"
+        files.setdefault((axis, row.pop(axis)), {}).update(row)
+    assert sorted(files) == [("eval_step", s) for s in (0, 2, 3)] + [("rollout_id", r) for r in range(3)]
     assert logged == files

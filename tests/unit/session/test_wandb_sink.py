@@ -82,8 +82,8 @@ def test_a_missing_wandb_package_is_refused_before_the_run_with_the_install_comm
 def test_each_life_logs_what_tensorboard_gets_to_the_same_offline_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Two lives of one run directory: one W&B run id, each rollout and evaluation at its step, the spec as
-    config, and the sync command that uploads both lives."""
+    """Two lives of one run directory: one W&B run id, each rollout drawn against its ``rollout_id`` and each
+    evaluation against its ``eval_step``, the spec as config, and the sync command that uploads both lives."""
     spec = _spec(wandb_project="proj", wandb_group="grp", wandb_tags=["cpu"])
     log = MetricsLog(tmp_path, 0, tensorboard=False, plot=False, wandb=WandbSink.open(spec, tmp_path))
     log.log_eval(0, {"eval/m/reward_mean": 0.25})
@@ -101,14 +101,14 @@ def test_each_life_logs_what_tensorboard_gets_to_the_same_offline_run(
     assert first.id == second.id == wandb_id
     assert (first.project, first.group, first.name, first.tags) == ("proj", "grp", "unit", ["cpu"])
     assert first.config["run"]["wandb_group"] == "grp" and first.config["run"]["num_rollout"] == 2
-    figures = [
-        {k: v for k, v in row.items() if not k.startswith("_")} | {"step": row["_step"]}
-        for row in first.history + second.history
+    rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in first.history + second.history]
+    assert rows == [
+        {"eval_step": 0, "eval/m/reward_mean": 0.25},
+        {"rollout_id": 0, "rollout/reward_mean": 0.5, "time/total": 1.5},
+        {"rollout_id": 1, "rollout/reward_mean": 0.75, "time/total": 1.25},
     ]
-    assert figures == [
-        {"step": 0, "eval/m/reward_mean": 0.25, "rollout/reward_mean": 0.5, "time/total": 1.5},
-        {"step": 1, "rollout/reward_mean": 0.75, "time/total": 1.25},
-    ]
+    axes = {"eval/m/reward_mean": "eval_step", "rollout/reward_mean": "rollout_id", "time/total": "rollout_id"}
+    assert first.axes == axes and second.axes == {k: v for k, v in axes.items() if v == "rollout_id"}
     out = capsys.readouterr().out
     assert f"miles: W&B run {wandb_id} is saved offline" in out
     assert sync_command(tmp_path, wandb_id) in out

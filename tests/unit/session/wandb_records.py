@@ -60,23 +60,27 @@ class OfflineRun:
     config: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     """Each logged row, W&B's own ``_step``, ``_runtime``, ``_timestamp`` included."""
+    axes: dict[str, str] = field(default_factory=dict)
+    """Figure -> the figure it is drawn against (``define_metric``'s ``step_metric``)."""
 
 
 def read_offline_run(folder: Path) -> OfflineRun:
-    """The run, config and history rows of the offline W&B folder ``folder`` (``offline-run-<time>-<id>``)."""
+    """The run, config, history rows and x axes of the offline W&B folder ``folder`` (``offline-run-<time>-<id>``)."""
     (log,) = folder.glob("run-*.wandb")
     run: OfflineRun | None = None
-    history = []
+    history, axes = [], {}
     for record in records(log):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
             config = {u.key: json.loads(u.value_json) for u in r.config.update if u.key != "_wandb"}
             run = OfflineRun(r.run_id, r.project, r.entity, r.run_group, r.display_name, list(r.tags), config)
+        elif kind == "metric" and record.metric.step_metric:
+            axes[record.metric.name] = record.metric.step_metric
         elif kind == "history":
             history.append(
                 {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             )
     assert run is not None, f"{log} has no run record"
-    run.history = history
+    run.history, run.axes = history, axes
     return run
