@@ -20,6 +20,7 @@ when the spec asks for W&B.
 from __future__ import annotations
 
 import secrets
+import shlex
 import string
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from miles.spec.tables import Spec
 from miles.spec.writer import spec_to_dict
 
 ID_ALPHABET = string.ascii_lowercase + string.digits
-"""Characters of a W&B run id miles makes (W&B accepts letters, digits, dashes and underscores)."""
+"""Characters of a W&B run id miles makes: those of the ids W&B makes itself."""
 
 
 def run_id(run_dir: Path) -> str:
@@ -67,7 +68,7 @@ def init_arguments(spec: Spec, run_dir: Path, wandb_id: str) -> dict[str, Any]:
 
 def sync_command(run_dir: Path, wandb_id: str) -> str:
     """The shell command that uploads every offline life of the W&B run ``wandb_id`` (W&B's folder names)."""
-    return f"wandb sync {run_dir / 'wandb'}/offline-run-*-{wandb_id}"
+    return f"wandb sync {shlex.quote(str(run_dir / 'wandb'))}/offline-run-*-{wandb_id}"
 
 
 class WandbSink:
