@@ -46,11 +46,7 @@ def run_trainer(spec: Spec, task: TaskContext) -> int:
     state = checkpoint.resume(parts, spec)  # the newest complete checkpoint, or a fresh start
     if state.saved_at is not None:  # the engines still hold the model they started with: give them the actor's
         phases.sync_weights(parts, spec, state.weight_version, resume_memory=False)
-    metrics = (
-        MetricsLog(run_dir, state.next_rollout, spec.run.use_tensorboard, spec.run.plot, state.evaluated)
-        if rank == 0
-        else None
-    )
+    metrics = MetricsLog.of_run(spec, run_dir, state.next_rollout, state.evaluated) if rank == 0 else None
     _evaluate(parts, spec, state, metrics, step=state.next_rollout)  # the initial model (or one a resume owes)
     asynchronous.check_mode(spec, parts)
     ahead = asynchronous.Ahead() if spec.run.train_async else None  # one step off: the next rollout generates now

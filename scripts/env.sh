@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch first and alone: 2.13.0 is the CPU wheel on local disk; letting a
   # resolver pick torch would download a multi-GB CUDA build.
   "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
-  "$VENV/bin/pip" install -q --disable-pip-version-check -c "$ROOT/constraints.txt" -e "$ROOT[dev,megatron]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c "$ROOT/constraints.txt" -e "$ROOT[dev,megatron,wandb]"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -19,6 +19,8 @@ Layout::
     engine.key         the engines' API key, mode 0600 (miles.job.enginekey)
     control/stop-<id>  written by ``miles cancel``: job <id> ends instead of requeueing (miles.launch.lifecycle)
     metrics.jsonl      one line per rollout (written by the loop)
+    wandb-run-id       the W&B run id every life of the run logs to ([run] use_wandb)
+    wandb/             W&B's own files, one offline-run-*/run-* folder per life (W&B's layout)
     checkpoints/       complete checkpoints (written by miles.ckpt)
     model/             the built-in model, written once when the spec names one
 """
@@ -47,6 +49,7 @@ PREEMPT = "control/preempt"
 DONE = "control/done"
 LOGS = "logs"
 METRICS = "metrics.jsonl"
+WANDB_RUN_ID = "wandb-run-id"
 CHECKPOINTS = "checkpoints"
 
 

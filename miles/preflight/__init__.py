@@ -12,7 +12,8 @@ uses, never a copy of them):
 * ``model``: ``[model] hf_checkpoint`` has a config.json of an architecture the
   chosen trainer backend and rollout engine load, weights and a tokenizer;
 * ``code``: the reward is built as the run builds it (custom functions
-  imported, signatures checked), and the dynamic-sampling filter imports;
+  imported, signatures checked), the dynamic-sampling filter imports, and
+  ``wandb`` is installed when ``[run] use_wandb`` asks for W&B logging;
 * ``resume``: a checkpoint the run would refuse to resume from (changed
   binding keys) is refused now.
 

@@ -1,5 +1,5 @@
 """Pre-flight of the user's code named in the spec: the custom reward, the dynamic-sampling filter and the
-custom generate or rollout function.
+custom generate or rollout function, and the optional packages the spec asks for (``wandb``).
 
 Each ``module:function`` (or ``file.py:function``) is imported the way the run
 imports it (:func:`miles.reward.custom.load_function`, with the directory miles
@@ -12,6 +12,7 @@ is skipped with ``--skip-check code``.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import sys
@@ -27,6 +28,8 @@ from miles.reward.model import RewardModel
 from miles.spec.tables import Spec
 
 SKIP_HINT = "; if it imports only on the compute nodes, pass --skip-check code"
+WANDB_INSTALL = "pip install -c constraints.txt wandb"
+"""The fix when ``[run] use_wandb`` is set and the ``wandb`` package (an optional extra) is not installed."""
 
 
 _GENERATION = {
@@ -96,6 +99,8 @@ def check_code(spec: Spec, report: Report) -> None:
                 if why:
                     report.problem(("rollout", key), why)
         _check_generation(spec, report, base_dir)
+        if spec.run.use_wandb and importlib.util.find_spec("wandb") is None:
+            report.problem(("run", "use_wandb"), f"the wandb package is not installed: {WANDB_INSTALL}{SKIP_HINT}")
     finally:
         if added and cwd in sys.path:
             sys.path.remove(cwd)

@@ -1,4 +1,4 @@
-"""What a run reports: metrics.jsonl, TensorBoard events, a PNG plot and a console line.
+"""What a run reports: metrics.jsonl, TensorBoard events, W&B, a PNG plot and a console line.
 
 Two streams, kept apart on purpose:
 
@@ -11,7 +11,8 @@ Two streams, kept apart on purpose:
 
 Evaluations (:mod:`miles.session.evaluation`) are lines of their own in ``metrics.jsonl``,
 ``{"eval_step": s, "eval/<dataset>/<figure>": ...}``, ``s`` the number of rollouts trained into the
-evaluated weights; TensorBoard has them at step ``s``.
+evaluated weights; TensorBoard has them at step ``s``, and a rollout's metrics and perf figures at
+step ``rollout_id``; W&B (:mod:`miles.session.wandb_sink`) draws them against the same numbers.
 
 On resume, lines of rollouts at or after the resume point, and of evaluations after the
 last one the checkpoint records, are dropped first, so a rollout or evaluation that ran
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from miles.sample import Sample
+from miles.session.wandb_sink import WandbSink
+from miles.spec.tables import Spec
 
 WALL_CLOCK_SUFFIXES = ("time_s", "_timing")
 """Names of figures that depend on timing (seconds; how many surplus samples an abort caught mid-flight)."""
@@ -62,15 +65,23 @@ class MetricsLog:
     """Writes a run's metrics; create one on the driver only."""
 
     def __init__(
-        self, run_dir: Path, start_rollout: int, tensorboard: bool, plot: bool, evaluated: int | None = None
+        self,
+        run_dir: Path,
+        start_rollout: int,
+        tensorboard: bool,
+        plot: bool,
+        evaluated: int | None = None,
+        wandb: WandbSink | None = None,
     ) -> None:
-        """``start_rollout`` and ``evaluated`` (the last evaluation's step) are the resumed state's."""
+        """``start_rollout`` and ``evaluated`` (the last evaluation's step) are the resumed state's; ``wandb``
+        receives what TensorBoard does, and is closed with this log."""
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.perf_path = run_dir / "perf.jsonl"
         kept = _truncate_jsonl(self.metrics_path, start_rollout, evaluated)
         _truncate_jsonl(self.perf_path, start_rollout)
         self.plot_enabled = plot
+        self.wandb = wandb
         self._tb: Any = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -80,6 +91,12 @@ class MetricsLog:
                 if row.get("eval_step", -1) >= start_rollout:
                     self._tb_add(row, row["eval_step"])
 
+    @classmethod
+    def of_run(cls, spec: Spec, run_dir: Path, start_rollout: int, evaluated: int | None) -> MetricsLog:
+        """The sinks ``spec`` asks for ([run] use_tensorboard, plot, use_wandb), past the resume point's lines."""
+        wandb = WandbSink.open(spec, run_dir) if spec.run.use_wandb else None
+        return cls(run_dir, start_rollout, spec.run.use_tensorboard, spec.run.plot, evaluated, wandb=wandb)
+
     def log(self, rollout_id: int, metrics: dict[str, float], perf: dict[str, float]) -> None:
         """Append one rollout's metrics and perf figures, then refresh the plot."""
         for path, values in ((self.metrics_path, metrics), (self.perf_path, perf)):
@@ -88,6 +105,8 @@ class MetricsLog:
                 f.flush()
                 os.fsync(f.fileno())
         self._tb_add({**metrics, **perf}, rollout_id)
+        if self.wandb is not None:
+            self.wandb.log_rollout(rollout_id, {**metrics, **perf})
         if self.plot_enabled:
             self.plot()
 
@@ -98,6 +117,8 @@ class MetricsLog:
             f.flush()
             os.fsync(f.fileno())
         self._tb_add(values, step)
+        if self.wandb is not None:
+            self.wandb.log_eval(step, values)
         if self.plot_enabled:
             self.plot()
 
@@ -151,6 +172,8 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def console_line(rollout_id: int, num_rollout: int, metrics: dict[str, float], perf: dict[str, float]) -> str:

@@ -15,17 +15,9 @@ from miles.spec.tables import TABLES, Spec
 
 Report = Callable[[str, str, str], None]
 
-WANDB: dict[tuple[str, str], str] = {
-    ("run", "use_wandb"): "metrics go to metrics.jsonl, TensorBoard (<run_dir>/tb) and plot.png; remove it",
-    ("run", "wandb_project"): "remove it (W&B logging is not built)",
-    ("run", "wandb_group"): "remove it (W&B logging is not built)",
-}
-"""Weights & Biases logging."""
-
-NOT_YET: dict[str, dict[tuple[str, str], str]] = {
-    "W&B logging": WANDB,
-}
-"""Capability -> its keys -> what a run does without the key, and what to do instead."""
+NOT_YET: dict[str, dict[tuple[str, str], str]] = {}
+"""Capability -> its keys -> what a run does without the key, and what to do instead. Every capability a key
+of the tables names is built today."""
 
 
 def refused_keys() -> set[tuple[str, str]]:

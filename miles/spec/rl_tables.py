@@ -43,13 +43,30 @@ class RunConfig:
     """Write TensorBoard event files into ``<run_dir>/tb`` (Miles ``--use-tensorboard``)."""
 
     use_wandb: bool = False
-    """Log metrics to Weights & Biases (Miles ``--use-wandb``); needs the ``wandb`` package."""
+    """Log every figure of ``metrics.jsonl`` and ``perf.jsonl`` (and the resolved spec, as the run's config) to
+    Weights & Biases too (Miles ``--use-wandb``), from the driver; needs the ``wandb`` package (``pip install -c
+    constraints.txt wandb``). The W&B run is named after ``name``, its files go to ``<run_dir>/wandb``, and its id is
+    kept in ``<run_dir>/wandb-run-id`` so that every requeue and resume continues the same W&B run. Set the API key as
+    ``WANDB_API_KEY`` in ``[slurm] env`` (online mode only).
+    """
+
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """``offline``: W&B files are written into ``<run_dir>/wandb`` only (compute nodes usually have no internet);
+    the run prints the ``wandb sync`` command that uploads them. ``online``: streamed to the W&B server as the run
+    goes (Miles ``--wandb-mode``).
+    """
 
     wandb_project: str = ""
-    """W&B project name (Miles ``--wandb-project``)."""
+    """W&B project name (Miles ``--wandb-project``). Empty means W&B's default project."""
+
+    wandb_team: str = ""
+    """W&B entity (team or user) owning the project (Miles ``--wandb-team``). Empty means the API key's default."""
 
     wandb_group: str = ""
-    """W&B group name (Miles ``--wandb-group``)."""
+    """W&B group name (Miles ``--wandb-group``), to compare runs of one experiment side by side."""
+
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B tags of the run, to filter runs in the W&B interface."""
 
     plot: bool = True
     """Write ``plot.png`` (reward, KL, entropy, response length per rollout) into the run directory after each
