@@ -25,7 +25,7 @@ from miles.reward.filters import load_filter
 from miles.reward.model import RewardModel
 from miles.rollout.fleet import EngineFleet, engine_deadline_s, local_device, trainer_group, weight_sync_kind
 from miles.spec.tables import Spec
-from miles.train.actor import Actor, TrainerContext
+from miles.train.actor import Actor, ActorConfig, TrainerContext
 from miles.train.backends import build_actor
 from miles.transfer.colocate import TensorSyncPeer
 
@@ -46,6 +46,8 @@ class Driver:
 @dataclass
 class Components:
     actor: Actor
+    actor_cfg: ActorConfig
+    """What the actor and the batch preparation read of the spec."""
     driver: Driver | None
     """``None`` on every rank but the driver."""
     store: CheckpointStore
@@ -80,12 +82,16 @@ def build(spec: Spec, task: TaskContext) -> Components:
     num_rollout = broadcast(num_rollout)
     device = torch.device(f"cuda:{task.local_rank}" if task.device == "cuda" else "cpu")
     mesh = trainer_mesh(spec, dist.get_world_size(), model_dir)  # the layout `miles plan` showed, checked again
-    actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=num_rollout, device=device, mesh=mesh))
+    actor_cfg = ActorConfig.from_spec(spec)
+    actor = build_actor(
+        actor_cfg, TrainerContext(model_dir=model_dir, num_rollout=num_rollout, device=device, mesh=mesh)
+    )
     sync_peer = None
     if not is_driver and weight_sync_kind(spec, task.device) == "tensor" and trainer_group() is not None:
         sync_peer = TensorSyncPeer(spec.rollout.update_weight_buffer_size, local_device(task), trainer_group())
     return Components(
         actor=actor,
+        actor_cfg=actor_cfg,
         driver=driver,
         store=CheckpointStore.of_run(spec.ckpt, run_dir),
         num_rollout=num_rollout,
