@@ -23,7 +23,16 @@ from miles.plan import trainer_mesh
 from miles.plan.engine_argv import rollout_offload, train_offload
 from miles.reward.filters import load_filter
 from miles.reward.model import RewardModel
-from miles.rollout.fleet import EngineFleet, engine_deadline_s, local_device, trainer_group, weight_sync_kind
+from miles.rollout.custom import CustomGeneration
+from miles.rollout.fleet import (
+    EngineFleet,
+    FleetConfig,
+    driver_router,
+    engine_deadline_s,
+    local_device,
+    trainer_group,
+    weight_sync_kind,
+)
 from miles.spec.tables import Spec
 from miles.train.actor import Actor, ActorConfig, TrainerContext
 from miles.train.backends import build_actor
@@ -129,5 +138,7 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver,
     keep = load_filter(path, base_dir) if path else None
     num_rollout = num_rollouts(spec, len(dataset))
     announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id, deadline_s=engine_deadline_s())
-    engines = EngineFleet(spec, task, announced, tokenizer=tokenizer)
+    router = driver_router(spec, task)  # first: a router that is not installed is the user's to fix
+    custom = CustomGeneration.from_spec(spec, tokenizer)
+    engines = EngineFleet(FleetConfig.from_spec(spec, task), task, announced, custom=custom, router=router)
     return Driver(dataset=dataset, engines=engines, reward=reward, eval_data=eval_data, keep=keep), num_rollout
