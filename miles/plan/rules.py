@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from miles.errors import UserError
 from miles.plan import ports
 from miles.plan.shape import ModelShape, model_shape
+from miles.spec.rules import SLURM_MEM
 from miles.spec.tables import Spec
 
 
@@ -39,7 +40,6 @@ class PlanError(UserError):
 _DIRECTIVE_SAFE = re.compile(r"^[A-Za-z0-9._+\-/@:,=~]+$")
 _CONSTRAINT_SAFE = re.compile(r"^[A-Za-z0-9._+\-@:,=~&|()\[\]*!]+$")
 _TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$|^(\d+-\d+)$|^(infinite|UNLIMITED)$")
-_MEM = re.compile(r"^\d+[KMGT]?$")
 
 
 def directive_problem(value: str, *, kind: str = "plain") -> str | None:
@@ -48,7 +48,7 @@ def directive_problem(value: str, *, kind: str = "plain") -> str | None:
         ok = bool(_TIME.match(value))
         return None if ok else "is not a Slurm time (MM, HH:MM:SS, D-HH:MM:SS, ...)"
     if kind == "mem":
-        return None if _MEM.match(value) else "is not a Slurm memory size (0, 512G, 2000M, ...)"
+        return None if SLURM_MEM.match(value) else "is not a Slurm memory size (0, 512G, 2000M, ...)"
     pattern = _CONSTRAINT_SAFE if kind == "constraint" else _DIRECTIVE_SAFE
     if pattern.match(value):
         return None
