@@ -41,9 +41,10 @@ from miles.bench.report import Report, machine
 from miles.bench.shapes import PRESETS, hf_config, load_config_dict, param_count, train_flops_per_token, with_layers
 from miles.errors import UserError
 from miles.job.ports import free_port
+from miles.plan import trainer_mesh
 from miles.sample import Sample
 from miles.spec.tables import GrpoConfig, ModelConfig, OptimizerConfig, PerfConfig, RolloutConfig, Spec, TrainConfig
-from miles.train.actor import TrainerContext
+from miles.train.actor import ActorConfig, TrainerContext
 from miles.train.backends import build_actor
 from miles.train.batch import RolloutBatch
 
@@ -218,7 +219,9 @@ def measure_backend(
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(torch.device(device))
     try:
-        actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=total, device=torch.device(device)))
+        mesh = trainer_mesh(spec, dist.get_world_size(), model_dir)
+        ctx = TrainerContext(model_dir=model_dir, num_rollout=total, device=torch.device(device), mesh=mesh)
+        actor = build_actor(ActorConfig.from_spec(spec), ctx)
     except ImportError as e:
         raise UserError(
             f"--backend {backend}: its package is not installed here ({e}); "

@@ -77,6 +77,7 @@ from aiohttp import web
 from miles.engine.core import Engine, EngineReleased, GenerationOutput, GenerationRequest
 from miles.engine.sampling import SamplingError, SamplingParams
 from miles.engine.weight_endpoints import WeightEndpoints, json_error
+from miles.plan.engine_argv import KEY_ENV
 
 log = logging.getLogger("miles.engine.server")
 
@@ -606,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=0)
-    p.add_argument("--api-key", default=os.environ.get("MILES_ENGINE_API_KEY"))
+    p.add_argument("--api-key", default=os.environ.get(KEY_ENV))
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--served-model-name", default=None)

@@ -30,6 +30,7 @@ from miles.job import rundir
 from miles.job.enginekey import redact
 from miles.job.environment import TaskContext
 from miles.job.ports import free_port
+from miles.plan.engine_argv import KEY_ENV
 from miles.sglang.launcher import (
     EngineKind,
     EngineLaunch,
@@ -56,7 +57,7 @@ def task_launch(
         model_path=rundir.model_dir_of(spec, ctx.run_dir),
         host="0.0.0.0",
         port=free_port(ctx.engine_port),
-        api_key=os.environ.get("MILES_ENGINE_API_KEY") or None,
+        api_key=os.environ.get(KEY_ENV) or None,
         log_dir=Path(ctx.run_dir) / rundir.LOGS,
         gpus=ctx.engine_gpus,
         device=ctx.device,

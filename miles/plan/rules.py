@@ -10,6 +10,11 @@ The Megatron rules are Megatron-core's own (``initialize_model_parallel`` and
 mesh is ``ETP x EP x expert-DP x PP = world``, i.e. ``ETP x EP`` must divide
 ``TP x CP x DP``; ``num_experts % EP == 0``; MoE with TP > 1 needs sequence
 parallelism; attention heads and KV heads (query groups) divide by TP.
+
+Rules about the spec's fields alone (a container runtime needs an image,
+dynamic batching needs a token budget, env names, FSDP is data parallel only,
+...) are the spec's (``miles.spec.rules``), stated there once and checked when
+the spec loads; the rules here need the layout.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from miles.errors import UserError
 from miles.plan import ports
 from miles.plan.shape import ModelShape, model_shape
+from miles.spec.rules import SLURM_MEM
 from miles.spec.tables import Spec
 
 
@@ -34,8 +40,6 @@ class PlanError(UserError):
 _DIRECTIVE_SAFE = re.compile(r"^[A-Za-z0-9._+\-/@:,=~]+$")
 _CONSTRAINT_SAFE = re.compile(r"^[A-Za-z0-9._+\-@:,=~&|()\[\]*!]+$")
 _TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$|^(\d+-\d+)$|^(infinite|UNLIMITED)$")
-_MEM = re.compile(r"^\d+[KMGT]?$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def directive_problem(value: str, *, kind: str = "plain") -> str | None:
@@ -44,7 +48,7 @@ def directive_problem(value: str, *, kind: str = "plain") -> str | None:
         ok = bool(_TIME.match(value))
         return None if ok else "is not a Slurm time (MM, HH:MM:SS, D-HH:MM:SS, ...)"
     if kind == "mem":
-        return None if _MEM.match(value) else "is not a Slurm memory size (0, 512G, 2000M, ...)"
+        return None if SLURM_MEM.match(value) else "is not a Slurm memory size (0, 512G, 2000M, ...)"
     pattern = _CONSTRAINT_SAFE if kind == "constraint" else _DIRECTIVE_SAFE
     if pattern.match(value):
         return None
@@ -90,7 +94,7 @@ class _Report:
 
 
 def _check_text(spec: Spec, r: _Report) -> None:
-    """Directive-bound values, env names, setup lines and container settings."""
+    """Directive-bound values, env values, setup lines and container mounts (what goes into the script)."""
     s, c = spec.slurm, spec.cluster
     run_dir = spec.run.run_dir or f"runs/{spec.run.name}"
     directive_fields: list[tuple[str, str, str]] = [
@@ -110,12 +114,7 @@ def _check_text(spec: Spec, r: _Report) -> None:
             problem = directive_problem(value, kind=kind)
             if problem:
                 r.error(f"{name} = {value!r} {problem}. Fix: change {name.split(' ')[0]}.")
-    for key, value in s.env.items():
-        if not _ENV_NAME.match(key):
-            r.error(
-                f"slurm.env key {key!r} is not a shell variable name. Fix: use letters, digits and _ only, not "
-                "starting with a digit."
-            )
+    for key, value in s.env.items():  # the names are a field rule of the spec (miles.spec.rules)
         if "\x00" in value:
             r.error(f"slurm.env.{key} contains a NUL byte, which no environment variable can hold. Fix: remove it.")
     for i, line in enumerate(s.setup):
@@ -134,13 +133,6 @@ def _check_text(spec: Spec, r: _Report) -> None:
     if not s.python:
         r.error(
             "slurm.python is empty. Fix: set slurm.python to the interpreter that has miles installed (e.g. python3)."
-        )
-    if s.container_runtime and not s.container_image:
-        r.error(f"slurm.container_runtime = {s.container_runtime!r} needs an image. Fix: set slurm.container_image.")
-    if s.container_image and not s.container_runtime:
-        r.error(
-            "slurm.container_image is set but slurm.container_runtime is empty. Fix: set slurm.container_runtime = "
-            '"pyxis" or "apptainer", or remove the image.'
         )
     for i, m in enumerate(s.container_mounts):
         if "," in m or not m.strip():
@@ -260,8 +252,6 @@ def _check_batch(spec: Spec, dp: int, r: _Report) -> None:
             f"Fix: make train.global_batch_size a multiple of {dp * t.micro_batch_size}, change "
             "train.micro_batch_size, or set train.use_dynamic_batch_size = true."
         )
-    if t.use_dynamic_batch_size and t.max_tokens_per_gpu is None:
-        r.error("train.use_dynamic_batch_size = true needs a token budget. Fix: set train.max_tokens_per_gpu.")
 
 
 def derive(spec: Spec) -> Derived:

@@ -17,7 +17,7 @@ from miles.reward.custom import load_function
 from miles.rollout.client import RolloutClient
 from miles.rollout.generate import GenerateState, generate_samples, rollout_samples
 from miles.sample import Sample
-from miles.spec.tables import Spec
+from miles.spec.tables import RolloutConfig, Spec
 
 BUILTIN_GENERATE = "miles.rollout.multi_turn:generate"
 """The built-in multi-turn tool loop (docs/multi-turn.md)."""
@@ -31,7 +31,8 @@ class CustomGeneration:
     name: str
     """``rollout.<key> = '<path>'``, for error messages."""
     whole_rollout: bool
-    spec: Spec
+    rollout: RolloutConfig
+    """The sampling parameters the function's requests start from."""
     tokenizer: Any
 
     @classmethod
@@ -43,7 +44,7 @@ class CustomGeneration:
         path = getattr(ro, key)
         base_dir = Path(spec.source).parent if spec.source else None
         fn = load_function(path, f"rollout.{key}", f"{BUILTIN_GENERATE} (multi-turn with tools)", base_dir)
-        return cls(fn, f"rollout.{key} = {path!r}", key == "rollout_function_path", spec, tokenizer)
+        return cls(fn, f"rollout.{key} = {path!r}", key == "rollout_function_path", ro, tokenizer)
 
     async def run(
         self,
@@ -57,7 +58,7 @@ class CustomGeneration:
         """The rollout's samples with their responses, in rollout order (``evaluation``: an eval set, sampled with
         ``overrides``)."""
         state = GenerateState(
-            client, self.tokenizer, self.spec.rollout, rollout_id, weight_version, evaluation, dict(overrides or {})
+            client, self.tokenizer, self.rollout, rollout_id, weight_version, evaluation, dict(overrides or {})
         )
         if self.whole_rollout:
             return await rollout_samples(self.fn, self.name, samples, state)

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,13 +22,14 @@ from miles.errors import UserError
 from miles.job import rundir
 from miles.job.environment import TaskContext
 from miles.job.ports import free_port
+from miles.plan.engine_argv import KEY_ENV
 from miles.rollout.client import BlockingRolloutClient, RolloutClient
 from miles.rollout.custom import CustomGeneration
 from miles.sample import Sample
 from miles.sglang import protocol as proto
 from miles.sglang.launcher import health_ok
 from miles.sglang.router import MAX_IN_FLIGHT, PER_ENGINE_IN_FLIGHT, start_driver_router
-from miles.spec.tables import Spec
+from miles.spec.tables import RolloutConfig, Spec
 from miles.transfer.colocate import TensorSync
 from miles.transfer.sync import DEFAULT_GROUP, SyncError, WeightSync
 
@@ -59,6 +61,35 @@ class _Tracked:
             pass
 
 
+@dataclass(frozen=True)
+class FleetConfig:
+    """What the engine fleet reads of the spec, built once on the driver (:meth:`from_spec`)."""
+
+    rollout: RolloutConfig
+    """The sampling parameters of single-turn generation (the client turns them into request bodies)."""
+    sync_kind: str
+    """``[rollout] weight_sync`` resolved (:func:`weight_sync_kind`): ``tensor`` or ``distributed``."""
+    sync_backend: str
+    sync_device: str
+    """The weight-update group's backend and sender device (:func:`sync_transport`)."""
+    bucket_bytes: int
+    """``[rollout] update_weight_buffer_size``: the size of one flattened bucket of weights."""
+    ranks_per_engine: int
+    """GPUs of one engine (``rollout_num_gpus_per_engine`` for SGLang, 1 for the embedded engine)."""
+
+    @classmethod
+    def from_spec(cls, spec: Spec, task: TaskContext) -> FleetConfig:
+        backend, device = sync_transport(spec, task)
+        return cls(
+            rollout=spec.rollout,
+            sync_kind=weight_sync_kind(spec, task.device),
+            sync_backend=backend,
+            sync_device=device,
+            bucket_bytes=spec.rollout.update_weight_buffer_size,
+            ranks_per_engine=spec.sglang.rollout_num_gpus_per_engine if spec.rollout.engine == "sglang" else 1,
+        )
+
+
 class EngineFleet:
     """The driver's handle on every engine: generation through the client, weights through the sync group.
 
@@ -88,18 +119,20 @@ class EngineFleet:
     """
 
     def __init__(
-        self, spec: Spec, task: TaskContext, announced: list[rundir.Announcement], tokenizer: Any = None
+        self,
+        cfg: FleetConfig,
+        task: TaskContext,
+        announced: list[rundir.Announcement],
+        custom: CustomGeneration | None = None,
+        router: SglangRouter | None = None,
     ) -> None:
-
-        self.router: SglangRouter | None = None
-        if spec.sglang.use_router:  # first: a router that is not installed is the user's to fix (UserError)
-            self.router = start_driver_router(spec, task, os.environ.get("MILES_ENGINE_API_KEY") or None)
-        self.spec = spec
+        self.cfg = cfg
         self.task = task
-        self.custom = CustomGeneration.from_spec(spec, tokenizer)
+        self.custom = custom
         """The spec's generate or rollout function, or None for miles' single-turn generation."""
-        self.api_key = os.environ.get("MILES_ENGINE_API_KEY") or None
-        self.backend, self.device = sync_transport(spec, task)
+        self.router = router
+        """sglang-router in front of the engines (:func:`driver_router`), or None: rollouts go to each engine."""
+        self.api_key = os.environ.get(KEY_ENV) or None
         self.known: dict[int, rundir.Announcement] = {a.index: a for a in announced}
         """The newest announcement seen of every engine."""
         self.members: list[rundir.Announcement] = list(announced)
@@ -132,13 +165,13 @@ class EngineFleet:
     def _form_group(self, port: int) -> Any:
 
         self.groups_formed += 1
-        if weight_sync_kind(self.spec, self.task.device) == "tensor":  # colocated: handles to each GPU's copy, no group
+        if self.cfg.sync_kind == "tensor":  # colocated: handles to each GPU's copy, no group
             return TensorSync(
                 self.urls,
-                bucket_bytes=self.spec.rollout.update_weight_buffer_size,
+                bucket_bytes=self.cfg.bucket_bytes,
                 api_key=self.api_key,
                 device=local_device(self.task),
-                ranks_per_engine=self._ranks_per_engine(),
+                ranks_per_engine=self.cfg.ranks_per_engine,
                 engine_indices=[a.index for a in self.members],
                 group=trainer_group(),
             )
@@ -147,18 +180,15 @@ class EngineFleet:
             self.urls,
             master_address=self.task.weight_update_addr,
             master_port=port,
-            backend=self.backend,
-            bucket_bytes=self.spec.rollout.update_weight_buffer_size,
+            backend=self.cfg.sync_backend,
+            bucket_bytes=self.cfg.bucket_bytes,
             group_name=name,
             api_key=self.api_key,
-            device=self.device,
-            ranks_per_engine=self._ranks_per_engine(),
+            device=self.cfg.sync_device,
+            ranks_per_engine=self.cfg.ranks_per_engine,
         )
         group.connect()
         return group
-
-    def _ranks_per_engine(self) -> int:
-        return self.spec.sglang.rollout_num_gpus_per_engine if self.spec.rollout.engine == "sglang" else 1
 
     def _reform(self, why: str) -> None:
         """Re-form the weight-update group with every engine that is announced and healthy now."""
@@ -234,7 +264,7 @@ class EngineFleet:
     ) -> None:
         """Single-turn generation, or the spec's generate/rollout function; ``samples`` are filled or replaced."""
         if self.custom is None:
-            client.generate(samples, self.spec.rollout, rollout_id, **overrides)
+            client.generate(samples, self.cfg.rollout, rollout_id, **overrides)
         else:
             custom = self.custom
             samples[:] = client.run(
@@ -338,6 +368,16 @@ class EngineFleet:
         self.client.close()
         if self.router is not None:
             self.router.close()
+
+
+def driver_router(spec: Spec, task: TaskContext) -> SglangRouter | None:
+    """sglang-router in front of the engines with ``[sglang] use_router``, else None.
+
+    Started before anything else of the fleet: a router that is not installed is the user's to fix (UserError).
+    """
+    if not spec.sglang.use_router:
+        return None
+    return start_driver_router(spec, task, os.environ.get(KEY_ENV) or None)
 
 
 def sync_transport(spec: Spec, task: TaskContext) -> tuple[str, str]:

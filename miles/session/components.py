@@ -23,9 +23,18 @@ from miles.plan import trainer_mesh
 from miles.plan.engine_argv import rollout_offload, train_offload
 from miles.reward.filters import load_filter
 from miles.reward.model import RewardModel
-from miles.rollout.fleet import EngineFleet, engine_deadline_s, local_device, trainer_group, weight_sync_kind
+from miles.rollout.custom import CustomGeneration
+from miles.rollout.fleet import (
+    EngineFleet,
+    FleetConfig,
+    driver_router,
+    engine_deadline_s,
+    local_device,
+    trainer_group,
+    weight_sync_kind,
+)
 from miles.spec.tables import Spec
-from miles.train.actor import Actor, TrainerContext
+from miles.train.actor import Actor, ActorConfig, TrainerContext
 from miles.train.backends import build_actor
 from miles.transfer.colocate import TensorSyncPeer
 
@@ -46,6 +55,8 @@ class Driver:
 @dataclass
 class Components:
     actor: Actor
+    actor_cfg: ActorConfig
+    """What the actor and the batch preparation read of the spec."""
     driver: Driver | None
     """``None`` on every rank but the driver."""
     store: CheckpointStore
@@ -80,12 +91,16 @@ def build(spec: Spec, task: TaskContext) -> Components:
     num_rollout = broadcast(num_rollout)
     device = torch.device(f"cuda:{task.local_rank}" if task.device == "cuda" else "cpu")
     mesh = trainer_mesh(spec, dist.get_world_size(), model_dir)  # the layout `miles plan` showed, checked again
-    actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=num_rollout, device=device, mesh=mesh))
+    actor_cfg = ActorConfig.from_spec(spec)
+    actor = build_actor(
+        actor_cfg, TrainerContext(model_dir=model_dir, num_rollout=num_rollout, device=device, mesh=mesh)
+    )
     sync_peer = None
     if not is_driver and weight_sync_kind(spec, task.device) == "tensor" and trainer_group() is not None:
         sync_peer = TensorSyncPeer(spec.rollout.update_weight_buffer_size, local_device(task), trainer_group())
     return Components(
         actor=actor,
+        actor_cfg=actor_cfg,
         driver=driver,
         store=CheckpointStore.of_run(spec.ckpt, run_dir),
         num_rollout=num_rollout,
@@ -123,5 +138,7 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver,
     keep = load_filter(path, base_dir) if path else None
     num_rollout = num_rollouts(spec, len(dataset))
     announced = rundir.wait_for_engines(task.run_dir, task.num_engines, task.launch_id, deadline_s=engine_deadline_s())
-    engines = EngineFleet(spec, task, announced, tokenizer=tokenizer)
+    router = driver_router(spec, task)  # first: a router that is not installed is the user's to fix
+    custom = CustomGeneration.from_spec(spec, tokenizer)
+    engines = EngineFleet(FleetConfig.from_spec(spec, task), task, announced, custom=custom, router=router)
     return Driver(dataset=dataset, engines=engines, reward=reward, eval_data=eval_data, keep=keep), num_rollout

@@ -93,7 +93,7 @@ def score(
 
 def batch(parts: Components, samples: list[Sample], spec: Spec, timer: PhaseTimer) -> RolloutBatch:
     """Tensors of the scored rollout, with the log-probs the spec needs and the advantages."""
-    out = prepare_batch(parts.actor, samples, spec)
+    out = prepare_batch(parts.actor, samples, parts.actor_cfg)
     timer.lap("logprobs")
     return out
 

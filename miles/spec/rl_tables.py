@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-_KW = {"kw_only": True, "frozen": True, "slots": True}
+from miles.spec.table import TABLE_ARGS
 
 MiB = 1024 * 1024
 
 
-@dataclass(**_KW)
+@dataclass(**TABLE_ARGS)
 class RunConfig:
     """[run]: identity, seeding, length and logging of the run."""
 
@@ -81,7 +81,7 @@ class RunConfig:
     """
 
 
-@dataclass(**_KW)
+@dataclass(**TABLE_ARGS)
 class ModelConfig:
     """[model]: which model is trained, and its shape for the planner's checks."""
 
@@ -118,7 +118,7 @@ class ModelConfig:
     """
 
 
-@dataclass(**_KW)
+@dataclass(**TABLE_ARGS)
 class CkptConfig:
     """[ckpt]: where checkpoints are loaded from and saved to."""
 
@@ -148,7 +148,7 @@ class CkptConfig:
     """
 
 
-@dataclass(**_KW)
+@dataclass(**TABLE_ARGS)
 class RolloutConfig:
     """[rollout]: prompt data, the engines, sampling, reward and batch sizes of the sampling half."""
 
@@ -315,7 +315,7 @@ class RolloutConfig:
     """
 
 
-@dataclass(**_KW)
+@dataclass(**TABLE_ARGS)
 class EvalConfig:
     """[eval]: evaluation datasets and their sampling."""
 
@@ -355,7 +355,7 @@ class EvalConfig:
     """Do not evaluate the initial model (Miles ``--skip-eval-before-train``)."""
 
 
-@dataclass(**_KW)
+@dataclass(**TABLE_ARGS)
 class TrainConfig:
     """[train]: batch sizes of the training half."""
 
@@ -382,7 +382,7 @@ class TrainConfig:
     """
 
 
-@dataclass(**_KW)
+@dataclass(**TABLE_ARGS)
 class GrpoConfig:
     """[grpo]: the RL algorithm: advantages, clipping, KL and entropy."""
 
@@ -441,7 +441,7 @@ class GrpoConfig:
     """Copy the actor into the reference every N rollouts (Miles ``--ref-update-interval``); unset keeps it frozen."""
 
 
-@dataclass(**_KW)
+@dataclass(**TABLE_ARGS)
 class OptimizerConfig:
     """[optimizer]: AdamW, learning-rate schedule and gradient clipping."""
 

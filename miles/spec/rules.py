@@ -44,7 +44,8 @@ Report = Callable[[str, str, str], None]
 _CODE_PATH = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*|[^:]+\.py):[A-Za-z_][A-Za-z0-9_]*$")
 """``package.module:function``, or ``path/to/file.py:function`` (looked up next to the spec too)."""
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_MEM = re.compile(r"^[0-9]+[KMGT]?$")
+SLURM_MEM = re.compile(r"^[0-9]+[KMGT]?$")
+"""Slurm's memory syntax (``0``, ``512G``, ``2000M``); the planner checks ``#SBATCH --mem`` with it too."""
 _DATA_SUFFIXES = (".jsonl", ".parquet")
 
 
@@ -345,7 +346,7 @@ def _cluster_and_slurm(spec: Spec, report: Report) -> None:
             'while the engines generate): use [cluster] mode = "split", or set [perf] offload_train = false and '
             "offload_rollout = false if both fit in GPU memory at once",
         )
-    if not _MEM.match(spec.cluster.mem_per_node):
+    if not SLURM_MEM.match(spec.cluster.mem_per_node):
         report(
             "cluster",
             "mem_per_node",

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-_KW = {"kw_only": True, "frozen": True, "slots": True}
+from miles.spec.table import TABLE_ARGS
 
 
-@dataclass(**_KW)
+@dataclass(**TABLE_ARGS)
 class PerfConfig:
     """[perf]: training backend, parallelism, recomputation and offload."""
 
@@ -102,7 +102,7 @@ class PerfConfig:
     """
 
 
-@dataclass(**_KW)
+@dataclass(**TABLE_ARGS)
 class SglangConfig:
     """[sglang]: the SGLang engines. Keys not listed here are passed to ``sglang.launch_server`` as flags, checked
     against
@@ -137,7 +137,7 @@ class SglangConfig:
     """
 
 
-@dataclass(**_KW)
+@dataclass(**TABLE_ARGS)
 class ClusterConfig:
     """[cluster]: how the run is laid out on nodes and GPUs."""
 
@@ -176,7 +176,7 @@ class ClusterConfig:
     """Where ranks compute: ``auto`` uses CUDA when torch sees a GPU, else the CPU with gloo."""
 
 
-@dataclass(**_KW)
+@dataclass(**TABLE_ARGS)
 class SlurmConfig:
     """[slurm]: the Slurm job: where it runs, its limits, containers and site set-up."""
 

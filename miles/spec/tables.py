@@ -7,6 +7,7 @@ defaults where Miles has one.
 
 Conventions the loader (``miles.spec.loader``) relies on:
 
+* every table is ``@dataclass(**TABLE_ARGS)`` (``miles.spec.table``: keyword-only, frozen, slots);
 * every field has an attribute docstring directly below it; ``docs/spec.md`` is
   generated from these docstrings, so they are the user-facing reference;
 * ``Literal[...]`` types are closed choices;
@@ -34,8 +35,7 @@ from miles.spec.rl_tables import (
     TrainConfig,
 )
 from miles.spec.system_tables import ClusterConfig, PerfConfig, SglangConfig, SlurmConfig
-
-_KW = {"kw_only": True, "frozen": True, "slots": True}
+from miles.spec.table import TABLE_ARGS
 
 __all__ = [
     "TABLES",
@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 
-@dataclass(**_KW)
+@dataclass(**TABLE_ARGS)
 class Spec:
     """A whole run spec: one instance of each table, plus where it came from."""
 

@@ -5,12 +5,16 @@ parallel only) and Megatron-core (``miles.train.megatron``, TP/PP/CP/EP). The
 loop drives either one the same way, on every trainer rank at once (every call
 is collective over the trainer ranks)::
 
-    batch = prepare_batch(actor, samples, spec)           # below: tensors, old/ref log-probs, advantages
+    batch = prepare_batch(actor, samples, cfg)            # below: tensors, old/ref log-probs, advantages
     step_metrics = actor.train(batch, rollout_id)         # num_steps_per_rollout optimizer steps
     for name, tensor in actor.named_hf_weights(): ...     # weight sync (tensors on trainer rank 0)
     actor.save(ckpt_dir); actor.load(ckpt_dir)            # DCP checkpoint of the training state
     actor.update_ref()                                    # every ref_update_interval rollouts, if set
     actor.offload(); ...; actor.onload()                  # colocated GPUs: around generation
+
+Both backends and :func:`prepare_batch` read the spec only through
+:class:`ActorConfig`, built once from it where the actor is built; the
+layout they train on is the planner's (:attr:`TrainerContext.mesh`).
 
 Every rank holds the whole rollout; each backend takes its own data-parallel
 shard (``miles.train.batch.shard``) because only it knows its mesh (a
@@ -27,6 +31,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 import torch
 
 from miles.algo.advantages import AdvantageInputs, compute_advantages
+from miles.algo.loss import Aggregation, LossConfig, aggregation_for
 from miles.ckpt.reference import refuse_megatron_reference
 from miles.errors import UserError
 from miles.train.batch import RolloutBatch
@@ -36,16 +41,16 @@ if TYPE_CHECKING:
 
     from miles.plan.model import TrainerMesh
     from miles.sample import Sample
-    from miles.spec.tables import CkptConfig, GrpoConfig, Spec
-    from miles.train.batch import RolloutBatch
+    from miles.spec.tables import GrpoConfig, OptimizerConfig, PerfConfig, Spec, TrainConfig
 
 
 @dataclass(frozen=True)
 class TrainerContext:
     """What a trainer rank knows about its process beyond the spec.
 
-    The launcher fills it after ``torch.distributed.init_process_group``; the
-    actor builds its mesh from ``group`` (all trainer ranks, excluding engines).
+    The launcher fills it after ``torch.distributed.init_process_group``: FSDP
+    shards over ``group`` (all trainer ranks, excluding engines), Megatron builds
+    its process groups from the planner's ``mesh``.
     """
 
     model_dir: str
@@ -61,7 +66,67 @@ class TrainerContext:
     """Process group of the trainer ranks; ``None`` means the default (world) group."""
 
     mesh: TrainerMesh | None = None
-    """The planner's trainer mesh (:func:`miles.plan.trainer_mesh`); ``None``: the backend asks the planner for it."""
+    """The planner's trainer mesh (:func:`miles.plan.trainer_mesh`); the Megatron backend needs it, FSDP is pure DP."""
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """What a training actor and :func:`prepare_batch` read of the spec, built once (:meth:`from_spec`)."""
+
+    backend: str
+    """``[perf] backend``: which :class:`Actor` trains (``miles.train.backends``)."""
+    train: TrainConfig
+    """``[train]``, with ``global_batch_size`` and ``num_steps_per_rollout`` resolved."""
+    optimizer: OptimizerConfig
+    grpo: GrpoConfig
+    """Advantages, KL in the reward and reference updates; the loss reads :attr:`loss` and :attr:`aggregation`."""
+    loss: LossConfig
+    aggregation: Aggregation
+    dtype: str
+    """``[model] dtype``: the compute dtype."""
+    trust_remote_code: bool
+    temperature: float
+    """The sampling temperature the log-probs are computed at (``rollout_temperature``, 1 for greedy)."""
+    max_response_len: int
+    """``rollout_max_response_len``, the denominator of ``sample_token_sum`` aggregation."""
+    ref_load: str
+    """``[ckpt] ref_load``: the reference's HF directory, empty for the initial model (:func:`reference_dir`)."""
+    save_optim: bool
+    """The optimizer's state goes into checkpoints (not ``[ckpt] no_save_optim``)."""
+    perf: PerfConfig
+    """The Megatron backend's model and kernel knobs; its layout is the planner's mesh, never read from here."""
+    seed: int
+    """``[run] seed``: Megatron's model-parallel RNG."""
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> ActorConfig:
+        t = spec.train
+        if t.global_batch_size is None or t.num_steps_per_rollout is None:
+            raise UserError(
+                "[train] global_batch_size and num_steps_per_rollout must be resolved before building the actor"
+            )
+        temperature = spec.rollout.rollout_temperature
+        return cls(
+            backend=spec.perf.backend,
+            train=t,
+            optimizer=spec.optimizer,
+            grpo=spec.grpo,
+            loss=LossConfig.from_grpo(spec.grpo),
+            aggregation=aggregation_for(spec.grpo),
+            dtype=spec.model.dtype,
+            trust_remote_code=spec.model.trust_remote_code,
+            temperature=temperature if temperature > 0 else 1.0,
+            max_response_len=spec.rollout.rollout_max_response_len,
+            ref_load=spec.ckpt.ref_load,
+            save_optim=not spec.ckpt.no_save_optim,
+            perf=spec.perf,
+            seed=spec.run.seed,
+        )
+
+    @property
+    def steps_per_rollout(self) -> int:
+        assert self.train.num_steps_per_rollout is not None  # resolved in from_spec
+        return self.train.num_steps_per_rollout
 
 
 StepMetrics = dict[str, float]
@@ -148,10 +213,10 @@ class Actor(Protocol):
         ...
 
 
-def prepare_batch(actor: Actor, samples: Sequence[Sample], spec: Spec) -> RolloutBatch:
+def prepare_batch(actor: Actor, samples: Sequence[Sample], cfg: ActorConfig) -> RolloutBatch:
     """Scored samples -> a :class:`RolloutBatch` ready for :meth:`Actor.train` (collective).
 
-    Computes only what the spec needs: the old log-probs when the policy moves
+    Computes only what the run needs: the old log-probs when the policy moves
     within the rollout (more than one optimizer step) or the reward carries a
     KL penalty; the reference log-probs for a KL loss or KL reward; then the
     advantages of ``[grpo] advantage_estimator``. With one step per rollout the
@@ -160,8 +225,8 @@ def prepare_batch(actor: Actor, samples: Sequence[Sample], spec: Spec) -> Rollou
     """
 
     batch = RolloutBatch.from_samples(samples)
-    grpo = spec.grpo
-    if (spec.train.num_steps_per_rollout or 1) > 1 or grpo.kl_coef > 0:
+    grpo = cfg.grpo
+    if cfg.steps_per_rollout > 1 or grpo.kl_coef > 0:
         batch.old_logprobs = actor.compute_logprobs(batch)
     if needs_reference(grpo):
         batch.ref_logprobs = actor.compute_logprobs(batch, model="ref")
@@ -183,17 +248,17 @@ def needs_reference(grpo: GrpoConfig) -> bool:
     return grpo.use_kl_loss or grpo.kl_coef > 0
 
 
-def reference_dir(ckpt: CkptConfig, model_dir: str) -> str:
+def reference_dir(ref_load: str, model_dir: str) -> str:
     """The HF directory the frozen reference is built from: ``[ckpt] ref_load``, else the initial model.
 
     A Megatron checkpoint there is refused (the pre-flight does so too, but only for paths it can see).
     """
-    if not ckpt.ref_load:
+    if not ref_load:
         return model_dir
-    why = refuse_megatron_reference(ckpt.ref_load)
+    why = refuse_megatron_reference(ref_load)
     if why:
         raise UserError(f"[ckpt] ref_load: {why}")
-    return ckpt.ref_load
+    return ref_load
 
 
 def ref_update_due(grpo: GrpoConfig, rollout_id: int) -> bool:

@@ -10,20 +10,19 @@ from __future__ import annotations
 from typing import cast
 
 from miles.errors import UserError
-from miles.spec.tables import Spec
-from miles.train.actor import Actor, TrainerContext
+from miles.train.actor import Actor, ActorConfig, TrainerContext
 
 
-def build_actor(spec: Spec, ctx: TrainerContext) -> Actor:
+def build_actor(cfg: ActorConfig, ctx: TrainerContext) -> Actor:
     """Build the actor that ``[perf] backend`` selects."""
-    backend = spec.perf.backend
+    backend = cfg.backend
     if backend == "fsdp":
         from miles.train.fsdp import FSDPActor  # the chosen backend only: each has heavy imports of its own
 
-        return FSDPActor(spec, ctx)
+        return FSDPActor(cfg, ctx)
     if backend == "megatron":
         from miles.train.megatron import build_megatron_actor  # megatron-core: an optional extra
 
         # cast: the Megatron actor is checked against this protocol by its own tests (offload/onload pending there)
-        return cast(Actor, build_megatron_actor(spec, ctx))
+        return cast(Actor, build_megatron_actor(cfg, ctx))
     raise UserError(f'[perf] backend = {backend!r} is not a training backend; use "fsdp" or "megatron"')

@@ -36,11 +36,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from miles.algo.loss import LossConfig, aggregation_for, logprobs_and_entropy
+from miles.algo.loss import logprobs_and_entropy
 from miles.errors import UserError
 from miles.model.checkpoint_names import to_checkpoint_names
-from miles.spec.tables import Spec
-from miles.train.actor import StepMetrics, TrainerContext, needs_reference, reference_dir
+from miles.train.actor import ActorConfig, StepMetrics, TrainerContext, needs_reference, reference_dir
 from miles.train.batch import (
     MicroBatch,
     RolloutBatch,
@@ -92,12 +91,8 @@ def shard_model(model: torch.nn.Module, mesh: DeviceMesh, mp: MixedPrecisionPoli
 class FSDPActor:
     """:class:`miles.train.actor.Actor` on FSDP2. Construct it on every trainer rank."""
 
-    def __init__(self, spec: Spec, ctx: TrainerContext) -> None:
-        if spec.train.global_batch_size is None or spec.train.num_steps_per_rollout is None:
-            raise UserError(
-                "[train] global_batch_size and num_steps_per_rollout must be resolved before building the actor"
-            )
-        self.spec = spec
+    def __init__(self, cfg: ActorConfig, ctx: TrainerContext) -> None:
+        self.cfg = cfg
         self.ctx = ctx
         group = ctx.group if ctx.group is not None else dist.group.WORLD
         assert group is not None, "torch.distributed must be initialised before building the actor"
@@ -105,29 +100,26 @@ class FSDPActor:
         self.dp_rank = dist.get_rank(self.group)
         self.dp_size = dist.get_world_size(self.group)
         self.device = ctx.device
-        self.param_dtype = DTYPES[spec.model.dtype]
-        self.temperature = spec.rollout.rollout_temperature if spec.rollout.rollout_temperature > 0 else 1.0
-        self.loss_cfg = LossConfig.from_grpo(spec.grpo)
-        self.aggregation = aggregation_for(spec.grpo)
-        self.total_steps = ctx.num_rollout * spec.train.num_steps_per_rollout
+        self.param_dtype = DTYPES[cfg.dtype]
+        self.total_steps = ctx.num_rollout * cfg.steps_per_rollout
         mesh = DeviceMesh.from_group(self.group, device_type=self.device.type)
         mp = None
         if self.param_dtype != torch.float32:
             mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
 
         # No RNG is drawn here or in training (weights come from disk, no dropout): the loop owns the RNG state.
-        hf = load_hf_model(ctx.model_dir, trust_remote_code=spec.model.trust_remote_code)
+        hf = load_hf_model(ctx.model_dir, trust_remote_code=cfg.trust_remote_code)
         self.hf_config = hf.config
         self.pad_id = int(getattr(hf.config, "pad_token_id", None) or 0)
         self.model = shard_model(hf, mesh, mp)
         self._module(self.model).train()
         self.ref: FSDPModule | None = None
-        if needs_reference(spec.grpo):
-            ref = load_hf_model(reference_dir(spec.ckpt, ctx.model_dir), trust_remote_code=spec.model.trust_remote_code)
+        if needs_reference(cfg.grpo):
+            ref = load_hf_model(reference_dir(cfg.ref_load, ctx.model_dir), trust_remote_code=cfg.trust_remote_code)
             ref.requires_grad_(False)
             ref.eval()
             self.ref = shard_model(ref, mesh, mp)
-        self.optimizer = build_adamw(spec.optimizer, self._module(self.model).named_parameters())
+        self.optimizer = build_adamw(cfg.optimizer, self._module(self.model).named_parameters())
         self._step = 0
         if self.dp_rank == 0:
             n_params = sum(p.numel() for p in self._module(self.model).parameters())
@@ -137,7 +129,7 @@ class FSDPActor:
                 n_params / 1e6,
                 self.dp_size,
                 self.device.type,
-                spec.model.dtype,
+                cfg.dtype,
                 "on" if self.ref is not None else "off",
             )
 
@@ -160,10 +152,10 @@ class FSDPActor:
         logits = out.logits  # [B, keep, V]
         pos = (mb.logit_pos - first).clamp(min=0)
         sel = torch.gather(logits, 1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        return logprobs_and_entropy(sel, mb.targets, self.temperature)
+        return logprobs_and_entropy(sel, mb.targets, self.cfg.temperature)
 
     def _micro_batch_plan(self, per_rank: list[list[int]], batch: RolloutBatch) -> list[list[list[int]]]:
-        t = self.spec.train
+        t = self.cfg.train
         lengths = [batch.seq_len(i) for i in range(len(batch))]
         max_tokens = t.max_tokens_per_gpu if t.use_dynamic_batch_size else None
         return plan_micro_batches(per_rank, lengths, micro_batch_size=t.micro_batch_size, max_tokens=max_tokens)
@@ -179,7 +171,7 @@ class FSDPActor:
         net = self.model if model == "actor" else self.ref
         if net is None:
             raise RuntimeError("no reference model: enable [grpo] use_kl_loss or kl_coef to build one")
-        per_rank = rank_slices(batch, list(range(len(batch))), self.dp_size, self.spec.train)
+        per_rank = rank_slices(batch, list(range(len(batch))), self.dp_size, self.cfg.train)
         plan = self._micro_batch_plan(per_rank, batch)[self.dp_rank]
         local: list[tuple[int, torch.Tensor]] = []
         for mb_idx in plan:
@@ -194,9 +186,9 @@ class FSDPActor:
 
     def train(self, batch: RolloutBatch, rollout_id: int) -> list[StepMetrics]:
         """See :meth:`miles.train.actor.Actor.train`."""
-        t = self.spec.train
+        t = self.cfg.train
         assert t.global_batch_size is not None and t.num_steps_per_rollout is not None
-        check_trainable(batch, t, self.loss_cfg)
+        check_trainable(batch, t, self.cfg.loss)
         results = []
         for idx in step_indices(len(batch), t.global_batch_size, t.num_steps_per_rollout):
             results.append(self._optimizer_step(batch, idx, rollout_id))
@@ -204,7 +196,7 @@ class FSDPActor:
 
     def _optimizer_step(self, batch: RolloutBatch, idx: list[int], rollout_id: int) -> StepMetrics:
         t0 = time.perf_counter()
-        per_rank = rank_slices(batch, idx, self.dp_size, self.spec.train)
+        per_rank = rank_slices(batch, idx, self.dp_size, self.cfg.train)
         plan = self._micro_batch_plan(per_rank, batch)[self.dp_rank]
         global_tokens = float(sum(float(batch.loss_masks[i].sum()) for i in idx))
         module = self._module(self.model)
@@ -221,14 +213,14 @@ class FSDPActor:
                 continue
             n_tokens += int(mb.attention_mask.sum())
             loss, metrics = micro_batch_loss(
-                self.loss_cfg,
-                self.aggregation,
+                self.cfg.loss,
+                self.cfg.aggregation,
                 mb,
                 lp,
                 ent,
                 global_tokens=global_tokens,
                 global_samples=len(idx),
-                max_response_len=self.spec.rollout.rollout_max_response_len,
+                max_response_len=self.cfg.max_response_len,
             )
             # FSDP averages gradients over the DP ranks; the weights already divide by the global count.
             (loss * self.dp_size).backward()
@@ -240,11 +232,11 @@ class FSDPActor:
                 else:
                     sums[name] = sums[name] + v if name in sums else v
 
-        clip = self.spec.optimizer.clip_grad
+        clip = self.cfg.optimizer.clip_grad
         params = [p for p in module.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm=clip if clip > 0 else math.inf)
         grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-        lr = lr_at(self.spec.optimizer, self._step, self.total_steps)
+        lr = lr_at(self.cfg.optimizer, self._step, self.total_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
@@ -364,7 +356,7 @@ class FSDPActor:
         """The reference changes during the run only with ``ref_update_interval``; otherwise it is the initial
         weights.
         """
-        return self.ref is not None and self.spec.grpo.ref_update_interval is not None
+        return self.ref is not None and self.cfg.grpo.ref_update_interval is not None
 
     def save(self, path: str) -> None:
         """See :meth:`miles.train.actor.Actor.save`: one DCP checkpoint of model, optimizer and step.
@@ -372,7 +364,7 @@ class FSDPActor:
         The reference is saved only when ``ref_update_interval`` moves it (otherwise it is rebuilt from
         ``ref_load`` or the initial weights); the optimizer is left out with ``[ckpt] no_save_optim``.
         """
-        state = self._state(optim=not self.spec.ckpt.no_save_optim, ref=self._ref_is_state())
+        state = self._state(optim=self.cfg.save_optim, ref=self._ref_is_state())
         dcp.save(state, checkpoint_id=path, process_group=self.group)
 
     def load(self, path: str) -> None:

@@ -33,9 +33,10 @@ if not torch.cuda.is_available():
     import cpu_shim  # noqa: F401
 
 from miles.algo.advantages import AdvantageInputs, compute_advantages  # noqa: E402
+from miles.plan import trainer_mesh  # noqa: E402
 from miles.sample import Sample  # noqa: E402
 from miles.spec.tables import GrpoConfig, ModelConfig, OptimizerConfig, PerfConfig, Spec, TrainConfig  # noqa: E402
-from miles.train.actor import TrainerContext  # noqa: E402
+from miles.train.actor import ActorConfig, TrainerContext  # noqa: E402
 from miles.train.backends import build_actor  # noqa: E402
 from miles.train.batch import RolloutBatch  # noqa: E402
 
@@ -46,10 +47,6 @@ SMALL = bool(os.environ.get("MILES_GPU_SMOKE"))
 
 def _mesh(perf: PerfConfig) -> Any:
     """The planner's mesh for ``perf`` over this world (what the actor builds its groups from)."""
-    import torch.distributed as dist
-
-    from miles.plan import trainer_mesh
-
     return trainer_mesh(Spec(perf=perf), dist.get_world_size())
 
 
@@ -147,7 +144,8 @@ def fsdp_names_to_checkpoint(weights: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def run_backend(name: str, sp: Spec, ctx: TrainerContext) -> dict[str, Any]:
-    actor = build_actor(sp, ctx)
+    mesh = trainer_mesh(sp, dist.get_world_size(), ctx.model_dir)
+    actor = build_actor(ActorConfig.from_spec(sp), dataclasses.replace(ctx, mesh=mesh))
     batch = rollout()
     batch.old_logprobs = actor.compute_logprobs(batch)
     batch.ref_logprobs = actor.compute_logprobs(batch, model="ref")
@@ -194,8 +192,9 @@ def scenario_roundtrip(work: str, out: dict[str, Any], device: torch.device) -> 
             else PerfConfig(tp=dist.get_world_size())
         )
         for dtype in (torch.float32, torch.bfloat16):
-            init_parallel(_mesh(perf), 1234)
-            model = build_gpt_model(arch, perf, dtype, False, device)
+            mesh = _mesh(perf)
+            init_parallel(mesh, 1234)
+            model = build_gpt_model(arch, mesh, perf, dtype, False, device)
             load_hf_weights(model, arch, d)
             got = {n: t.cpu().clone() for n, t in export_hf_weights(model, arch, device)}
             reader = SafetensorsReader(d)

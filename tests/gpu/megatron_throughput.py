@@ -27,9 +27,10 @@ if not torch.cuda.is_available():
     import cpu_shim  # noqa: F401
 
 from miles.algo.advantages import AdvantageInputs, compute_advantages  # noqa: E402
+from miles.plan import trainer_mesh  # noqa: E402
 from miles.sample import Sample  # noqa: E402
 from miles.spec.tables import GrpoConfig, ModelConfig, OptimizerConfig, PerfConfig, Spec, TrainConfig  # noqa: E402
-from miles.train.actor import TrainerContext  # noqa: E402
+from miles.train.actor import ActorConfig, TrainerContext  # noqa: E402
 from miles.train.batch import RolloutBatch  # noqa: E402
 
 
@@ -86,7 +87,8 @@ def main() -> None:
         optimizer=OptimizerConfig(lr=1e-5),
         grpo=GrpoConfig(),
     )
-    actor = MegatronActor(spec, TrainerContext(model_dir=model_dir, num_rollout=3, device=device))
+    mesh = trainer_mesh(spec, dist.get_world_size(), model_dir)
+    actor = MegatronActor(ActorConfig.from_spec(spec), TrainerContext(model_dir, 3, device, mesh=mesh))
     g = torch.Generator().manual_seed(0)
     samples = []
     for i in range(args.samples):

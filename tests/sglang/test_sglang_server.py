@@ -385,7 +385,7 @@ def test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_
     """The driver's fleet with ``use_router``: rollouts through the real sglang-router (over ``served`` and an
     embedded standby); the standby is killed mid-rollout and its requests finish on ``served``; restarted, it
     stays out of the router until a weight sync gave it the actor's weights, then serves them."""
-    from miles.rollout.fleet import EngineFleet
+    from miles.rollout.fleet import EngineFleet, FleetConfig, driver_router
 
     key = served.launch.api_key
     assert key is not None and standby.launch.api_key == key
@@ -415,7 +415,8 @@ def test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_
         model=ModelConfig(dtype="float32"), rollout=rollout, sglang=SglangConfig(use_router=True)
     )  # manual: a prompt's samples, keyed by its group, go to one engine
     task = driver_task(run_dir, 2, master_port=free_port(0), weight_update_port=free_port(0))
-    fleet = EngineFleet(spec, task, rundir.wait_for_engines(run_dir, 2, "test-launch", deadline_s=10))
+    announced = rundir.wait_for_engines(run_dir, 2, "test-launch", deadline_s=10)
+    fleet = EngineFleet(FleetConfig.from_spec(spec, task), task, announced, router=driver_router(spec, task))
     sup = sl.Supervisor(
         [standby], health_deadline_s=START_DEADLINE_S, poll_s=0.2, on_restart=lambda eng: announce(1, eng)
     )

@@ -13,16 +13,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from miles.spec.tables import Spec
-    from miles.train.actor import TrainerContext
+    from miles.train.actor import ActorConfig, TrainerContext
     from miles.train.megatron.actor import MegatronActor  # megatron-core: imported only when this backend runs
 
 
-def build_megatron_actor(spec: Spec, ctx: TrainerContext) -> MegatronActor:
-    """Build the Megatron actor on this trainer rank (collective over all trainer ranks)."""
+def build_megatron_actor(cfg: ActorConfig, ctx: TrainerContext) -> MegatronActor:
+    """Build the Megatron actor on this trainer rank, on the planner's ``ctx.mesh`` (collective over all trainer
+    ranks).
+    """
     from miles.train.megatron.actor import MegatronActor
 
-    return MegatronActor(spec, ctx)
+    return MegatronActor(cfg, ctx)
 
 
 __all__ = ["build_megatron_actor"]

@@ -37,11 +37,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from miles.algo.loss import LossConfig, aggregation_for
 from miles.errors import UserError
-from miles.plan import trainer_mesh
-from miles.spec.tables import Spec
-from miles.train.actor import StepMetrics, TrainerContext, needs_reference, reference_dir
+from miles.train.actor import ActorConfig, StepMetrics, TrainerContext, needs_reference, reference_dir
 from miles.train.batch import (
     MicroBatch,
     RolloutBatch,
@@ -72,7 +69,7 @@ _NO_OPTIMIZER = "no_optimizer"
 class MegatronActor:
     """:class:`miles.train.actor.Actor` on megatron-core. Construct it on every trainer rank."""
 
-    def __init__(self, spec: Spec, ctx: TrainerContext) -> None:
+    def __init__(self, cfg: ActorConfig, ctx: TrainerContext) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import (
             DistributedDataParallel,
@@ -80,11 +77,6 @@ class MegatronActor:
             finalize_model_grads,
         )
 
-        t = spec.train
-        if t.global_batch_size is None or t.num_steps_per_rollout is None:
-            raise UserError(
-                "[train] global_batch_size and num_steps_per_rollout must be resolved before building the actor"
-            )
         if ctx.group is not None and dist.get_world_size(ctx.group) != dist.get_world_size():
             raise UserError(
                 "the Megatron backend builds its TP/PP/DP groups over the whole torch.distributed world; "
@@ -95,19 +87,18 @@ class MegatronActor:
                 '[perf] backend = "megatron" needs CUDA GPUs (megatron-core calls CUDA for devices, RNG and '
                 'streams); on CPUs use backend = "fsdp" (miles\' own CPU tests run Megatron through a test-only shim)'
             )
-        self.spec, self.ctx, self.device = spec, ctx, ctx.device
+        if ctx.mesh is None:
+            raise ValueError("the Megatron actor trains on the planner's mesh: set TrainerContext.mesh")
+        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
         self.arch = read_hf_arch(ctx.model_dir)
         self.use_te = te_available()
         # The planner's mesh, checked by its rules against this model (each layout rule lives there only).
-        self.mesh = ctx.mesh or trainer_mesh(spec, dist.get_world_size(), ctx.model_dir)
-        check_runtime(spec.perf, self.use_te)
-        init_parallel(self.mesh, spec.run.seed)
-        self.dtype = DTYPES[spec.model.dtype]
+        self.mesh = ctx.mesh
+        check_runtime(cfg.perf, self.use_te)
+        init_parallel(self.mesh, cfg.seed)
+        self.dtype = DTYPES[cfg.dtype]
         self.on_cuda = self.device.type == "cuda"
-        self.temperature = spec.rollout.rollout_temperature if spec.rollout.rollout_temperature > 0 else 1.0
-        self.loss_cfg = LossConfig.from_grpo(spec.grpo)
-        self.aggregation = aggregation_for(spec.grpo)
-        self.total_steps = ctx.num_rollout * t.num_steps_per_rollout
+        self.total_steps = ctx.num_rollout * cfg.steps_per_rollout
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
@@ -115,7 +106,7 @@ class MegatronActor:
         self.last_stage = ps.is_pipeline_last_stage()
         self.cp = ContextLayout.current()
         # Sequence parallelism splits each CP rank's tokens over TP: its length must divide by tp too.
-        self.seq_multiple = self.mesh.tp if spec.perf.sequence_parallel else 1
+        self.seq_multiple = self.mesh.tp if cfg.perf.sequence_parallel else 1
         self.pad_id = 0
 
         model = self._build()
@@ -126,8 +117,8 @@ class MegatronActor:
         model.config.no_sync_func = self.model.no_sync
         model.config.finalize_model_grads_func = finalize_model_grads
         self.ref: Any = None
-        if needs_reference(spec.grpo):
-            self.ref = self._build(reference_dir(spec.ckpt, ctx.model_dir))
+        if needs_reference(cfg.grpo):
+            self.ref = self._build(reference_dir(cfg.ref_load, ctx.model_dir))
             self.ref.requires_grad_(False)
             self.ref.eval()
         self.optimizer: Any
@@ -135,14 +126,14 @@ class MegatronActor:
             from megatron.core.optimizer import get_megatron_optimizer
 
             self.optimizer = get_megatron_optimizer(
-                megatron_optimizer_config(spec.optimizer, self.dtype, distributed=True), [self.model]
+                megatron_optimizer_config(cfg.optimizer, self.dtype, distributed=True), [self.model]
             )
         else:
-            self.optimizer = build_adamw(spec.optimizer, self.model.module.named_parameters())
+            self.optimizer = build_adamw(cfg.optimizer, self.model.module.named_parameters())
         self._step = 0
 
     def _build(self, model_dir: str | None = None) -> Any:
-        model = build_gpt_model(self.arch, self.spec.perf, self.dtype, self.use_te, self.device)
+        model = build_gpt_model(self.arch, self.mesh, self.cfg.perf, self.dtype, self.use_te, self.device)
         load_hf_weights(model, self.arch, model_dir or self.ctx.model_dir)
         return model
 
@@ -152,7 +143,7 @@ class MegatronActor:
 
     # -- forward -------------------------------------------------------------------------------
     def _micro_batches(self, batch: RolloutBatch, idx: list[int]) -> list[list[int]]:
-        t = self.spec.train
+        t = self.cfg.train
         lengths = [batch.seq_len(i) for i in range(len(batch))]
         # A micro-batch's tokens are spread over the CP group: each GPU holds 1/cp of them.
         max_tokens = t.max_tokens_per_gpu * self.cp.size if t.use_dynamic_batch_size and t.max_tokens_per_gpu else None
@@ -179,9 +170,9 @@ class MegatronActor:
         kw: dict[str, Any] = dict(
             vocab_start=self.tp_rank * local_vocab,
             vocab_size=self.arch.vocab_size,
-            temperature=self.temperature,
+            temperature=self.cfg.temperature,
             group=self.tp_group,
-            chunked=self.spec.perf.fused_kernels,
+            chunked=self.cfg.perf.fused_kernels,
         )
         if self.cp.size == 1:
             sel = torch.gather(output, 1, mb.logit_pos.unsqueeze(-1).expand(-1, -1, local_vocab))
@@ -248,9 +239,9 @@ class MegatronActor:
 
     def train(self, batch: RolloutBatch, rollout_id: int) -> list[StepMetrics]:
         """See :meth:`miles.train.actor.Actor.train`."""
-        t = self.spec.train
+        t = self.cfg.train
         assert t.global_batch_size is not None and t.num_steps_per_rollout is not None
-        check_trainable(batch, t, self.loss_cfg)
+        check_trainable(batch, t, self.cfg.loss)
         return [
             self._optimizer_step(batch, idx, rollout_id)
             for idx in step_indices(len(batch), t.global_batch_size, t.num_steps_per_rollout)
@@ -267,14 +258,14 @@ class MegatronActor:
             if not mb.indices:  # a dummy micro-batch keeps the collectives in step with the other DP ranks
                 return lp.sum() * 0.0, self._zero_tokens(), {"metrics": {}, "tokens": 0}
             loss, metrics = micro_batch_loss(
-                self.loss_cfg,
-                self.aggregation,
+                self.cfg.loss,
+                self.cfg.aggregation,
                 mb,
                 lp,
                 ent,
                 global_tokens=global_tokens,
                 global_samples=len(idx),
-                max_response_len=self.spec.rollout.rollout_max_response_len,
+                max_response_len=self.cfg.max_response_len,
             )
             tokens = int(mb.attention_mask.sum())
             return loss, self._zero_tokens(), {"metrics": {k: float(v) for k, v in metrics.items()}, "tokens": tokens}
@@ -283,7 +274,7 @@ class MegatronActor:
         if self.on_cuda:
             self.optimizer.zero_grad()
         store = self._run(self.model, mbs, loss_fn, forward_only=False)
-        lr = lr_at(self.spec.optimizer, self._step, self.total_steps)
+        lr = lr_at(self.cfg.optimizer, self._step, self.total_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         if self.on_cuda:
@@ -332,7 +323,7 @@ class MegatronActor:
         if self.arch.num_experts:
             dist.all_reduce(expert_sq, group=ps.get_expert_tensor_model_pipeline_parallel_group())
         norm = math.sqrt(float(dense_sq + expert_sq))
-        clip = self.spec.optimizer.clip_grad
+        clip = self.cfg.optimizer.clip_grad
         if clip > 0 and norm > clip:
             coeff = clip / (norm + 1e-6)
             for p in params:
@@ -474,7 +465,7 @@ class MegatronActor:
         """
         from megatron.core import dist_checkpointing
 
-        optim = not self.spec.ckpt.no_save_optim
+        optim = self.cfg.save_optim
         mdir = os.path.join(path, "megatron")
         if dist.get_rank() == 0:
             os.makedirs(mdir, exist_ok=True)

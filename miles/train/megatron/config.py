@@ -22,13 +22,16 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from miles.errors import UserError
 from miles.model.architectures import MEGATRON_FAMILIES
 from miles.spec.tables import OptimizerConfig, PerfConfig
+
+if TYPE_CHECKING:
+    from miles.plan.model import TrainerMesh
 
 Family = Literal["qwen2", "qwen3", "llama", "qwen3_moe"]
 FAMILIES: tuple[str, ...] = MEGATRON_FAMILIES
@@ -161,12 +164,16 @@ def _known_fields(cls: type) -> set[str]:
 
 def transformer_config(
     arch: HFArch,
+    mesh: TrainerMesh,
     perf: PerfConfig,
     *,
     dtype: torch.dtype,
     use_te: bool,
 ) -> Any:
-    """Translate HF architecture + [perf] into a Megatron ``TransformerConfig``.
+    """Translate HF architecture + the planner's mesh + [perf] into a Megatron ``TransformerConfig``.
+
+    The parallel sizes are the mesh's (the layout ``miles plan`` checked); ``perf``
+    gives the rest: sequence parallelism, recomputation and the MoE router.
 
     Every fused kernel is switched off on the local (non-TE) path: the
     fused paths need apex or TE and the local ones are what matches the HF
@@ -199,10 +206,11 @@ def transformer_config(
         "persist_layer_norm": False,
         "apply_rope_fusion": False,
         "gradient_accumulation_fusion": False,
-        "tensor_model_parallel_size": perf.tp,
-        "pipeline_model_parallel_size": perf.pp,
-        "context_parallel_size": perf.cp,
-        "expert_model_parallel_size": perf.ep,
+        "tensor_model_parallel_size": mesh.tp,
+        "pipeline_model_parallel_size": mesh.pp,
+        "context_parallel_size": mesh.cp,
+        "expert_model_parallel_size": mesh.ep,
+        "expert_tensor_parallel_size": mesh.etp,
         "sequence_parallel": perf.sequence_parallel,
         "params_dtype": dtype,
         "pipeline_dtype": dtype,
@@ -222,8 +230,6 @@ def transformer_config(
     if perf.recompute_granularity == "full" and perf.recompute_method is None:
         kwargs["recompute_method"] = "uniform"
         kwargs["recompute_num_layers"] = perf.recompute_num_layers or 1
-    if perf.etp is not None:
-        kwargs["expert_tensor_parallel_size"] = perf.etp
     if arch.num_experts:
         kwargs.update(
             num_moe_experts=arch.num_experts,

@@ -63,14 +63,18 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Te
     return torch.where(medium, smoothed, scaled)
 
 
-def build_gpt_model(arch: HFArch, perf: PerfConfig, dtype: torch.dtype, use_te: bool, device: torch.device) -> Any:
-    """This rank's pipeline stage of the model, on ``device``, weights uninitialised (load them next)."""
+def build_gpt_model(
+    arch: HFArch, mesh: TrainerMesh, perf: PerfConfig, dtype: torch.dtype, use_te: bool, device: torch.device
+) -> Any:
+    """This rank's pipeline stage of the model on the planner's ``mesh``, on ``device``, weights uninitialised (load
+    them next).
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     if arch.num_experts:
         _patch_router_gemm()
-    config = transformer_config(arch, perf, dtype=dtype, use_te=use_te)
+    config = transformer_config(arch, mesh, perf, dtype=dtype, use_te=use_te)
     spec = layer_spec(arch, use_te, perf.attention_backend, own_norms(perf, use_te))
     if own_norms(perf, use_te):
         # The block builds its final norm from a module-level default (a torch norm, which refuses sequence
@@ -81,7 +85,7 @@ def build_gpt_model(arch: HFArch, perf: PerfConfig, dtype: torch.dtype, use_te: 
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
-        vocab_size=padded_vocab_size(arch, perf.tp),
+        vocab_size=padded_vocab_size(arch, mesh.tp),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),

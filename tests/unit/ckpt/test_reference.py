@@ -36,10 +36,10 @@ def test_megatron_checkpoints_are_refused_and_hf_directories_pass(tmp_path: Path
         report = check(with_ref, local_only=True, skip=("data", "code", "resume"))
         assert any("is a Megatron checkpoint" in str(p) and "leave ref_load empty" in str(p) for p in report.problems)
         with pytest.raises(UserError, match=r"\[ckpt\] ref_load: .* is a Megatron checkpoint"):
-            reference_dir(with_ref.ckpt, "/initial")
+            reference_dir(with_ref.ckpt.ref_load, "/initial")
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     assert megatron_checkpoint_sign(hf) is None
-    assert reference_dir(dataclasses.replace(spec.ckpt, ref_load=str(hf)), "/initial") == str(hf)
-    assert reference_dir(spec.ckpt, "/initial") == "/initial"
+    assert reference_dir(str(hf), "/initial") == str(hf)
+    assert reference_dir(spec.ckpt.ref_load, "/initial") == "/initial"

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from miles.errors import UserError
-from miles.job import rundir
 from miles.plan.engine_argv import KEY_FROM_ENV
-from miles.rollout.fleet import EngineFleet
+from miles.rollout.fleet import driver_router
 from miles.sglang import router as sr
 from miles.spec.tables import SglangConfig, Spec
 from tests.sglang.sglang_servers import driver_task
@@ -67,11 +66,8 @@ def test_use_router_without_the_router_installed_is_a_user_error(
     assert not sr.router_available(sys.executable)
     monkeypatch.setenv("MILES_SGLANG_PYTHON", sys.executable)
     spec = Spec(sglang=SglangConfig(use_router=True), source="run.toml")
-    engines = [
-        rundir.Announcement(index=0, url="http://127.0.0.1:1", host="127.0.0.1", port=1, pid=1, launch_id="test-launch")
-    ]
     with pytest.raises(UserError) as err:
-        EngineFleet(spec, driver_task(tmp_path, 1), engines)
+        driver_router(spec, driver_task(tmp_path, 1))
     text = str(err.value)
     assert "[sglang] use_router = true (run.toml)" in text and sys.executable in text
     assert f"pip install sglang-router=={sr.ROUTER_PIN}" in text and "use_router = false" in text

@@ -167,6 +167,7 @@ def _batches(spec: Spec) -> list[Any]:
 def _megatron(spec: Spec) -> str:
     pytest.importorskip("megatron.core")
     from miles.train.megatron.config import arch_from_dict, layer_spec, transformer_config
+    from tests.unit.train.megatron.test_megatron_mapping import mesh_of
 
     arch = arch_from_dict(
         {
@@ -188,7 +189,7 @@ def _megatron(spec: Spec) -> str:
             "tie_word_embeddings": False,
         }
     )
-    cfg = transformer_config(arch, spec.perf, dtype=torch.float32, use_te=False)
+    cfg = transformer_config(arch, mesh_of(spec.perf), spec.perf, dtype=torch.float32, use_te=False)
     layers = layer_spec(arch, False, spec.perf.attention_backend, spec.perf.fused_kernels)
     return repr(sorted((k, repr(v)) for k, v in vars(cfg).items())) + repr(layers)
 
@@ -198,7 +199,7 @@ def _checkpoints(spec: Spec) -> tuple[Any, ...]:
         [checkpoint.save_due(spec, r) for r in range(10)],
         CheckpointStore.of_run(spec.ckpt, "/run"),
         checkpoint.hf_export_dir(spec, 4),
-        reference_dir(spec.ckpt, "/initial-model"),
+        reference_dir(spec.ckpt.ref_load, "/initial-model"),
         [ref_update_due(spec.grpo, r) for r in range(10)],
         num_rollouts(spec, 1000),
     )

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from miles.algo.advantages import AdvantageInputs, compute_advantages
 from miles.sample import Sample
 from miles.spec.tables import GrpoConfig, ModelConfig, OptimizerConfig, PerfConfig, RolloutConfig, Spec, TrainConfig
-from miles.train.actor import TrainerContext
+from miles.train.actor import ActorConfig, TrainerContext
 from miles.train.backends import build_actor
 from miles.train.batch import RolloutBatch
 
@@ -95,7 +95,7 @@ def main() -> None:
         grpo=GrpoConfig(use_kl_loss=True, kl_loss_coef=0.01, kl_loss_type="low_var_kl"),
     )
     t0 = time.perf_counter()
-    actor = build_actor(spec, TrainerContext(model_dir=model_dir, num_rollout=10, device=device))
+    actor = build_actor(ActorConfig.from_spec(spec), TrainerContext(model_dir=model_dir, num_rollout=10, device=device))
     report = {
         "preset": preset,
         "world_size": dist.get_world_size(),

@@ -15,7 +15,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from miles.train.actor import Actor, TrainerContext, prepare_batch
+from miles.spec.tables import Spec
+from miles.train.actor import Actor, ActorConfig, TrainerContext, prepare_batch
 from miles.train.backends import build_actor
 from miles.train.batch import RolloutBatch
 from tests.unit.train.tiny_model import fixed_samples, rollout_batch, tiny_spec
@@ -31,14 +32,20 @@ def _prepare(actor, batch: RolloutBatch) -> RolloutBatch:  # type: ignore[no-unt
     return batch
 
 
+def _actor(spec: Spec, ctx: TrainerContext) -> Actor:
+    """The FSDP actor from the spec's actor config, as ``session.components.build`` makes it."""
+    return build_actor(ActorConfig.from_spec(spec), ctx)
+
+
 def scenario_update(ctx: TrainerContext, out: dict, dtype: str = "float32", **train: object) -> None:
     """One rollout (2 optimizer steps) from the initial weights: metrics and updated weights."""
     spec = tiny_spec(**train)
     spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, dtype=dtype))
-    actor = build_actor(spec, ctx)
+    cfg = ActorConfig.from_spec(spec)
+    actor = build_actor(cfg, ctx)
     assert isinstance(actor, Actor)
     out["initial"] = _weights(actor)
-    batch = prepare_batch(actor, fixed_samples(1), spec)  # what the loop calls: old + ref log-probs, advantages
+    batch = prepare_batch(actor, fixed_samples(1), cfg)  # what the loop calls: old + ref log-probs, advantages
     assert batch.old_logprobs is not None and batch.ref_logprobs is not None and batch.advantages is not None
     t0 = time.perf_counter()
     out["metrics"] = actor.train(batch, rollout_id=0)
@@ -49,7 +56,7 @@ def scenario_update(ctx: TrainerContext, out: dict, dtype: str = "float32", **tr
 
 def scenario_learn(ctx: TrainerContext, out: dict) -> None:
     """Six rollouts on the same batch with fixed old log-probs: the surrogate loss must fall."""
-    actor = build_actor(tiny_spec(), ctx)
+    actor = _actor(tiny_spec(), ctx)
     batch = _prepare(actor, rollout_batch(1))
     out["metrics"] = [m for r in range(6) for m in actor.train(batch, rollout_id=r)]
     out["new_logprobs"] = actor.compute_logprobs(batch)
@@ -60,14 +67,14 @@ def scenario_learn(ctx: TrainerContext, out: dict) -> None:
 def scenario_resume(ctx: TrainerContext, out: dict, ckpt: str) -> None:
     """Train, save, train again; a fresh actor loading the save must repeat the second train bit for bit."""
     spec = tiny_spec()
-    a = build_actor(spec, ctx)
+    a = _actor(spec, ctx)
     a.train(_prepare(a, rollout_batch(1)), rollout_id=0)
     t0 = time.perf_counter()
     a.save(ckpt)
     out["save_s"] = time.perf_counter() - t0
     m_a = a.train(_prepare(a, rollout_batch(2)), rollout_id=1)
     w_a = _weights(a)
-    b = build_actor(spec, ctx)
+    b = _actor(spec, ctx)
     t0 = time.perf_counter()
     b.load(ckpt)
     out["load_s"] = time.perf_counter() - t0
@@ -81,23 +88,23 @@ def scenario_save_variants(ctx: TrainerContext, out: dict, work: str) -> None:
     """A moved reference is checkpointed and restored; ``no_save_optim`` restores weights and step only."""
     base = tiny_spec()
     spec = dataclasses.replace(base, grpo=dataclasses.replace(base.grpo, ref_update_interval=1))
-    a = build_actor(spec, ctx)
+    a = _actor(spec, ctx)
     batch = _prepare(a, rollout_batch(1))
     out["ref_initial"] = batch.ref_logprobs
     a.train(batch, rollout_id=0)
     a.update_ref()
     a.save(os.path.join(work, "with_ref"))
-    b = build_actor(spec, ctx)
+    b = _actor(spec, ctx)
     b.load(os.path.join(work, "with_ref"))
     out["ref_saved"] = a.compute_logprobs(batch, model="ref")
     out["ref_loaded"] = b.compute_logprobs(batch, model="ref")
     out["actor_saved"] = a.compute_logprobs(batch)
 
     no_optim = dataclasses.replace(base, ckpt=dataclasses.replace(base.ckpt, no_save_optim=True))
-    c = build_actor(no_optim, ctx)
+    c = _actor(no_optim, ctx)
     c.train(_prepare(c, rollout_batch(1)), rollout_id=0)
     c.save(os.path.join(work, "no_optim"))
-    d = build_actor(no_optim, ctx)
+    d = _actor(no_optim, ctx)
     d.load(os.path.join(work, "no_optim"))
     out["no_optim_weights"] = (_weights(c), _weights(d))
     out["no_optim_step"] = d.step
@@ -109,7 +116,7 @@ def scenario_offload(ctx: TrainerContext, out: dict) -> None:
     gc.collect()  # earlier scenarios' actors (reference cycles through FSDP hooks)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
-    a = build_actor(tiny_spec(), ctx)
+    a = _actor(tiny_spec(), ctx)
     a.train(_prepare(a, rollout_batch(1)), rollout_id=0)
     a.compute_logprobs(rollout_batch(1))  # a forward leaves the root unit's parameters gathered
     torch.cuda.synchronize()
@@ -125,7 +132,7 @@ def scenario_export(ctx: TrainerContext, out: dict, model_dir: str) -> None:
     """Exported HF weights load into a plain HF model whose logits equal the FSDP model's."""
     from transformers import AutoModelForCausalLM
 
-    actor = build_actor(tiny_spec(), ctx)
+    actor = _actor(tiny_spec(), ctx)
     batch = _prepare(actor, rollout_batch(1))
     actor.train(batch, rollout_id=0)
     weights = _weights(actor)
@@ -182,7 +189,7 @@ def scenario_moe_export(ctx: TrainerContext, out: dict, work: str) -> None:
         )
         AutoModelForCausalLM.from_config(cfg).save_pretrained(moe_dir)
     dist.barrier()
-    actor = build_actor(tiny_spec(), dataclasses.replace(ctx, model_dir=moe_dir))
+    actor = _actor(tiny_spec(), dataclasses.replace(ctx, model_dir=moe_dir))
     out["names"] = sorted(_weights(actor))
     hf_dir = os.path.join(work, "moe_exported")
     actor.save_hf(hf_dir)

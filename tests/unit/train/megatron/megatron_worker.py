@@ -23,8 +23,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 import cpu_shim  # noqa: E402,F401  (before megatron builds anything)
 from tiny_model import rollout_batch, tiny_spec, write_tiny_qwen2  # noqa: E402
 
+from miles.plan import trainer_mesh  # noqa: E402
 from miles.spec.tables import PerfConfig, Spec  # noqa: E402
-from miles.train.actor import TrainerContext  # noqa: E402
+from miles.train.actor import Actor, ActorConfig, TrainerContext  # noqa: E402
 from miles.train.backends import build_actor  # noqa: E402
 from miles.train.batch import RolloutBatch  # noqa: E402
 
@@ -55,11 +56,13 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
 
 def _mesh(perf: PerfConfig) -> Any:
     """The planner's mesh for ``perf`` over this world (what the actor builds its groups from)."""
-    import torch.distributed as dist
-
-    from miles.plan import trainer_mesh
-
     return trainer_mesh(Spec(perf=perf), dist.get_world_size())
+
+
+def _actor(spec: Spec, ctx: TrainerContext) -> Actor:
+    """The actor as ``session.components.build`` makes it: its config from the spec, the planner's mesh."""
+    mesh = trainer_mesh(spec, dist.get_world_size(), ctx.model_dir)
+    return build_actor(ActorConfig.from_spec(spec), dataclasses.replace(ctx, mesh=mesh))
 
 
 def write_family(path: str, family: str, seed: int = 0, vocab: int = 95) -> None:
@@ -105,7 +108,7 @@ def scenario_equiv(
     ctx = TrainerContext(model_dir=model_dir, num_rollout=1, device=torch.device("cpu"))
     runs = (("fsdp", tiny_spec()), ("megatron", megatron_spec(perf)))
     for name, spec in runs if with_fsdp else runs[1:]:
-        actor = build_actor(spec, ctx)
+        actor = _actor(spec, ctx)
         batch = _prepare(actor, rollout_batch(1))
         t0 = time.perf_counter()
         metrics = actor.train(batch, rollout_id=0)
@@ -135,8 +138,9 @@ def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
         d = os.path.join(work, family)
         arch = read_hf_arch(d)
         perf = PerfConfig(tp=2, ep=2, etp=1) if family == "qwen3_moe" else PerfConfig(tp=2)
-        init_parallel(_mesh(perf), 1234)
-        model = build_gpt_model(arch, perf, torch.float32, False, torch.device("cpu"))
+        mesh = _mesh(perf)
+        init_parallel(mesh, 1234)
+        model = build_gpt_model(arch, mesh, perf, torch.float32, False, torch.device("cpu"))
         load_hf_weights(model, arch, d)
         exported = {n: t.clone() for n, t in export_hf_weights(model, arch, torch.device("cpu"))}
         reader = SafetensorsReader(d)
@@ -170,8 +174,9 @@ def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
     grads = {}
     for backend in ("unfused", "sdpa"):
         perf = PerfConfig(tp=2, attention_backend=backend)
-        init_parallel(_mesh(perf), 1234)
-        model = build_gpt_model(arch, perf, torch.float32, False, torch.device("cpu"))
+        mesh = _mesh(perf)
+        init_parallel(mesh, 1234)
+        model = build_gpt_model(arch, mesh, perf, torch.float32, False, torch.device("cpu"))
         load_hf_weights(model, arch, d)
         logits = model(ids, torch.arange(12).unsqueeze(0).expand(2, -1), None)
         local = logits.shape[-1]
@@ -199,8 +204,9 @@ def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
     # bf16 at PP=2: Megatron keeps its norms in fp32; the export must still send and yield checkpoint-dtype tensors.
     d = os.path.join(work, "qwen3")
     arch = read_hf_arch(d)
-    init_parallel(_mesh(PerfConfig(pp=2)), 1234)
-    model = build_gpt_model(arch, PerfConfig(pp=2), torch.bfloat16, False, torch.device("cpu"))
+    mesh = _mesh(PerfConfig(pp=2))
+    init_parallel(mesh, 1234)
+    model = build_gpt_model(arch, mesh, PerfConfig(pp=2), torch.bfloat16, False, torch.device("cpu"))
     load_hf_weights(model, arch, d)
     exported = {n: t.clone() for n, t in export_hf_weights(model, arch, torch.device("cpu"))}
     reader = SafetensorsReader(d)
@@ -230,8 +236,9 @@ def scenario_fused(work: str, out: dict[str, Any]) -> None:
         ("plain", PerfConfig(tp=2, attention_backend="unfused", fused_kernels=False)),
         ("fused", PerfConfig(tp=2, attention_backend="sdpa", fused_kernels=True)),
     ):
-        init_parallel(_mesh(perf), 1234)
-        model = build_gpt_model(arch, perf, torch.float32, False, torch.device("cpu"))
+        mesh = _mesh(perf)
+        init_parallel(mesh, 1234)
+        model = build_gpt_model(arch, mesh, perf, torch.float32, False, torch.device("cpu"))
         load_hf_weights(model, arch, d)
         logits = model(ids, torch.arange(12).unsqueeze(0).expand(2, -1), None)
         local = logits.shape[-1]
@@ -268,7 +275,7 @@ def scenario_resume(
     ctx = TrainerContext(model_dir=model_dir, num_rollout=2, device=torch.device("cpu"))
     spec = megatron_spec(perf or PerfConfig(tp=2))
     spec = dataclasses.replace(spec, ckpt=dataclasses.replace(spec.ckpt, no_save_optim=no_save_optim))
-    a = build_actor(spec, ctx)
+    a = _actor(spec, ctx)
     a.train(_prepare(a, rollout_batch(1)), rollout_id=0)
     if dist.get_rank() == 0:
         os.makedirs(ckpt, exist_ok=True)
@@ -279,7 +286,7 @@ def scenario_resume(
     out["files"] = sorted(os.listdir(ckpt))
     m_a = a.train(_prepare(a, rollout_batch(2)), rollout_id=1)
     w_a = _weights(a)
-    b = build_actor(spec, ctx)
+    b = _actor(spec, ctx)
     t0 = time.perf_counter()
     b.load(ckpt)
     out["load_s"] = time.perf_counter() - t0
@@ -299,7 +306,7 @@ def scenario_offload(work: str, out: dict[str, Any]) -> None:
     spec = megatron_spec(PerfConfig(tp=2))
     runs = []
     for offload in (False, True):
-        actor = build_actor(spec, ctx)
+        actor = _actor(spec, ctx)
         actor.train(_prepare(actor, rollout_batch(1)), rollout_id=0)  # AdamW state exists from here on
         if offload:
             actor._release_storages()

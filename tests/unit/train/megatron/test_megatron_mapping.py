@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from miles.errors import UserError
+from miles.plan.model import TrainerMesh
 from miles.spec.tables import PerfConfig
 from miles.train.megatron.config import arch_from_dict, padded_vocab_size
 from miles.train.megatron.mapping import canonical_name, from_megatron, hf_shapes, param_rules, to_megatron
@@ -51,6 +52,23 @@ def arch(family: str, **over: object):  # type: ignore[no-untyped-def]
     return arch_from_dict({**BASE, **FAMILIES[family], **over})
 
 
+def mesh_of(perf: PerfConfig) -> TrainerMesh:
+    """The smallest mesh of ``perf``'s sizes: one model replica, DP = EP (what the planner would derive)."""
+    etp = perf.etp or perf.tp
+    world = perf.tp * perf.pp * perf.cp * perf.ep
+    return TrainerMesh(
+        backend=perf.backend,
+        tp=perf.tp,
+        pp=perf.pp,
+        cp=perf.cp,
+        dp=perf.ep,
+        ep=perf.ep,
+        etp=etp,
+        expert_dp=world // (etp * perf.ep * perf.pp),
+        world_size=world,
+    )
+
+
 def test_family_features_are_read_from_config_json() -> None:
     assert arch("qwen2").qkv_bias and not arch("qwen2").qk_norm
     q3 = arch("qwen3")
@@ -90,14 +108,14 @@ def test_transformer_config_translation() -> None:
     pytest.importorskip("megatron.core")
     from miles.train.megatron.config import transformer_config
 
-    c = transformer_config(arch("qwen2"), PerfConfig(tp=2), dtype=torch.bfloat16, use_te=False)
+    tp2 = PerfConfig(tp=2)
+    c = transformer_config(arch("qwen2"), mesh_of(tp2), tp2, dtype=torch.bfloat16, use_te=False)
     assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.num_query_groups, c.kv_channels) == (2, 32, 4, 2, 8)
     assert c.add_qkv_bias and not c.add_bias_linear and not c.qk_layernorm and c.gated_linear_unit
     assert c.normalization == "RMSNorm" and c.layernorm_epsilon == 1e-6 and c.bf16
     assert c.tensor_model_parallel_size == 2 and c.calculate_per_token_loss
-    m = transformer_config(
-        arch("qwen3_moe"), PerfConfig(ep=2, recompute_granularity="full"), dtype=torch.float32, use_te=False
-    )
+    moe = PerfConfig(ep=2, recompute_granularity="full")
+    m = transformer_config(arch("qwen3_moe"), mesh_of(moe), moe, dtype=torch.float32, use_te=False)
     assert m.qk_layernorm and not m.add_qkv_bias
     assert (m.num_moe_experts, m.moe_router_topk, m.moe_ffn_hidden_size, m.expert_model_parallel_size) == (4, 2, 16, 2)
     assert m.moe_router_pre_softmax is False  # norm_topk_prob: softmax over the top-k only
@@ -188,10 +206,10 @@ def test_llama3_frequencies_match_transformers() -> None:
 
 def test_megatron_on_cpu_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from miles.spec.tables import Spec, TrainConfig
-    from miles.train.actor import TrainerContext
+    from miles.train.actor import ActorConfig, TrainerContext
     from miles.train.megatron import build_megatron_actor
 
     monkeypatch.delattr(torch.cuda, "miles_cpu_shim", raising=False)
-    spec = Spec(train=TrainConfig(global_batch_size=4, num_steps_per_rollout=1))
+    cfg = ActorConfig.from_spec(Spec(train=TrainConfig(global_batch_size=4, num_steps_per_rollout=1)))
     with pytest.raises(UserError, match='needs CUDA GPUs.*backend = "fsdp"'):
-        build_megatron_actor(spec, TrainerContext(model_dir=str(tmp_path), num_rollout=1, device=torch.device("cpu")))
+        build_megatron_actor(cfg, TrainerContext(model_dir=str(tmp_path), num_rollout=1, device=torch.device("cpu")))

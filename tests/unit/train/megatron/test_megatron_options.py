@@ -9,7 +9,7 @@ from miles.errors import UserError
 from miles.plan import PlanError, trainer_mesh
 from miles.spec.tables import PerfConfig, Spec
 from miles.train.megatron.config import LOCAL_ATTENTION, check_runtime, megatron_attention_backend
-from tests.unit.train.megatron.test_megatron_mapping import arch
+from tests.unit.train.megatron.test_megatron_mapping import arch, mesh_of
 
 
 def test_moe_router_keys_become_transformer_config_fields() -> None:
@@ -17,10 +17,11 @@ def test_moe_router_keys_become_transformer_config_fields() -> None:
     from miles.train.megatron.config import transformer_config
 
     perf = PerfConfig(ep=2, moe_aux_loss_coeff=0.01, moe_router_load_balancing_type="aux_loss", moe_router_dtype="fp32")
-    c = transformer_config(arch("qwen3_moe"), perf, dtype=torch.float32, use_te=False)
+    c = transformer_config(arch("qwen3_moe"), mesh_of(perf), perf, dtype=torch.float32, use_te=False)
     assert (c.moe_aux_loss_coeff, c.moe_router_load_balancing_type, c.moe_router_dtype) == (0.01, "aux_loss", "fp32")
     assert c.moe_token_dispatcher_type == "alltoall"
-    default = transformer_config(arch("qwen3_moe"), PerfConfig(ep=2), dtype=torch.float32, use_te=False)
+    ep2 = PerfConfig(ep=2)
+    default = transformer_config(arch("qwen3_moe"), mesh_of(ep2), ep2, dtype=torch.float32, use_te=False)
     assert (default.moe_aux_loss_coeff, default.moe_router_load_balancing_type, default.moe_router_dtype) == (
         0.0,
         "none",
