@@ -374,7 +374,17 @@ class TrainConfig:
     """Form micro-batches by token count instead of sample count (Miles ``--use-dynamic-batch-size``)."""
 
     max_tokens_per_gpu: int | None = field(default=None, metadata={"gt": 0})
-    """Token budget per micro-batch with dynamic batching (Miles ``--max-tokens-per-gpu``)."""
+    """Token budget per micro-batch with dynamic batching (Miles ``--max-tokens-per-gpu``): the sum of the sequence
+    lengths when packed (``qkv_format = "thd"``), the count times the longest when padded.
+    """
+
+    qkv_format: Literal["thd", "bshd"] = "thd"
+    """How a micro-batch's sequences are laid out (Miles ``--qkv-format``): ``thd`` packs them back to back in one
+    row with positions restarting per sequence and block-diagonal causal attention (no padding; the token cost of a
+    micro-batch is the sum of its lengths), ``bshd`` right-pads them to the longest (the cost is count x longest).
+    Log-probs and gradients are the same either way. Megatron pads (``bshd``) under context parallelism and with
+    ``[perf] attention_backend = "unfused"`` without Transformer Engine, where packed attention is not available.
+    """
 
     balance_data: bool = False
     """Give every data-parallel rank of a step about the same number of tokens (still the same number of samples)

@@ -9,8 +9,9 @@ per-sample tensors in rollout order). Training splits it deterministically:
   ``global_batch_size / dp`` samples of that step, or with ``balance_data``
   the same number of samples chosen so that every rank has about as many tokens;
 * its slice is cut into micro-batches of ``micro_batch_size`` samples, or with
-  ``use_dynamic_batch_size`` greedily in order while ``count * longest`` stays
-  within ``max_tokens_per_gpu`` (padded tokens: what a micro-batch costs).
+  ``use_dynamic_batch_size`` greedily in order while the micro-batch's cost
+  stays within ``max_tokens_per_gpu``: the sum of its lengths when packed,
+  ``count * longest`` when padded (what the forward pass actually computes).
 
 FSDP (and Megatron's DP) run collectives in every forward, so every DP rank
 must run the same number of micro-batches: :func:`plan_micro_batches` plans all
@@ -18,10 +19,20 @@ ranks together and splits the largest micro-batches of the ranks that have
 fewer until the counts agree (or leaves empty ones, which the actor runs as a
 dummy forward, when a rank has fewer samples than others have micro-batches).
 
-A micro-batch is right-padded: ``input_ids [B, T]`` with an attention mask, and
-response-aligned ``[B, R]`` tensors (``R`` = longest response) where position
-``j`` of sample ``i`` is response token ``j``, predicted by the logits at
-sequence position ``prompt_len_i + j - 1``.
+A micro-batch has one of two layouts (``[train] qkv_format``):
+
+* padded (``bshd``, :func:`collate`): ``input_ids [B, T]`` right-padded with an
+  attention mask, the logits of sample ``i``'s response token ``j`` at row
+  ``i``, position ``prompt_len_i + j - 1``;
+* packed (``thd``, :func:`pack`): the ``B`` sequences back to back in one row
+  ``input_ids [1, sum]`` with ``position_ids`` restarting at 0 for each and
+  ``seq_lens`` marking where each ends (attention is causal within a sequence
+  and never across, see the backends); the logits of sample ``i``'s response
+  token ``j`` sit at ``offset_i + prompt_len_i + j - 1`` of the row.
+
+Either way the per-token tensors the loss reads are response-aligned ``[B, R]``
+(``R`` = longest response), and ``logit_pos [B, R]`` says where in the model's
+output each one's logits are, so the loss code never sees the layout.
 """
 
 from __future__ import annotations
@@ -140,20 +151,21 @@ def rank_slices(batch: RolloutBatch, indices: Sequence[int], dp_size: int, train
 
 
 def _split_rank(
-    indices: list[int], lengths: Sequence[int], micro_batch_size: int, max_tokens: int | None
+    indices: list[int], lengths: Sequence[int], micro_batch_size: int, max_tokens: int | None, packed: bool
 ) -> list[list[int]]:
     if max_tokens is None:
         return [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
     mbs: list[list[int]] = []
     cur: list[int] = []
-    longest = 0
+    longest = total = 0
     for i in indices:
         n = lengths[i]
-        if cur and max(longest, n) * (len(cur) + 1) > max_tokens:
+        cost = total + n if packed else max(longest, n) * (len(cur) + 1)
+        if cur and cost > max_tokens:
             mbs.append(cur)
-            cur, longest = [], 0
+            cur, longest, total = [], 0, 0
         cur.append(i)
-        longest = max(longest, n)
+        longest, total = max(longest, n), total + n
     if cur:
         mbs.append(cur)
     return mbs
@@ -165,13 +177,15 @@ def plan_micro_batches(
     *,
     micro_batch_size: int,
     max_tokens: int | None = None,
+    packed: bool = False,
 ) -> list[list[list[int]]]:
     """Micro-batches for every DP rank, with the same count on every rank.
 
     ``per_rank[r]`` are rank ``r``'s sample indices, ``lengths[i]`` sample
-    ``i``'s sequence length. ``max_tokens`` switches to dynamic batching.
+    ``i``'s sequence length. ``max_tokens`` switches to dynamic batching, which
+    counts a micro-batch's tokens as packed (``packed``) or padded.
     """
-    plans = [_split_rank(list(idx), lengths, micro_batch_size, max_tokens) for idx in per_rank]
+    plans = [_split_rank(list(idx), lengths, micro_batch_size, max_tokens, packed) for idx in per_rank]
     target = max((len(p) for p in plans), default=0)
     for p in plans:
         while len(p) < target:
@@ -206,6 +220,15 @@ class MicroBatch:
     rollout_logprobs: torch.Tensor | None = None
     first_logit_pos: int = 0
     """Smallest ``logit_pos`` of a trained token: logits before it are never needed (``logits_to_keep = T - first``)."""
+    seq_lens: list[int] | None = None
+    """Packed layout only: the lengths of the documents in the row, in order, ending with a padding document when
+    the row was padded to a multiple; ``None`` for the padded layout."""
+    position_ids: torch.Tensor | None = None
+    """Packed layout only: ``[1, T]`` int64, each document's positions from 0."""
+
+    @property
+    def packed(self) -> bool:
+        return self.seq_lens is not None
 
     def to(self, device: torch.device) -> MicroBatch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -223,6 +246,8 @@ class MicroBatch:
             ref_logprobs=mv(self.ref_logprobs),
             rollout_logprobs=mv(self.rollout_logprobs),
             first_logit_pos=self.first_logit_pos,
+            seq_lens=self.seq_lens,
+            position_ids=mv(self.position_ids),
         )
 
 
@@ -276,6 +301,69 @@ def collate(batch: RolloutBatch, indices: Sequence[int], pad_id: int = 0) -> Mic
         ref_logprobs=opt(batch.ref_logprobs),
         rollout_logprobs=opt(batch.rollout_logprobs),
         first_logit_pos=min((batch.prompt_lens[i] - 1 for i in indices if batch.response_lens[i] > 0), default=T - 1),
+    )
+
+
+def pack(batch: RolloutBatch, indices: Sequence[int], pad_id: int = 0, multiple: int = 1) -> MicroBatch:
+    """Samples ``indices`` of ``batch`` back to back in one row (the packed layout of the module docstring).
+
+    The row is right-padded to a multiple of ``multiple`` (sequence parallelism splits it over TP); the padding is
+    a document of its own, so it attends only to itself and nothing attends to it. An empty list gives a one-token
+    dummy, as :func:`collate` does.
+    """
+    if not indices:
+        seq = [1]
+        ids = torch.full((1, 1), pad_id, dtype=torch.long)
+        zero = torch.zeros(1, 1)
+        return MicroBatch(
+            [],
+            ids,
+            torch.ones(1, 1, dtype=torch.long),
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.zeros(1, 1, dtype=torch.long),
+            zero,
+            zero.clone(),
+            seq_lens=seq,
+            position_ids=torch.zeros(1, 1, dtype=torch.long),
+        )
+    lens = [batch.seq_len(i) for i in indices]
+    used = sum(lens)
+    total = -(-used // multiple) * multiple
+    seq_lens = lens + ([total - used] if total > used else [])
+    ids = torch.full((1, total), pad_id, dtype=torch.long)
+    ids[0, :used] = torch.cat([batch.tokens[i] for i in indices])
+    attn = torch.zeros(1, total, dtype=torch.long)
+    attn[0, :used] = 1
+    position_ids = torch.cat([torch.arange(n) for n in seq_lens]).unsqueeze(0)
+    R = max(max(batch.response_lens[i] for i in indices), 1)
+    logit_pos = torch.zeros(len(indices), R, dtype=torch.long)
+    offset, first = 0, None
+    for k, i in enumerate(indices):
+        p, r = batch.prompt_lens[i], batch.response_lens[i]
+        logit_pos[k, :r] = torch.arange(offset + p - 1, offset + p - 1 + r)
+        if r > 0 and first is None:
+            first = offset + p - 1
+        offset += lens[k]
+    targets = _pad_ragged([batch.tokens[i][batch.prompt_lens[i] :] for i in indices], R, torch.long)
+    mask = _pad_ragged([batch.loss_masks[i] for i in indices], R, torch.float32)
+
+    def opt(field_: list[torch.Tensor] | None) -> torch.Tensor | None:
+        return None if field_ is None else _pad_ragged([field_[i] for i in indices], R, torch.float32)
+
+    return MicroBatch(
+        indices=list(indices),
+        input_ids=ids,
+        attention_mask=attn,
+        logit_pos=logit_pos,
+        targets=targets,
+        mask=mask,
+        advantages=opt(batch.advantages),
+        old_logprobs=opt(batch.old_logprobs),
+        ref_logprobs=opt(batch.ref_logprobs),
+        rollout_logprobs=opt(batch.rollout_logprobs),
+        first_logit_pos=total - 1 if first is None else first,
+        seq_lens=seq_lens,
+        position_ids=position_ids,
     )
 
 

@@ -47,6 +47,7 @@ from miles.train.batch import (
     check_trainable,
     collate,
     micro_batch_loss,
+    pack,
     plan_micro_batches,
     rank_slices,
     step_indices,
@@ -102,6 +103,7 @@ class FSDPActor:
         self.device = ctx.device
         self.param_dtype = DTYPES[cfg.dtype]
         self.total_steps = ctx.num_rollout * cfg.steps_per_rollout
+        self.packed = cfg.train.qkv_format == "thd"
         mesh = DeviceMesh.from_group(self.group, device_type=self.device.type)
         mp = None
         if self.param_dtype != torch.float32:
@@ -146,19 +148,35 @@ class FSDPActor:
         T = mb.input_ids.shape[1]
         first = mb.first_logit_pos
         keep = T - first
-        out = self._module(model)(
-            input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, logits_to_keep=keep
-        )
-        logits = out.logits  # [B, keep, V]
         pos = (mb.logit_pos - first).clamp(min=0)
-        sel = torch.gather(logits, 1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        if mb.packed:
+            # transformers' own packed path: with no attention mask, positions that restart mark the documents and
+            # its mask builder makes attention block-diagonal causal (for SDPA an explicit mask, no flash-attn).
+            out = self._module(model)(
+                input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, logits_to_keep=keep
+            )
+            sel = out.logits[0][pos]  # [1, keep, V] -> [B, R, V]
+        else:
+            out = self._module(model)(
+                input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, logits_to_keep=keep
+            )
+            logits = out.logits  # [B, keep, V]
+            sel = torch.gather(logits, 1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         return logprobs_and_entropy(sel, mb.targets, self.cfg.temperature)
+
+    def _collate(self, batch: RolloutBatch, indices: list[int]) -> MicroBatch:
+        """Micro-batch ``indices`` in the layout of ``[train] qkv_format``, on the device."""
+        if self.packed:
+            return pack(batch, indices, self.pad_id).to(self.device)
+        return collate(batch, indices, self.pad_id).to(self.device)
 
     def _micro_batch_plan(self, per_rank: list[list[int]], batch: RolloutBatch) -> list[list[list[int]]]:
         t = self.cfg.train
         lengths = [batch.seq_len(i) for i in range(len(batch))]
         max_tokens = t.max_tokens_per_gpu if t.use_dynamic_batch_size else None
-        return plan_micro_batches(per_rank, lengths, micro_batch_size=t.micro_batch_size, max_tokens=max_tokens)
+        return plan_micro_batches(
+            per_rank, lengths, micro_batch_size=t.micro_batch_size, max_tokens=max_tokens, packed=self.packed
+        )
 
     @property
     def step(self) -> int:
@@ -175,7 +193,7 @@ class FSDPActor:
         plan = self._micro_batch_plan(per_rank, batch)[self.dp_rank]
         local: list[tuple[int, torch.Tensor]] = []
         for mb_idx in plan:
-            mb = collate(batch, mb_idx, self.pad_id).to(self.device)
+            mb = self._collate(batch, mb_idx)
             lp, _ = self._forward(net, mb)
             lp = lp.to("cpu", torch.float32)  # one transfer per micro-batch
             for k, i in enumerate(mb_idx):
@@ -206,7 +224,7 @@ class FSDPActor:
         # Gradients are reduce-scattered after every micro-batch (FSDP's default): they stay sharded, so
         # memory does not grow with the model as it would with unsharded accumulation.
         for mb_idx in plan:
-            mb = collate(batch, mb_idx, self.pad_id).to(self.device)
+            mb = self._collate(batch, mb_idx)
             lp, ent = self._forward(self.model, mb)
             if not mb_idx:  # a dummy micro-batch keeps FSDP's collectives in step with the other ranks
                 (lp.sum() * 0.0).backward()

@@ -46,12 +46,20 @@ from miles.train.batch import (
     check_trainable,
     collate,
     micro_batch_loss,
+    pack,
     plan_micro_batches,
     rank_slices,
     step_indices,
 )
 from miles.train.hf_checkpoint import save_hf_checkpoint
-from miles.train.megatron.config import DTYPES, check_runtime, megatron_optimizer_config, read_hf_arch, te_available
+from miles.train.megatron.config import (
+    DTYPES,
+    check_runtime,
+    megatron_optimizer_config,
+    packs_sequences,
+    read_hf_arch,
+    te_available,
+)
 from miles.train.megatron.context import ContextLayout
 from miles.train.megatron.logprobs import vocab_parallel_logprobs_and_entropy
 from miles.train.megatron.mapping import param_rules
@@ -108,6 +116,13 @@ class MegatronActor:
         # Sequence parallelism splits each CP rank's tokens over TP: its length must divide by tp too.
         self.seq_multiple = self.mesh.tp if cfg.perf.sequence_parallel else 1
         self.pad_id = 0
+        qkv_format = cfg.train.qkv_format
+        self.packed = packs_sequences(qkv_format, cfg.perf.attention_backend, self.mesh.cp, self.use_te)
+        if qkv_format == "thd" and not self.packed and dist.get_rank() == 0:
+            log.info(
+                "[train] qkv_format = thd: micro-batches are padded on this layout (context parallelism, or "
+                "Megatron's unfused attention without Transformer Engine has no packed path)"
+            )
 
         model = self._build()
         self.ddp_config = DistributedDataParallelConfig(
@@ -148,9 +163,16 @@ class MegatronActor:
         # A micro-batch's tokens are spread over the CP group: each GPU holds 1/cp of them.
         max_tokens = t.max_tokens_per_gpu * self.cp.size if t.use_dynamic_batch_size and t.max_tokens_per_gpu else None
         per_rank = rank_slices(batch, idx, self.dp_size, t)
-        return plan_micro_batches(per_rank, lengths, micro_batch_size=t.micro_batch_size, max_tokens=max_tokens)[
-            self.dp_rank
-        ]
+        plans = plan_micro_batches(
+            per_rank, lengths, micro_batch_size=t.micro_batch_size, max_tokens=max_tokens, packed=self.packed
+        )
+        return plans[self.dp_rank]
+
+    def _collate(self, batch: RolloutBatch, indices: list[int]) -> MicroBatch:
+        """Micro-batch ``indices`` packed (its row a multiple of TP under sequence parallelism) or padded."""
+        if self.packed:
+            return pack(batch, indices, self.pad_id, self.seq_multiple).to(self.device)
+        return collate(batch, indices, self.pad_id).to(self.device)
 
     def _padded_ids(self, mb: MicroBatch) -> torch.Tensor:
         """``mb.input_ids`` right-padded to a length the CP chunks (and sequence parallelism) divide."""
@@ -174,6 +196,8 @@ class MegatronActor:
             group=self.tp_group,
             chunked=self.cfg.perf.fused_kernels,
         )
+        if mb.packed:  # one row [1, T, V/tp]: each sample's response logits sit at its offset in the row
+            return vocab_parallel_logprobs_and_entropy(output[0][mb.logit_pos], mb.targets, **kw)
         if self.cp.size == 1:
             sel = torch.gather(output, 1, mb.logit_pos.unsqueeze(-1).expand(-1, -1, local_vocab))
             return vocab_parallel_logprobs_and_entropy(sel, mb.targets, **kw)
@@ -191,6 +215,13 @@ class MegatronActor:
 
         def forward_step(data_iterator: Iterator[MicroBatch], model: Any) -> tuple[torch.Tensor, Any]:
             mb = next(data_iterator)
+            if mb.packed:
+                from miles.train.megatron.attention import document_params  # megatron-core: imported when used
+
+                assert mb.seq_lens is not None and mb.position_ids is not None
+                params = document_params(mb.seq_lens, self.device)
+                out = model(mb.input_ids, mb.position_ids, None, packed_seq_params=params)
+                return out, partial(loss_fn, mb)
             ids = self._padded_ids(mb)
             b, s = ids.shape
             pos = torch.arange(s, device=self.device).unsqueeze(0).expand(b, -1)
@@ -221,7 +252,7 @@ class MegatronActor:
         if net is None:
             raise RuntimeError("no reference model: enable [grpo] use_kl_loss or kl_coef to build one")
         plan = self._micro_batches(batch, list(range(len(batch))))
-        mbs = [collate(batch, idx, self.pad_id).to(self.device) for idx in plan]
+        mbs = [self._collate(batch, idx) for idx in plan]
 
         def loss_fn(mb: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
             lp, _ = self._token_stats(output, mb)
@@ -250,7 +281,7 @@ class MegatronActor:
     def _optimizer_step(self, batch: RolloutBatch, idx: list[int], rollout_id: int) -> StepMetrics:
         t0 = time.perf_counter()
         plan = self._micro_batches(batch, idx)
-        mbs = [collate(batch, i, self.pad_id).to(self.device) for i in plan]
+        mbs = [self._collate(batch, i) for i in plan]
         global_tokens = float(sum(float(batch.loss_masks[i].sum()) for i in idx))
 
         def loss_fn(mb: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

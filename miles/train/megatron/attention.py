@@ -17,18 +17,51 @@ attends with its two query chunks. Chunk ``j`` of length ``c`` sees keys
 ``[0, (j + 1) c)`` under a causal mask aligned to the bottom-right corner
 (torch's ``causal_lower_right``, which the flash and memory-efficient
 kernels take natively), so no ``[s, s]`` mask is ever built on GPUs.
+
+It is also miles' packed attention (``[train] qkv_format = "thd"``; Megatron's
+needs Transformer Engine): a micro-batch's documents sit back to back in one
+row and Megatron hands the core attention ``[t, heads, head_dim]`` with the
+documents' boundaries (:func:`document_params`, whose ``cu_seqlens`` also make
+Megatron's RoPE restart per document). Each document attends causally to
+itself only: one SDPA per document, so no ``[t, t]`` mask is built and no
+query computes scores against another document's keys.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from torch.nn import functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from miles.train.megatron.context import ContextLayout
+
+
+@dataclass
+class DocumentParams(PackedSeqParams):  # type: ignore[misc]
+    """Megatron's packed-sequence parameters plus the document lengths as host integers (no device sync per layer)."""
+
+    seq_lens: tuple[int, ...] = ()
+
+
+def document_params(seq_lens: Sequence[int], device: torch.device) -> DocumentParams:
+    """The ``thd`` parameters of a row of documents of ``seq_lens`` tokens (queries and keys alike)."""
+    cu = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=device)
+    longest = max(seq_lens)
+    return DocumentParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+        seq_lens=tuple(seq_lens),
+    )
 
 
 class SdpaAttention(MegatronModule):  # type: ignore[misc]
@@ -69,8 +102,14 @@ class SdpaAttention(MegatronModule):  # type: ignore[misc]
         packed_seq_params: Any = None,
         **_: Any,
     ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SdpaAttention supports neither packed sequences nor an attention bias")
+        if attention_bias is not None:
+            raise ValueError("SdpaAttention takes no attention bias")
+        if packed_seq_params is not None:
+            if not isinstance(packed_seq_params, DocumentParams) or self.cp_size > 1 or not self.causal:
+                raise ValueError(
+                    "packed SdpaAttention takes miles' DocumentParams, causal, without context parallelism"
+                )
+            return self._documents(query, key, value, packed_seq_params.seq_lens)
         sq, b = query.shape[0], query.shape[1]
         if self.cp_size > 1:
             if attention_mask is not None or not self.causal:
@@ -92,6 +131,35 @@ class SdpaAttention(MegatronModule):  # type: ignore[misc]
                 q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=self.scale
             )
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _documents(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seq_lens: Sequence[int]
+    ) -> torch.Tensor:
+        """Causal attention within each document of a packed row: ``[t, heads, d]`` -> ``[t, heads * d]``."""
+        t = query.shape[0]
+        if sum(seq_lens) != t:
+            raise ValueError(f"packed row of {t} tokens, documents of {sum(seq_lens)}")
+        q = query.permute(1, 0, 2)  # [heads, t, d]: one SDPA batch row per document
+        k = key.permute(1, 0, 2)
+        v = value.permute(1, 0, 2)
+        if self.groups != self.heads:
+            k = k.repeat_interleave(self.heads // self.groups, dim=0)
+            v = v.repeat_interleave(self.heads // self.groups, dim=0)
+        dropout = self.dropout if self.training else 0.0
+        outs = []
+        for q_d, k_d, v_d in zip(q.split(seq_lens, 1), k.split(seq_lens, 1), v.split(seq_lens, 1), strict=True):
+            n = q_d.shape[1]
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q_d.unsqueeze(0),
+                    k_d.unsqueeze(0),
+                    v_d.unsqueeze(0),
+                    dropout_p=dropout,
+                    is_causal=n > 1,
+                    scale=self.scale,
+                )[0]
+            )
+        return torch.cat(outs, dim=1).permute(1, 0, 2).reshape(t, -1)
 
     def _context_parallel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """This rank's two query chunks against the gathered keys/values; ``[s_local, b, heads, d]``."""

@@ -325,6 +325,22 @@ def layer_spec(arch: HFArch, use_te: bool, attention_backend: str = "unfused", f
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **layer))
 
 
+def packs_sequences(qkv_format: str, attention_backend: str, cp: int, use_te: bool) -> bool:
+    """Whether micro-batches are packed (``[train] qkv_format = "thd"``) with this ``[perf] attention_backend`` and
+    the mesh's context-parallel size ``cp``, or padded instead.
+
+    Packed attention runs in Transformer Engine, or without it in
+    :class:`miles.train.megatron.attention.SdpaAttention` (one causal SDPA per
+    document); Megatron's unfused local attention has no packed path. Context
+    parallelism pads too: miles' context-parallel attention splits one
+    sequence into load-balanced chunks, which a pack of documents would need
+    per document. Tensor, sequence, pipeline and expert parallelism all pack.
+    """
+    if qkv_format != "thd" or cp > 1:
+        return False
+    return use_te or LOCAL_ATTENTION[attention_backend] == "sdpa"
+
+
 def own_norms(perf: PerfConfig, use_te: bool) -> bool:
     """Whether the local spec's norms are miles' RMSNorm: with ``fused_kernels``, and always under sequence
     parallelism (Megatron's torch norms refuse it; miles' is tagged so TP sums its weight gradients)."""

@@ -54,6 +54,34 @@ def scenario_update(ctx: TrainerContext, out: dict, dtype: str = "float32", **tr
     out["weights"] = _weights(actor)
 
 
+def scenario_packing(ctx: TrainerContext, out: dict) -> None:
+    """The same rollout padded and packed (two samples per micro-batch, one optimizer step): per-token log-probs
+    and entropies of all eight samples in one micro-batch, the step's metrics and its gradients."""
+    from torch.distributed.tensor import DTensor
+
+    for fmt in ("bshd", "thd"):
+        spec = tiny_spec(global_batch_size=8, num_steps_per_rollout=1, micro_batch_size=2, qkv_format=fmt)
+        actor = _actor(spec, ctx)
+        batch = _prepare(actor, rollout_batch(1))
+        mb = actor._collate(batch, list(range(8)))  # type: ignore[attr-defined]
+        with torch.no_grad():
+            lp, ent = actor._forward(actor.model, mb)  # type: ignore[attr-defined]
+        trained = mb.mask.bool()
+        metrics = actor.train(batch, rollout_id=0)
+        grads = {}
+        for n, p in actor.model.named_parameters():  # type: ignore[attr-defined]
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            grads[n] = g.detach().to("cpu").clone()
+        out[fmt] = {
+            "packed": mb.packed,
+            "lp": lp[trained].to("cpu"),
+            "ent": ent[trained].to("cpu"),
+            "old_logprobs": batch.old_logprobs,
+            "metrics": metrics,
+            "grads": grads,
+        }
+
+
 def scenario_learn(ctx: TrainerContext, out: dict) -> None:
     """Six rollouts on the same batch with fixed old log-probs: the surrogate loss must fall."""
     actor = _actor(tiny_spec(), ctx)
@@ -229,6 +257,8 @@ def main() -> None:
             scenario_update(ctx, out, balance_data=True)
         elif name == "update_dynamic":
             scenario_update(ctx, out, use_dynamic_batch_size=True, max_tokens_per_gpu=24, micro_batch_size=1)
+        elif name == "packing":
+            scenario_packing(ctx, out)
         elif name == "bf16":
             scenario_update(ctx, out, dtype="bfloat16")
         elif name == "learn":

@@ -123,6 +123,33 @@ def scenario_equiv(
         }
 
 
+def scenario_packing(work: str, out: dict[str, Any]) -> None:
+    """The same rollout padded and packed (four samples per micro-batch, one optimizer step) at TP=2 with sequence
+    parallelism and at PP=2: per-token log-probs and entropies (TP), old log-probs, metrics and this rank's
+    gradients."""
+    ctx = TrainerContext(model_dir=os.path.join(work, "qwen2-tied"), num_rollout=1, device=torch.device("cpu"))
+    for layout, perf in (("tp2sp", PerfConfig(tp=2, sequence_parallel=True)), ("pp2", PerfConfig(pp=2))):
+        for fmt in ("bshd", "thd"):
+            spec = megatron_spec(perf, global_batch_size=8, num_steps_per_rollout=1, micro_batch_size=4, qkv_format=fmt)
+            actor: Any = _actor(spec, ctx)
+            batch = _prepare(actor, rollout_batch(1))
+            res: dict[str, Any] = {"packed": actor.packed, "old_logprobs": batch.old_logprobs}
+            if layout == "tp2sp":
+                mb = actor._collate(batch, list(range(8)))
+
+                def stats(mb: Any, output: torch.Tensor) -> Any:
+                    lp, ent = actor._token_stats(output, mb)
+                    trained = mb.mask.bool()
+                    return lp.sum() * 0.0, actor._zero_tokens(), {"lp": lp[trained], "ent": ent[trained]}
+
+                with torch.no_grad():
+                    (row,) = actor._run(actor.model, [mb], stats, forward_only=True)
+                res.update(lp=row["lp"], ent=row["ent"])
+            res["metrics"] = actor.train(batch, rollout_id=0)
+            res["grads"] = {n: p.main_grad.clone() for n, p in actor.model.module.named_parameters()}
+            out[f"{layout}_{fmt}"] = res
+
+
 def scenario_roundtrip(work: str, out: dict[str, Any]) -> None:
     """Every family at TP=2 (Qwen3-MoE at TP=2 x EP=2): HF -> Megatron -> HF bit for bit; log-probs match HF."""
     from megatron.core import parallel_state as ps
@@ -346,6 +373,8 @@ def main() -> None:
             scenario_equiv(work, out, PerfConfig(tp=2, sequence_parallel=True))
         elif scenario == "equiv_moe_sp":  # MoE under TP needs sequence parallelism; experts split over TP (etp = tp)
             scenario_equiv(work, out, PerfConfig(tp=2, sequence_parallel=True), model="qwen3_moe-96")
+        elif scenario == "packing":
+            scenario_packing(work, out)
         elif scenario == "fused":
             scenario_fused(work, out)
         elif scenario == "roundtrip":

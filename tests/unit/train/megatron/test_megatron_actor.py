@@ -9,6 +9,8 @@ ranks the TP x CP and PP x CP layouts; the tests below check their results:
   Qwen3-MoE at TP=2 + sequence parallelism (and on 4 ranks TP=2 x CP=2 + SP,
   PP=2 x CP=2) on the same model and rollout:
   log-probs, per-step losses, gradient norms and updated weights;
+* packed micro-batches (``[train] qkv_format = "thd"``: miles' per-document SDPA, RoPE restarting per
+  document) against padded ones at TP=2 + sequence parallelism and PP=2;
 * dist_checkpointing save / load / resume, bit for bit; without the optimizer (``no_save_optim``).
 """
 
@@ -39,6 +41,7 @@ SCENARIOS = [
     "resume_no_optim",
     "offload",
     "fused",
+    "packing",
 ]
 SCENARIOS_WORLD4 = ["equiv_tp2cp2", "equiv_pp2cp2"]
 FP32_TOL = 1e-5
@@ -213,6 +216,27 @@ def test_fused_kernels_match_default_spec_and_fsdp_step(results: dict[str, Any])
         _metrics_agree(a, b, _logprob_scale(f))
     for name, w in f["weights"].items():
         assert float((m["weights"][name] - w).abs().max()) < 1e-5, name
+
+
+@pytest.mark.parametrize("layout", ["tp2sp", "pp2"])
+def test_packed_micro_batches_equal_padded_ones(results: dict[str, Any], layout: str) -> None:
+    """Four samples per micro-batch, packed into one row vs right-padded: log-probs and entropies to the float32
+    tolerance, the step's means within :func:`_metrics_agree`'s bound, and every gradient to the float32
+    summation bound of a sum over the step's tokens (the layouts sum in other orders, nothing else differs)."""
+    padded, packed = results["packing"][f"{layout}_bshd"], results["packing"][f"{layout}_thd"]
+    assert (padded["packed"], packed["packed"]) == (False, True)
+    assert _rel(torch.cat(packed["old_logprobs"]), torch.cat(padded["old_logprobs"])) < FP32_TOL
+    if "lp" in padded:
+        assert padded["lp"].numel() == packed["lp"].numel() > 0
+        assert _rel(packed["lp"], padded["lp"]) < FP32_TOL
+        assert _rel(packed["ent"], padded["ent"]) < FP32_TOL
+    (a,), (b,) = packed["metrics"], padded["metrics"]
+    assert a["train_tokens"] == b["train_tokens"]
+    _metrics_agree(a, b, float(torch.cat(padded["old_logprobs"]).abs().max()))
+    bound = max(FP32_TOL, b["train_tokens"] * EPS32)
+    assert sorted(packed["grads"]) == sorted(padded["grads"])
+    for name, g in padded["grads"].items():
+        assert _rel(packed["grads"][name], g) < bound, name
 
 
 @pytest.mark.parametrize("scenario", ["resume", "resume_cp2"])
