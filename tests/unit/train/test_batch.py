@@ -1,4 +1,4 @@
-"""Samples -> RolloutBatch -> steps, DP shards, micro-batches and padded tensors."""
+"""Samples -> RolloutBatch -> steps, DP shards, micro-batches and their padded or packed tensors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from miles.spec.tables import TrainConfig
 from miles.train.batch import (
     RolloutBatch,
     collate,
+    pack,
     plan_micro_batches,
     rank_slices,
     shard,
@@ -59,6 +60,39 @@ def test_collate_pads_right_and_aligns_responses_with_their_logits() -> None:
     assert mb.rollout_logprobs is not None and mb.rollout_logprobs.tolist() == [[-0.5, -0.5, 0.0], [-0.5] * 3]
     dummy = collate(b, [], pad_id=0)
     assert dummy.input_ids.shape == (1, 1) and dummy.mask.sum() == 0
+
+
+def test_pack_puts_sequences_back_to_back_and_aligns_responses_with_their_logits() -> None:
+    b = RolloutBatch.from_samples([_sample([5, 6, 7], [8, 9]), _sample([1], [2, 3, 4])])
+    b.advantages = [torch.tensor([1.0, 1.0]), torch.tensor([-1.0, -1.0, -1.0])]
+    mb = pack(b, [0, 1], pad_id=0, multiple=4)
+    assert mb.packed and not collate(b, [0, 1]).packed
+    # 5 + 4 tokens padded to 12 (a multiple of 4): the padding is a third document
+    assert mb.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4, 0, 0, 0]]
+    assert mb.seq_lens == [5, 4, 3]
+    assert mb.position_ids is not None and mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]]
+    assert mb.attention_mask.tolist() == [[1] * 9 + [0] * 3]
+    # sample 1 starts at offset 5: its response token j is predicted at 5 + p - 1 + j
+    assert mb.logit_pos.tolist() == [[2, 3, 0], [5, 6, 7]]
+    # everything the loss reads is the padded layout's, so the loss cannot tell the layouts apart
+    padded = collate(b, [0, 1])
+    for name in ("targets", "mask", "advantages", "rollout_logprobs"):
+        assert torch.equal(getattr(mb, name), getattr(padded, name)), name
+    assert mb.first_logit_pos == 2 and pack(b, [1, 0]).first_logit_pos == 0
+    assert pack(b, [0, 1]).seq_lens == [5, 4]  # no padding document when the row needs none
+    dummy = pack(b, [], pad_id=0)
+    assert dummy.input_ids.shape == (1, 1) and dummy.mask.sum() == 0 and dummy.seq_lens == [1]
+
+
+def test_dynamic_packed_micro_batches_budget_the_sum_of_lengths() -> None:
+    lengths = [4, 4, 9, 2, 3, 3, 3, 3]
+    # packed, a micro-batch costs what it holds: rank 0 4+4 (8 <= 10), 9 alone; rank 1 2+3+3 (8), 3+3
+    plans = plan_micro_batches([[0, 1, 2], [3, 4, 5, 6, 7]], lengths, micro_batch_size=1, max_tokens=10, packed=True)
+    assert plans == [[[0, 1], [2]], [[3, 4, 5], [6, 7]]]
+    # padded, rank 1's 2,3,3,3 would cost 4 x 3 = 12 > 10 after three; packed it holds 2+3+3 and then 3+3
+    assert plan_micro_batches([[3, 4, 5, 6, 7]], lengths, micro_batch_size=1, max_tokens=10) == [[[3, 4, 5], [6, 7]]]
+    assert plan_micro_batches([[0, 1, 3]], [4, 4, 0, 2], micro_batch_size=1, max_tokens=10, packed=True) == [[[0, 1, 3]]]
+    assert plan_micro_batches([[0, 1, 3]], [4, 4, 0, 2], micro_batch_size=1, max_tokens=10) == [[[0, 1], [3]]]
 
 
 def test_steps_and_shards() -> None:
