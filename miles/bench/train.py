@@ -12,7 +12,19 @@ so ``of_matmul`` says how close training is to what this device did just now.
 
 ``--variant`` measures several settings of one backend in the same run (each
 a row): ``default``, or comma-separated ``key=value`` overrides of ``[perf]``
-fields plus ``micro_batch``, e.g. ``attention_backend=sdpa,fused_kernels=true,micro_batch=4``.
+fields plus ``micro_batch`` and ``qkv_format``, e.g.
+``attention_backend=sdpa,fused_kernels=true,micro_batch=4``. Without
+``micro_batch`` (or ``--micro-batch``) micro-batches are formed by the token
+budget ``--max-tokens-per-gpu``, as ``[train] use_dynamic_batch_size`` does.
+
+Sequence lengths: ``--lengths fixed`` gives every sequence ``--seq-len``
+tokens; ``--lengths rl`` draws response lengths from an RL-like skewed mix
+(:func:`rl_response_lengths`: most responses short, a share cut at the limit),
+where padding wastes most of a padded micro-batch. ``--variant
+qkv_format=bshd qkv_format=thd`` then compares padded against packed
+micro-batches in one run. ``tokens_per_s`` counts real tokens only (the
+padding a layout adds is work, not output), and the model FLOPs are those of
+each sequence at its own length.
 
 What a timed step contains: everything ``actor.train`` does for one optimizer
 step (planning and collating the micro-batches on the host, copying them to
@@ -67,26 +79,36 @@ def parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         help="compute dtype (default bfloat16 on GPUs, float32 on CPUs)",
     )
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (prompt + response)")
+    p.add_argument(
+        "--seq-len", type=int, default=2048, help="tokens per sequence (prompt + response); the limit with --lengths rl"
+    )
+    p.add_argument(
+        "--lengths",
+        choices=["fixed", "rl"],
+        default="fixed",
+        help="fixed: every sequence --seq-len tokens; rl: responses drawn from a skewed RL length mix up to the limit",
+    )
     p.add_argument("--batch", type=int, default=8, help="sequences per optimizer step (global batch)")
     p.add_argument(
         "--micro-batch",
         type=int,
         default=None,
-        help="sequences per forward/backward (default: as many as --max-tokens-per-gpu holds, at least 1)",
+        help="sequences per forward/backward (default: micro-batches by the token budget --max-tokens-per-gpu)",
     )
     p.add_argument(
         "--max-tokens-per-gpu",
         type=int,
         default=8192,
-        help="token budget of one micro-batch when --micro-batch is not given (default 8192: 4 sequences at 2048)",
+        help="token budget of one micro-batch when --micro-batch is not given (default 8192: 4 sequences at 2048; "
+        "padded micro-batches count count x longest, packed ones the sum of lengths)",
     )
     p.add_argument(
         "--variant",
         nargs="+",
         default=["default"],
-        help="settings to measure per backend: 'default' or key=value[,key=value] over [perf] fields "
-        "and micro_batch (e.g. attention_backend=sdpa,fused_kernels=true,micro_batch=4)",
+        help="settings to measure per backend: 'default' or key=value[,key=value] over [perf] fields, "
+        "micro_batch and qkv_format (e.g. attention_backend=sdpa,fused_kernels=true,micro_batch=4; "
+        "qkv_format=bshd qkv_format=thd compares padded with packed micro-batches)",
     )
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
@@ -114,23 +136,34 @@ def _init_dist(device: str) -> bool:
     return True
 
 
-def parse_variant(text: str) -> tuple[dict[str, Any], int | None]:
-    """``default`` or ``key=value,...`` -> ([perf] overrides, micro-batch override); unknown keys are a UserError."""
+TRAIN_KEYS = {"qkv_format": ("thd", "bshd")}
+"""``[train]`` keys a variant may set, with their values."""
+
+
+def parse_variant(text: str) -> tuple[dict[str, Any], int | None, dict[str, Any]]:
+    """``default`` or ``key=value,...`` -> ([perf] overrides, micro-batch override, [train] overrides); unknown keys
+    are a UserError."""
     import dataclasses
 
     if text == "default":
-        return {}, None
+        return {}, None, {}
     fields = {f.name: f for f in dataclasses.fields(PerfConfig)}
     perf: dict[str, Any] = {}
+    train: dict[str, Any] = {}
     micro: int | None = None
     for item in text.split(","):
         key, sep, raw = item.partition("=")
         key, raw = key.strip(), raw.strip()
-        if not sep or (key not in fields and key != "micro_batch") or key == "backend":
+        if not sep or (key not in fields and key != "micro_batch" and key not in TRAIN_KEYS) or key == "backend":
             raise UserError(
-                f"--variant {text!r}: {item!r} is not key=value over [perf] fields or micro_batch "
-                f"(known: {', '.join(sorted(k for k in fields if k != 'backend'))}, micro_batch)"
+                f"--variant {text!r}: {item!r} is not key=value over [perf] fields, micro_batch or qkv_format "
+                f"(known: {', '.join(sorted(k for k in fields if k != 'backend'))}, micro_batch, qkv_format)"
             )
+        if key in TRAIN_KEYS:
+            if raw not in TRAIN_KEYS[key]:
+                raise UserError(f"--variant {text!r}: {key} must be one of {', '.join(TRAIN_KEYS[key])}")
+            train[key] = raw
+            continue
         value: Any = {"true": True, "false": False}.get(raw.lower(), raw)
         if isinstance(value, str) and value.lstrip("-").isdigit():
             value = int(value)
@@ -140,7 +173,7 @@ def parse_variant(text: str) -> tuple[dict[str, Any], int | None]:
             micro = value
         else:
             perf[key] = value
-    return perf, micro
+    return perf, micro, train
 
 
 def write_random_model(data: dict[str, Any], out: Path, seed: int = 0, device: str = "cpu") -> Path:
@@ -164,14 +197,35 @@ def write_random_model(data: dict[str, Any], out: Path, seed: int = 0, device: s
     return out
 
 
-def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, grpo: Any) -> Any:
-    """A scored rollout of ``batch`` sequences of ``seq_len`` tokens (short prompt, long response), advantages set."""
+RL_TRUNCATED = 0.15
+"""Share of responses cut at the length limit in :func:`rl_response_lengths`."""
+RL_SHORTEST = 4
+
+
+def rl_response_lengths(n: int, limit: int, seed: int) -> list[int]:
+    """``n`` response lengths of an RL rollout: a share :data:`RL_TRUNCATED` cut at ``limit``, the rest
+    ``RL_SHORTEST + (limit - RL_SHORTEST) * u**3`` for uniform ``u`` (skewed short: the median is an eighth of the
+    limit), about 0.36 x ``limit`` on average; a fixed function of ``seed``."""
+    rng = random.Random(seed)
+    shortest = min(RL_SHORTEST, limit)
+    return [
+        limit if rng.random() < RL_TRUNCATED else shortest + int((limit - shortest) * rng.random() ** 3)
+        for _ in range(n)
+    ]
+
+
+def synthetic_batch(
+    vocab: int, batch: int, seq_len: int, seed: int, grpo: Any, response_lens: list[int] | None = None
+) -> Any:
+    """A scored rollout of ``batch`` sequences (short prompt, then a response of ``response_lens[i]`` tokens or up to
+    ``seq_len`` in all), advantages set."""
 
     rng = random.Random(seed)
     prompt = max(1, min(16, seq_len // 4))
     samples = []
     for i in range(batch):
-        ids = [rng.randrange(3, vocab) for _ in range(seq_len)]
+        n = seq_len if response_lens is None else prompt + max(1, min(response_lens[i], seq_len - prompt))
+        ids = [rng.randrange(3, vocab) for _ in range(n)]
         samples.append(
             Sample(
                 group_index=i // 4,
@@ -180,7 +234,7 @@ def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, grpo: Any) 
                 prompt_text="",
                 prompt_ids=ids[:prompt],
                 response_ids=ids[prompt:],
-                response_logprobs=[-1.0] * (seq_len - prompt),
+                response_logprobs=[-1.0] * (n - prompt),
                 reward=float(rng.random() < 0.5),
             )
         )
@@ -205,12 +259,20 @@ def measure_backend(
     import torch
     import torch.distributed as dist
 
-    perf_over, micro = parse_variant(variant)
+    perf_over, micro, train_over = parse_variant(variant)
     micro = micro or a.micro_batch
+    # Without a micro-batch size, micro-batches fill the token budget (padded: count x longest; packed: the sum).
+    budget = {"use_dynamic_batch_size": True, "max_tokens_per_gpu": a.max_tokens_per_gpu} if micro is None else {}
     spec = Spec(
         model=ModelConfig(dtype=dtype),  # type: ignore[arg-type]  # checked by argparse choices
         rollout=RolloutConfig(rollout_max_response_len=a.seq_len),
-        train=TrainConfig(global_batch_size=a.batch, num_steps_per_rollout=1, micro_batch_size=micro),
+        train=TrainConfig(
+            global_batch_size=a.batch,
+            num_steps_per_rollout=1,
+            micro_batch_size=micro or 1,
+            **budget,
+            **train_over,
+        ),
         perf=PerfConfig(backend=backend, **perf_over),  # type: ignore[arg-type]
         optimizer=OptimizerConfig(lr=1e-6),
         grpo=GrpoConfig(use_kl_loss=False),
@@ -227,7 +289,8 @@ def measure_backend(
             f"--backend {backend}: its package is not installed here ({e}); "
             "megatron needs the `megatron` extra on a GPU machine"
         ) from e
-    batch = synthetic_batch(int(data["vocab_size"]), a.batch, a.seq_len, seed=0, grpo=spec.grpo)
+    lengths = rl_response_lengths(a.batch, a.seq_len, seed=0) if a.lengths == "rl" else None
+    batch = synthetic_batch(int(data["vocab_size"]), a.batch, a.seq_len, seed=0, grpo=spec.grpo, response_lens=lengths)
     times = []
     for step in range(total):
         synchronize(device)
@@ -243,14 +306,18 @@ def measure_backend(
         torch.cuda.empty_cache()
     world = dist.get_world_size()
     step_s = sum(times) / len(times)
-    tokens = a.batch * a.seq_len
-    tflops = train_flops_per_token(data, a.seq_len) * tokens / step_s / 1e12
+    seq_lens = [batch.seq_len(i) for i in range(len(batch))]
+    tokens = sum(seq_lens)  # real tokens: the padding a layout adds is not output
+    flops = sum(train_flops_per_token(data, n) * n for n in seq_lens)
+    tflops = flops / step_s / 1e12
     return {
         "backend": backend,
         "variant": variant,
+        "qkv_format": spec.train.qkv_format,
         "micro_batch": micro,
         "world": world,
         "step_s": step_s,
+        "tokens_per_step": tokens,
         "tokens_per_s": tokens / step_s,
         "tokens_per_s_per_device": tokens / step_s / world,
         "tflops_per_device": tflops / world,
@@ -258,16 +325,27 @@ def measure_backend(
     }
 
 
+def packing_speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """``packed_speedup_<backend>``: real tokens/s of its ``qkv_format=thd`` row over its ``qkv_format=bshd`` row,
+    for each backend measured both ways (the first such rows)."""
+    out: dict[str, float] = {}
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        by = {}
+        for r in rows:
+            if r["backend"] == backend and "qkv_format=" in r["variant"]:
+                by.setdefault(r["qkv_format"], r)
+        if {"thd", "bshd"} <= set(by):
+            out[f"packed_speedup_{backend}"] = by["thd"]["tokens_per_s"] / by["bshd"]["tokens_per_s"]
+    return out
+
+
 def main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
     a = parser().parse_args(argv)
-    if a.micro_batch is None:
-        # The fast default: fill the token budget (one sequence per forward wastes most of a GPU's throughput).
-        a.micro_batch = max(1, min(a.batch, a.max_tokens_per_gpu // a.seq_len))
     for name in ("seq_len", "batch", "micro_batch", "steps", "max_tokens_per_gpu"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     data = load_config_dict(a.config, a.preset)
     if a.layers is not None:
@@ -307,8 +385,11 @@ def main(argv: list[str]) -> int:
                     "params": param_count(data),
                     "dtype": dtype,
                     "seq_len": a.seq_len,
+                    "lengths": a.lengths,
+                    "tokens_per_step": rows[0]["tokens_per_step"] if rows else None,
                     "batch": a.batch,
                     "micro_batch": a.micro_batch,
+                    "max_tokens_per_gpu": a.max_tokens_per_gpu if a.micro_batch is None else None,
                     "variants": a.variant,
                     "steps": a.steps,
                     "warmup": a.warmup,
@@ -323,6 +404,7 @@ def main(argv: list[str]) -> int:
                 "peak_source": source,
                 "matmul_tflops_measured": matmul,
                 "flops_per_token": train_flops_per_token(data, a.seq_len),
+                **packing_speedups(rows),
             }
             report.notes.append(
                 "MFU = model FLOPs (6N + 12*L*heads*head_dim*seq per token, fwd+bwd) / time / peak; "
@@ -332,6 +414,7 @@ def main(argv: list[str]) -> int:
                 [
                     "backend",
                     "variant",
+                    "qkv_format",
                     "micro_batch",
                     "world",
                     "step_s",

@@ -11,6 +11,9 @@ from .conftest import load_report, positive_finite
 
 
 def test_train_reports_tokens_per_s_and_flops(tiny_config: Path, tmp_path: Path) -> None:
+    """Padded against packed micro-batches on an RL length mix: each row's tokens/s counts the real tokens only."""
+    from miles.bench.train import rl_response_lengths
+
     out = tmp_path / "train.json"
     # its own process: the suite forms (and destroys) a torch.distributed group
     cmd = [
@@ -24,11 +27,18 @@ def test_train_reports_tokens_per_s_and_flops(tiny_config: Path, tmp_path: Path)
         "--seq-len",
         "32",
         "--batch",
-        "2",
+        "4",
+        "--lengths",
+        "rl",
+        "--max-tokens-per-gpu",
+        "64",
+        "--variant",
+        "qkv_format=bshd",
+        "qkv_format=thd",
         "--steps",
         "1",
         "--warmup",
-        "1",
+        "0",
         "--peak-tflops",
         "1.0",
         "--json",
@@ -38,14 +48,22 @@ def test_train_reports_tokens_per_s_and_flops(tiny_config: Path, tmp_path: Path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "tokens_per_s" in proc.stdout  # the table
     report = load_report(out, "train")
-    (row,) = report["rows"]
-    assert row["backend"] == "fsdp" and row["world"] == 1
-    for key in ("step_s", "tokens_per_s", "tflops_per_device", "mfu", "of_matmul"):
-        assert positive_finite(row[key]), (key, row)
-    assert abs(row["tokens_per_s"] * row["step_s"] - 2 * 32) < 1e-6
-    assert report["summary"]["peak_source"] == "flag"
-    assert abs(row["mfu"] - row["tflops_per_device"] / 1.0) < 1e-12
-    assert positive_finite(report["summary"]["matmul_tflops_measured"])
+    padded, packed = report["rows"]
+    assert (padded["qkv_format"], packed["qkv_format"]) == ("bshd", "thd")
+    prompt = 8  # min(16, seq_len // 4)
+    real = sum(prompt + max(1, min(r, 32 - prompt)) for r in rl_response_lengths(4, 32, seed=0))
+    assert real < 4 * 32  # the mix is not all at the limit
+    for row in (padded, packed):
+        assert row["backend"] == "fsdp" and row["world"] == 1
+        for key in ("step_s", "tokens_per_s", "tflops_per_device", "mfu", "of_matmul"):
+            assert positive_finite(row[key]), (key, row)
+        assert row["tokens_per_step"] == real
+        assert abs(row["tokens_per_s"] * row["step_s"] - real) < 1e-6
+        assert abs(row["mfu"] - row["tflops_per_device"] / 1.0) < 1e-12
+    summary = report["summary"]
+    assert summary["peak_source"] == "flag"
+    assert abs(summary["packed_speedup_fsdp"] - packed["tokens_per_s"] / padded["tokens_per_s"]) < 1e-9
+    assert positive_finite(summary["matmul_tflops_measured"])
 
 
 def test_train_on_two_ranks_shares_rank0s_model(tiny_config: Path, tmp_path: Path) -> None:
@@ -91,11 +109,13 @@ def test_variants_parse_perf_fields_and_refuse_typos() -> None:
     from miles.bench.train import parse_variant
     from miles.errors import UserError
 
-    assert parse_variant("default") == ({}, None)
+    assert parse_variant("default") == ({}, None, {})
     assert parse_variant("attention_backend=sdpa,fused_kernels=true,micro_batch=4") == (
         {"attention_backend": "sdpa", "fused_kernels": True},
         4,
+        {},
     )
-    for bad in ("attention=sdpa", "fused_kernels", "backend=fsdp", "micro_batch=0"):
+    assert parse_variant("qkv_format=bshd,tp=2") == ({"tp": 2}, None, {"qkv_format": "bshd"})
+    for bad in ("attention=sdpa", "fused_kernels", "backend=fsdp", "micro_batch=0", "qkv_format=packed"):
         with pytest.raises(UserError, match="--variant"):
             parse_variant(bad)
