@@ -241,6 +241,27 @@ CASES: tuple[Case, ...] = (
         ),
     ),
     Case(
+        "train-packing-1gpu",
+        1,
+        "Padded against packed micro-batches ([train] qkv_format bshd vs thd) on an RL length mix (64 sequences, "
+        "responses skewed short up to the 2048-token limit, 8192-token budget per micro-batch), real tokens/s: "
+        "Megatron at the Llama-3.2-1B shape (sdpa, fused kernels), then FSDP at the Qwen2.5-0.5B shape.",
+        (
+            Step(
+                f"{MEGATRON_TRAIN} --preset llama3.2-1b --lengths rl --batch 64 --steps 3 --warmup 1 "
+                "--variant attention_backend=sdpa,fused_kernels=true,qkv_format=bshd "
+                "attention_backend=sdpa,fused_kernels=true,qkv_format=thd --json {out}/train-packing-megatron-1b.json",
+                240,
+            ),
+            Step(
+                "miles bench train --backend fsdp --preset qwen2.5-0.5b --dtype bfloat16 --seq-len 2048 --lengths rl "
+                "--batch 64 --steps 3 --warmup 1 --variant qkv_format=bshd qkv_format=thd "
+                "--json {out}/train-packing-fsdp-0.5b.json",
+                200,
+            ),
+        ),
+    ),
+    Case(
         "train-layouts-2gpu-1b",
         2,
         "Llama-3.2-1B shape on 2 GPUs (torchrun, NCCL): Megatron DP=2, TP=2, TP=2 + SP and CP=2 and FSDP DP=2 at "

@@ -6,6 +6,11 @@ the DP ranks, and with ``[model] dtype`` bfloat16/float16 the forward and
 backward run in that dtype (``MixedPrecisionPolicy``) with gradients reduced
 in fp32. Works on CPU over gloo (world size >= 1) and on GPUs over NCCL.
 
+Micro-batches are packed by default (``[train] qkv_format = "thd"``): one row
+of back-to-back sequences with restarting position ids and no attention mask,
+which transformers' mask builder turns into a block-diagonal causal mask (its
+own packed path; SDPA, no flash-attn). ``"bshd"`` right-pads them instead.
+
 Determinism: given the same weights, optimizer state, step counter and batch,
 a step is a fixed sequence of ops (no dropout draws: HF configs of the
 supported families have zero dropout, the micro-batch plan is a pure

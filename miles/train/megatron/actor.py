@@ -11,6 +11,13 @@ divides by counts over the global batch), so Megatron must not rescale:
 (no division in ``finalize_model_grads``) and DDP then sums gradients over DP
 ranks, which adds the micro-batch shares up to the global loss.
 
+Sequence packing (``[train] qkv_format = "thd"``, without CP): a micro-batch
+is one row of back-to-back sequences with megatron-core's ``thd`` parameters
+(:func:`miles.train.megatron.attention.document_params`), so RoPE restarts and
+attention stays within each sequence; the response logits are picked from the
+row at each sequence's offset. Under CP (and with Megatron's unfused local
+attention) micro-batches are padded (:func:`.config.packs_sequences`).
+
 Context parallelism (:mod:`.context`): each micro-batch is right-padded to a
 length that splits into ``2 * cp`` chunks (times TP under sequence
 parallelism) and every CP rank feeds the model its two chunks. The per-token
