@@ -330,7 +330,7 @@ def packing_speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
     for each backend measured both ways (the first such rows)."""
     out: dict[str, float] = {}
     for backend in dict.fromkeys(r["backend"] for r in rows):
-        by = {}
+        by: dict[str, dict[str, Any]] = {}
         for r in rows:
             if r["backend"] == backend and "qkv_format=" in r["variant"]:
                 by.setdefault(r["qkv_format"], r)

@@ -65,7 +65,8 @@ def document_params(seq_lens: Sequence[int], device: torch.device) -> DocumentPa
 
 
 class SdpaAttention(MegatronModule):  # type: ignore[misc]
-    """Causal self-attention over ``[s, b, heads, head_dim]`` inputs, output ``[s, b, heads * head_dim]``."""
+    """Causal self-attention over ``[s, b, heads, head_dim]`` inputs, output ``[s, b, heads * head_dim]``; a packed
+    row (``packed_seq_params``) comes as ``[t, heads, head_dim]`` and goes out as ``[t, heads * head_dim]``."""
 
     def __init__(
         self,
@@ -139,7 +140,7 @@ class SdpaAttention(MegatronModule):  # type: ignore[misc]
         t = query.shape[0]
         if sum(seq_lens) != t:
             raise ValueError(f"packed row of {t} tokens, documents of {sum(seq_lens)}")
-        q = query.permute(1, 0, 2)  # [heads, t, d]: one SDPA batch row per document
+        q = query.permute(1, 0, 2)  # [heads, t, d]; each document's slice is one SDPA call
         k = key.permute(1, 0, 2)
         v = value.permute(1, 0, 2)
         if self.groups != self.heads:

@@ -91,7 +91,9 @@ def test_dynamic_packed_micro_batches_budget_the_sum_of_lengths() -> None:
     assert plans == [[[0, 1], [2]], [[3, 4, 5], [6, 7]]]
     # padded, rank 1's 2,3,3,3 would cost 4 x 3 = 12 > 10 after three; packed it holds 2+3+3 and then 3+3
     assert plan_micro_batches([[3, 4, 5, 6, 7]], lengths, micro_batch_size=1, max_tokens=10) == [[[3, 4, 5], [6, 7]]]
-    assert plan_micro_batches([[0, 1, 3]], [4, 4, 0, 2], micro_batch_size=1, max_tokens=10, packed=True) == [[[0, 1, 3]]]
+    assert plan_micro_batches([[0, 1, 3]], [4, 4, 0, 2], micro_batch_size=1, max_tokens=10, packed=True) == [
+        [[0, 1, 3]]
+    ]
     assert plan_micro_batches([[0, 1, 3]], [4, 4, 0, 2], micro_batch_size=1, max_tokens=10) == [[[0, 1], [3]]]
 
 

@@ -137,7 +137,7 @@ def scenario_packing(work: str, out: dict[str, Any]) -> None:
             if layout == "tp2sp":
                 mb = actor._collate(batch, list(range(8)))
 
-                def stats(mb: Any, output: torch.Tensor) -> Any:
+                def stats(mb: Any, output: torch.Tensor, actor: Any = actor) -> Any:
                     lp, ent = actor._token_stats(output, mb)
                     trained = mb.mask.bool()
                     return lp.sum() * 0.0, actor._zero_tokens(), {"lp": lp[trained], "ent": ent[trained]}
