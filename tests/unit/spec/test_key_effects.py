@@ -45,7 +45,7 @@ from miles.spec.fieldtypes import table_fields
 from miles.spec.loader import spec_from_dict
 from miles.spec.tables import TABLES, Spec
 from miles.train.actor import ref_update_due, reference_dir
-from miles.train.batch import plan_micro_batches, shard, shard_balanced, step_indices
+from miles.train.batch import RolloutBatch, collate, pack, plan_micro_batches, shard, shard_balanced, step_indices
 from miles.train.optim import build_adamw, lr_at
 from miles.transfer.bucket import buckets
 
@@ -160,8 +160,24 @@ def _batches(spec: Spec) -> list[Any]:
     for idx in step_indices(n, tr.global_batch_size or n, tr.num_steps_per_rollout or 1):
         per_rank = shard_balanced(idx, 2, lengths) if tr.balance_data else shard(idx, 2)
         max_tokens = tr.max_tokens_per_gpu if tr.use_dynamic_batch_size else None
-        out.append(plan_micro_batches(per_rank, lengths, micro_batch_size=tr.micro_batch_size, max_tokens=max_tokens))
+        packed = tr.qkv_format == "thd"  # what the FSDP actor packs; Megatron where it can (packs_sequences)
+        plan = plan_micro_batches(
+            per_rank, lengths, micro_batch_size=tr.micro_batch_size, max_tokens=max_tokens, packed=packed
+        )
+        out.append((plan, _layouts(plan, lengths, packed)))
     return out
+
+
+def _layouts(plan: list[list[list[int]]], lengths: list[int], packed: bool) -> list[list[tuple[int, ...]]]:
+    """The ``input_ids`` shape of each micro-batch of ``plan``, packed (``pack``) or padded (``collate``)."""
+    from miles.sample import Sample
+
+    samples = [
+        Sample(0, i, "", "", [1] * (n // 2 + 1), response_ids=[2] * (n - n // 2 - 1)) for i, n in enumerate(lengths)
+    ]
+    batch = RolloutBatch.from_samples(samples)
+    layout = pack if packed else collate
+    return [[tuple(layout(batch, mb).input_ids.shape) for mb in rank] for rank in plan]
 
 
 def _megatron(spec: Spec) -> str:
@@ -510,6 +526,7 @@ GROUPS: dict[str, tuple[Callable[[], Spec], str, dict[str, Change]]] = {
             "train.use_dynamic_batch_size": (True, {"train.max_tokens_per_gpu": 100}),
             "train.max_tokens_per_gpu": (50, {"train.use_dynamic_batch_size": True}),
             "train.balance_data": (True, {}),
+            "train.qkv_format": ("bshd", {"train.use_dynamic_batch_size": True, "train.max_tokens_per_gpu": 100}),
         },
     ),
     "megatron": (
