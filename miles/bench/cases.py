@@ -243,9 +243,8 @@ CASES: tuple[Case, ...] = (
     Case(
         "train-packing-1gpu",
         1,
-        "Padded against packed micro-batches ([train] qkv_format bshd vs thd) on an RL length mix (64 sequences, "
-        "responses skewed short up to the 2048-token limit, 8192-token budget per micro-batch), real tokens/s: "
-        "Megatron at the Llama-3.2-1B shape (sdpa, fused kernels), then FSDP at the Qwen2.5-0.5B shape.",
+        "Padded vs packed micro-batches (qkv_format bshd, thd) on an RL length mix of 64 sequences up to 2048 tokens, "
+        "real tokens/s: Megatron at the Llama-3.2-1B shape (sdpa, fused kernels), FSDP at the Qwen2.5-0.5B shape.",
         (
             Step(
                 f"{MEGATRON_TRAIN} --preset llama3.2-1b --lengths rl --batch 64 --steps 3 --warmup 1 "

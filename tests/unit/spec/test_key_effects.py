@@ -37,6 +37,7 @@ from miles.plan.engine_argv import plan_argvs, train_offload
 from miles.preflight import check
 from miles.rollout.client import sample_seed, sampling_params
 from miles.rollout.fleet import weight_sync_kind
+from miles.sample import Sample
 from miles.session import checkpoint
 from miles.session.components import num_rollouts
 from miles.session.evaluation import EvalSettings, seed_namespace
@@ -153,31 +154,24 @@ def _optimizer(spec: Spec) -> tuple[Any, ...]:
 
 
 def _batches(spec: Spec) -> list[Any]:
+    """Each step's micro-batches over two DP ranks, and their ``input_ids`` shapes in the layout ``qkv_format`` asks
+    for (packed: FSDP always, Megatron where it can, ``packs_sequences``)."""
     ro, tr = spec.rollout, spec.train
     n = (ro.rollout_batch_size or 1) * (ro.n_samples_per_prompt or 1)
     lengths = [1 + (7 * i) % 13 for i in range(n)]
+    batch = RolloutBatch.from_samples(
+        [Sample(0, i, "", "", [1], response_ids=[2] * (k - 1)) for i, k in enumerate(lengths)]
+    )
+    layout = pack if tr.qkv_format == "thd" else collate
     out = []
     for idx in step_indices(n, tr.global_batch_size or n, tr.num_steps_per_rollout or 1):
         per_rank = shard_balanced(idx, 2, lengths) if tr.balance_data else shard(idx, 2)
         max_tokens = tr.max_tokens_per_gpu if tr.use_dynamic_batch_size else None
-        packed = tr.qkv_format == "thd"  # what the FSDP actor packs; Megatron where it can (packs_sequences)
         plan = plan_micro_batches(
-            per_rank, lengths, micro_batch_size=tr.micro_batch_size, max_tokens=max_tokens, packed=packed
+            per_rank, lengths, micro_batch_size=tr.micro_batch_size, max_tokens=max_tokens, packed=layout is pack
         )
-        out.append((plan, _layouts(plan, lengths, packed)))
+        out.append((plan, [[tuple(layout(batch, mb).input_ids.shape) for mb in rank] for rank in plan]))
     return out
-
-
-def _layouts(plan: list[list[list[int]]], lengths: list[int], packed: bool) -> list[list[tuple[int, ...]]]:
-    """The ``input_ids`` shape of each micro-batch of ``plan``, packed (``pack``) or padded (``collate``)."""
-    from miles.sample import Sample
-
-    samples = [
-        Sample(0, i, "", "", [1] * (n // 2 + 1), response_ids=[2] * (n - n // 2 - 1)) for i, n in enumerate(lengths)
-    ]
-    batch = RolloutBatch.from_samples(samples)
-    layout = pack if packed else collate
-    return [[tuple(layout(batch, mb).input_ids.shape) for mb in rank] for rank in plan]
 
 
 def _megatron(spec: Spec) -> str:

@@ -77,6 +77,8 @@ def scenario_packing(ctx: TrainerContext, out: dict) -> None:
             "lp": lp[trained].to("cpu"),
             "ent": ent[trained].to("cpu"),
             "old_logprobs": batch.old_logprobs,
+            "advantages": batch.advantages,
+            "tokens": sum(batch.seq_len(i) for i in range(len(batch))),
             "metrics": metrics,
             "grads": grads,
         }

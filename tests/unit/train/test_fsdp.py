@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.unit.train.tiny_model import write_tiny_qwen2
+from tests.unit.train.tiny_model import assert_layouts_agree, write_tiny_qwen2
 from tests.unit.train.worker_launch import Launch
 
 
@@ -66,36 +66,11 @@ def test_dynamic_micro_batches_give_the_same_update(runs: dict[int, dict[str, An
         torch.testing.assert_close(dyn["weights"][name], w, rtol=1e-5, atol=1e-5)
 
 
-EPS32 = torch.finfo(torch.float32).eps
-FP32_TOL = 1e-5
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
-
-
 def test_packed_micro_batches_equal_padded_ones(runs: dict[int, dict[str, Any]]) -> None:
-    """``qkv_format = "thd"`` (documents back to back, block-diagonal attention) vs ``"bshd"`` (right-padded rows).
-
-    The two layouts run the same arithmetic on each token except for the order of float32 sums inside the
-    matmuls and attention (other shapes, other blocking): log-probs and entropies agree to the float32 tolerance,
-    and so do the step's means and its gradients, each a sum over the step's ``train_tokens`` tokens whose order
-    change moves it by at most ``train_tokens * eps32`` relative (the recursive-summation bound).
-    """
-    padded, packed = runs[2]["packing"]["bshd"], runs[2]["packing"]["thd"]
-    assert (padded["packed"], packed["packed"]) == (False, True)
-    assert padded["lp"].numel() == packed["lp"].numel() > 0
-    assert _rel(packed["lp"], padded["lp"]) < FP32_TOL
-    assert _rel(packed["ent"], padded["ent"]) < FP32_TOL
-    assert _rel(torch.cat(packed["old_logprobs"]), torch.cat(padded["old_logprobs"])) < FP32_TOL
-    (mp,), (mq,) = padded["metrics"], packed["metrics"]
-    assert mp["train_tokens"] == mq["train_tokens"]
-    bound = max(FP32_TOL, mp["train_tokens"] * EPS32)
-    for key in ("loss", "entropy", "kl_loss", "grad_norm"):
-        assert abs(mq[key] - mp[key]) <= bound * max(abs(mp[key]), 1.0), (key, mq[key], mp[key])
-    assert sorted(packed["grads"]) == sorted(padded["grads"])
-    for name, g in padded["grads"].items():
-        assert _rel(packed["grads"][name], g) < bound, name
+    """``qkv_format = "thd"`` (sequences back to back, transformers' block-diagonal mask) vs ``"bshd"`` (right-padded
+    rows), two samples per micro-batch on two ranks: log-probs, entropies, the step's metrics and every gradient
+    within the float32 reordering bounds of :func:`assert_layouts_agree`."""
+    assert_layouts_agree(runs[2]["packing"]["bshd"], runs[2]["packing"]["thd"])
 
 
 def test_token_balanced_ranks_give_the_same_update(runs: dict[int, dict[str, Any]]) -> None:

@@ -133,7 +133,12 @@ def scenario_packing(work: str, out: dict[str, Any]) -> None:
             spec = megatron_spec(perf, global_batch_size=8, num_steps_per_rollout=1, micro_batch_size=4, qkv_format=fmt)
             actor: Any = _actor(spec, ctx)
             batch = _prepare(actor, rollout_batch(1))
-            res: dict[str, Any] = {"packed": actor.packed, "old_logprobs": batch.old_logprobs}
+            res: dict[str, Any] = {
+                "packed": actor.packed,
+                "old_logprobs": batch.old_logprobs,
+                "advantages": batch.advantages,
+                "tokens": sum(batch.seq_len(i) for i in range(len(batch))),
+            }
             if layout == "tp2sp":
                 mb = actor._collate(batch, list(range(8)))
 
