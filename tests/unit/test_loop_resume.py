@@ -42,6 +42,7 @@ QUICKSTART = (
     "rollout.n_samples_per_prompt=4",
     "train.global_batch_size=32",
     "train.micro_batch_size=8",
+    'train.qkv_format="thd"',  # packed micro-batches through every fault
     # dynamic sampling: rounds of 32 prompts until 16 groups pass the filter, the surplus aborted
     "rollout.over_sampling_batch_size=32",
     'rollout.dynamic_sampling_filter_path="miles.reward.filters:check_reward_nonzero_std"',
