@@ -182,7 +182,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         spec = load_spec(args.spec, args.overrides)
         preflight(spec, "eval", [*args.skip_checks, "resume"], args.overrides)
-        from miles.launch import evaluate  # imports torch and transformers: the planner commands stay torch-free
+        from miles.launch import evaluate  # deferred: imports torch and transformers; planning stays torch-free
 
         return evaluate.run(spec, args.model, args.out)
     if args.command == "convert":
@@ -197,7 +197,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("status", "cancel"):
         return lifecycle.status(args.run_dir) if args.command == "status" else lifecycle.cancel(args.run_dir, args.now)
     if args.command == "bench":
-        from miles.bench import main as bench_main  # imports torch: the other commands stay torch-free
+        from miles.bench import main as bench_main  # deferred: imports torch; the other commands stay torch-free
 
         return bench_main(args.suite, args.args)
     raise AssertionError(args.command)

@@ -23,6 +23,10 @@ norms, projections, MLP, rotary table) through a forward of its own that
 Finished rows stay in the batch (their extra tokens are discarded) until the
 engine compacts the live rows into a smaller batch bucket.
 
+The buffers themselves, and how a batch is loaded into them and compacted, are
+:mod:`miles.engine.decode_workspace`'s; this module is the forward that runs in
+them, the packed weights and the graphs.
+
 Only Llama-family decoders are run this way (``qwen2``, ``qwen3``, ``llama``,
 ``mistral`` without sliding windows, RoPE without dynamic scaling);
 :meth:`StaticDecoder.unsupported` names why another model is not, and the
@@ -32,13 +36,13 @@ engine then falls back to HF's own forward.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from miles.engine import decode_attention as attention
+from miles.engine.decode_workspace import MEMORY_SHARE, MIN_WINDOW, Workspace, bucket
 from miles.engine.fusion import Fusion, fusable, norm_args, rms_args
 from miles.engine.fusion import rope as fusion_rope
 from miles.engine.sampling import BatchSampling, block_early_stops
@@ -46,60 +50,8 @@ from miles.engine.sampling import BatchSampling, block_early_stops
 FAMILIES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
 """HF ``model_type`` values whose decoder layer is pre-norm attention + gated MLP with RoPE, as run here."""
 
-MIN_WINDOW = 128
-"""Smallest workspace length; workspace lengths are powers of two from here."""
-
-WINDOW_STEP = 64
-"""Attention windows (KV slots read per decode step) are multiples of this up to ``FINE_WINDOWS``, then powers of
-two: a step reads little more than the longest live row, from a few captured graphs."""
-
-FINE_WINDOWS = 512
-
 PACK_SHARE = 0.2
 """Largest share of the GPU's free memory the packed q/k/v and gate/up copies may take."""
-
-MEMORY_SHARE = 0.6
-"""Share of the GPU's free memory a workspace (KV cache, logits, draws) may take; larger batches are split."""
-
-
-def _bucket(n: int, floor: int = 1) -> int:
-    """The power of two >= max(n, floor): shapes come from few buckets, so few graphs are captured."""
-    b = floor
-    while b < n:
-        b *= 2
-    return b
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-@dataclass
-class _Workspace:
-    """The static buffers one batch bucket decodes in (a graph reads and writes only these)."""
-
-    rows: int
-    length: int
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    cos: torch.Tensor
-    sin: torch.Tensor
-    """RoPE's sin with rotate_half's sign folded in: -sin on the first half of each head."""
-    tok: torch.Tensor
-    pos: torch.Tensor
-    step: torch.Tensor
-    logits: torch.Tensor
-    """[rows, vocab]: the next token's logits. float32 and already divided by each row's temperature; fused
-    (``raw``): as the model's lm_head gave them (its dtype, undivided), the sampler converts and divides them on
-    the fly, so no float32 copy of the logits is written each step."""
-    tokens: torch.Tensor
-    logprobs: torch.Tensor
-    slots: torch.Tensor
-    row_ids: torch.Tensor
-    sampling: BatchSampling | None = None
-    raw: bool = False
-    graphs: dict[tuple[Any, ...], torch.cuda.CUDAGraph] = field(default_factory=dict)
 
 
 class StaticDecoder:
@@ -124,7 +76,7 @@ class StaticDecoder:
         self.vocab = int(model.lm_head.out_features)
         self.triton_attention = self.fusion.on and attention.supported(device, self.head_dim, self.group)
         """The fused step's attention: miles' Triton kernel (else SDPA with a length mask)."""
-        self.ws: _Workspace | None = None
+        self.ws: Workspace | None = None
         self._pool: Any = None
         self._weights_key: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
         self.packs: list[list[torch.Tensor | None]] | None = None
@@ -175,39 +127,21 @@ class StaticDecoder:
             return 1 << 30
         held = 0 if self.ws is None else self.ws.rows * self.bytes_per_row(self.ws.length)
         free, _ = torch.cuda.mem_get_info(self.device)
-        rows = int((free + held) * MEMORY_SHARE) // self.bytes_per_row(_bucket(length, MIN_WINDOW))
+        rows = int((free + held) * MEMORY_SHARE) // self.bytes_per_row(bucket(length, MIN_WINDOW))
         return max(1, 1 << (max(rows, 1).bit_length() - 1))  # a power of two: a bucket of its own
 
-    def _workspace(self, rows: int, length: int) -> _Workspace:
+    def _workspace(self, rows: int, length: int) -> Workspace:
         ws = self.ws
         if ws is not None and ws.rows >= rows and ws.length >= length and ws.raw == self.fusion.on:
             return ws
         rows = max(rows, ws.rows if ws is not None else 0)
-        length = _bucket(max(length, ws.length if ws is not None else 0), MIN_WINDOW)
+        length = bucket(max(length, ws.length if ws is not None else 0), MIN_WINDOW)
         self.ws = None
         self._pool = None  # the old workspace's graphs die with it, and their pool with them (see _drop_graphs)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        dev, dtype = self.device, self.model.lm_head.weight.dtype
-        shape = (rows, self.n_kv, length, self.head_dim)
-        probe = torch.zeros((1, 1, 1), device=dev, dtype=dtype)
-        cos, sin = self.model.model.rotary_emb(probe, torch.arange(length, device=dev).unsqueeze(0))
-        self.ws = _Workspace(
-            rows=rows,
-            length=length,
-            k=[torch.zeros(shape, device=dev, dtype=dtype) for _ in range(self.n_layers)],
-            v=[torch.zeros(shape, device=dev, dtype=dtype) for _ in range(self.n_layers)],
-            cos=cos[0].contiguous(),
-            sin=torch.cat([-sin[0, :, : self.head_dim // 2], sin[0, :, self.head_dim // 2 :]], dim=-1),
-            tok=torch.zeros(rows, device=dev, dtype=torch.long),
-            pos=torch.zeros(rows, device=dev, dtype=torch.long),
-            step=torch.zeros(1, device=dev, dtype=torch.long),
-            logits=torch.zeros((rows, self.vocab), device=dev, dtype=dtype if self.fusion.on else torch.float32),
-            tokens=torch.zeros((rows, length), device=dev, dtype=torch.long),
-            logprobs=torch.zeros((rows, length), device=dev, dtype=torch.float32),
-            slots=torch.arange(length, device=dev),
-            raw=self.fusion.on,
-            row_ids=torch.arange(rows, device=dev),
+        self.ws = Workspace.allocate(
+            self.model, self.device, rows, length, self.n_kv, self.head_dim, self.n_layers, self.vocab, self.fusion.on
         )
         return self.ws
 
@@ -449,7 +383,7 @@ class StaticDecoder:
         """Sample token ``step`` of every row from ``logits``, record it, and compute the next logits."""
         ws = self.ws
         assert ws is not None and ws.sampling is not None
-        s = _rows(ws.sampling, b)
+        s = ws.sampling_rows(b)
         logits = ws.logits[:b]
         if s.any_blocked:
             block_early_stops(logits, ws.step, s.min_new, s.blocked)
@@ -478,7 +412,7 @@ class StaticDecoder:
         for t, old in zip((ws.tok, ws.pos, ws.step, ws.logits), saved, strict=True):
             t.copy_(old)
 
-    def _drop_graphs(self, ws: _Workspace) -> None:
+    def _drop_graphs(self, ws: Workspace) -> None:
         """Forget captured graphs, and the memory pool they shared.
 
         Destroying a pool's last graph leaves the pool with no users; capturing
@@ -518,7 +452,7 @@ class StaticDecoder:
         """
         self.refresh()
         n = len(prompts)
-        b = _bucket(n)
+        b = bucket(n)
         ws = self._workspace(b, length)
         self._load_sampling(ws, sampling, n)
         assert ws.sampling is not None
@@ -564,8 +498,7 @@ class StaticDecoder:
         """Decode one token for rows ``:b``; ``max_pos`` bounds the live rows' slots (it picks the window)."""
         ws = self.ws
         assert ws is not None and ws.sampling is not None
-        need = max_pos + 1
-        window = min(ws.length, -(-need // WINDOW_STEP) * WINDOW_STEP if need <= FINE_WINDOWS else _bucket(need))
+        window = ws.window(max_pos + 1)
         s = ws.sampling
         key = (b, window, s.any_sampled, s.needs_sort, s.any_blocked)
         if not self.cuda_graphs:
@@ -581,72 +514,16 @@ class StaticDecoder:
 
     def read(self, b: int, s0: int, s1: int) -> tuple[list[list[int]], list[list[float]]]:
         """Tokens and logprobs of steps ``s0..s1-1`` of rows ``:b`` (one host synchronisation)."""
-        ws = self.ws
-        assert ws is not None
-        return ws.tokens[:b, s0:s1].tolist(), ws.logprobs[:b, s0:s1].tolist()
+        assert self.ws is not None
+        return self.ws.read(b, s0, s1)
 
     def keep(self, b: int, rows: list[int], new_b: int) -> None:
         """Move rows ``rows`` (of ``:b``) to the front, in that order, so rows ``:new_b`` can be decoded alone."""
-        ws = self.ws
-        assert ws is not None and ws.sampling is not None
-        index = torch.tensor(rows, device=self.device)
-        n = len(rows)
-        for t in (*ws.k, *ws.v, ws.tok, ws.pos, ws.logits, ws.tokens, ws.logprobs):
-            t[:n].copy_(t[:b].index_select(0, index))
-        s = ws.sampling
-        for t in (s.temperature, s.greedy, s.top_p, s.top_k, s.min_new, s.blocked, s.draws):
-            t[:n].copy_(t[:b].index_select(0, index))
+        assert self.ws is not None
+        self.ws.keep(b, rows)
 
-    def _load_sampling(self, ws: _Workspace, sampling: BatchSampling, n: int) -> None:
-        """Copy a batch's sampling tensors into the workspace's own (a graph reads those addresses)."""
-        width = sampling.blocked.shape[1]
-        if ws.sampling is None or ws.sampling.blocked.shape[1] < width:
-            dev, rows = self.device, ws.rows
+    def _load_sampling(self, ws: Workspace, sampling: BatchSampling, n: int) -> None:
+        """Copy a batch's sampling tensors into the workspace's own; graphs reading outgrown ones go first."""
+        if not ws.fits_sampling(sampling):
             self._drop_graphs(ws)
-            ws.sampling = BatchSampling(
-                temperature=torch.ones(rows, device=dev),
-                greedy=torch.ones(rows, dtype=torch.bool, device=dev),
-                top_p=torch.ones(rows, device=dev),
-                top_k=torch.ones(rows, dtype=torch.long, device=dev),
-                min_new=torch.zeros(rows, dtype=torch.long, device=dev),
-                blocked=torch.zeros((rows, max(8, width)), dtype=torch.long, device=dev),
-                draws=torch.zeros((rows, ws.length), device=dev),
-                needs_sort=False,
-                any_sampled=False,
-                any_blocked=False,
-            )
-        w = ws.sampling
-        steps = min(ws.length, sampling.draws.shape[1])
-        blocked = sampling.blocked[:, :1].expand(n, w.blocked.shape[1]).clone()
-        blocked[:, :width] = sampling.blocked
-        for t, src, idle in (
-            (w.temperature, sampling.temperature, 1.0),
-            (w.greedy, sampling.greedy, True),
-            (w.top_p, sampling.top_p, 1.0),
-            (w.top_k, sampling.top_k, 1),
-            (w.min_new, sampling.min_new, 0),
-            (w.blocked, blocked, 0),
-        ):
-            t[n:].fill_(idle)
-            t[:n].copy_(src)
-        w.draws.zero_()
-        w.draws[:n, :steps].copy_(sampling.draws[:, :steps])
-        ws.sampling = replace(
-            w, needs_sort=sampling.needs_sort, any_sampled=sampling.any_sampled, any_blocked=sampling.any_blocked
-        )
-
-
-def _rows(s: BatchSampling, b: int) -> BatchSampling:
-    """Views of the first ``b`` rows (views, not copies: a graph must read the workspace's own storage)."""
-    return BatchSampling(
-        s.temperature[:b],
-        s.greedy[:b],
-        s.top_p[:b],
-        s.top_k[:b],
-        s.min_new[:b],
-        s.blocked[:b],
-        s.draws[:b],
-        s.needs_sort,
-        s.any_sampled,
-        s.any_blocked,
-    )
+        ws.load_sampling(sampling, n)

@@ -35,6 +35,9 @@ With ``api_key`` set, every path but /health*, /ready and /metrics needs
 ``Authorization: Bearer <key>`` (SGLang's ``--api-key``); a wrong key gets 401
 ``{"error": "Unauthorized"}``.
 
+This module holds the routes, the request queue and the batcher; ``/generate``'s body is read and its answer
+written by :mod:`miles.engine.generate_body`, and the weight routes are :mod:`miles.engine.weight_endpoints`'s.
+
 Batching: single-prompt requests that arrive within ``batch_wait_ms`` of each
 other are generated as one batch (up to ``max_batch_size``); a batched request
 (a list of prompts) is generated as one batch on its own, so a client that sends
@@ -60,14 +63,12 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import logging
 import os
 import secrets
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,25 +76,12 @@ from typing import Any
 from aiohttp import web
 
 from miles.engine.core import Engine, EngineReleased, GenerationOutput, GenerationRequest
+from miles.engine.generate_body import aborted_in_queue, answer_body, read_generate
 from miles.engine.sampling import SamplingError, SamplingParams
 from miles.engine.weight_endpoints import WeightEndpoints, json_error
 from miles.plan.engine_argv import KEY_ENV
 
 log = logging.getLogger("miles.engine.server")
-
-UNSUPPORTED_GENERATE_KEYS = (
-    "input_embeds",
-    "image_data",
-    "video_data",
-    "audio_data",
-    "lora_path",
-    "custom_logit_processor",
-    "session_params",
-    "token_ids_logprob",
-    "return_hidden_states",
-    "return_routed_experts",
-)
-"""GenerateReqInput fields the embedded engine refuses when set (SGLang accepts them)."""
 
 OPEN_PATHS = ("/health", "/ready", "/metrics")
 """Prefixes SGLang serves without an API key (probes and scrapers carry no secrets)."""
@@ -290,7 +278,7 @@ class EngineServer(WeightEndpoints):
     async def generate(self, request: web.Request) -> web.Response:
         try:
             body = await self._body(request)
-            reqs, batched, rids, want_lp = self._parse_generate(body)
+            reqs, batched, rids, want_lp = read_generate(body, self.engine.encode)
         except (SamplingError, ValueError, TypeError) as e:
             return json_error(str(e))
         arrived = time.perf_counter()
@@ -300,95 +288,10 @@ class EngineServer(WeightEndpoints):
             return json_error(str(e))
         latency = time.perf_counter() - arrived
         bodies = [
-            self._output_body(o, r, rid, lp, latency) for o, r, rid, lp in zip(outs, reqs, rids, want_lp, strict=True)
+            answer_body(o, r, rid, lp, latency, self.weight_version)
+            for o, r, rid, lp in zip(outs, reqs, rids, want_lp, strict=True)
         ]
         return web.json_response(bodies if batched else bodies[0])
-
-    def _parse_generate(self, body: dict[str, Any]) -> tuple[list[GenerationRequest], bool, list[str], list[bool]]:
-        """GenerateReqInput -> engine requests, expanded over batch items and ``n`` (item-major, as SGLang)."""
-        for key in UNSUPPORTED_GENERATE_KEYS:
-            if body.get(key) not in (None, False, [], ""):
-                raise ValueError(f"{key} is not supported by the embedded engine")
-        if body.get("stream"):
-            raise ValueError("stream is not supported by the embedded engine; send stream=false")
-        if body.get("top_logprobs_num") not in (None, 0) and body.get("return_logprob"):
-            raise ValueError("top_logprobs_num > 0 is not supported by the embedded engine")
-        text, input_ids = body.get("text"), body.get("input_ids")
-        if (text is None) == (input_ids is None):
-            raise ValueError("Either text or input_ids should be provided.")
-        if input_ids is not None:
-            batched = bool(input_ids) and isinstance(input_ids[0], list)
-            prompts = [list(map(int, x)) for x in input_ids] if batched else [list(map(int, input_ids))]
-        else:
-            batched = isinstance(text, list)
-            texts: list[Any] = text if isinstance(text, list) else [text]
-            prompts = [self.engine.encode(str(t)) for t in texts]
-        count = len(prompts)
-
-        def per_item(key: str, default: Any) -> list[Any]:
-            value = body.get(key)
-            if value is None:
-                return [default] * count
-            if isinstance(value, list) and key != "sampling_params":
-                if len(value) != count:
-                    raise ValueError(f"{key} has {len(value)} entries for {count} prompts")
-                return value
-            if isinstance(value, list):
-                if len(value) != count:
-                    raise ValueError(f"sampling_params has {len(value)} entries for {count} prompts")
-                return value
-            return [value] * count
-
-        sampling = [SamplingParams.from_json(s) for s in per_item("sampling_params", None)]
-        return_lp = [bool(x) for x in per_item("return_logprob", False)]
-        starts = [int(x) for x in per_item("logprob_start_len", -1)]
-        rid = body.get("rid")
-        base_rids = (
-            rid
-            if isinstance(rid, list)
-            else [(f"{rid}_{i}" if batched and rid else rid) or uuid.uuid4().hex for i in range(count)]
-        )
-        reqs: list[GenerationRequest] = []
-        rids: list[str] = []
-        want: list[bool] = []
-        for i in range(count):
-            p = sampling[i]
-            for j in range(p.n):
-                seed = p.sampling_seed + j if p.sampling_seed is not None and p.n > 1 else p.sampling_seed
-                params = dataclasses.replace(p, sampling_seed=seed, n=1) if p.n > 1 else p
-                reqs.append(GenerationRequest(prompts[i], params, starts[i] if return_lp[i] else -1))
-                rids.append(str(base_rids[i]) if p.n == 1 else f"{base_rids[i]}_{j}")
-                want.append(return_lp[i])
-        return reqs, batched or len(reqs) > 1, rids, want
-
-    def _output_body(
-        self, out: GenerationOutput, req: GenerationRequest, rid: str, want_lp: bool, latency: float
-    ) -> dict[str, Any]:
-        meta: dict[str, Any] = {
-            "id": rid,
-            "finish_reason": out.finish_reason,
-            "prompt_tokens": len(req.input_ids),
-            "weight_version": self.weight_version,
-            "num_retractions": 0,
-        }
-        if want_lp:
-            meta["input_token_logprobs"] = [
-                [lp, tok, None]
-                for lp, tok in zip(out.input_logprobs, req.input_ids[max(req.logprob_start_len, 0) :], strict=False)
-            ]
-            meta["output_token_logprobs"] = [
-                [lp, tok, None] for lp, tok in zip(out.output_logprobs, out.output_ids, strict=True)
-            ]
-            meta["output_token_logprobs_length"] = len(out.output_ids)
-        meta.update(
-            {
-                "reasoning_tokens": 0,
-                "completion_tokens": len(out.output_ids),
-                "cached_tokens": 0,
-                "e2e_latency": latency,
-            }
-        )
-        return {"text": out.text, "output_ids": out.output_ids, "meta_info": meta}
 
     async def _submit(
         self, reqs: list[GenerationRequest], batched: bool, rids: list[str] | None = None
@@ -450,22 +353,7 @@ class EngineServer(WeightEndpoints):
             if rid is None or rid in p.rids:
                 aborted += 1
                 if not p.future.done():
-                    p.future.set_result(
-                        [
-                            GenerationOutput(
-                                [],
-                                [],
-                                {
-                                    "type": "abort",
-                                    "message": "Abort in waiting queue",
-                                    "status_code": None,
-                                    "err_type": None,
-                                },
-                                "",
-                            )
-                            for _ in p.requests
-                        ]
-                    )
+                    p.future.set_result([aborted_in_queue() for _ in p.requests])
             else:
                 kept.append(p)
         self._queue[:] = kept

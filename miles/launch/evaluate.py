@@ -16,11 +16,17 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+from miles.data.dataset import PromptDataset
 from miles.errors import UserError
 from miles.job import rundir
 from miles.job.ports import free_port
 from miles.plan import run_dir_of
+from miles.reward.model import RewardModel
+from miles.rollout.client import BlockingRolloutClient
+from miles.rollout.custom import CustomGeneration
 from miles.sample import Sample
+from miles.session.evaluation import EvalSettings, evaluate, table
+from miles.sglang.launcher import EngineProcess, engine_launch
 from miles.spec.tables import Spec
 
 ENGINE_START_S = 600.0
@@ -32,9 +38,6 @@ class _Engine:
     generate or rollout function, as the loop's engines answer it."""
 
     def __init__(self, url: str, spec: Spec, tokenizer: Any) -> None:
-        from miles.rollout.client import BlockingRolloutClient
-        from miles.rollout.custom import CustomGeneration
-
         self.client = BlockingRolloutClient([url], api_key=None)
         self.rollout = spec.rollout
         self.custom = CustomGeneration.from_spec(spec, tokenizer)
@@ -80,11 +83,6 @@ def run(spec: Spec, model: str | None, out: str | None, stream: IO[str] | None =
     if not spec.eval.eval_prompt_data:
         raise UserError('miles eval needs [eval] eval_prompt_data = { name = "/path/to/eval.jsonl" } in the spec')
     from transformers import AutoTokenizer
-
-    from miles.data.dataset import PromptDataset
-    from miles.reward.model import RewardModel
-    from miles.session.evaluation import EvalSettings, evaluate, table
-    from miles.sglang.launcher import EngineProcess, engine_launch
 
     stream = stream or sys.stdout
     model_dir = model_dir_for(spec, model)

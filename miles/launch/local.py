@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from miles import plan as planning
 from miles.errors import UserError
@@ -51,9 +51,6 @@ from miles.launch.console import Console
 from miles.plan import Plan
 from miles.spec import spec_to_toml
 from miles.spec.tables import Spec
-
-if TYPE_CHECKING:
-    from miles.plan import Plan
 
 _POLL_S = 0.2
 _TERM_GRACE_S = 10.0

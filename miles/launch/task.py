@@ -171,7 +171,7 @@ def run(ctx: TaskContext, args: argparse.Namespace, env: Mapping[str, str]) -> i
         return 0
     _init_trainer_world(ctx, args.timeout)
 
-    from miles.loop import run_trainer  # torch and the training stack: engine ranks never import them
+    from miles.loop import run_trainer  # deferred: torch and the training stack; engine ranks never import them
 
     return int(run_trainer(spec, ctx) or 0)
 

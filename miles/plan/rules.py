@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from miles.errors import UserError
 from miles.plan import ports
 from miles.plan.shape import ModelShape, model_shape
-from miles.spec.rules import SLURM_MEM
+from miles.spec.rules import SLURM_MEM, SLURM_TIME_SYNTAX, slurm_time_seconds
 from miles.spec.tables import Spec
 
 
@@ -39,14 +39,12 @@ class PlanError(UserError):
 # instead of quoting, only a conservative alphabet is allowed.
 _DIRECTIVE_SAFE = re.compile(r"^[A-Za-z0-9._+\-/@:,=~]+$")
 _CONSTRAINT_SAFE = re.compile(r"^[A-Za-z0-9._+\-@:,=~&|()\[\]*!]+$")
-_TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$|^(\d+-\d+)$|^(infinite|UNLIMITED)$")
 
 
 def directive_problem(value: str, *, kind: str = "plain") -> str | None:
     """Why ``value`` cannot go into an ``#SBATCH`` line, or None when it can."""
     if kind == "time":
-        ok = bool(_TIME.match(value))
-        return None if ok else "is not a Slurm time (MM, HH:MM:SS, D-HH:MM:SS, ...)"
+        return None if slurm_time_seconds(value) is not None else f"is not a Slurm time (use {SLURM_TIME_SYNTAX})"
     if kind == "mem":
         return None if SLURM_MEM.match(value) else "is not a Slurm memory size (0, 512G, 2000M, ...)"
     pattern = _CONSTRAINT_SAFE if kind == "constraint" else _DIRECTIVE_SAFE

@@ -39,7 +39,7 @@ def _serve(conn: Connection) -> None:
     when the parent's end of the pipe goes away.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import miles.reward.answers as answers  # sympy and math-verify: loaded in the worker process only
+    import miles.reward.answers as answers  # deferred: sympy and math-verify, loaded in the worker process only
 
     answers.math_equal("1/2", "0.5")  # import math-verify and sympy now, not inside the first timed call
     conn.send(("ready", None))

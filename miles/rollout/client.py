@@ -42,7 +42,7 @@ import asyncio
 import hashlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -252,6 +252,12 @@ class RolloutClient:
                 self.retries += 1
                 await asyncio.sleep(self.backoff_s * (2**attempt) * (0.5 + random.random()))
         raise RolloutError(f"{path} failed after {self.max_retries + 1} tries: " + " | ".join(errors[-3:]))
+
+    def end_sessions(self, sessions: Iterable[str]) -> None:
+        """Forget the engines of finished conversations: a client that lives for many rollouts holds only the
+        sessions still going (a resumed or repeated conversation picks its engine afresh)."""
+        for session in sessions:
+            self.sessions.pop(session, None)
 
     def _sticky(self, session: str | None, avoid: set[str]) -> _Engine | None:
         url = self.sessions.get(session) if session is not None else None

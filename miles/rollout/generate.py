@@ -129,6 +129,12 @@ def check_sample(sample: Sample, where: str) -> None:
         )
 
 
+def _end_sessions(state: GenerateState, sessions: list[str]) -> None:
+    """The conversations are over: the client stops tracking their engines (it may serve many rollouts)."""
+    if state.client is not None:
+        state.client.end_sessions(sessions)
+
+
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
@@ -143,7 +149,10 @@ async def generate_samples(
         seed = sample_seed(cfg.rollout_seed, state.rollout_id, i)
         params = sampling_params(cfg, seed, **state.overrides)
         session = conversation_key(state.rollout_id, i, state.evaluation)
-        out = await _maybe_await(fn(GenerateFnInput(state, sample, params, state.evaluation, session)))
+        try:
+            out = await _maybe_await(fn(GenerateFnInput(state, sample, params, state.evaluation, session)))
+        finally:
+            _end_sessions(state, [session])
         got = out.samples if isinstance(out, GenerateFnOutput) else out
         got = got if isinstance(got, list) else [got]
         if len(got) != 1 or not isinstance(got[0], Sample):
@@ -162,7 +171,10 @@ async def rollout_samples(
 ) -> list[Sample]:
     """The rollout through rollout function ``fn``: groups in, groups of the same sizes out, flattened."""
     groups = split_groups(samples)
-    out = await _maybe_await(fn(RolloutFnInput(state, groups, state.evaluation)))
+    try:
+        out = await _maybe_await(fn(RolloutFnInput(state, groups, state.evaluation)))
+    finally:
+        _end_sessions(state, [conversation_key(state.rollout_id, i, state.evaluation) for i in range(len(samples))])
     got = out.samples if isinstance(out, RolloutFnOutput) else out
     sizes = [len(g) for g in groups]
     if not isinstance(got, list) or [len(g) for g in got] != sizes:

@@ -49,13 +49,20 @@ SLURM_MEM = re.compile(r"^[0-9]+[KMGT]?$")
 _DATA_SUFFIXES = (".jsonl", ".parquet")
 
 
+SLURM_TIME_SYNTAX = '"HH:MM:SS", "D-HH:MM:SS", minutes, or "UNLIMITED" for no limit'
+"""How a Slurm time limit is written, for the messages that refuse one (the spec's and the planner's)."""
+
+
 def slurm_time_seconds(text: str) -> int | None:
     """Seconds of a Slurm time limit (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``); -1 for unlimited; None if
     invalid.
+
+    The one statement of Slurm's time syntax in miles: the field rule below and the planner's check of the
+    ``#SBATCH --time`` line both read it. Like Slurm, ``UNLIMITED`` and ``INFINITE`` in any case mean no limit.
     """
     if text.upper() in ("UNLIMITED", "INFINITE"):
         return -1
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text, re.ASCII)
     if not m:
         return None
     days, a, b, c = m.groups()
@@ -359,7 +366,7 @@ def _cluster_and_slurm(spec: Spec, report: Report) -> None:
         report(
             "slurm",
             "time",
-            f'{sl.time!r} is not a Slurm time: use "HH:MM:SS", "D-HH:MM:SS" or minutes, e.g. "04:00:00"',
+            f'{sl.time!r} is not a Slurm time: use {SLURM_TIME_SYNTAX}, e.g. "04:00:00"',
         )
     elif 0 <= seconds <= sl.signal_lead_time:
         report(

@@ -193,7 +193,9 @@ class SlurmConfig:
     """Quality of service (``--qos``)."""
 
     time: str = "04:00:00"
-    """Time limit in Slurm's syntax (``--time``), e.g. ``1-00:00:00``."""
+    """Time limit in Slurm's syntax (``--time``), e.g. ``1-00:00:00``; ``UNLIMITED`` asks for none where the
+    partition allows it (then no save signal comes before a limit; preemption's TERM still saves).
+    """
 
     constraint: str = ""
     """Node feature constraint (``--constraint``)."""

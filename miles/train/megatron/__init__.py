@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from miles.train.actor import ActorConfig, TrainerContext
-    from miles.train.megatron.actor import MegatronActor  # megatron-core: imported only when this backend runs
+    from miles.train.megatron.actor import MegatronActor
 
 
 def build_megatron_actor(cfg: ActorConfig, ctx: TrainerContext) -> MegatronActor:
     """Build the Megatron actor on this trainer rank, on the planner's ``ctx.mesh`` (collective over all trainer
     ranks).
     """
-    from miles.train.megatron.actor import MegatronActor
+    from miles.train.megatron.actor import MegatronActor  # deferred: imports megatron-core, only when this backend runs
 
     return MegatronActor(cfg, ctx)
 

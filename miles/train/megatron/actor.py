@@ -223,7 +223,7 @@ class MegatronActor:
         def forward_step(data_iterator: Iterator[MicroBatch], model: Any) -> tuple[torch.Tensor, Any]:
             mb = next(data_iterator)
             if mb.packed:
-                from miles.train.megatron.attention import document_params  # megatron-core: imported when used
+                from miles.train.megatron.attention import document_params  # deferred: imports megatron-core
 
                 assert mb.seq_lens is not None and mb.position_ids is not None
                 params = document_params(mb.seq_lens, self.device)

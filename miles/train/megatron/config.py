@@ -29,6 +29,7 @@ import torch
 from miles.errors import UserError
 from miles.model.architectures import MEGATRON_FAMILIES
 from miles.spec.tables import OptimizerConfig, PerfConfig
+from miles.train.megatron.norm import RMSNorm
 
 if TYPE_CHECKING:
     from miles.plan.model import TrainerMesh
@@ -309,13 +310,11 @@ def layer_spec(arch: HFArch, use_te: bool, attention_backend: str = "unfused", f
     )
     attn = spec.submodules.self_attention
     if LOCAL_ATTENTION[attention_backend] == "sdpa":
-        from miles.train.megatron.attention import SdpaAttention  # imports megatron-core: only when chosen
+        from miles.train.megatron.attention import SdpaAttention  # deferred: imports megatron-core, only when chosen
 
         attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=SdpaAttention))
     layer = {"self_attention": attn}
     if fused_kernels:
-        from miles.train.megatron.norm import RMSNorm  # only with fused kernels
-
         qk = {"q_layernorm": RMSNorm, "k_layernorm": RMSNorm} if arch.qk_norm else {}
         layer = {
             "self_attention": dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, **qk)),

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from miles.errors import UserError
-from miles.plan import PlanError, make_plan
+from miles.plan import PlanError, make_plan, render_script
+from miles.plan.rules import directive_problem
+from miles.spec.rules import slurm_time_seconds
 from miles.spec.tables import Spec
 from tests.unit.plan.plan_specs import cpu_spec, spec
 
@@ -358,6 +360,40 @@ def test_directive_values_are_refused_not_quoted(field: str, table: str, key: st
 
 def test_slurm_time_format() -> None:
     refused(spec(slurm={"time": "4 hours"}), "slurm.time", "not a Slurm time")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "30",
+        "30:00",
+        "04:00:00",
+        "1-00",
+        "1-00:00",
+        "1-00:00:00",
+        "INFINITE",
+        "UNLIMITED",
+        "infinite",
+        "Unlimited",
+        "4 hours",
+        "",
+        "1:2:3:4",
+        "-1",
+        "1-",
+        "04:00:00\n",
+        "INFINITE!",
+    ],
+)
+def test_slurm_time_rule_is_the_spec_s(value: str) -> None:
+    # The planner's #SBATCH --time check accepts exactly what the spec's field rule accepts: one statement of the
+    # syntax (miles.spec.rules.slurm_time_seconds), so a spec that `miles validate` passes also plans.
+    assert (directive_problem(value, kind="time") is None) == (slurm_time_seconds(value) is not None)
+
+
+@pytest.mark.parametrize("value", ["INFINITE", "unlimited"])
+def test_unlimited_time_plans(value: str) -> None:
+    s = spec(slurm={"time": value})
+    assert f"#SBATCH --time={value}" in render_script(s, make_plan(s)).splitlines()
 
 
 def test_mem_format() -> None:

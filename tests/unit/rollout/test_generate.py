@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from miles.rollout.client import conversation_key, group_key
+import pytest
+
+from miles.rollout.client import RolloutClient, conversation_key, group_key
 from miles.rollout.generate import (
     GenerateFnInput,
     GenerateFnOutput,
@@ -59,3 +61,45 @@ def test_a_rollout_function_gets_the_same_sessions() -> None:
 
 def test_a_prompts_samples_share_one_key_apart_from_conversations() -> None:
     assert group_key(2, 5) == "r2-g5" != conversation_key(2, 5)
+
+
+def _client() -> RolloutClient:
+    return RolloutClient(["http://127.0.0.1:9"])
+
+
+def test_finished_conversations_leave_the_clients_session_table() -> None:
+    """A client serves many rollouts: it keeps the engine of a conversation only while the conversation runs."""
+    client = _client()
+    state = GenerateState(client, None, RolloutConfig(), 5, 0, False)  # type: ignore[arg-type]
+    during: list[int] = []
+
+    def turn(input: GenerateFnInput) -> GenerateFnOutput:
+        assert input.session is not None
+        client.sessions[input.session] = "http://127.0.0.1:9"  # what a turn sent through the client records
+        during.append(len(client.sessions))
+        return GenerateFnOutput(samples=input.sample)
+
+    asyncio.run(generate_samples(turn, "turn", _samples(4), state))
+    assert max(during) >= 1 and client.sessions == {}
+
+    def batch(input: RolloutFnInput) -> RolloutFnOutput:
+        for i in range(sum(len(g) for g in input.groups)):
+            client.sessions[input.session(i)] = "http://127.0.0.1:9"
+        return RolloutFnOutput(samples=input.groups)
+
+    asyncio.run(rollout_samples(batch, "batch", _samples(4), state))
+    assert client.sessions == {}
+
+
+def test_a_failed_conversation_leaves_the_session_table_too() -> None:
+    client = _client()
+    state = GenerateState(client, None, RolloutConfig(), 1, 0, False)  # type: ignore[arg-type]
+
+    def broken(input: GenerateFnInput) -> GenerateFnOutput:
+        assert input.session is not None
+        client.sessions[input.session] = "http://127.0.0.1:9"
+        raise RuntimeError("tool crashed")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(generate_samples(broken, "broken", _samples(2), state))
+    assert client.sessions == {}

@@ -233,3 +233,10 @@ def test_all_problems_are_reported_together(specs: SpecFiles) -> None:
     assert (
         "rollout_top_k" in message and "group_rm" in message and "is not divisible by global_batch_size (3)" in message
     )
+
+
+@pytest.mark.parametrize("value", ["INFINITE", "UNLIMITED", "unlimited"])
+def test_unlimited_time_is_slurm_s_no_limit(specs: SpecFiles, value: str) -> None:
+    # Slurm reads UNLIMITED and INFINITE (any case) as no time limit; no limit has no save signal to come too late.
+    path, _ = specs.write({"slurm": {"time": value, "signal_lead_time": 600}})
+    assert load_spec(path).slurm.time == value
