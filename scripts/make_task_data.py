@@ -8,6 +8,10 @@ majority-digit-eval.jsonl: 256 more prompts of the same task, none of them in
 majority-digit.jsonl: the held-back evaluation set of configs/quickstart-eval.toml.
 arith.jsonl: small integer addition and subtraction in chat form for a
 pretrained model (SmolLM2), answered in \\boxed{} and scored by the `math` reward.
+tool-calc-chat.jsonl: 3-digit products for a pretrained chat model with a calculator
+tool (configs/smollm2-tool-calc-gpu.toml), in ChatML with Hermes tool calls: a system
+message that describes the call, one worked example (call, the tool's answer in a
+user turn as miles' multi-turn rollout sends it, the boxed result), then the question.
 
 Usage: python scripts/make_task_data.py   (deterministic; rewrites both files)
 """
@@ -52,6 +56,38 @@ def arith(n: int = 2000) -> list[dict[str, object]]:
     return rows
 
 
+CALC_SYSTEM = (
+    "You can use a calculator. To call it, write exactly\n<tool_call>\n"
+    '{"name": "calculator", "arguments": {"expression": "123 * 456"}}\n</tool_call>\n'
+    "and wait for its answer in <tool_response>. Then reply with the result in the form \\boxed{result}."
+)
+
+
+def tool_calc_chat(n: int = 2000) -> list[dict[str, object]]:
+    # SmolLM2-135M-Instruct writes a well-formed call with the right numbers in about 1 sample
+    # in 6 at temperature 0.7 after the worked example (about 1 in 250 without it).
+    example = [
+        {"role": "user", "content": "Compute 123 * 456."},
+        {
+            "role": "assistant",
+            "content": '<tool_call>\n{"name": "calculator", "arguments": {"expression": "123 * 456"}}\n</tool_call>',
+        },
+        {"role": "user", "content": "<tool_response>\n56088\n</tool_response>"},
+        {"role": "assistant", "content": "\\boxed{56088}"},
+    ]
+    rng = random.Random(3)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        messages = [
+            {"role": "system", "content": CALC_SYSTEM},
+            *example,
+            {"role": "user", "content": f"Compute {a} * {b}."},
+        ]
+        rows.append({"messages": messages, "label": str(a * b)})
+    return rows
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     train = majority_digit()
@@ -60,6 +96,7 @@ def main() -> None:
         ("majority-digit.jsonl", train),
         ("majority-digit-eval.jsonl", held_back),
         ("arith.jsonl", arith()),
+        ("tool-calc-chat.jsonl", tool_calc_chat()),
     ):
         (OUT / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"wrote {OUT / name} ({len(rows)} rows)")
