@@ -8,6 +8,11 @@ and the rollout's total). Overhead is what no phase accounts for:
 collectives that agree on a stop); the target is at most 3% of the total.
 ``--from-run DIR`` reads an existing run directory instead of running.
 
+``--compare-async`` runs the spec synchronously and ``--async-spec`` (default: the
+same spec) with ``run.train_async = true``, and reports of each the trained
+samples per second and the reward (final rollout, mean of the last ``--last``,
+peak), so that the speed-up is read next to what it does to learning.
+
 The first rollout carries one-time costs (allocator, kernel selection, the
 engines' first batches), so it is shown but left out of the means by default
 (``--skip 1``).
@@ -53,8 +58,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare-async",
         action="store_true",
-        help="run the spec twice, synchronous and with run.train_async = true, and report samples/s of each and "
-        "the async speed-up",
+        help="run the spec synchronously (run.train_async = false) and one step off (run.train_async = true), and "
+        "report samples/s and reward of each and the async speed-up",
+    )
+    p.add_argument(
+        "--async-spec",
+        default=None,
+        help="with --compare-async: the spec of the async run (default: the same spec), e.g. "
+        "configs/quickstart-async.toml",
+    )
+    p.add_argument(
+        "--last",
+        type=int,
+        default=5,
+        help="with --compare-async: the reward is reported for the final rollout and as the mean of the last N "
+        "(default 5)",
     )
     return p
 
@@ -68,15 +86,36 @@ def samples_per_s(run_dir: Path, skip: int) -> float:
     return sum(counts[r["rollout_id"]] for r in kept) / seconds if seconds > 0 else 0.0
 
 
+def rewards(run_dir: Path, last: int) -> dict[str, float]:
+    """The run's reward (``rollout/reward_mean``): of its final rollout, the mean of its last ``last``, and its peak.
+
+    One rollout's reward is a noisy figure (a few dozen prompts); the mean of the last few says where the run ended
+    up with less noise, so both are reported.
+    """
+    by_id = {r["rollout_id"]: float(r["rollout/reward_mean"]) for r in read_perf(run_dir / "metrics.jsonl")}
+    curve = [by_id[k] for k in sorted(by_id)]
+    if not curve:
+        raise UserError(f"{run_dir / 'metrics.jsonl'} has no rollouts")
+    tail = curve[-last:] if last > 0 else curve[-1:]
+    return {
+        "reward_final": curve[-1],
+        f"reward_last{max(last, 1)}_mean": sum(tail) / len(tail),
+        "reward_max": max(curve),
+    }
+
+
 def compare_async(a: argparse.Namespace, root: Path) -> dict[str, float]:
-    """The same spec run synchronously and one step off (``run.train_async``): samples/s of each, and the ratio."""
-    base = list(a.overrides)
+    """The spec run synchronously, and ``--async-spec`` (default: the same spec) one step off (``run.train_async``):
+    samples/s and reward of each, and the ratio of the speeds."""
+    base, spec = list(a.overrides), a.spec
     out: dict[str, float] = {}
-    for name, extra in (("sync", ["run.train_async=false"]), ("async", ["run.train_async=true"])):
-        a.overrides = base + extra
+    runs = (("sync", a.spec, ["run.train_async=false"]), ("async", a.async_spec or a.spec, ["run.train_async=true"]))
+    for name, run_as, extra in runs:
+        a.spec, a.overrides = run_as, base + extra
         run_spec(a, root / name)
         out[f"{name}_samples_per_s"] = samples_per_s(root / name, a.skip)
-    a.overrides = base
+        out.update({f"{name}_{k}": v for k, v in rewards(root / name, a.last).items()})
+    a.spec, a.overrides = spec, base
     out["async_speedup"] = out["async_samples_per_s"] / out["sync_samples_per_s"] if out["sync_samples_per_s"] else 0.0
     return out
 
@@ -178,21 +217,43 @@ def main(argv: list[str]) -> int:
     a = parser().parse_args(argv)
     if a.rollouts < 1:
         raise UserError(f"--rollouts must be >= 1, got {a.rollouts}")
+    if a.async_spec and not a.compare_async:
+        raise UserError("--async-spec names the async run of --compare-async; add --compare-async")
     tmp: Path | None = None
     wall: float | None = None
     try:
         if a.compare_async:
             if a.from_run:
                 raise UserError("--compare-async runs the spec itself; drop --from-run")
+            for path in (a.spec, a.async_spec):
+                if path and not Path(path).exists():
+                    raise UserError(f"spec {path} does not exist")
             root = Path(a.run_dir) if a.run_dir else Path(tempfile.mkdtemp(prefix="miles-bench-loop-"))
             tmp = None if a.run_dir else root
             speed = compare_async(a, root)
-            report = Report("loop", settings={"spec": a.spec, "rollouts": a.rollouts, "overrides": a.overrides})
+            report = Report(
+                "loop",
+                settings={
+                    "spec": a.spec,
+                    "async_spec": a.async_spec or a.spec,
+                    "rollouts": a.rollouts,
+                    "overrides": a.overrides,
+                },
+            )
             report.machine = machine("cpu")
-            report.summary = {**speed, "skip": a.skip}
+            report.rows = [
+                {"run": name, "spec": path}
+                | {k.removeprefix(f"{name}_"): v for k, v in speed.items() if k.startswith(f"{name}_")}
+                for name, path in (("sync", a.spec), ("async", a.async_spec or a.spec))
+            ]
+            report.summary = {**speed, "skip": a.skip, "last": a.last}
             report.notes.append(
                 "samples/s = trained samples / loop seconds (time/total) over the rollouts after --skip; async "
                 "generates rollout N+1 while rollout N trains (docs/rollout-modes.md)"
+            )
+            report.notes.append(
+                f"reward = rollout/reward_mean of the final rollout, the mean of the last {a.last} and the peak; "
+                "one rollout's reward is noisy, the mean of the last few less so"
             )
             report.print()
             if a.json_out:

@@ -447,6 +447,13 @@ class GrpoConfig:
     tis_clip: float = field(default=2.0, metadata={"gt": 0.0})
     """Upper bound of the TIS weight (Miles ``--tis-clip``)."""
 
+    use_rollout_logprobs: bool = False
+    """Take the engine's log-probs as the old policy's (Miles ``--use-rollout-logprobs``): the PPO ratio, and the
+    KL of ``kl_coef``, are then against the policy that generated the rollout, so the clip bounds how far training
+    moves from it. With ``[run] train_async`` that policy is one update behind the actor; the default (the actor's
+    own log-probs) leaves the ratio at 1 with one step per rollout. The TIS weight ``exp(old - rollout)`` is then 1.
+    """
+
     ref_update_interval: int | None = field(default=None, metadata={"gt": 0})
     """Copy the actor into the reference every N rollouts (Miles ``--ref-update-interval``); unset keeps it frozen."""
 

@@ -221,12 +221,17 @@ def prepare_batch(actor: Actor, samples: Sequence[Sample], cfg: ActorConfig) -> 
     KL penalty; the reference log-probs for a KL loss or KL reward; then the
     advantages of ``[grpo] advantage_estimator``. With one step per rollout the
     old log-probs are left ``None``: the loss then uses the detached current
-    log-probs, saving one forward pass per rollout.
+    log-probs, saving one forward pass per rollout. ``[grpo] use_rollout_logprobs``
+    takes the engine's log-probs as the old ones instead (no forward pass).
     """
 
     batch = RolloutBatch.from_samples(samples)
     grpo = cfg.grpo
-    if cfg.steps_per_rollout > 1 or grpo.kl_coef > 0:
+    if grpo.use_rollout_logprobs:  # the policy that generated the rollout is the old one (one update behind, async)
+        if batch.rollout_logprobs is None:
+            raise ValueError("[grpo] use_rollout_logprobs needs the engine's log-probs in every sample")
+        batch.old_logprobs = [lp.clone() for lp in batch.rollout_logprobs]
+    elif cfg.steps_per_rollout > 1 or grpo.kl_coef > 0:
         batch.old_logprobs = actor.compute_logprobs(batch)
     if needs_reference(grpo):
         batch.ref_logprobs = actor.compute_logprobs(batch, model="ref")

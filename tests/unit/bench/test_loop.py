@@ -77,3 +77,47 @@ def test_loop_runs_the_quickstart(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert row["overhead"] > -1e-6 and row["overhead_share"] < 1
     assert positive_finite(report["summary"]["process_wall_s"])
     assert (tmp_path / "run" / "perf.jsonl").exists()
+
+
+def test_compare_async_reports_speed_and_reward_of_each_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import miles.bench.loop as loop
+
+    async_spec = tmp_path / "async.toml"
+    async_spec.write_text("")
+    ran: list[tuple[str, list[str]]] = []
+    curves = {"sync": [0.1, 0.5, 0.8, 0.9, 0.85, 0.8, 0.9], "async": [0.1, 0.4, 0.9, 0.7, 0.75, 0.8, 0.6]}
+
+    def fake_run(a: object, run_dir: Path) -> float:  # what `miles run` leaves in the run dir
+        ran.append((a.spec, list(a.overrides)))  # type: ignore[attr-defined]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(run_dir, 0, tensorboard=False, plot=False)
+        seconds = 2.0 if run_dir.name == "sync" else 1.0
+        for i, reward in enumerate(curves[run_dir.name]):
+            log.log(i, {"rollout/reward_mean": reward, "rollout/samples": 8}, {"time/total": seconds})
+        return 0.0
+
+    monkeypatch.setattr(loop, "run_spec", fake_run)
+    out = tmp_path / "loop.json"
+    argv = ["configs/quickstart.toml", "--compare-async", "--async-spec", str(async_spec), "--run-dir"]
+    monkeypatch.chdir(ROOT)
+    assert main("loop", [*argv, str(tmp_path / "runs"), "--set", "run.seed=7", "--json", str(out)]) == 0
+    # sync: the spec as it is; async: --async-spec with train_async on; the user's overrides go to both
+    assert ran == [
+        ("configs/quickstart.toml", ["run.seed=7", "run.train_async=false"]),
+        (str(async_spec), ["run.seed=7", "run.train_async=true"]),
+    ]
+    report = load_report(out, "loop")
+    s = report["summary"]
+    assert s["sync_samples_per_s"] == pytest.approx(4.0) and s["async_samples_per_s"] == pytest.approx(8.0)
+    assert s["async_speedup"] == pytest.approx(2.0)
+    assert s["sync_reward_final"] == pytest.approx(0.9) and s["async_reward_final"] == pytest.approx(0.6)
+    assert s["sync_reward_last5_mean"] == pytest.approx((0.8 + 0.9 + 0.85 + 0.8 + 0.9) / 5)
+    assert s["async_reward_last5_mean"] == pytest.approx((0.9 + 0.7 + 0.75 + 0.8 + 0.6) / 5)
+    assert s["async_reward_max"] == pytest.approx(0.9)
+    assert [r["run"] for r in report["rows"]] == ["sync", "async"]
+    assert report["rows"][1]["spec"] == str(async_spec) and report["rows"][1]["reward_final"] == pytest.approx(0.6)
+
+
+def test_async_spec_without_compare_async_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--compare-async"):
+        main("loop", ["--from-run", str(tmp_path), "--async-spec", "configs/quickstart.toml"])

@@ -142,6 +142,33 @@ def _advantages(spec: Spec) -> list[list[float]]:
     return [a.tolist() for a in compute_advantages(spec.grpo, inputs)]
 
 
+def _old_logprobs(spec: Spec) -> list[list[float]] | None:
+    """The old log-probs that :func:`miles.train.actor.prepare_batch` gives the loss (the actor's or the engine's)."""
+    from miles.sample import Sample
+    from miles.train.actor import ActorConfig, prepare_batch
+
+    class Actor:
+        def compute_logprobs(self, batch: Any, *, model: str = "actor") -> list[torch.Tensor]:
+            return [torch.full((n,), -1.0) for n in batch.response_lens]
+
+    samples = [
+        Sample(
+            group_index=i // 2,
+            prompt_index=i // 2,
+            prompt="p",
+            prompt_text="p",
+            prompt_ids=[1, 2],
+            response_ids=[3, 4],
+            response_logprobs=[-0.5, -0.25],
+            reward=float(i % 2),
+        )
+        for i in range(4)
+    ]
+    spec = _set(spec, {"train.global_batch_size": 2, "train.num_steps_per_rollout": 2})
+    batch = prepare_batch(Actor(), samples, ActorConfig.from_spec(spec))  # type: ignore[arg-type]
+    return None if batch.old_logprobs is None else [lp.tolist() for lp in batch.old_logprobs]
+
+
 def _optimizer(spec: Spec) -> tuple[Any, ...]:
     from miles.train.megatron.config import megatron_optimizer_config
 
@@ -481,6 +508,7 @@ GROUPS: dict[str, tuple[Callable[[], Spec], str, dict[str, Change]]] = {
             "grpo.tis_clip": (3.0, {"grpo.use_tis": True}),
         },
     ),
+    "old log-probs": (_base, "_old_logprobs", {"grpo.use_rollout_logprobs": (True, {})}),
     "advantages": (
         _base,
         "_advantages",
