@@ -60,7 +60,7 @@ class RolloutStart:
     pending: Generated | None = None
     """The rollout generated ahead that this rollout trains on (async), restored with the cursor after it."""
     buffer: dict[str, Any] | None = None
-    """The partial-rollout buffer (driver, ``partial_rollout``): what this rollout continues, restored with the cursor."""
+    """The partial-rollout buffer (driver, ``partial_rollout``): what this rollout continues, with the cursor."""
 
 
 def capture(parts: Components, pending: Generated | None = None) -> RolloutStart:

@@ -24,7 +24,6 @@ from miles.plan.engine_argv import rollout_offload, train_offload
 from miles.reward.filters import load_filter
 from miles.reward.model import RewardModel
 from miles.rollout.custom import CustomGeneration
-from miles.rollout.partial import PartialBuffer
 from miles.rollout.fleet import (
     EngineFleet,
     FleetConfig,
@@ -34,6 +33,7 @@ from miles.rollout.fleet import (
     trainer_group,
     weight_sync_kind,
 )
+from miles.rollout.partial import PartialBuffer
 from miles.spec.tables import Spec
 from miles.train.actor import Actor, ActorConfig, TrainerContext
 from miles.train.backends import build_actor
