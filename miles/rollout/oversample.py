@@ -172,7 +172,9 @@ async def fill(
         groups = carried + [fresh[g * n : (g + 1) * n] for g in range(len(prompts))]
         counts.groups_sampled += len(groups)
         if stats_partial is not None:
-            stats_partial.samples_continued += sum(partial.is_unfinished(s) for g in carried for s in g)
+            stats_partial.samples_continued += sum(
+                partial.is_unfinished(s) and bool(s.response_ids) for g in carried for s in g
+            )
         carried = []
         samples = [s for g in groups for s in g]
         before = [len(s.response_ids) if partial.is_unfinished(s) else 0 for s in samples]

@@ -69,9 +69,13 @@ PARTIAL = (
     # the surplus of each rollout carried over and continued first in the next, only its on-policy tail trained
     "rollout.partial_rollout=true",
     "rollout.mask_offpolicy_in_partial_rollout=true",
+    # responses of up to 6 tokens, scored by length (the filter keeps the groups of unequal lengths)
+    "rollout.rollout_max_response_len=6",
+    'rollout.rm_type=""',
+    f'rollout.custom_rm_path="{ROOT}/tests/unit/spec/key_effect_rewards.py:score"',
 )
-PARTIAL_ENV = {CUT_ENV: "3"}
-"""The test setting that makes a partial rollout a function of the seeds: the surplus cut at 3 tokens, not aborted."""
+PARTIAL_ENV = {CUT_ENV: "2"}
+"""The test setting that makes a partial rollout a function of the seeds: the surplus cut at 2 tokens, not aborted."""
 
 
 def _miles_run(

@@ -159,7 +159,9 @@ def test_aborted_surplus_is_kept_and_taken_first_next_rollout(srv: ServerThread)
     assert all(s.finish_reason in ("abort", "stop", "length") for g in buffer.groups for s in g)
     assert not srv.server._queue and not srv.server._running
 
+    continued = sum(s.finish_reason == "abort" and bool(s.response_ids) for g in buffer.groups[:8] for s in g)
     second = run(srv, c, buffer, cursor, rollout_id=2, version=1, chunk=2)
+    assert second.partial is not None and second.partial.samples_continued == continued
     # the eight carried groups open the round, two new prompts (10, 11) fill it; groups 2 and 3 are kept
     assert [s.prompt_index for s in second.samples] == [2, 2, 3, 3]
     assert second.counts.prompts_used == 2 and cursor.offset == 12
