@@ -16,10 +16,11 @@ import torch
 
 from miles.data.dataset import Prompt
 from miles.engine.core import Engine
+from miles.errors import UserError
 from miles.reward.model import RewardModel
 from miles.rollout.client import RolloutClient
 from miles.rollout.oversample import FilledRollout, fill
-from miles.rollout.partial import CUT_ENV, PartialBuffer
+from miles.rollout.partial import CUT_ENV, PartialBuffer, cut, cut_tokens
 from miles.sample import Sample
 from miles.spec.tables import RolloutConfig
 from tests.unit.engine.server_harness import ServerThread
@@ -178,3 +179,24 @@ def test_the_buffer_round_trips_through_its_state() -> None:
     again = PartialBuffer()
     again.load_state_dict(buffer.state_dict())
     assert again.groups == buffer.groups and again.take(5) == [[s]] and again.groups == []
+
+
+def test_the_cut_setting_is_a_token_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CUT_ENV, raising=False)
+    assert cut_tokens() is None
+    monkeypatch.setenv(CUT_ENV, "4")
+    assert cut_tokens() == 4
+    monkeypatch.setenv(CUT_ENV, "four")
+    with pytest.raises(UserError, match=f"{CUT_ENV}='four' must be a token count"):
+        cut_tokens()
+
+
+def test_a_cut_keeps_the_first_tokens_and_their_version_ranges() -> None:
+    s = Sample(0, 0, "", "", [1], response_ids=[5, 6, 7, 8], response_logprobs=[-1.0, -2.0, -3.0, -4.0])
+    s.version_spans, s.loss_mask, s.finish_reason = [[0, 2, 0], [2, 4, 1]], [0, 0, 1, 1], "stop"
+    cut(s, 3, decode=lambda ids: "".join(map(str, ids)))
+    assert (s.response_ids, s.response_logprobs, s.loss_mask) == ([5, 6, 7], [-1.0, -2.0, -3.0], [0, 0, 1])
+    assert s.version_spans == [[0, 2, 0], [2, 3, 1]] and s.token_versions() == [0, 0, 1]
+    assert (s.response_text, s.finish_reason) == ("567", "abort")
+    cut(s, 5, decode=None)  # nothing past its length: left as it is
+    assert s.response_ids == [5, 6, 7]
