@@ -319,6 +319,9 @@ class RolloutClient:
         rids = [f"{rid_prefix}-{i}" for i in positions] if rid_prefix is not None else None
         size = self.chunk_size if self.batched else 1
         prefixes = [_Prefix.of(s) if continue_partial else _Prefix() for s in samples]
+        for s, prefix in zip(samples, prefixes, strict=True):
+            if prefix.ids and len(prefix.ids) >= cfg.rollout_max_response_len:
+                s.finish_reason = "length"  # stopped at its last token: nothing is left to generate
         todo = [i for i, s in enumerate(samples) if not (continue_partial and s.finish_reason in ("stop", "length"))]
         chunks = [todo[s : s + size] for s in range(0, len(todo), size)]
         await asyncio.gather(
@@ -359,7 +362,7 @@ class RolloutClient:
         def params(i: int) -> dict[str, Any]:
             if not prefixes[i].ids:
                 return sampling_params(cfg, seeds[i], **overrides)
-            left = max(cfg.rollout_max_response_len - len(prefixes[i].ids), 0)
+            left = cfg.rollout_max_response_len - len(prefixes[i].ids)
             return sampling_params(cfg, seeds[i], **{**overrides, "max_new_tokens": left})
 
         for attempt in range(self.max_retries + 1):

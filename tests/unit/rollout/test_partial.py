@@ -200,3 +200,16 @@ def test_a_cut_keeps_the_first_tokens_and_their_version_ranges() -> None:
     assert (s.response_text, s.finish_reason) == ("567", "abort")
     cut(s, 5, decode=None)  # nothing past its length: left as it is
     assert s.response_ids == [5, 6, 7]
+
+
+def test_a_carried_sample_at_the_length_limit_is_finished_without_a_request() -> None:
+    full = Sample(0, 0, "", "", [1], response_ids=[5] * MAX_LEN, finish_reason="abort")
+    done = Sample(0, 0, "", "", [1], response_ids=[5, 6], finish_reason="stop")
+
+    async def go() -> None:
+        async with RolloutClient(["http://127.0.0.1:9"], max_retries=0) as client:  # nothing listens: no request
+            await client.generate([full, done], cfg(), rollout_id=0, continue_partial=True)
+
+    asyncio.run(go())
+    assert (full.finish_reason, full.response_ids) == ("length", [5] * MAX_LEN)
+    assert (done.finish_reason, done.response_ids) == ("stop", [5, 6])
