@@ -220,11 +220,14 @@ def test_interrupted_multi_turn_async_run_matches_the_straight_one(tmp_path: Pat
         assert bool((tensor == base_weights[name]).all()), name  # type: ignore[operator]
 
 
-def test_interrupted_partial_rollout_run_matches_the_straight_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("train_async", [False, True], ids=["sync", "async"])
+def test_interrupted_partial_rollout_run_matches_the_straight_one(tmp_path: Path, train_async: bool) -> None:
     """Partial rollouts: the carried-over groups are in the checkpoint, so a run stopped after a sync and again in
-    the middle of generating resumes to the straight run's metrics and weights, no group lost or repeated."""
+    the middle of generating resumes to the straight run's metrics and weights, no group lost or repeated. One step
+    off (``train_async``), the checkpoint also holds the rollout generated ahead, which took from the buffer."""
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run = {"config": "quickstart.toml", "sets": PARTIAL, "extra_env": PARTIAL_ENV}
+    sets = (*PARTIAL, "run.train_async=true") if train_async else PARTIAL
+    run = {"config": "quickstart.toml", "sets": sets, "extra_env": PARTIAL_ENV}
     proc = _miles_run(straight, **run)  # type: ignore[arg-type]
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     for fault in ("preempt@sync:1", "term@generate:3"):  # saved before rollout 2 (after a sync), then 3 (mid-rollout)
