@@ -143,6 +143,8 @@ async def fill(
     ``buffer`` (``partial_rollout``): its groups open the first round and continue where they stopped, and the
     surplus goes back into it. ``weight_version``: the engines' weights, recorded on every sample they generate.
     """
+    if cfg.partial_rollout != (buffer is not None):
+        raise ValueError("fill takes a partial-rollout buffer exactly when [rollout] partial_rollout is set")
     need = cfg.rollout_batch_size
     assert need is not None
     n = cfg.n_samples_per_prompt or 1
