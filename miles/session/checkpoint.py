@@ -90,8 +90,16 @@ def resume(parts: Components, spec: Spec) -> RunState:
     pending = None
     if parts.driver is not None:
         parts.driver.dataset.load_state_dict(driver_state["dataset"])
-        if parts.driver.partial is not None and (path / BUFFER).exists():
-            parts.driver.partial.load_state_dict(json.loads((path / BUFFER).read_text()))
+        if (path / BUFFER).exists():
+            buffer = json.loads((path / BUFFER).read_text())
+            if parts.driver.partial is not None:
+                parts.driver.partial.load_state_dict(buffer)
+            elif buffer["groups"]:
+                print(
+                    f"miles: {path} carries {len(buffer['groups'])} partial-rollout groups over and [rollout] "
+                    "partial_rollout is off now: they are dropped",
+                    flush=True,
+                )
         if (path / PENDING).exists():
             pending = Generated.from_json(json.loads((path / PENDING).read_text()))
         print(f"miles: resumed from {path} at rollout {rollout_id}", flush=True)
