@@ -58,7 +58,13 @@ class Sample:
     """The reward function raised or timed out for this sample; it is scored 0.0 and counted."""
 
     weight_version: int = 0
-    """Version of the engine weights that generated the response (bumped by each sync)."""
+    """Version of the engine weights that generated the response (bumped by each sync); for a response generated
+    over several rollouts (``[rollout] partial_rollout``), the version of its newest tokens."""
+
+    version_spans: list[list[int]] = field(default_factory=list)
+    """``[start, end, version]`` per response token range ``start:end``: the weight version that generated it. Set
+    when a partial rollout keeps an aborted response to continue it next rollout (each request that adds tokens adds
+    a span); empty: all response tokens come from ``weight_version``."""
 
     loss_mask: list[int] | None = None
     """Per response token, 1 where the policy loss trains it (the model's own turns) and 0 where it does not
@@ -87,6 +93,22 @@ class Sample:
                 f"{len(self.response_ids)} response tokens"
             )
         return list(self.loss_mask)
+
+    def token_versions(self) -> list[int]:
+        """The weight version that generated each response token (``version_spans`` spelled out)."""
+        if not self.version_spans:
+            return [self.weight_version] * len(self.response_ids)
+        out: list[int] = []
+        for start, end, version in self.version_spans:
+            if start != len(out) or end < start:
+                raise ValueError(f"sample of prompt {self.prompt_index}: version spans {self.version_spans} leave gaps")
+            out += [version] * (end - start)
+        if len(out) != len(self.response_ids):
+            raise ValueError(
+                f"sample of prompt {self.prompt_index}: version spans cover {len(out)} of "
+                f"{len(self.response_ids)} response tokens"
+            )
+        return out
 
 
 def split_groups(samples: Sequence[Sample]) -> list[list[Sample]]:

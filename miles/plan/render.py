@@ -156,10 +156,16 @@ def rollout_filling(spec: Spec) -> str:
         if r.dynamic_sampling_filter_path
         else "come back first in draw order"
     )
+    surplus = (
+        "requests still running when the batch is full are aborted and kept with their tokens so far; the next "
+        "rollout continues those groups first (partial_rollout"
+        + (", only the on-policy tail trained)." if r.mask_offpolicy_in_partial_rollout else ").")
+        if r.partial_rollout
+        else "requests still running when the batch is full are aborted."
+    )
     return (
         f"rollout filling: each rollout sends rounds of {per_round} prompts x {n} samples = {per_round * n} "
-        f"generations and trains on the first {r.rollout_batch_size} groups that {judge}; requests still running "
-        "when the batch is full are aborted."
+        f"generations and trains on the first {r.rollout_batch_size} groups that {judge}; {surplus}"
     )
 
 

@@ -43,7 +43,7 @@ import hashlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -299,6 +299,7 @@ class RolloutClient:
         first_index: int = 0,
         rid_prefix: str | None = None,
         stop: asyncio.Event | None = None,
+        continue_partial: bool = False,
         **overrides: Any,
     ) -> None:
         """Fill ``response_*``, ``finish_reason`` and ``weight_version`` of every sample, in place.
@@ -307,15 +308,24 @@ class RolloutClient:
         rollout sent in several calls samples as one sent at once). ``rid_prefix``: each sample's
         request id is ``{rid_prefix}-{position}``, for :meth:`abort`. Once ``stop`` is set, aborted
         samples keep ``finish_reason`` abort instead of being sent again (the caller aborted them).
+        ``continue_partial`` (``[rollout] partial_rollout``): a sample aborted in an earlier rollout
+        (``finish_reason`` abort) is continued, token in, token out: the engine gets the prompt and the
+        response so far and generates at most what is left of ``rollout_max_response_len``; the new
+        tokens are appended with a version span of their own. A sample that had finished is left as it is.
         ``overrides`` replace sampling params (``temperature=``, ``max_new_tokens=`` ... for eval).
         """
         positions = range(first_index, first_index + len(samples))
         seeds = [sample_seed(cfg.rollout_seed, rollout_id, i) for i in positions]
         rids = [f"{rid_prefix}-{i}" for i in positions] if rid_prefix is not None else None
         size = self.chunk_size if self.batched else 1
-        chunks = [range(s, min(s + size, len(samples))) for s in range(0, len(samples), size)]
+        prefixes = [_Prefix.of(s) if continue_partial else _Prefix() for s in samples]
+        for s, prefix in zip(samples, prefixes, strict=True):
+            if prefix.ids and len(prefix.ids) >= cfg.rollout_max_response_len:
+                s.finish_reason = "length"  # stopped at its last token: nothing is left to generate
+        todo = [i for i, s in enumerate(samples) if not (continue_partial and s.finish_reason in ("stop", "length"))]
+        chunks = [todo[s : s + size] for s in range(0, len(todo), size)]
         await asyncio.gather(
-            *(self._generate_chunk(samples, list(c), seeds, rids, cfg, rollout_id, overrides, stop) for c in chunks)
+            *(self._generate_chunk(samples, c, seeds, rids, cfg, rollout_id, overrides, stop, prefixes) for c in chunks)
         )
 
     async def abort(self, rids: Sequence[str]) -> None:
@@ -345,13 +355,21 @@ class RolloutClient:
         rollout_id: int,
         overrides: dict[str, Any],
         stop: asyncio.Event | None,
+        prefixes: list[_Prefix],
     ) -> None:
         todo = index
+
+        def params(i: int) -> dict[str, Any]:
+            if not prefixes[i].ids:
+                return sampling_params(cfg, seeds[i], **overrides)
+            left = cfg.rollout_max_response_len - len(prefixes[i].ids)
+            return sampling_params(cfg, seeds[i], **{**overrides, "max_new_tokens": left})
+
         for attempt in range(self.max_retries + 1):
             if self.batched:
                 body = proto.generate_body(
-                    input_ids=[samples[i].prompt_ids for i in todo],
-                    sampling=[sampling_params(cfg, seeds[i], **overrides) for i in todo],
+                    input_ids=[samples[i].prompt_ids + prefixes[i].ids for i in todo],
+                    sampling=[params(i) for i in todo],
                     return_logprob=True,
                 )
                 if rids is not None:
@@ -360,8 +378,8 @@ class RolloutClient:
             else:  # one sample: a single-prompt body, answered by one object; its prompt's samples on one engine
                 (only,) = todo
                 body = proto.generate_body(
-                    input_ids=samples[only].prompt_ids,
-                    sampling=sampling_params(cfg, seeds[only], **overrides),
+                    input_ids=samples[only].prompt_ids + prefixes[only].ids,
+                    sampling=params(only),
                     return_logprob=True,
                     rid=None if rids is None else rids[only],
                 )
@@ -374,6 +392,7 @@ class RolloutClient:
             aborted = []
             for i, out in zip(todo, outs, strict=True):
                 _fill(samples[i], out)
+                prefixes[i].extend(samples[i])
                 if samples[i].finish_reason == "abort":
                     aborted.append(i)
             if not aborted or (stop is not None and stop.is_set()):
@@ -480,6 +499,40 @@ def _fill(sample: Sample, out: dict[str, Any]) -> None:
     version = str(meta.get("weight_version", ""))
     if version.isdigit():
         sample.weight_version = int(version)
+
+
+@dataclass
+class _Prefix:
+    """What a continued partial sample had generated before this request (empty for a fresh sample)."""
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    loss_mask: list[int] | None = None
+    spans: list[list[int]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, sample: Sample) -> _Prefix:
+        """The response so far of a sample aborted earlier (``finish_reason`` abort), else nothing."""
+        if sample.finish_reason != "abort" or not sample.response_ids:
+            return cls()
+        spans = [list(s) for s in sample.version_spans] or [[0, len(sample.response_ids), sample.weight_version]]
+        mask = list(sample.loss_mask) if sample.loss_mask is not None else None
+        return cls(list(sample.response_ids), list(sample.response_logprobs), sample.response_text, mask, spans)
+
+    def extend(self, sample: Sample) -> None:
+        """``sample`` holds this request's answer alone: put the prefix in front and record the new tokens' span."""
+        if not self.ids:
+            return
+        new = len(sample.response_ids)
+        sample.response_ids = self.ids + sample.response_ids
+        sample.response_logprobs = self.logprobs + sample.response_logprobs
+        sample.response_text = self.text + sample.response_text
+        if self.loss_mask is not None:
+            sample.loss_mask = self.loss_mask + [1] * new
+        sample.version_spans = [list(s) for s in self.spans]
+        if new:
+            sample.version_spans.append([len(self.ids), len(self.ids) + new, sample.weight_version])
 
 
 class BlockingRolloutClient:

@@ -29,6 +29,10 @@ has been judged, sampling seeds follow each sample's position in the rollout
 (the dataset's cursor advances by all of them), the groups kept and the counts
 in the metrics come out the same in every run. Which surplus requests had
 finished before the abort reached them is timing, reported as perf only.
+
+With ``[rollout] partial_rollout`` the surplus groups are not dropped but kept in
+a :class:`~miles.rollout.partial.PartialBuffer`, and the next rollout's first
+round takes them before drawing new prompts (:mod:`miles.rollout.partial`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ from miles.data import expand_groups
 from miles.data.dataset import Prompt
 from miles.reward.filters import verdict
 from miles.reward.model import RewardModel, RewardStats
+from miles.rollout import partial
 from miles.rollout.client import RolloutClient
+from miles.rollout.partial import PartialBuffer, PartialStats
 from miles.sample import Sample
 from miles.spec.tables import RolloutConfig
 
@@ -95,6 +101,15 @@ class FilledRollout:
     counts: FillCounts
     samples_aborted: int
     """Surplus samples that the abort stopped before they finished (timing: perf only)."""
+    partial: PartialStats | None = None
+    """What partial rollouts carried over and continued (``None`` without ``partial_rollout``)."""
+
+    def metrics(self) -> dict[str, float]:
+        """The reward's, the filling's and the partial rollouts' figures for ``metrics.jsonl``."""
+        out = {**self.reward.metrics(), **self.counts.metrics()}
+        if self.partial is not None:
+            out.update(self.partial.metrics())
+        return out
 
     def timing(self) -> dict[str, float]:
         """The wall-clock-dependent figures, under names the metrics log files as perf."""
@@ -120,8 +135,16 @@ async def fill(
     cfg: RolloutConfig,
     rollout_id: int,
     dataset_size: int,
+    buffer: PartialBuffer | None = None,
+    weight_version: int = 0,
 ) -> FilledRollout:
-    """Draw rounds of prompts until ``cfg.rollout_batch_size`` groups pass ``keep`` (all pass when ``None``)."""
+    """Draw rounds of prompts until ``cfg.rollout_batch_size`` groups pass ``keep`` (all pass when ``None``).
+
+    ``buffer`` (``partial_rollout``): its groups open the first round and continue where they stopped, and the
+    surplus goes back into it. ``weight_version``: the engines' weights, recorded on every sample they generate.
+    """
+    if cfg.partial_rollout != (buffer is not None):
+        raise ValueError("fill takes a partial-rollout buffer exactly when [rollout] partial_rollout is set")
     need = cfg.rollout_batch_size
     assert need is not None
     n = cfg.n_samples_per_prompt or 1
@@ -132,6 +155,10 @@ async def fill(
     stats: list[RewardStats] = []
     aborted = 0
     position = 0  # of the next sample in this rollout: its seed and request id
+    stats_partial = PartialStats() if buffer is not None else None
+    cut_at = partial.cut_tokens() if buffer is not None else None
+    carried = buffer.take(per_round) if buffer is not None else []
+    surplus_groups: list[list[Sample]] = []
     while len(kept) < need:
         if counts.prompts_used >= max(dataset_size, per_round):
             raise DataExhausted(
@@ -141,11 +168,21 @@ async def fill(
                 "Fix: use data the model does not already solve (or fail) every time, raise "
                 "n_samples_per_prompt, or lower rollout_batch_size"
             )
-        prompts = list(draw(per_round))
+        prompts = list(draw(per_round - len(carried)))
         counts.prompts_used += len(prompts)
-        counts.groups_sampled += len(prompts)
-        samples = expand_groups(prompts, n)
-        groups = [samples[g * n : (g + 1) * n] for g in range(len(prompts))]
+        fresh = expand_groups(prompts, n)
+        groups = carried + [fresh[g * n : (g + 1) * n] for g in range(len(prompts))]
+        counts.groups_sampled += len(groups)
+        if stats_partial is not None:
+            stats_partial.samples_continued += sum(
+                partial.is_unfinished(s) and bool(s.response_ids) for g in carried for s in g
+            )
+        carried = []
+        samples = [s for g in groups for s in g]
+        before = [len(s.response_ids) if partial.is_unfinished(s) else 0 for s in samples]
+        for s in samples:
+            if not s.finish_reason or partial.is_unfinished(s):
+                s.weight_version = weight_version  # the engine's report, when it gives one, replaces it
         stop = asyncio.Event()
         requests: list[_Request] = []
         for start in range(0, len(groups), groups_per_request):
@@ -156,11 +193,11 @@ async def fill(
         position += len(samples)
         done_at: int | None = None
         try:
-            done_at = await _judge_in_order(requests, keep, cfg, need, kept, stats, counts)
+            done_at = await _judge_in_order(requests, keep, cfg, need, kept, stats, counts, surplus_groups)
         finally:
             stop.set()
             surplus = requests[done_at:] if done_at is not None else []
-            running = [r for r in surplus if not r.task.done()]
+            running = [r for r in surplus if not r.task.done()] if cut_at is None else []
             if running:
                 rids = [
                     f"{_rid_prefix(rollout_id)}-{r.first_index + i}" for r in running for i in range(len(r.samples))
@@ -172,11 +209,28 @@ async def fill(
                 raise result
         for request in surplus:
             aborted += sum(s.finish_reason == "abort" for s in request.samples)
+            surplus_groups += request.groups
+        if cut_at is not None:  # the test setting: the surplus ran to the end; cut it where an abort would have
+            assert buffer is not None
+            start_of = {id(s): b for s, b in zip(samples, before, strict=True)}
+            for s in (s for g in surplus_groups for s in g):
+                partial.cut(s, start_of[id(s)] + cut_at, buffer.decode)
     for g, group in enumerate(kept):
         for s in group:
             s.group_index = g
     out = [s for g in kept for s in g]
-    return FilledRollout(samples=out, reward=_merge(stats, out), counts=counts, samples_aborted=aborted)
+    if buffer is not None and stats_partial is not None:
+        buffer.put(surplus_groups)
+        stats_partial.groups_carried = len(surplus_groups)
+        stats_partial.samples_carried = sum(partial.is_unfinished(s) for g in surplus_groups for s in g)
+        if buffer.decode is not None:
+            for s in out:
+                if len(s.version_spans) > 1:  # continued: its text decoded whole
+                    s.response_text = buffer.decode(s.response_ids)
+        partial.finish_kept(out, weight_version, cfg.mask_offpolicy_in_partial_rollout, stats_partial)
+    return FilledRollout(
+        samples=out, reward=_merge(stats, out), counts=counts, samples_aborted=aborted, partial=stats_partial
+    )
 
 
 def _rid_prefix(rollout_id: int) -> str:
@@ -194,7 +248,13 @@ async def _generate_and_score(
 ) -> RewardStats | None:
     """One request's groups: generated, then scored unless the batch filled meanwhile (``None`` then)."""
     await client.generate(
-        samples, cfg, rollout_id, first_index=first_index, rid_prefix=_rid_prefix(rollout_id), stop=stop
+        samples,
+        cfg,
+        rollout_id,
+        first_index=first_index,
+        rid_prefix=_rid_prefix(rollout_id),
+        stop=stop,
+        continue_partial=cfg.partial_rollout,
     )
     if stop.is_set():
         return None
@@ -209,8 +269,11 @@ async def _judge_in_order(
     kept: list[list[Sample]],
     stats: list[RewardStats],
     counts: FillCounts,
+    surplus: list[list[Sample]],
 ) -> int | None:
-    """Judge the groups in draw order as their requests finish; the index of the first surplus request, if any."""
+    """Judge the groups in draw order as their requests finish; the index of the first surplus request, if any.
+
+    The groups of the last judged request that came after the batch was full are added to ``surplus``."""
     for k, request in enumerate(requests):
         scored = await request.task
         assert scored is not None  # stop is set only after the last judged request
@@ -218,6 +281,7 @@ async def _judge_in_order(
         for g, group in enumerate(request.groups):
             if len(kept) == need:  # the rest of this request is surplus, judged by no one
                 counts.groups_surplus += len(request.groups) - g
+                surplus += request.groups[g:]
                 break
             v = verdict(keep, cfg, group) if keep is not None else None
             if v is None or v.keep:

@@ -33,6 +33,9 @@ log = logging.getLogger("miles.loop")
 PENDING = "pending_rollout.json"
 """The rollout generated ahead of the checkpoint's next rollout (``[run] train_async``), in the checkpoint."""
 
+BUFFER = "partial_rollout_buffer.json"
+"""The surplus groups carried over to the checkpoint's next rollout (``[rollout] partial_rollout``)."""
+
 
 @dataclass
 class RunState:
@@ -56,12 +59,16 @@ class RolloutStart:
     rng: dict[str, Any]
     pending: Generated | None = None
     """The rollout generated ahead that this rollout trains on (async), restored with the cursor after it."""
+    buffer: dict[str, Any] | None = None
+    """The partial-rollout buffer (driver, ``partial_rollout``): what this rollout continues, with the cursor."""
 
 
 def capture(parts: Components, pending: Generated | None = None) -> RolloutStart:
-    """The data cursor (driver), this rank's RNG states and the rollout generated ahead, as of now."""
+    """The data cursor and partial-rollout buffer (driver), this rank's RNG states and the rollout generated ahead,
+    as of now."""
     dataset = parts.driver.dataset.state_dict() if parts.driver else None
-    return RolloutStart(dataset=dataset, rng=capture_rng(), pending=pending)
+    buffer = parts.driver.partial.state_dict() if parts.driver and parts.driver.partial else None
+    return RolloutStart(dataset=dataset, rng=capture_rng(), pending=pending, buffer=buffer)
 
 
 def resume(parts: Components, spec: Spec) -> RunState:
@@ -83,6 +90,16 @@ def resume(parts: Components, spec: Spec) -> RunState:
     pending = None
     if parts.driver is not None:
         parts.driver.dataset.load_state_dict(driver_state["dataset"])
+        if (path / BUFFER).exists():
+            buffer = json.loads((path / BUFFER).read_text())
+            if parts.driver.partial is not None:
+                parts.driver.partial.load_state_dict(buffer)
+            elif buffer["groups"]:
+                print(
+                    f"miles: {path} carries {len(buffer['groups'])} partial-rollout groups over and [rollout] "
+                    "partial_rollout is off now: they are dropped",
+                    flush=True,
+                )
         if (path / PENDING).exists():
             pending = Generated.from_json(json.loads((path / PENDING).read_text()))
         print(f"miles: resumed from {path} at rollout {rollout_id}", flush=True)
@@ -118,6 +135,9 @@ def save(
         pending = start.pending if start else state.pending
         if pending is not None:  # async: the rollout generated ahead goes with the cursor after its prompts
             write_json_atomic(partial / PENDING, pending.to_json())
+        if parts.driver.partial is not None:  # the carried-over groups go with the cursor that drew them
+            buffer = start.buffer if start else parts.driver.partial.state_dict()
+            write_json_atomic(partial / BUFFER, buffer)
         write_json_atomic(
             partial / "driver.json",
             {

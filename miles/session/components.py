@@ -33,6 +33,7 @@ from miles.rollout.fleet import (
     trainer_group,
     weight_sync_kind,
 )
+from miles.rollout.partial import PartialBuffer
 from miles.spec.tables import Spec
 from miles.train.actor import Actor, ActorConfig, TrainerContext
 from miles.train.backends import build_actor
@@ -50,6 +51,8 @@ class Driver:
     """``[eval] eval_prompt_data``'s datasets by name (empty without evaluation)."""
     keep: Any = None
     """The dynamic-sampling filter (``[rollout] dynamic_sampling_filter_path``), or ``None``."""
+    partial: PartialBuffer | None = None
+    """``[rollout] partial_rollout``: the surplus groups carried over to the next rollout (in the checkpoint)."""
 
 
 @dataclass
@@ -141,4 +144,8 @@ def build_driver(spec: Spec, task: TaskContext, model_dir: str) -> tuple[Driver,
     router = driver_router(spec, task)  # first: a router that is not installed is the user's to fix
     custom = CustomGeneration.from_spec(spec, tokenizer)
     engines = EngineFleet(FleetConfig.from_spec(spec, task), task, announced, custom=custom, router=router)
-    return Driver(dataset=dataset, engines=engines, reward=reward, eval_data=eval_data, keep=keep), num_rollout
+    buffer = None
+    if spec.rollout.partial_rollout:
+        buffer = PartialBuffer(decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)))
+    driver = Driver(dataset=dataset, engines=engines, reward=reward, eval_data=eval_data, keep=keep, partial=buffer)
+    return driver, num_rollout

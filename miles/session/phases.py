@@ -60,11 +60,19 @@ def draw_and_generate(
     if oversample.enabled(spec.rollout):
         filled = driver.engines.fill(
             lambda client: oversample.fill(
-                client, driver.dataset.sample, driver.reward, driver.keep, spec.rollout, rollout_id, len(driver.dataset)
+                client,
+                driver.dataset.sample,
+                driver.reward,
+                driver.keep,
+                spec.rollout,
+                rollout_id,
+                len(driver.dataset),
+                buffer=driver.partial,
+                weight_version=weight_version,
             )
         )
         samples = filled.samples
-        filled_stats = {**filled.reward.metrics(), **filled.counts.metrics(), **filled.timing()}
+        filled_stats = {**filled.metrics(), **filled.timing()}
     else:
         samples = expand_groups(
             driver.dataset.sample(spec.rollout.rollout_batch_size), spec.rollout.n_samples_per_prompt

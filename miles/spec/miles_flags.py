@@ -170,17 +170,6 @@ DISPOSITIONS: dict[str, Disposition] = {
     "use_fault_tolerance": Disposition(
         "always", "engines are supervised and restarted; trainer failures end the job, which Slurm requeues"
     ),
-    "partial_rollout": Disposition(
-        "unsupported",
-        "miles does not support partial rollouts yet (aborted samples continued next rollout); remove it: "
-        "over-sampling's surplus is aborted and dropped, and its prompts count as used",
-        changes_experiment=True,
-    ),
-    "mask_offpolicy_in_partial_rollout": Disposition(
-        "unsupported",
-        "miles does not support partial rollouts yet, so there are no off-policy token ranges to mask; remove it",
-        changes_experiment=True,
-    ),
     "fully_async": Disposition(
         "unsupported",
         "miles does not support a persistent rollout worker with a bounded buffer yet; remove it, and set "

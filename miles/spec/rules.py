@@ -11,7 +11,8 @@ message)`` and its message says what to change. The rules, in order:
 * ``[rollout]``: ``prompt_data`` set, a ``.jsonl`` or ``.parquet`` file; exactly one reward
   (``rm_type`` / ``custom_rm_path`` / ``rm_url``); custom code as ``module:function``;
   ``rm_url`` is http(s); ``group_rm`` needs ``custom_rm_path``; ``rollout_top_k`` is -1 or >= 1;
-  ``over_sampling_batch_size`` >= ``rollout_batch_size``.
+  ``over_sampling_batch_size`` >= ``rollout_batch_size``; ``partial_rollout`` needs over-sampling or a
+  dynamic-sampling filter, ``mask_offpolicy_in_partial_rollout`` needs ``partial_rollout``.
 * ``[eval]``: ``eval_interval`` and ``eval_prompt_data`` go together; eval data files are .jsonl/.parquet;
   ``eval_top_k`` is -1 or >= 1.
 * ``[train]``: ``use_dynamic_batch_size`` needs ``max_tokens_per_gpu``.
@@ -186,6 +187,29 @@ def _rollout(spec: Spec, report: Report) -> None:
             "over_sampling_batch_size",
             f"must be >= rollout_batch_size ({rbs}), got {ro.over_sampling_batch_size}: each round samples at least a "
             "full batch of prompts",
+        )
+    _partial(spec, report)
+
+
+def _partial(spec: Spec, report: Report) -> None:
+    """Partial rollouts continue the surplus that over-sampling aborts: without rounds there is none to keep, and
+    the off-policy mask has ranges to mask only in a partial rollout."""
+    ro = spec.rollout
+    if ro.partial_rollout and ro.over_sampling_batch_size is None and not ro.dynamic_sampling_filter_path:
+        report(
+            "rollout",
+            "partial_rollout",
+            "keeps the requests over-sampling aborts once the batch is full, and without over_sampling_batch_size "
+            "or dynamic_sampling_filter_path every request is trained on and none is aborted: set "
+            "over_sampling_batch_size (> rollout_batch_size) or a dynamic_sampling_filter_path, or remove "
+            "partial_rollout",
+        )
+    if ro.mask_offpolicy_in_partial_rollout and not ro.partial_rollout:
+        report(
+            "rollout",
+            "mask_offpolicy_in_partial_rollout",
+            "masks the token ranges a partial rollout continued from older weights, and partial_rollout is off: "
+            "set partial_rollout = true, or remove mask_offpolicy_in_partial_rollout",
         )
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from miles.rollout.partial import CUT_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 ROLLOUTS = 6
 
@@ -63,14 +65,29 @@ TOOL_CALC_ASYNC = (
 )
 
 
+PARTIAL = (
+    *QUICKSTART,
+    # the surplus of each rollout carried over and continued first in the next, only its on-policy tail trained
+    "rollout.partial_rollout=true",
+    "rollout.mask_offpolicy_in_partial_rollout=true",
+    # responses of up to 6 tokens, scored by length (the filter keeps the groups of unequal lengths)
+    "rollout.rollout_max_response_len=6",
+    'rollout.rm_type=""',
+    f'rollout.custom_rm_path="{ROOT}/tests/unit/spec/key_effect_rewards.py:score"',
+)
+PARTIAL_ENV = {CUT_ENV: "2"}
+"""The test setting that makes a partial rollout a function of the seeds: the surplus cut at 2 tokens, not aborted."""
+
+
 def _miles_run(
     run_dir: Path,
     fault: str = "",
     timeout: float = 300,
     config: str = "quickstart-eval.toml",
     sets: tuple[str, ...] = QUICKSTART,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MILES_GRACE_S": "60"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MILES_GRACE_S": "60", **(extra_env or {})}
     env.pop("MILES_FAULT", None)
     if fault:
         env["MILES_FAULT"] = fault
@@ -200,6 +217,35 @@ def test_interrupted_multi_turn_async_run_matches_the_straight_one(tmp_path: Pat
     assert [r["rollout/staleness_max"] for r in rows] == [0.0] + [1.0] * (ROLLOUTS - 1)
     assert sum(r["rollout/tool_calls_mean"] for r in rows) > 0  # the conversations did call the tool
     assert all(r["rollout/turns_mean"] >= 1.0 for r in rows)
+    for name, tensor in weights.items():
+        assert bool((tensor == base_weights[name]).all()), name  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("train_async", [False, True], ids=["sync", "async"])
+def test_interrupted_partial_rollout_run_matches_the_straight_one(tmp_path: Path, train_async: bool) -> None:
+    """Partial rollouts: the carried-over groups are in the checkpoint, so a run stopped after a sync and again in
+    the middle of generating resumes to the straight run's metrics and weights, no group lost or repeated. One step
+    off (``train_async``), the checkpoint also holds the rollout generated ahead, which took from the buffer."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    sets = (*PARTIAL, "run.train_async=true") if train_async else PARTIAL
+    run = {"config": "quickstart.toml", "sets": sets, "extra_env": PARTIAL_ENV}
+    proc = _miles_run(straight, **run)  # type: ignore[arg-type]
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    for fault in ("preempt@sync:1", "term@generate:3"):  # saved before rollout 2 (after a sync), then 3 (mid-rollout)
+        proc = _miles_run(interrupted, fault, **run)  # type: ignore[arg-type]
+        assert proc.returncode == 0 and "preempted; saved the state" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    assert (interrupted / "checkpoints").exists()
+    proc = _miles_run(interrupted, **run)  # type: ignore[arg-type]
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    metrics, weights = _final(interrupted)
+    base_metrics, base_weights = _final(straight)
+    assert metrics == base_metrics and len(metrics.splitlines()) == ROLLOUTS
+    rows = [json.loads(line) for line in metrics.splitlines()]
+    # every rollout carried surplus groups over, and every one after the first continued some, off-policy in part
+    assert all(r["rollout/partial_groups_carried"] > 0 for r in rows)
+    assert rows[0]["rollout/partial_samples_continued"] == 0.0
+    assert all(r["rollout/partial_samples_continued"] > 0 for r in rows[1:])
+    assert any(r["rollout/partial_offpolicy_token_frac"] > 0 and r["rollout/partial_staleness_max"] == 1 for r in rows)
     for name, tensor in weights.items():
         assert bool((tensor == base_weights[name]).all()), name  # type: ignore[operator]
 

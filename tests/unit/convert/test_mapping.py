@@ -28,6 +28,16 @@ def test_a_plain_flag_list_converts_and_validates(tmp_path: Path) -> None:
     assert conv.tables["cluster"]["gpus_per_node"] == 2
 
 
+def test_partial_rollout_flags_convert_to_their_keys_and_need_over_sampling(tmp_path: Path) -> None:
+    flags = "--partial-rollout --mask-offpolicy-in-partial-rollout"
+    conv = _convert(tmp_path, f"--over-sampling-batch-size 8 {flags}")
+    assert conv.exit_code == 0, conv.check
+    rollout = conv.tables["rollout"]
+    assert (rollout["partial_rollout"], rollout["mask_offpolicy_in_partial_rollout"]) == (True, True)
+    alone = _convert(tmp_path, flags)  # nothing is aborted without over-sampling: the written spec is refused
+    assert alone.exit_code == 2 and "partial_rollout" in alone.check
+
+
 def test_a_non_zero_dropout_changes_the_experiment_and_has_no_home(tmp_path: Path) -> None:
     conv = _convert(tmp_path, "--attention-dropout 0.1")
     assert conv.exit_code == 2

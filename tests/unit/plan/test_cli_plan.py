@@ -74,3 +74,14 @@ def test_validate_and_plan_explain_what_over_sampling_generates(capsys: pytest.C
     assert "rounds of 96 prompts x 8 samples = 768 generations and trains on the first 64 groups" in out
     assert main(["plan", *argv]) == 0
     assert "rounds of 96 prompts" in capsys.readouterr().out
+    partial = [
+        *argv,
+        "--set",
+        "rollout.partial_rollout=true",
+        "--set",
+        "rollout.mask_offpolicy_in_partial_rollout=true",
+    ]
+    assert main(["validate", *partial]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "aborted and kept with their tokens so far; the next rollout continues those groups first" in out
+    assert "only the on-policy tail trained" in out

@@ -639,6 +639,10 @@ RUN_OBSERVED: dict[str, str] = {
     "test_over_sampling_aborts_the_surplus_on_the_engine",
     "rollout.dynamic_sampling_filter_path": "tests/unit/test_loop_resume.py::"
     "test_interrupted_run_matches_the_straight_one",
+    "rollout.partial_rollout": "tests/unit/rollout/test_partial.py::"
+    "test_aborted_surplus_is_kept_and_taken_first_next_rollout",
+    "rollout.mask_offpolicy_in_partial_rollout": "tests/unit/rollout/test_partial.py::"
+    "test_a_cut_surplus_sample_is_continued_next_rollout_with_its_tokens_versions_and_mask",
     "run.train_async": "tests/unit/test_loop_resume.py::test_interrupted_multi_turn_async_run_matches_the_straight_one",
     "sglang.use_router": "tests/sglang/test_sglang_server.py::"
     "test_rollouts_through_the_router_survive_a_killed_engine_that_rejoins_after_a_sync",

@@ -88,6 +88,20 @@ CASES: list[tuple[str, dict[str, dict[str, Any]], str, str | None, str]] = [
         "must be >= rollout_batch_size (4)",
     ),
     (
+        "partial-rollout-without-rounds",
+        {"rollout": {"partial_rollout": True}},
+        "rollout",
+        "partial_rollout",
+        "set over_sampling_batch_size (> rollout_batch_size) or a dynamic_sampling_filter_path",
+    ),
+    (
+        "offpolicy-mask-without-partial-rollout",
+        {"rollout": {"mask_offpolicy_in_partial_rollout": True, "over_sampling_batch_size": 8}},
+        "rollout",
+        "mask_offpolicy_in_partial_rollout",
+        "set partial_rollout = true",
+    ),
+    (
         "async-colocated-gpus",
         {"run": {"train_async": True}, "cluster": {"mode": "colocate", "device": "cuda"}},
         "run",
