@@ -201,8 +201,8 @@ def _weight_bound(w: torch.Tensor, metrics: list[dict[str, float]]) -> float:
     by about ``lr * delta`` per element and step. ``delta`` is the float32 summation error of a reduction over
     the step's tokens (``train_tokens * eps32``, the recursive-summation bound); over ``numel`` elements that is
     ``lr * delta * sqrt(numel)`` in norm. Each term of that sum already carries the rounding of the contractions it
-    came through (``REDUCTION_PATH``), so ``delta`` counts those too. Small tensors that see few tokens (an expert) reach that bound; the
-    floor is the float32 tolerance every other comparison uses.
+    came through (``REDUCTION_PATH``), so ``delta`` counts those too. Small tensors that see few tokens (an expert)
+    reach that bound; the floor is the float32 tolerance every other comparison uses.
     """
     drift = sum(m["lr"] * (m["train_tokens"] + REDUCTION_PATH) * EPS32 for m in metrics) * w.numel() ** 0.5
     return max(FP32_TOL, drift / float(w.double().norm()))
