@@ -52,19 +52,42 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(group))
 
 
-class _SlowFirst:
-    """In an xdist worker, the tests marked ``slow`` first (a stable sort, after every other plugin's reordering),
-    so that the run does not end on one of them while the other worker has nothing left. A run in one process
-    keeps the files' order."""
+def _group_in_node_id(item: pytest.Item) -> None:
+    """What ``--dist loadgroup`` does in each worker: the group's name after the node id (``...::test@slurm``), the
+    scope the scheduler keeps on one worker. pytest-xdist 3.8 sets ``item._nodeid``, which pytest 9.2 no longer
+    reads (the id is ``item._id``, a ``NodeId``): without this every group would be spread over the workers."""
+    names = sorted(
+        {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+    )
+    if not names:
+        return
+    suffix = "@" + "_".join(names)
+    if item.nodeid.endswith(suffix):  # pytest-xdist did it
+        return
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(item.nodeid + suffix)
+    else:
+        item._nodeid = item.nodeid + suffix  # type: ignore[attr-defined]
+
+
+class _Worker:
+    """In an xdist worker, after every other plugin's collection hook: the groups in the node ids (see above), and
+    the tests marked ``slow`` first (a stable sort), so that the run does not end on one of them while the other
+    worker has nothing left. A run in one process keeps the files' order and its node ids."""
 
     @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if config.getvalue("loadgroup"):
+            for item in items:
+                _group_in_node_id(item)
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
-        config.pluginmanager.register(_SlowFirst(), "miles-slow-first")
+        config.pluginmanager.register(_Worker(), "miles-xdist-worker")
 
 
 FIRST_GROUPS = ("slurm", "sglang")
