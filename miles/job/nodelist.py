@@ -11,7 +11,7 @@ import re
 
 from miles.errors import UserError
 
-_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?\Z")
 
 
 def _split_top_level(text: str) -> list[str]:

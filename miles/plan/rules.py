@@ -37,8 +37,8 @@ class PlanError(UserError):
 # not by the shell, with its own tokenizer (whitespace splits, quotes and ``#``
 # are special) and a newline would end the comment and start a shell line. So
 # instead of quoting, only a conservative alphabet is allowed.
-_DIRECTIVE_SAFE = re.compile(r"^[A-Za-z0-9._+\-/@:,=~]+$")
-_CONSTRAINT_SAFE = re.compile(r"^[A-Za-z0-9._+\-@:,=~&|()\[\]*!]+$")
+_DIRECTIVE_SAFE = re.compile(r"^[A-Za-z0-9._+\-/@:,=~]+\Z")
+_CONSTRAINT_SAFE = re.compile(r"^[A-Za-z0-9._+\-@:,=~&|()\[\]*!]+\Z")
 
 
 def directive_problem(value: str, *, kind: str = "plain") -> str | None:

@@ -42,10 +42,10 @@ from miles.tools.toolbox import TOOL_NAMES
 
 Report = Callable[[str, str, str], None]
 
-_CODE_PATH = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*|[^:]+\.py):[A-Za-z_][A-Za-z0-9_]*$")
+_CODE_PATH = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*|[^:]+\.py):[A-Za-z_][A-Za-z0-9_]*\Z")
 """``package.module:function``, or ``path/to/file.py:function`` (looked up next to the spec too)."""
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SLURM_MEM = re.compile(r"^[0-9]+[KMGT]?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+SLURM_MEM = re.compile(r"^[0-9]+[KMGT]?\Z")
 """Slurm's memory syntax (``0``, ``512G``, ``2000M``); the planner checks ``#SBATCH --mem`` with it too."""
 _DATA_SUFFIXES = (".jsonl", ".parquet")
 

@@ -202,3 +202,18 @@ def test_setup_lines_are_executed_verbatim() -> None:
     assert text is not None
     sandbox = Path(tempfile.mkdtemp(dir=WORK))
     assert run_script(text, sandbox).rc == 0 and marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value"),
+    [
+        ("run", "name", "0\n"),
+        ("run", "run_dir", "0\n"),
+        ("slurm", "partition", "gpu\n"),
+        ("slurm", "constraint", "h100\n"),
+        ("cluster", "mem_per_node", "64G\n"),
+    ],
+)
+def test_a_trailing_newline_is_refused(table: str, key: str, value: str) -> None:
+    """A Python pattern's ``$`` also matches before a final newline; the planner's checks end at the string's end."""
+    assert _render(_with(_base(), **{table: {key: value}})) is None
