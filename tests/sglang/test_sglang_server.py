@@ -339,6 +339,58 @@ def test_abort_by_request_id_stops_one_sample_of_a_batch(served: sl.EngineProces
     )
 
 
+def test_a_partial_sample_is_continued_token_in_token_out(served: sl.EngineProcess, model_dir: Path) -> None:
+    """Partial rollouts' continuation on the real server: a sample cut after ``k`` tokens and sent again with
+    ``continue_partial`` gets the prompt and its ``k`` tokens as input ids, keeps them (and their log-probs and
+    version) and adds what the engine generates for that input, at most the rest of the length budget: the same
+    tokens a direct greedy request for prompt + prefix returns."""
+    import asyncio
+
+    from miles.rollout.client import RolloutClient
+
+    key, k = served.launch.api_key, 4
+    cfg = _greedy()
+    full = _samples(model_dir)[:2]
+    for s in full:
+        s.weight_version = 0
+
+    async def go(samples: list[Sample], **kw: Any) -> None:
+        async with RolloutClient([served.url], api_key=key, timeout_s=120) as client:
+            await client.generate(samples, cfg, 0, **kw)
+
+    asyncio.run(go(full, ignore_eos=True))
+    assert all(len(s.response_ids) == RESPONSE_LEN for s in full)
+    partial = [
+        Sample(
+            s.group_index,
+            s.prompt_index,
+            s.prompt,
+            s.prompt_text,
+            list(s.prompt_ids),
+            response_ids=s.response_ids[:k],
+            response_logprobs=s.response_logprobs[:k],
+            finish_reason="abort",
+            weight_version=0,
+        )
+        for s in full
+    ]
+    for s in partial:
+        s.version_spans = [[0, k, 0]]
+    direct = [
+        Sample(s.group_index, s.prompt_index, s.prompt, s.prompt_text, s.prompt_ids + s.response_ids) for s in partial
+    ]
+    asyncio.run(go(direct, ignore_eos=True, max_new_tokens=RESPONSE_LEN - k))
+    for s in partial:
+        s.weight_version = 1  # the weights the continuation runs on (what the loop sets before a rollout)
+    asyncio.run(go(partial, continue_partial=True, ignore_eos=True))
+    for before, after, d in zip(full, partial, direct, strict=True):
+        assert after.response_ids[:k] == before.response_ids[:k]
+        assert after.response_logprobs[:k] == before.response_logprobs[:k]
+        assert after.response_ids[k:] == d.response_ids and len(after.response_ids) == RESPONSE_LEN
+        assert after.finish_reason == "length"
+        assert after.version_spans == [[0, k, 0], [k, RESPONSE_LEN, after.weight_version]]
+
+
 @pytest.mark.skipif(not sglang_available(), reason=SKIP_REASON)  # the router lives in .venv-sglang
 def test_sglang_router_in_front_of_the_engine(
     served: sl.EngineProcess, model_dir: Path, tmp_path: Path, baseline: list
@@ -585,55 +637,3 @@ def test_killed_engine_requests_finish_elsewhere_and_it_rejoins(
     finally:
         sup.stop()
         sync.close()
-
-
-def test_a_partial_sample_is_continued_token_in_token_out(served: sl.EngineProcess, model_dir: Path) -> None:
-    """Partial rollouts' continuation on the real server: a sample cut after ``k`` tokens and sent again with
-    ``continue_partial`` gets the prompt and its ``k`` tokens as input ids, keeps them (and their log-probs and
-    version) and adds what the engine generates for that input, at most the rest of the length budget: the same
-    tokens a direct greedy request for prompt + prefix returns."""
-    import asyncio
-
-    from miles.rollout.client import RolloutClient
-
-    key, k = served.launch.api_key, 4
-    cfg = _greedy()
-    full = _samples(model_dir)[:2]
-    for s in full:
-        s.weight_version = 0
-
-    async def go(samples: list[Sample], **kw: Any) -> None:
-        async with RolloutClient([served.url], api_key=key, timeout_s=120) as client:
-            await client.generate(samples, cfg, 0, **kw)
-
-    asyncio.run(go(full, ignore_eos=True))
-    assert all(len(s.response_ids) == RESPONSE_LEN for s in full)
-    partial = [
-        Sample(
-            s.group_index,
-            s.prompt_index,
-            s.prompt,
-            s.prompt_text,
-            list(s.prompt_ids),
-            response_ids=s.response_ids[:k],
-            response_logprobs=s.response_logprobs[:k],
-            finish_reason="abort",
-            weight_version=0,
-        )
-        for s in full
-    ]
-    for s in partial:
-        s.version_spans = [[0, k, 0]]
-    direct = [
-        Sample(s.group_index, s.prompt_index, s.prompt, s.prompt_text, s.prompt_ids + s.response_ids) for s in partial
-    ]
-    asyncio.run(go(direct, ignore_eos=True, max_new_tokens=RESPONSE_LEN - k))
-    for s in partial:
-        s.weight_version = 1  # the weights the continuation runs on (what the loop sets before a rollout)
-    asyncio.run(go(partial, continue_partial=True, ignore_eos=True))
-    for before, after, d in zip(full, partial, direct, strict=True):
-        assert after.response_ids[:k] == before.response_ids[:k]
-        assert after.response_logprobs[:k] == before.response_logprobs[:k]
-        assert after.response_ids[k:] == d.response_ids and len(after.response_ids) == RESPONSE_LEN
-        assert after.finish_reason == "length"
-        assert after.version_spans == [[0, k, 0], [k, RESPONSE_LEN, after.weight_version]]
