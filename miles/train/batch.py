@@ -258,6 +258,22 @@ def _pad_ragged(rows: Sequence[torch.Tensor], width: int, dtype: torch.dtype) ->
     return out
 
 
+def _response_fields(batch: RolloutBatch, indices: Sequence[int], width: int) -> dict[str, Any]:
+    """The per-response rows both layouts share (targets, mask, advantages, log-probs), right-padded to ``width``."""
+
+    def opt(rows: list[torch.Tensor] | None) -> torch.Tensor | None:
+        return None if rows is None else _pad_ragged([rows[i] for i in indices], width, torch.float32)
+
+    return {
+        "targets": _pad_ragged([batch.tokens[i][batch.prompt_lens[i] :] for i in indices], width, torch.long),
+        "mask": _pad_ragged([batch.loss_masks[i] for i in indices], width, torch.float32),
+        "advantages": opt(batch.advantages),
+        "old_logprobs": opt(batch.old_logprobs),
+        "ref_logprobs": opt(batch.ref_logprobs),
+        "rollout_logprobs": opt(batch.rollout_logprobs),
+    }
+
+
 def collate(batch: RolloutBatch, indices: Sequence[int], pad_id: int = 0) -> MicroBatch:
     """Pad samples ``indices`` of ``batch`` into a :class:`MicroBatch`; an empty list gives a one-token dummy."""
     if not indices:
@@ -283,23 +299,12 @@ def collate(batch: RolloutBatch, indices: Sequence[int], pad_id: int = 0) -> Mic
         input_ids[k, :n] = batch.tokens[i]
         attn[k, :n] = 1
         logit_pos[k, :r] = torch.arange(p - 1, p - 1 + r)
-    targets = _pad_ragged([batch.tokens[i][batch.prompt_lens[i] :] for i in indices], R, torch.long)
-    mask = _pad_ragged([batch.loss_masks[i] for i in indices], R, torch.float32)
-
-    def opt(field_: list[torch.Tensor] | None) -> torch.Tensor | None:
-        return None if field_ is None else _pad_ragged([field_[i] for i in indices], R, torch.float32)
-
     return MicroBatch(
         indices=list(indices),
         input_ids=input_ids,
         attention_mask=attn,
         logit_pos=logit_pos,
-        targets=targets,
-        mask=mask,
-        advantages=opt(batch.advantages),
-        old_logprobs=opt(batch.old_logprobs),
-        ref_logprobs=opt(batch.ref_logprobs),
-        rollout_logprobs=opt(batch.rollout_logprobs),
+        **_response_fields(batch, indices, R),
         first_logit_pos=min((batch.prompt_lens[i] - 1 for i in indices if batch.response_lens[i] > 0), default=T - 1),
     )
 
@@ -344,23 +349,12 @@ def pack(batch: RolloutBatch, indices: Sequence[int], pad_id: int = 0, multiple:
         if r > 0 and first is None:
             first = offset + p - 1
         offset += lens[k]
-    targets = _pad_ragged([batch.tokens[i][batch.prompt_lens[i] :] for i in indices], R, torch.long)
-    mask = _pad_ragged([batch.loss_masks[i] for i in indices], R, torch.float32)
-
-    def opt(field_: list[torch.Tensor] | None) -> torch.Tensor | None:
-        return None if field_ is None else _pad_ragged([field_[i] for i in indices], R, torch.float32)
-
     return MicroBatch(
         indices=list(indices),
         input_ids=ids,
         attention_mask=attn,
         logit_pos=logit_pos,
-        targets=targets,
-        mask=mask,
-        advantages=opt(batch.advantages),
-        old_logprobs=opt(batch.old_logprobs),
-        ref_logprobs=opt(batch.ref_logprobs),
-        rollout_logprobs=opt(batch.rollout_logprobs),
+        **_response_fields(batch, indices, R),
         first_logit_pos=total - 1 if first is None else first,
         seq_lens=seq_lens,
         position_ids=position_ids,
