@@ -24,6 +24,7 @@ batch shell requeues the job; the next start resumes from that checkpoint
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -122,6 +123,7 @@ def _log(
     values, perf = rollout_metrics(samples, reward_stats, step_metrics, state.weight_version)
     perf.update(timer.phases)
     perf["time/total"] = timer.total()
+    perf["clock/unix"] = time.time()  # when the rollout ended: `miles bench loop` reads the time to the first one
     tokens = sum(len(s.response_ids) for s in samples)
     perf["rollout/tokens_per_s"] = tokens / engine_seconds if engine_seconds > 0 else 0.0
     metrics.log(rollout_id, values, perf)

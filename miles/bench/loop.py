@@ -176,8 +176,9 @@ def summarize(rows: list[dict[str, Any]], skip: int) -> dict[str, Any]:
     return out
 
 
-def run_spec(a: argparse.Namespace, run_dir: Path) -> float:
-    """``miles run`` the spec for ``--rollouts`` rollouts into ``run_dir``; returns the process's wall time."""
+def run_spec(a: argparse.Namespace, run_dir: Path) -> tuple[float, float]:
+    """``miles run`` the spec for ``--rollouts`` rollouts into ``run_dir``; returns the process's wall time and the
+    Unix time it was started at."""
     cmd = [
         sys.executable,
         "-m",
@@ -193,7 +194,7 @@ def run_spec(a: argparse.Namespace, run_dir: Path) -> float:
         cmd += ["--set", o]
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "bench-loop.log"
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -210,7 +211,7 @@ def run_spec(a: argparse.Namespace, run_dir: Path) -> float:
     if rc != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"`{' '.join(cmd)}` exited with {rc}; log tail:\n{tail}")
-    return wall
+    return wall, started
 
 
 def main(argv: list[str]) -> int:
@@ -221,6 +222,7 @@ def main(argv: list[str]) -> int:
         raise UserError("--async-spec names the async run of --compare-async; add --compare-async")
     tmp: Path | None = None
     wall: float | None = None
+    started: float | None = None
     try:
         if a.compare_async:
             if a.from_run:
@@ -269,8 +271,9 @@ def main(argv: list[str]) -> int:
             else:
                 tmp = Path(tempfile.mkdtemp(prefix="miles-bench-loop-"))
                 run_dir = tmp / "run"
-            wall = run_spec(a, run_dir)
-        rows = phase_rows(read_perf(run_dir / "perf.jsonl"))
+            wall, started = run_spec(a, run_dir)
+        records = read_perf(run_dir / "perf.jsonl")
+        rows = phase_rows(records)
         if not rows:
             raise UserError(f"{run_dir / 'perf.jsonl'} has no rollouts")
         report = Report(
@@ -293,10 +296,14 @@ def main(argv: list[str]) -> int:
                 outside_rollouts_s=wall - inside,
                 outside_rollouts_share=(wall - inside) / wall if wall > 0 else 0.0,
             )
+        if started is not None and "clock/unix" in records[0]:
+            report.summary["time_to_first_rollout_s"] = float(records[0]["clock/unix"]) - started
         report.notes.append(
             "overhead = total - sum(phases), per rollout, from the loop's own perf.jsonl; "
             "process start-up, checkpoint saves and plotting happen outside a rollout's total "
-            "(outside_rollouts_s = the child's wall time - the rollouts' totals)"
+            "(outside_rollouts_s = the child's wall time - the rollouts' totals); time_to_first_rollout_s runs from "
+            "the `miles run` command's start to the end of its first rollout (engine start, model loads, the "
+            "first rollout itself)"
         )
         report.print()
         if a.json_out:

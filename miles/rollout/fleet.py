@@ -22,7 +22,7 @@ from miles.errors import UserError
 from miles.job import rundir
 from miles.job.environment import TaskContext
 from miles.job.ports import free_port
-from miles.plan.engine_argv import KEY_ENV
+from miles.plan.engine_argv import KEY_ENV, request_chunk
 from miles.rollout.client import BlockingRolloutClient, RolloutClient
 from miles.rollout.custom import CustomGeneration
 from miles.sample import Sample
@@ -76,6 +76,8 @@ class FleetConfig:
     """``[rollout] update_weight_buffer_size``: the size of one flattened bucket of weights."""
     ranks_per_engine: int
     """GPUs of one engine (``rollout_num_gpus_per_engine`` for SGLang, 1 for the embedded engine)."""
+    chunk_size: int
+    """Samples per batched ``/generate`` request (:func:`miles.plan.engine_argv.request_chunk`)."""
 
     @classmethod
     def from_spec(cls, spec: Spec, task: TaskContext) -> FleetConfig:
@@ -87,6 +89,7 @@ class FleetConfig:
             sync_device=device,
             bucket_bytes=spec.rollout.update_weight_buffer_size,
             ranks_per_engine=spec.sglang.rollout_num_gpus_per_engine if spec.rollout.engine == "sglang" else 1,
+            chunk_size=request_chunk(spec, task.device, task.num_engines),
         )
 
 
@@ -247,7 +250,9 @@ class EngineFleet:
         if self.router is not None:  # it routes to these engines only; one announced again leaves it at once
             self._generate_routed(samples, rollout_id, urls, weight_version, evaluation, overrides)
             return
-        client = BlockingRolloutClient(urls, api_key=self.api_key, dead_cooldown_s=_NEVER_S)
+        client = BlockingRolloutClient(
+            urls, api_key=self.api_key, dead_cooldown_s=_NEVER_S, chunk_size=self.cfg.chunk_size
+        )
         try:
             self._generate_with(client, samples, rollout_id, weight_version, evaluation, overrides)
         finally:
@@ -277,7 +282,9 @@ class EngineFleet:
 
         urls = self._current_urls()
         if self.router is None:
-            client = BlockingRolloutClient(urls, api_key=self.api_key, dead_cooldown_s=_NEVER_S)
+            client = BlockingRolloutClient(
+                urls, api_key=self.api_key, dead_cooldown_s=_NEVER_S, chunk_size=self.cfg.chunk_size
+            )
             try:
                 return client.run(work)
             finally:

@@ -75,7 +75,10 @@ def test_loop_runs_the_quickstart(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         for phase in ("generate", "reward", "train", "sync", "total"):
             assert positive_finite(row[phase]), (phase, row)
         assert row["overhead"] > -1e-6 and row["overhead_share"] < 1
-    assert positive_finite(report["summary"]["process_wall_s"])
+    summary = report["summary"]
+    assert positive_finite(summary["process_wall_s"])
+    # the first rollout ends after the process started and before it ended, and after its own total
+    assert report["rows"][0]["total"] < summary["time_to_first_rollout_s"] < summary["process_wall_s"]
     assert (tmp_path / "run" / "perf.jsonl").exists()
 
 
