@@ -223,6 +223,7 @@ def main(argv: list[str]) -> int:
     tmp: Path | None = None
     wall: float | None = None
     started: float | None = None
+    done = False
     try:
         if a.compare_async:
             if a.from_run:
@@ -242,7 +243,7 @@ def main(argv: list[str]) -> int:
                     "overrides": a.overrides,
                 },
             )
-            report.machine = machine("cpu")
+            report.machine = machine(_device(a))
             report.rows = [
                 {"run": name, "spec": path}
                 | {k.removeprefix(f"{name}_"): v for k, v in speed.items() if k.startswith(f"{name}_")}
@@ -260,6 +261,7 @@ def main(argv: list[str]) -> int:
             report.print()
             if a.json_out:
                 report.write_json(a.json_out)
+            done = True
             return 0
         if a.from_run:
             run_dir = Path(a.from_run)
@@ -286,7 +288,7 @@ def main(argv: list[str]) -> int:
                 "skip": a.skip,
             },
         )
-        report.machine = machine("cpu")
+        report.machine = machine(_device(a))
         report.rows = rows
         report.summary = summarize(rows, a.skip)
         if wall is not None:
@@ -308,10 +310,34 @@ def main(argv: list[str]) -> int:
         report.print()
         if a.json_out:
             report.write_json(a.json_out)
+        done = True
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _clean(tmp, done)
     return 0
+
+
+def _clean(tmp: Path | None, done: bool) -> None:
+    """Remove the temporary run directory, unless the run failed: then its log is what explains why."""
+    if tmp is None:
+        return
+    if done:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        print(f"miles bench loop: kept the failed run's directory for its logs: {tmp}", file=sys.stderr)
+
+
+def _device(a: argparse.Namespace) -> str:
+    """The device the loop ran on (the spec's ``[cluster] device`` after ``--set``), for the report's machine."""
+    if a.from_run or not a.spec or not Path(a.spec).exists():
+        return "cpu"
+    from miles.spec.loader import load_spec
+
+    device = load_spec(a.spec, a.overrides).cluster.device
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 __all__ = ["main"]

@@ -124,3 +124,17 @@ def test_compare_async_reports_speed_and_reward_of_each_run(tmp_path: Path, monk
 def test_async_spec_without_compare_async_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--compare-async"):
         main("loop", ["--from-run", str(tmp_path), "--async-spec", "configs/quickstart.toml"])
+
+
+def test_a_failed_run_keeps_its_directory_for_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import miles.bench.loop as loop
+
+    monkeypatch.setattr(loop.tempfile, "mkdtemp", lambda prefix: str(tmp_path / "tmp"))
+    monkeypatch.chdir(ROOT)
+    # a key no table has: `miles run` refuses the spec with exit 2 before anything starts
+    with pytest.raises(RuntimeError, match="exited with 2"):
+        main("loop", ["configs/quickstart.toml", "--rollouts", "1", "--set", "run.no_such_key=1"])
+    assert (tmp_path / "tmp" / "run" / "bench-loop.log").read_text().count("no_such_key") >= 1
+    assert f"kept the failed run's directory for its logs: {tmp_path / 'tmp'}" in capsys.readouterr().err
