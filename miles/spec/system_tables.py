@@ -57,8 +57,10 @@ class PerfConfig:
     """Megatron backend: miles' replacements for what runs unfused without Transformer Engine: RMSNorm by torch's
     fused kernel with weights in the model dtype (as HF stores them; fp32 master copies in the optimizer), and the
     log-probs/entropy over the vocabulary in chunks with a hand-written backward instead of fp32 ``[tokens, vocab]``
-    temporaries. Same math; faster and leaner in bf16, hence on by default; ``false`` runs Megatron's own unfused
-    modules (for comparison). The norms are left to Transformer Engine when it is installed; ignored by FSDP.
+    temporaries. On GPUs also torch's fused AdamW kernel instead of its ``foreach`` default, Megatron's SwiGLU with
+    its hand-written backward and its RoPE, both compiled by ``torch.compile`` (the first step pays the compilation).
+    Same math; faster and leaner in bf16, hence on by default; ``false`` runs Megatron's own unfused modules (for
+    comparison). The norms are left to Transformer Engine when it is installed; ignored by FSDP.
     """
 
     recompute_granularity: Literal["full", "selective"] | None = None

@@ -150,6 +150,8 @@ class MegatronActor:
             self.optimizer = get_megatron_optimizer(
                 megatron_optimizer_config(cfg.optimizer, self.dtype, distributed=True), [self.model]
             )
+            if cfg.perf.fused_kernels:
+                _fuse_adam(self.optimizer)
         else:
             self.optimizer = build_adamw(cfg.optimizer, self.model.module.named_parameters())
         self._step = 0
@@ -305,8 +307,10 @@ class MegatronActor:
                 global_samples=len(idx),
                 max_response_len=self.cfg.max_response_len,
             )
-            tokens = int(mb.attention_mask.sum())
-            return loss, self._zero_tokens(), {"metrics": {k: float(v) for k, v in metrics.items()}, "tokens": tokens}
+            # kept on the device: one host read per optimizer step (_reduce_metrics), not one per micro-batch,
+            # which would stall the launch of each micro-batch's backward until its forward had finished
+            tokens = mb.attention_mask.sum()
+            return loss, self._zero_tokens(), {"metrics": {k: v.detach() for k, v in metrics.items()}, "tokens": tokens}
 
         self.model.zero_grad_buffer()
         if self.on_cuda:
@@ -377,6 +381,7 @@ class MegatronActor:
 
         mine: dict[str, float] = {}
         tokens = 0
+        store = _on_host(store)
         if self.last_stage and self.tp_rank == 0 and self.cp.rank == 0:
             for d in store:
                 tokens += d["tokens"]
@@ -530,6 +535,8 @@ class MegatronActor:
             log.warning("%s holds no optimizer state ([ckpt] no_save_optim): Adam restarts from zero moments", path)
         elif self.on_cuda:
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.cfg.perf.fused_kernels:
+                _fuse_adam(self.optimizer)  # the loaded parameter groups carry the flags they were saved with
         else:
             self.optimizer.load_state_dict(torch.load(os.path.join(path, f"adamw.rank{dist.get_rank()}.pt")))
         self._step = int(state["step"])
@@ -537,3 +544,36 @@ class MegatronActor:
 
 def _strip(state: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def _on_host(store: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The micro-batches' metric and token figures as Python numbers, read from the device in one transfer."""
+    tensors = [v for d in store for v in (*d["metrics"].values(), d["tokens"]) if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return store
+    values = iter(torch.stack([t.to(torch.float64) for t in tensors]).tolist())
+
+    def host(v: Any) -> Any:
+        return next(values) if isinstance(v, torch.Tensor) else v
+
+    return [{"metrics": {k: host(v) for k, v in d["metrics"].items()}, "tokens": int(host(d["tokens"]))} for d in store]
+
+
+def _fuse_adam(optimizer: Any) -> None:
+    """Step torch's AdamW inside Megatron's optimizer with its fused CUDA kernel (``[perf] fused_kernels``).
+
+    Without Transformer Engine or apex, megatron-core falls back to ``torch.optim.AdamW`` with torch's default
+    implementation, ``foreach``: a dozen passes over the fp32 master weights and moments per step. The fused
+    kernel makes one. Its step counters live on the GPU (a checkpoint written by the ``foreach`` path keeps
+    them on the host, so they are moved).
+    """
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            group["fused"], group["foreach"] = True, False
+        for p, state in inner.state.items():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                state["step"] = step.to(device=p.device, dtype=torch.float32)

@@ -170,16 +170,20 @@ def transformer_config(
     *,
     dtype: torch.dtype,
     use_te: bool,
+    on_cuda: bool = False,
 ) -> Any:
     """Translate HF architecture + the planner's mesh + [perf] into a Megatron ``TransformerConfig``.
 
     The parallel sizes are the mesh's (the layout ``miles plan`` checked); ``perf``
     gives the rest: sequence parallelism, recomputation and the MoE router.
 
-    Every fused kernel is switched off on the local (non-TE) path: the
-    fused paths need apex or TE and the local ones are what matches the HF
-    model bit-for-bit in fp32. Dropout is 0: RL fine-tuning computes the
-    ratio against log-probs of the same deterministic network. The MoE
+    Every fused kernel that needs apex or TE is switched off on the local
+    (non-TE) path; the local ones are what matches the HF model bit-for-bit in
+    fp32. One fusion needs neither: Megatron's SwiGLU (forward and a
+    hand-written backward, compiled by ``torch.compile``), used on GPUs with
+    ``[perf] fused_kernels`` (one pass over the ``[tokens, 2 ffn]`` activations
+    each way instead of the chunk, SiLU and product kernels and their autograd).
+    Dropout is 0: RL fine-tuning computes the ratio against log-probs of the same deterministic network. The MoE
     router's balancing, aux loss, dtype, dispatcher and permute fusion are
     the ``[perf] moe_*`` keys, passed to megatron-core as they are.
     """
@@ -201,7 +205,7 @@ def transformer_config(
         "qk_layernorm": arch.qk_norm,
         "hidden_dropout": 0.0,
         "attention_dropout": 0.0,
-        "bias_activation_fusion": False,
+        "bias_activation_fusion": on_cuda and perf.fused_kernels and not use_te,
         "bias_dropout_fusion": False,
         "masked_softmax_fusion": False,
         "persist_layer_norm": False,

@@ -74,7 +74,8 @@ def build_gpt_model(
 
     if arch.num_experts:
         _patch_router_gemm()
-    config = transformer_config(arch, mesh, perf, dtype=dtype, use_te=use_te)
+    _compile_rope(device.type == "cuda" and perf.fused_kernels and not use_te)
+    config = transformer_config(arch, mesh, perf, dtype=dtype, use_te=use_te, on_cuda=device.type == "cuda")
     spec = layer_spec(arch, use_te, perf.attention_backend, own_norms(perf, use_te))
     if own_norms(perf, use_te):
         # The block builds its final norm from a module-level default (a torch norm, which refuses sequence
@@ -115,3 +116,25 @@ def _patch_router_gemm() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+_ROPE: dict[bool, Any] = {}
+"""Megatron's RoPE function as it ships (False) and compiled (True), once each per process."""
+
+
+def _compile_rope(on: bool) -> None:
+    """Run Megatron's unfused RoPE as one compiled kernel each way (``[perf] fused_kernels`` on GPUs, no TE).
+
+    Megatron's fused RoPE needs Transformer Engine; its local path spends a dozen elementwise kernels per layer
+    on q and k (cos, sin, casts, the half rotation, products, sum, concatenation) and as many in the backward.
+    ``torch.compile`` of that same function (dynamic shapes: RL sequence lengths vary) fuses them. The choice
+    replaces the module-level function megatron-core's ``apply_rotary_pos_emb`` calls, so it holds for every
+    model of the process: the model built last decides (``miles bench train`` variants build one at a time).
+    """
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if not _ROPE:
+        _ROPE[False] = rope_utils._apply_rotary_pos_emb_bshd
+    if on and True not in _ROPE:
+        _ROPE[True] = torch.compile(_ROPE[False], dynamic=True)
+    rope_utils._apply_rotary_pos_emb_bshd = _ROPE[on]
