@@ -38,7 +38,6 @@ import inspect
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -48,37 +47,34 @@ Kernel = Literal["varlen", "flex", "grouped"]
 KERNELS: tuple[Kernel, ...] = ("varlen", "flex", "grouped")
 
 
-@dataclass
 class Documents:
     """The documents of one packed row: their lengths (host integers, so no kernel needs a device sync) and the
-    tensors the fused kernels take, built once per micro-batch and read by every layer."""
+    tensors the fused kernels take, built once per micro-batch and read by every layer.
 
-    lens: tuple[int, ...]
-    cu_seqlens: torch.Tensor
-    """``[n + 1]`` int32 on the row's device: where each document starts, then the row's length."""
-    max_len: int
-    starts: tuple[int, ...]
-    by_length: dict[int, tuple[int, ...]]
-    """Document indices of each length, in row order (the grouped kernel's batches)."""
-    _gather: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
-    _block_mask: Any = field(default=None, repr=False, compare=False)
+    A plain class, not a dataclass: FSDP rebuilds dataclasses found in a module's inputs (to move or cast their
+    tensors) before every sharded layer, which would drop what the first layer cached for the others.
+    """
 
-    @classmethod
-    def of(cls, lens: Sequence[int], device: torch.device | str) -> Documents:
-        lens = tuple(int(n) for n in lens)
-        if not lens or min(lens) < 1:
+    def __init__(self, lens: Sequence[int], device: torch.device | str) -> None:
+        self.lens = tuple(int(n) for n in lens)
+        if not self.lens or min(self.lens) < 1:
             raise ValueError(f"a packed row needs documents of at least one token, got lengths {list(lens)[:8]}")
-        bounds = [0, *itertools.accumulate(lens)]
+        bounds = [0, *itertools.accumulate(self.lens)]
+        self.cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
+        """``[n + 1]`` int32 on the row's device: where each document starts, then the row's length."""
+        self.max_len = max(self.lens)
+        self.starts = tuple(bounds[:-1])
         by_length: dict[int, list[int]] = {}
-        for i, n in enumerate(lens):
+        for i, n in enumerate(self.lens):
             by_length.setdefault(n, []).append(i)
-        return cls(
-            lens=lens,
-            cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device=device),
-            max_len=max(lens),
-            starts=tuple(bounds[:-1]),
-            by_length={n: tuple(ix) for n, ix in by_length.items()},
-        )
+        self.by_length = {n: tuple(ix) for n, ix in by_length.items()}
+        """Document indices of each length, in row order (the grouped kernel's batches)."""
+        self._gather: dict[int, torch.Tensor] = {}
+        self._row_order: torch.Tensor | None = None
+        self._block_mask: Any = None
+
+    def __repr__(self) -> str:
+        return f"Documents({len(self.lens)} documents, {self.total} tokens, longest {self.max_len})"
 
     @property
     def total(self) -> int:
@@ -91,6 +87,15 @@ class Documents:
             idx = (starts[:, None] + torch.arange(length)[None, :]).reshape(-1)
             self._gather[length] = idx.to(device)
         return self._gather[length]
+
+    def row_order(self, device: torch.device) -> torch.Tensor:
+        """Where each row position sits among the grouped kernel's outputs (its groups' tokens, group after group)."""
+        if self._row_order is None:
+            grouped = [self.starts[i] + j for n, ix in self.by_length.items() for i in ix for j in range(n)]
+            order = torch.empty(len(grouped), dtype=torch.long)
+            order[torch.tensor(grouped)] = torch.arange(len(grouped))
+            self._row_order = order.to(device)
+        return self._row_order
 
     def block_mask(self, device: torch.device) -> Any:
         """FlexAttention's document-causal ``BlockMask`` of the row (built on first use, then shared by every layer)."""
@@ -234,21 +239,32 @@ def _grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Documents, scale: float
 ) -> torch.Tensor:
     heads, d = q.shape[1], q.shape[2]
-    pieces: list[torch.Tensor | None] = [None] * len(docs.lens)
+    # CPU SDPA shares key/value heads itself; CUDA's memory-efficient kernel does not, so it gets them repeated.
+    native_gqa = q.device.type == "cpu" and k.shape[1] != heads
+    outs: list[torch.Tensor] = []
+    in_row_order = True  # the groups' outputs, concatenated, are the row itself (no scatter back)
+    covered = 0
     for n, members in docs.by_length.items():
         m = len(members)
         first = docs.starts[members[0]]
         if docs.starts[members[-1]] - first == (m - 1) * n:  # consecutive in the row: a view, no gather
             qg, kg, vg = (x[first : first + m * n] for x in (q, k, v))
+            in_row_order = in_row_order and first == covered
         else:
             idx = docs.gather_index(n, q.device)
             qg, kg, vg = (x.index_select(0, idx) for x in (q, k, v))
+            in_row_order = False
+        covered += m * n
         # [m * n, h, d] -> [m, h, n, d]: each batch row is one document, so a plain causal mask is exact
-        # (contiguous: CPU SDPA on the strided views was measured 7x slower than on copies)
-        qg = qg.view(m, n, heads, d).transpose(1, 2).contiguous()
-        kg = _repeat_heads(kg.view(m, n, -1, d), heads).transpose(1, 2).contiguous()
-        vg = _repeat_heads(vg.view(m, n, -1, d), heads).transpose(1, 2).contiguous()
-        out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=n > 1, scale=scale).transpose(1, 2)
-        for j, i in enumerate(members):
-            pieces[i] = out[j]
-    return torch.cat([p for p in pieces if p is not None], dim=0)
+        qg = qg.view(m, n, heads, d).transpose(1, 2)
+        kg, vg = kg.view(m, n, -1, d), vg.view(m, n, -1, d)
+        if not native_gqa:
+            kg, vg = _repeat_heads(kg, heads), _repeat_heads(vg, heads)
+        out = F.scaled_dot_product_attention(
+            qg, kg.transpose(1, 2), vg.transpose(1, 2), is_causal=n > 1, scale=scale, enable_gqa=native_gqa
+        )
+        outs.append(out.transpose(1, 2).reshape(m * n, heads, d))
+    grouped = outs[0] if len(outs) == 1 else torch.cat(outs)
+    if in_row_order:
+        return grouped
+    return grouped.index_select(0, docs.row_order(q.device))

@@ -152,26 +152,27 @@ class FSDPActor:
         return m
 
     def _forward(self, model: FSDPModule, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Response-token log-probs and entropies ``[B, R]`` in fp32; the LM head runs only from the first response
-        position on.
+        """Response-token log-probs and entropies ``[B, R]`` in fp32; the LM head runs only where logits are read:
+        padded rows from the first response position on, a packed row at its response positions only (its other
+        documents' prompts sit between them).
         """
-        T = mb.input_ids.shape[1]
-        first = mb.first_logit_pos
-        keep = T - first
-        pos = (mb.logit_pos - first).clamp(min=0)
         if mb.packed:
             # Restarting positions restart RoPE per document; the documents reach every layer's attention, which
             # attends within each one (miles.train.hf_attention), and no mask is built.
             assert mb.seq_lens is not None
+            keep_pos = torch.unique(mb.logit_pos)  # sorted row positions whose logits are read
             out = self._module(model)(
                 input_ids=mb.input_ids,
                 position_ids=mb.position_ids,
                 use_cache=False,
-                logits_to_keep=keep,
+                logits_to_keep=keep_pos,
                 **packed_forward_kwargs(mb.seq_lens, mb.input_ids.device),
             )
-            sel = out.logits[0][pos]  # [1, keep, V] -> [B, R, V]
+            sel = out.logits[0][torch.searchsorted(keep_pos, mb.logit_pos)]  # [1, K, V] -> [B, R, V]
         else:
+            first = mb.first_logit_pos
+            keep = mb.input_ids.shape[1] - first
+            pos = (mb.logit_pos - first).clamp(min=0)
             out = self._module(model)(
                 input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, logits_to_keep=keep
             )

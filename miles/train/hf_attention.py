@@ -89,4 +89,4 @@ def register() -> str:
 def packed_forward_kwargs(seq_lens: Sequence[int], device: torch.device) -> dict[str, Any]:
     """The forward keyword arguments of a packed row of documents of ``seq_lens`` tokens: the row's
     :class:`Documents`, which transformers passes down to :func:`_attention` in every layer."""
-    return {"documents": Documents.of(seq_lens, device)}
+    return {"documents": Documents(seq_lens, device)}

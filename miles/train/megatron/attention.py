@@ -55,7 +55,7 @@ class DocumentParams(PackedSeqParams):  # type: ignore[misc]
 
 def document_params(seq_lens: Sequence[int], device: torch.device) -> DocumentParams:
     """The ``thd`` parameters of a row of documents of ``seq_lens`` tokens (queries and keys alike)."""
-    docs = Documents.of(seq_lens, device)
+    docs = Documents(seq_lens, device)
     return DocumentParams(
         qkv_format="thd",
         cu_seqlens_q=docs.cu_seqlens,

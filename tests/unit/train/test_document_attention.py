@@ -88,7 +88,7 @@ def _run(kernel: str | None, lens: list[int], dtype: torch.dtype, device: str) -
     q, k, v, g = _inputs(lens, dtype, device)
     results = []
     for fn in (
-        lambda a, b, c: document_attention(a, b, c, Documents.of(lens, device), kernel=kernel),  # type: ignore[arg-type]
+        lambda a, b, c: document_attention(a, b, c, Documents(lens, device), kernel=kernel),  # type: ignore[arg-type]
         lambda a, b, c: per_document_sdpa(a, b, c, lens),
     ):
         leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
@@ -111,7 +111,7 @@ def test_grouped_kernel_equals_per_document_sdpa(lens: list[int]) -> None:
 def test_documents_never_see_each_other() -> None:
     """Changing one document's keys and values changes no other document's output."""
     q, k, v, _ = _inputs(LENS, torch.float32, "cpu")
-    docs = Documents.of(LENS, "cpu")
+    docs = Documents(LENS, "cpu")
     base = document_attention(q, k, v, docs, kernel="grouped")
     start, n = docs.starts[2], LENS[2]
     k2, v2 = k.clone(), v.clone()
@@ -131,11 +131,11 @@ def test_cpu_chooses_the_grouped_kernel() -> None:
 def test_mismatched_rows_and_empty_documents_are_refused() -> None:
     q, k, v, _ = _inputs([3, 4], torch.float32, "cpu")
     with pytest.raises(ValueError, match="documents of 8 tokens"):
-        document_attention(q, k, v, Documents.of([3, 5], "cpu"))
+        document_attention(q, k, v, Documents([3, 5], "cpu"))
     with pytest.raises(ValueError, match="at least one token"):
-        Documents.of([3, 0, 4], "cpu")
+        Documents([3, 0, 4], "cpu")
     with pytest.raises(ValueError, match="not a multiple"):
-        document_attention(q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), Documents.of([3, 4], "cpu"))
+        document_attention(q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), Documents([3, 4], "cpu"))
 
 
 @pytest.mark.gpu
