@@ -156,3 +156,15 @@ def test_cuda_kernels_equal_per_document_sdpa(kernel: str, dtype: torch.dtype, l
     for name in ("out", "dq", "dk", "dv"):
         err = (got[name].double() - want[name].double()).abs().cpu()
         assert (err <= bound[name]).all(), (name, float(err.max()), float(bound[name].max()))
+
+
+def test_fsdp_passes_documents_through_with_their_caches() -> None:
+    """FSDP rebuilds the containers of a sharded layer's inputs (dataclasses included) before every layer, to move
+    or cast their tensors: a row's Documents must reach every layer as the same object, so that what one layer
+    builds (the grouped kernel's gather indices, FlexAttention's block mask) serves the others."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    docs = Documents(LENS, "cpu")
+    docs.gather_index(9, torch.device("cpu"))
+    kwargs = _apply_to_tensors(lambda t: t.clone(), {"documents": docs, "position_ids": torch.zeros(3)})
+    assert kwargs["documents"] is docs
