@@ -243,9 +243,12 @@ CASES: tuple[Case, ...] = (
     Case(
         "train-packing-1gpu",
         1,
-        "Padded vs packed micro-batches (qkv_format bshd, thd) on an RL length mix of 64 sequences up to 2048 tokens, "
-        "real tokens/s: Megatron at the Llama-3.2-1B shape (sdpa, fused kernels), FSDP at the Qwen2.5-0.5B shape.",
+        "Packed attention kernels (varlen flash attention in bf16, FlexAttention in fp32) against one SDPA per "
+        "document, then padded vs packed micro-batches (qkv_format bshd, thd) on an RL length mix of 64 sequences up "
+        "to 2048 tokens, real tokens/s: Megatron at the Llama-3.2-1B shape (sdpa, fused kernels), FSDP at the "
+        "Qwen2.5-0.5B shape; each packed row names the kernel it ran (packed_kernel).",
         (
+            Step("pytest -q -m gpu tests/unit/train/test_document_attention.py", 120),
             Step(
                 f"{MEGATRON_TRAIN} --preset llama3.2-1b --lengths rl --batch 64 --steps 3 --warmup 1 "
                 "--variant attention_backend=sdpa,fused_kernels=true,qkv_format=bshd "

@@ -322,7 +322,20 @@ def measure_backend(
         "tokens_per_s_per_device": tokens / step_s / world,
         "tflops_per_device": tflops / world,
         "max_mem_gib": mem,
+        "packed_kernel": packed_kernel(data, device, dtype) if spec.train.qkv_format == "thd" else None,
     }
+
+
+def packed_kernel(data: dict[str, Any], device: str, dtype: str) -> str:
+    """The document-attention kernel a packed row of this model runs on ``device`` in ``dtype`` (what
+    :func:`miles.train.document_attention.choose_kernel` picks for its query heads)."""
+    import torch
+
+    from miles.train.document_attention import choose_kernel
+
+    head_dim = data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"]
+    probe = torch.empty(1, 1, head_dim, dtype=getattr(torch, dtype), device=device)
+    return choose_kernel(probe)
 
 
 def packing_speedups(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -423,6 +436,7 @@ def main(argv: list[str]) -> int:
                     "mfu",
                     "of_matmul",
                     "max_mem_gib",
+                    "packed_kernel",
                 ]
             )
             if a.json_out:

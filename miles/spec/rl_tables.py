@@ -394,8 +394,9 @@ class TrainConfig:
 
     qkv_format: Literal["thd", "bshd"] = "thd"
     """How a micro-batch's sequences are laid out (Miles ``--qkv-format``): ``thd`` packs them back to back in one
-    row with positions restarting per sequence and block-diagonal causal attention (no padding; the token cost of a
-    micro-batch is the sum of its lengths), ``bshd`` right-pads them to the longest (the cost is count x longest).
+    row with positions restarting per sequence and causal attention within each sequence (no padding; the token
+    cost of a micro-batch is the sum of its lengths), ``bshd`` right-pads them to the longest (the cost is count x
+    longest).
     Log-probs and gradients are the same either way. Megatron pads (``bshd``) under context parallelism and with
     ``[perf] attention_backend = "unfused"`` without Transformer Engine, where packed attention is not available.
     """

@@ -7,9 +7,12 @@ backward run in that dtype (``MixedPrecisionPolicy``) with gradients reduced
 in fp32. Works on CPU over gloo (world size >= 1) and on GPUs over NCCL.
 
 Micro-batches are packed by default (``[train] qkv_format = "thd"``): one row
-of back-to-back sequences with restarting position ids and no attention mask,
-which transformers' mask builder turns into a block-diagonal causal mask (its
-own packed path; SDPA, no flash-attn). ``"bshd"`` right-pads them instead.
+of back-to-back sequences with restarting position ids (RoPE restarts per
+sequence) and no attention mask; the models are loaded with miles' attention
+implementation (:mod:`miles.train.hf_attention`), which attends each sequence
+causally to itself with :mod:`miles.train.document_attention`'s kernels instead
+of building a ``[t, t]`` mask. ``"bshd"`` right-pads them instead, and those
+rows run transformers' SDPA path unchanged.
 
 Determinism: given the same weights, optimizer state, step counter and batch,
 a step is a fixed sequence of ops (no dropout draws: HF configs of the
@@ -57,6 +60,7 @@ from miles.train.batch import (
     rank_slices,
     step_indices,
 )
+from miles.train.hf_attention import packed_forward_kwargs, register
 from miles.train.hf_checkpoint import save_hf_checkpoint
 from miles.train.optim import build_adamw, lr_at
 
@@ -66,14 +70,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_hf_model(model_dir: str, *, trust_remote_code: bool = False) -> torch.nn.Module:
-    """An HF causal LM from a directory, in fp32 on the CPU (FSDP moves the shards to the device)."""
+    """An HF causal LM from a directory, in fp32 on the CPU (FSDP moves the shards to the device), with miles'
+    attention implementation (SDPA for padded rows, per-document attention for packed ones)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per rank and model drowns the run's log
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+            model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code, attn_implementation=register()
         )
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load an HF causal LM from {model_dir!r} ([model] hf_checkpoint): {e}") from e
@@ -147,21 +152,27 @@ class FSDPActor:
         return m
 
     def _forward(self, model: FSDPModule, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Response-token log-probs and entropies ``[B, R]`` in fp32; the LM head runs only from the first response
-        position on.
+        """Response-token log-probs and entropies ``[B, R]`` in fp32; the LM head runs only where logits are read:
+        padded rows from the first response position on, a packed row at its response positions only (its other
+        documents' prompts sit between them).
         """
-        T = mb.input_ids.shape[1]
-        first = mb.first_logit_pos
-        keep = T - first
-        pos = (mb.logit_pos - first).clamp(min=0)
         if mb.packed:
-            # transformers' own packed path: with no attention mask, positions that restart mark the documents and
-            # its mask builder makes attention block-diagonal causal (for SDPA an explicit mask, no flash-attn).
+            # Restarting positions restart RoPE per document; the documents reach every layer's attention, which
+            # attends within each one (miles.train.hf_attention), and no mask is built.
+            assert mb.seq_lens is not None
+            keep_pos = torch.unique(mb.logit_pos)  # sorted row positions whose logits are read
             out = self._module(model)(
-                input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, logits_to_keep=keep
+                input_ids=mb.input_ids,
+                position_ids=mb.position_ids,
+                use_cache=False,
+                logits_to_keep=keep_pos,
+                **packed_forward_kwargs(mb.seq_lens, mb.input_ids.device),
             )
-            sel = out.logits[0][pos]  # [1, keep, V] -> [B, R, V]
+            sel = out.logits[0][torch.searchsorted(keep_pos, mb.logit_pos)]  # [1, K, V] -> [B, R, V]
         else:
+            first = mb.first_logit_pos
+            keep = mb.input_ids.shape[1] - first
+            pos = (mb.logit_pos - first).clamp(min=0)
             out = self._module(model)(
                 input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, logits_to_keep=keep
             )

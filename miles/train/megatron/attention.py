@@ -23,13 +23,14 @@ needs Transformer Engine): a micro-batch's documents sit back to back in one
 row and Megatron hands the core attention ``[t, heads, head_dim]`` with the
 documents' boundaries (:func:`document_params`, whose ``cu_seqlens`` also make
 Megatron's RoPE restart per document). Each document attends causally to
-itself only: one SDPA per document, so no ``[t, t]`` mask is built and no
-query computes scores against another document's keys.
+itself only, through :func:`miles.train.document_attention.document_attention`
+(varlen flash attention or FlexAttention on GPUs, SDPA over documents grouped
+by length on CPUs), so no ``[t, t]`` mask is built, no query computes scores
+against another document's keys, and no Python loop runs over the documents.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,27 +41,28 @@ from megatron.core.transformer.module import MegatronModule
 from torch.nn import functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from miles.train.document_attention import Documents, document_attention
 from miles.train.megatron.context import ContextLayout
 
 
 @dataclass
 class DocumentParams(PackedSeqParams):  # type: ignore[misc]
-    """Megatron's packed-sequence parameters plus the document lengths as host integers (no device sync per layer)."""
+    """Megatron's packed-sequence parameters plus the row's :class:`Documents` (host lengths, so no device sync per
+    layer, and what every layer's document attention reuses)."""
 
-    seq_lens: tuple[int, ...] = ()
+    documents: Documents | None = None
 
 
 def document_params(seq_lens: Sequence[int], device: torch.device) -> DocumentParams:
     """The ``thd`` parameters of a row of documents of ``seq_lens`` tokens (queries and keys alike)."""
-    cu = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=device)
-    longest = max(seq_lens)
+    docs = Documents(seq_lens, device)
     return DocumentParams(
         qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=longest,
-        max_seqlen_kv=longest,
-        seq_lens=tuple(seq_lens),
+        cu_seqlens_q=docs.cu_seqlens,
+        cu_seqlens_kv=docs.cu_seqlens,
+        max_seqlen_q=docs.max_len,
+        max_seqlen_kv=docs.max_len,
+        documents=docs,
     )
 
 
@@ -106,11 +108,14 @@ class SdpaAttention(MegatronModule):  # type: ignore[misc]
         if attention_bias is not None:
             raise ValueError("SdpaAttention takes no attention bias")
         if packed_seq_params is not None:
-            if not isinstance(packed_seq_params, DocumentParams) or self.cp_size > 1 or not self.causal:
+            docs = packed_seq_params.documents if isinstance(packed_seq_params, DocumentParams) else None
+            if docs is None or self.cp_size > 1 or not self.causal:
                 raise ValueError(
                     "packed SdpaAttention takes miles' DocumentParams, causal, without context parallelism"
                 )
-            return self._documents(query, key, value, packed_seq_params.seq_lens)
+            if self.training and self.dropout > 0.0:
+                raise ValueError("packed SdpaAttention takes no attention dropout")
+            return document_attention(query, key, value, docs, scale=self.scale).reshape(query.shape[0], -1)
         sq, b = query.shape[0], query.shape[1]
         if self.cp_size > 1:
             if attention_mask is not None or not self.causal:
@@ -132,35 +137,6 @@ class SdpaAttention(MegatronModule):  # type: ignore[misc]
                 q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=self.scale
             )
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
-
-    def _documents(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seq_lens: Sequence[int]
-    ) -> torch.Tensor:
-        """Causal attention within each document of a packed row: ``[t, heads, d]`` -> ``[t, heads * d]``."""
-        t = query.shape[0]
-        if sum(seq_lens) != t:
-            raise ValueError(f"packed row of {t} tokens, documents of {sum(seq_lens)}")
-        q = query.permute(1, 0, 2)  # [heads, t, d]; each document's slice is one SDPA call
-        k = key.permute(1, 0, 2)
-        v = value.permute(1, 0, 2)
-        if self.groups != self.heads:
-            k = k.repeat_interleave(self.heads // self.groups, dim=0)
-            v = v.repeat_interleave(self.heads // self.groups, dim=0)
-        dropout = self.dropout if self.training else 0.0
-        outs = []
-        for q_d, k_d, v_d in zip(q.split(seq_lens, 1), k.split(seq_lens, 1), v.split(seq_lens, 1), strict=True):
-            n = q_d.shape[1]
-            outs.append(
-                F.scaled_dot_product_attention(
-                    q_d.unsqueeze(0),
-                    k_d.unsqueeze(0),
-                    v_d.unsqueeze(0),
-                    dropout_p=dropout,
-                    is_causal=n > 1,
-                    scale=self.scale,
-                )[0]
-            )
-        return torch.cat(outs, dim=1).permute(1, 0, 2).reshape(t, -1)
 
     def _context_parallel(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """This rank's two query chunks against the gathered keys/values; ``[s_local, b, heads, d]``."""

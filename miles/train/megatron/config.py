@@ -333,8 +333,8 @@ def packs_sequences(qkv_format: str, attention_backend: str, cp: int, use_te: bo
     the mesh's context-parallel size ``cp``, or padded instead.
 
     Packed attention runs in Transformer Engine, or without it in
-    :class:`miles.train.megatron.attention.SdpaAttention` (one causal SDPA per
-    document); Megatron's unfused local attention has no packed path. Context
+    :class:`miles.train.megatron.attention.SdpaAttention` (causal within each
+    document, :mod:`miles.train.document_attention`); Megatron's unfused local attention has no packed path. Context
     parallelism pads too: miles' context-parallel attention splits one
     sequence into load-balanced chunks, which a pack of documents would need
     per document. Tensor, sequence, pipeline and expert parallelism all pack.

@@ -119,3 +119,11 @@ def test_variants_parse_perf_fields_and_refuse_typos() -> None:
     for bad in ("attention=sdpa", "fused_kernels", "backend=fsdp", "micro_batch=0", "qkv_format=packed"):
         with pytest.raises(UserError, match="--variant"):
             parse_variant(bad)
+
+
+def test_packed_rows_name_the_document_attention_kernel() -> None:
+    """A CPU has neither varlen flash attention nor FlexAttention's backward: packed rows run the grouped SDPA."""
+    from miles.bench.train import packed_kernel
+
+    assert packed_kernel({"hidden_size": 64, "num_attention_heads": 4}, "cpu", "float32") == "grouped"
+    assert packed_kernel({"hidden_size": 64, "num_attention_heads": 4, "head_dim": 32}, "cpu", "bfloat16") == "grouped"

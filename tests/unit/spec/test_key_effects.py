@@ -548,7 +548,7 @@ GROUPS: dict[str, tuple[Callable[[], Spec], str, dict[str, Change]]] = {
             "train.use_dynamic_batch_size": (True, {"train.max_tokens_per_gpu": 100}),
             "train.max_tokens_per_gpu": (50, {"train.use_dynamic_batch_size": True}),
             "train.balance_data": (True, {}),
-            "train.qkv_format": ("thd", {"train.use_dynamic_batch_size": True, "train.max_tokens_per_gpu": 100}),
+            "train.qkv_format": ("bshd", {"train.use_dynamic_batch_size": True, "train.max_tokens_per_gpu": 100}),
         },
     ),
     "megatron": (

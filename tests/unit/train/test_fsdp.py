@@ -67,9 +67,9 @@ def test_dynamic_micro_batches_give_the_same_update(runs: dict[int, dict[str, An
 
 
 def test_packed_micro_batches_equal_padded_ones(runs: dict[int, dict[str, Any]]) -> None:
-    """``qkv_format = "thd"`` (sequences back to back, transformers' block-diagonal mask) vs ``"bshd"`` (right-padded
-    rows), two samples per micro-batch on two ranks: log-probs, entropies, the step's metrics and every gradient
-    within the float32 reordering bounds of :func:`assert_layouts_agree`."""
+    """``qkv_format = "thd"`` (sequences back to back, attention within each sequence, no mask) vs ``"bshd"``
+    (right-padded rows), two samples per micro-batch on two ranks: log-probs, entropies, the step's metrics and every
+    gradient within the float32 reordering bounds of :func:`assert_layouts_agree`."""
     assert_layouts_agree(runs[2]["packing"]["bshd"], runs[2]["packing"]["thd"])
 
 

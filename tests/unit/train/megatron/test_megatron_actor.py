@@ -9,7 +9,7 @@ ranks the TP x CP and PP x CP layouts; the tests below check their results:
   Qwen3-MoE at TP=2 + sequence parallelism (and on 4 ranks TP=2 x CP=2 + SP,
   PP=2 x CP=2) on the same model and rollout:
   log-probs, per-step losses, gradient norms and updated weights;
-* packed micro-batches (``[train] qkv_format = "thd"``: miles' per-document SDPA, RoPE restarting per
+* packed micro-batches (``[train] qkv_format = "thd"``: miles' per-document attention, RoPE restarting per
   document) against padded ones at TP=2 + sequence parallelism and PP=2;
 * dist_checkpointing save / load / resume, bit for bit; without the optimizer (``no_save_optim``).
 """
@@ -229,7 +229,7 @@ def test_fused_kernels_match_default_spec_and_fsdp_step(results: dict[str, Any])
 
 @pytest.mark.parametrize("layout", ["tp2sp", "pp2"])
 def test_packed_micro_batches_equal_padded_ones(results: dict[str, Any], layout: str) -> None:
-    """Four samples per micro-batch, packed into one row (miles' per-sequence SDPA, RoPE restarting per sequence)
+    """Four samples per micro-batch, packed into one row (miles' per-sequence attention, RoPE restarting per sequence)
     vs right-padded: log-probs and entropies (TP=2 + SP), old log-probs, the step's metrics and this rank's
     gradients within the float32 reordering bounds of :func:`tests.unit.train.tiny_model.assert_layouts_agree`."""
     assert_layouts_agree(results["packing"][f"{layout}_bshd"], results["packing"][f"{layout}_thd"])
